@@ -1,0 +1,64 @@
+"""The command line: `python -m pipeline <stage> [--option value ...]`.
+
+Every option is a field of `Config` (pipeline/config.py), where its default lives; the Makefile
+passes only the variables the user set, so the defaults are written in exactly one place.
+"""
+import argparse
+import importlib
+import sys
+
+from .config import FIELDS, Config, UserError
+
+STAGES = {
+    "demo-data": "demo_data",
+    "extract": "extract",
+    "train-head": "train_head",
+    "finetune": "finetune",
+    "evaluate": "evaluate",
+    "predict": "predict",
+    "report": "report",
+    "batch": "batch",
+    "reproduce": "reproduce",
+}
+
+
+def _flag(value):
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1 or 0, got {value!r}")
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=sorted(STAGES))
+    for name, field in FIELDS.items():
+        option = "--" + name.replace("_", "-")
+        if field.type is tuple:
+            p.add_argument(option, nargs="*", default=field.default, metavar=name.upper())
+        else:
+            parse = _flag if field.type is bool else field.type
+            p.add_argument(option, type=parse, default=field.default, metavar=name.upper())
+    return p
+
+
+def main(argv=None):
+    args = vars(parser().parse_args(argv))
+    stage = args.pop("stage")
+    config = Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()})
+    try:
+        importlib.import_module(f"pipeline.{STAGES[stage]}").run(config)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: everything finished so far is kept; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The frozen VGG16 convolutional base, its weights, and the identity of the features it makes."""
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .config import UserError
+from .images import PREPROCESS_ID
+
+BACKBONE_ID = "keras.applications.VGG16(include_top=False)"
+IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + IMAGENET_FILE)
+IMAGENET_MD5 = "6d6bbae143d832006294945121d1f1fc"  # the hash Keras itself checks
+RANDOM_FINGERPRINT = "random-init:glorot-uniform:numpy-seed-0:v1"
+RANDOM_NOTICE = "weights are random: accuracy is not meaningful"
+
+
+@dataclass(frozen=True)
+class Weights:
+    spec: str          # what the user asked for: imagenet | none | auto | <path>
+    path: str          # the file actually loaded, "" for random initialisation
+    fingerprint: str   # sha256 of that file, or RANDOM_FINGERPRINT
+    notice: str = ""   # a warning that must follow the results (WEIGHTS=auto fell back to random)
+
+    @property
+    def is_random(self):
+        return self.fingerprint == RANDOM_FINGERPRINT
+
+
+def resolve_weights(spec):
+    """Find the weights file for WEIGHTS=spec and fingerprint it, without building a model."""
+    spec = spec or "imagenet"
+    if spec == "none":
+        return Weights(spec, "", RANDOM_FINGERPRINT)
+    if spec in ("imagenet", "auto"):
+        try:
+            path = _imagenet_file()
+        except UserError as error:
+            if spec == "imagenet":
+                raise
+            print(f"\n!!! WEIGHTS=auto: {error}\n!!! Falling back to random weights: "
+                  f"{RANDOM_NOTICE}.\n", flush=True)
+            return Weights(spec, "", RANDOM_FINGERPRINT, notice=RANDOM_NOTICE)
+        return Weights(spec, path, file_sha256(path))
+    if not os.path.isfile(spec):
+        raise UserError(f"WEIGHTS file {spec!r} does not exist: pass WEIGHTS=imagenet, WEIGHTS=none "
+                        "or the path of a VGG16 .h5 / .weights.h5 file")
+    if not spec.endswith(".h5"):
+        raise UserError(f"WEIGHTS file {spec!r} is not a .h5 or .weights.h5 file: save the VGG16 "
+                        "convolutional base with model.save_weights('vgg16.weights.h5')")
+    return Weights(spec, os.path.abspath(spec), file_sha256(spec))
+
+
+def weights_of_cache(spec, cache_attrs):
+    """The weights for a stage that builds on an existing cache (finetune, predict on images).
+
+    Without WEIGHTS, those the cache was built with; with WEIGHTS, they must be the same weights.
+    """
+    recorded, where = cache_attrs["weights"], cache_attrs.get("weights_path", "")
+    if spec:
+        weights = resolve_weights(spec)
+    elif recorded == RANDOM_FINGERPRINT:
+        weights = Weights(cache_attrs.get("weights_spec", "none"), "", RANDOM_FINGERPRINT,
+                          notice=cache_attrs.get("weights_notice", ""))
+    elif os.path.isfile(where):
+        weights = Weights(cache_attrs.get("weights_spec", where), where, file_sha256(where))
+    else:
+        raise UserError(f"the cache was built with weights {where!r}, which no longer exist: "
+                        "put the file back or pass WEIGHTS=<the same weights file>")
+    if weights.fingerprint != recorded:
+        raise UserError(f"WEIGHTS={spec or where} (fingerprint {weights.fingerprint[:16]}) are not "
+                        f"the weights the cache was built with ({recorded[:16]}): pass "
+                        f"WEIGHTS={cache_attrs.get('weights_spec') or where}, or rerun `make extract` "
+                        "with the new weights")
+    return weights
+
+
+def _imagenet_file():
+    """Keras's own download and cache (~/.keras/models); offline, a clear way out."""
+    cached = os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "models",
+                          IMAGENET_FILE)
+    if os.path.isfile(cached):
+        return cached
+    try:
+        return keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models",
+                                    file_hash=IMAGENET_MD5)
+    except Exception as error:  # urllib, socket and SSL errors all mean the same thing here
+        raise UserError(f"could not download the ImageNet VGG16 weights ({type(error).__name__}); "
+                        f"offline, copy {IMAGENET_FILE} to {cached} or pass WEIGHTS=<file.h5>") from None
+
+
+def file_sha256(path, chunk=1 << 22):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def feature_identity(weights, size):
+    """Everything that changes the numbers in a feature map. Features are reused only when all of
+    it is equal; `identity_id` names the folder that holds them."""
+    return {"backbone": BACKBONE_ID, "weights": weights.fingerprint, "image_size": int(size),
+            "preprocess": PREPROCESS_ID}
+
+
+def identity_id(identity):
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_backbone(weights, size=None):
+    """VGG16 without its classifier, frozen, with `weights` loaded. size=None accepts any size."""
+    base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+    if weights.path:
+        try:
+            base.load_weights(weights.path)
+        except Exception as error:
+            raise UserError(f"WEIGHTS file {weights.path!r} does not fit VGG16's convolutional "
+                            f"base ({type(error).__name__}: {str(error)[:160]}); pass a file saved "
+                            "from keras.applications.VGG16(include_top=False)") from None
+    else:
+        _random_init(base)
+    base.trainable = False  # frozen: extraction and the head never change it
+    return base
+
+
+def _random_init(model, seed=0):
+    """Deterministic Glorot-uniform weights, so WEIGHTS=none gives the same features every run
+    (and its cache identity is honest) whatever Keras's own initialisers do."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        kernel, bias = layer.get_weights()
+        fan_in, fan_out = np.prod(kernel.shape[:-1]), np.prod(kernel.shape[:-2]) * kernel.shape[-1]
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        layer.set_weights([rng.uniform(-limit, limit, kernel.shape).astype(np.float32),
+                           np.zeros_like(bias)])
+
+
+def feature_function(base):
+    """A compiled forward pass of the frozen base: images -> (n, size//32, size//32, 512)."""
+    @tf.function(reduce_retracing=True)
+    def features(images):
+        return tf.cast(base(images, training=False), tf.float32)
+    return features
+
+
+def library_versions():
+    import PIL
+    import sklearn
+    return {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
+            "pillow": PIL.__version__, "scikit-learn": sklearn.__version__}
+
+
+def feature_shape(size):
+    return (size // 32, size // 32, 512)

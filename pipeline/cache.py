@@ -1,0 +1,271 @@
+"""The feature cache on disk. This is the only module that touches h5py.
+
+    features/<NAME>/
+        features.h5                  the file users open: row index + a virtual `features` dataset
+        segments/<identity_id>/      immutable segment files, one folder per feature identity
+            seg-<time>-<pid>.h5      features (n, h, w, 512) float32 and sha256 (n,)
+        skipped.csv, .lock
+
+Crash safety comes from never modifying a file in place: a segment is written under a temporary
+name and renamed when complete, and features.h5 is rebuilt the same way (temporary file, then
+os.replace). A kill -9 therefore leaves, at worst, a stray temporary file and segments that no
+master points to yet; the next run picks those segments up, so only the batch in flight is lost.
+"""
+import fcntl
+import glob
+import json
+import os
+import time
+from contextlib import contextmanager
+
+import h5py
+import numpy as np
+
+from .config import UserError
+
+MASTER = "features.h5"
+STR = h5py.string_dtype("utf-8")
+COMPACT_BELOW = 4096  # segments with fewer rows are merged into one at the end of a run
+READ_BLOCK = 1024     # rows per contiguous read from the virtual dataset
+
+
+# --------------------------------------------------------------------------------------------
+# Writing (extract)
+# --------------------------------------------------------------------------------------------
+
+@contextmanager
+def exclusive(features_dir):
+    """Only one writer per dataset. The OS drops the lock when its holder dies, even by kill -9."""
+    os.makedirs(features_dir, exist_ok=True)
+    with open(os.path.join(features_dir, ".lock"), "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise UserError(f"another extract (pid {holder}) is writing {features_dir}: wait for it "
+                            "to finish, then run this again") from None
+        lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
+        for stray in glob.glob(os.path.join(features_dir, "**", "*.tmp"), recursive=True):
+            os.remove(stray)  # left by a killed run; never referenced by anything
+        yield
+
+
+def segment_dir(features_dir, identity_id):
+    return os.path.join(features_dir, "segments", identity_id)
+
+
+def inventory(features_dir, identity_id):
+    """sha256 -> (segment path relative to features_dir, row, rows in that segment) for every
+    complete segment of this identity. A later segment wins when two hold the same image."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(segment_dir(features_dir, identity_id), "seg-*.h5"))):
+        rel = os.path.relpath(path, features_dir)
+        with h5py.File(path, "r") as f:
+            shas = f["sha256"].asstr()[:]
+        found.update({sha: (rel, row, len(shas)) for row, sha in enumerate(shas)})
+    return found
+
+
+def write_segment(features_dir, identity_id, shas, features):
+    """Write one immutable segment atomically and return its path relative to features_dir."""
+    folder = segment_dir(features_dir, identity_id)
+    os.makedirs(folder, exist_ok=True)
+    final = os.path.join(folder, f"seg-{time.time_ns():020d}-{os.getpid()}.h5")
+    with h5py.File(final + ".tmp", "w") as f:
+        f.create_dataset("features", data=np.asarray(features, np.float32))
+        f.create_dataset("sha256", data=np.asarray(shas, dtype=object), dtype=STR)
+    _fsync(final + ".tmp")
+    os.replace(final + ".tmp", final)
+    return os.path.relpath(final, features_dir)
+
+
+def compact(features_dir, identity_id, known, keep):
+    """Merge the small segments into one, so the virtual dataset spans few files. Only rows whose
+    sha is in `keep` are carried over. Returns the updated inventory."""
+    small = sorted({seg for seg, _, n in known.values() if n < COMPACT_BELOW})
+    if len(small) < 2:
+        return known
+    moving = sorted(((seg, row, sha) for sha, (seg, row, _) in known.items()
+                     if seg in small and sha in keep))
+    shas, blocks = [], []
+    for seg in small:
+        rows = [(row, sha) for s, row, sha in moving if s == seg]
+        if rows:
+            with h5py.File(os.path.join(features_dir, seg), "r") as f:
+                blocks.append(f["features"][[row for row, _ in rows]])
+            shas += [sha for _, sha in rows]
+    if not shas:
+        return known
+    merged = write_segment(features_dir, identity_id, shas, np.concatenate(blocks))
+    updated = {sha: v for sha, v in known.items() if v[0] not in small}
+    updated.update({sha: (merged, row, len(shas)) for row, sha in enumerate(shas)})
+    return updated
+
+
+def write_master(features_dir, rows, attrs, feature_shape, unreadable):
+    """Atomically replace features.h5. `rows`: dicts with path, label, sha256, split, size,
+    mtime_ns, segment, segment_row, segment_rows. Rows are stored in feature order (segment,
+    then row), which is stable across reruns and keeps the virtual mapping to few long runs.
+    `unreadable` ({sha256: reason}) remembers files that failed to decode, so reruns skip them."""
+    rows = sorted(rows, key=lambda r: (r["segment"], r["segment_row"], r["path"]))
+    n = len(rows)
+    final = os.path.join(features_dir, MASTER)
+    layout = h5py.VirtualLayout(shape=(n, *feature_shape), dtype=np.float32)
+    segments = sorted({r["segment"] for r in rows})
+    start = 0
+    while start < n:  # one mapping per run of consecutive rows of one segment
+        seg, first = rows[start]["segment"], rows[start]["segment_row"]
+        stop = start + 1
+        while (stop < n and rows[stop]["segment"] == seg
+               and rows[stop]["segment_row"] == first + (stop - start)):
+            stop += 1
+        source = h5py.VirtualSource(seg, "features", shape=(rows[start]["segment_rows"], *feature_shape))
+        layout[start:stop] = source[first:first + (stop - start)]
+        start = stop
+    with h5py.File(final + ".tmp", "w") as f:
+        # NaN, not zeros, wherever a source is missing: a broken cache must not look like data
+        f.create_virtual_dataset("features", layout, fillvalue=np.nan)
+        f.create_dataset("label", data=np.array([r["label"] for r in rows], np.int64))
+        for key in ("path", "sha256", "split"):
+            f.create_dataset(key, data=np.array([r[key] for r in rows], dtype=object), dtype=STR)
+        f.create_dataset("file_size", data=np.array([r["size"] for r in rows], np.int64))
+        f.create_dataset("file_mtime_ns", data=np.array([r["mtime_ns"] for r in rows], np.int64))
+        f.create_dataset("segments", data=np.array(segments, dtype=object), dtype=STR)
+        bad = sorted(unreadable.items())
+        f.create_dataset("unreadable_sha256", data=np.array([s for s, _ in bad], dtype=object),
+                         dtype=STR, shape=(len(bad),))
+        f.create_dataset("unreadable_reason", data=np.array([r for _, r in bad], dtype=object),
+                         dtype=STR, shape=(len(bad),))
+        attrs = {**attrs, "versions": {**attrs.get("versions", {}), "h5py": h5py.__version__}}
+        for key, value in attrs.items():
+            f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+    _fsync(final + ".tmp")
+    os.replace(final + ".tmp", final)
+    return segments
+
+
+def remove_unreferenced(features_dir, identity_id, referenced):
+    """Delete this identity's segments that the new master does not use (compacted or deleted
+    images). Other identities' segments stay: switching back to them costs nothing."""
+    for path in glob.glob(os.path.join(segment_dir(features_dir, identity_id), "seg-*.h5")):
+        if os.path.relpath(path, features_dir) not in referenced:
+            os.remove(path)
+
+
+def _fsync(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------------------------
+# Reading (every later stage)
+# --------------------------------------------------------------------------------------------
+
+def previous_files(features_dir):
+    """path -> (size, mtime_ns, sha256) from the last run, so unchanged files are not re-hashed."""
+    path = os.path.join(features_dir, MASTER)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with h5py.File(path, "r") as f:
+            return dict(zip(f["path"].asstr()[:],
+                            zip(f["file_size"][:].tolist(), f["file_mtime_ns"][:].tolist(),
+                                f["sha256"].asstr()[:])))
+    except (OSError, KeyError):
+        return {}  # unreadable or from an older layout: hash everything again
+
+
+def previous_unreadable(features_dir):
+    """{sha256: reason} of files that failed to decode in earlier runs."""
+    try:
+        with h5py.File(os.path.join(features_dir, MASTER), "r") as f:
+            return dict(zip(f["unreadable_sha256"].asstr()[:], f["unreadable_reason"].asstr()[:]))
+    except (OSError, KeyError):
+        return {}
+
+
+def master_attribute(features_dir, key):
+    """One attribute of features.h5, or None when there is no (readable) master."""
+    try:
+        with h5py.File(os.path.join(features_dir, MASTER), "r") as f:
+            return _decode_attr(f.attrs[key])
+    except (OSError, KeyError):
+        return None
+
+
+class FeatureStore:
+    """Read-only view of features/<NAME>/features.h5.
+
+    The row index (labels, splits, paths, hashes) is loaded into memory; features are read on
+    demand, a block of rows at a time, so a cache larger than memory can still be streamed.
+    """
+
+    def __init__(self, features_dir):
+        self.features_dir = features_dir
+        self.path = os.path.join(features_dir, MASTER)
+        if not os.path.exists(self.path):
+            raise UserError(f"no feature cache at {self.path}: run `make extract DATA=<folder>` first")
+        self.file = h5py.File(self.path, "r")
+        missing = [s for s in self.file["segments"].asstr()[:]
+                   if not os.path.exists(os.path.join(features_dir, s))]
+        if missing:
+            self.file.close()
+            raise UserError(f"{self.path} refers to {len(missing)} missing segment file(s) such as "
+                            f"{missing[0]}: run `make extract` again to rebuild the cache")
+        self.features = self.file["features"]
+        self.labels = self.file["label"][:]
+        self.splits = self.file["split"].asstr()[:]
+        self.paths = self.file["path"].asstr()[:]
+        self.sha256 = self.file["sha256"].asstr()[:]
+        self.attrs = {k: _decode_attr(v) for k, v in self.file.attrs.items()}
+
+    @property
+    def class_names(self):
+        return self.attrs["class_names"]
+
+    @property
+    def identity(self):
+        return self.attrs["identity"]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def rows(self, split):
+        """Indices of the rows in one split, in feature order."""
+        return np.flatnonzero(self.splits == split)
+
+    def read(self, indices):
+        """Features of the given rows (any order, no duplicates needed), as float32."""
+        indices = np.asarray(indices)
+        if len(indices) == 0:
+            return np.zeros((0, *self.features.shape[1:]), np.float32)
+        order = np.argsort(indices)
+        wanted = indices[order]
+        out = np.empty((len(indices), *self.features.shape[1:]), np.float32)
+        for start in range(int(wanted[0]), int(wanted[-1]) + 1, READ_BLOCK):
+            inside = (wanted >= start) & (wanted < start + READ_BLOCK)
+            if inside.any():  # contiguous block reads beat h5py's point selection
+                block = self.features[start:int(wanted[inside][-1]) + 1]
+                out[order[inside]] = block[wanted[inside] - start]
+        return out
+
+    def close(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _decode_attr(value):
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass
+    return value.item() if isinstance(value, np.generic) else value

@@ -1,0 +1,165 @@
+"""Stage one: every image once through the frozen VGG16 base, its feature map cached by content.
+
+    python -m pipeline extract --data DIR [--name NAME] [--weights imagenet|none|FILE] [--size 150]
+
+Only images whose content (sha256) is not yet cached under the current identity are computed.
+"""
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from . import backbone, cache, images
+from .config import Config, UserError
+
+
+@dataclass
+class ExtractResult:
+    features_path: str
+    rows: int
+    new: int            # images that went through the backbone in this run
+    reused: int         # rows whose features were already cached
+    skipped: int        # files listed in skipped.csv
+    seconds: float
+    identity: dict
+    changed: bool       # False when features.h5 was already up to date
+
+
+def run(config: Config) -> ExtractResult:
+    start = time.perf_counter()
+    dataset = images.discover(config.data, config.labels, config.label_columns)
+    fractions = config.split_fractions
+    weights = backbone.resolve_weights(config.weights)
+    identity = backbone.feature_identity(weights, config.size)
+    identity_id = backbone.identity_id(identity)
+    out = config.features_dir
+
+    with cache.exclusive(out):
+        files = _hash_files(dataset, cache.previous_files(out))
+        known = cache.inventory(out, identity_id)
+        unreadable = cache.previous_unreadable(out)
+        todo = {}  # sha -> one path with that content
+        for image_file, sha, _ in files:
+            if sha not in known and sha not in unreadable:
+                todo.setdefault(sha, image_file.path)
+        newly_unreadable = _compute(config, weights, identity_id, todo, known) if todo else {}
+        unreadable.update(newly_unreadable)
+
+        rows, skipped = [], list(dataset.skipped)
+        for image_file, sha, stat in files:
+            if sha in unreadable:
+                skipped.append((image_file.path, unreadable[sha]))
+                continue
+            segment, segment_row, segment_rows = known[sha]
+            rows.append(dict(path=image_file.path, label=image_file.label, sha256=sha,
+                             split=images.assign_split(dataset, image_file, sha, fractions),
+                             size=stat.st_size, mtime_ns=stat.st_mtime_ns, segment=segment,
+                             segment_row=segment_row, segment_rows=segment_rows))
+        _check_every_class_has_an_image(dataset, rows)
+
+        keep = {r["sha256"] for r in rows}
+        known = cache.compact(out, identity_id, {s: v for s, v in known.items() if s in keep}, keep)
+        for r in rows:
+            r["segment"], r["segment_row"], r["segment_rows"] = known[r["sha256"]]
+        attrs = _attributes(config, dataset, weights, identity, identity_id, rows)
+        changed = attrs["index_digest"] != cache.master_attribute(out, "index_digest")
+        if changed:
+            referenced = cache.write_master(out, rows, attrs, backbone.feature_shape(config.size),
+                                            unreadable)
+            cache.remove_unreferenced(out, identity_id, set(referenced))
+        images.write_skipped_csv(os.path.join(out, "skipped.csv"), skipped)
+
+    result = ExtractResult(
+        features_path=os.path.join(out, cache.MASTER), rows=len(rows),
+        new=len(todo) - len(newly_unreadable), reused=sum(r["sha256"] not in todo for r in rows),
+        skipped=len(skipped), seconds=time.perf_counter() - start, identity=identity,
+        changed=changed)
+    print(f"extract {config.dataset_name}: {result.rows} rows, {result.new} new, {result.reused} "
+          f"reused, {result.skipped} skipped (see {out}/skipped.csv), {result.seconds:.1f} s")
+    if weights.notice:
+        print(f"!!! {weights.notice}")
+    return result
+
+
+def _hash_files(dataset, previous):
+    """(ImageFile, sha256, stat) for every candidate; unchanged files (same size and mtime as last
+    run) reuse their recorded hash, like git's index, so a rerun does not re-read every image."""
+    out = []
+    for image_file in tqdm(dataset.files, desc="hashing", unit="file", leave=False,
+                           disable=len(dataset.files) < 2000):
+        full = os.path.join(dataset.root, image_file.path)
+        stat = os.stat(full)
+        size, mtime_ns, sha = previous.get(image_file.path, (None, None, None))
+        if (size, mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+            digest = hashlib.sha256()
+            with open(full, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            sha = digest.hexdigest()
+        out.append((image_file, sha, stat))
+    return out
+
+
+def _compute(config, weights, identity_id, todo, known):
+    """Run the new images through the backbone, one atomic segment per batch. Updates `known`
+    in place and returns {sha: reason} for the files that could not be decoded."""
+    base = backbone.build_backbone(weights, config.size)
+    features_of = backbone.feature_function(base)
+    shas = list(todo)
+    paths = [os.path.join(config.data, todo[sha]) for sha in shas]
+    unreadable = {}
+    progress = tqdm(total=len(shas), desc=f"extract {config.dataset_name}", unit="img",
+                    smoothing=0.1)
+    for first, (batch, reasons) in zip(range(0, len(shas), config.batch),
+                                       images.image_batches(paths, config.size, config.batch)):
+        reasons = [r.decode() for r in reasons.numpy()]
+        ok = np.array([not r for r in reasons])
+        batch_shas = shas[first:first + len(reasons)]
+        unreadable.update({s: r for s, r in zip(batch_shas, reasons) if r})
+        if ok.any():
+            features = features_of(tf.boolean_mask(batch, ok)).numpy()
+            good = [s for s, k in zip(batch_shas, ok) if k]
+            segment = cache.write_segment(config.features_dir, identity_id, good, features)
+            known.update({s: (segment, row, len(good)) for row, s in enumerate(good)})
+        progress.update(len(reasons))
+    progress.close()
+    return unreadable
+
+
+def _check_every_class_has_an_image(dataset, rows):
+    present = {r["label"] for r in rows}
+    for label, class_name in enumerate(dataset.class_names):
+        if label not in present:
+            raise UserError(f"class {class_name!r} has no readable image (see "
+                            "skipped.csv): add images that decode, or remove the class")
+
+
+def _attributes(config, dataset, weights, identity, identity_id, rows):
+    # What the index says, including where each row's features live: equal digests mean there is
+    # nothing to rewrite, and later stages (make batch) use it to know that nothing changed.
+    index = json.dumps([[r["path"], r["label"], r["sha256"], r["split"], r["segment"],
+                         r["segment_row"]] for r in sorted(rows, key=lambda r: r["path"])]
+                       + [identity, dataset.class_names])
+    return {
+        "class_names": dataset.class_names,
+        "backbone": identity["backbone"],
+        "weights": identity["weights"],
+        "image_size": identity["image_size"],
+        "preprocess": identity["preprocess"],
+        "identity": identity,
+        "identity_id": identity_id,
+        "index_digest": hashlib.sha256(index.encode()).hexdigest(),
+        "weights_spec": weights.spec,
+        "weights_path": weights.path,
+        "weights_notice": weights.notice,
+        "data_root": os.path.abspath(dataset.root),
+        "layout": dataset.layout,
+        "config": config.to_dict(),
+        "versions": backbone.library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,43 @@
+"""Classifier heads on top of a VGG16 feature map: the dense Keras head and the logistic baseline.
+
+The dense head is built by one function, `build_dense_head`, used by stage two (trained on cached
+features) and stage three (composed with the backbone and fine-tuned), so both share one design.
+"""
+import keras
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+HIDDEN_UNITS = 256
+DROPOUT = 0.5
+
+
+def build_dense_head(feature_shape, num_classes, name="head"):
+    """Flatten -> Dense(256, relu) -> Dropout(0.5) -> one sigmoid unit (2 classes) or softmax."""
+    inputs = keras.Input(shape=tuple(feature_shape), name="features")
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(HIDDEN_UNITS, activation="relu")(x)
+    x = keras.layers.Dropout(DROPOUT)(x)
+    if num_classes == 2:
+        outputs = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
+    else:
+        outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def loss_for(num_classes):
+    return "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
+
+
+def class_probabilities(outputs):
+    """Model outputs -> (n, num_classes) probabilities, for sigmoid and softmax heads alike."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if outputs.ndim == 2 and outputs.shape[1] == 1:
+        return np.concatenate([1.0 - outputs, outputs], axis=1)
+    return outputs
+
+
+def build_logreg(C=1.0, seed=0):
+    """StandardScaler + LogisticRegression on the flattened feature map."""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000, random_state=seed))

@@ -1,0 +1,262 @@
+"""Images: finding them in a dataset folder, assigning splits, and turning one file into model input.
+
+`load_image` is the only function in the project that turns an image file into a tensor. Every stage
+(extract, finetune, evaluate, predict) goes through it, directly or through the tf.data pipelines
+below, so training and prediction can never disagree about decoding, orientation, size or scaling.
+"""
+import csv
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+from keras.applications import vgg16
+from PIL import Image, ImageOps
+
+from .config import UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+SPLITS = ("train", "validation", "test")
+SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+
+# Part of the cache identity: change it whenever load_image would produce different numbers.
+PREPROCESS_ID = "pil:draft+exif+rgb(white-bg,16bit/257)+bilinear|keras.vgg16.preprocess_input(caffe)|v1"
+
+# The first bytes of each format we read, so a photo saved without (or with a wrong) extension is
+# still found, and a text file named .jpg is reported instead of crashing a decoder.
+_MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"),
+          (b"GIF89a", "gif"), (b"BM", "bmp"))
+
+
+def sniff_format(path):
+    """The image format named by a file's first bytes, or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return next((fmt for magic, fmt in _MAGIC if head.startswith(magic)), None)
+
+
+def is_image_candidate(path):
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS or sniff_format(path) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# The one loader
+# --------------------------------------------------------------------------------------------
+
+def load_image(path, size):
+    """Decode `path` and return a (size, size, 3) float32 array ready for VGG16.
+
+    1. decode (a JPEG is decoded directly at 1/2, 1/4 or 1/8 scale when that is still >= size:
+       libjpeg's DCT scaling, several times faster than a full decode followed by a resize);
+    2. convert to RGB: grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit, and the
+       first frame of an animation;
+    3. apply the EXIF orientation;
+    4. resize to size x size (bilinear, antialiased);
+    5. keras.applications.vgg16.preprocess_input (RGB->BGR, ImageNet mean subtracted).
+    Raises on a file that cannot be decoded; `try_load_image` turns that into a reason.
+    """
+    with Image.open(path) as img:
+        img.seek(0)  # the first frame of a GIF/WebP/APNG animation
+        if img.format == "JPEG":
+            img.draft("RGB" if img.mode == "RGB" else None, (size, size))
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+        img = img.resize((size, size), Image.BILINEAR)
+        array = np.asarray(img, dtype=np.float32)
+    return vgg16.preprocess_input(array)
+
+
+def _to_rgb(img):
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16-bit (or wider) grayscale: PIL's convert("L") clips at 255, so scale 0..65535 -> 0..255.
+        wide = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray(np.clip(wide / 257.0, 0, 255).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def try_load_image(path, size):
+    """(array, "") on success, (zeros, reason) on any decoding failure: bad files never stop a run."""
+    try:
+        return load_image(path, size), ""
+    except Exception as error:  # PIL raises many types for corrupt, truncated or foreign files
+        reason = f"{type(error).__name__}: {error}".replace("\n", " ")
+        if os.path.exists(path) and os.path.getsize(path) == 0:
+            reason = "empty file (0 bytes)"
+        return np.zeros((size, size, 3), np.float32), reason
+
+
+# --------------------------------------------------------------------------------------------
+# tf.data pipelines around the loader: decoding runs in parallel and ahead of the model
+# --------------------------------------------------------------------------------------------
+
+def _load_op(paths, size):
+    def load(path):
+        return try_load_image(path.decode(), size)
+
+    def tf_load(path):
+        image, reason = tf.numpy_function(load, [path], (tf.float32, tf.string), stateful=False)
+        image.set_shape((size, size, 3))
+        reason.set_shape(())
+        return image, reason
+
+    ds = tf.data.Dataset.from_tensor_slices(np.asarray(paths, dtype=object).astype(str))
+    return ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def image_batches(paths, size, batch_size):
+    """Batches of (images, reasons) in the order of `paths`; reason "" means the image loaded."""
+    return _load_op(paths, size).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def labelled_dataset(paths, labels, size, batch_size, augment=None, shuffle_seed=None):
+    """Batches of (images, labels) for training and evaluation. A file that fails to load is an
+    error here: these files were all decoded once by extract, so a failure means DATA changed."""
+    def check(image, reason):
+        tf.debugging.assert_equal(tf.strings.length(reason), 0,
+                                  message="an image that extract read can no longer be decoded")
+        return image
+
+    images = _load_op(paths, size).map(check)
+    ds = tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(np.asarray(labels))))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if augment is not None:  # augmentation runs on whole batches, in the input pipeline
+        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset discovery and splits
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ImageFile:
+    path: str             # relative to the dataset root, with "/" separators
+    label: int
+    split: str = ""       # "" = decided later from the content hash (layout a, CSV labels)
+
+
+@dataclass
+class Dataset:
+    root: str
+    layout: str           # "folders" (a), "splits" (b) or "csv"
+    class_names: list
+    files: list           # ImageFile, sorted by path
+    skipped: list         # (path, reason) for files that are not images or have no label
+
+    @property
+    def has_test_folder(self):
+        return any(f.split == "test" for f in self.files)
+
+
+def split_for(sha256_hex, fractions):
+    """train / validation / test from the content hash: the same image always lands in the same
+    split, and adding images never moves old ones."""
+    u = int(sha256_hex[:8], 16) / 2**32
+    train, validation, _ = fractions
+    return "train" if u < train else "validation" if u < train + validation else "test"
+
+
+def carve_test(sha256_hex):
+    """Layout (b) without a test folder: half of validation, chosen by content hash, becomes test."""
+    return "test" if int(sha256_hex[8:16], 16) % 2 else "validation"
+
+
+def assign_split(dataset, image_file, sha256_hex, fractions):
+    """The split of one image, once its content hash is known."""
+    if not image_file.split:
+        return split_for(sha256_hex, fractions)
+    if image_file.split == "validation" and not dataset.has_test_folder:
+        return carve_test(sha256_hex)
+    return image_file.split
+
+
+def discover(data, labels_csv="", label_columns="filename,label"):
+    """Find the classes and images under `data`. Raises UserError for a dataset that cannot work."""
+    if not data or not os.path.isdir(data):
+        raise UserError(f"DATA folder {data!r} does not exist: pass DATA=<folder of class folders> "
+                        "(or run `make demo-data` for the demo)")
+    if labels_csv:
+        from .labels import discover_csv  # CSV-labelled flat folders (make batch, issue 6)
+        return discover_csv(data, labels_csv, label_columns)
+    subdirs = _subdirs(data)
+    split_dirs = {d: SPLIT_FOLDERS[d.lower()] for d in subdirs if d.lower() in SPLIT_FOLDERS}
+    if "train" in split_dirs.values():
+        return _discover_splits(data, split_dirs)
+    return _discover_folders(data, subdirs)
+
+
+def _subdirs(folder):
+    return sorted(d for d in os.listdir(folder)
+                  if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
+
+
+def _walk_images(folder, rel_prefix):
+    """Yield (relative path, reason or None) for every file below `folder`, sorted."""
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in sorted(filenames):
+            if filename.startswith("."):
+                continue  # .DS_Store and friends
+            full = os.path.join(dirpath, filename)
+            rel = os.path.join(rel_prefix, os.path.relpath(full, folder)).replace(os.sep, "/")
+            yield rel, (None if is_image_candidate(full) else "not an image (extension and content)")
+
+
+def _check_classes(data, class_names, counts):
+    if len(class_names) < 2:
+        raise UserError(f"{data} has {len(class_names)} class folder(s) {class_names}: put each "
+                        "class's images in its own subfolder, DATA/<class>/<image>, at least two classes")
+    empty = [c for c in class_names if counts.get(c, 0) == 0]
+    if empty:
+        raise UserError(f"class folder {os.path.join(data, empty[0])!r} has no images: add images "
+                        "or remove the folder")
+
+
+def _discover_folders(data, class_names):
+    files, skipped, counts = [], [], {}
+    for label, class_name in enumerate(class_names):
+        for rel, reason in _walk_images(os.path.join(data, class_name), class_name):
+            if reason:
+                skipped.append((rel, reason))
+            else:
+                files.append(ImageFile(rel, label))
+                counts[class_name] = counts.get(class_name, 0) + 1
+    _check_classes(data, class_names, counts)
+    return Dataset(data, "folders", class_names, files, skipped)
+
+
+def _discover_splits(data, split_dirs):
+    class_names = sorted({c for d in split_dirs for c in _subdirs(os.path.join(data, d))})
+    files, skipped, counts = [], [], {}
+    for folder, split in sorted(split_dirs.items()):
+        for class_name in _subdirs(os.path.join(data, folder)):
+            label = class_names.index(class_name)
+            for rel, reason in _walk_images(os.path.join(data, folder, class_name),
+                                            f"{folder}/{class_name}"):
+                if reason:
+                    skipped.append((rel, reason))
+                else:
+                    files.append(ImageFile(rel, label, split))
+                    counts[class_name] = counts.get(class_name, 0) + 1
+    _check_classes(data, class_names, counts)
+    return Dataset(data, "splits", class_names, sorted(files, key=lambda f: f.path), skipped)
+
+
+def write_skipped_csv(path, skipped):
+    """features/<NAME>/skipped.csv: one row per file that was not used, and why."""
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "reason"])
+        writer.writerows(sorted(skipped))
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny deterministic datasets and a Config that writes under tmp_path.
+
+Everything runs on the CPU with 32-pixel images and WEIGHTS=none (deterministic random weights),
+so a whole stage takes a second or two.
+"""
+import os
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests are CPU-only, also on a GPU machine
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+
+from pipeline.config import Config
+from pipeline.demo_data import striped_image
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cats_vs_dogs")
+
+
+def make_image_folder(root, classes=("horizontal", "vertical"), per_class=6, pixels=40, seed=0):
+    """root/<class>/<class>_NN.jpg: striped pictures whose stripe orientation depends on the
+    class (a third class, if asked for, gets a checkerboard-like mix of both)."""
+    rng = np.random.default_rng(seed)
+    for index, class_name in enumerate(classes):
+        folder = os.path.join(root, class_name)
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            image = striped_image(rng, vertical=index % 2 == 1, pixels=pixels)
+            if index >= 2:  # more classes: distinguish by colour as well
+                array = np.asarray(image).copy()
+                array[..., index % 3] = 255 - array[..., index % 3]
+                image = type(image).fromarray(array)
+            image.save(os.path.join(folder, f"{class_name}_{i:02d}.jpg"), quality=90)
+    return str(root)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """Config(...) with outputs under tmp_path and tiny, fast settings; override any field."""
+    def make(data, **changes):
+        defaults = dict(data=str(data), weights="none", size=32, batch=4, epochs=3,
+                        finetune_epochs=1, features_root=str(tmp_path / "features"),
+                        models_root=str(tmp_path / "models"))
+        return Config(**{**defaults, **changes})
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_weights_file(tmp_path_factory):
+    """A real VGG16 conv-base weights file, made here: random but not the WEIGHTS=none ones."""
+    import keras
+    path = str(tmp_path_factory.mktemp("weights") / "vgg16_test.weights.h5")
+    keras.utils.set_random_seed(1)
+    keras.applications.VGG16(weights=None, include_top=False, input_shape=(None, None, 3)).save_weights(path)
+    return path
