@@ -1,0 +1,54 @@
+"""The files in models/<NAME>/ that stages hand to each other, and the identity check between them.
+
+Each saved model travels with a JSON file that records the config and the feature identity it was
+made with; a later stage refuses a model whose identity differs from the cache it is used with.
+"""
+import json
+import os
+
+from .config import UserError
+
+HEAD = "head.keras"                       # dense head: feature map -> probabilities
+HEAD_CHECKPOINT = "head_checkpoint.keras"
+HEAD_LOG = "head_log.csv"
+LOGREG = "logreg.joblib"                  # {"model": sklearn Pipeline, "class_names", "identity", "config"}
+HEAD_METRICS = "head_metrics.json"
+HEAD_HISTORY_PLOT = "head_history.png"
+FINETUNED = "finetuned.keras"             # image (after load_image) -> probabilities
+FINETUNE_CHECKPOINT = "finetune_checkpoint.keras"
+FINETUNE_LOG = "finetune_log.csv"
+FINETUNE_METRICS = "finetune_metrics.json"
+FINETUNE_HISTORY_PLOT = "finetune_history.png"
+EVALUATION = "evaluation.json"
+PREDICTIONS = "predictions.csv"
+REPORT = "report.md"
+
+
+def path(config, filename):
+    return os.path.join(config.models_dir, filename)
+
+
+def write_json(file_path, data):
+    """Atomically: a reader never sees half a file."""
+    os.makedirs(os.path.dirname(file_path) or ".", exist_ok=True)
+    with open(file_path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=float)
+        f.write("\n")
+    os.replace(file_path + ".tmp", file_path)
+
+
+def read_json(file_path, missing_hint):
+    if not os.path.exists(file_path):
+        raise UserError(f"{file_path} does not exist: {missing_hint}")
+    with open(file_path) as f:
+        return json.load(f)
+
+
+def require_same_identity(made_with, cache_identity, what):
+    """Refuse `what` (a model file) when it was made on features of another identity."""
+    if made_with != cache_identity:
+        changed = sorted(k for k in set(made_with) | set(cache_identity)
+                         if made_with.get(k) != cache_identity.get(k))
+        raise UserError(f"{what} was trained on features of another identity (different "
+                        f"{', '.join(changed)}) than the current cache: retrain it with "
+                        "`make train-head` (and `make finetune`)")
