@@ -1,0 +1,178 @@
+"""Stage one: the feature cache is correct, incremental, crash-safe, and reports bad input."""
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import __main__ as cli
+from pipeline import backbone, cache, extract, images
+from pipeline.config import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_cache(config):
+    with cache.FeatureStore(config.features_dir) as store:
+        return {p: f for p, f in zip(store.paths, store.read(np.arange(len(store))))}
+
+
+def test_cache_shapes_and_attributes(image_folder, make_config):
+    config = make_config(image_folder)
+    result = extract.run(config)
+    assert (result.rows, result.new, result.reused, result.skipped) == (12, 12, 0, 0)
+    with h5py.File(result.features_path, "r") as f:
+        assert f["features"].shape == (12, 1, 1, 512) and f["features"].dtype == np.float32
+        assert f["label"].shape == (12,) and sorted(set(f["label"][:])) == [0, 1]
+        assert set(f["split"].asstr()[:]) <= {"train", "validation", "test"}
+        assert all(len(h) == 64 for h in f["sha256"].asstr()[:])
+        assert f["path"].asstr()[0].startswith(("horizontal/", "vertical/"))
+        assert f.attrs["class_names"] == '["horizontal", "vertical"]'
+        assert f.attrs["backbone"] == backbone.BACKBONE_ID
+        assert f.attrs["weights"] == backbone.RANDOM_FINGERPRINT
+        assert f.attrs["image_size"] == 32
+        assert f.attrs["preprocess"] == images.PREPROCESS_ID
+        assert "tensorflow" in f.attrs["versions"] and "h5py" in f.attrs["versions"]
+        assert not np.isnan(f["features"][:]).any()
+
+
+def test_features_equal_a_direct_keras_computation(image_folder, make_config, tiny_weights_file):
+    config = make_config(image_folder, weights=tiny_weights_file)
+    extract.run(config)
+    cached = read_cache(config)
+    base = backbone.build_backbone(backbone.resolve_weights(tiny_weights_file), 32)
+    for rel in sorted(cached)[:3]:
+        direct = base.predict(images.load_image(os.path.join(image_folder, rel), 32)[None], verbose=0)
+        np.testing.assert_allclose(cached[rel], direct[0], rtol=1e-4, atol=1e-4)
+
+
+def test_rerun_is_incremental(image_folder, make_config):
+    config = make_config(image_folder)
+    first = extract.run(config)
+    again = extract.run(config)
+    assert (again.new, again.reused, again.changed) == (0, 12, False)
+
+    shutil.copy(os.path.join(image_folder, "vertical", "vertical_00.jpg"),
+                os.path.join(image_folder, "vertical", "copy_same_content.jpg"))
+    from PIL import Image
+    Image.new("RGB", (40, 40), (9, 99, 199)).save(os.path.join(image_folder, "horizontal", "new.jpg"))
+    added = extract.run(config)
+    assert (added.rows, added.new, added.changed) == (14, 1, True)
+
+    os.rename(os.path.join(image_folder, "horizontal", "new.jpg"),
+              os.path.join(image_folder, "vertical", "moved.jpg"))
+    os.remove(os.path.join(image_folder, "horizontal", "horizontal_00.jpg"))
+    moved = extract.run(config)
+    assert (moved.rows, moved.new) == (13, 0)
+    with cache.FeatureStore(config.features_dir) as store:
+        assert "vertical/moved.jpg" in store.paths and "horizontal/new.jpg" not in store.paths
+        assert store.labels[list(store.paths).index("vertical/moved.jpg")] == 1
+        assert len(store.file["segments"]) == 1  # compacted into one segment file
+
+    resized = extract.run(config.replace(size=64))
+    assert resized.new == 12 and resized.identity != first.identity  # 13 rows, 12 distinct images
+    assert resized.identity["image_size"] == 64
+
+
+def test_row_order_is_stable(image_folder, make_config):
+    config = make_config(image_folder)
+    extract.run(config)
+    before = list(cache.FeatureStore(config.features_dir).paths)
+    from PIL import Image
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(os.path.join(image_folder, "horizontal", "aaa.jpg"))
+    extract.run(config)
+    after = list(cache.FeatureStore(config.features_dir).paths)
+    assert after[:len(before)] == before and after[-1] == "horizontal/aaa.jpg"
+
+
+def test_bad_files_are_skipped_and_listed(image_folder, make_config):
+    good = open(os.path.join(image_folder, "vertical", "vertical_01.jpg"), "rb").read()
+    bad = {"horizontal/empty.jpg": b"", "horizontal/truncated.jpg": good[:200],
+           "vertical/text.png": b"this is not a picture", "vertical/data.bin": b"\x00\x01\x02"}
+    for rel, content in bad.items():
+        with open(os.path.join(image_folder, rel), "wb") as f:
+            f.write(content)
+    config = make_config(image_folder)
+    result = extract.run(config)
+    assert (result.rows, result.skipped) == (12, 4)
+    with open(os.path.join(config.features_dir, "skipped.csv")) as f:
+        reasons = {row["path"]: row["reason"] for row in csv.DictReader(f)}
+    assert set(reasons) == set(bad)
+    assert reasons["horizontal/empty.jpg"] == "empty file (0 bytes)"
+    assert reasons["vertical/data.bin"].startswith("not an image")
+    assert extract.run(config).new == 0  # bad files are remembered, not retried
+
+
+def test_a_class_with_only_bad_files_is_fatal(tmp_path, make_config):
+    from tests.conftest import make_image_folder
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    for name in os.listdir(os.path.join(root, "vertical")):
+        open(os.path.join(root, "vertical", name), "wb").close()
+    with pytest.raises(UserError, match="class 'vertical' has no readable image"):
+        extract.run(make_config(root))
+
+
+def test_a_second_writer_fails_clearly(image_folder, make_config):
+    config = make_config(image_folder)
+    with cache.exclusive(config.features_dir):
+        with pytest.raises(UserError, match="another extract .* is writing"):
+            extract.run(config)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/folder"], "DATA folder '/nonexistent/folder' does not exist"),
+    (["--weights", "/nonexistent/w.weights.h5"], "WEIGHTS file .* does not exist"),
+    (["--weights", __file__], "not a .h5"),
+])
+def test_fatal_errors_exit_non_zero_with_one_line(image_folder, tmp_path, capsys, args, message):
+    argv = ["extract", "--data", image_folder, "--weights", "none", "--size", "32",
+            "--features-root", str(tmp_path / "f")] + args
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert __import__("re").search(message, err)
+
+
+def test_kill_9_then_rerun_equals_a_clean_run(tmp_path, make_config):
+    from tests.conftest import make_image_folder
+    root = make_image_folder(tmp_path / "data", per_class=20)
+    config = make_config(root, batch=2, name="killed")
+    command = [sys.executable, "-m", "pipeline", "extract", "--data", root, "--name", "killed",
+               "--weights", "none", "--size", "32", "--batch", "2",
+               "--features-root", config.features_root]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    segments = os.path.join(config.features_dir, "segments")
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        found = [f for _, _, files in os.walk(segments) for f in files if f.endswith(".h5")]
+        if len(found) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(os.path.join(config.features_dir, "features.h5"))  # never half-written
+
+    resumed = extract.run(config)
+    assert resumed.reused >= 6 and resumed.new + resumed.reused == 40
+    clean = extract.run(config.replace(name="clean"))
+    killed, fresh = read_cache(config), read_cache(config.replace(name="clean"))
+    assert killed.keys() == fresh.keys()
+    for path in fresh:
+        np.testing.assert_array_equal(killed[path], fresh[path])
+    assert clean.new == 40
+
+
+def test_missing_segment_is_detected(image_folder, make_config):
+    config = make_config(image_folder)
+    extract.run(config)
+    for dirpath, _, files in os.walk(os.path.join(config.features_dir, "segments")):
+        for name in files:
+            os.remove(os.path.join(dirpath, name))
+    with pytest.raises(UserError, match="missing segment"):
+        cache.FeatureStore(config.features_dir)
