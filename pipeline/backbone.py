@@ -42,7 +42,7 @@ def resolve_weights(spec):
         except UserError as error:
             if spec == "imagenet":
                 raise
-            print(f"\n!!! WEIGHTS=auto: {error}\n!!! Falling back to random weights: "
+            print(f"\n!!! WEIGHTS=auto: {error}\n!!! Using random initialisation instead: "
                   f"{RANDOM_NOTICE}.\n", flush=True)
             return Weights(spec, "", RANDOM_FINGERPRINT, notice=RANDOM_NOTICE)
         return Weights(spec, path, file_sha256(path))
@@ -89,8 +89,9 @@ def _imagenet_file():
         return keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models",
                                     file_hash=IMAGENET_MD5)
     except Exception as error:  # urllib, socket and SSL errors all mean the same thing here
-        raise UserError(f"could not download the ImageNet VGG16 weights ({type(error).__name__}); "
-                        f"offline, copy {IMAGENET_FILE} to {cached} or pass WEIGHTS=<file.h5>") from None
+        reason = " ".join(str(error).split(" -- ")[-1].split())[:120] or type(error).__name__
+        raise UserError(f"could not download the ImageNet VGG16 weights ({reason}); offline, copy "
+                        f"{IMAGENET_FILE} to {cached} or pass WEIGHTS=<file.h5>") from None
 
 
 def file_sha256(path, chunk=1 << 22):
