@@ -14,7 +14,7 @@ DATA ?=
 NAME ?=
 opt = $(if $(strip $($(1))),--$(2) $($(1)))
 COMMON  = $(call opt,DATA,data) $(call opt,NAME,name) $(call opt,WEIGHTS,weights) \
-          $(call opt,SIZE,size) $(call opt,BATCH,batch) $(call opt,SPLIT,split) \
+          $(call opt,SIZE,size) $(call opt,BATCH,batch) $(call opt,PRECISION,precision) $(call opt,SPLIT,split) \
           $(call opt,LABELS,labels) $(call opt,LABEL_COLUMNS,label-columns) $(call opt,SEED,seed)
 CLI     = $(PYTHON) -m pipeline
 # With no DATA, stages run on the embedded demo data (generated on first use).

@@ -102,20 +102,37 @@ def file_sha256(path, chunk=1 << 22):
     return digest.hexdigest()
 
 
-def feature_identity(weights, size):
+def resolve_precision(precision):
+    """PRECISION=auto: mixed float16 where a GPU runs the convolutions (tensor cores), float32 on
+    the CPU, whose AVX2 units have no fast half-precision arithmetic."""
+    if precision == "auto":
+        return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    if precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
+        raise UserError(f"PRECISION={precision!r} is not one of auto, float32, mixed_float16, "
+                        "mixed_bfloat16")
+    return precision
+
+
+def feature_identity(weights, size, precision="float32"):
     """Everything that changes the numbers in a feature map. Features are reused only when all of
     it is equal; `identity_id` names the folder that holds them."""
     return {"backbone": BACKBONE_ID, "weights": weights.fingerprint, "image_size": int(size),
-            "preprocess": PREPROCESS_ID}
+            "preprocess": PREPROCESS_ID, "precision": precision}
 
 
 def identity_id(identity):
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_backbone(weights, size=None):
-    """VGG16 without its classifier, frozen, with `weights` loaded. size=None accepts any size."""
-    base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+def build_backbone(weights, size=None, precision="float32"):
+    """VGG16 without its classifier, frozen, with `weights` loaded. size=None accepts any size.
+    With a mixed precision the variables stay float32 and only the arithmetic is reduced."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)  # applies to the layers built here only
+    try:
+        base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+    finally:
+        keras.config.set_dtype_policy(previous)
     if weights.path:
         try:
             base.load_weights(weights.path)

@@ -26,6 +26,8 @@ class Config:
                                      # empty: imagenet for extract, the cache's weights afterwards
     size: int = 150                  # SIZE: images are resized to SIZE x SIZE
     batch: int = 32                  # BATCH: images per forward pass
+    precision: str = "auto"          # PRECISION: auto (mixed_float16 on a GPU, else float32) |
+                                     # float32 | mixed_float16 | mixed_bfloat16; part of the identity
     # --- stage two: the head on cached features -------------------------------------------------
     head: str = "both"               # HEAD: dense | logreg | both
     epochs: int = 30                 # EPOCHS: head epochs (early stopping usually ends sooner)

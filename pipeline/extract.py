@@ -35,7 +35,8 @@ def run(config: Config) -> ExtractResult:
     dataset = images.discover(config.data, config.labels, config.label_columns)
     fractions = config.split_fractions
     weights = backbone.resolve_weights(config.weights)
-    identity = backbone.feature_identity(weights, config.size)
+    precision = backbone.resolve_precision(config.precision)
+    identity = backbone.feature_identity(weights, config.size, precision)
     identity_id = backbone.identity_id(identity)
     out = config.features_dir
 
@@ -47,7 +48,7 @@ def run(config: Config) -> ExtractResult:
         for image_file, sha, _ in files:
             if sha not in known and sha not in unreadable:
                 todo.setdefault(sha, image_file.path)
-        newly_unreadable = _compute(config, weights, identity_id, todo, known) if todo else {}
+        newly_unreadable = _compute(config, weights, identity, todo, known) if todo else {}
         unreadable.update(newly_unreadable)
 
         rows, skipped = [], list(dataset.skipped)
@@ -105,10 +106,10 @@ def _hash_files(dataset, previous):
     return out
 
 
-def _compute(config, weights, identity_id, todo, known):
+def _compute(config, weights, identity, todo, known):
     """Run the new images through the backbone, one atomic segment per batch. Updates `known`
     in place and returns {sha: reason} for the files that could not be decoded."""
-    base = backbone.build_backbone(weights, config.size)
+    base = backbone.build_backbone(weights, config.size, identity["precision"])
     features_of = backbone.feature_function(base)
     shas = list(todo)
     paths = [os.path.join(config.data, todo[sha]) for sha in shas]
@@ -124,7 +125,8 @@ def _compute(config, weights, identity_id, todo, known):
         if ok.any():
             features = features_of(tf.boolean_mask(batch, ok)).numpy()
             good = [s for s, k in zip(batch_shas, ok) if k]
-            segment = cache.write_segment(config.features_dir, identity_id, good, features)
+            segment = cache.write_segment(config.features_dir, backbone.identity_id(identity),
+                                          good, features)
             known.update({s: (segment, row, len(good)) for row, s in enumerate(good)})
         progress.update(len(reasons))
     progress.close()
