@@ -62,6 +62,8 @@ def run(config: Config) -> ExtractResult:
                              size=stat.st_size, mtime_ns=stat.st_mtime_ns, segment=segment,
                              segment_row=segment_row, segment_rows=segment_rows))
         _check_every_class_has_an_image(dataset, rows)
+        if dataset.layout != "splits":
+            _give_every_class_a_training_image(rows)
 
         keep = {r["sha256"] for r in rows}
         known = cache.compact(out, identity_id, {s: v for s, v in known.items() if s in keep}, keep)
@@ -139,6 +141,17 @@ def _check_every_class_has_an_image(dataset, rows):
         if label not in present:
             raise UserError(f"class {class_name!r} has no readable image (see "
                             "skipped.csv): add images that decode, or remove the class")
+
+
+def _give_every_class_a_training_image(rows):
+    """With few images per class, content-hash splits can leave a class with nothing to train on.
+    Such a class trains on its image with the smallest hash: still a pure function of content."""
+    by_label = {}
+    for r in rows:
+        by_label.setdefault(r["label"], []).append(r)
+    for members in by_label.values():
+        if not any(r["split"] == "train" for r in members):
+            min(members, key=lambda r: r["sha256"])["split"] = "train"
 
 
 def _attributes(config, dataset, weights, identity, identity_id, rows):

@@ -176,3 +176,11 @@ def test_missing_segment_is_detected(image_folder, make_config):
             os.remove(os.path.join(dirpath, name))
     with pytest.raises(UserError, match="missing segment"):
         cache.FeatureStore(config.features_dir)
+
+
+def test_every_class_gets_a_training_image(tmp_path, make_config):
+    from tests.conftest import make_image_folder
+    root = make_image_folder(tmp_path / "data", classes=("a", "b", "c", "d"), per_class=1)
+    extract.run(make_config(root, split="10/45/45"))
+    with cache.FeatureStore(make_config(root).features_dir) as store:
+        assert sorted(store.labels[store.rows("train")]) == [0, 1, 2, 3]
