@@ -10,6 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.config import Config
 from pipeline.demo_data import striped_image
@@ -29,7 +30,7 @@ def make_image_folder(root, classes=("horizontal", "vertical"), per_class=6, pix
             if index >= 2:  # more classes: distinguish by colour as well
                 array = np.asarray(image).copy()
                 array[..., index % 3] = 255 - array[..., index % 3]
-                image = type(image).fromarray(array)
+                image = Image.fromarray(array)
             image.save(os.path.join(folder, f"{class_name}_{i:02d}.jpg"), quality=90)
     return str(root)
 

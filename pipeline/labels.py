@@ -1,0 +1,171 @@
+"""Datasets labelled by a CSV: a folder of images plus LABELS=<csv> with one `filename,label` row each.
+
+    make extract DATA=photos LABELS=labels.csv [LABEL_COLUMNS=file,species]
+
+Rows are matched to files by name. A file's name in the CSV is tried, in order, as:
+    1. its path relative to DATA            (sub/cat1.jpg)
+    2. its file name anywhere below DATA    (cat1.jpg, when only one file has that name)
+    3. the same, ignoring case              (Cat1.JPG for cat1.jpg)
+    4. its stem, ignoring the extension     (cat1.jpg for cat1.jpeg or cat1.png)
+Steps 3 and 4 are reported as notes, since the CSV and the folder disagree, but the image is used.
+Nothing else is fatal: a row that names no file, a file with no row, an empty label, or one file
+given two different labels each become a line of features/<NAME>/skipped.csv, and their counts
+appear in the batch summary. Labels are class names as written (surrounding spaces stripped), so
+"golden retriever" is a class. Splits come from content hashes, as for DATA/<class>/ folders.
+"""
+import csv
+import os
+
+from . import images
+from .config import UserError
+
+# The reasons written to skipped.csv; `make batch` counts rows by these prefixes.
+MISSING_FILE = "CSV row names no file in DATA"
+UNLABELLED = "image has no row in the labels CSV"
+NOTE_EXAMPLES = 5  # how many lenient matches to print as examples
+
+
+def resolve_labels_path(data, labels_csv):
+    """A relative LABELS is looked for inside DATA first, then from the working directory, so
+    `make batch DATASETS="a b" LABELS=labels.csv` uses a/labels.csv and b/labels.csv."""
+    candidates = [labels_csv] if os.path.isabs(labels_csv) else [os.path.join(data, labels_csv),
+                                                                 labels_csv]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    raise UserError(f"LABELS file {labels_csv!r} not found (looked in {' and '.join(candidates)}): "
+                    "pass LABELS=<csv with filename,label columns>")
+
+
+def parse_columns(label_columns):
+    """"filename,label" -> ("filename", "label")."""
+    parts = [p.strip() for p in (label_columns or "").split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"LABEL_COLUMNS={label_columns!r} is not two column names: use "
+                        "LABEL_COLUMNS=<file-name column>,<label column>, e.g. filename,label")
+    return tuple(parts)
+
+
+def read_rows(csv_path, label_columns):
+    """[(row number, file name, label)] from the CSV; the header names the columns."""
+    file_col, label_col = parse_columns(label_columns)
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
+        first_line = f.readline()
+        f.seek(0)
+        # the header's separator: ";" and tab are common where "," is the decimal separator
+        delimiter = max(",;\t", key=first_line.count) if first_line.strip() else ","
+        reader = csv.reader(f, delimiter=delimiter)
+        header = [h.strip() for h in next(reader, [])]
+        columns = _find_columns(header, (file_col, label_col), csv_path)
+        rows = []
+        for line, record in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in record):
+                continue  # blank line
+            cells = [record[i].strip() if i < len(record) else "" for i in columns]
+            rows.append((line, *cells))
+    return rows
+
+
+def _find_columns(header, wanted, csv_path):
+    folded = [h.casefold() for h in header]
+    found = []
+    for name in wanted:
+        if name in header:
+            found.append(header.index(name))
+        elif name.casefold() in folded:
+            found.append(folded.index(name.casefold()))
+        else:
+            raise UserError(f"{csv_path} has no column {name!r} (its header is {header}): pass "
+                            "LABEL_COLUMNS=<file-name column>,<label column>")
+    return found
+
+
+def discover_csv(data, labels_csv, label_columns="filename,label"):
+    """The images in `data` labelled by the CSV, as an images.Dataset with layout "csv"."""
+    csv_path = resolve_labels_path(data, labels_csv)
+    rows = read_rows(csv_path, label_columns)
+    candidates, skipped = _images_below(data, csv_path)
+    finder = _Finder(candidates)
+
+    labels_of, skipped_rows, notes = {}, [], []
+    for line, name, label in rows:
+        where = f"{os.path.basename(csv_path)} line {line}"
+        if not name:
+            skipped_rows.append((f"<{where}>", "CSV row has an empty file name"))
+            continue
+        path, problem, note = finder.find(name)
+        if path is None:
+            skipped_rows.append((name, f"{problem} ({where})"))
+        elif not label:
+            skipped_rows.append((path, f"CSV row has an empty label ({where})"))
+        else:
+            labels_of.setdefault(path, set()).add(label)
+            if note:
+                notes.append(f"{name} -> {path} ({note})")
+
+    conflicting = {p: sorted(ls) for p, ls in labels_of.items() if len(ls) > 1}
+    skipped += skipped_rows
+    skipped += [(p, "the labels CSV gives it several labels: " + ", ".join(ls))
+                for p, ls in sorted(conflicting.items())]
+    reported = {p for p, _ in skipped_rows}  # e.g. a row with an empty label: listed once
+    skipped += [(p, UNLABELLED) for p in candidates if p not in labels_of and p not in reported]
+    labelled = {p: ls.pop() for p, ls in labels_of.items() if p not in conflicting}
+
+    class_names = sorted(set(labelled.values()))
+    if len(class_names) < 2:
+        raise UserError(f"{csv_path} labels {len(labelled)} image(s) of {data} with "
+                        f"{len(class_names)} class(es) {class_names}: at least two classes need "
+                        "images; check that its file names match the files in DATA")
+    index = {c: i for i, c in enumerate(class_names)}
+    files = [images.ImageFile(p, index[label]) for p, label in sorted(labelled.items())]
+    if notes:
+        print(f"labels: {len(notes)} CSV row(s) matched a file only by ignoring case or extension, "
+              f"e.g. {'; '.join(notes[:NOTE_EXAMPLES])}")
+    return images.Dataset(data, "csv", class_names, files, skipped)
+
+
+def _images_below(data, csv_path):
+    """Image paths relative to `data` (sorted), and (path, reason) for the files that are not
+    images. The labels CSV itself, when it lives in DATA, is neither."""
+    inside = os.path.relpath(os.path.abspath(csv_path), os.path.abspath(data)).replace(os.sep, "/")
+    found, skipped = [], []
+    for rel, reason in images._walk_images(data, ""):
+        rel = rel.lstrip("/")
+        if rel == inside:
+            continue
+        if reason:
+            skipped.append((rel, reason))
+        else:
+            found.append(rel)
+    return found, skipped
+
+
+class _Finder:
+    """File name in the CSV -> (path relative to DATA, problem, note); see the module docstring."""
+
+    def __init__(self, paths):
+        self.paths = set(paths)
+        self.by_name, self.by_folded, self.by_stem = {}, {}, {}
+        for p in paths:
+            base = p.rsplit("/", 1)[-1]
+            self.by_name.setdefault(base, []).append(p)
+            self.by_folded.setdefault(base.casefold(), []).append(p)
+            self.by_stem.setdefault(os.path.splitext(base)[0].casefold(), []).append(p)
+
+    def find(self, name):
+        rel = name.replace("\\", "/").removeprefix("./")
+        if rel in self.paths:
+            return rel, "", ""
+        base = rel.rsplit("/", 1)[-1]
+        stem = os.path.splitext(base)[0].casefold()
+        for table, key, note in ((self.by_name, base, ""),
+                                 (self.by_folded, base.casefold(), "case differs"),
+                                 (self.by_stem, stem, "extension differs")):
+            matches = table.get(key, [])
+            if len(matches) == 1:
+                if note and matches[0].rsplit("/", 1)[-1] == base:
+                    note = ""
+                return matches[0], "", note
+            if len(matches) > 1:
+                return None, f"CSV row matches several files ({', '.join(sorted(matches)[:3])})", ""
+        return None, MISSING_FILE, ""

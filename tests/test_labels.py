@@ -1,0 +1,167 @@
+"""Datasets labelled by a CSV (LABELS=<csv>): matching rows to files, and every quirk reported."""
+import csv
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import extract, images, labels
+from pipeline.cache import FeatureStore
+from pipeline.config import UserError
+
+
+def flat_folder(root, names, pixels=16):
+    """root/<name> for each name: small distinct pictures (content differs, so hashes differ)."""
+    os.makedirs(root, exist_ok=True)
+    for i, name in enumerate(names):
+        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 256, (pixels, pixels, 3), dtype=np.uint8)).save(
+            os.path.join(root, name))
+    return str(root)
+
+
+def write_csv(path, rows, header=("filename", "label"), delimiter=","):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+def by_path(dataset):
+    return {f.path: dataset.class_names[f.label] for f in dataset.files}
+
+
+def test_plain_csv(tmp_path):
+    data = flat_folder(tmp_path / "data", ["a1.png", "a2.png", "b1.png", "b2.png"])
+    csv_path = write_csv(tmp_path / "labels.csv", [("a1.png", "ant"), ("a2.png", "ant"),
+                                                   ("b1.png", "bee"), ("b2.png", "bee")])
+    dataset = images.discover(data, csv_path)  # discover dispatches to labels.discover_csv
+    assert dataset.layout == "csv"
+    assert dataset.class_names == ["ant", "bee"]
+    assert by_path(dataset) == {"a1.png": "ant", "a2.png": "ant", "b1.png": "bee", "b2.png": "bee"}
+    assert all(f.split == "" for f in dataset.files)  # splits come from content hashes later
+    assert [f.path for f in dataset.files] == sorted(f.path for f in dataset.files)
+    assert dataset.skipped == []
+
+
+def test_the_four_quirks_of_the_issue(tmp_path, capsys):
+    data = flat_folder(tmp_path / "data", ["cat1.jpeg", "cat2.jpg", "dog1.png", "dog2.png",
+                                           "stray.png"])
+    csv_path = write_csv(tmp_path / "labels.csv", [
+        ("cat1.jpg", "cat"),                  # extension mismatch: the file is cat1.jpeg
+        ("cat2.jpg", " cat "),                # surrounding spaces are stripped
+        ("dog1.png", "golden retriever"),     # a label with spaces is a class name as written
+        ("dog2.png", "golden retriever"),
+        ("gone.jpg", "cat"),                  # names a file that does not exist
+    ])                                        # stray.png has no row
+    dataset = labels.discover_csv(data, csv_path)
+    assert dataset.class_names == ["cat", "golden retriever"]
+    assert by_path(dataset) == {"cat1.jpeg": "cat", "cat2.jpg": "cat",
+                                "dog1.png": "golden retriever", "dog2.png": "golden retriever"}
+    reasons = dict(dataset.skipped)
+    assert set(reasons) == {"gone.jpg", "stray.png"}
+    assert reasons["gone.jpg"].startswith(labels.MISSING_FILE) and "line 6" in reasons["gone.jpg"]
+    assert reasons["stray.png"] == labels.UNLABELLED
+    assert "cat1.jpg -> cat1.jpeg (extension differs)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("written, on_disk, note", [
+    ("sub/x.png", "sub/x.png", ""),              # a path relative to DATA
+    ("./sub/x.png", "sub/x.png", ""),
+    ("sub\\x.png", "sub/x.png", ""),             # written on Windows
+    ("x.png", "sub/x.png", ""),                  # the file name alone, unique below DATA
+    ("X.PNG", "x.png", "case differs"),
+    ("x", "x.png", "extension differs"),         # no extension at all
+    ("x.JPG", "x.png", "extension differs"),
+])
+def test_how_names_are_matched(tmp_path, capsys, written, on_disk, note):
+    data = flat_folder(tmp_path / "data", [on_disk, "other.png"])
+    csv_path = write_csv(tmp_path / "l.csv", [(written, "a"), ("other.png", "b")])
+    assert by_path(labels.discover_csv(data, csv_path)) == {on_disk: "a", "other.png": "b"}
+    assert (note in capsys.readouterr().out) if note else True
+
+
+def test_ambiguous_conflicting_and_empty_rows_are_skipped(tmp_path):
+    data = flat_folder(tmp_path / "data", ["p/same.png", "q/same.png", "twice.png", "e.png",
+                                           "ok1.png", "ok2.png"])
+    with open(os.path.join(data, "readme.txt"), "w") as f:
+        f.write("not an image")
+    csv_path = write_csv(tmp_path / "l.csv", [
+        ("same.png", "a"),                        # two files have this name: ambiguous
+        ("twice.png", "a"), ("twice.png", "b"),   # one file, two labels
+        ("e.png", ""),                            # no label
+        ("", "a"),                                # no file name
+        ("ok1.png", "a"), ("ok1.png", "a"),       # a repeated, agreeing row is harmless
+        ("ok2.png", "b"),
+    ])
+    dataset = labels.discover_csv(data, csv_path)
+    assert by_path(dataset) == {"ok1.png": "a", "ok2.png": "b"}
+    reasons = dict(dataset.skipped)
+    assert "several files" in reasons["same.png"]
+    assert "several labels: a, b" in reasons["twice.png"]
+    assert "empty label" in reasons["e.png"]
+    assert "empty file name" in reasons["<l.csv line 6>"]
+    assert reasons["readme.txt"].startswith("not an image")
+    assert reasons["p/same.png"] == reasons["q/same.png"] == labels.UNLABELLED
+
+
+def test_other_columns_delimiters_and_a_byte_order_mark(tmp_path):
+    data = flat_folder(tmp_path / "data", ["a.png", "b.png"])
+    csv_path = str(tmp_path / "l.csv")
+    with open(csv_path, "w", encoding="utf-8-sig", newline="") as f:  # as Excel saves it
+        f.write("id;Species;File\n1;ant;a.png\n2;bee;b.png\n\n")
+    dataset = labels.discover_csv(data, csv_path, "file,species")  # header matched ignoring case
+    assert by_path(dataset) == {"a.png": "ant", "b.png": "bee"}
+
+
+def test_a_relative_labels_path_is_looked_for_in_data_first(tmp_path, monkeypatch):
+    data = flat_folder(tmp_path / "data", ["a.png", "b.png"])
+    write_csv(os.path.join(data, "labels.csv"), [("a.png", "ant"), ("b.png", "bee")])
+    monkeypatch.chdir(tmp_path)
+    dataset = labels.discover_csv(data, "labels.csv")
+    assert by_path(dataset) == {"a.png": "ant", "b.png": "bee"}
+    assert dataset.skipped == []  # the CSV inside DATA is not reported as "not an image"
+
+
+@pytest.mark.parametrize("rows, columns, message", [
+    ([("a.png", "ant"), ("b.png", "ant")], "filename,label", "1 class"),
+    ([("x.png", "ant"), ("y.png", "bee")], "filename,label", "0 class"),
+    ([("a.png", "ant")], "file,label", "no column 'file'"),
+    ([("a.png", "ant")], "filename", "LABEL_COLUMNS='filename' is not two column names"),
+])
+def test_unusable_csv_raises_user_error(tmp_path, rows, columns, message):
+    data = flat_folder(tmp_path / "data", ["a.png", "b.png"])
+    csv_path = write_csv(tmp_path / "l.csv", rows)
+    with pytest.raises(UserError, match=message):
+        labels.discover_csv(data, csv_path, columns)
+
+
+def test_a_missing_csv_raises_user_error(tmp_path):
+    data = flat_folder(tmp_path / "data", ["a.png"])
+    with pytest.raises(UserError, match="LABELS file 'nope.csv' not found"):
+        images.discover(data, "nope.csv")
+
+
+def test_extract_with_csv_labels(tmp_path, make_config):
+    names = [f"img{i:02d}.png" for i in range(12)]
+    data = flat_folder(tmp_path / "data", names + ["unlabelled.png"])
+    rows = [(n, "odd class" if i % 2 else "even class") for i, n in enumerate(names)]
+    csv_path = write_csv(tmp_path / "l.csv", rows + [("missing.png", "even class")])
+    config = make_config(data, labels=csv_path)
+    result = extract.run(config)
+    assert (result.rows, result.new, result.skipped) == (12, 12, 2)
+    with open(os.path.join(config.features_dir, "skipped.csv")) as f:
+        skipped = {row["path"]: row["reason"] for row in csv.DictReader(f)}
+    assert skipped["unlabelled.png"] == labels.UNLABELLED
+    assert skipped["missing.png"].startswith(labels.MISSING_FILE)
+    with FeatureStore(config.features_dir) as store:
+        assert store.class_names == ["even class", "odd class"]
+        assert store.attrs["layout"] == "csv"
+        fractions = config.split_fractions
+        for path, split, sha, label in zip(store.paths, store.splits, store.sha256, store.labels):
+            assert split == images.split_for(sha, fractions)  # as in layout (a)
+            assert store.class_names[label] == dict(rows)[path]
+    assert extract.run(config).changed is False  # the CSV is read again, nothing else changes
