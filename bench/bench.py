@@ -1,0 +1,328 @@
+"""`make bench`: the pipeline's performance figures -> a table and bench/results.json.
+
+Settings (environment variables; bench/README.md explains every figure):
+    BENCH_N=600              real photos for the throughput, rerun and head figures (balanced over
+                             the two classes, train first); the default run takes ~10-15 min on 2 cores
+    BENCH_SYNTH_ROWS=100000  rows of the synthetic cache for the train-head memory figure (3.3 GB)
+    BENCH_ACCURACY=1         also the slow accuracy figures (bench/accuracy.py: WEIGHTS,
+                             BENCH_FINETUNE_EPOCHS; all of cats_vs_dogs, ~30 min on 2 cores)
+    BENCH_DATA=<dir>         the photos (default ../shared/data/cats_vs_dogs, read-only: the
+                             benchmark folders are symlinks under bench/work/, git-ignored)
+Speed does not depend on the weights' values, so every timing runs with WEIGHTS=none.
+"""
+import os
+import shutil
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import support  # noqa: E402  (bench/support.py: the synthetic cache, the machine)
+from pipeline import artifacts, backbone, cache, extract, heads, images, train_head  # noqa: E402
+from pipeline.config import Config  # noqa: E402
+
+N = int(os.environ.get("BENCH_N") or 600)
+SYNTH_ROWS = int(os.environ.get("BENCH_SYNTH_ROWS") or 100_000)
+ACCURACY = os.environ.get("BENCH_ACCURACY", "") not in ("", "0")
+DATA = os.environ.get("BENCH_DATA") or os.path.join(ROOT, "..", "shared", "data", "cats_vs_dogs")
+SIZE, BATCH = 150, 32
+MODEL_ONLY_BATCHES = 8     # timed in-memory batches (after one untimed warm-up batch)
+HEAD_EPOCHS = 6            # dense-head epochs timed on the cache; patience 5, so all six run
+FROZEN_IMAGES = 128        # images timed through base + head (per image x train rows = an epoch)
+SYNTH_EPOCHS = 2           # train-head epochs on the synthetic cache (memory, not speed)
+WORK = os.path.join(ROOT, "bench", "work")
+RESULTS = os.path.join(ROOT, "bench", "results.json")
+
+# key, what, target (as text), passes(value) -> bool
+TARGETS = [
+    ("extract_ips", "extraction, files -> HDF5 (img/s)", "", None),
+    ("model_only_ips", "model-only limit (img/s)", "", None),
+    ("naive_keras_ips", "naive Keras way (img/s)", "", None),
+    ("ratio_vs_model_only", "extraction / model-only", ">= 0.9", lambda v: v >= 0.9),
+    ("ratio_vs_naive", "extraction / naive Keras", ">= 1.5", lambda v: v >= 1.5),
+    ("head_epoch_s_cache", "head epoch on the cache (s)", "", None),
+    ("head_epoch_s_frozen_base", "head epoch, frozen base in loop (s)", "", None),
+    ("head_speedup", "frozen-base epoch / cache epoch", ">= 100x", lambda v: v >= 100),
+    ("rerun_nothing_new_frac", "rerun, nothing new / full", "<= 3%", lambda v: v <= 0.03),
+    ("rerun_10pct_new_frac", "rerun, 10% new / full", "<= 15%", lambda v: v <= 0.15),
+    ("extract_peak_rss_gb", "extract peak RSS (GB)", "", None),
+    ("train_head_peak_rss_gb_100k", f"train-head peak RSS, {SYNTH_ROWS:,} rows (GB)", "<= 1.5",
+     (lambda v: v <= 1.5) if SYNTH_ROWS == 100_000 else None),
+    ("acc_logreg", "validation accuracy, logreg", "", None),
+    ("acc_head", "validation accuracy, dense head", "", None),
+    ("acc_finetuned", "validation accuracy, fine-tuned", "", None),
+]
+
+
+def main():
+    if N < 20:
+        sys.exit(f"BENCH_N={N}: use at least 20 images (10% of them are the rerun's new images)")
+    for gpu in tf.config.list_physical_devices("GPU"):  # leave GPU memory to the stage processes
+        tf.config.experimental.set_memory_growth(gpu, True)
+    results = {"machine": support.machine(), "versions": support.versions(),
+               "settings": dict(BENCH_N=N, BENCH_SYNTH_ROWS=SYNTH_ROWS, BENCH_ACCURACY=ACCURACY,
+                                size=SIZE, batch=BATCH, weights="none", data=os.path.abspath(DATA),
+                                model_only_batches=MODEL_ONLY_BATCHES, head_epochs=HEAD_EPOCHS,
+                                frozen_images=FROZEN_IMAGES, synth_epochs=SYNTH_EPOCHS),
+               "details": {}}
+    shutil.rmtree(WORK, ignore_errors=True)
+    picked = pick_images(DATA, N)
+    old, new = [p for i, p in enumerate(picked) if i % 10 != 9], picked[9::10]
+    full_dir, inc_dir = link_folder("data/full", picked), link_folder("data/bench", old)
+    for _, path in picked:  # warm the page cache: every method then reads the same warm files
+        with open(path, "rb") as f:
+            f.read()
+    config = Config(data=inc_dir, name="bench", weights="none", size=SIZE, batch=BATCH,
+                    features_root=os.path.join(WORK, "features"),
+                    models_root=os.path.join(WORK, "models"))
+
+    phases = [("extraction and reruns", lambda: extraction(config, inc_dir, old, new)),
+              ("model-only limit", lambda: model_only([p for _, p in picked])),
+              ("naive Keras way", lambda: naive_keras(full_dir)),
+              ("head epochs", lambda: head_epochs(config)),
+              ("peak RSS of extract", lambda: extract_memory(full_dir)),
+              ("peak RSS of train-head", train_head_memory)]
+    if ACCURACY:
+        import accuracy  # bench/accuracy.py: needs train_head and finetune
+        phases.append(("accuracy", lambda: accuracy.run(DATA, WORK, SIZE, BATCH)))
+    for title, phase in phases:
+        print(f"\n=== bench: {title} ===", flush=True)
+        start = time.perf_counter()
+        figures, details = phase()
+        results.update(figures)
+        results["details"].update(details, **{f"phase_seconds_{title}": time.perf_counter() - start})
+        derive(results)
+        artifacts.write_json(RESULTS, results)  # after every phase: a crash keeps what was measured
+    print_table(results)
+    print(f"\nwrote {os.path.relpath(RESULTS)}")
+
+
+def derive(r):
+    if "extract_ips" in r and "model_only_ips" in r:
+        r["ratio_vs_model_only"] = r["extract_ips"] / r["model_only_ips"]
+    if "extract_ips" in r and "naive_keras_ips" in r:
+        r["ratio_vs_naive"] = r["extract_ips"] / r["naive_keras_ips"]
+    if "head_epoch_s_cache" in r and "head_epoch_s_frozen_base" in r:
+        r["head_speedup"] = r["head_epoch_s_frozen_base"] / r["head_epoch_s_cache"]
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark datasets: folders of symlinks to the read-only photos
+# --------------------------------------------------------------------------------------------
+
+def pick_images(data, n):
+    """(class, path) of the first n images, alternating between the classes: train first, then
+    validation once train runs out (n > 2000 on cats_vs_dogs)."""
+    classes = sorted(os.listdir(os.path.join(data, "train")))
+    per_class = {c: [] for c in classes}
+    for split in ("train", "validation"):
+        for c in classes:
+            folder = os.path.join(data, split, c)
+            if os.path.isdir(folder):
+                per_class[c] += [os.path.realpath(os.path.join(folder, f))
+                                 for f in sorted(os.listdir(folder)) if not f.startswith(".")]
+    longest = max(len(paths) for paths in per_class.values())
+    alternating = [(c, per_class[c][i]) for i in range(longest) for c in classes
+                   if i < len(per_class[c])]
+    if n > len(alternating):
+        sys.exit(f"BENCH_N={n} but {data} has only {len(alternating)} images")
+    return alternating[:n]
+
+
+def link_folder(name, picked):
+    """WORK/<name>/<class>/<file> -> the photo; layout (a), split 80/10/10 by content hash."""
+    root = os.path.join(WORK, name)
+    for class_name, path in picked:
+        os.makedirs(os.path.join(root, class_name), exist_ok=True)
+        os.symlink(path, os.path.join(root, class_name, os.path.basename(path)))
+    return root
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# 1 + 3. Extraction throughput, model-only limit, naive Keras way, incremental reruns
+# --------------------------------------------------------------------------------------------
+
+def extraction(config, inc_dir, old, new):
+    """Extract 90% of the images (timed: files on disk -> rows in HDF5, model build included, TF
+    import not), then add the other 10% and rerun, then rerun with nothing new. A full
+    extraction of all N images is estimated as N / (the 90% run's images per second)."""
+    first, t_first = timed(extract.run, config)
+    assert first.new == len(old), first
+    for class_name, path in new:
+        os.symlink(path, os.path.join(inc_dir, class_name, os.path.basename(path)))
+    more, t_more = timed(extract.run, config)
+    assert more.new == len(new) and more.reused == len(old), more
+    same, t_same = timed(extract.run, config)
+    assert same.new == 0 and not same.changed, same
+    ips = len(old) / t_first
+    full_s = (len(old) + len(new)) / ips
+    return ({"extract_ips": ips, "rerun_nothing_new_frac": t_same / full_s,
+             "rerun_10pct_new_frac": t_more / full_s},
+            {"extract_images": len(old), "extract_s": t_first, "full_extract_s_estimate": full_s,
+             "rerun_10pct_new_images": len(new), "rerun_10pct_new_s": t_more,
+             "rerun_nothing_new_s": t_same})
+
+
+def model_only(paths):
+    """The same backbone and compiled forward pass as extract (backbone.feature_function) on
+    batches decoded once and held in memory: the most extraction could reach."""
+    base = backbone.build_backbone(backbone.resolve_weights("none"), SIZE)
+    features_of = backbone.feature_function(base)
+    decoded = np.stack([images.load_image(p, SIZE) for p in paths[:4 * BATCH]])
+    size = min(BATCH, len(decoded))
+    batches = [tf.constant(decoded[i:i + size]) for i in range(0, len(decoded) - size + 1, size)]
+    features_of(batches[0]).numpy()  # warm-up: tracing and the first run's allocations
+    timed_batches = max(2, min(MODEL_ONLY_BATCHES, len(paths) // size))  # fewer for a small N
+    start = time.perf_counter()
+    for i in range(timed_batches):
+        features_of(batches[i % len(batches)]).numpy()  # .numpy() waits for the result
+    seconds = time.perf_counter() - start
+    return ({"model_only_ips": timed_batches * size / seconds},
+            {"model_only_images": timed_batches * size, "model_only_s": seconds})
+
+
+def naive_keras(folder):
+    """The seed's way, model build included as in ours: image_dataset_from_directory ->
+    map(preprocess_input) -> model.predict -> np.save."""
+    start = time.perf_counter()
+    ds = keras.utils.image_dataset_from_directory(folder, image_size=(SIZE, SIZE), shuffle=False,
+                                                  batch_size=BATCH)
+    ds = ds.map(lambda x, y: (keras.applications.vgg16.preprocess_input(x), y))
+    model = backbone.build_backbone(backbone.resolve_weights("none"), SIZE)
+    features = model.predict(ds, verbose=0)
+    np.save(os.path.join(WORK, "naive_features.npy"), features)
+    seconds = time.perf_counter() - start
+    return ({"naive_keras_ips": len(features) / seconds},
+            {"naive_keras_images": len(features), "naive_keras_s": seconds})
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Head training: an epoch on the cache vs an epoch with the frozen base in the loop
+# --------------------------------------------------------------------------------------------
+
+class EpochTimer(keras.callbacks.Callback):
+    """Seconds of each epoch's training pass (epoch start -> validation start)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds, self._start, self._trained = [], None, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._trained = time.perf_counter(), None
+
+    def on_test_begin(self, logs=None):
+        if self._start is not None and self._trained is None:
+            self._trained = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append((self._trained or time.perf_counter()) - self._start)
+        self._start = None
+
+
+@contextmanager
+def timing_fit(timer):
+    """Add `timer` to the callbacks of every keras Model.fit inside the block, so the stage's own
+    fit is timed as it runs, with its own data pipeline and settings."""
+    original = keras.Model.fit
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        return original(self, *args, callbacks=[*(callbacks or []), timer], **kwargs)
+
+    keras.Model.fit = fit
+    try:
+        yield timer
+    finally:
+        keras.Model.fit = original
+
+
+def head_epochs(config):
+    with timing_fit(EpochTimer()) as timer:
+        train_head.run(config.replace(head="dense", epochs=HEAD_EPOCHS))
+    cache_epoch = statistics.median(timer.seconds[1:] or timer.seconds)  # 1st epoch: tracing
+    with cache.FeatureStore(config.features_dir) as store:
+        rows = store.rows("train")
+        paths = [os.path.join(config.data, p) for p in store.paths[rows]]
+        labels = store.labels[rows].astype(np.float32)[:, None]
+        shape, classes = store.features.shape[1:], len(store.class_names)
+
+    # The same head on top of the frozen base, trained on the images: every step pays decoding
+    # and the VGG16 forward pass. Timed on the first FROZEN_IMAGES train images (whole batches).
+    base = backbone.build_backbone(backbone.resolve_weights("none"), SIZE)
+    model = keras.Model(base.input, heads.build_dense_head(shape, classes)(base.output))
+    model.compile(optimizer=keras.optimizers.RMSprop(train_head.LEARNING_RATE),
+                  loss=heads.loss_for(classes), metrics=["accuracy"])
+    k = min(len(paths), FROZEN_IMAGES)
+    k -= k % BATCH if k >= BATCH else 0
+    model.fit(images.labelled_dataset(paths[:BATCH], labels[:BATCH], SIZE, BATCH), verbose=0)
+    _, seconds = timed(model.fit, images.labelled_dataset(paths[:k], labels[:k], SIZE, BATCH,
+                                                          shuffle_seed=0), verbose=0)
+    frozen_epoch = seconds / k * len(paths)
+    return ({"head_epoch_s_cache": cache_epoch, "head_epoch_s_frozen_base": frozen_epoch},
+            {"head_train_rows": len(paths), "head_epoch_s_cache_all": timer.seconds,
+             "frozen_base_timed_images": k, "frozen_base_timed_s": seconds})
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Memory: peak RSS of the CLI stages, each in its own process
+# --------------------------------------------------------------------------------------------
+
+def extract_memory(full_dir):
+    gb = support.peak_rss_gb(["extract", "--data", full_dir, "--name", "memory", "--weights", "none",
+                      "--size", str(SIZE), "--batch", str(BATCH), "--features-root",
+                      os.path.join(WORK, "memory")], os.path.join(WORK, "extract_memory.log"), ROOT)
+    return {"extract_peak_rss_gb": gb}, {"extract_memory_images": N}
+
+
+def train_head_memory():
+    folder = os.path.join(WORK, "synthetic")
+    need = SYNTH_ROWS * 4 * int(np.prod(backbone.feature_shape(SIZE))) * 1.1 + 2e9
+    free = shutil.disk_usage(WORK).free
+    if free < need:
+        sys.exit(f"the synthetic cache needs {need / 1e9:.1f} GB on disk, {free / 1e9:.1f} GB "
+                 "are free: free some space or lower BENCH_SYNTH_ROWS")
+    try:
+        (_, seconds) = timed(support.write_synthetic_cache, folder, SYNTH_ROWS, SIZE)
+        gb = support.peak_rss_gb(["train-head", "--name", "synthetic", "--data", folder, "--epochs",
+                          str(SYNTH_EPOCHS), "--features-root", os.path.join(folder, "features"),
+                          "--models-root", os.path.join(folder, "models")],
+                         os.path.join(WORK, "train_head_memory.log"), ROOT)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # 3.3 GB at 100,000 rows
+    return ({"train_head_peak_rss_gb_100k": gb},
+            {"synthetic_rows": SYNTH_ROWS, "synthetic_write_s": seconds})
+
+
+# --------------------------------------------------------------------------------------------
+
+def print_table(results):
+    print(f"\n{'figure':<44} {'value':>10}  {'target':<9} result")
+    for key, what, target, passes in TARGETS:
+        if key not in results:
+            continue
+        value = results[key]
+        shown = f"{value:.1%}" if key.endswith("_frac") else f"{value:.3g}"
+        verdict = "" if passes is None else ("pass" if passes(value) else "FAIL")
+        if key == "train_head_peak_rss_gb_100k" and passes is None:
+            verdict = "(target is for 100,000 rows)"
+        print(f"{what:<44} {shown:>10}  {target:<9} {verdict}")
+    m = results["machine"]
+    print(f"\n{m['cpu']}, {m['cpu_count']} cores, {m['ram_gb']:.0f} GB RAM, GPU: "
+          f"{', '.join(m['gpus']) or 'none'}; BENCH_N={N}, SIZE={SIZE}, BATCH={BATCH}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""What bench.py records beside its timings: the machine, the library versions, and a synthetic
+feature cache of any size for the train-head memory figure."""
+import hashlib
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import backbone, cache, extract, images
+from pipeline.config import Config
+
+CHUNK = 4096                       # rows per segment: at COMPACT_BELOW, so extract never merges them
+CLASSES = ["cats", "dogs"]
+
+
+def machine():
+    """CPU model, cores, RAM and GPUs of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpus = []
+    for device in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(device)
+        gpus.append(details.get("device_name", device.name))
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "ram_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, "gpus": gpus}
+
+
+def versions():
+    out = backbone.library_versions()
+    for package in ("h5py", "joblib"):  # read from the metadata: only cache.py imports h5py
+        out[package] = importlib.metadata.version(package)
+    out["python"] = platform.python_version()
+    return out
+
+
+def write_synthetic_cache(folder, rows, size, seed=0):
+    """folder/features/synthetic/: a cache exactly as extract writes it (segments + features.h5,
+    WEIGHTS=none identity), with `rows` feature maps drawn from two ReLU'd Gaussian clusters, one
+    per class, so a head has something to learn. Split 80/10/10 by row number."""
+    config = Config(data=folder, name="synthetic", weights="none", size=size,
+                    features_root=os.path.join(folder, "features"))
+    weights = backbone.resolve_weights("none")
+    identity = backbone.feature_identity(weights, size)
+    identity_id = backbone.identity_id(identity)
+    shape = backbone.feature_shape(size)
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((len(CLASSES), *shape), dtype=np.float32)
+    out = []
+    for first in range(0, rows, CHUNK):
+        index = np.arange(first, min(first + CHUNK, rows))
+        labels = index % len(CLASSES)
+        noise = rng.standard_normal((len(index), *shape), dtype=np.float32)
+        features = np.maximum(centres[labels] + 2 * noise, 0)
+        shas = [hashlib.sha256(f"synthetic-{i}".encode()).hexdigest() for i in index]
+        segment = cache.write_segment(config.features_dir, identity_id, shas, features)
+        out += [dict(path=f"{CLASSES[label]}/{i:06d}.jpg", label=int(label), sha256=sha,
+                     split="train" if i % 10 < 8 else "validation" if i % 10 == 8 else "test",
+                     size=0, mtime_ns=0, segment=segment, segment_row=row,
+                     segment_rows=len(index))
+                for row, (i, label, sha) in enumerate(zip(index, labels, shas))]
+    dataset = images.Dataset(root=folder, layout="folders", class_names=CLASSES, files=[],
+                             skipped=[])
+    attrs = extract._attributes(config, dataset, weights, identity, identity_id, out)
+    cache.write_master(config.features_dir, out, attrs, shape, {})
+    return config.features_dir
+
+
+# A child's ru_maxrss on Linux starts at its parent's RSS when it was forked (exec keeps the
+# forked copy's high-water mark), and this process holds TensorFlow and several models. So a
+# small launcher process starts the stage and reports the stage's own peak, as /usr/bin/time does.
+LAUNCHER = ("import os, subprocess, sys; child = subprocess.Popen(sys.argv[2:]); "
+            "_, status, usage = os.wait4(child.pid, 0); "
+            "open(sys.argv[1], 'w').write(f'{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}')")
+
+
+def peak_rss_gb(args, log, cwd):
+    """Run `python -m pipeline ARGS` and return its peak resident set size in GB (10^9 bytes)."""
+    report = log + ".rusage"
+    with open(log, "w") as out:
+        subprocess.run([sys.executable, "-c", LAUNCHER, report, sys.executable, "-m", "pipeline",
+                        *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, check=True)
+    with open(report) as f:
+        code, maxrss = (int(v) for v in f.read().split())
+    if code != 0:
+        sys.exit(f"`python -m pipeline {' '.join(args)}` failed: see {log}")
+    return maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9  # bytes on macOS, KiB on Linux
