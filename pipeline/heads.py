@@ -5,7 +5,7 @@ features) and stage three (composed with the backbone and fine-tuned), so both s
 """
 import keras
 import numpy as np
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -40,4 +40,29 @@ def class_probabilities(outputs):
 
 def build_logreg(C=1.0, seed=0):
     """StandardScaler + LogisticRegression on the flattened feature map."""
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000, random_state=seed))
+    return make_pipeline(StandardScaler(), logistic_regression(C, seed))
+
+
+def logistic_regression(C=1.0, seed=0):
+    """The in-memory classifier of the logreg baseline (lbfgs; keeps float32 features float32)."""
+    return LogisticRegression(C=C, max_iter=1000, random_state=seed)
+
+
+def sgd_logistic_regression(C, n_samples, seed=0):
+    """The same model fitted out of core, one block at a time with partial_fit. SGD minimises
+    mean(loss) + alpha/2 |w|^2 and LogisticRegression C * sum(loss) + 1/2 |w|^2: equal when
+    alpha = 1 / (C * n_samples), so one C grid serves both."""
+    return SGDClassifier(loss="log_loss", alpha=1.0 / (C * n_samples), random_state=seed)
+
+
+def fold_standardization(head, mean, scale):
+    """Make a dense head trained on standardised inputs, (x - mean) / scale, compute the same
+    function on raw feature maps x. The affine map is absorbed by the first Dense layer, which
+    sees the flattened input: W' = W / scale and b' = b - ((mean / scale) . W). The architecture
+    is unchanged, so the head still composes with the backbone as it is."""
+    dense = next(layer for layer in head.layers if isinstance(layer, keras.layers.Dense))
+    kernel, bias = (w.astype(np.float64) for w in dense.get_weights())
+    shift = np.asarray(mean, np.float64).reshape(-1) / scale
+    dense.set_weights([(kernel / scale).astype(np.float32),
+                       (bias - shift @ kernel).astype(np.float32)])
+    return head

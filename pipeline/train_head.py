@@ -1,0 +1,329 @@
+"""Stage two: classifier heads trained on the cached feature maps, in seconds instead of hours.
+
+    python -m pipeline train-head [--name NAME] [--head dense|logreg|both] [--epochs 30] [--seed 0]
+
+dense:  heads.build_dense_head trained with Keras `fit`, streaming features from the cache
+        -> models/<NAME>/head.keras, head_checkpoint.keras, head_log.csv, head_history.png
+logreg: StandardScaler + LogisticRegression, C chosen on the validation split
+        -> models/<NAME>/logreg.joblib
+both:   -> models/<NAME>/head_metrics.json (validation/test metrics and the cache identity)
+"""
+import itertools
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import joblib
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import accuracy_score, log_loss
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
+
+from . import artifacts, backbone, cache, heads, plots
+from .config import Config, UserError
+
+HEADS = ("dense", "logreg", "both")
+BLOCK_ROWS = 1024            # cached rows read at a time: 32 MB of 4x4x512 features
+LEARNING_RATE = 1e-4         # RMSprop, on standardised features: 1e-3 overshoots now and then
+STANDARDIZE = True           # False: train on raw feature maps, as the article does
+PATIENCE = 5                 # epochs without a lower val_loss before early stopping
+C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # logreg regularisation, chosen on the validation split
+LOGREG_MEMORY_MB = 256       # train features up to this size are fitted in memory, else SGD
+XLA_MIN_ROWS = 1000          # train the dense head with XLA from this many training rows
+SGD_EPOCHS = 5               # passes over the cache for the out-of-core logreg
+
+
+@dataclass
+class TrainHeadResult:
+    metrics: dict            # what head_metrics.json holds
+    paths: dict              # what -> file written in models/<NAME>/
+    seconds: float
+
+
+def run(config: Config) -> TrainHeadResult:
+    start = time.perf_counter()
+    if config.head not in HEADS:
+        raise UserError(f"HEAD={config.head!r} is not a head: use HEAD=dense, HEAD=logreg or "
+                        "HEAD=both")
+    if config.epochs < 1:
+        raise UserError(f"EPOCHS={config.epochs} trains nothing: use EPOCHS=1 or more")
+    keras.utils.set_random_seed(config.seed)  # python, numpy and the backend: weights, dropout
+    with cache.FeatureStore(config.features_dir) as store:
+        rows = {split: store.rows(split) for split in ("train", "validation", "test")}
+        _check_trainable(store, rows)
+        metrics_path = artifacts.path(config, artifacts.HEAD_METRICS)
+        metrics = {"identity": store.identity, "identity_id": backbone.identity_id(store.identity),
+                   "class_names": list(store.class_names), "config": config.to_dict(),
+                   "weights_notice": store.attrs.get("weights_notice", ""),
+                   "models": _kept_models(metrics_path, store, config.head)}
+        paths = {"metrics": metrics_path}
+        # logreg first: its in-memory features are freed before TensorFlow's runtime starts
+        if config.head in ("logreg", "both"):
+            metrics["models"]["logreg"], paths["logreg"] = train_logreg(config, store, rows)
+            artifacts.write_json(metrics_path, metrics)  # each model is recorded when it is done
+        if config.head in ("dense", "both"):
+            metrics["models"]["dense"], dense_paths = train_dense(config, store, rows)
+            paths.update(dense_paths)
+            artifacts.write_json(metrics_path, metrics)
+    result = TrainHeadResult(metrics, paths, time.perf_counter() - start)
+    _print_summary(config, result)
+    return result
+
+
+def _check_trainable(store, rows):
+    """Refuse a cache that cannot train a classifier, naming the fix."""
+    if len(rows["train"]) == 0:
+        raise UserError(f"{store.path} has no rows in the train split: add images (DATA/<class>/ "
+                        "or DATA/train/<class>/) and rerun `make extract`")
+    names = list(store.class_names)
+    if len(names) < 2:
+        raise UserError(f"{store.path} has only one class {names}: a classifier needs at least "
+                        "two, so add a folder of images per class and rerun `make extract`")
+    missing = [names[c] for c in range(len(names)) if not np.any(store.labels[rows["train"]] == c)]
+    if missing:
+        raise UserError(f"the train split of {store.path} has no images of class(es) {missing}: "
+                        "add images of every class and rerun `make extract`")
+    if len(rows["validation"]) == 0:
+        raise UserError(f"{store.path} has no rows in the validation split, which picks the best "
+                        "epoch and C: rerun `make extract` with SPLIT=80/10/10 (or add "
+                        "DATA/validation/<class>/ folders)")
+
+
+def _kept_models(metrics_path, store, head):
+    """HEAD=dense or HEAD=logreg keeps the other model's entry, if made on these same features."""
+    if head == "both" or not os.path.exists(metrics_path):
+        return {}
+    with open(metrics_path) as f:
+        old = json.load(f)
+    if old.get("identity") != store.identity or old.get("class_names") != list(store.class_names):
+        return {}
+    other = "logreg" if head == "dense" else "dense"
+    return {other: old["models"][other]} if other in old.get("models", {}) else {}
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming the cache
+# --------------------------------------------------------------------------------------------
+
+def blocks(store, rows, size=BLOCK_ROWS, rng=None):
+    """(row indices, features) for consecutive runs of `size` of `rows`. With a numpy Generator,
+    the blocks come in shuffled order and the rows are shuffled within each block. Only one
+    block is in memory at a time, so a cache larger than memory streams."""
+    starts = np.arange(0, len(rows), size)
+    for start in (rng.permutation(starts) if rng is not None else starts):
+        indices = rows[start:start + size]
+        if rng is not None:
+            indices = rng.permutation(indices)
+        yield indices, store.read(indices)
+
+
+def feature_dataset(store, rows, targets, batch, seed=None):
+    """A tf.data.Dataset of (features, target) batches over `rows`, read from the cache a block
+    at a time. With a seed, every epoch visits the rows in a new order, the same in every run."""
+    per_block = max(1, BLOCK_ROWS // batch) * batch  # whole batches per block: one short batch
+    epochs = itertools.count()                       # per epoch, at the very end at most
+
+    def generate():
+        rng = None if seed is None else np.random.default_rng([seed, next(epochs)])
+        for indices, features in blocks(store, rows, per_block, rng):
+            for i in range(0, len(indices), batch):
+                yield features[i:i + batch], targets[indices[i:i + batch]]
+
+    signature = (tf.TensorSpec((None, *store.features.shape[1:]), tf.float32),
+                 tf.TensorSpec((None, *targets.shape[1:]), tf.as_dtype(targets.dtype)))
+    ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(len(rows) / batch)))
+    return ds.prefetch(tf.data.AUTOTUNE)  # the next blocks are read while the model trains
+
+
+def feature_moments(store, rows):
+    """The mean feature map of `rows` and one global scale (the RMS deviation from that mean),
+    in one streamed pass with float64 sums."""
+    total, squares = 0.0, 0.0
+    for _, features in blocks(store, rows):
+        features = features.astype(np.float64)
+        total, squares = total + features.sum(axis=0), squares + (features ** 2).sum(axis=0)
+    mean = total / len(rows)
+    scale = float(np.sqrt(max(np.mean(squares / len(rows) - mean ** 2), 0.0)))
+    return mean.astype(np.float32), scale if scale > 0 else 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# The dense head
+# --------------------------------------------------------------------------------------------
+
+def train_dense(config, store, rows):
+    names, shape = list(store.class_names), store.features.shape[1:]
+    # sigmoid head: float targets of shape (n, 1); softmax head: integer class indices
+    targets = (store.labels.astype(np.float32)[:, None] if len(names) == 2
+               else store.labels.astype(np.int32))
+    train = feature_dataset(store, rows["train"], targets, config.batch, seed=config.seed)
+    validation = feature_dataset(store, rows["validation"], targets, config.batch)
+    paths = {"dense": artifacts.path(config, artifacts.HEAD),
+             "checkpoint": artifacts.path(config, artifacts.HEAD_CHECKPOINT),
+             "log": artifacts.path(config, artifacts.HEAD_LOG),
+             "plot": artifacts.path(config, artifacts.HEAD_HISTORY_PLOT)}
+    os.makedirs(config.models_dir, exist_ok=True)
+
+    # The head is trained behind a fixed standardisation, (x - mean feature map) / one scale,
+    # which is then folded into its first Dense layer: head.keras is exactly the article's head
+    # on raw feature maps. Without it, features that share a large common component (random
+    # weights especially) keep the head near chance for dozens of epochs.
+    mean, scale = feature_moments(store, rows["train"]) if STANDARDIZE else (np.zeros(shape), 1.0)
+    head = heads.build_dense_head(shape, len(names))
+    inputs = keras.Input(shape, name="features")
+    standardize = keras.layers.Normalization(axis=(1, 2, 3), mean=mean,
+                                             variance=np.full(shape, scale ** 2, np.float32))
+    # XLA fuses the update of the 2M weights into one pass: epochs about 2x faster on a CPU at
+    # BATCH=32, for a compilation of a few seconds that only a large training split repays
+    xla = len(rows["train"]) >= XLA_MIN_ROWS
+    trainer = _compiled(keras.Model(inputs, head(standardize(inputs)), name="standardized_head"),
+                        len(names), xla)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=PATIENCE,
+                                         restore_best_weights=True)
+    callbacks = [stop, keras.callbacks.ModelCheckpoint(paths["checkpoint"]),  # the wrapper: it
+                 keras.callbacks.CSVLogger(paths["log"])]                    # takes raw maps too
+    start = time.perf_counter()
+    history = trainer.fit(train, validation_data=validation, epochs=config.epochs,
+                          callbacks=callbacks, shuffle=False,  # the dataset shuffles
+                          verbose=1 if sys.stdout.isatty() else 2).history  # logs: a line an epoch
+    seconds = time.perf_counter() - start
+
+    heads.fold_standardization(head, mean, scale)  # into the best weights (EarlyStopping's)
+    head.save(paths["dense"] + ".tmp.keras")  # atomically; Keras insists on the extension
+    os.replace(paths["dense"] + ".tmp.keras", paths["dense"])
+
+    _compiled(head, len(names))  # after saving: no unused optimizer in the file
+    entry = {"validation": _evaluate_dense(head, validation)}
+    if len(rows["test"]):
+        test = feature_dataset(store, rows["test"], targets, config.batch)
+        entry["test"] = _evaluate_dense(head, test)
+    entry.update(epochs=len(history["loss"]), best_epoch=int(stop.best_epoch) + 1,  # 1-based
+                 seconds=seconds, history={k: [float(v) for v in history[k]] for k in
+                                           ("accuracy", "val_accuracy", "loss", "val_loss")})
+    notice = store.attrs.get("weights_notice", "")
+    plots.plot_history([("head", entry["history"])], paths["plot"],
+                       f"{config.dataset_name}: dense head on cached features"
+                       + (f" ({notice})" if notice else ""))
+    return entry, paths
+
+
+def _compiled(model, num_classes, xla=False):
+    model.compile(optimizer=keras.optimizers.RMSprop(LEARNING_RATE),
+                  loss=heads.loss_for(num_classes), metrics=["accuracy"], jit_compile=xla)
+    return model
+
+
+def _evaluate_dense(model, dataset):
+    scores = model.evaluate(dataset, verbose=0, return_dict=True)
+    return {"accuracy": float(scores["accuracy"]), "loss": float(scores["loss"])}
+
+
+# --------------------------------------------------------------------------------------------
+# The logistic-regression baseline
+# --------------------------------------------------------------------------------------------
+
+def train_logreg(config, store, rows):
+    """Fit one candidate per C on train, keep the one with the lowest validation loss. In memory
+    when the training features fit LOGREG_MEMORY_MB (config.extras["logreg_memory_mb"]), else
+    out of core: SGD with log loss on streamed blocks, the same model fitted approximately."""
+    budget = config.extras.get("logreg_memory_mb", LOGREG_MEMORY_MB) * 2**20
+    row_bytes = 4 * int(np.prod(store.features.shape[1:]))
+    in_memory = len(rows["train"]) * row_bytes <= budget
+    start = time.perf_counter()
+    fit = _fit_in_memory if in_memory else _fit_out_of_core
+    candidates = fit(store, rows["train"], len(store.class_names), config.seed)
+    scores = _evaluate_pipelines(store, rows["validation"], candidates)
+    best = min(range(len(C_GRID)), key=lambda i: (scores[i]["loss"], -scores[i]["accuracy"]))
+    model = candidates[best]
+    seconds = time.perf_counter() - start
+
+    entry = {"validation": scores[best]}
+    if len(rows["test"]):
+        entry["test"] = _evaluate_pipelines(store, rows["test"], [model])[0]
+    entry.update(C=C_GRID[best], seconds=seconds, solver="lbfgs" if in_memory else "sgd",
+                 validation_by_C={str(c): s for c, s in zip(C_GRID, scores)})
+    path = artifacts.path(config, artifacts.LOGREG)
+    os.makedirs(config.models_dir, exist_ok=True)
+    bundle = {"model": model, "class_names": list(store.class_names), "identity": store.identity,
+              "config": config.to_dict()}
+    joblib.dump(bundle, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return entry, path
+
+
+def _fit_in_memory(store, train_rows, num_classes, seed):
+    # The training features are held once, standardised in place; the scaler's statistics are
+    # gathered block by block, as its fit on the whole array would make a float64 copy of it.
+    x = np.empty((len(train_rows), int(np.prod(store.features.shape[1:]))), np.float32)
+    scaler, start = StandardScaler(), 0
+    for _, features in blocks(store, train_rows):
+        x[start:start + len(features)] = features.reshape(len(features), -1)
+        scaler.partial_fit(x[start:start + len(features)])
+        start += len(features)
+    for start in range(0, len(x), BLOCK_ROWS):
+        x[start:start + BLOCK_ROWS] = scaler.transform(x[start:start + BLOCK_ROWS])
+    y = store.labels[train_rows]
+    candidates = []
+    for C in tqdm(C_GRID, desc="logreg (one fit per C)", leave=False):
+        with warnings.catch_warnings():  # a weakly regularised fit may stop at max_iter: fine
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            candidates.append(make_pipeline(scaler, heads.logistic_regression(C, seed).fit(x, y)))
+    return candidates
+
+
+def _fit_out_of_core(store, train_rows, num_classes, seed):
+    scaler = StandardScaler()
+    for _, features in blocks(store, train_rows):
+        scaler.partial_fit(features.reshape(len(features), -1))
+    models = [heads.sgd_logistic_regression(C, len(train_rows), seed) for C in C_GRID]
+    classes = np.arange(num_classes)
+    progress = tqdm(total=SGD_EPOCHS * len(train_rows), desc="logreg (SGD, out of core)",
+                    unit="row", leave=False)
+    for epoch in range(SGD_EPOCHS):  # every candidate sees each block, so one read serves all
+        shuffled = np.random.default_rng([seed, epoch])
+        for indices, features in blocks(store, train_rows, rng=shuffled):
+            x = scaler.transform(features.reshape(len(features), -1), copy=False)
+            for model in models:
+                model.partial_fit(x, store.labels[indices], classes=classes)
+            progress.update(len(indices))
+    progress.close()
+    return [make_pipeline(scaler, model) for model in models]
+
+
+def _evaluate_pipelines(store, rows, pipelines):
+    """Accuracy and log loss of each fitted pipeline on `rows`, streaming the features once."""
+    probabilities = [[] for _ in pipelines]
+    for _, features in blocks(store, rows):
+        x = features.reshape(len(features), -1)
+        for out, pipeline in zip(probabilities, pipelines):
+            out.append(pipeline.predict_proba(x))
+    y = store.labels[rows]
+    labels = np.arange(len(store.class_names))
+    scores = []
+    for out in probabilities:
+        p = np.concatenate(out)
+        scores.append({"accuracy": float(accuracy_score(y, p.argmax(axis=1))),
+                       "loss": float(log_loss(y, p, labels=labels))})
+    return scores
+
+
+def _print_summary(config, result):
+    parts = []
+    for name, entry in result.metrics["models"].items():
+        if config.head in (name, "both"):
+            detail = (f"best epoch {entry['best_epoch']} of {entry['epochs']}" if name == "dense"
+                      else f"C={entry['C']:g}, {entry['solver']}")
+            parts.append(f"{name} val acc {entry['validation']['accuracy']:.3f} ({detail}, "
+                         f"{entry['seconds']:.1f} s)")
+    print(f"train-head {config.dataset_name}: {'; '.join(parts)} -> {result.paths['metrics']}")
+    if result.metrics["weights_notice"]:
+        print(f"!!! {result.metrics['weights_notice']}")

@@ -1,0 +1,258 @@
+"""Stage two: heads trained on the cached features stream them, reproduce, beat chance, and
+predict exactly what the frozen base plus the head predicts on the images themselves."""
+import json
+import os
+import re
+
+import joblib
+import keras
+import numpy as np
+import pytest
+
+from conftest import make_image_folder
+from pipeline import __main__ as cli
+from pipeline import (artifacts, backbone, cache, demo_data, extract, heads, images, plots,
+                      train_head)
+from pipeline.cache import FeatureStore
+from pipeline.config import Config
+
+IDENTITY = {"backbone": "synthetic", "weights": "synthetic", "image_size": 32, "preprocess": "none"}
+
+
+def synthetic_cache(features_dir, labels, splits, shape=(1, 2, 4), class_names=("a", "b"),
+                    identity=IDENTITY, seed=0):
+    """features.h5 written through cache.py: Gaussian features whose first channel is shifted
+    by the class, so a linear model separates the classes well."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(len(labels), *shape)).astype(np.float32)
+    features[..., 0] += 3.0 * labels.reshape(-1, *[1] * (len(shape) - 1))
+    shas = [f"{seed:08x}{i:056x}" for i in range(len(labels))]
+    segment = cache.write_segment(features_dir, "synthetic", shas, features)
+    rows = [dict(path=f"{class_names[label]}/{i:05d}.jpg", label=int(label), sha256=sha,
+                 split=split, size=1, mtime_ns=0, segment=segment, segment_row=i,
+                 segment_rows=len(labels))
+            for i, (label, split, sha) in enumerate(zip(labels, splits, shas))]
+    attrs = {"class_names": list(class_names), "identity": identity, "identity_id": "synthetic"}
+    cache.write_master(features_dir, rows, attrs, shape, {})
+    return features
+
+
+def balanced(n, splits=("train",) * 6 + ("validation",) * 2 + ("test",) * 2):
+    """n rows, classes alternating, splits cycling 60/20/20."""
+    return [i % 2 for i in range(n)], [splits[(i // 2) % len(splits)] for i in range(n)]
+
+
+@pytest.fixture
+def synthetic_config(tmp_path):
+    """A Config whose NAME points at a synthetic cache of 200 rows (120 train)."""
+    config = Config(name="synthetic", size=32, batch=16, epochs=3,
+                    features_root=str(tmp_path / "features"), models_root=str(tmp_path / "models"))
+    synthetic_cache(config.features_dir, *balanced(200))
+    return config
+
+
+@pytest.fixture(scope="module")
+def demo_config(tmp_path_factory):
+    """The demo data, 100 images per class at 64 pixels, extracted once with WEIGHTS=none."""
+    root = tmp_path_factory.mktemp("demo")
+    demo_data.generate(str(root / "data"), per_class=100, pixels=64)
+    config = Config(data=str(root / "data"), weights="none", size=64, split="70/30/0",
+                    features_root=str(root / "features"), models_root=str(root / "models"))
+    extract.run(config)
+    return config
+
+
+def without_timings(metrics):
+    return {name: {k: v for k, v in entry.items() if k != "seconds"}
+            for name, entry in metrics["models"].items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The head on cached features is the head on the images
+# --------------------------------------------------------------------------------------------
+
+def test_head_on_cached_features_equals_frozen_base_plus_head_on_images(tmp_path, make_config):
+    config = make_config(make_image_folder(tmp_path / "data", per_class=8), split="50/50/0",
+                         head="dense", epochs=2)
+    extract.run(config)
+    train_head.run(config)
+    head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD))
+    base = backbone.build_backbone(backbone.resolve_weights("none"), config.size)
+    inputs = keras.Input((config.size, config.size, 3))
+    composed = keras.Model(inputs, head(base(inputs)))
+
+    with FeatureStore(config.features_dir) as store:
+        rows = np.arange(len(store))
+        on_features = head.predict(store.read(rows), verbose=0)
+        pictures = np.stack([images.load_image(os.path.join(config.data, store.paths[r]),
+                                               config.size) for r in rows])
+    on_images = composed.predict(pictures, verbose=0)
+    assert on_features.shape == (len(rows), 1)
+    np.testing.assert_allclose(on_images, on_features, atol=1e-4)
+    assert np.ptp(on_features) > 1e-3  # a constant output would pass trivially
+
+
+@pytest.mark.parametrize("num_classes, xla", [(2, False), (3, False), (2, True)])
+def test_saved_head_is_the_best_epoch_on_raw_features(tmp_path, monkeypatch, num_classes, xla):
+    """The standardisation used in training is folded into head.keras exactly: the saved head,
+    on raw features, scores what the best epoch scored on validation (with XLA as without)."""
+    monkeypatch.setattr(train_head, "XLA_MIN_ROWS", 0 if xla else 10**9)
+    config = Config(name="synthetic", head="dense", epochs=6, batch=16,
+                    features_root=str(tmp_path / "features"), models_root=str(tmp_path / "models"))
+    _, splits = balanced(200)
+    synthetic_cache(config.features_dir, [i % num_classes for i in range(200)], splits,
+                    class_names=("a", "b", "c")[:num_classes])
+    result = train_head.run(config)
+    dense = result.metrics["models"]["dense"]
+    best = dense["best_epoch"] - 1
+    history = dense["history"]
+    assert dense["validation"]["loss"] == pytest.approx(history["val_loss"][best], abs=1e-5)
+    assert dense["validation"]["accuracy"] == pytest.approx(history["val_accuracy"][best])
+    head = keras.saving.load_model(result.paths["dense"])
+    assert [type(layer).__name__ for layer in head.layers] == \
+        [type(layer).__name__ for layer in heads.build_dense_head((1, 2, 4), num_classes).layers]
+    assert head.output_shape == (None, 1 if num_classes == 2 else num_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Learning and reproducibility on the demo data
+# --------------------------------------------------------------------------------------------
+
+def test_both_heads_beat_chance_on_demo_data(demo_config, tmp_path):
+    result = train_head.run(demo_config.replace(models_root=str(tmp_path)))
+    models = result.metrics["models"]
+    assert models["dense"]["validation"]["accuracy"] > 0.65
+    assert models["logreg"]["validation"]["accuracy"] > 0.65
+    assert "test" not in models["dense"]  # SPLIT=70/30/0: no test rows, no test entry
+    for name in artifacts.HEAD, artifacts.HEAD_CHECKPOINT, artifacts.HEAD_LOG, artifacts.LOGREG, \
+            artifacts.HEAD_HISTORY_PLOT:
+        assert os.path.getsize(os.path.join(tmp_path, "data", name)) > 0
+
+
+def test_same_seed_same_metrics(demo_config, tmp_path):
+    runs = [train_head.run(demo_config.replace(models_root=str(tmp_path / f"run{i}"), seed=seed,
+                                               epochs=8))
+            for i, seed in enumerate((0, 0, 1))]
+    assert without_timings(runs[0].metrics) == without_timings(runs[1].metrics)
+    histories = [run.metrics["models"]["dense"]["history"] for run in runs]
+    assert histories[0] != histories[2]  # the seed is used
+
+
+# --------------------------------------------------------------------------------------------
+# Files and contract
+# --------------------------------------------------------------------------------------------
+
+def test_metrics_and_logreg_bundle_carry_the_cache_identity(synthetic_config):
+    result = train_head.run(synthetic_config)
+    with open(artifacts.path(synthetic_config, artifacts.HEAD_METRICS)) as f:
+        metrics = json.load(f)
+    assert metrics["identity"] == IDENTITY and metrics["class_names"] == ["a", "b"]
+    assert metrics["identity_id"] == backbone.identity_id(IDENTITY)
+    assert metrics["config"] == json.loads(synthetic_config.to_json())
+    for name in ("dense", "logreg"):
+        assert set(metrics["models"][name]["validation"]) == {"accuracy", "loss"}
+        assert set(metrics["models"][name]["test"]) == {"accuracy", "loss"}
+    dense = metrics["models"]["dense"]
+    assert dense["epochs"] == len(dense["history"]["loss"]) and 1 <= dense["best_epoch"] <= 3
+    bundle = joblib.load(result.paths["logreg"])
+    assert bundle["identity"] == IDENTITY and bundle["class_names"] == ["a", "b"]
+    assert bundle["config"] == synthetic_config.to_dict()
+    assert bundle["model"].predict_proba(np.zeros((3, 8), np.float32)).shape == (3, 2)
+
+
+def test_one_head_keeps_the_other_models_entry_only_on_the_same_identity(synthetic_config):
+    first = train_head.run(synthetic_config.replace(head="logreg"))
+    kept = train_head.run(synthetic_config.replace(head="dense"))
+    assert kept.metrics["models"]["logreg"] == first.metrics["models"]["logreg"]
+    again = train_head.run(synthetic_config.replace(head="logreg"))
+    assert again.metrics["models"]["dense"] == kept.metrics["models"]["dense"]
+
+    other = dict(IDENTITY, weights="other")
+    synthetic_cache(synthetic_config.features_dir, *balanced(200), identity=other)
+    fresh = train_head.run(synthetic_config.replace(head="dense"))
+    assert set(fresh.metrics["models"]) == {"dense"} and fresh.metrics["identity"] == other
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_logreg_out_of_core_when_the_features_do_not_fit(tmp_path, num_classes):
+    config = Config(name="big", head="logreg", extras={"logreg_memory_mb": 0},
+                    features_root=str(tmp_path / "features"), models_root=str(tmp_path / "models"))
+    labels, splits = balanced(300)
+    labels = [i % num_classes for i in range(300)]
+    synthetic_cache(config.features_dir, labels, splits,
+                    class_names=("a", "b", "c")[:num_classes])
+    logreg = train_head.run(config).metrics["models"]["logreg"]
+    assert logreg["solver"] == "sgd"
+    assert logreg["validation"]["accuracy"] > 0.8 and logreg["test"]["accuracy"] > 0.8
+    assert logreg["C"] in train_head.C_GRID
+
+
+def test_streaming_visits_every_row_once_per_epoch_in_a_seeded_order(synthetic_config,
+                                                                     monkeypatch):
+    monkeypatch.setattr(train_head, "BLOCK_ROWS", 16)  # many blocks from 200 rows
+    with FeatureStore(synthetic_config.features_dir) as store:
+        rows = store.rows("train")
+        targets = np.arange(len(store))  # a row's target is its index: shows the order
+        def epochs(seed, n=2):
+            ds = train_head.feature_dataset(store, rows, targets, batch=5, seed=seed)
+            return [[(x, y) for x, y in ds.as_numpy_iterator()] for _ in range(n)]
+        first, again = epochs(seed=3), epochs(seed=3)
+        features = store.read(np.arange(len(store)))
+    orders = [np.concatenate([y for _, y in epoch]) for epoch in first]
+    for order in orders:
+        assert sorted(order) == list(rows)  # each training row once
+    assert list(orders[0]) != list(orders[1]) != list(rows)  # reshuffled every epoch
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(first[0], again[0]))  # seeded
+    for x, y in first[0]:
+        np.testing.assert_array_equal(x, features[y])  # each row with its own features
+    assert max(len(y) for _, y in first[0]) == 5
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: one line, non-zero exit, the fix named
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"no feature cache at .*run `make extract"),
+    ("no-train", r"no rows in the train split.*rerun `make extract`"),
+    ("one-class", r"has only one class \['a'\].*rerun `make extract`"),
+    ("train-lacks-a-class", r"no images of class\(es\) \['b'\].*rerun `make extract`"),
+])
+def test_errors_exit_non_zero_with_one_line(tmp_path, capsys, case, message):
+    features = tmp_path / "features" / "bad"
+    if case == "no-train":
+        synthetic_cache(str(features), *balanced(20, splits=("validation", "test")))
+    if case == "one-class":
+        synthetic_cache(str(features), [0] * 20, balanced(20)[1], class_names=("a",))
+    if case == "train-lacks-a-class":
+        labels, splits = balanced(20)
+        synthetic_cache(str(features), [int(s != "train") for s in splits], splits)
+    code = cli.main(["train-head", "--name", "bad", "--features-root", str(tmp_path / "features"),
+                     "--models-root", str(tmp_path / "models")])
+    err = capsys.readouterr().err
+    assert code != 0 and len(err.strip().splitlines()) == 1
+    assert re.search(message, err)
+    assert not os.path.exists(tmp_path / "models" / "bad" / artifacts.HEAD_METRICS)
+
+
+# --------------------------------------------------------------------------------------------
+# The plot
+# --------------------------------------------------------------------------------------------
+
+def test_plot_history_continues_each_segment_where_the_last_one_ended(tmp_path):
+    head = {"accuracy": [0.6, 0.7, 0.8], "val_accuracy": [0.5, 0.6, 0.7],
+            "loss": [0.9, 0.6, 0.5], "val_loss": [1.0, 0.8, 0.7]}
+    tune = {"accuracy": [0.85, 0.9], "val_accuracy": [0.75, 0.8],
+            "loss": [0.4, 0.3], "val_loss": [0.6, 0.5]}
+    path = str(tmp_path / "history.png")
+    fig = plots.plot_history([("head", head), ("fine-tune", tune)], path, title="t")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    accuracy, loss = fig.axes[:2]
+    lines = {line.get_label(): line for line in accuracy.get_lines()}
+    assert list(lines["head training"].get_xdata()) == [1, 2, 3]
+    assert list(lines["fine-tune validation"].get_xdata()) == [4, 5]
+    assert lines["head training"].get_linestyle() == "-"
+    assert lines["head validation"].get_linestyle() == "--"
+    assert list(loss.get_lines()[0].get_ydata()) == head["loss"]
