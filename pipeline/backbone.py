@@ -146,6 +146,12 @@ def build_backbone(weights, size=None, precision="float32"):
     return base
 
 
+def build_backbone_of(identity, weights):
+    """The backbone that made a cache's features (its size and precision), to compose with a head
+    or to compute features of new images that the cache's heads will read."""
+    return build_backbone(weights, identity["image_size"], identity.get("precision", "float32"))
+
+
 def _random_init(model, seed=0):
     """Deterministic Glorot-uniform weights, so WEIGHTS=none gives the same features every run
     (and its cache identity is honest) whatever Keras's own initialisers do."""

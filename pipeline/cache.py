@@ -231,6 +231,13 @@ class FeatureStore:
     def __len__(self):
         return len(self.labels)
 
+    def image_root(self, data):
+        """Where the cached paths live: DATA when it holds any of them, else the folder extract
+        read (recorded in the cache), so stages work with or without DATA=..."""
+        if data and any(os.path.exists(os.path.join(data, p)) for p in self.paths[:100]):
+            return os.path.abspath(data)
+        return self.attrs.get("data_root", data)
+
     def rows(self, split):
         """Indices of the rows in one split, in feature order."""
         return np.flatnonzero(self.splits == split)

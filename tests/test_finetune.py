@@ -1,0 +1,264 @@
+"""Stage three: fine-tuning starts exactly from the head, trains only what UNFREEZE says, resumes
+after a kill, and refuses inputs that do not belong together."""
+import csv
+import json
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import make_image_folder
+from pipeline import __main__ as cli
+from pipeline import artifacts, backbone, demo_data, extract, finetune, images, train_head
+from pipeline.cache import FeatureStore
+from pipeline.config import Config, UserError
+
+SETTINGS = dict(split="50/25/25", epochs=2)  # 12 images: about 6 train, 3 validation, 3 test
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A dataset with its cache and trained head, made once; each test works on a copy."""
+    root = tmp_path_factory.mktemp("prepared")
+    data = make_image_folder(root / "data", per_class=6)
+    config = Config(data=data, weights="none", size=32, batch=4,
+                             features_root=str(root / "features"),
+                             models_root=str(root / "models"), **SETTINGS)
+    extract.run(config)
+    train_head.run(config)
+    return root
+
+
+@pytest.fixture
+def ready(prepared, tmp_path, make_config):
+    """make_config(**changes) for a private copy of `prepared`: cache and head in place."""
+    for folder in ("data", "features", "models"):
+        shutil.copytree(prepared / folder, tmp_path / folder)  # copy2: mtimes are kept
+    return lambda **changes: make_config(tmp_path / "data", **{**SETTINGS, **changes})
+
+
+def weights_by_layer(model):
+    return {layer.name: [np.array(w) for w in layer.get_weights()]
+            for layer in model.layers if layer.weights}
+
+
+def changed(before, after):
+    return any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def read_log(config):
+    with open(artifacts.path(config, artifacts.FINETUNE_LOG)) as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+class Recorder(keras.callbacks.Callback):
+    """Remembers which epochs ran and the weights the model started from."""
+    def on_train_begin(self, logs=None):
+        self.epochs, self.start_weights = [], self.model.get_weights()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAfter(keras.callbacks.Callback):
+    """Dies at the end of epoch `epoch` (0-based), after the checkpoint callback has run."""
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            self.weights = self.model.get_weights()
+            raise Killed
+
+
+def test_one_epoch_on_the_demo_data_through_the_cli(tmp_path, make_config, capsys):
+    data = str(tmp_path / "demo")
+    demo_data.generate(data, per_class=12)
+    config = make_config(data, name="demo", split="60/20/20")
+    extract.run(config)
+    train_head.run(config)
+    args = ["--data", data, "--name", "demo", "--weights", "none", "--size", "32", "--batch", "8",
+            "--finetune-epochs", "1", "--features-root", config.features_root,
+            "--models-root", config.models_root]
+    assert cli.main(["finetune", *args]) == 0
+
+    with open(artifacts.path(config, artifacts.FINETUNE_METRICS)) as f:
+        metrics = json.load(f)
+    with FeatureStore(config.features_dir) as store:
+        assert metrics["identity"] == store.identity
+        rows = store.rows("test")
+        paths = [os.path.join(data, p) for p in store.paths[rows]]
+    assert metrics["weights"] == backbone.RANDOM_FINGERPRINT
+    assert metrics["class_names"] == list(demo_data.CLASSES)
+    assert (metrics["epochs"], metrics["best_epoch"], metrics["resumed_from_epoch"]) == (1, 1, 0)
+    assert 0 <= metrics["validation"]["accuracy"] <= 1 and metrics["test"]["loss"] > 0
+    assert metrics["trainable_layers"] == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    assert sorted(metrics["history"]) == ["accuracy", "loss", "val_accuracy", "val_loss"]
+    assert read_log(config) == [0]
+    assert os.path.getsize(artifacts.path(config, artifacts.FINETUNE_HISTORY_PLOT)) > 1000
+
+    model = keras.saving.load_model(artifacts.path(config, artifacts.FINETUNED), compile=False)
+    probabilities = model.predict(np.stack([images.load_image(p, 32) for p in paths]), verbose=0)
+    assert probabilities.shape == (len(paths), 1)
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+
+
+def test_at_step_zero_the_composed_model_equals_the_head_on_cached_features(ready):
+    config = ready()
+    with FeatureStore(config.features_dir) as store:
+        rows = np.arange(len(store))
+        features, labels = store.read(rows), store.labels[rows]
+        paths = [os.path.join(config.data, p) for p in store.paths[rows]]
+        weights, identity = backbone.weights_of_cache("", store.attrs), store.identity
+    head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD), compile=False)
+    model, _ = finetune.compose(weights, head, identity)
+    batches = images.labelled_dataset(paths, labels, 32, batch_size=5)
+
+    composed, cached = finetune.check_composition(model, head, batches, features)
+    np.testing.assert_allclose(composed, cached, atol=1e-6)
+    assert composed.shape == (12, 1) and np.ptp(composed) > 1e-4  # the images really differ
+    with pytest.raises(UserError, match="cache is stale.*make extract"):
+        finetune.check_composition(model, head, batches, features[::-1])
+
+
+def test_only_block5_and_the_head_change(ready):
+    config = ready()
+    result = finetune.run(config)
+    assert result.trainable_layers == ["block5_conv1", "block5_conv2", "block5_conv3"]
+
+    tuned = keras.saving.load_model(result.model_path, compile=False)
+    base_before = weights_by_layer(backbone.build_backbone(backbone.resolve_weights("none"), 32))
+    base_after = weights_by_layer(tuned.get_layer("vgg16"))
+    assert base_before.keys() == base_after.keys() and len(base_after) == 13
+    for name in base_before:
+        moved = changed(base_before[name], base_after[name])
+        assert moved == name.startswith("block5"), name
+    head_before = weights_by_layer(keras.saving.load_model(artifacts.path(config, artifacts.HEAD)))
+    head_after = weights_by_layer(tuned.get_layer("head"))
+    assert head_before.keys() == head_after.keys()
+    assert all(changed(head_before[name], head_after[name]) for name in head_before)
+
+
+@pytest.mark.parametrize("unfreeze, trainable", [
+    ("block5", ["block5_conv1", "block5_conv2", "block5_conv3"]),
+    ("block4", ["block4_conv1", "block4_conv2", "block4_conv3",
+                "block5_conv1", "block5_conv2", "block5_conv3"]),
+    ("2", ["block5_conv2", "block5_conv3"]),
+    ("0", []),
+])
+def test_unfreeze_by_block_name_or_conv_count(unfreeze, trainable):
+    base = backbone.build_backbone(backbone.resolve_weights("none"), 32)
+    assert finetune.set_trainable(base, unfreeze) == trainable
+    assert [w.path.split("/")[0] for w in base.trainable_weights] == \
+        [name for name in trainable for _ in ("kernel", "bias")]
+
+
+@pytest.mark.parametrize("unfreeze", ["block6", "14", "top", "-1"])
+def test_a_bad_unfreeze_is_refused(unfreeze):
+    base = backbone.build_backbone(backbone.resolve_weights("none"), 32)
+    with pytest.raises(UserError, match="UNFREEZE=.*block5"):
+        finetune.set_trainable(base, unfreeze)
+
+
+def test_a_killed_run_continues_at_the_next_epoch(ready):
+    config = ready(finetune_epochs=3)
+    kill = KillAfter(epoch=0)  # killed after epoch 1 of 3
+    with pytest.raises(Killed):
+        finetune.run(config.replace(extras={"callbacks": [kill]}))
+    assert read_log(config) == [0]
+
+    recorder = Recorder()
+    result = finetune.run(config.replace(extras={"callbacks": [recorder]}))
+    assert recorder.epochs == [1, 2]  # epoch 2 of 3 onwards, from the checkpoint's weights
+    assert all(np.array_equal(a, b) for a, b in zip(kill.weights, recorder.start_weights))
+    assert (result.resumed_from_epoch, result.epochs) == (1, 3)
+    assert read_log(config) == [0, 1, 2]
+    with open(result.metrics_path) as f:
+        history = json.load(f)["history"]
+    assert len(history["val_loss"]) == 3  # EarlyStopping's memory of epoch 1 survived the kill:
+    assert result.best_epoch == int(np.argmin(history["val_loss"])) + 1
+
+    again = Recorder()  # a finished run has nothing left to train ...
+    assert finetune.run(config.replace(extras={"callbacks": [again]})).epochs == 3
+    assert again.epochs == []
+    with pytest.raises(UserError, match="UNFREEZE=block5 .*FRESH=1"):  # ... and keeps its settings
+        finetune.run(config.replace(unfreeze="block4"))
+
+    config = config.replace(finetune_epochs=1)
+    fresh = Recorder()
+    result = finetune.run(config.replace(fresh=True, extras={"callbacks": [fresh]}))
+    assert (fresh.epochs, result.resumed_from_epoch, read_log(config)) == ([0], 0, [0])
+
+    train_head.run(config.replace(seed=1))  # a new head makes the checkpoint obsolete
+    restart = Recorder()
+    result = finetune.run(config.replace(extras={"callbacks": [restart]}))
+    assert (restart.epochs, result.resumed_from_epoch) == ([0], 0)
+
+
+def test_early_stopping_remembers_its_best_epoch_across_a_restart():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    best = [np.full_like(w, 7.0) for w in model.get_weights()]
+    early = finetune.ResumableEarlyStopping({"early": {"wait": 1, "best": 0.5, "best_epoch": 0}},
+                                            patience=3, restore_best_weights=True)
+    early.resume_weights = best
+    early.set_model(model)
+    early.on_train_begin()
+    for epoch, val_loss in ((1, 0.9), (2, 0.8)):  # no better than epoch 0's 0.5
+        early.on_epoch_end(epoch, {"val_loss": val_loss})
+    assert model.stop_training and early.memory() == {"wait": 3, "best": 0.5, "best_epoch": 0}
+    early.on_train_end()
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), best))
+
+
+def test_no_cache_and_no_head_are_refused(tmp_path, make_config):
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    config = make_config(data, **SETTINGS)
+    with pytest.raises(UserError, match="no feature cache.*make extract"):
+        finetune.run(config)
+    extract.run(config)
+    with pytest.raises(UserError, match="no head has been trained: run `make train-head`"):
+        finetune.run(config)
+
+
+def test_the_cli_prints_one_line_and_exits_non_zero(tmp_path, capsys):
+    assert cli.main(["finetune", "--data", str(tmp_path / "data"),
+                     "--features-root", str(tmp_path / "features")]) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "make extract" in message
+
+
+@pytest.mark.parametrize("change, message", [
+    ("delete", "no longer matches the cache: .* is gone; pass the DATA.*make extract"),
+    ("replace", "no longer matches the cache: .* changed since `make extract`"),
+])
+def test_data_that_no_longer_matches_the_cache_is_refused(ready, change, message):
+    config = ready()
+    with FeatureStore(config.features_dir) as store:
+        first, second = (os.path.join(config.data, p) for p in store.paths[:2])
+    if change == "delete":
+        os.remove(first)
+    else:
+        shutil.copyfile(second, first)  # another image under the same name
+    with pytest.raises(UserError, match=message):
+        finetune.run(config)
+
+
+def test_other_weights_or_a_head_of_another_identity_are_refused(ready, tiny_weights_file):
+    config = ready()
+    with pytest.raises(UserError, match="not the weights the cache was built with"):
+        finetune.run(config.replace(weights=tiny_weights_file))
+
+    metrics_path = artifacts.path(config, artifacts.HEAD_METRICS)
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    metrics["identity"]["image_size"] = 64
+    artifacts.write_json(metrics_path, metrics)
+    with pytest.raises(UserError, match="head.keras was trained on .*image_size.*make train-head"):
+        finetune.run(config)
