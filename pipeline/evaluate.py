@@ -1,0 +1,174 @@
+"""Stage four: every trained model (logreg, dense head, fine-tuned) on the held-out images.
+
+    python -m pipeline evaluate [--name NAME]
+
+The test split is used, or validation where the cache has no test rows. The feature-based models
+read the cached features of those rows; the fine-tuned model reads the images themselves through
+images.labelled_dataset (no augmentation). Writes models/<NAME>/evaluation.json and one
+confusion-matrix PNG per model.
+"""
+import os
+import time
+from dataclasses import dataclass
+
+import joblib
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn import metrics
+
+from . import artifacts, cache, heads, images, plots
+from .config import Config, UserError
+
+MODELS = ("logreg", "head", "finetuned")  # the order of every table
+TITLES = {"logreg": "logistic regression", "head": "dense head", "finetuned": "fine-tuned"}
+CONFUSION_PLOT = "confusion_{model}.png"
+MAX_MISCLASSIFIED = 100     # kept per model in evaluation.json (most confident mistakes first)
+FEATURE_BLOCK = 1024        # cached feature rows read and scored at a time
+
+
+@dataclass
+class EvaluateResult:
+    path: str              # models/<NAME>/evaluation.json
+    split: str             # "test", or "validation" when there is no test split
+    accuracy: dict         # model -> accuracy on that split
+
+
+def run(config: Config) -> EvaluateResult:
+    start = time.perf_counter()
+    with cache.FeatureStore(config.features_dir) as store:
+        split = "test" if len(store.rows("test")) else "validation"
+        rows = store.rows(split)
+        if len(rows) == 0:
+            raise UserError(f"{store.path} has no test or validation images: add images or use "
+                            "SPLIT with a non-zero validation share, then rerun `make extract`")
+        labels = store.labels[rows]
+        class_names = store.class_names
+        present = [m for m in MODELS if os.path.exists(artifacts.path(config, model_file(m)))]
+        if not present:
+            raise UserError(f"no trained model in {config.models_dir}: run `make train-head` "
+                            "(and `make finetune`) first")
+        scored = {}
+        for model in present:
+            check_model(config, model, store)
+            if model == "finetuned":
+                probabilities = _finetuned_probabilities(config, store, rows, labels)
+            else:
+                probabilities = _feature_probabilities(config, model, store, rows)
+            scored[model] = probabilities
+        paths, attrs, root = store.paths[rows], store.attrs, store.image_root(config.data)
+
+    report = {"identity": attrs["identity"], "identity_id": attrs["identity_id"],
+              "class_names": class_names, "split": split, "images": int(len(rows)),
+              "data_root": root,
+              "weights_notice": attrs.get("weights_notice", ""), "config": config.to_dict(),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": {}}
+    for model, probabilities in scored.items():
+        report["models"][model] = score(probabilities, labels, class_names, paths)
+        png = CONFUSION_PLOT.format(model=model)
+        plots.plot_confusion_matrix(np.asarray(report["models"][model]["confusion_matrix"]),
+                                    class_names, artifacts.path(config, png),
+                                    title=f"{TITLES[model]} on {split} ({len(rows)} images)")
+        report["models"][model]["confusion_matrix_png"] = png
+    for model in set(MODELS) - set(scored):  # a plot of a model that is gone would mislead
+        stale = artifacts.path(config, CONFUSION_PLOT.format(model=model))
+        if os.path.exists(stale):
+            os.remove(stale)
+    out = artifacts.path(config, artifacts.EVALUATION)
+    artifacts.write_json(out, report)
+
+    print(f"evaluate {config.dataset_name} on the {split} split ({len(rows)} images, "
+          f"{time.perf_counter() - start:.1f} s):")
+    for model, m in report["models"].items():
+        auc = f", ROC AUC {m['roc_auc']:.3f}" if m.get("roc_auc") is not None else ""
+        print(f"  {TITLES[model]:<20} accuracy {m['accuracy']:.3f}{auc}")
+    if report["weights_notice"]:
+        print(f"!!! {report['weights_notice']}")
+    print(f"wrote {out}")
+    return EvaluateResult(out, split, {k: v["accuracy"] for k, v in report["models"].items()})
+
+
+def model_file(model):
+    return {"logreg": artifacts.LOGREG, "head": artifacts.HEAD, "finetuned": artifacts.FINETUNED}[model]
+
+
+def made_with(config, model):
+    """(identity, class_names) a model file was made with, from the file itself or its JSON."""
+    if model == "logreg":
+        bundle = joblib.load(artifacts.path(config, artifacts.LOGREG))
+        return bundle["identity"], list(bundle["class_names"])
+    name = artifacts.HEAD_METRICS if model == "head" else artifacts.FINETUNE_METRICS
+    hint = "rerun `make train-head`" if model == "head" else "rerun `make finetune`"
+    record = artifacts.read_json(artifacts.path(config, name), hint)
+    return record["identity"], list(record["class_names"])
+
+
+def check_model(config, model, store):
+    """Refuse a model made on other features, or for other classes, than the current cache."""
+    identity, class_names = made_with(config, model)
+    what = artifacts.path(config, model_file(model))
+    artifacts.require_same_identity(identity, store.identity, what)
+    if class_names != list(store.class_names):
+        raise UserError(f"{what} was trained for classes {class_names}, the cache has "
+                        f"{list(store.class_names)}: retrain it with `make train-head` "
+                        "(and `make finetune`)")
+
+
+def _feature_probabilities(config, model, store, rows):
+    """Score cached features a block at a time, so a large test split never sits in memory."""
+    if model == "logreg":
+        pipeline = joblib.load(artifacts.path(config, artifacts.LOGREG))["model"]
+        predict = lambda x: pipeline.predict_proba(x.reshape(len(x), -1))
+    else:
+        head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD), compile=False)
+        predict = lambda x: head.predict(x, batch_size=config.batch, verbose=0)
+    blocks = [heads.class_probabilities(predict(store.read(rows[i:i + FEATURE_BLOCK])))
+              for i in range(0, len(rows), FEATURE_BLOCK)]
+    return np.concatenate(blocks)
+
+
+def _finetuned_probabilities(config, store, rows, labels):
+    root = store.image_root(config.data)
+    paths = [os.path.join(root, p) for p in store.paths[rows]]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise UserError(f"{missing[0]} (and {len(missing) - 1} more) no longer exist: pass the "
+                        "DATA folder the cache was extracted from")
+    model = keras.saving.load_model(artifacts.path(config, artifacts.FINETUNED), compile=False)
+    dataset = images.labelled_dataset(paths, labels, store.identity["image_size"], config.batch)
+    try:
+        return heads.class_probabilities(model.predict(dataset, verbose=0))
+    except tf.errors.InvalidArgumentError:
+        raise UserError(f"an image under {root} changed since `make extract` and no longer "
+                        "decodes: rerun `make extract`") from None
+
+
+def score(probabilities, labels, class_names, paths):
+    """Accuracy, log loss, per-class precision/recall/F1, ROC AUC (binary), confusion matrix and
+    the most confident mistakes, for one model's probabilities on one split."""
+    indices = list(range(len(class_names)))
+    predicted = probabilities.argmax(axis=1)
+    # float32 models sum to 1 within 1e-7; log_loss checks float64 inputs to 1e-8
+    normalised = probabilities / probabilities.sum(axis=1, keepdims=True)
+    out = {
+        "accuracy": float(metrics.accuracy_score(labels, predicted)),
+        "loss": float(metrics.log_loss(labels, normalised, labels=indices)),
+        "classification_report": metrics.classification_report(
+            labels, predicted, labels=indices, target_names=class_names, output_dict=True,
+            zero_division=0),
+        "classification_report_text": metrics.classification_report(
+            labels, predicted, labels=indices, target_names=class_names, zero_division=0),
+        "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=indices).tolist(),
+        "roc_auc": None,
+    }
+    if len(class_names) == 2 and len(set(labels.tolist())) == 2:
+        out["roc_auc"] = float(metrics.roc_auc_score(labels, probabilities[:, 1]))
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
+    out["misclassified_count"] = int(len(wrong))
+    out["misclassified"] = [
+        {"path": str(paths[i]), "true": class_names[labels[i]],
+         "predicted": class_names[predicted[i]],
+         "probability": float(probabilities[i, predicted[i]])}
+        for i in wrong[:MAX_MISCLASSIFIED]]
+    return out

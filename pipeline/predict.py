@@ -1,0 +1,201 @@
+"""Apply a trained model to new pictures.
+
+    python -m pipeline predict --images DIR_OR_FILE [--name NAME] [--model auto|finetuned|head|logreg]
+
+Images go through images.image_batches (the one loader) a batch at a time and each batch's rows
+are written to models/<NAME>/predictions.csv as soon as they are known, so tens of thousands of
+images never sit in memory. Files that do not decode are listed in predictions_skipped.csv.
+`auto` picks the model with the best validation accuracy among those trained.
+"""
+import csv
+import os
+import time
+from dataclasses import dataclass
+
+import joblib
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from . import artifacts, backbone, cache, heads, images
+from .config import Config, UserError
+
+CHOICES = ("auto", "finetuned", "head", "logreg")
+PREFERENCE = {"finetuned": 2, "head": 1, "logreg": 0}  # breaks ties in validation accuracy
+SKIPPED = "predictions_skipped.csv"
+SHOW_ROWS = 20  # rows of the table printed on stdout
+
+
+@dataclass
+class PredictResult:
+    path: str            # models/<NAME>/predictions.csv
+    model: str           # the model used
+    predicted: int       # images with a prediction
+    skipped: int         # files that did not decode (predictions_skipped.csv)
+    counts: dict         # class name -> images predicted as that class
+
+
+def run(config: Config) -> PredictResult:
+    start = time.perf_counter()
+    if config.model not in CHOICES:
+        raise UserError(f"MODEL={config.model!r} is not one of {', '.join(CHOICES)}")
+    records = trained_models(config)
+    model = choose(config.model, records, config.models_dir)
+    record = records[model]
+    paths, ignored = find_images(config.images)
+    predict_batch, size = _predictor(config, model, record)
+    class_names = record["class_names"]
+    print(f"predict {config.dataset_name}: {len(paths)} images with the {model} model "
+          f"(validation accuracy {_fmt(record['validation_accuracy'])})"
+          + (f", {ignored} other files ignored" if ignored else ""))
+    if record["weights_notice"]:
+        print(f"!!! {record['weights_notice']}")
+
+    out, skipped_out = artifacts.path(config, artifacts.PREDICTIONS), artifacts.path(config, SKIPPED)
+    counts, shown, skipped = dict.fromkeys(class_names, 0), [], []
+    with open(out + ".tmp", "w", newline="") as f, open(skipped_out + ".tmp", "w", newline="") as g:
+        writer, skip_writer = csv.writer(f), csv.writer(g)
+        writer.writerow(["path", "predicted"] + [f"p_{name}" for name in class_names])
+        skip_writer.writerow(["path", "reason"])
+        progress = tqdm(total=len(paths), desc=f"predict ({model})", unit="img", smoothing=0.1)
+        for first, (batch, reasons) in zip(range(0, len(paths), config.batch),
+                                           images.image_batches(paths, size, config.batch)):
+            reasons = [r.decode() for r in reasons.numpy()]
+            ok = np.array([not r for r in reasons])
+            probabilities = iter(predict_batch(tf.boolean_mask(batch, ok)) if ok.any() else [])
+            for path, reason in zip(paths[first:first + len(reasons)], reasons):
+                if reason:
+                    skip_writer.writerow([path, reason])
+                    skipped.append((path, reason))
+                    continue
+                p = next(probabilities)
+                predicted = class_names[int(p.argmax())]
+                counts[predicted] += 1
+                # repr of the float: the CSV holds exactly what the model returned
+                writer.writerow([path, predicted] + [float(x) for x in p])
+                if len(shown) < SHOW_ROWS:
+                    shown.append((path, predicted, float(p.max())))
+            progress.update(len(reasons))
+        progress.close()
+    os.replace(out + ".tmp", out)
+    os.replace(skipped_out + ".tmp", skipped_out)
+
+    predicted_total = sum(counts.values())
+    _print_table(shown, predicted_total, counts, skipped, skipped_out)
+    print(f"wrote {out} ({predicted_total} rows, {time.perf_counter() - start:.1f} s)")
+    return PredictResult(out, model, predicted_total, len(skipped), counts)
+
+
+def trained_models(config):
+    """model -> {identity, class_names, validation_accuracy, weights_notice} for each model file
+    present in models/<NAME>/, read from the JSON (or joblib bundle) that travels with it."""
+    def read(name):
+        file = artifacts.path(config, name)
+        return artifacts.read_json(file, "") if os.path.exists(file) else {}
+
+    head_metrics, finetune_metrics = read(artifacts.HEAD_METRICS), read(artifacts.FINETUNE_METRICS)
+    found = {}
+    if os.path.exists(artifacts.path(config, artifacts.FINETUNED)):
+        found["finetuned"] = _record(finetune_metrics, finetune_metrics.get("validation"),
+                                     artifacts.FINETUNE_METRICS, "make finetune")
+    if os.path.exists(artifacts.path(config, artifacts.HEAD)):
+        dense = head_metrics.get("models", {}).get("dense", {})
+        found["head"] = _record(head_metrics, dense.get("validation"), artifacts.HEAD_METRICS,
+                                "make train-head")
+    if os.path.exists(artifacts.path(config, artifacts.LOGREG)):
+        bundle = joblib.load(artifacts.path(config, artifacts.LOGREG))
+        logreg = head_metrics.get("models", {}).get("logreg", {})
+        found["logreg"] = _record({**head_metrics, **bundle}, logreg.get("validation"),
+                                  artifacts.LOGREG, "make train-head")
+    return found
+
+
+def _record(source, validation, what, make):
+    if "identity" not in source or "class_names" not in source:
+        raise UserError(f"{what} is missing or incomplete: rerun `{make}`")
+    return {"identity": source["identity"], "class_names": list(source["class_names"]),
+            "validation_accuracy": (validation or {}).get("accuracy"),
+            "weights_notice": source.get("weights_notice", "")}
+
+
+def choose(requested, records, models_dir):
+    if not records:
+        raise UserError(f"no trained model in {models_dir}: run `make train-head` "
+                        "(and `make finetune`) first")
+    if requested == "auto":
+        return max(records, key=lambda m: (_or(records[m]["validation_accuracy"]), PREFERENCE[m]))
+    if requested not in records:
+        make = "make finetune" if requested == "finetuned" else "make train-head"
+        raise UserError(f"MODEL={requested}: there is no {requested} model in {models_dir}: run "
+                        f"`{make}`, or use MODEL=auto (available: {', '.join(sorted(records))})")
+    return requested
+
+
+def find_images(target):
+    """(paths, number of non-image files ignored) for a file or a folder walked recursively."""
+    if not target:
+        raise UserError("pass IMAGES=<an image file or a folder of images>")
+    if os.path.isfile(target):
+        if not images.is_image_candidate(target):
+            raise UserError(f"IMAGES={target} is not an image file (by extension or content)")
+        return [target], 0
+    if not os.path.isdir(target):
+        raise UserError(f"IMAGES={target} does not exist: pass an image file or a folder of images")
+    paths, ignored = [], 0
+    for dirpath, dirnames, filenames in os.walk(target, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in sorted(f for f in filenames if not f.startswith(".")):
+            full = os.path.join(dirpath, filename)
+            if images.is_image_candidate(full):
+                paths.append(full)
+            else:
+                ignored += 1
+    if not paths:
+        raise UserError(f"no images in {target} (looked for {', '.join(sorted(images.IMAGE_EXTENSIONS))} "
+                        "files and image content, in every subfolder)")
+    return paths, ignored
+
+
+def _predictor(config, model, record):
+    """(function: a batch of loaded images -> (n, classes) probabilities, image size)."""
+    size = int(record["identity"]["image_size"])
+    if model == "finetuned":
+        network = keras.saving.load_model(artifacts.path(config, artifacts.FINETUNED), compile=False)
+        return (lambda x: heads.class_probabilities(network(x, training=False))), size
+    # head and logreg read feature maps: the frozen base with the weights the cache was built with
+    with cache.FeatureStore(config.features_dir) as store:
+        artifacts.require_same_identity(record["identity"], store.identity,
+                                        artifacts.path(config, artifacts.HEAD if model == "head"
+                                                       else artifacts.LOGREG))
+        weights = backbone.weights_of_cache(config.weights, store.attrs)
+    features_of = backbone.feature_function(backbone.build_backbone_of(record["identity"], weights))
+    if model == "head":
+        head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD), compile=False)
+        return (lambda x: heads.class_probabilities(head(features_of(x), training=False))), size
+    pipeline = joblib.load(artifacts.path(config, artifacts.LOGREG))["model"]
+    return (lambda x: pipeline.predict_proba(features_of(x).numpy().reshape(len(x), -1))), size
+
+
+def _print_table(shown, total, counts, skipped, skipped_out):
+    if shown:
+        width = min(max(len(p) for p, _, _ in shown), 60)
+        print(f"\n{'image':<{width}}  {'predicted':<16} probability")
+        for path, predicted, probability in shown:
+            name = path if len(path) <= width else "..." + path[-(width - 3):]
+            print(f"{name:<{width}}  {predicted:<16} {probability:.3f}")
+        if total > len(shown):
+            print(f"... and {total - len(shown)} more")
+    print("\npredicted: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that do not decode (all in {skipped_out}):")
+        for path, reason in skipped[:5]:
+            print(f"  {path}: {reason}")
+
+
+def _or(value, default=-1.0):
+    return default if value is None else value
+
+
+def _fmt(value):
+    return "unknown" if value is None else f"{value:.3f}"

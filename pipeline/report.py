@@ -1,0 +1,245 @@
+"""Stage five: models/<NAME>/report.md, the one page to judge a run by.
+
+    python -m pipeline report [--name NAME]
+
+Reads what the earlier stages wrote (features/<NAME>/features.h5 and skipped.csv, the metrics
+JSONs, evaluation.json and their PNGs) and writes report.md beside the PNGs, linked relatively, so
+the folder can be moved or zipped as a whole. Sections: a warning when the weights were random,
+the models side by side, learning curves, confusion matrices, misclassified images, the dataset,
+and the cache identity and weights.
+"""
+import csv
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from . import artifacts, cache, plots
+from .config import Config, UserError
+
+MODELS = ("logreg", "head", "finetuned")
+TITLES = {"logreg": "logistic regression", "head": "dense head", "finetuned": "fine-tuned"}
+MODEL_FILES = {"logreg": artifacts.LOGREG, "head": artifacts.HEAD, "finetuned": artifacts.FINETUNED}
+MISCLASSIFIED_PLOT = "misclassified_{model}.png"
+GRID_IMAGES = 25         # most confident mistakes shown per model
+THUMBNAIL = 128          # pixels: display only
+SKIPPED_ROWS = 50        # skipped files listed in the report (all of them are in skipped.csv)
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class ReportResult:
+    path: str                # models/<NAME>/report.md
+    sections: list           # the "## " headings written
+    notices: list            # warnings shown at the top (random weights)
+
+
+def run(config: Config) -> ReportResult:
+    evaluation_path = artifacts.path(config, artifacts.EVALUATION)
+    evaluation = artifacts.read_json(evaluation_path, "run `make evaluate` first")
+    _refuse_stale(config, evaluation_path)
+    head_metrics = _optional_json(config, artifacts.HEAD_METRICS)
+    finetune_metrics = _optional_json(config, artifacts.FINETUNE_METRICS)
+    with cache.FeatureStore(config.features_dir) as store:
+        if evaluation["identity"] != store.identity:
+            raise UserError(f"{evaluation_path} was made on another feature cache: run "
+                            "`make evaluate` again")
+        attrs, labels, splits = store.attrs, store.labels, store.splits
+    notices = sorted({n for n in (attrs.get("weights_notice"), evaluation.get("weights_notice"),
+                                  head_metrics.get("weights_notice"),
+                                  finetune_metrics.get("weights_notice")) if n})
+
+    lines = [f"# Transfer-learning report: {config.dataset_name}", ""]
+    for notice in notices:  # first thing a reader sees: the numbers below mean nothing
+        lines += [f"> **WARNING: {notice}.** The backbone had no pretrained weights "
+                  "(WEIGHTS=auto fell back to random initialisation); the figures below only "
+                  "show that the pipeline runs.", ""]
+    lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M')} from `{config.models_dir}` and "
+              f"`{config.features_dir}`.", ""]
+    lines += _models_section(evaluation, head_metrics, finetune_metrics)
+    lines += _curves_section(config)
+    lines += _confusion_section(evaluation)
+    lines += _misclassified_section(config, evaluation)
+    lines += _dataset_section(config, attrs, labels, splits)
+    lines += _identity_section(attrs, notices)
+
+    out = artifacts.path(config, artifacts.REPORT)
+    with open(out + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(out + ".tmp", out)
+    print(f"report {config.dataset_name}: wrote {out}")
+    for notice in notices:
+        print(f"!!! {notice}")
+    return ReportResult(out, [line[3:] for line in lines if line.startswith("## ")], notices)
+
+
+def _refuse_stale(config, evaluation_path):
+    """A model retrained after `make evaluate` would make the report contradict itself."""
+    written = os.path.getmtime(evaluation_path)
+    for model, filename in MODEL_FILES.items():
+        model_path = artifacts.path(config, filename)
+        if os.path.exists(model_path) and os.path.getmtime(model_path) > written:
+            raise UserError(f"{model_path} is newer than {evaluation_path}: run `make evaluate` "
+                            "again, then `make report`")
+
+
+def _optional_json(config, filename):
+    file_path = artifacts.path(config, filename)
+    return artifacts.read_json(file_path, "") if os.path.exists(file_path) else {}
+
+
+def _models_section(evaluation, head_metrics, finetune_metrics):
+    training = {"logreg": head_metrics.get("models", {}).get("logreg", {}),
+                "head": head_metrics.get("models", {}).get("dense", {}),
+                "finetuned": finetune_metrics}
+    split = evaluation["split"]
+    lines = ["## Models", "",
+             f"Validation accuracy is measured while training; {split} accuracy by `make evaluate` "
+             f"on {evaluation['images']} held-out images"
+             + (" (there is no test split, so validation stands in for it)." if split != "test"
+                else "."), "",
+             f"| model | validation accuracy | {split} accuracy | {split} loss | ROC AUC "
+             "| training seconds | epochs (best) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for model in MODELS:
+        if model not in evaluation["models"]:
+            continue
+        m, t = evaluation["models"][model], training[model]
+        epochs = f"{t['epochs']} ({t.get('best_epoch', '-')})" if "epochs" in t else "-"
+        lines.append(f"| {TITLES[model]} | {_num(t.get('validation', {}).get('accuracy'))} "
+                     f"| {_num(m['accuracy'])} | {_num(m['loss'])} | {_num(m.get('roc_auc'))} "
+                     f"| {_num(t.get('seconds'), 1)} | {epochs} |")
+    return lines + [""]
+
+
+def _curves_section(config):
+    lines = ["## Learning curves", ""]
+    found = False
+    for title, png in (("dense head on cached features", artifacts.HEAD_HISTORY_PLOT),
+                       ("fine-tuning", artifacts.FINETUNE_HISTORY_PLOT)):
+        if os.path.exists(artifacts.path(config, png)):
+            lines += [f"### {title.capitalize()}", "", f"![{title}]({png})", ""]
+            found = True
+    if not found:
+        lines += ["No learning curves: no model was trained with Keras (`make train-head`).", ""]
+    return lines
+
+
+def _confusion_section(evaluation):
+    lines = ["## Confusion matrices", "",
+             f"Rows are the true class, columns the predicted one ({evaluation['split']} split).", ""]
+    for model in MODELS:
+        if model not in evaluation["models"]:
+            continue
+        m = evaluation["models"][model]
+        lines += [f"### {TITLES[model].capitalize()}", "",
+                  f"![confusion matrix, {TITLES[model]}]({m['confusion_matrix_png']})", "",
+                  "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+        per_class = m["classification_report"]
+        for name in evaluation["class_names"] + ["macro avg", "weighted avg"]:
+            row = per_class.get(name, {})
+            lines.append(f"| {_cell(name)} | {_num(row.get('precision'))} | "
+                         f"{_num(row.get('recall'))} | {_num(row.get('f1-score'))} | "
+                         f"{int(row.get('support', 0))} |")
+        lines.append("")
+    return lines
+
+
+def _misclassified_section(config, evaluation):
+    lines = ["## Misclassified images", "",
+             f"The most confident mistakes on the {evaluation['split']} split, with the true and "
+             "the predicted class and the probability given to the prediction.", ""]
+    for model in MODELS:
+        if model not in evaluation["models"]:
+            continue
+        m = evaluation["models"][model]
+        lines += [f"### {TITLES[model].capitalize()}: {m['misclassified_count']} of "
+                  f"{evaluation['images']} wrong", ""]
+        png = MISCLASSIFIED_PLOT.format(model=model)
+        shown = _misclassified_grid(evaluation, m["misclassified"][:GRID_IMAGES],
+                                    artifacts.path(config, png), TITLES[model])
+        if shown:
+            lines += [f"![misclassified, {TITLES[model]}]({png})", ""]
+        elif m["misclassified_count"]:
+            lines += [f"(the images under {evaluation['data_root']} could not be opened)", ""]
+        else:
+            lines += ["No misclassified images.", ""]
+    return lines
+
+
+def _misclassified_grid(evaluation, mistakes, png, title):
+    """Draw the grid; returns how many pictures it shows."""
+    pictures = []
+    for mistake in mistakes:
+        try:
+            # Display only, never model input: PIL opens the original file for a thumbnail,
+            # the way a person would look at it. Model input always goes through load_image.
+            with Image.open(os.path.join(evaluation["data_root"], mistake["path"])) as img:
+                picture = ImageOps.exif_transpose(img).convert("RGB")
+                picture.thumbnail((THUMBNAIL, THUMBNAIL))
+        except OSError:
+            continue  # moved or deleted since evaluate: show the others
+        name = os.path.basename(mistake["path"])
+        name = name if len(name) <= 22 else name[:19] + "..."
+        pictures.append((picture, f"true: {mistake['true']}\npredicted: {mistake['predicted']} "
+                                  f"({mistake['probability']:.2f})\n{name}"))
+    if pictures:
+        plots.plot_misclassified_grid(pictures, png, title=f"{title}: most confident mistakes")
+    return len(pictures)
+
+
+def _dataset_section(config, attrs, labels, splits):
+    class_names = attrs["class_names"]
+    lines = ["## Dataset", "",
+             f"`{attrs.get('data_root', config.data)}` (layout: {attrs.get('layout', '?')}), "
+             f"{len(labels)} images in {len(class_names)} classes.", "",
+             "| class | " + " | ".join(SPLITS) + " | total |", "|---|" + "---:|" * (len(SPLITS) + 1)]
+    for label, name in enumerate(class_names):
+        counts = [int(np.sum((labels == label) & (splits == s))) for s in SPLITS]
+        lines.append(f"| {_cell(name)} | " + " | ".join(map(str, counts)) + f" | {sum(counts)} |")
+    totals = [int(np.sum(splits == s)) for s in SPLITS]
+    lines.append("| **total** | " + " | ".join(map(str, totals)) + f" | {sum(totals)} |")
+    skipped_csv = os.path.join(config.features_dir, "skipped.csv")
+    skipped = []
+    if os.path.exists(skipped_csv):
+        with open(skipped_csv, newline="") as f:
+            skipped = [(row["path"], row["reason"]) for row in csv.DictReader(f)]
+    lines += ["", f"### Skipped files: {len(skipped)}", ""]
+    if skipped:
+        lines += [f"Files that were not used, and why (all of them: `{skipped_csv}`).", "",
+                  "| file | reason |", "|---|---|"]
+        lines += [f"| {_cell(path)} | {_cell(reason)} |" for path, reason in skipped[:SKIPPED_ROWS]]
+        if len(skipped) > SKIPPED_ROWS:
+            lines.append(f"| ... {len(skipped) - SKIPPED_ROWS} more | |")
+    else:
+        lines.append("Every file found was used.")
+    return lines + [""]
+
+
+def _identity_section(attrs, notices):
+    identity = attrs["identity"]
+    versions = attrs.get("versions", {})
+    rows = [("identity id", attrs.get("identity_id", "")),
+            ("backbone", identity.get("backbone", "")),
+            ("weights asked for (WEIGHTS)", attrs.get("weights_spec", "")),
+            ("weights file", attrs.get("weights_path") or "none (random initialisation)"),
+            ("weights fingerprint", identity.get("weights", "")),
+            ("image size", identity.get("image_size", "")),
+            ("preprocessing", identity.get("preprocess", "")),
+            ("notice", "; ".join(notices) or "none"),
+            ("cache created", attrs.get("created", "")),
+            ("library versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))]
+    return (["## Cache identity and weights", "",
+             "Features are reused, and models accepted, only when every part of this identity "
+             "is equal.", "", "| | |", "|---|---|"]
+            + [f"| {key} | {_cell(str(value))} |" for key, value in rows] + [""])
+
+
+def _num(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _cell(text):
+    return str(text).replace("|", "\\|").replace("\n", " ")

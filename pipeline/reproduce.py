@@ -1,0 +1,216 @@
+"""The article's experiment: VGG16 transfer learning on the public cats-vs-dogs subset.
+
+    python -m pipeline reproduce [--weights FILE] [--data AN_EXISTING_COPY]
+
+1. download cats_and_dogs_filtered.zip (2000 training and 1000 validation images, the subset of
+   the TensorFlow transfer-learning tutorial) into data/downloads/, resuming a broken download
+   with an HTTP Range request, unpack it into data/cats_and_dogs_filtered and check the counts;
+2. get the ImageNet weights (Keras's own download and cache);
+3. extract -> train-head -> finetune -> evaluate -> report with the article's settings;
+4. print our accuracies beside the article's.
+The zip has no test folder, so half of its validation images (chosen by content hash) become our
+test split: "validation" and "test" below are two disjoint halves of the article's validation set.
+"""
+import http.client
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from . import artifacts, backbone, images
+from .config import FIELDS, Config, UserError
+
+URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
+DOWNLOADS = "data/downloads"
+DATA_PARENT = "data"
+FOLDER = "cats_and_dogs_filtered"
+EXPECTED = {"train": {"cats": 1000, "dogs": 1000}, "validation": {"cats": 500, "dogs": 500}}
+# The article's settings. Fine-tuning: 20 epochs at LR=1e-5 (the article ran longer; with a
+# learning rate this low and early stopping restoring the best epoch, 20 is where it levels off).
+SETTINGS = dict(size=150, batch=20, epochs=30, head="both", unfreeze="block5", lr=1e-5,
+                finetune_epochs=20)
+ARTICLE = {"head": 0.95, "finetuned": 0.97}   # "about 95%" and "about 97%" validation accuracy
+RESULTS = "reproduce.json"
+RETRIES = 5
+TIMEOUT = 60          # seconds without a byte before a connection counts as broken
+CHUNK = 1 << 16
+
+
+@dataclass
+class ReproduceResult:
+    data: str            # the verified dataset folder
+    results: dict        # model -> {"validation", "test", "article"}
+    path: str            # models/<NAME>/reproduce.json
+
+
+def run(config: Config) -> ReproduceResult:
+    extras = config.extras
+    expected = extras.get("expected", EXPECTED)
+    folder = _dataset_folder(config, expected, extras)
+    weights = config.weights or "imagenet"
+    backbone.resolve_weights(weights)  # step 2 before hours of work: offline, it fails right here
+    settings = config.replace(data=folder, name=config.name or FOLDER, weights=weights,
+                              **{**SETTINGS, **extras.get("settings", {})})
+    from . import evaluate, extract, finetune, report, train_head  # the stages, in order
+    for stage in (extract, train_head, finetune, evaluate, report):
+        print(f"\n=== reproduce: {stage.__name__.rsplit('.', 1)[-1]} ===", flush=True)
+        stage.run(settings)
+    return compare(settings)
+
+
+def _dataset_folder(config, expected, extras):
+    """A verified copy of the dataset: DATA when it names one, else data/cats_and_dogs_filtered,
+    downloaded and unpacked first if it is not there yet."""
+    if config.data != FIELDS["data"].default:
+        verify(config.data, expected)
+        return config.data
+    parent = extras.get("data_parent", DATA_PARENT)
+    folder = os.path.join(parent, FOLDER)
+    if not os.path.isdir(folder):
+        zip_path = download(extras.get("url", URL), os.path.join(extras.get("downloads", DOWNLOADS),
+                                                                 FOLDER + ".zip"),
+                            wait=extras.get("retry_wait", 2.0))
+        unpack(zip_path, parent)
+    verify(folder, expected)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Download, unpack, verify
+# --------------------------------------------------------------------------------------------
+
+def download(url, dest, retries=RETRIES, timeout=TIMEOUT, wait=2.0):
+    """Fetch `url` into `dest` through dest.part. A broken connection is resumed from the bytes
+    already on disk with an HTTP Range request, in this run (up to `retries` times) or the next."""
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    part = dest + ".part"
+    problem = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            print(f"download interrupted ({problem}); resuming, try {attempt} of {retries}",
+                  flush=True)
+            time.sleep(wait * attempt)
+        try:
+            if _fetch(url, part, timeout):
+                os.replace(part, dest)
+                return dest
+            problem = "the connection closed before the end of the file"
+        except urllib.error.HTTPError as error:
+            if error.code != 416:
+                raise UserError(f"downloading {url} failed: HTTP {error.code} {error.reason}") from None
+            os.remove(part)  # 416: what we hold does not fit the file on the server; start over
+            problem = "the partial file did not match the server's: starting over"
+        except urllib.error.URLError as error:  # no connection at all: DNS, refused, unreachable
+            problem = f"{type(error.reason).__name__}: {error.reason}"
+            if not os.path.exists(part):
+                break  # offline: retrying will not help
+        except (http.client.HTTPException, OSError) as error:  # broken in the middle of the file
+            problem = f"{type(error).__name__}: {error}"
+    raise UserError(f"could not download {url} ({problem or 'no network'}): `make reproduce` needs "
+                    f"internet access; or download the file yourself to {dest} (a partial "
+                    f"{os.path.basename(part)} is resumed by the next run)")
+
+
+def _fetch(url, part, timeout):
+    """One request: append to `part` from where it ends. True when the file is complete."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        content_range = response.headers.get("Content-Range", "")
+        if have and not (response.status == 206 and content_range.startswith(f"bytes {have}-")):
+            have = 0  # the server sent the whole file: start from zero
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        with open(part, "ab" if have else "wb") as f, \
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                     desc=f"download {os.path.basename(url)}") as progress:
+            while chunk := response.read(CHUNK):
+                f.write(chunk)
+                progress.update(len(chunk))
+    return total is None or os.path.getsize(part) == total
+
+
+def unpack(zip_path, parent):
+    """Unpack into parent/ through a temporary folder, so a half-unpacked dataset never exists."""
+    tmp = os.path.join(parent, f".{FOLDER}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            damaged = archive.testzip()
+            if damaged:
+                raise zipfile.BadZipFile(f"bad CRC for {damaged}")
+            archive.extractall(tmp)  # zipfile drops absolute paths and ".." in member names
+    except zipfile.BadZipFile as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.remove(zip_path)
+        raise UserError(f"{zip_path} is damaged ({error}) and was deleted: rerun `make reproduce` "
+                        "to download it again") from None
+    inner = os.path.join(tmp, FOLDER)
+    if not os.path.isdir(inner):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{zip_path} has no {FOLDER}/ folder: delete it and rerun `make reproduce`")
+    os.replace(inner, os.path.join(parent, FOLDER))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return os.path.join(parent, FOLDER)
+
+
+def verify(folder, expected=EXPECTED):
+    """The structure and the image counts of the dataset, or a UserError that lists the problems."""
+    problems = []
+    for split, classes in expected.items():
+        for class_name, count in classes.items():
+            where = os.path.join(folder, split, class_name)
+            found = (sum(images.is_image_candidate(os.path.join(where, f)) for f in os.listdir(where))
+                     if os.path.isdir(where) else None)
+            if found != count:
+                problems.append(f"{split}/{class_name} has "
+                                f"{'no folder' if found is None else found} (expected {count} images)")
+    if problems:
+        raise UserError(f"{folder} is not the expected dataset: {'; '.join(problems)}; delete it "
+                        f"(and {os.path.join(DOWNLOADS, FOLDER + '.zip')}) and rerun `make reproduce`")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Ours beside the article's
+# --------------------------------------------------------------------------------------------
+
+def compare(config):
+    def read(name):
+        return artifacts.read_json(artifacts.path(config, name), "the stage did not finish")
+
+    head, tuned, evaluation = (read(artifacts.HEAD_METRICS), read(artifacts.FINETUNE_METRICS),
+                               read(artifacts.EVALUATION))
+    rows = {"logreg": ("feature extraction, logistic regression",
+                       head["models"].get("logreg", {}).get("validation", {})),
+            "head": ("feature extraction, dense head",
+                     head["models"].get("dense", {}).get("validation", {})),
+            "finetuned": ("fine-tuning block5 + head", tuned.get("validation", {}))}
+    results, lines = {}, []
+    for model, (title, validation) in rows.items():
+        test = evaluation["models"].get(model, {}).get("accuracy")
+        results[model] = {"title": title, "validation": validation.get("accuracy"), "test": test,
+                          "article": ARTICLE.get(model)}
+        lines.append(f"  {title:<42} {_pct(validation.get('accuracy')):>10} {_pct(test):>10} "
+                     f"{_pct(ARTICLE.get(model)):>10}")
+    out = artifacts.path(config, RESULTS)
+    artifacts.write_json(out, {"results": results, "config": config.to_dict(),
+                               "split": evaluation["split"], "images": evaluation["images"]})
+    print(f"\nThe article's experiment, ours beside the article's ({config.models_dir}):")
+    print(f"  {'':<42} {'validation':>10} {evaluation['split']:>10} {'article':>10}")
+    print("\n".join(lines))
+    if evaluation.get("weights_notice"):
+        print(f"!!! {evaluation['weights_notice']}")
+    print(f"report: {artifacts.path(config, artifacts.REPORT)}")
+    return ReproduceResult(config.data, results, out)
+
+
+def _pct(value):
+    return "-" if value is None else f"{100 * value:.1f}%"

@@ -1,0 +1,134 @@
+"""Stage four: every trained model scored on the held-out split, with the numbers sklearn gives."""
+import os
+import shutil
+
+import joblib
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import artifacts, cache, evaluate, extract, heads, images, plots, train_head
+from pipeline.config import UserError
+from trained_run import shared_trained_run, tiny_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return shared_trained_run(tmp_path_factory)
+
+
+def copy_run(config, root):
+    """A private copy of the trained run, for tests that change it."""
+    for folder in ("features", "models"):
+        shutil.copytree(os.path.join(os.path.dirname(config.features_root), folder),
+                        os.path.join(root, folder))
+    return config.replace(features_root=os.path.join(root, "features"),
+                          models_root=os.path.join(root, "models"))
+
+
+def expected_probabilities(config, model, store, rows):
+    """The model's outputs on the test rows, computed here without evaluate's code."""
+    if model == "logreg":
+        bundle = joblib.load(artifacts.path(config, artifacts.LOGREG))
+        return bundle["model"].predict_proba(store.read(rows).reshape(len(rows), -1))
+    if model == "head":
+        head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD))
+        return heads.class_probabilities(head.predict(store.read(rows), verbose=0))
+    network = keras.saving.load_model(artifacts.path(config, artifacts.FINETUNED))
+    batch = np.stack([images.load_image(os.path.join(config.data, p), config.size)
+                      for p in store.paths[rows]])
+    return heads.class_probabilities(network.predict(batch, verbose=0))
+
+
+def test_every_model_is_scored_on_the_test_split(run):
+    result = evaluate.run(run)
+    report = artifacts.read_json(result.path, "")
+    assert result.split == report["split"] == "test"
+    assert set(report["models"]) == {"logreg", "head", "finetuned"}
+    with cache.FeatureStore(run.features_dir) as store:
+        rows = store.rows("test")
+        labels = store.labels[rows]
+        for model, m in report["models"].items():
+            predicted = expected_probabilities(run, model, store, rows).argmax(axis=1)
+            assert m["accuracy"] == pytest.approx(np.mean(predicted == labels), abs=1e-9), model
+            assert result.accuracy[model] == m["accuracy"]
+            matrix = np.asarray(m["confusion_matrix"])
+            assert matrix.shape == (2, 2) and matrix.sum() == len(rows) == report["images"]
+            assert np.trace(matrix) == np.sum(predicted == labels)
+            assert 0.0 <= m["roc_auc"] <= 1.0
+            assert set(m["classification_report"]) >= {"horizontal", "vertical", "macro avg"}
+            assert "precision" in m["classification_report_text"]
+            assert m["misclassified_count"] == len(m["misclassified"]) == np.sum(predicted != labels)
+            with Image.open(artifacts.path(run, m["confusion_matrix_png"])) as png:
+                assert png.format == "PNG" and png.size[0] > 200
+    assert report["identity"] == extract_identity(run)
+    assert report["data_root"] == os.path.abspath(run.data)
+
+
+def extract_identity(config):
+    with cache.FeatureStore(config.features_dir) as store:
+        return store.identity
+
+
+def test_missing_models_are_left_out(run, tmp_path):
+    config = copy_run(run, tmp_path)
+    os.remove(artifacts.path(config, artifacts.FINETUNED))
+    os.remove(artifacts.path(config, artifacts.LOGREG))
+    report = artifacts.read_json(evaluate.run(config).path, "")
+    assert set(report["models"]) == {"head"}
+    assert not os.path.exists(artifacts.path(config, "confusion_finetuned.png"))
+
+
+def test_no_model_at_all_names_train_head(image_folder, make_config):
+    config = make_config(image_folder, split="50/25/25")
+    extract.run(config)
+    with pytest.raises(UserError, match="make train-head"):
+        evaluate.run(config)
+
+
+def test_models_of_another_identity_are_refused(run, tmp_path):
+    config = copy_run(run, tmp_path)
+    extract.run(config.replace(size=64))  # the cache now holds 64-pixel features
+    with pytest.raises(UserError, match="another identity .*image_size"):
+        evaluate.run(config)
+
+
+def test_validation_stands_in_without_a_test_split(tmp_path):
+    config = tiny_config(str(tmp_path), split="50/50/0", head="logreg")
+    from conftest import make_image_folder
+    make_image_folder(config.data, per_class=6)
+    extract.run(config)
+    train_head.run(config)
+    result = evaluate.run(config)
+    report = artifacts.read_json(result.path, "")
+    with cache.FeatureStore(config.features_dir) as store:
+        assert len(store.rows("test")) == 0
+        assert result.split == "validation" and report["images"] == len(store.rows("validation"))
+    assert set(report["models"]) == {"logreg"}
+
+
+def test_score_multiclass_and_the_most_confident_mistakes_first():
+    probabilities = np.array([[0.8, 0.1, 0.1],    # right
+                              [0.1, 0.3, 0.6],    # wrong: 2 for 1, 0.6
+                              [0.05, 0.9, 0.05],  # wrong: 1 for 2, 0.9
+                              [0.2, 0.2, 0.6]])   # right
+    labels = np.array([0, 1, 2, 2])
+    m = evaluate.score(probabilities, labels, ["a", "b", "c"], np.array(["w", "x", "y", "z"]))
+    assert m["accuracy"] == 0.5 and m["roc_auc"] is None
+    assert m["confusion_matrix"] == [[1, 0, 0], [0, 0, 1], [0, 1, 1]]
+    assert [e["path"] for e in m["misclassified"]] == ["y", "x"]
+    assert m["misclassified"][0] == {"path": "y", "true": "c", "predicted": "b", "probability": 0.9}
+    assert m["classification_report"]["c"]["recall"] == 0.5
+
+
+@pytest.mark.parametrize("classes", [2, 40])
+def test_confusion_matrix_figure_grows_with_the_classes(tmp_path, classes):
+    names = [f"class_{i:02d}" for i in range(classes)]
+    matrix = np.diag(np.arange(1, classes + 1))
+    path = str(tmp_path / "cm.png")
+    fig = plots.plot_confusion_matrix(matrix, names, path, title="t")
+    width, height = fig.get_size_inches()
+    assert (width > 15) == (classes == 40) and height > 4
+    with Image.open(path) as png:
+        assert png.format == "PNG"

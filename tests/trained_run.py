@@ -1,0 +1,37 @@
+"""A tiny trained run shared by the tests of evaluate, predict and report: 2 classes x 10 striped
+32-pixel images, WEIGHTS=none, extract -> train-head -> finetune, in seconds on a CPU."""
+import os
+
+from conftest import make_image_folder
+from pipeline import extract, finetune, train_head
+from pipeline.config import Config
+
+
+def tiny_config(root, **changes):
+    settings = dict(data=os.path.join(root, "data"), name="tiny", weights="none", size=32, batch=4,
+                    split="40/30/30", epochs=2, finetune_epochs=1, seed=0,
+                    features_root=os.path.join(root, "features"),
+                    models_root=os.path.join(root, "models"))
+    return Config(**{**settings, **changes})
+
+
+def make_trained_run(root, per_class=10, **changes):
+    """The Config of a finished extract -> train-head -> finetune run under `root` (with these
+    20 images the splits hold 5 train, 8 validation and 7 test images, both classes in each)."""
+    config = tiny_config(str(root), **changes)
+    make_image_folder(config.data, per_class=per_class)
+    extract.run(config)
+    train_head.run(config)
+    finetune.run(config)
+    return config
+
+
+_SHARED = {}
+
+
+def shared_trained_run(tmp_path_factory):
+    """One trained run for the whole test session, shared by the evaluate, predict and report
+    tests. Treat it as read-only: a test that changes models or features works on a copy."""
+    if "config" not in _SHARED:
+        _SHARED["config"] = make_trained_run(tmp_path_factory.mktemp("trained"))
+    return _SHARED["config"]
