@@ -1,0 +1,179 @@
+"""`make batch`: many datasets, a summary, failures recorded, and reruns that cost only what changed."""
+import csv
+import os
+
+import pytest
+
+from conftest import make_image_folder
+from pipeline import artifacts, batch
+from pipeline.__main__ import main
+from pipeline.config import UserError
+
+
+def summary_rows(result):
+    with open(result.csv_path, newline="") as f:
+        return {row["dataset"]: row for row in csv.DictReader(f)}
+
+
+def mtime(config, name, filename):
+    return os.stat(os.path.join(config.models_root, name, filename)).st_mtime_ns
+
+
+# --------------------------------------------------------------------------------------------
+# The list of datasets
+# --------------------------------------------------------------------------------------------
+
+def test_jobs_from_datasets_and_a_batch_file(tmp_path, make_config):
+    batch_file = tmp_path / "datasets.txt"
+    batch_file.write_text("# my datasets\n\n"
+                          "data/birds\n"
+                          "data/cars   vehicles   # a name\n"
+                          "'data/my photos' photos photos.csv\n")
+    config = make_config("unused", datasets=("x/flowers/",), batch_file=str(batch_file),
+                         labels="labels.csv")
+    assert batch.jobs_of(config) == [
+        batch.Job("x/flowers/", "flowers", "labels.csv"),
+        batch.Job("data/birds", "birds", "labels.csv"),
+        batch.Job("data/cars", "vehicles", "labels.csv"),
+        batch.Job("data/my photos", "photos", "photos.csv"),   # its own labels CSV
+    ]
+
+
+@pytest.mark.parametrize("datasets, lines, message", [
+    ((), None, "nothing to do"),
+    (("a/data", "b/data"), None, "two datasets are named 'data'"),
+    ((), "a x\nb x\n", "two datasets are named 'x'"),
+    ((), "a b c d\n", "line 1 has 4 fields"),
+    ((), "a ../up\n", "is not a folder name"),
+])
+def test_unusable_dataset_lists(tmp_path, make_config, datasets, lines, message):
+    batch_file = ""
+    if lines is not None:
+        batch_file = str(tmp_path / "list.txt")
+        with open(batch_file, "w") as f:
+            f.write(lines)
+    with pytest.raises(UserError, match=message):
+        batch.jobs_of(make_config("unused", datasets=datasets, batch_file=batch_file))
+
+
+def test_a_missing_batch_file(make_config):
+    with pytest.raises(UserError, match="BATCH_FILE 'nope.txt' does not exist"):
+        batch.run(make_config("unused", batch_file="nope.txt"))
+
+
+# --------------------------------------------------------------------------------------------
+# End to end
+# --------------------------------------------------------------------------------------------
+
+def test_two_datasets_then_reruns_cost_only_what_changed(tmp_path, make_config):
+    first = make_image_folder(tmp_path / "first", per_class=6, seed=0)
+    second = make_image_folder(tmp_path / "second", per_class=5, seed=2)
+    config = make_config("unused", datasets=(first, second), finetune=False, split="50/25/25")
+
+    result = batch.run(config)
+    rows = summary_rows(result)
+    assert list(rows) == ["first", "second"]
+    for name, images in (("first", 12), ("second", 10)):
+        row = rows[name]
+        assert (row["status"], row["classes"], row["images"], row["new_images"]) == \
+            ("trained", "2", str(images), str(images))
+        assert row["class_names"] == "horizontal; vertical" and row["error"] == ""
+        for model in ("logreg", "head"):
+            for split in ("validation", "test"):
+                assert 0.0 <= float(row[f"{model}_{split}_accuracy"]) <= 1.0
+        assert row["finetuned_validation_accuracy"] == "" and row["finetune_s"] == ""
+        assert float(row["extract_s"]) > 0 and float(row["train_head_s"]) > 0
+    markdown = open(result.md_path).read()
+    assert "| first | trained | 2: horizontal, vertical | 12 |" in markdown
+
+    # Add two images to the first dataset only: it extracts those two and retrains; the
+    # second is skipped entirely, its models untouched.
+    make_image_folder(tmp_path / "more", per_class=1, seed=7)
+    for class_name in ("horizontal", "vertical"):
+        os.replace(tmp_path / "more" / class_name / f"{class_name}_00.jpg",
+                   tmp_path / "first" / class_name / "added.jpg")
+    head_time = mtime(config, "second", artifacts.HEAD)
+    rerun = summary_rows(batch.run(config))
+    assert (rerun["first"]["status"], rerun["first"]["images"], rerun["first"]["new_images"]) == \
+        ("trained", "14", "2")
+    assert (rerun["second"]["status"], rerun["second"]["new_images"]) == ("unchanged", "0")
+    assert rerun["second"]["train_head_s"] == rerun["second"]["evaluate_s"] == ""
+    assert rerun["second"]["head_test_accuracy"] == rows["second"]["head_test_accuracy"]
+    assert mtime(config, "second", artifacts.HEAD) == head_time
+
+    # A setting that shapes the models retrains without extracting; FORCE=1 retrains anyway.
+    second_only = config.replace(datasets=(second,), epochs=2)
+    again = summary_rows(batch.run(second_only))["second"]
+    assert (again["status"], again["new_images"]) == ("trained", "0")
+    assert mtime(config, "second", artifacts.HEAD) != head_time
+    assert summary_rows(batch.run(second_only))["second"]["status"] == "unchanged"
+    assert summary_rows(batch.run(second_only.replace(force=True)))["second"]["status"] == "trained"
+
+
+def test_a_failing_dataset_does_not_stop_the_others(tmp_path, capsys):
+    good = make_image_folder(tmp_path / "good", per_class=6)
+    one_class = make_image_folder(tmp_path / "lonely", classes=("only",), per_class=3)
+    missing = str(tmp_path / "missing")
+    out = tmp_path / "out"
+    code = main(["batch", "--datasets", missing, good, one_class, "--finetune", "0",
+                 "--weights", "none", "--size", "32", "--batch", "4", "--epochs", "2", "--split", "50/25/25",
+                 "--features-root", str(out / "features"), "--models-root", str(out / "models")])
+    assert code == 2  # the batch as a whole failed ...
+    assert "2 of 3 datasets failed (missing, lonely)" in capsys.readouterr().err
+    with open(out / "models" / batch.SUMMARY_CSV, newline="") as f:
+        rows = {row["dataset"]: row for row in csv.DictReader(f)}
+    assert [rows[n]["status"] for n in ("missing", "good", "lonely")] == \
+        ["failed", "trained", "failed"]  # ... but the good dataset ran, after the failure
+    assert "does not exist" in rows["missing"]["error"]
+    assert "1 class folder" in rows["lonely"]["error"]
+    assert float(rows["good"]["head_test_accuracy"]) >= 0 and rows["good"]["error"] == ""
+    markdown = (out / "models" / batch.SUMMARY_MD).read_text()
+    assert "| missing | failed |" in markdown and "1 class folder" in markdown
+
+
+def test_csv_labels_and_fine_tuning_in_a_batch(tmp_path, make_config):
+    # A flat folder with a labels CSV, named in BATCH_FILE's third column; FINETUNE on.
+    make_image_folder(tmp_path / "classes", per_class=6)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rows = []
+    for class_name in ("horizontal", "vertical"):
+        for i in range(6):
+            os.replace(tmp_path / "classes" / class_name / f"{class_name}_{i:02d}.jpg",
+                       flat / f"{class_name}_{i:02d}.jpg")
+            rows.append(f"{class_name}_{i:02d}.jpg,{class_name} stripes")
+    rows[0] = rows[0].replace(".jpg", ".jpeg")      # extension mismatch: still used
+    rows[-1] = "gone.jpg,vertical stripes"          # a missing file, and an unlabelled image
+    (flat / "labels.csv").write_text("filename,label\n" + "\n".join(rows) + "\n")
+    (tmp_path / "list.txt").write_text(f"{flat} stripes labels.csv\n")
+
+    result = batch.run(make_config("unused", batch_file=str(tmp_path / "list.txt"),
+                                   split="50/25/25"))
+    row = summary_rows(result)["stripes"]
+    assert row["status"] == "trained" and row["class_names"] == "horizontal stripes; vertical stripes"
+    assert (row["images"], row["skipped"], row["missing_files"], row["unlabelled"]) == \
+        ("11", "2", "1", "1")
+    assert 0.0 <= float(row["finetuned_validation_accuracy"]) <= 1.0
+    assert 0.0 <= float(row["finetuned_test_accuracy"]) <= 1.0
+    assert float(row["finetune_s"]) > 0
+    assert os.path.exists(os.path.join(os.path.dirname(result.csv_path), "stripes",
+                                       artifacts.FINETUNED))
+    assert "11 | 2 (1 / 1)" in open(result.md_path).read()
+
+
+def test_a_run_that_fails_midway_is_not_taken_as_up_to_date(tmp_path, make_config, monkeypatch):
+    from pipeline import train_head
+    data = make_image_folder(tmp_path / "only", per_class=6)
+    config = make_config("unused", datasets=(data,), finetune=False, split="50/25/25", epochs=2)
+    assert summary_rows(batch.run(config))["only"]["status"] == "trained"
+
+    def boom(config):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(train_head, "run", boom)
+    with pytest.raises(batch.BatchFailed, match="1 of 1 datasets failed") as failed:
+        batch.run(config.replace(force=True))
+    row = failed.value.result.rows[0]
+    assert (row["status"], row["error"]) == ("failed", "RuntimeError: out of memory")
+    monkeypatch.undo()
+    # Nothing about the data changed, but the last run did not finish: train again.
+    assert summary_rows(batch.run(config))["only"]["status"] == "trained"
