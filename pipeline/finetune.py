@@ -13,6 +13,7 @@ continues where it stopped; FRESH=1 starts again from the head.
 """
 import csv
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -113,7 +114,8 @@ def run(config: Config) -> FinetuneResult:
     # A run that early stopping ended stays ended; otherwise train up to EPOCHS (possibly 0 more).
     target = done if state and state["stopped"] else max(done, config.finetune_epochs)
     model.fit(train, validation_data=validation, initial_epoch=done, epochs=target,
-              callbacks=callbacks, shuffle=False)  # shuffle=False: the dataset shuffles itself
+              callbacks=callbacks, shuffle=False,  # shuffle=False: the dataset shuffles itself
+              verbose=1 if sys.stdout.isatty() else 2)  # logs: a line an epoch
     # EarlyStopping.on_train_end has put the best epoch's weights back (also after a resume).
 
     validation_scores = model.evaluate(validation, return_dict=True, verbose=0)
