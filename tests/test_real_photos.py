@@ -1,0 +1,35 @@
+"""Slow integration tests on the real photos in ../shared/data/cats_vs_dogs (`make test-slow`)."""
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import cache, extract, train_head
+from tests.conftest import SHARED_DATA
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def real_photos(tmp_path):
+    """40 real photos (20 cats, 20 dogs) as a layout (a) folder of symlinks: raw data stays untouched."""
+    for class_name in ("cats", "dogs"):
+        source = os.path.join(SHARED_DATA, "train", class_name)
+        os.makedirs(tmp_path / "photos" / class_name)
+        for name in sorted(os.listdir(source))[:20]:
+            os.symlink(os.path.join(source, name), tmp_path / "photos" / class_name / name)
+    return str(tmp_path / "photos")
+
+
+def test_real_photos_through_extract_and_train_head(real_photos, make_config):
+    config = make_config(real_photos, size=150, batch=16, epochs=2, split="70/30/0")
+    result = extract.run(config)
+    assert (result.rows, result.skipped) == (40, 0)
+    with cache.FeatureStore(config.features_dir) as store:
+        features = store.read(np.arange(len(store)))
+        assert features.shape == (40, 4, 4, 512) and np.isfinite(features).all()
+        assert store.class_names == ["cats", "dogs"]
+    assert extract.run(config).new == 0
+    metrics = train_head.run(config).metrics
+    assert set(metrics["models"]) == {"dense", "logreg"}
+    assert 0.0 <= metrics["models"]["dense"]["validation"]["accuracy"] <= 1.0
