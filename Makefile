@@ -26,7 +26,7 @@ DATA_DEP = $(if $(strip $(DATA)),,$(DEMO_STAMP))
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
-	@echo "  Variables: DATA NAME WEIGHTS SIZE BATCH SPLIT LABELS HEAD EPOCHS SEED UNFREEZE LR FRESH"
+	@echo "  Variables: DATA NAME WEIGHTS SIZE BATCH PRECISION SPLIT LABELS HEAD EPOCHS SEED UNFREEZE LR FRESH"
 	@echo "             IMAGES MODEL DATASETS BATCH_FILE FINETUNE FORCE (defaults: pipeline/config.py)"
 
 install: $(STAMP) ## Create .venv with the pinned requirements
