@@ -74,7 +74,7 @@ demo: $(STAMP) $(DEMO_STAMP) ## The whole pipeline on the demo data, offline, in
 batch: $(STAMP) ## Run every stage on many datasets: DATASETS="dirA dirB" or BATCH_FILE=<file> [FINETUNE=1] [FORCE=0]
 	$(CLI) batch $(COMMON) $(if $(strip $(DATASETS)),--datasets $(DATASETS)) \
 	  $(call opt,BATCH_FILE,batch-file) $(call opt,FINETUNE,finetune) $(call opt,FORCE,force) \
-	  $(call opt,HEAD,head) $(call opt,EPOCHS,epochs)
+	  $(call opt,HEAD,head) $(call opt,EPOCHS,epochs) $(call opt,UNFREEZE,unfreeze) $(call opt,LR,lr)
 
 reproduce: $(STAMP) ## The article's cats-vs-dogs experiment (needs internet: data + ImageNet weights)
 	$(CLI) reproduce $(COMMON)
