@@ -118,8 +118,10 @@ def _compute(config, weights, identity, todo, known):
     unreadable = {}
     progress = tqdm(total=len(shas), desc=f"extract {config.dataset_name}", unit="img",
                     smoothing=0.1)
-    for first, (batch, reasons) in zip(range(0, len(shas), config.batch),
-                                       images.image_batches(paths, config.size, config.batch)):
+    # The dataset leads the zip, so its iterator runs to its natural end (no pending work to
+    # cancel when the loop stops).
+    for (batch, reasons), first in zip(images.image_batches(paths, config.size, config.batch),
+                                       range(0, len(shas), config.batch)):
         reasons = [r.decode() for r in reasons.numpy()]
         ok = np.array([not r for r in reasons])
         batch_shas = shas[first:first + len(reasons)]

@@ -59,8 +59,8 @@ def run(config: Config) -> PredictResult:
         writer.writerow(["path", "predicted"] + [f"p_{name}" for name in class_names])
         skip_writer.writerow(["path", "reason"])
         progress = tqdm(total=len(paths), desc=f"predict ({model})", unit="img", smoothing=0.1)
-        for first, (batch, reasons) in zip(range(0, len(paths), config.batch),
-                                           images.image_batches(paths, size, config.batch)):
+        for (batch, reasons), first in zip(images.image_batches(paths, size, config.batch),
+                                           range(0, len(paths), config.batch)):
             reasons = [r.decode() for r in reasons.numpy()]
             ok = np.array([not r for r in reasons])
             probabilities = iter(predict_batch(tf.boolean_mask(batch, ok)) if ok.any() else [])
