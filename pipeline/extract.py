@@ -99,11 +99,7 @@ def _hash_files(dataset, previous):
         stat = os.stat(full)
         size, mtime_ns, sha = previous.get(image_file.path, (None, None, None))
         if (size, mtime_ns) != (stat.st_size, stat.st_mtime_ns):
-            digest = hashlib.sha256()
-            with open(full, "rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
-            sha = digest.hexdigest()
+            sha = backbone.file_sha256(full)
         out.append((image_file, sha, stat))
     return out
 
