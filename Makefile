@@ -14,8 +14,9 @@ DATA ?=
 NAME ?=
 opt = $(if $(strip $($(1))),--$(2) $($(1)))
 COMMON  = $(call opt,DATA,data) $(call opt,NAME,name) $(call opt,WEIGHTS,weights) \
-          $(call opt,SIZE,size) $(call opt,BATCH,batch) $(call opt,PRECISION,precision) $(call opt,SPLIT,split) \
-          $(call opt,LABELS,labels) $(call opt,LABEL_COLUMNS,label-columns) $(call opt,SEED,seed)
+          $(call opt,SIZE,size) $(call opt,BATCH,batch) $(call opt,PRECISION,precision) \
+          $(call opt,STORAGE,storage) $(call opt,SPLIT,split) $(call opt,LABELS,labels) \
+          $(call opt,LABEL_COLUMNS,label-columns) $(call opt,SEED,seed)
 CLI     = $(PYTHON) -m pipeline
 # With no DATA, stages run on the embedded demo data (generated on first use).
 DATA_DEP = $(if $(strip $(DATA)),,$(DEMO_STAMP))
@@ -26,7 +27,7 @@ DATA_DEP = $(if $(strip $(DATA)),,$(DEMO_STAMP))
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
-	@echo "  Variables: DATA NAME WEIGHTS SIZE BATCH PRECISION SPLIT LABELS HEAD EPOCHS SEED UNFREEZE LR FRESH"
+	@echo "  Variables: DATA NAME WEIGHTS SIZE BATCH PRECISION STORAGE SPLIT LABELS HEAD EPOCHS SEED UNFREEZE LR FRESH"
 	@echo "             IMAGES MODEL DATASETS BATCH_FILE FINETUNE FORCE (defaults: pipeline/config.py)"
 
 install: $(STAMP) ## Create .venv with the pinned requirements

@@ -16,6 +16,7 @@ IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + IMAGENET_FILE)
 IMAGENET_MD5 = "6d6bbae143d832006294945121d1f1fc"  # the hash Keras itself checks
 RANDOM_FINGERPRINT = "random-init:glorot-uniform:numpy-seed-0:v1"
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}  # STORAGE: how features are kept
 RANDOM_NOTICE = "weights are random: accuracy is not meaningful"
 
 
@@ -113,11 +114,25 @@ def resolve_precision(precision):
     return precision
 
 
-def feature_identity(weights, size, precision="float32"):
+def resolve_storage(storage):
+    if storage not in STORAGE_DTYPES:
+        raise UserError(f"STORAGE={storage!r} is not one of {', '.join(STORAGE_DTYPES)}")
+    return storage
+
+
+def feature_identity(weights, size, precision="float32", storage="float32"):
     """Everything that changes the numbers in a feature map. Features are reused only when all of
     it is equal; `identity_id` names the folder that holds them."""
-    return {"backbone": BACKBONE_ID, "weights": weights.fingerprint, "image_size": int(size),
-            "preprocess": PREPROCESS_ID, "precision": precision}
+    identity = {"backbone": BACKBONE_ID, "weights": weights.fingerprint, "image_size": int(size),
+                "preprocess": PREPROCESS_ID, "precision": precision}
+    if storage != "float32":  # float32 is the original format: caches made before STORAGE keep
+        identity["storage"] = storage  # their identity_id, so none of their work is redone
+    return identity
+
+
+def storage_dtype(identity):
+    """The dtype a cache stores its features in (they are always read back as float32)."""
+    return STORAGE_DTYPES[identity.get("storage", "float32")]
 
 
 def identity_id(identity):

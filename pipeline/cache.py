@@ -3,7 +3,7 @@
     features/<NAME>/
         features.h5                  the file users open: row index + a virtual `features` dataset
         segments/<identity_id>/      immutable segment files, one folder per feature identity
-            seg-<time>-<pid>.h5      features (n, h, w, 512) float32 and sha256 (n,)
+            seg-<time>-<pid>.h5      features (n, h, w, 512) float32 (or float16) and sha256 (n,)
         skipped.csv, .lock
 
 Crash safety comes from never modifying a file in place: a segment is written under a temporary
@@ -68,12 +68,16 @@ def inventory(features_dir, identity_id):
 
 
 def write_segment(features_dir, identity_id, shas, features):
-    """Write one immutable segment atomically and return its path relative to features_dir."""
+    """Write one immutable segment atomically and return its path relative to features_dir.
+    `features` is float32, or float16 for STORAGE=float16: one dtype per identity's folder."""
+    features = np.asarray(features)
+    if features.dtype not in (np.float32, np.float16):
+        raise TypeError(f"features must be float32 or float16, not {features.dtype}")
     folder = segment_dir(features_dir, identity_id)
     os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, f"seg-{time.time_ns():020d}-{os.getpid()}.h5")
     with h5py.File(final + ".tmp", "w") as f:
-        f.create_dataset("features", data=np.asarray(features, np.float32))
+        f.create_dataset("features", data=features)  # float32 or float16 (STORAGE), as given
         f.create_dataset("sha256", data=np.asarray(shas, dtype=object), dtype=STR)
     _fsync(final + ".tmp")
     os.replace(final + ".tmp", final)
@@ -103,7 +107,7 @@ def compact(features_dir, identity_id, known, keep):
     return updated
 
 
-def write_master(features_dir, rows, attrs, feature_shape, unreadable):
+def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable):
     """Atomically replace features.h5. `rows`: dicts with path, label, sha256, split, size,
     mtime_ns, segment, segment_row, segment_rows. Rows are stored in feature order (segment,
     then row), which is stable across reruns and keeps the virtual mapping to few long runs.
@@ -111,7 +115,7 @@ def write_master(features_dir, rows, attrs, feature_shape, unreadable):
     rows = sorted(rows, key=lambda r: (r["segment"], r["segment_row"], r["path"]))
     n = len(rows)
     final = os.path.join(features_dir, MASTER)
-    layout = h5py.VirtualLayout(shape=(n, *feature_shape), dtype=np.float32)
+    layout = h5py.VirtualLayout(shape=(n, *feature_shape), dtype=dtype)  # the segments' dtype
     segments = sorted({r["segment"] for r in rows})
     start = 0
     while start < n:  # one mapping per run of consecutive rows of one segment

@@ -28,6 +28,8 @@ class Config:
     batch: int = 32                  # BATCH: images per forward pass
     precision: str = "auto"          # PRECISION: auto (mixed_float16 on a GPU, else float32) |
                                      # float32 | mixed_float16 | mixed_bfloat16; part of the identity
+    storage: str = "float32"         # STORAGE: float32 | float16 (half the disk and read I/O; the
+                                     # features are rounded to ~3 digits); part of the identity
     # --- stage two: the head on cached features -------------------------------------------------
     head: str = "both"               # HEAD: dense | logreg | both
     epochs: int = 30                 # EPOCHS: head epochs (early stopping usually ends sooner)

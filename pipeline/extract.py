@@ -36,7 +36,8 @@ def run(config: Config) -> ExtractResult:
     fractions = config.split_fractions
     weights = backbone.resolve_weights(config.weights)
     precision = backbone.resolve_precision(config.precision)
-    identity = backbone.feature_identity(weights, config.size, precision)
+    storage = backbone.resolve_storage(config.storage)
+    identity = backbone.feature_identity(weights, config.size, precision, storage)
     identity_id = backbone.identity_id(identity)
     out = config.features_dir
 
@@ -73,7 +74,7 @@ def run(config: Config) -> ExtractResult:
         changed = attrs["index_digest"] != cache.master_attribute(out, "index_digest")
         if changed:
             referenced = cache.write_master(out, rows, attrs, backbone.feature_shape(config.size),
-                                            unreadable)
+                                            backbone.storage_dtype(identity), unreadable)
             cache.remove_unreferenced(out, identity_id, set(referenced))
         images.write_skipped_csv(os.path.join(out, "skipped.csv"), skipped)
 
@@ -109,6 +110,7 @@ def _compute(config, weights, identity, todo, known):
     in place and returns {sha: reason} for the files that could not be decoded."""
     base = backbone.build_backbone(weights, config.size, identity["precision"])
     features_of = backbone.feature_function(base)
+    dtype = backbone.storage_dtype(identity)
     shas = list(todo)
     paths = [os.path.join(config.data, todo[sha]) for sha in shas]
     unreadable = {}
@@ -123,7 +125,11 @@ def _compute(config, weights, identity, todo, known):
         batch_shas = shas[first:first + len(reasons)]
         unreadable.update({s: r for s, r in zip(batch_shas, reasons) if r})
         if ok.any():
-            features = features_of(tf.boolean_mask(batch, ok)).numpy()
+            features = features_of(tf.boolean_mask(batch, ok)).numpy().astype(dtype)
+            if not np.isfinite(features).all():
+                raise UserError(f"features of {paths[first]} (batch of {len(reasons)}) are not "
+                                f"finite{' in float16' * (dtype == np.float16)}: the WEIGHTS give "
+                                "values out of range; use STORAGE=float32 and PRECISION=float32")
             good = [s for s, k in zip(batch_shas, ok) if k]
             segment = cache.write_segment(config.features_dir, backbone.identity_id(identity),
                                           good, features)

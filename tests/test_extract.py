@@ -80,6 +80,29 @@ def test_rerun_is_incremental(image_folder, make_config):
     assert resized.identity["image_size"] == 64
 
 
+def test_float16_storage_is_its_own_identity_and_rounds_only(image_folder, make_config,
+                                                            tiny_weights_file):
+    config = make_config(image_folder, weights=tiny_weights_file)
+    full = extract.run(config)
+    full32 = read_cache(config)
+    half = extract.run(config.replace(storage="float16"))
+    half32 = read_cache(config)  # read back as float32
+    assert half.new == 12 and half.identity == {**full.identity, "storage": "float16"}
+    assert "storage" not in full.identity  # float32 caches made before STORAGE keep their id
+    with h5py.File(half.features_path, "r") as f:
+        assert f["features"].dtype == np.float16
+    for rel in full32:
+        assert half32[rel].dtype == np.float32
+        np.testing.assert_allclose(half32[rel], full32[rel].astype(np.float16), rtol=0, atol=0)
+    back = extract.run(config)  # float32 again: its segments are still there
+    assert (back.new, back.reused) == (0, 12)
+
+
+def test_unknown_storage_is_refused(image_folder, make_config):
+    with pytest.raises(UserError, match="STORAGE='int8' is not one of float32, float16"):
+        extract.run(make_config(image_folder, storage="int8"))
+
+
 def test_row_order_is_stable(image_folder, make_config):
     config = make_config(image_folder)
     extract.run(config)

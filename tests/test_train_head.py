@@ -34,7 +34,7 @@ def synthetic_cache(features_dir, labels, splits, shape=(1, 2, 4), class_names=(
                  segment_rows=len(labels))
             for i, (label, split, sha) in enumerate(zip(labels, splits, shas))]
     attrs = {"class_names": list(class_names), "identity": identity, "identity_id": "synthetic"}
-    cache.write_master(features_dir, rows, attrs, shape, {})
+    cache.write_master(features_dir, rows, attrs, shape, np.float32, {})
     return features
 
 
@@ -128,6 +128,21 @@ def test_both_heads_beat_chance_on_demo_data(demo_config, tmp_path):
     for name in artifacts.HEAD, artifacts.HEAD_CHECKPOINT, artifacts.HEAD_LOG, artifacts.LOGREG, \
             artifacts.HEAD_HISTORY_PLOT:
         assert os.path.getsize(os.path.join(tmp_path, "data", name)) > 0
+
+
+def test_heads_on_a_float16_cache_score_as_on_float32(demo_config, tmp_path):
+    """STORAGE=float16 rounds the features to 11 significant bits; the heads read them back as
+    float32 and land where they land on the float32 cache."""
+    half = demo_config.replace(storage="float16", features_root=str(tmp_path / "features"),
+                               models_root=str(tmp_path / "half"))
+    extract.run(half)
+    full_run, half_run = (train_head.run(config) for config in
+                          (demo_config.replace(models_root=str(tmp_path / "full")), half))
+    assert half_run.metrics["identity"]["storage"] == "float16"
+    scores = full_run.metrics["models"], half_run.metrics["models"]
+    for name in ("dense", "logreg"):
+        full_acc, half_acc = (s[name]["validation"]["accuracy"] for s in scores)
+        assert full_acc > 0.65 and abs(full_acc - half_acc) <= 0.05, (name, full_acc, half_acc)
 
 
 def test_same_seed_same_metrics(demo_config, tmp_path):
