@@ -5,8 +5,9 @@ the real cats_vs_dogs photos, through the pipeline's own stages.
     BENCH_FINETUNE_EPOCHS=3  fine-tuning epochs: one takes ~6 min on 2 cores (2000 images at 150 px
                              through VGG16 with block5 training, then 500 validation images)
     BENCH_ACCURACY_N=0       images per class folder, for a quick check of this phase (0 = all)
-On 2 cores the whole phase takes ~30 min: extraction of 3000 images ~6 min, heads ~2 min,
-fine-tuning ~6 min per epoch.
+Then the same heads on a STORAGE=float16 cache (acc_logreg_float16, acc_head_float16).
+On 2 cores the whole phase takes ~30 min: each extraction of 3000 images ~4 min, heads ~2 min,
+fine-tuning ~5 min per epoch.
 """
 import os
 import subprocess
@@ -40,12 +41,19 @@ def run(data, work, size, batch):
     extract.run(config)
     train_head.run(config)
     finetune.run(config)
-    return validation_accuracy(config), {"accuracy_weights": weights,
-                                         "accuracy_finetune_epochs": FINETUNE_EPOCHS,
-                                         "accuracy_images_per_folder": PER_FOLDER or "all"}
+    figures = validation_accuracy(config)
+
+    # STORAGE=float16 (issue 7: keep it only if it keeps accuracy): its own cache and heads.
+    half = config.replace(name="cats_vs_dogs_float16", storage="float16")
+    extract.run(half)
+    train_head.run(half)
+    figures.update({f"{key}_float16": value for key, value in
+                    validation_accuracy(half, finetuned=False).items()})
+    return figures, {"accuracy_weights": weights, "accuracy_finetune_epochs": FINETUNE_EPOCHS,
+                     "accuracy_images_per_folder": PER_FOLDER or "all"}
 
 
-def validation_accuracy(config):
+def validation_accuracy(config, finetuned=True):
     """The saved models, scored here in one way for all three on the cache's validation rows."""
     with cache.FeatureStore(config.features_dir) as store:
         rows = store.rows("validation")
@@ -54,13 +62,14 @@ def validation_accuracy(config):
         size = store.identity["image_size"]
     logreg = joblib.load(artifacts.path(config, artifacts.LOGREG))["model"]
     head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD), compile=False)
-    finetuned = keras.saving.load_model(artifacts.path(config, artifacts.FINETUNED), compile=False)
     predicted = {
         "acc_logreg": logreg.predict(features.reshape(len(features), -1)),
         "acc_head": heads.class_probabilities(head.predict(features, verbose=0)).argmax(1),
-        "acc_finetuned": heads.class_probabilities(finetuned.predict(
-            images.labelled_dataset(paths, labels, size, config.batch), verbose=0)).argmax(1),
     }
+    if finetuned:
+        model = keras.saving.load_model(artifacts.path(config, artifacts.FINETUNED), compile=False)
+        predicted["acc_finetuned"] = heads.class_probabilities(model.predict(
+            images.labelled_dataset(paths, labels, size, config.batch), verbose=0)).argmax(1)
     return {key: float(np.mean(p == labels)) for key, p in predicted.items()}
 
 

@@ -15,16 +15,18 @@ import shutil
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+SEED_ENV = dict(os.environ)  # the naive Keras way runs with TensorFlow's defaults, as the seed did
 
+import pipeline  # noqa: E402, F401  first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import options  # noqa: E402  (bench/options.py: figure 6, and the naive Keras way)
 import support  # noqa: E402  (bench/support.py: the synthetic cache, the machine)
 from pipeline import artifacts, backbone, cache, extract, heads, images, train_head  # noqa: E402
 from pipeline.config import Config  # noqa: E402
@@ -40,6 +42,7 @@ FROZEN_IMAGES = 128        # images timed through base + head (per image x train
 SYNTH_EPOCHS = 2           # train-head epochs on the synthetic cache (memory, not speed)
 WORK = os.path.join(ROOT, "bench", "work")
 RESULTS = os.path.join(ROOT, "bench", "results.json")
+LOG = os.path.join(WORK, "subprocesses.log")  # stderr of the processes bench/options.py starts
 
 # key, what, target (as text), passes(value) -> bool
 TARGETS = [
@@ -59,6 +62,8 @@ TARGETS = [
     ("acc_logreg", "validation accuracy, logreg", "", None),
     ("acc_head", "validation accuracy, dense head", "", None),
     ("acc_finetuned", "validation accuracy, fine-tuned", "", None),
+    ("acc_logreg_float16", "validation accuracy, logreg, STORAGE=float16", "", None),
+    ("acc_head_float16", "validation accuracy, dense head, STORAGE=float16", "", None),
 ]
 
 
@@ -71,7 +76,10 @@ def main():
                "settings": dict(BENCH_N=N, BENCH_SYNTH_ROWS=SYNTH_ROWS, BENCH_ACCURACY=ACCURACY,
                                 size=SIZE, batch=BATCH, weights="none", data=os.path.abspath(DATA),
                                 model_only_batches=MODEL_ONLY_BATCHES, head_epochs=HEAD_EPOCHS,
-                                frozen_images=FROZEN_IMAGES, synth_epochs=SYNTH_EPOCHS),
+                                frozen_images=FROZEN_IMAGES, synth_epochs=SYNTH_EPOCHS,
+                                TF_ENABLE_ONEDNN_OPTS=os.environ["TF_ENABLE_ONEDNN_OPTS"],
+                                naive_TF_ENABLE_ONEDNN_OPTS=SEED_ENV.get("TF_ENABLE_ONEDNN_OPTS",
+                                                                         "(unset)")),
                "details": {}}
     shutil.rmtree(WORK, ignore_errors=True)
     picked = pick_images(DATA, N)
@@ -89,7 +97,8 @@ def main():
               ("naive Keras way", lambda: naive_keras(full_dir)),
               ("head epochs", lambda: head_epochs(config)),
               ("peak RSS of extract", lambda: extract_memory(full_dir)),
-              ("peak RSS of train-head", train_head_memory)]
+              ("peak RSS of train-head", train_head_memory),
+              ("speed options", lambda: speed_options(picked, full_dir))]
     if ACCURACY:
         import accuracy  # bench/accuracy.py: needs train_head and finetune
         phases.append(("accuracy", lambda: accuracy.run(DATA, WORK, SIZE, BATCH)))
@@ -196,61 +205,19 @@ def model_only(paths):
 
 
 def naive_keras(folder):
-    """The seed's way, model build included as in ours: image_dataset_from_directory ->
-    map(preprocess_input) -> model.predict -> np.save."""
-    start = time.perf_counter()
-    ds = keras.utils.image_dataset_from_directory(folder, image_size=(SIZE, SIZE), shuffle=False,
-                                                  batch_size=BATCH)
-    ds = ds.map(lambda x, y: (keras.applications.vgg16.preprocess_input(x), y))
-    model = backbone.build_backbone(backbone.resolve_weights("none"), SIZE)
-    features = model.predict(ds, verbose=0)
-    np.save(os.path.join(WORK, "naive_features.npy"), features)
-    seconds = time.perf_counter() - start
-    return ({"naive_keras_ips": len(features) / seconds},
-            {"naive_keras_images": len(features), "naive_keras_s": seconds})
+    """The seed's way (bench/options.py naive), in a process with the environment `make bench`
+    was started with: TensorFlow's own defaults, unless the user set TF_ENABLE_ONEDNN_OPTS."""
+    naive = options.in_process(["naive", folder, SIZE, BATCH], SEED_ENV, LOG)
+    return ({"naive_keras_ips": naive["ips"]},
+            {"naive_keras_images": naive["images"], "naive_keras_s": naive["seconds"]})
 
 
 # --------------------------------------------------------------------------------------------
 # 2. Head training: an epoch on the cache vs an epoch with the frozen base in the loop
 # --------------------------------------------------------------------------------------------
 
-class EpochTimer(keras.callbacks.Callback):
-    """Seconds of each epoch's training pass (epoch start -> validation start)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds, self._start, self._trained = [], None, None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start, self._trained = time.perf_counter(), None
-
-    def on_test_begin(self, logs=None):
-        if self._start is not None and self._trained is None:
-            self._trained = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append((self._trained or time.perf_counter()) - self._start)
-        self._start = None
-
-
-@contextmanager
-def timing_fit(timer):
-    """Add `timer` to the callbacks of every keras Model.fit inside the block, so the stage's own
-    fit is timed as it runs, with its own data pipeline and settings."""
-    original = keras.Model.fit
-
-    def fit(self, *args, callbacks=None, **kwargs):
-        return original(self, *args, callbacks=[*(callbacks or []), timer], **kwargs)
-
-    keras.Model.fit = fit
-    try:
-        yield timer
-    finally:
-        keras.Model.fit = original
-
-
 def head_epochs(config):
-    with timing_fit(EpochTimer()) as timer:
+    with support.timing_fit(support.EpochTimer()) as timer:
         train_head.run(config.replace(head="dense", epochs=HEAD_EPOCHS))
     cache_epoch = statistics.median(timer.seconds[1:] or timer.seconds)  # 1st epoch: tracing
     with cache.FeatureStore(config.features_dir) as store:
@@ -307,6 +274,29 @@ def train_head_memory():
 
 
 # --------------------------------------------------------------------------------------------
+# 6. The speed options, before and after (bench/options.py)
+# --------------------------------------------------------------------------------------------
+
+def speed_options(picked, full_dir):
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    figures = {"forward_ips": options.forward_variants(SEED_ENV, LOG, SIZE, gpu,
+                                                       support.cpu_flags())}
+    classes = {path: class_name for class_name, path in picked}
+
+    def extract_ips(paths, name):
+        folder = link_folder(f"data/decode_{name}", [(classes[p], p) for p in paths])
+        config = Config(data=folder, name=f"decode_{name}", weights="none", size=SIZE,
+                        batch=BATCH, features_root=os.path.join(WORK, "features"))
+        result, seconds = timed(extract.run, config)
+        return result.new / seconds
+
+    figures.update(options.decoding([p for _, p in picked], SIZE, extract_ips))
+    figures["naive_keras_onednn_ips"] = options.in_process(
+        ["naive", full_dir, SIZE, BATCH], {**SEED_ENV, "TF_ENABLE_ONEDNN_OPTS": "1"}, LOG)["ips"]
+    return {"options": figures}, {}
+
+
+# --------------------------------------------------------------------------------------------
 
 def print_table(results):
     print(f"\n{'figure':<44} {'value':>10}  {'target':<9} result")
@@ -319,6 +309,10 @@ def print_table(results):
         if key == "train_head_peak_rss_gb_100k" and passes is None:
             verdict = "(target is for 100,000 rows)"
         print(f"{what:<44} {shown:>10}  {target:<9} {verdict}")
+    if "options" in results:
+        print(f"\n{'speed option (6)':<44} {'value':>10}")
+        for key, value in support.flatten(results["options"]):
+            print(f"{key:<44} {value:>10.3g}")
     m = results["machine"]
     print(f"\n{m['cpu']}, {m['cpu_count']} cores, {m['ram_gb']:.0f} GB RAM, GPU: "
           f"{', '.join(m['gpus']) or 'none'}; BENCH_N={N}, SIZE={SIZE}, BATCH={BATCH}")

@@ -1,12 +1,15 @@
-"""What bench.py records beside its timings: the machine, the library versions, and a synthetic
-feature cache of any size for the train-head memory figure."""
+"""What bench.py needs beside its timings: the machine, the library versions, a synthetic
+feature cache of any size for the train-head memory figure, and an epoch timer for Keras fits."""
 import hashlib
 import importlib.metadata
 import os
 import platform
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -33,6 +36,16 @@ def machine():
             "cpu_count": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "ram_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, "gpus": gpus}
+
+
+def cpu_flags():
+    """The CPU's feature flags (avx2, avx512_bf16, amx_bf16, ...) from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f
+                             if line.startswith("flags")), []))
+    except OSError:
+        return set()
 
 
 def versions():
@@ -71,7 +84,7 @@ def write_synthetic_cache(folder, rows, size, seed=0):
     dataset = images.Dataset(root=folder, layout="folders", class_names=CLASSES, files=[],
                              skipped=[])
     attrs = extract._attributes(config, dataset, weights, identity, identity_id, out)
-    cache.write_master(config.features_dir, out, attrs, shape, {})
+    cache.write_master(config.features_dir, out, attrs, shape, np.float32, {})
     return config.features_dir
 
 
@@ -94,3 +107,46 @@ def peak_rss_gb(args, log, cwd):
     if code != 0:
         sys.exit(f"`python -m pipeline {' '.join(args)}` failed: see {log}")
     return maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9  # bytes on macOS, KiB on Linux
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Seconds of each epoch's training pass (epoch start -> validation start)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds, self._start, self._trained = [], None, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._trained = time.perf_counter(), None
+
+    def on_test_begin(self, logs=None):
+        if self._start is not None and self._trained is None:
+            self._trained = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append((self._trained or time.perf_counter()) - self._start)
+        self._start = None
+
+
+@contextmanager
+def timing_fit(timer):
+    """Add `timer` to the callbacks of every keras Model.fit inside the block, so the stage's own
+    fit is timed as it runs, with its own data pipeline and settings."""
+    original = keras.Model.fit
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        return original(self, *args, callbacks=[*(callbacks or []), timer], **kwargs)
+
+    keras.Model.fit = fit
+    try:
+        yield timer
+    finally:
+        keras.Model.fit = original
+
+
+def flatten(figures, prefix=""):
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

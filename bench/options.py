@@ -1,0 +1,143 @@
+"""Figure 6 of `make bench`: the speed options of issue 7, each measured before and after.
+
+TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it is imported, so every forward-pass variant
+and the naive Keras way run in a process of their own:
+
+    python bench/options.py forward ONEDNN BATCH XLA PRECISION   -> one line of JSON (img/s)
+    python bench/options.py naive FOLDER                         -> one line of JSON (img/s)
+
+bench.py calls `measure(...)`, which starts those processes and also times the loader with and
+without libjpeg's DCT-scaled decoding, in this process.
+"""
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORWARD_IMAGES = 160          # timed images per forward variant, after one warm-up batch
+DECODE_IMAGES = 200           # photos for the decoding figures
+
+
+# --------------------------------------------------------------------------------------------
+# In a process of its own
+# --------------------------------------------------------------------------------------------
+
+def forward(batch, xla, precision, size):
+    """Images/s of the frozen base's compiled forward pass on one in-memory batch."""
+    sys.path.insert(0, ROOT)
+    import numpy as np
+    import tensorflow as tf
+
+    from pipeline import backbone
+    base = backbone.build_backbone(backbone.resolve_weights("none"), size, precision)
+    run = tf.function(lambda x: tf.cast(base(x, training=False), tf.float32), jit_compile=xla)
+    x = tf.constant(np.random.default_rng(0).uniform(-120, 150, (batch, size, size, 3)), tf.float32)
+    run(x).numpy()  # warm-up: tracing, compilation, first allocations
+    done, start = 0, time.perf_counter()
+    while done < FORWARD_IMAGES:
+        run(x).numpy()
+        done += batch
+    return {"ips": done / (time.perf_counter() - start), "images": done}
+
+
+def naive(folder, size, batch):
+    """The seed's way, model build included: image_dataset_from_directory -> map(preprocess_input)
+    -> model.predict -> np.save. It imports no pipeline code, so it runs with TensorFlow's own
+    defaults (whatever the environment that started `make bench` says)."""
+    import keras
+    import numpy as np
+    start = time.perf_counter()
+    ds = keras.utils.image_dataset_from_directory(folder, image_size=(size, size), shuffle=False,
+                                                  batch_size=batch, verbose=False)
+    ds = ds.map(lambda x, y: (keras.applications.vgg16.preprocess_input(x), y))
+    model = keras.applications.VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+    features = model.predict(ds, verbose=0)
+    np.save(os.path.join(folder, "..", "naive_features.npy"), features)
+    seconds = time.perf_counter() - start
+    return {"ips": len(features) / seconds, "images": len(features), "seconds": seconds}
+
+
+# --------------------------------------------------------------------------------------------
+# Called by bench.py
+# --------------------------------------------------------------------------------------------
+
+def in_process(args, env, log):
+    """Run this file with `args` in a new process with environment `env`; its JSON line."""
+    import subprocess
+    with open(log, "a") as out:
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args)],
+                              env=env, stdout=subprocess.PIPE, stderr=out, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"bench/options.py {' '.join(map(str, args))} failed: see {log}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def forward_variants(env, log, size, gpu, cpu_flags):
+    """{variant: img/s}. eigen = TensorFlow's default kernels on an AVX2 CPU, onednn = ours."""
+    variants = {"eigen_b32": (0, 32, 0, "float32")}
+    variants.update({f"onednn_b{b}": (1, b, 0, "float32") for b in (8, 16, 32, 64)})
+    variants["onednn_xla_b32"] = (1, 32, 1, "float32")
+    if gpu:
+        variants["onednn_mixed_float16_b32"] = (1, 32, 0, "mixed_float16")
+        variants["onednn_mixed_float16_b64"] = (1, 64, 0, "mixed_float16")
+    if gpu or {"avx512_bf16", "amx_bf16"} & cpu_flags:  # no bf16 arithmetic on plain AVX2
+        variants["onednn_mixed_bfloat16_b32"] = (1, 32, 0, "mixed_bfloat16")
+    out = {}
+    for name, (onednn, batch, xla, precision) in variants.items():
+        out[name] = in_process(["forward", batch, xla, precision, size],
+                               {**env, "TF_ENABLE_ONEDNN_OPTS": str(onednn)}, log)["ips"]
+        print(f"  forward pass, {name}: {out[name]:.2f} img/s", flush=True)
+    return out
+
+
+@contextmanager
+def full_jpeg_decoding():
+    """Inside the block, the loader decodes every JPEG at full size (no DCT scaling): the
+    'before' of the draft() call in images.load_image."""
+    from PIL import JpegImagePlugin
+    draft = JpegImagePlugin.JpegImageFile.draft
+    JpegImagePlugin.JpegImageFile.draft = lambda self, mode, size: None
+    try:
+        yield
+    finally:
+        JpegImagePlugin.JpegImageFile.draft = draft
+
+
+def decoding(paths, size, extract_ips):
+    """The loader with and without DCT-scaled decoding: img/s of decoding alone (one thread), the
+    mean and largest pixel difference it makes (0-255 units), and extraction img/s for both.
+    `extract_ips(paths)` times an extraction of `paths`."""
+    import numpy as np
+
+    from pipeline import images
+    paths = paths[:DECODE_IMAGES]
+    out = {}
+    for name, mode in (("full", full_jpeg_decoding), ("draft", _unchanged)):
+        with mode():
+            start = time.perf_counter()
+            decoded = [images.load_image(p, size) for p in paths]
+            out[f"decode_ips_{name}"] = len(paths) / (time.perf_counter() - start)
+            out[f"extract_ips_{name}"] = extract_ips(paths, name)
+        out[name] = np.stack(decoded)
+    difference = np.abs(out.pop("full") - out.pop("draft"))
+    out["draft_mean_abs_pixel_difference"] = float(difference.mean())
+    out["draft_max_abs_pixel_difference"] = float(difference.max())
+    return out
+
+
+@contextmanager
+def _unchanged():
+    yield
+
+
+if __name__ == "__main__":
+    command, args = sys.argv[1], sys.argv[2:]
+    if command == "forward":
+        batch, xla, precision, size = int(args[0]), args[1] == "1", args[2], int(args[3])
+        print(json.dumps(forward(batch, xla, precision, size)))
+    elif command == "naive":
+        print(json.dumps(naive(args[0], int(args[1]), int(args[2]))))
+    else:
+        sys.exit(f"unknown command {command!r}: forward | naive")
