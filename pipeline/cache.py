@@ -4,7 +4,7 @@
         features.h5                  the file users open: row index + a virtual `features` dataset
         segments/<identity_id>/      immutable segment files, one folder per feature identity
             seg-<time>-<pid>.h5      features (n, h, w, 512) float32 (or float16) and sha256 (n,)
-        skipped.csv, .lock
+        skipped.csv, .extract.lock
 
 Crash safety comes from never modifying a file in place: a segment is written under a temporary
 name and renamed when complete, and features.h5 is rebuilt the same way (temporary file, then
@@ -34,20 +34,22 @@ READ_BLOCK = 1024     # rows per contiguous read from the virtual dataset
 # --------------------------------------------------------------------------------------------
 
 @contextmanager
-def exclusive(features_dir):
-    """Only one writer per dataset. The OS drops the lock when its holder dies, even by kill -9."""
-    os.makedirs(features_dir, exist_ok=True)
-    with open(os.path.join(features_dir, ".lock"), "a+") as lock:
+def exclusive(folder, stage="extract", remove_strays=True):
+    """Only one `stage` at a time writes `folder` (extract: features/<NAME>, finetune:
+    models/<NAME>). The OS drops the lock when its holder dies, even by kill -9."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f".{stage}.lock"), "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "?"
-            raise UserError(f"another extract (pid {holder}) is writing {features_dir}: wait for it "
+            raise UserError(f"another {stage} (pid {holder}) is writing {folder}: wait for it "
                             "to finish, then run this again") from None
         lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
-        for stray in glob.glob(os.path.join(features_dir, "**", "*.tmp"), recursive=True):
-            os.remove(stray)  # left by a killed run; never referenced by anything
+        if remove_strays:
+            for stray in glob.glob(os.path.join(folder, "**", "*.tmp"), recursive=True):
+                os.remove(stray)  # left by a killed run; never referenced by anything
         yield
 
 

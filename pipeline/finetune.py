@@ -50,6 +50,13 @@ def run(config: Config) -> FinetuneResult:
     start = time.perf_counter()
     if config.finetune_epochs < 1:
         raise UserError(f"EPOCHS={config.finetune_epochs} trains nothing: use EPOCHS=1 or more")
+    # Two fine-tunes of one dataset would overwrite each other's checkpoints: one at a time. (Other
+    # stages write models/<NAME> too, so strays are left alone; each file is replaced atomically.)
+    with cache.exclusive(config.models_dir, "finetune", remove_strays=False):
+        return _finetune(config, start)
+
+
+def _finetune(config, start):
     keras.utils.set_random_seed(config.seed)
     with cache.FeatureStore(config.features_dir) as store:           # "no cache" refused here
         head_path = artifacts.path(config, artifacts.HEAD)

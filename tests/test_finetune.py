@@ -11,7 +11,7 @@ import pytest
 
 from conftest import make_image_folder
 from pipeline import __main__ as cli
-from pipeline import artifacts, backbone, demo_data, extract, finetune, images, train_head
+from pipeline import artifacts, backbone, cache, demo_data, extract, finetune, images, train_head
 from pipeline.cache import FeatureStore
 from pipeline.config import Config, UserError
 
@@ -225,6 +225,13 @@ def test_no_cache_and_no_head_are_refused(tmp_path, make_config):
     extract.run(config)
     with pytest.raises(UserError, match="no head has been trained: run `make train-head`"):
         finetune.run(config)
+
+
+def test_a_second_finetune_of_the_same_dataset_fails_clearly(ready):
+    config = ready()
+    with cache.exclusive(config.models_dir, "finetune", remove_strays=False):
+        with pytest.raises(UserError, match="another finetune .* is writing .*: wait for it"):
+            finetune.run(config)
 
 
 def test_the_cli_prints_one_line_and_exits_non_zero(tmp_path, capsys):
