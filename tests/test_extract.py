@@ -98,6 +98,23 @@ def test_float16_storage_is_its_own_identity_and_rounds_only(image_folder, make_
     assert (back.new, back.reused) == (0, 12)
 
 
+@pytest.mark.parametrize("precision, tolerance", [("mixed_float16", 0.005),
+                                                  ("mixed_bfloat16", 0.03)])
+def test_mixed_precision_features_are_their_own_identity_and_close_to_float32(
+        image_folder, make_config, tiny_weights_file, precision, tolerance):
+    """What PRECISION=auto picks on a GPU (float16), and bfloat16, computed here on the CPU:
+    within `tolerance` of the largest float32 feature (seen: 0.09% and 0.8%)."""
+    config = make_config(image_folder, weights=tiny_weights_file)
+    extract.run(config)
+    full = read_cache(config)
+    mixed = extract.run(config.replace(precision=precision))
+    assert mixed.new == 12 and mixed.identity["precision"] == precision
+    reduced = read_cache(config)
+    largest = max(np.abs(f).max() for f in full.values())
+    for rel in full:
+        np.testing.assert_allclose(reduced[rel], full[rel], rtol=0, atol=tolerance * largest)
+
+
 def test_unknown_storage_is_refused(image_folder, make_config):
     with pytest.raises(UserError, match="STORAGE='int8' is not one of float32, float16"):
         extract.run(make_config(image_folder, storage="int8"))
