@@ -2,12 +2,12 @@
 the real cats_vs_dogs photos, through the pipeline's own stages.
 
     WEIGHTS=<file.h5>        the VGG16 weights (default: the stand-in, built once, see below)
-    BENCH_FINETUNE_EPOCHS=3  fine-tuning epochs: one takes ~6 min on 2 cores (2000 images at 150 px
+    BENCH_FINETUNE_EPOCHS=3  fine-tuning epochs: one takes ~4 min on 2 cores (2000 images at 150 px
                              through VGG16 with block5 training, then 500 validation images)
     BENCH_ACCURACY_N=0       images per class folder, for a quick check of this phase (0 = all)
 Then the same heads on a STORAGE=float16 cache (acc_logreg_float16, acc_head_float16).
-On 2 cores the whole phase takes ~30 min: each extraction of 3000 images ~4 min, heads ~2 min,
-fine-tuning ~5 min per epoch.
+On 2 cores the whole phase takes ~25 min: each extraction of 3000 images ~4 min, heads ~1 min,
+fine-tuning ~4 min per epoch (measured with oneDNN on).
 """
 import os
 import subprocess

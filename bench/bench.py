@@ -5,7 +5,7 @@ Settings (environment variables; bench/README.md explains every figure):
                              the two classes, train first); the default run takes ~10-15 min on 2 cores
     BENCH_SYNTH_ROWS=100000  rows of the synthetic cache for the train-head memory figure (3.3 GB)
     BENCH_ACCURACY=1         also the slow accuracy figures (bench/accuracy.py: WEIGHTS,
-                             BENCH_FINETUNE_EPOCHS; all of cats_vs_dogs, ~30 min on 2 cores)
+                             BENCH_FINETUNE_EPOCHS; all of cats_vs_dogs, ~25 min on 2 cores)
     BENCH_DATA=<dir>         the photos (default ../shared/data/cats_vs_dogs, read-only: the
                              benchmark folders are symlinks under bench/work/, git-ignored)
 Speed does not depend on the weights' values, so every timing runs with WEIGHTS=none.
@@ -285,10 +285,8 @@ def speed_options(picked, full_dir):
 
     def extract_ips(paths, name):
         folder = link_folder(f"data/decode_{name}", [(classes[p], p) for p in paths])
-        config = Config(data=folder, name=f"decode_{name}", weights="none", size=SIZE,
-                        batch=BATCH, features_root=os.path.join(WORK, "features"))
-        result, seconds = timed(extract.run, config)
-        return result.new / seconds
+        return options.in_process(["extract", folder, int(name == "full"), SIZE, BATCH,
+                                   os.path.join(WORK, "features")], dict(os.environ), LOG)["ips"]
 
     figures.update(options.decoding([p for _, p in picked], SIZE, extract_ips))
     figures["naive_keras_onednn_ips"] = options.in_process(

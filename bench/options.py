@@ -3,11 +3,12 @@
 TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it is imported, so every forward-pass variant
 and the naive Keras way run in a process of their own:
 
-    python bench/options.py forward ONEDNN BATCH XLA PRECISION   -> one line of JSON (img/s)
-    python bench/options.py naive FOLDER                         -> one line of JSON (img/s)
+    python bench/options.py forward BATCH XLA PRECISION SIZE           -> JSON: img/s
+    python bench/options.py naive FOLDER SIZE BATCH                    -> JSON: img/s
+    python bench/options.py extract FOLDER FULL_DECODING SIZE BATCH OUT -> JSON: img/s
 
-bench.py calls `measure(...)`, which starts those processes and also times the loader with and
-without libjpeg's DCT-scaled decoding, in this process.
+bench.py calls `forward_variants` and `decoding`, which start those processes (so each
+measurement also starts from a fresh process, as a user's `make extract` does).
 """
 import json
 import os
@@ -59,6 +60,20 @@ def naive(folder, size, batch):
     return {"ips": len(features) / seconds, "images": len(features), "seconds": seconds}
 
 
+def extract_folder(folder, full_decoding, size, batch, features_root):
+    """Images/s of extract.run on `folder` (WEIGHTS=none), with or without DCT-scaled decoding."""
+    sys.path.insert(0, ROOT)
+    from pipeline import extract
+    from pipeline.config import Config
+    config = Config(data=folder, name=os.path.basename(folder), weights="none", size=size,
+                    batch=batch, features_root=features_root)
+    with full_jpeg_decoding() if full_decoding else _unchanged():
+        start = time.perf_counter()
+        result = extract.run(config)
+        seconds = time.perf_counter() - start
+    return {"ips": result.new / seconds, "images": result.new, "seconds": seconds}
+
+
 # --------------------------------------------------------------------------------------------
 # Called by bench.py
 # --------------------------------------------------------------------------------------------
@@ -108,7 +123,7 @@ def full_jpeg_decoding():
 def decoding(paths, size, extract_ips):
     """The loader with and without DCT-scaled decoding: img/s of decoding alone (one thread), the
     mean and largest pixel difference it makes (0-255 units), and extraction img/s for both.
-    `extract_ips(paths)` times an extraction of `paths`."""
+    `extract_ips(paths, name)` times an extraction of `paths` (name: "full" or "draft")."""
     import numpy as np
 
     from pipeline import images
@@ -119,7 +134,7 @@ def decoding(paths, size, extract_ips):
             start = time.perf_counter()
             decoded = [images.load_image(p, size) for p in paths]
             out[f"decode_ips_{name}"] = len(paths) / (time.perf_counter() - start)
-            out[f"extract_ips_{name}"] = extract_ips(paths, name)
+        out[f"extract_ips_{name}"] = extract_ips(paths, name)
         out[name] = np.stack(decoded)
     difference = np.abs(out.pop("full") - out.pop("draft"))
     out["draft_mean_abs_pixel_difference"] = float(difference.mean())
@@ -139,5 +154,8 @@ if __name__ == "__main__":
         print(json.dumps(forward(batch, xla, precision, size)))
     elif command == "naive":
         print(json.dumps(naive(args[0], int(args[1]), int(args[2]))))
+    elif command == "extract":
+        print(json.dumps(extract_folder(args[0], args[1] == "1", int(args[2]), int(args[3]),
+                                        args[4])))
     else:
-        sys.exit(f"unknown command {command!r}: forward | naive")
+        sys.exit(f"unknown command {command!r}: forward | naive | extract")
