@@ -182,8 +182,9 @@ def _random_init(model, seed=0):
 
 
 def feature_function(base):
-    """A compiled forward pass of the frozen base: images -> (n, size//32, size//32, 512)."""
-    @tf.function(reduce_retracing=True)
+    """A compiled forward pass of the frozen base: images -> (n, size//32, size//32, 512).
+    Traced once for every batch size, so a run's smaller last batch costs no second trace."""
+    @tf.function(input_signature=[tf.TensorSpec((None, *base.input_shape[1:]), tf.float32)])
     def features(images):
         return tf.cast(base(images, training=False), tf.float32)
     return features

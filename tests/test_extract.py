@@ -52,6 +52,14 @@ def test_features_equal_a_direct_keras_computation(image_folder, make_config, ti
         np.testing.assert_allclose(cached[rel], direct[0], rtol=1e-4, atol=1e-4)
 
 
+def test_the_forward_pass_is_traced_once_for_every_batch_size():
+    features_of = backbone.feature_function(
+        backbone.build_backbone(backbone.resolve_weights("none"), 32))
+    shapes = [features_of(np.zeros((n, 32, 32, 3), np.float32)).shape for n in (4, 3, 1)]
+    assert shapes == [(4, 1, 1, 512), (3, 1, 1, 512), (1, 1, 1, 512)]
+    assert features_of.experimental_get_tracing_count() == 1
+
+
 def test_rerun_is_incremental(image_folder, make_config):
     config = make_config(image_folder)
     first = extract.run(config)
