@@ -9,6 +9,8 @@ Settings (environment variables; bench/README.md explains every figure):
     BENCH_DATA=<dir>         the photos (default ../shared/data/cats_vs_dogs, read-only: the
                              benchmark folders are symlinks under bench/work/, git-ignored)
 Speed does not depend on the weights' values, so every timing runs with WEIGHTS=none.
+TF_ENABLE_ONEDNN_OPTS=0 make bench measures everything with TensorFlow's default CPU kernels (the
+"before" of the oneDNN option); figure 6, the speed options, lives in bench/options.py.
 """
 import os
 import shutil
