@@ -49,7 +49,8 @@ def run(config: Config) -> ExtractResult:
         for image_file, sha, _ in files:
             if sha not in known and sha not in unreadable:
                 todo.setdefault(sha, image_file.path)
-        newly_unreadable = _compute(config, weights, identity, todo, known) if todo else {}
+        newly_unreadable = (_compute(config, weights, identity, identity_id, todo, known)
+                            if todo else {})
         unreadable.update(newly_unreadable)
 
         rows, skipped = [], list(dataset.skipped)
@@ -105,7 +106,7 @@ def _hash_files(dataset, previous):
     return out
 
 
-def _compute(config, weights, identity, todo, known):
+def _compute(config, weights, identity, identity_id, todo, known):
     """Run the new images through the backbone, one atomic segment per batch. Updates `known`
     in place and returns {sha: reason} for the files that could not be decoded."""
     base = backbone.build_backbone(weights, config.size, identity["precision"])
@@ -125,14 +126,13 @@ def _compute(config, weights, identity, todo, known):
         batch_shas = shas[first:first + len(reasons)]
         unreadable.update({s: r for s, r in zip(batch_shas, reasons) if r})
         if ok.any():
-            features = features_of(tf.boolean_mask(batch, ok)).numpy().astype(dtype)
+            features = features_of(tf.boolean_mask(batch, ok)).numpy().astype(dtype, copy=False)
             if not np.isfinite(features).all():
                 raise UserError(f"features of {paths[first]} (batch of {len(reasons)}) are not "
                                 f"finite{' in float16' * (dtype == np.float16)}: the WEIGHTS give "
                                 "values out of range; use STORAGE=float32 and PRECISION=float32")
             good = [s for s, k in zip(batch_shas, ok) if k]
-            segment = cache.write_segment(config.features_dir, backbone.identity_id(identity),
-                                          good, features)
+            segment = cache.write_segment(config.features_dir, identity_id, good, features)
             known.update({s: (segment, row, len(good)) for row, s in enumerate(good)})
         progress.update(len(reasons))
     progress.close()
