@@ -130,8 +130,10 @@ def labelled_dataset(paths, labels, size, batch_size, augment=None, shuffle_seed
     if shuffle_seed is not None:
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
-    if augment is not None:  # augmentation runs on whole batches, in the input pipeline
-        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if augment is not None:  # augmentation runs on whole batches, in the input pipeline,
+        # one batch at a time: its seeded random layers draw from one generator state, so batches
+        # mapped in parallel would take their draws in a racy order and no two runs would agree.
+        ds = ds.map(lambda x, y: (augment(x, training=True), y))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

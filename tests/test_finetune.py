@@ -227,6 +227,20 @@ def test_no_cache_and_no_head_are_refused(tmp_path, make_config):
         finetune.run(config)
 
 
+def test_the_same_seed_fine_tunes_to_the_same_weights(ready):
+    """Augmentation draws from seeded generators; batches augmented in parallel would take their
+    draws in a racy order. Batch 1: six augmented train batches an epoch."""
+    config = ready(batch=1, finetune_epochs=2, fresh=True)
+    runs = []
+    for _ in range(2):
+        finetune.run(config)
+        runs.append(weights_by_layer(keras.saving.load_model(
+            artifacts.path(config, artifacts.FINETUNED), compile=False)))
+    assert runs[0].keys() == runs[1].keys()
+    for name in runs[0]:
+        assert not changed(runs[0][name], runs[1][name]), name
+
+
 def test_a_second_finetune_of_the_same_dataset_fails_clearly(ready):
     config = ready()
     with cache.exclusive(config.models_dir, "finetune", remove_strays=False):
