@@ -30,9 +30,15 @@ def _flag(value):
     raise argparse.ArgumentTypeError(f"expected 1 or 0, got {value!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, as for every other refusal, instead of argparse's usage block."""
+        self.exit(2, f"error: {message}: see `python -m pipeline --help`\n")
+
+
 def parser():
-    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m pipeline", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=sorted(STAGES))
     for name, field in FIELDS.items():
         option = "--" + name.replace("_", "-")
@@ -47,8 +53,8 @@ def parser():
 def main(argv=None):
     args = vars(parser().parse_args(argv))
     stage = args.pop("stage")
-    config = Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()})
     try:
+        config = Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()})
         importlib.import_module(f"pipeline.{STAGES[stage]}").run(config)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

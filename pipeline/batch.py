@@ -111,8 +111,7 @@ def jobs_of(config):
         raise UserError("nothing to do: pass DATASETS=\"dirA dirB\" or BATCH_FILE=<file>")
     seen = {}
     for job in jobs:
-        if "/" in job.name or job.name.startswith("."):
-            raise UserError(f"dataset name {job.name!r} is not a folder name: name it in BATCH_FILE")
+        config.replace(data=job.data, name=job.name)  # refuses a bad name before any work
         if job.name in seen:
             raise UserError(f"two datasets are named {job.name!r} ({seen[job.name]} and {job.data}):"
                             " list them in BATCH_FILE with a different name for each")

@@ -44,7 +44,7 @@ def test_jobs_from_datasets_and_a_batch_file(tmp_path, make_config):
     (("a/data", "b/data"), None, "two datasets are named 'data'"),
     ((), "a x\nb x\n", "two datasets are named 'x'"),
     ((), "a b c d\n", "line 1 has 4 fields"),
-    ((), "a ../up\n", "is not a folder name"),
+    ((), "a ../up\n", "is not a dataset name"),
 ])
 def test_unusable_dataset_lists(tmp_path, make_config, datasets, lines, message):
     batch_file = ""
