@@ -12,7 +12,15 @@ DEMO_STAMP := $(DEMO)/.generated
 # --- variables passed to the CLI only when set -----------------------------------------------
 DATA ?=
 NAME ?=
-opt = $(if $(strip $($(1))),--$(2) $($(1)))
+# Every value reaches the CLI as one shell word, exactly as typed (--opt=VALUE, so that even
+# LR=-1 arrives as a value, to be refused as such): $(value) stops make from
+# expanding $(...) inside it, and single quotes stop the shell (a ' inside becomes '\'').
+quote = '$(subst ','\'',$(value $(1)))'
+opt = $(if $(strip $(value $(1))),--$(2)=$(call quote,$(1)))
+# Make exports command-line variables to every recipe's environment, and expands them to do so,
+# which would run a $(shell ...) typed into one: none of these needs to be in the environment.
+unexport DATA NAME WEIGHTS SIZE BATCH PRECISION STORAGE SPLIT LABELS LABEL_COLUMNS SEED HEAD \
+         EPOCHS UNFREEZE LR FRESH IMAGES MODEL DATASETS BATCH_FILE FINETUNE FORCE
 COMMON  = $(call opt,DATA,data) $(call opt,NAME,name) $(call opt,WEIGHTS,weights) \
           $(call opt,SIZE,size) $(call opt,BATCH,batch) $(call opt,PRECISION,precision) \
           $(call opt,STORAGE,storage) $(call opt,SPLIT,split) $(call opt,LABELS,labels) \
@@ -73,7 +81,7 @@ demo: $(STAMP) $(DEMO_STAMP) ## The whole pipeline on the demo data, offline, in
 	$(CLI) report $(DEMO_ARGS)
 
 batch: $(STAMP) ## Run every stage on many datasets: DATASETS="dirA dirB" or BATCH_FILE=<file> [FINETUNE=1] [FORCE=0]
-	$(CLI) batch $(COMMON) $(if $(strip $(DATASETS)),--datasets $(DATASETS)) \
+	$(CLI) batch $(COMMON) $(if $(strip $(DATASETS)),--datasets $(foreach d,$(DATASETS),'$(subst ','\'',$(d))')) \
 	  $(call opt,BATCH_FILE,batch-file) $(call opt,FINETUNE,finetune) $(call opt,FORCE,force) \
 	  $(call opt,HEAD,head) $(call opt,EPOCHS,epochs) $(call opt,UNFREEZE,unfreeze) $(call opt,LR,lr)
 
