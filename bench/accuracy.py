@@ -13,8 +13,6 @@ import os
 import subprocess
 import sys
 
-import joblib
-import keras
 import numpy as np
 
 from pipeline import artifacts, cache, extract, finetune, heads, images, train_head
@@ -60,14 +58,13 @@ def validation_accuracy(config, finetuned=True):
         labels, features = store.labels[rows], store.read(rows)
         paths = [os.path.join(config.data, p) for p in store.paths[rows]]
         size = store.identity["image_size"]
-    logreg = joblib.load(artifacts.path(config, artifacts.LOGREG))["model"]
-    head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD), compile=False)
+    logreg, head = artifacts.load_model(config, "logreg"), artifacts.load_model(config, "head")
     predicted = {
         "acc_logreg": logreg.predict(features.reshape(len(features), -1)),
         "acc_head": heads.class_probabilities(head.predict(features, verbose=0)).argmax(1),
     }
     if finetuned:
-        model = keras.saving.load_model(artifacts.path(config, artifacts.FINETUNED), compile=False)
+        model = artifacts.load_model(config, "finetuned")
         predicted["acc_finetuned"] = heads.class_probabilities(model.predict(
             images.labelled_dataset(paths, labels, size, config.batch), verbose=0)).argmax(1)
     return {key: float(np.mean(p == labels)) for key, p in predicted.items()}

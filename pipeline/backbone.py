@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from .artifacts import file_sha256  # noqa: F401 (backbone.file_sha256: weights and images)
 from .config import UserError
 from .images import PREPROCESS_ID
 
@@ -93,14 +94,6 @@ def _imagenet_file():
         reason = " ".join(str(error).split(" -- ")[-1].split())[:120] or type(error).__name__
         raise UserError(f"could not download the ImageNet VGG16 weights ({reason}); offline, copy "
                         f"{IMAGENET_FILE} to {cached} or pass WEIGHTS=<file.h5>") from None
-
-
-def file_sha256(path, chunk=1 << 22):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_precision(precision):

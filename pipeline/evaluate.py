@@ -11,8 +11,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import joblib
-import keras
 import numpy as np
 import tensorflow as tf
 from sklearn import metrics
@@ -44,13 +42,13 @@ def run(config: Config) -> EvaluateResult:
                             "SPLIT with a non-zero validation share, then rerun `make extract`")
         labels = store.labels[rows]
         class_names = store.class_names
-        present = [m for m in MODELS if os.path.exists(artifacts.path(config, model_file(m)))]
+        present, refusals = usable_models(config, store)
         if not present:
-            raise UserError(f"no trained model in {config.models_dir}: run `make train-head` "
-                            "(and `make finetune`) first")
+            raise refusals[0] if refusals else UserError(
+                f"no trained model in {config.models_dir}: run `make train-head` (and `make "
+                "finetune`) first")
         scored = {}
         for model in present:
-            check_model(config, model, store)
             if model == "finetuned":
                 probabilities = _finetuned_probabilities(config, store, rows, labels)
             else:
@@ -88,28 +86,33 @@ def run(config: Config) -> EvaluateResult:
     return EvaluateResult(out, split, {k: v["accuracy"] for k, v in report["models"].items()})
 
 
-def model_file(model):
-    return {"logreg": artifacts.LOGREG, "head": artifacts.HEAD, "finetuned": artifacts.FINETUNED}[model]
-
-
-def made_with(config, model):
-    """(identity, class_names) a model file was made with, from the file itself or its JSON."""
-    if model == "logreg":
-        bundle = joblib.load(artifacts.path(config, artifacts.LOGREG))
-        return bundle["identity"], list(bundle["class_names"])
-    name = artifacts.HEAD_METRICS if model == "head" else artifacts.FINETUNE_METRICS
-    hint = "rerun `make train-head`" if model == "head" else "rerun `make finetune`"
-    record = artifacts.read_json(artifacts.path(config, name), hint)
-    return record["identity"], list(record["class_names"])
+def usable_models(config, store):
+    """(the models in models/<NAME> made for this cache, in table order; the refusals of the
+    others). A file left by an interrupted run, or made on other features, is named on one line
+    and skipped."""
+    usable, refusals = [], []
+    for model in MODELS:
+        if not os.path.exists(artifacts.path(config, artifacts.MODEL_FILES[model])):
+            continue
+        try:
+            check_model(config, model, store)
+            usable.append(model)
+        except UserError as refusal:
+            refusals.append(refusal)
+    for line in [artifacts.legacy_notice(config)] + (refusals if usable else []):
+        if line:
+            print(f"!!! not evaluated: {line}")
+    return usable, refusals
 
 
 def check_model(config, model, store):
-    """Refuse a model made on other features, or for other classes, than the current cache."""
-    identity, class_names = made_with(config, model)
-    what = artifacts.path(config, model_file(model))
-    artifacts.require_same_identity(identity, store.identity, what)
-    if class_names != list(store.class_names):
-        raise UserError(f"{what} was trained for classes {class_names}, the cache has "
+    """Refuse a model file that is not its record's, made on other features, or for other
+    classes than the current cache."""
+    record = artifacts.model_record(config, model)
+    what = artifacts.path(config, artifacts.MODEL_FILES[model])
+    artifacts.require_same_identity(record["identity"], store.identity, what)
+    if list(record["class_names"]) != list(store.class_names):
+        raise UserError(f"{what} was trained for classes {record['class_names']}, the cache has "
                         f"{list(store.class_names)}: retrain it with `make train-head` "
                         "(and `make finetune`)")
 
@@ -117,10 +120,10 @@ def check_model(config, model, store):
 def _feature_probabilities(config, model, store, rows):
     """Score cached features a block at a time, so a large test split never sits in memory."""
     if model == "logreg":
-        pipeline = joblib.load(artifacts.path(config, artifacts.LOGREG))["model"]
+        pipeline = artifacts.load_model(config, "logreg")
         predict = lambda x: pipeline.predict_proba(x.reshape(len(x), -1))
     else:
-        head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD), compile=False)
+        head = artifacts.load_model(config, "head")
         predict = lambda x: head.predict(x, batch_size=config.batch, verbose=0)
     blocks = [heads.class_probabilities(predict(store.read(rows[i:i + FEATURE_BLOCK])))
               for i in range(0, len(rows), FEATURE_BLOCK)]
@@ -134,7 +137,7 @@ def _finetuned_probabilities(config, store, rows, labels):
     if missing:
         raise UserError(f"{missing[0]} (and {len(missing) - 1} more) no longer exist: pass the "
                         "DATA folder the cache was extracted from")
-    model = keras.saving.load_model(artifacts.path(config, artifacts.FINETUNED), compile=False)
+    model = artifacts.load_model(config, "finetuned")
     dataset = images.labelled_dataset(paths, labels, store.identity["image_size"], config.batch)
     try:
         return heads.class_probabilities(model.predict(dataset, verbose=0))

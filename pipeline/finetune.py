@@ -60,12 +60,9 @@ def _finetune(config, start):
     keras.utils.set_random_seed(config.seed)
     with cache.FeatureStore(config.features_dir) as store:           # "no cache" refused here
         head_path = artifacts.path(config, artifacts.HEAD)
-        head_metrics = artifacts.read_json(artifacts.path(config, artifacts.HEAD_METRICS),
-                                           "no head has been trained: run `make train-head` first")
-        if not os.path.exists(head_path) or "dense" not in head_metrics.get("models", {}):
-            raise UserError(f"no dense head at {head_path}: run `make train-head` (HEAD=dense or both)")
+        head_record = artifacts.model_record(config, "head")  # this run's head, or refused
         weights = backbone.weights_of_cache(config.weights, store.attrs)
-        artifacts.require_same_identity(head_metrics["identity"], store.identity, head_path)
+        artifacts.require_same_identity(head_record["identity"], store.identity, head_path)
         size = store.identity["image_size"]  # SIZE belongs to the cache: images must match it
         paths = checked_image_paths(config, store)
         split = {s: store.rows(s) for s in images.SPLITS}
@@ -77,7 +74,7 @@ def _finetune(config, start):
         targets = (store.labels.astype(np.float32)[:, None] if num_classes == 2
                    else store.labels.astype(np.int32))
 
-        head = keras.saving.load_model(head_path, compile=False)
+        head = artifacts.load_model(config, "head")
         model, base = compose(weights, head, store.identity)
         trainable = set_trainable(base, config.unfreeze)
         # Recompile after changing `trainable`: fit uses the trainable set the model was compiled with.
@@ -87,7 +84,7 @@ def _finetune(config, start):
                       loss=heads.loss_for(num_classes), metrics=["accuracy"])
 
         settings = {"identity_id": backbone.identity_id(store.identity), "unfreeze": config.unfreeze,
-                    "lr": config.lr, "head_sha256": backbone.file_sha256(head_path)}
+                    "lr": config.lr, "head_sha256": head_record["file_sha256"]}
         state = resume_state(config, settings)
         if state is None:
             first = split["validation"][:config.batch]
@@ -127,7 +124,7 @@ def _finetune(config, start):
 
     validation_scores = model.evaluate(validation, return_dict=True, verbose=0)
     test_scores = model.evaluate(test, return_dict=True, verbose=0) if test is not None else {}
-    result = _write_outputs(config, store, weights, model, head_metrics, checkpoint, early,
+    result = _write_outputs(config, store, weights, model, head_record, checkpoint, early,
                             trainable, done, validation_scores, test_scores)
     print(f"finetune {config.dataset_name}: {result.epochs} epochs (best {result.best_epoch}), "
           f"validation accuracy {result.validation['accuracy']:.3f}, {result.seconds:.1f} s "
@@ -335,7 +332,7 @@ def _partial(path):
 # Outputs
 # --------------------------------------------------------------------------------------------
 
-def _write_outputs(config, store, weights, model, head_metrics, checkpoint, early, trainable,
+def _write_outputs(config, store, weights, model, head_record, checkpoint, early, trainable,
                    done, validation, test):
     model_path = artifacts.path(config, artifacts.FINETUNED)
     model.save(_partial(model_path))
@@ -351,11 +348,12 @@ def _write_outputs(config, store, weights, model, head_metrics, checkpoint, earl
         "validation": scores(validation), "test": scores(test), "epochs": epochs,
         "best_epoch": int(early.best_epoch) + 1 if epochs else 0, "seconds": checkpoint.seconds(),
         "history": history, "resumed_from_epoch": done,
+        "file_sha256": artifacts.file_sha256(model_path),  # ties the file to these metrics
     }
     metrics_path = artifacts.path(config, artifacts.FINETUNE_METRICS)
     artifacts.write_json(metrics_path, metrics)
     plot_path = artifacts.path(config, artifacts.FINETUNE_HISTORY_PLOT)
-    plots.plot_history([("head", head_metrics["models"]["dense"].get("history", {})),
+    plots.plot_history([("head", head_record.get("history", {})),
                         ("fine-tune", history)], plot_path,
                        f"{config.dataset_name}: dense head, then fine-tuning from {config.unfreeze}")
     return FinetuneResult(model_path, metrics_path, plot_path, metrics["validation"],

@@ -3,6 +3,8 @@
 The dense head is built by one function, `build_dense_head`, used by stage two (trained on cached
 features) and stage three (composed with the backbone and fine-tuned), so both share one design.
 """
+import json
+
 import keras
 import numpy as np
 from sklearn.linear_model import LogisticRegression, SGDClassifier
@@ -53,6 +55,39 @@ def sgd_logistic_regression(C, n_samples, seed=0):
     mean(loss) + alpha/2 |w|^2 and LogisticRegression C * sum(loss) + 1/2 |w|^2: equal when
     alpha = 1 / (C * n_samples), so one C grid serves both."""
     return SGDClassifier(loss="log_loss", alpha=1.0 / (C * n_samples), random_state=seed)
+
+
+# The fitted arrays of a logreg pipeline, saved as .npz and read back with allow_pickle=False:
+# unlike a joblib (pickle) file, loading it can never run code, whoever put it in models/<NAME>.
+LOGREG_FORMAT = "pipeline.heads logreg npz v1"
+ESTIMATORS = {"LogisticRegression": logistic_regression,
+              "SGDClassifier": lambda: SGDClassifier(loss="log_loss")}
+
+
+def save_logreg(file, pipeline, metadata):
+    """Write a fitted StandardScaler + LogisticRegression/SGDClassifier and a JSON-able dict of
+    metadata (config, identity, class names) to `file` (a path or an open binary file)."""
+    scaler, classifier = pipeline[0], pipeline[-1]
+    metadata = {**metadata, "format": LOGREG_FORMAT, "estimator": type(classifier).__name__}
+    np.savez(file, scaler_mean=scaler.mean_, scaler_scale=scaler.scale_, scaler_var=scaler.var_,
+             coef=classifier.coef_, intercept=classifier.intercept_, classes=classifier.classes_,
+             metadata=np.array(json.dumps(metadata, sort_keys=True)))
+
+
+def load_logreg(file):
+    """(pipeline, metadata) from `save_logreg`'s file; predict_proba gives what the original did."""
+    with np.load(file, allow_pickle=False) as arrays:
+        metadata = json.loads(str(arrays["metadata"]))
+        if metadata.get("format") != LOGREG_FORMAT or metadata.get("estimator") not in ESTIMATORS:
+            raise ValueError(f"not a {LOGREG_FORMAT} file")
+        scaler = StandardScaler()
+        scaler.mean_, scaler.scale_, scaler.var_ = (arrays[k] for k in
+                                                    ("scaler_mean", "scaler_scale", "scaler_var"))
+        classifier = ESTIMATORS[metadata["estimator"]]()
+        classifier.coef_, classifier.intercept_, classifier.classes_ = (
+            arrays[k] for k in ("coef", "intercept", "classes"))
+    scaler.n_features_in_ = classifier.n_features_in_ = len(scaler.mean_)
+    return make_pipeline(scaler, classifier), metadata
 
 
 def fold_standardization(head, mean, scale):

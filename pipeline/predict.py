@@ -12,8 +12,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import joblib
-import keras
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
@@ -40,7 +38,7 @@ def run(config: Config) -> PredictResult:
     start = time.perf_counter()
     if config.model not in CHOICES:
         raise UserError(f"MODEL={config.model!r} is not one of {', '.join(CHOICES)}")
-    records = trained_models(config)
+    records = trained_models(config, config.model)
     model = choose(config.model, records, config.models_dir)
     record = records[model]
     paths, ignored = find_images(config.images)
@@ -87,36 +85,29 @@ def run(config: Config) -> PredictResult:
     return PredictResult(out, model, predicted_total, len(skipped), counts)
 
 
-def trained_models(config):
-    """model -> {identity, class_names, validation_accuracy, weights_notice} for each model file
-    present in models/<NAME>/, read from the JSON (or joblib bundle) that travels with it."""
-    def read(name):
-        file = artifacts.path(config, name)
-        return artifacts.read_json(file, "") if os.path.exists(file) else {}
-
-    head_metrics, finetune_metrics = read(artifacts.HEAD_METRICS), read(artifacts.FINETUNE_METRICS)
+def trained_models(config, requested="auto"):
+    """model -> its record (identity, class names, validation scores, weights notice) for each
+    model file in models/<NAME>/ that its own run's metrics describe. Nothing is loaded here.
+    A file that an interrupted or older run left is refused when asked for by name and passed
+    over, with one line, by MODEL=auto."""
     found = {}
-    if os.path.exists(artifacts.path(config, artifacts.FINETUNED)):
-        found["finetuned"] = _record(finetune_metrics, finetune_metrics.get("validation"),
-                                     artifacts.FINETUNE_METRICS, "make finetune")
-    if os.path.exists(artifacts.path(config, artifacts.HEAD)):
-        dense = head_metrics.get("models", {}).get("dense", {})
-        found["head"] = _record(head_metrics, dense.get("validation"), artifacts.HEAD_METRICS,
-                                "make train-head")
-    if os.path.exists(artifacts.path(config, artifacts.LOGREG)):
-        bundle = joblib.load(artifacts.path(config, artifacts.LOGREG))
-        logreg = head_metrics.get("models", {}).get("logreg", {})
-        found["logreg"] = _record({**head_metrics, **bundle}, logreg.get("validation"),
-                                  artifacts.LOGREG, "make train-head")
+    for model, filename in artifacts.MODEL_FILES.items():
+        if not os.path.exists(artifacts.path(config, filename)):
+            continue
+        try:
+            record = artifacts.model_record(config, model)
+        except UserError as refusal:
+            if requested == model:
+                raise
+            print(f"!!! {model} passed over: {refusal}")
+            continue
+        found[model] = {"identity": record["identity"],
+                        "class_names": list(record["class_names"]),
+                        "validation_accuracy": record.get("validation", {}).get("accuracy"),
+                        "weights_notice": record.get("weights_notice", "")}
+    if artifacts.legacy_notice(config):
+        print(f"!!! {artifacts.legacy_notice(config)}")
     return found
-
-
-def _record(source, validation, what, make):
-    if "identity" not in source or "class_names" not in source:
-        raise UserError(f"{what} is missing or incomplete: rerun `{make}`")
-    return {"identity": source["identity"], "class_names": list(source["class_names"]),
-            "validation_accuracy": (validation or {}).get("accuracy"),
-            "weights_notice": source.get("weights_notice", "")}
 
 
 def choose(requested, records, models_dir):
@@ -161,7 +152,7 @@ def _predictor(config, model, record):
     """(function: a batch of loaded images -> (n, classes) probabilities, image size)."""
     size = int(record["identity"]["image_size"])
     if model == "finetuned":
-        network = keras.saving.load_model(artifacts.path(config, artifacts.FINETUNED), compile=False)
+        network = artifacts.load_model(config, "finetuned")
         return (lambda x: heads.class_probabilities(network(x, training=False))), size
     # head and logreg read feature maps: the frozen base with the weights the cache was built with
     with cache.FeatureStore(config.features_dir) as store:
@@ -171,9 +162,9 @@ def _predictor(config, model, record):
         weights = backbone.weights_of_cache(config.weights, store.attrs)
     features_of = backbone.feature_function(backbone.build_backbone_of(record["identity"], weights))
     if model == "head":
-        head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD), compile=False)
+        head = artifacts.load_model(config, "head")
         return (lambda x: heads.class_probabilities(head(features_of(x), training=False))), size
-    pipeline = joblib.load(artifacts.path(config, artifacts.LOGREG))["model"]
+    pipeline = artifacts.load_model(config, "logreg")
     return (lambda x: pipeline.predict_proba(features_of(x).numpy().reshape(len(x), -1))), size
 
 

@@ -5,7 +5,7 @@
 dense:  heads.build_dense_head trained with Keras `fit`, streaming features from the cache
         -> models/<NAME>/head.keras, head_checkpoint.keras, head_log.csv, head_history.png
 logreg: StandardScaler + LogisticRegression, C chosen on the validation split
-        -> models/<NAME>/logreg.joblib
+        -> models/<NAME>/logreg.npz (plain arrays: loading it runs no code)
 both:   -> models/<NAME>/head_metrics.json (validation/test metrics and the cache identity)
 """
 import itertools
@@ -17,7 +17,6 @@ import time
 import warnings
 from dataclasses import dataclass
 
-import joblib
 import keras
 import numpy as np
 import tensorflow as tf
@@ -206,7 +205,8 @@ def train_dense(config, store, rows):
     if len(rows["test"]):
         test = feature_dataset(store, rows["test"], targets, config.batch)
         entry["test"] = _evaluate_dense(head, test)
-    entry.update(epochs=len(history["loss"]), best_epoch=int(stop.best_epoch) + 1,  # 1-based
+    entry.update(file_sha256=artifacts.file_sha256(paths["dense"]),  # ties the file to these metrics
+                 epochs=len(history["loss"]), best_epoch=int(stop.best_epoch) + 1,  # 1-based
                  seconds=seconds, history={k: [float(v) for v in history[k]] for k in
                                            ("accuracy", "val_accuracy", "loss", "val_loss")})
     notice = store.attrs.get("weights_notice", "")
@@ -253,10 +253,14 @@ def train_logreg(config, store, rows):
                  validation_by_C={str(c): s for c, s in zip(C_GRID, scores)})
     path = artifacts.path(config, artifacts.LOGREG)
     os.makedirs(config.models_dir, exist_ok=True)
-    bundle = {"model": model, "class_names": list(store.class_names), "identity": store.identity,
-              "config": config.to_dict()}
-    joblib.dump(bundle, path + ".tmp")
+    with open(path + ".tmp", "wb") as f:
+        heads.save_logreg(f, model, {"class_names": list(store.class_names),
+                                     "identity": store.identity, "config": config.to_dict()})
     os.replace(path + ".tmp", path)
+    entry["file_sha256"] = artifacts.file_sha256(path)  # ties the file to these metrics
+    legacy = artifacts.path(config, artifacts.LEGACY_LOGREG)
+    if os.path.exists(legacy):
+        os.remove(legacy)  # the pickle of an earlier version, replaced by the file above
     return entry, path
 
 

@@ -2,7 +2,6 @@
 import os
 import shutil
 
-import joblib
 import keras
 import numpy as np
 import pytest
@@ -30,8 +29,8 @@ def copy_run(config, root):
 def expected_probabilities(config, model, store, rows):
     """The model's outputs on the test rows, computed here without evaluate's code."""
     if model == "logreg":
-        bundle = joblib.load(artifacts.path(config, artifacts.LOGREG))
-        return bundle["model"].predict_proba(store.read(rows).reshape(len(rows), -1))
+        logreg, _ = heads.load_logreg(artifacts.path(config, artifacts.LOGREG))
+        return logreg.predict_proba(store.read(rows).reshape(len(rows), -1))
     if model == "head":
         head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD))
         return heads.class_probabilities(head.predict(store.read(rows), verbose=0))

@@ -223,7 +223,7 @@ def test_no_cache_and_no_head_are_refused(tmp_path, make_config):
     with pytest.raises(UserError, match="no feature cache.*make extract"):
         finetune.run(config)
     extract.run(config)
-    with pytest.raises(UserError, match="no head has been trained: run `make train-head`"):
+    with pytest.raises(UserError, match="there is no .*head.keras: run `make train-head`"):
         finetune.run(config)
 
 

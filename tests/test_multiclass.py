@@ -1,13 +1,12 @@
 """Many classes end to end: softmax heads, per-class metrics, a confusion matrix that stays readable."""
 import json
 
-import joblib
 import keras
 import numpy as np
 from PIL import Image
 
 from conftest import make_image_folder
-from pipeline import artifacts, evaluate, extract, finetune, plots, train_head
+from pipeline import artifacts, evaluate, extract, finetune, heads, plots, train_head
 from pipeline.cache import FeatureStore
 
 CLASSES = ("cat", "dog", "golden retriever")
@@ -29,7 +28,7 @@ def test_three_classes_end_to_end(tmp_path, make_config):
     probabilities = head.predict(features, verbose=0)
     assert probabilities.shape == (18, 3)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    logreg = joblib.load(artifacts.path(config, artifacts.LOGREG))["model"]
+    logreg, _ = heads.load_logreg(artifacts.path(config, artifacts.LOGREG))
     assert logreg.predict_proba(features.reshape(18, -1)).shape == (18, 3)
     tuned = keras.saving.load_model(artifacts.path(config, artifacts.FINETUNED), compile=False)
     assert tuned.output_shape == (None, 3)

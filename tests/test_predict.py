@@ -3,7 +3,6 @@ import csv
 import os
 import shutil
 
-import joblib
 import keras
 import numpy as np
 import pytest
@@ -36,7 +35,7 @@ def direct_probabilities(config, model, paths):
     if model == "head":
         head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD))
         return heads.class_probabilities(head.predict(features, verbose=0))
-    return joblib.load(artifacts.path(config, artifacts.LOGREG))["model"].predict_proba(
+    return heads.load_logreg(artifacts.path(config, artifacts.LOGREG))[0].predict_proba(
         features.reshape(len(features), -1))
 
 
