@@ -1,0 +1,251 @@
+"""The careless user and the attacker: every input that once destroyed data, hung a run, ran
+code or trained silently on garbage. Each test checks three things: what happened to the files
+outside features/<NAME> and models/<NAME> (nothing), the outcome, and the one-line message."""
+import os
+import pickle
+import shlex
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import make_image_folder
+from pipeline import __main__ as cli
+from pipeline import artifacts, evaluate, extract, predict, train_head
+from pipeline.config import UserError
+from trained_run import make_trained_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def snapshot(folder, leave_out=()):
+    """Every file and folder below `folder` with its size and mtime, except those below the
+    paths in `leave_out` (the outputs a run is allowed to write)."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in leave_out]
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            stat = os.lstat(path)
+            found[path] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def cli_in(folder, *args):
+    """`python -m pipeline ARGS` run in `folder`: (exit code, stdout, stderr)."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout, done.stderr
+
+
+def assert_one_line_error(code, err, pattern):
+    import re
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# 2, 3, 11: names and settings are refused before any work, in one line
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["..", "../../x", "/tmp/v", ".", ".hidden", "*", "x; echo hi",
+                                  "a\nb", "x" * 101])
+def test_a_name_that_is_not_one_folder_is_refused_and_writes_nothing(tmp_path, name):
+    make_image_folder(tmp_path / "work" / "data", per_class=2)
+    before = snapshot(tmp_path)
+    code, _, err = cli_in(tmp_path / "work", "extract", "--data", "data", "--name", name,
+                          "--weights", "none", "--size", "32")
+    assert_one_line_error(code, err, r"NAME=.* is not a dataset name: .*pass NAME=")
+    assert snapshot(tmp_path) == before  # not even features/ or models/
+
+
+def test_a_data_folder_without_a_usable_name_asks_for_one(tmp_path):
+    make_image_folder(tmp_path / "data", per_class=2)
+    before = snapshot(tmp_path)
+    code, _, err = cli_in(tmp_path / "data", "extract", "--data", ".", "--weights", "none")
+    assert_one_line_error(code, err, r"DATA='\.' \(its folder name\) is not a dataset name")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--size", "100000"], r"SIZE=100000 is out of range: use a whole number from 32 to 1024"),
+    (["--size", "16"], r"SIZE=16 is out of range"),
+    (["--size", "1024", "--batch", "1024"], r"SIZE=1024 with BATCH=1024 needs about \d+\.\d GB"
+                                            r".*use BATCH=\d+ or less"),
+    (["--batch", "0"], r"BATCH=0 is out of range: use a whole number from 1"),
+    (["--batch", "-3"], r"BATCH=-3 is out of range"),
+    (["--lr", "0"], r"LR=0.0 is not a learning rate: use a small positive number"),
+    (["--lr=-1e-5"], r"LR=-1e-05 is not a learning rate"),
+    (["--size", "big"], r"argument --size: invalid int value: 'big'"),
+    (["--lr", "nan"], r"LR=nan is not a learning rate"),
+    (["--split", "100/0/0"], r"SPLIT='100/0/0' is not .* with a train and a validation share"),
+    (["--split", "80/20"], r"SPLIT='80/20' is not train/validation/test percentages"),
+    (["--epochs", "0"], r"EPOCHS=0 is out of range"),
+    (["--seed", "-1"], r"SEED=-1 is out of range"),
+    (["--head", "deep"], r"HEAD='deep' is not one of dense, logreg, both"),
+    (["--precision", "int4"], r"PRECISION='int4' is not one of auto"),
+])
+def test_bad_settings_are_one_line_before_any_work(tmp_path, args, pattern):
+    make_image_folder(tmp_path / "data", per_class=2)
+    before = snapshot(tmp_path)
+    code, _, err = cli_in(tmp_path, "extract", "--data", "data", "--weights", "none", *args)
+    assert_one_line_error(code, err, pattern)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_negative_learning_rate_never_reaches_fine_tuning(tmp_path, capsys):
+    """LR<=0 was accepted: the loss reached 6.7e13 and finetune exited 0."""
+    code = cli.main(["finetune", "--name", "x", "--lr=-0.001",
+                     "--features-root", str(tmp_path / "f"), "--models-root", str(tmp_path / "m")])
+    assert code == 2 and "LR=-0.001 is not a learning rate" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "m")
+
+
+# --------------------------------------------------------------------------------------------
+# 10: the Makefile passes every value as one word, exactly as typed
+# --------------------------------------------------------------------------------------------
+
+def make_in_repo(*args, dry_run=False):
+    """`make ARGS` in the repository, with this interpreter and no install step."""
+    command = ["make", "-s", "-C", ROOT, *(["-n"] if dry_run else []), *args,
+               f"PYTHON={sys.executable}", "STAMP="]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_make_runs_no_command_hidden_in_a_variable(tmp_path):
+    before = snapshot(ROOT, leave_out={os.path.join(ROOT, ".git")})
+    done = make_in_repo("extract", f"DATA={tmp_path}", "NAME=x; echo INJECTED #",
+                        "WEIGHTS=$(shell touch INJECTED_BY_MAKE)", "SIZE=32")
+    assert done.returncode != 0
+    assert "INJECTED" not in done.stdout.splitlines()  # the echo never ran
+    assert "error: NAME='x; echo INJECTED #' is not a dataset name" in done.stderr
+    assert snapshot(ROOT, leave_out={os.path.join(ROOT, ".git")}) == before
+
+
+@pytest.mark.parametrize("variable, option, value", [
+    ("DATA", "--data", "my photos/2023 trip"),
+    ("NAME", "--name", "trip[2023]"),
+    ("LABELS", "--labels", "it's labels.csv"),
+    ("LABEL_COLUMNS", "--label-columns", "file,species"),
+    ("WEIGHTS", "--weights", "$(shell echo x) $$HOME `id`"),
+])
+def test_make_passes_each_value_as_one_word(variable, option, value):
+    done = make_in_repo("extract", f"{variable}={value}", dry_run=True)
+    command = next(line for line in done.stdout.splitlines() if "-m pipeline extract" in line)
+    assert f"{option}={value}" in shlex.split(command)
+
+
+# --------------------------------------------------------------------------------------------
+# 4: nothing we load can run code
+# --------------------------------------------------------------------------------------------
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a logreg.joblib placed in models/<NAME> could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return make_trained_run(tmp_path_factory.mktemp("hostile"))
+
+
+def copy_of(config, tmp_path):
+    for root in ("features_root", "models_root"):
+        shutil.copytree(getattr(config, root), tmp_path / root)
+    return config.replace(features_root=str(tmp_path / "features_root"),
+                          models_root=str(tmp_path / "models_root"))
+
+
+@pytest.mark.parametrize("stage", ["predict-auto", "predict-logreg", "evaluate"])
+def test_a_pickle_in_the_models_folder_is_never_loaded(trained, tmp_path, capsys, stage):
+    config = copy_of(trained, tmp_path)
+    marker = str(tmp_path / "code_ran")
+    os.remove(artifacts.path(config, artifacts.LOGREG))
+    with open(artifacts.path(config, artifacts.LEGACY_LOGREG), "wb") as f:
+        pickle.dump({"model": _RunsCode(marker)}, f)
+    if stage == "evaluate":
+        result = evaluate.run(config)
+        assert set(result.accuracy) == {"head", "finetuned"}
+    elif stage == "predict-auto":
+        assert predict.run(config.replace(images=config.data)).model in ("head", "finetuned")
+    else:
+        with pytest.raises(UserError, match="MODEL=logreg: there is no logreg model"):
+            predict.run(config.replace(images=config.data, model="logreg"))
+    assert not os.path.exists(marker)
+    assert "logreg.joblib is a pickle from an earlier version and is not loaded" in \
+        capsys.readouterr().out
+
+
+def test_a_logreg_file_holding_objects_is_refused(trained, tmp_path):
+    """Even with metrics that vouch for it, an .npz that needs pickle to load is refused."""
+    config = copy_of(trained, tmp_path)
+    path = artifacts.path(config, artifacts.LOGREG)
+    with open(path, "wb") as f:
+        np.savez(f, metadata=np.array([_RunsCode(str(tmp_path / "code_ran"))], dtype=object))
+    vouch_for(config, "logreg", path)
+    with pytest.raises(UserError, match=r"logreg.npz cannot be loaded safely .*make train-head"):
+        evaluate.run(config)
+    assert not os.path.exists(tmp_path / "code_ran")
+
+
+def test_a_keras_file_with_code_in_it_loads_only_in_safe_mode(trained, tmp_path):
+    """A head with a Lambda layer (Python bytecode in the file) is refused by safe mode."""
+    config = copy_of(trained, tmp_path)
+    marker = str(tmp_path / "code_ran")
+    inputs = keras.Input((1, 1, 512))
+    outputs = keras.layers.Lambda(lambda x: (open(marker, "w"), x)[1][..., :1])(inputs)
+    path = artifacts.path(config, artifacts.HEAD)
+    keras.Model(inputs, outputs).save(path)
+    os.remove(marker)  # building the model called the lambda once, here in the test
+    vouch_for(config, "dense", path)
+    with pytest.raises(UserError, match=r"head.keras cannot be loaded safely .*make train-head"):
+        predict.run(config.replace(images=config.data, model="head"))
+    assert not os.path.exists(marker)
+
+
+def vouch_for(config, entry, path):
+    """What an attacker who can also edit head_metrics.json would write."""
+    metrics_path = artifacts.path(config, artifacts.HEAD_METRICS)
+    metrics = artifacts.read_json(metrics_path, "")
+    metrics["models"][entry]["file_sha256"] = artifacts.file_sha256(path)
+    artifacts.write_json(metrics_path, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# 9: every output comes from the run its metrics describe
+# --------------------------------------------------------------------------------------------
+
+def test_an_interrupted_train_head_leaves_no_stale_head_in_use(trained, tmp_path, monkeypatch,
+                                                               capsys):
+    """A kill after logreg was saved used to leave the previous run's head.keras, which evaluate
+    and report scored without a word."""
+    config = copy_of(trained, tmp_path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_head, "train_dense", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_head.run(config)
+    monkeypatch.undo()
+    assert os.path.exists(artifacts.path(config, artifacts.HEAD))  # the old head is still there
+
+    result = evaluate.run(config)
+    assert set(result.accuracy) == {"logreg", "finetuned"}
+    assert "head.keras is not the file its metrics describe" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"head.keras is not the file its metrics describe .*"
+                                        r"rerun `make train-head`"):
+        predict.run(config.replace(images=config.data, model="head"))
+    with pytest.raises(UserError, match="head.keras is not the file its metrics describe"):
+        from pipeline import finetune
+        finetune.run(config.replace(fresh=True))
