@@ -64,7 +64,7 @@ finetune: $(STAMP) $(DATA_DEP) ## Fine-tune block5 + head on images: [NAME] [UNF
 evaluate: $(STAMP) ## Test-split metrics and confusion matrices for every trained model: [NAME]
 	$(CLI) evaluate $(COMMON)
 
-predict: $(STAMP) ## Predict new images: IMAGES=<dir or file> [NAME] [MODEL=auto|finetuned|head|logreg]
+predict: $(STAMP) ## Predict new images: IMAGES=<dir or file> [NAME] [MODEL=auto|logreg|dense|finetuned]
 	$(CLI) predict $(COMMON) $(call opt,IMAGES,images) $(call opt,MODEL,model)
 
 report: $(STAMP) ## Write models/<NAME>/report.md: metrics, curves, confusion matrices, mistakes

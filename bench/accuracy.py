@@ -5,7 +5,7 @@ the real cats_vs_dogs photos, through the pipeline's own stages.
     BENCH_FINETUNE_EPOCHS=3  fine-tuning epochs: one takes ~4 min on 2 cores (2000 images at 150 px
                              through VGG16 with block5 training, then 500 validation images)
     BENCH_ACCURACY_N=0       images per class folder, for a quick check of this phase (0 = all)
-Then the same heads on a STORAGE=float16 cache (acc_logreg_float16, acc_head_float16).
+Then the same heads on a STORAGE=float16 cache (acc_logreg_float16, acc_dense_float16).
 On 2 cores the whole phase takes ~25 min: each extraction of 3000 images ~4 min, heads ~1 min,
 fine-tuning ~4 min per epoch (measured with oneDNN on).
 """
@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from pipeline import artifacts, cache, extract, finetune, heads, images, train_head
+from pipeline import cache, extract, finetune, images, registry, train_head
 from pipeline.config import Config
 
 FINETUNE_EPOCHS = int(os.environ.get("BENCH_FINETUNE_EPOCHS") or 3)
@@ -58,15 +58,12 @@ def validation_accuracy(config, finetuned=True):
         labels, features = store.labels[rows], store.read(rows)
         paths = [os.path.join(config.data, p) for p in store.paths[rows]]
         size = store.identity["image_size"]
-    logreg, head = artifacts.load_model(config, "logreg"), artifacts.load_model(config, "head")
-    predicted = {
-        "acc_logreg": logreg.predict(features.reshape(len(features), -1)),
-        "acc_head": heads.class_probabilities(head.predict(features, verbose=0)).argmax(1),
-    }
+    predicted = {f"acc_{model}": registry.predictor(config, model)(features).argmax(1)
+                 for model in ("logreg", "dense")}
     if finetuned:
-        model = artifacts.load_model(config, "finetuned")
-        predicted["acc_finetuned"] = heads.class_probabilities(model.predict(
-            images.labelled_dataset(paths, labels, size, config.batch), verbose=0)).argmax(1)
+        predict = registry.predictor(config, "finetuned")
+        dataset = images.labelled_dataset(paths, labels, size, config.batch)
+        predicted["acc_finetuned"] = np.concatenate([predict(x) for x, _ in dataset]).argmax(1)
     return {key: float(np.mean(p == labels)) for key, p in predicted.items()}
 
 

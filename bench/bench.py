@@ -62,10 +62,10 @@ TARGETS = [
     ("train_head_peak_rss_gb_100k", f"train-head peak RSS, {SYNTH_ROWS:,} rows (GB)", "<= 1.5",
      (lambda v: v <= 1.5) if SYNTH_ROWS == 100_000 else None),
     ("acc_logreg", "validation accuracy, logreg", "", None),
-    ("acc_head", "validation accuracy, dense head", "", None),
+    ("acc_dense", "validation accuracy, dense head", "", None),
     ("acc_finetuned", "validation accuracy, fine-tuned", "", None),
     ("acc_logreg_float16", "validation accuracy, logreg, STORAGE=float16", "", None),
-    ("acc_head_float16", "validation accuracy, dense head, STORAGE=float16", "", None),
+    ("acc_dense_float16", "validation accuracy, dense head, STORAGE=float16", "", None),
 ]
 
 

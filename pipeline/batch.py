@@ -22,7 +22,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import artifacts, cache, extract, labels
+from . import artifacts, cache, extract, labels, registry
 from .config import Config, UserError
 
 SUMMARY_CSV = "batch_summary.csv"   # in MODELS_ROOT, beside the datasets' folders
@@ -33,13 +33,12 @@ NOT_MODEL_INPUTS = ("datasets", "batch_file", "force", "fresh", "images", "model
 # The files whose (size, mtime) must be as recorded for a dataset to count as unchanged.
 TRACKED = (artifacts.LOGREG, artifacts.HEAD, artifacts.HEAD_METRICS, artifacts.FINETUNED,
            artifacts.FINETUNE_METRICS, artifacts.EVALUATION)
-MODELS = {"logreg": "logreg", "head": "dense", "finetuned": "finetuned"}  # evaluate -> train name
 STAGES = ("extract", "train_head", "finetune", "evaluate")
 MD_ERROR_CHARS = 300                # an error longer than this is cut in the markdown table
 COLUMNS = (["dataset", "data", "status", "classes", "class_names", "images", "skipped",
             "missing_files", "unlabelled", "new_images"]
            + [f"{stage}_s" for stage in STAGES] + ["total_s"]
-           + [f"{m}_{split}_accuracy" for m in MODELS for split in ("validation", "test")]
+           + [f"{m}_{split}_accuracy" for m in registry.NAMES for split in ("validation", "test")]
            + ["error"])
 
 
@@ -214,20 +213,18 @@ def _metrics(config, include_finetuned):
     """Classes, and validation and test accuracy per model, from the files the stages wrote."""
     out = {}
     evaluation = _json(artifacts.path(config, artifacts.EVALUATION))
-    head = _json(artifacts.path(config, artifacts.HEAD_METRICS)).get("models", {})
-    finetuned = _json(artifacts.path(config, artifacts.FINETUNE_METRICS))
+    trained, _ = registry.records(config)
     names = evaluation.get("class_names", [])
     out.update(classes=len(names), class_names="; ".join(names))
-    for model, trained_as in MODELS.items():
+    for model, record in trained.items():
         if model == "finetuned" and not include_finetuned:
             continue
-        record = finetuned if model == "finetuned" else head.get(trained_as, {})
-        validation = record.get("validation", {}).get("accuracy", "")
+        validation = record.validation.get("accuracy", "")
         tested = evaluation.get("models", {}).get(model, {})
         if evaluation.get("split") == "test" and "accuracy" in tested:
             test = tested["accuracy"]
         else:
-            test = record.get("test", {}).get("accuracy", "")
+            test = record.test.get("accuracy", "")
         out[f"{model}_validation_accuracy"] = round(validation, 4) if validation != "" else ""
         out[f"{model}_test_accuracy"] = round(test, 4) if test != "" else ""
     return out
@@ -268,7 +265,7 @@ def write_summary(result):
                  if r["skipped"] != "" else "", r["new_images"]]
         cells += [_seconds(r[f"{s}_s"]) for s in STAGES] + [_seconds(r["total_s"])]
         cells += [f"{_accuracy(r[f'{m}_validation_accuracy'])} / "
-                  f"{_accuracy(r[f'{m}_test_accuracy'])}" for m in MODELS]
+                  f"{_accuracy(r[f'{m}_test_accuracy'])}" for m in registry.NAMES]
         cells.append(r["error"][:MD_ERROR_CHARS])  # in full in the CSV
         lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ")
                                         for c in cells) + " |")

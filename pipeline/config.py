@@ -54,7 +54,7 @@ class Config:
     fresh: bool = False              # FRESH=1 ignores an earlier fine-tuning checkpoint
     # --- prediction ------------------------------------------------------------------------------
     images: str = ""                 # IMAGES: a file or folder to predict
-    model: str = "auto"              # MODEL: auto | finetuned | head | logreg
+    model: str = "auto"              # MODEL: auto | logreg | dense | finetuned
     # --- batch -----------------------------------------------------------------------------------
     datasets: tuple = ()             # DATASETS: dataset folders for `make batch`
     batch_file: str = ""             # BATCH_FILE: one "folder [name]" per line
@@ -79,7 +79,8 @@ class Config:
                             "such as LR=1e-5")
         self.split_fractions  # noqa: B018 (parses SPLIT, raising on a bad one)
         _check_choice("HEAD", self.head, ("dense", "logreg", "both"))
-        _check_choice("MODEL", self.model, ("auto", "finetuned", "head", "logreg"))
+        from .registry import NAMES  # here: the registry's module imports this one
+        _check_choice("MODEL", self.model, ("auto", *NAMES))
         _check_choice("PRECISION", self.precision,
                       ("auto", "float32", "mixed_float16", "mixed_bfloat16"))
         _check_choice("STORAGE", self.storage, ("float32", "float16"))

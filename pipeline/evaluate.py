@@ -15,11 +15,9 @@ import numpy as np
 import tensorflow as tf
 from sklearn import metrics
 
-from . import artifacts, cache, heads, images, plots
+from . import artifacts, cache, images, plots, registry
 from .config import Config, UserError
 
-MODELS = ("logreg", "head", "finetuned")  # the order of every table
-TITLES = {"logreg": "logistic regression", "head": "dense head", "finetuned": "fine-tuned"}
 CONFUSION_PLOT = "confusion_{model}.png"
 MAX_MISCLASSIFIED = 100     # kept per model in evaluation.json (most confident mistakes first)
 FEATURE_BLOCK = 1024        # cached feature rows read and scored at a time
@@ -49,11 +47,10 @@ def run(config: Config) -> EvaluateResult:
                 "finetune`) first")
         scored = {}
         for model in present:
-            if model == "finetuned":
-                probabilities = _finetuned_probabilities(config, store, rows, labels)
+            if registry.KINDS[model].takes == "images":
+                scored[model] = _image_probabilities(config, model, store, rows, labels)
             else:
-                probabilities = _feature_probabilities(config, model, store, rows)
-            scored[model] = probabilities
+                scored[model] = _feature_probabilities(config, model, store, rows)
         paths, attrs, root = store.paths[rows], store.attrs, store.image_root(config.data)
 
     report = {"identity": attrs["identity"], "identity_id": attrs["identity_id"],
@@ -66,9 +63,9 @@ def run(config: Config) -> EvaluateResult:
         png = CONFUSION_PLOT.format(model=model)
         plots.plot_confusion_matrix(np.asarray(report["models"][model]["confusion_matrix"]),
                                     class_names, artifacts.path(config, png),
-                                    title=f"{TITLES[model]} on {split} ({len(rows)} images)")
+                                    title=f"{registry.TITLES[model]} on {split} ({len(rows)} images)")
         report["models"][model]["confusion_matrix_png"] = png
-    for model in set(MODELS) - set(scored):  # a plot of a model that is gone would mislead
+    for model in set(registry.NAMES) - set(scored):  # a plot of a model that is gone would mislead
         stale = artifacts.path(config, CONFUSION_PLOT.format(model=model))
         if os.path.exists(stale):
             os.remove(stale)
@@ -79,7 +76,7 @@ def run(config: Config) -> EvaluateResult:
           f"{time.perf_counter() - start:.1f} s):")
     for model, m in report["models"].items():
         auc = f", ROC AUC {m['roc_auc']:.3f}" if m.get("roc_auc") is not None else ""
-        print(f"  {TITLES[model]:<20} accuracy {m['accuracy']:.3f}{auc}")
+        print(f"  {registry.TITLES[model]:<20} accuracy {m['accuracy']:.3f}{auc}")
     if report["weights_notice"]:
         print(f"!!! {report['weights_notice']}")
     print(f"wrote {out}")
@@ -88,59 +85,45 @@ def run(config: Config) -> EvaluateResult:
 
 def usable_models(config, store):
     """(the models in models/<NAME> made for this cache, in table order; the refusals of the
-    others). A file left by an interrupted run, or made on other features, is named on one line
-    and skipped."""
-    usable, refusals = [], []
-    for model in MODELS:
-        if not os.path.exists(artifacts.path(config, artifacts.MODEL_FILES[model])):
-            continue
+    others). A file left by an interrupted run, or made on other features or for other classes,
+    is named on one line and skipped."""
+    found, refused = registry.records(config)
+    usable, refusals = [], list(refused.values())
+    for model, record in found.items():
+        what = registry.path(config, model)
         try:
-            check_model(config, model, store)
+            artifacts.require_same_identity(record.identity, store.identity, what)
+            if record.class_names != list(store.class_names):
+                raise UserError(f"{what} was trained for classes {record.class_names}, the cache "
+                                f"has {list(store.class_names)}: retrain it with `make "
+                                "train-head` (and `make finetune`)")
             usable.append(model)
         except UserError as refusal:
             refusals.append(refusal)
-    for line in [artifacts.legacy_notice(config)] + (refusals if usable else []):
-        if line:
-            print(f"!!! not evaluated: {line}")
+    if usable:
+        for refusal in refusals:
+            print(f"!!! not evaluated: {refusal}")
     return usable, refusals
-
-
-def check_model(config, model, store):
-    """Refuse a model file that is not its record's, made on other features, or for other
-    classes than the current cache."""
-    record = artifacts.model_record(config, model)
-    what = artifacts.path(config, artifacts.MODEL_FILES[model])
-    artifacts.require_same_identity(record["identity"], store.identity, what)
-    if list(record["class_names"]) != list(store.class_names):
-        raise UserError(f"{what} was trained for classes {record['class_names']}, the cache has "
-                        f"{list(store.class_names)}: retrain it with `make train-head` "
-                        "(and `make finetune`)")
 
 
 def _feature_probabilities(config, model, store, rows):
     """Score cached features a block at a time, so a large test split never sits in memory."""
-    if model == "logreg":
-        pipeline = artifacts.load_model(config, "logreg")
-        predict = lambda x: pipeline.predict_proba(x.reshape(len(x), -1))
-    else:
-        head = artifacts.load_model(config, "head")
-        predict = lambda x: head.predict(x, batch_size=config.batch, verbose=0)
-    blocks = [heads.class_probabilities(predict(store.read(rows[i:i + FEATURE_BLOCK])))
-              for i in range(0, len(rows), FEATURE_BLOCK)]
-    return np.concatenate(blocks)
+    predict = registry.predictor(config, model)
+    return np.concatenate([predict(store.read(rows[i:i + FEATURE_BLOCK]))
+                           for i in range(0, len(rows), FEATURE_BLOCK)])
 
 
-def _finetuned_probabilities(config, store, rows, labels):
+def _image_probabilities(config, model, store, rows, labels):
     root = store.image_root(config.data)
     paths = [os.path.join(root, p) for p in store.paths[rows]]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         raise UserError(f"{missing[0]} (and {len(missing) - 1} more) no longer exist: pass the "
                         "DATA folder the cache was extracted from")
-    model = artifacts.load_model(config, "finetuned")
+    predict = registry.predictor(config, model)
     dataset = images.labelled_dataset(paths, labels, store.identity["image_size"], config.batch)
     try:
-        return heads.class_probabilities(model.predict(dataset, verbose=0))
+        return np.concatenate([predict(batch) for batch, _ in dataset])
     except tf.errors.InvalidArgumentError:
         raise UserError(f"an image under {root} changed since `make extract` and no longer "
                         "decodes: rerun `make extract`") from None

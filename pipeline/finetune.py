@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, heads, images, plots
+from . import artifacts, backbone, cache, heads, images, plots, registry
 from .config import Config, UserError
 
 PATIENCE = 3                              # epochs without a lower val_loss before stopping
@@ -60,9 +60,9 @@ def _finetune(config, start):
     keras.utils.set_random_seed(config.seed)
     with cache.FeatureStore(config.features_dir) as store:           # "no cache" refused here
         head_path = artifacts.path(config, artifacts.HEAD)
-        head_record = artifacts.model_record(config, "head")  # this run's head, or refused
+        head_record = registry.record(config, "dense")  # train-head's last head, or refused
         weights = backbone.weights_of_cache(config.weights, store.attrs)
-        artifacts.require_same_identity(head_record["identity"], store.identity, head_path)
+        artifacts.require_same_identity(head_record.identity, store.identity, head_path)
         size = store.identity["image_size"]  # SIZE belongs to the cache: images must match it
         paths = checked_image_paths(config, store)
         split = {s: store.rows(s) for s in images.SPLITS}
@@ -74,7 +74,7 @@ def _finetune(config, start):
         targets = (store.labels.astype(np.float32)[:, None] if num_classes == 2
                    else store.labels.astype(np.int32))
 
-        head = artifacts.load_model(config, "head")
+        head = registry.load(config, "dense")
         model, base = compose(weights, head, store.identity)
         trainable = set_trainable(base, config.unfreeze)
         # Recompile after changing `trainable`: fit uses the trainable set the model was compiled with.
@@ -84,7 +84,7 @@ def _finetune(config, start):
                       loss=heads.loss_for(num_classes), metrics=["accuracy"])
 
         settings = {"identity_id": backbone.identity_id(store.identity), "unfreeze": config.unfreeze,
-                    "lr": config.lr, "head_sha256": head_record["file_sha256"]}
+                    "lr": config.lr, "head_sha256": head_record.file_sha256}
         state = resume_state(config, settings)
         if state is None:
             first = split["validation"][:config.batch]

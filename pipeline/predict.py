@@ -1,6 +1,6 @@
 """Apply a trained model to new pictures.
 
-    python -m pipeline predict --images DIR_OR_FILE [--name NAME] [--model auto|finetuned|head|logreg]
+    python -m pipeline predict --images DIR_OR_FILE [--name NAME] [--model auto|logreg|dense|finetuned]
 
 Images go through images.image_batches (the one loader) a batch at a time and each batch's rows
 are written to models/<NAME>/predictions.csv as soon as they are known, so tens of thousands of
@@ -16,11 +16,10 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, heads, images
+from . import artifacts, backbone, cache, images, registry
 from .config import Config, UserError
 
-CHOICES = ("auto", "finetuned", "head", "logreg")
-PREFERENCE = {"finetuned": 2, "head": 1, "logreg": 0}  # breaks ties in validation accuracy
+PREFERENCE = {"finetuned": 2, "dense": 1, "logreg": 0}  # breaks ties in validation accuracy
 SKIPPED = "predictions_skipped.csv"
 SHOW_ROWS = 20  # rows of the table printed on stdout
 
@@ -36,19 +35,17 @@ class PredictResult:
 
 def run(config: Config) -> PredictResult:
     start = time.perf_counter()
-    if config.model not in CHOICES:
-        raise UserError(f"MODEL={config.model!r} is not one of {', '.join(CHOICES)}")
     records = trained_models(config, config.model)
     model = choose(config.model, records, config.models_dir)
     record = records[model]
     paths, ignored = find_images(config.images)
     predict_batch, size = _predictor(config, model, record)
-    class_names = record["class_names"]
+    class_names = record.class_names
     print(f"predict {config.dataset_name}: {len(paths)} images with the {model} model "
-          f"(validation accuracy {_fmt(record['validation_accuracy'])})"
+          f"(validation accuracy {_fmt(record.validation.get('accuracy'))})"
           + (f", {ignored} other files ignored" if ignored else ""))
-    if record["weights_notice"]:
-        print(f"!!! {record['weights_notice']}")
+    if record.weights_notice:
+        print(f"!!! {record.weights_notice}")
 
     out, skipped_out = artifacts.path(config, artifacts.PREDICTIONS), artifacts.path(config, SKIPPED)
     counts, shown, skipped = dict.fromkeys(class_names, 0), [], []
@@ -86,27 +83,14 @@ def run(config: Config) -> PredictResult:
 
 
 def trained_models(config, requested="auto"):
-    """model -> its record (identity, class names, validation scores, weights notice) for each
-    model file in models/<NAME>/ that its own run's metrics describe. Nothing is loaded here.
-    A file that an interrupted or older run left is refused when asked for by name and passed
-    over, with one line, by MODEL=auto."""
-    found = {}
-    for model, filename in artifacts.MODEL_FILES.items():
-        if not os.path.exists(artifacts.path(config, filename)):
-            continue
-        try:
-            record = artifacts.model_record(config, model)
-        except UserError as refusal:
-            if requested == model:
-                raise
-            print(f"!!! {model} passed over: {refusal}")
-            continue
-        found[model] = {"identity": record["identity"],
-                        "class_names": list(record["class_names"]),
-                        "validation_accuracy": record.get("validation", {}).get("accuracy"),
-                        "weights_notice": record.get("weights_notice", "")}
-    if artifacts.legacy_notice(config):
-        print(f"!!! {artifacts.legacy_notice(config)}")
+    """{model: registry.Record} of the models in models/<NAME>/ that their own runs' metrics
+    describe; nothing is loaded here. A file that an interrupted or older run left is refused
+    when asked for by name, and passed over with one line by MODEL=auto."""
+    found, refused = registry.records(config)
+    if requested in refused:
+        raise refused[requested]
+    for refusal in refused.values():
+        print(f"!!! passed over: {refusal}")
     return found
 
 
@@ -115,11 +99,12 @@ def choose(requested, records, models_dir):
         raise UserError(f"no trained model in {models_dir}: run `make train-head` "
                         "(and `make finetune`) first")
     if requested == "auto":
-        return max(records, key=lambda m: (_or(records[m]["validation_accuracy"]), PREFERENCE[m]))
+        return max(records, key=lambda m: (_or(records[m].validation.get("accuracy")),
+                                           PREFERENCE[m]))
     if requested not in records:
-        make = "make finetune" if requested == "finetuned" else "make train-head"
         raise UserError(f"MODEL={requested}: there is no {requested} model in {models_dir}: run "
-                        f"`{make}`, or use MODEL=auto (available: {', '.join(sorted(records))})")
+                        f"`{registry.KINDS[requested].make}`, or use MODEL=auto (available: "
+                        f"{', '.join(sorted(records))})")
     return requested
 
 
@@ -150,22 +135,17 @@ def find_images(target):
 
 def _predictor(config, model, record):
     """(function: a batch of loaded images -> (n, classes) probabilities, image size)."""
-    size = int(record["identity"]["image_size"])
-    if model == "finetuned":
-        network = artifacts.load_model(config, "finetuned")
-        return (lambda x: heads.class_probabilities(network(x, training=False))), size
-    # head and logreg read feature maps: the frozen base with the weights the cache was built with
+    size = int(record.identity["image_size"])
+    predict = registry.predictor(config, model)
+    if registry.KINDS[model].takes == "images":
+        return predict, size
+    # a model of feature maps: the frozen base with the weights the cache was built with first
     with cache.FeatureStore(config.features_dir) as store:
-        artifacts.require_same_identity(record["identity"], store.identity,
-                                        artifacts.path(config, artifacts.HEAD if model == "head"
-                                                       else artifacts.LOGREG))
+        artifacts.require_same_identity(record.identity, store.identity,
+                                        registry.path(config, model))
         weights = backbone.weights_of_cache(config.weights, store.attrs)
-    features_of = backbone.feature_function(backbone.build_backbone_of(record["identity"], weights))
-    if model == "head":
-        head = artifacts.load_model(config, "head")
-        return (lambda x: heads.class_probabilities(head(features_of(x), training=False))), size
-    pipeline = artifacts.load_model(config, "logreg")
-    return (lambda x: pipeline.predict_proba(features_of(x).numpy().reshape(len(x), -1))), size
+    features_of = backbone.feature_function(backbone.build_backbone_of(record.identity, weights))
+    return (lambda x: predict(features_of(x))), size
 
 
 def _print_table(shown, total, counts, skipped, skipped_out):

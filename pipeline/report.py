@@ -16,12 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import artifacts, cache, plots
+from . import artifacts, cache, plots, registry
 from .config import Config, UserError
-
-MODELS = ("logreg", "head", "finetuned")
-TITLES = {"logreg": "logistic regression", "head": "dense head", "finetuned": "fine-tuned"}
-MODEL_FILES = {"logreg": artifacts.LOGREG, "head": artifacts.HEAD, "finetuned": artifacts.FINETUNED}
+from .registry import TITLES
 MISCLASSIFIED_PLOT = "misclassified_{model}.png"
 GRID_IMAGES = 25         # most confident mistakes shown per model
 THUMBNAIL = 128          # pixels: display only
@@ -40,16 +37,14 @@ def run(config: Config) -> ReportResult:
     evaluation_path = artifacts.path(config, artifacts.EVALUATION)
     evaluation = artifacts.read_json(evaluation_path, "run `make evaluate` first")
     _refuse_stale(config, evaluation_path)
-    head_metrics = _optional_json(config, artifacts.HEAD_METRICS)
-    finetune_metrics = _optional_json(config, artifacts.FINETUNE_METRICS)
+    trained, _ = registry.records(config)
     with cache.FeatureStore(config.features_dir) as store:
         if evaluation["identity"] != store.identity:
             raise UserError(f"{evaluation_path} was made on another feature cache: run "
                             "`make evaluate` again")
         attrs, labels, splits = store.attrs, store.labels, store.splits
-    notices = sorted({n for n in (attrs.get("weights_notice"), evaluation.get("weights_notice"),
-                                  head_metrics.get("weights_notice"),
-                                  finetune_metrics.get("weights_notice")) if n})
+    notices = sorted({n for n in [attrs.get("weights_notice"), evaluation.get("weights_notice")]
+                      + [r.weights_notice for r in trained.values()] if n})
 
     lines = [f"# Transfer-learning report: {config.dataset_name}", ""]
     for notice in notices:  # first thing a reader sees: the numbers below mean nothing
@@ -58,7 +53,7 @@ def run(config: Config) -> ReportResult:
                   "show that the pipeline runs.", ""]
     lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M')} from `{config.models_dir}` and "
               f"`{config.features_dir}`.", ""]
-    lines += _models_section(evaluation, head_metrics, finetune_metrics)
+    lines += _models_section(evaluation, trained)
     lines += _curves_section(config)
     lines += _confusion_section(evaluation)
     lines += _misclassified_section(config, evaluation)
@@ -78,22 +73,14 @@ def run(config: Config) -> ReportResult:
 def _refuse_stale(config, evaluation_path):
     """A model retrained after `make evaluate` would make the report contradict itself."""
     written = os.path.getmtime(evaluation_path)
-    for model, filename in MODEL_FILES.items():
-        model_path = artifacts.path(config, filename)
+    for model in registry.NAMES:
+        model_path = registry.path(config, model)
         if os.path.exists(model_path) and os.path.getmtime(model_path) > written:
             raise UserError(f"{model_path} is newer than {evaluation_path}: run `make evaluate` "
                             "again, then `make report`")
 
 
-def _optional_json(config, filename):
-    file_path = artifacts.path(config, filename)
-    return artifacts.read_json(file_path, "") if os.path.exists(file_path) else {}
-
-
-def _models_section(evaluation, head_metrics, finetune_metrics):
-    training = {"logreg": head_metrics.get("models", {}).get("logreg", {}),
-                "head": head_metrics.get("models", {}).get("dense", {}),
-                "finetuned": finetune_metrics}
+def _models_section(evaluation, trained):
     split = evaluation["split"]
     lines = ["## Models", "",
              f"Validation accuracy is measured while training; {split} accuracy by `make evaluate` "
@@ -103,12 +90,12 @@ def _models_section(evaluation, head_metrics, finetune_metrics):
              f"| model | validation accuracy | {split} accuracy | {split} loss | ROC AUC "
              "| training seconds | epochs (best) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for model in MODELS:
-        if model not in evaluation["models"]:
+    for model in registry.NAMES:
+        if model not in evaluation["models"] or model not in trained:
             continue
-        m, t = evaluation["models"][model], training[model]
-        epochs = f"{t['epochs']} ({t.get('best_epoch', '-')})" if "epochs" in t else "-"
-        lines.append(f"| {TITLES[model]} | {_num(t.get('validation', {}).get('accuracy'))} "
+        m, t = evaluation["models"][model], trained[model]
+        epochs = f"{t.get('epochs')} ({t.get('best_epoch', '-')})" if t.get("epochs") else "-"
+        lines.append(f"| {TITLES[model]} | {_num(t.validation.get('accuracy'))} "
                      f"| {_num(m['accuracy'])} | {_num(m['loss'])} | {_num(m.get('roc_auc'))} "
                      f"| {_num(t.get('seconds'), 1)} | {epochs} |")
     return lines + [""]
@@ -130,7 +117,7 @@ def _curves_section(config):
 def _confusion_section(evaluation):
     lines = ["## Confusion matrices", "",
              f"Rows are the true class, columns the predicted one ({evaluation['split']} split).", ""]
-    for model in MODELS:
+    for model in registry.NAMES:
         if model not in evaluation["models"]:
             continue
         m = evaluation["models"][model]
@@ -151,7 +138,7 @@ def _misclassified_section(config, evaluation):
     lines = ["## Misclassified images", "",
              f"The most confident mistakes on the {evaluation['split']} split, with the true and "
              "the predicted class and the probability given to the prediction.", ""]
-    for model in MODELS:
+    for model in registry.NAMES:
         if model not in evaluation["models"]:
             continue
         m = evaluation["models"][model]

@@ -78,7 +78,7 @@ def test_two_datasets_then_reruns_cost_only_what_changed(tmp_path, make_config):
         assert (row["status"], row["classes"], row["images"], row["new_images"]) == \
             ("trained", "2", str(images), str(images))
         assert row["class_names"] == "horizontal; vertical" and row["error"] == ""
-        for model in ("logreg", "head"):
+        for model in ("logreg", "dense"):
             for split in ("validation", "test"):
                 assert 0.0 <= float(row[f"{model}_{split}_accuracy"]) <= 1.0
         assert row["finetuned_validation_accuracy"] == "" and row["finetune_s"] == ""
@@ -98,7 +98,7 @@ def test_two_datasets_then_reruns_cost_only_what_changed(tmp_path, make_config):
         ("trained", "14", "2")
     assert (rerun["second"]["status"], rerun["second"]["new_images"]) == ("unchanged", "0")
     assert rerun["second"]["train_head_s"] == rerun["second"]["evaluate_s"] == ""
-    assert rerun["second"]["head_test_accuracy"] == rows["second"]["head_test_accuracy"]
+    assert rerun["second"]["dense_test_accuracy"] == rows["second"]["dense_test_accuracy"]
     assert mtime(config, "second", artifacts.HEAD) == head_time
 
     # A setting that shapes the models retrains without extracting; FORCE=1 retrains anyway.
@@ -126,7 +126,7 @@ def test_a_failing_dataset_does_not_stop_the_others(tmp_path, capsys):
         ["failed", "trained", "failed"]  # ... but the good dataset ran, after the failure
     assert "does not exist" in rows["missing"]["error"]
     assert "1 class folder" in rows["lonely"]["error"]
-    assert float(rows["good"]["head_test_accuracy"]) >= 0 and rows["good"]["error"] == ""
+    assert float(rows["good"]["dense_test_accuracy"]) >= 0 and rows["good"]["error"] == ""
     markdown = (out / "models" / batch.SUMMARY_MD).read_text()
     assert "| missing | failed |" in markdown and "1 class folder" in markdown
 

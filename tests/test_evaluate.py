@@ -31,7 +31,7 @@ def expected_probabilities(config, model, store, rows):
     if model == "logreg":
         logreg, _ = heads.load_logreg(artifacts.path(config, artifacts.LOGREG))
         return logreg.predict_proba(store.read(rows).reshape(len(rows), -1))
-    if model == "head":
+    if model == "dense":
         head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD))
         return heads.class_probabilities(head.predict(store.read(rows), verbose=0))
     network = keras.saving.load_model(artifacts.path(config, artifacts.FINETUNED))
@@ -44,7 +44,7 @@ def test_every_model_is_scored_on_the_test_split(run):
     result = evaluate.run(run)
     report = artifacts.read_json(result.path, "")
     assert result.split == report["split"] == "test"
-    assert set(report["models"]) == {"logreg", "head", "finetuned"}
+    assert set(report["models"]) == {"logreg", "dense", "finetuned"}
     with cache.FeatureStore(run.features_dir) as store:
         rows = store.rows("test")
         labels = store.labels[rows]
@@ -75,7 +75,7 @@ def test_missing_models_are_left_out(run, tmp_path):
     os.remove(artifacts.path(config, artifacts.FINETUNED))
     os.remove(artifacts.path(config, artifacts.LOGREG))
     report = artifacts.read_json(evaluate.run(config).path, "")
-    assert set(report["models"]) == {"head"}
+    assert set(report["models"]) == {"dense"}
     assert not os.path.exists(artifacts.path(config, "confusion_finetuned.png"))
 
 

@@ -36,7 +36,7 @@ def test_three_classes_end_to_end(tmp_path, make_config):
     with open(artifacts.path(config, artifacts.EVALUATION)) as f:
         report = json.load(f)
     assert report["class_names"] == list(CLASSES)
-    assert set(report["models"]) == {"logreg", "head", "finetuned"}
+    assert set(report["models"]) == {"logreg", "dense", "finetuned"}
     for model, scores in report["models"].items():
         per_class = scores["classification_report"]
         assert all(set(per_class[c]) >= {"precision", "recall", "f1-score", "support"}
@@ -63,7 +63,7 @@ def test_dozens_of_classes_with_few_images_each(tmp_path, make_config):
 
     with open(result.path) as f:
         report = json.load(f)
-    scores = report["models"]["head"]
+    scores = report["models"]["dense"]
     assert np.asarray(scores["confusion_matrix"]).shape == (30, 30)
     assert set(classes) <= set(scores["classification_report"])
     png = artifacts.path(config, scores["confusion_matrix_png"])

@@ -32,14 +32,14 @@ def direct_probabilities(config, model, paths):
         return heads.class_probabilities(network.predict(batch, verbose=0))
     base = backbone.build_backbone(backbone.resolve_weights("none"), config.size)
     features = base.predict(batch, verbose=0)
-    if model == "head":
+    if model == "dense":
         head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD))
         return heads.class_probabilities(head.predict(features, verbose=0))
     return heads.load_logreg(artifacts.path(config, artifacts.LOGREG))[0].predict_proba(
         features.reshape(len(features), -1))
 
 
-@pytest.mark.parametrize("model", ["finetuned", "head", "logreg"])
+@pytest.mark.parametrize("model", ["finetuned", "dense", "logreg"])
 def test_predictions_equal_the_models_outputs(run, model):
     # 20 images in batches of 4, walked recursively through the two class folders
     result = predict.run(run.replace(images=run.data, model=model))
@@ -60,7 +60,7 @@ def test_auto_picks_the_best_validation_accuracy(run, tmp_path):
     shutil.copytree(os.path.dirname(run.models_dir), models)
     config = run.replace(models_root=str(models), images=os.path.join(run.data, "vertical"))
     records = predict.trained_models(config)
-    best = max(records, key=lambda m: (records[m]["validation_accuracy"], predict.PREFERENCE[m]))
+    best = max(records, key=lambda m: (records[m].validation["accuracy"], predict.PREFERENCE[m]))
     assert predict.run(config).model == best
     # make the logistic regression clearly the best: auto follows the metrics
     metrics_path = artifacts.path(config, artifacts.HEAD_METRICS)
@@ -69,7 +69,7 @@ def test_auto_picks_the_best_validation_accuracy(run, tmp_path):
     artifacts.write_json(metrics_path, metrics)
     assert predict.run(config).model == "logreg"
     os.remove(artifacts.path(config, artifacts.LOGREG))
-    assert predict.run(config).model in {"head", "finetuned"}
+    assert predict.run(config).model in {"dense", "finetuned"}
 
 
 def test_bad_files_are_skipped_and_reported(run, tmp_path, capsys):
@@ -94,11 +94,11 @@ def test_bad_files_are_skipped_and_reported(run, tmp_path, capsys):
 
 def test_a_single_file(run):
     path = os.path.join(run.data, "vertical", "vertical_03.jpg")
-    result = predict.run(run.replace(images=path, model="head"))
+    result = predict.run(run.replace(images=path, model="dense"))
     rows = read_predictions(result.path)
     assert [r["path"] for r in rows] == [path]
     np.testing.assert_allclose([float(rows[0]["p_horizontal"]), float(rows[0]["p_vertical"])],
-                               direct_probabilities(run, "head", [path])[0], rtol=1e-5, atol=1e-6)
+                               direct_probabilities(run, "dense", [path])[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("target, model, message", [

@@ -34,7 +34,7 @@ def test_every_section_is_present_and_every_link_resolves(run):
     assert "WARNING" not in text
     links = linked_files(text)
     assert {"head_history.png", "finetune_history.png", "confusion_logreg.png",
-            "confusion_head.png", "confusion_finetuned.png"} <= set(links)
+            "confusion_dense.png", "confusion_finetuned.png"} <= set(links)
     for link in links:  # relative to report.md, and real PNGs
         with Image.open(os.path.join(run.models_dir, link)) as png:
             assert png.format == "PNG"
@@ -63,11 +63,11 @@ def test_misclassified_grid_shows_the_mistakes(run, tmp_path):
     evaluation = artifacts.read_json(path, "")
     wrong = [{"path": "vertical/vertical_0%d.jpg" % i, "true": "vertical",
               "predicted": "horizontal", "probability": 0.75} for i in range(7)]
-    evaluation["models"]["head"].update(misclassified=wrong, misclassified_count=7)
+    evaluation["models"]["dense"].update(misclassified=wrong, misclassified_count=7)
     artifacts.write_json(path, evaluation)
     text = open(report.run(config).path).read()
-    assert "### Dense head: 7 of" in text and "![misclassified, dense head](misclassified_head.png)" in text
-    with Image.open(artifacts.path(config, "misclassified_head.png")) as png:
+    assert "### Dense head: 7 of" in text and "![misclassified, dense head](misclassified_dense.png)" in text
+    with Image.open(artifacts.path(config, "misclassified_dense.png")) as png:
         assert png.format == "PNG" and png.size[1] >= 500  # 7 pictures: two rows of five
 
 

@@ -156,7 +156,7 @@ def test_the_whole_experiment_on_a_tiny_archive(server, tmp_path, make_config, c
     config = make_config("data/demo", extras=extras)  # DATA left at its default: download
     result = reproduce.run(config)
     assert result.data == str(tmp_path / "data" / "cats_and_dogs_filtered")
-    assert set(result.results) == {"logreg", "head", "finetuned"}
+    assert set(result.results) == {"logreg", "dense", "finetuned"}
     assert result.results["finetuned"]["article"] == 0.97
     saved = artifacts.read_json(result.path, "")
     assert saved["config"]["size"] == 32 and saved["config"]["name"] == "cats_and_dogs_filtered"

@@ -1,0 +1,127 @@
+"""The kinds of model, each with one name used everywhere: HEAD=, MODEL=, the metrics files,
+evaluation.json, the tables, the batch summary and the bench.
+
+A kind knows its file in models/<NAME>/, the JSON that the run that made it writes beside it,
+its title, what it reads (cached feature maps or images) and how a batch of those becomes class
+probabilities. Every stage reads a model's record through `record` and its function through
+`predictor`, so the layout of those files is known here and in the stage that writes them.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import artifacts
+from .config import UserError
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str       # the one name
+    title: str      # in tables, plots and the report
+    file: str       # in models/<NAME>/
+    metrics: str    # the JSON its run writes, in models/<NAME>/
+    entry: str      # its entry under "models" in that JSON; "" when the JSON is its alone
+    takes: str      # "features" (cached feature maps) or "images" (after images.load_image)
+    make: str       # the command that makes it
+
+
+KINDS = {kind.name: kind for kind in (  # in the order of every table
+    Kind("logreg", "logistic regression", artifacts.LOGREG, artifacts.HEAD_METRICS, "logreg",
+         "features", "make train-head"),
+    Kind("dense", "dense head", artifacts.HEAD, artifacts.HEAD_METRICS, "dense",
+         "features", "make train-head"),
+    Kind("finetuned", "fine-tuned", artifacts.FINETUNED, artifacts.FINETUNE_METRICS, "",
+         "images", "make finetune"),
+)}
+NAMES = tuple(KINDS)
+TITLES = {name: kind.title for name, kind in KINDS.items()}
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the run that made a model wrote about it."""
+    kind: str
+    identity: dict            # the feature identity it was trained on
+    class_names: list
+    validation: dict          # {"accuracy", "loss"}
+    test: dict                # the same, {} without a test split
+    weights_notice: str       # non-empty when the backbone's weights were random
+    file_sha256: str          # of the model file that run saved
+    entry: dict               # everything else the run recorded (epochs, history, C, ...)
+
+    def get(self, key, default=None):
+        return self.entry.get(key, default)
+
+
+def path(config, name):
+    return artifacts.path(config, KINDS[name].file)
+
+
+def record(config, name):
+    """The record of model `name`, after checking that the file in models/<NAME> is the one
+    that run saved (its sha256). An interrupted run leaves new files beside old ones: a file
+    with no record, or with another file's record, is refused, so no stage ever scores one
+    run's model with another run's metrics."""
+    kind, file_path = KINDS[name], path(config, name)
+    if not os.path.exists(file_path):
+        raise UserError(f"there is no {file_path}: run `{kind.make}`")
+    metrics = _json_or_empty(artifacts.path(config, kind.metrics))
+    entry = metrics.get("models", {}).get(kind.entry, {}) if kind.entry else metrics
+    if not entry or entry.get("file_sha256") != artifacts.file_sha256(file_path):
+        raise UserError(f"{file_path} is not the file its metrics describe (an interrupted or "
+                        f"older run left it): rerun `{kind.make}`")
+    return Record(name, metrics["identity"], list(metrics["class_names"]),
+                  entry.get("validation", {}), entry.get("test", {}),
+                  metrics.get("weights_notice", ""), entry["file_sha256"], entry)
+
+
+def records(config):
+    """({name: record} of the models present whose files their records describe, {name: the
+    one-line refusal of each other model file present}), in table order."""
+    found, refused = {}, {}
+    for name in NAMES:
+        if os.path.exists(path(config, name)):
+            try:
+                found[name] = record(config, name)
+            except UserError as refusal:
+                refused[name] = refusal
+    legacy = artifacts.path(config, artifacts.LEGACY_LOGREG)
+    if os.path.exists(legacy) and "logreg" not in found:
+        refused["logreg"] = UserError(f"{legacy} is a pickle from an earlier version and is not "
+                                      "loaded (loading a pickle can run code): rerun `make "
+                                      "train-head`")
+    return found, refused
+
+
+def load(config, name):
+    """The model, loaded so that no code in its file can run: logreg from plain arrays
+    (allow_pickle=False), Keras files in safe mode (which refuses Lambda layers)."""
+    file_path = path(config, name)
+    try:
+        if name == "logreg":
+            from .heads import load_logreg
+            return load_logreg(file_path)[0]
+        import keras
+        return keras.saving.load_model(file_path, compile=False, safe_mode=True)
+    except Exception as error:  # safe mode: ValueError; object arrays: ValueError; a bad zip: others
+        raise UserError(f"{file_path} cannot be loaded safely ({type(error).__name__}: "
+                        f"{' '.join(str(error).split())[:160]}): rerun `{KINDS[name].make}`") from None
+
+
+def predictor(config, name):
+    """A function from a batch of what the model takes (feature maps or images) to (n, classes)
+    float64 class probabilities: the one way every stage and the bench score a model."""
+    model = load(config, name)
+    if name == "logreg":
+        return lambda x: np.asarray(model.predict_proba(np.asarray(x).reshape(len(x), -1)),
+                                    np.float64)
+    from .heads import class_probabilities
+    return lambda x: class_probabilities(model(x, training=False))
+
+
+def _json_or_empty(file_path):
+    try:
+        return artifacts.read_json(file_path, "")
+    except (UserError, ValueError):
+        return {}
