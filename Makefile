@@ -9,34 +9,34 @@ STAMP  := $(VENV)/.installed
 DEMO   := data/demo
 DEMO_STAMP := $(DEMO)/.generated
 
-# --- variables passed to the CLI only when set -----------------------------------------------
-DATA ?=
-NAME ?=
-# Every value reaches the CLI as one shell word, exactly as typed (--opt=VALUE, so that even
-# LR=-1 arrives as a value, to be refused as such): $(value) stops make from
-# expanding $(...) inside it, and single quotes stop the shell (a ' inside becomes '\'').
-quote = '$(subst ','\'',$(value $(1)))'
-opt = $(if $(strip $(value $(1))),--$(2)=$(call quote,$(1)))
+# --- the settings: one Make variable per field of pipeline/config.py (`make help` lists them) ----
+# Each is passed to the CLI only when set, so the defaults live in config.py alone. DATASETS
+# (several folders) is passed apart; FEATURES_ROOT and MODELS_ROOT stay features/ and models/.
+SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS WEIGHTS SIZE BATCH PRECISION STORAGE HEAD EPOCHS \
+            HIDDEN_UNITS DROPOUT HEAD_LR PATIENCE C_GRID SEED UNFREEZE FINETUNE_EPOCHS LR \
+            FINETUNE_PATIENCE FRESH IMAGES MODEL OUT BATCH_FILE FINETUNE FORCE
 # Make exports command-line variables to every recipe's environment, and expands them to do so,
 # which would run a $(shell ...) typed into one: none of these needs to be in the environment.
-unexport DATA NAME WEIGHTS SIZE BATCH PRECISION STORAGE SPLIT LABELS LABEL_COLUMNS SEED HEAD \
-         EPOCHS UNFREEZE LR FRESH IMAGES MODEL DATASETS BATCH_FILE FINETUNE FORCE
-COMMON  = $(call opt,DATA,data) $(call opt,NAME,name) $(call opt,WEIGHTS,weights) \
-          $(call opt,SIZE,size) $(call opt,BATCH,batch) $(call opt,PRECISION,precision) \
-          $(call opt,STORAGE,storage) $(call opt,SPLIT,split) $(call opt,LABELS,labels) \
-          $(call opt,LABEL_COLUMNS,label-columns) $(call opt,SEED,seed)
-CLI     = $(PYTHON) -m pipeline
+unexport $(SETTINGS) DATASETS
+# Every value reaches the CLI as one shell word, exactly as typed: $(value) stops make from
+# expanding $(...) inside it, single quotes stop the shell (a ' inside becomes '\''), and
+# --option=VALUE keeps even LR=-1 a value, to be refused as such.
+quote = '$(subst ','\'',$(1))'
+option = --$(shell echo $(1) | tr A-Z_ a-z-)
+ARGS = $(foreach v,$(SETTINGS),$(if $(strip $(value $(v))),$(call option,$(v))=$(call quote,$(value $(v))))) \
+       $(if $(strip $(value DATASETS)),--datasets $(foreach d,$(value DATASETS),$(call quote,$(d))))
+CLI  = $(PYTHON) -m pipeline
 # With no DATA, stages run on the embedded demo data (generated on first use).
 DATA_DEP = $(if $(strip $(DATA)),,$(DEMO_STAMP))
 
 .PHONY: help install demo-data extract train-head finetune evaluate predict report demo batch \
-        reproduce bench test test-slow clean
+        reproduce bench test test-slow lint clean
 
-help: ## List the targets
+help: ## List the targets and the settings
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
-	@echo "  Variables: DATA NAME WEIGHTS SIZE BATCH PRECISION STORAGE SPLIT LABELS HEAD EPOCHS SEED UNFREEZE LR FRESH"
-	@echo "             IMAGES MODEL DATASETS BATCH_FILE FINETUNE FORCE (defaults: pipeline/config.py)"
+	@echo; echo "Settings (VARIABLE=value; defaults in pipeline/config.py):"
+	@python3 -m pipeline.config
 
 install: $(STAMP) ## Create .venv with the pinned requirements
 
@@ -52,23 +52,22 @@ $(DEMO_STAMP): pipeline/demo_data.py | $(STAMP)
 	$(CLI) demo-data --data $(DEMO)
 
 extract: $(STAMP) $(DATA_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150]
-	$(CLI) extract $(COMMON)
+	$(CLI) extract $(ARGS)
 
 train-head: $(STAMP) $(DATA_DEP) ## Train heads on the cache: [NAME] [HEAD=dense|logreg|both] [EPOCHS=30] [SEED=0]
-	$(CLI) train-head $(COMMON) $(call opt,HEAD,head) $(call opt,EPOCHS,epochs)
+	$(CLI) train-head $(ARGS)
 
-finetune: $(STAMP) $(DATA_DEP) ## Fine-tune block5 + head on images: [NAME] [UNFREEZE=block5] [EPOCHS] [LR=1e-5] [FRESH=0]
-	$(CLI) finetune $(COMMON) $(call opt,UNFREEZE,unfreeze) $(call opt,EPOCHS,finetune-epochs) \
-	  $(call opt,LR,lr) $(call opt,FRESH,fresh)
+finetune: $(STAMP) $(DATA_DEP) ## Fine-tune block5 + head on images: [NAME] [UNFREEZE=block5] [FINETUNE_EPOCHS=10] [LR=1e-5] [FRESH=0]
+	$(CLI) finetune $(ARGS)
 
 evaluate: $(STAMP) ## Test-split metrics and confusion matrices for every trained model: [NAME]
-	$(CLI) evaluate $(COMMON)
+	$(CLI) evaluate $(ARGS)
 
 predict: $(STAMP) ## Predict new images: IMAGES=<dir or file> [NAME] [MODEL=auto|logreg|dense|finetuned]
-	$(CLI) predict $(COMMON) $(call opt,IMAGES,images) $(call opt,MODEL,model)
+	$(CLI) predict $(ARGS)
 
 report: $(STAMP) ## Write models/<NAME>/report.md: metrics, curves, confusion matrices, mistakes
-	$(CLI) report $(COMMON)
+	$(CLI) report $(ARGS)
 
 # The demo data are 64-pixel pictures, so the demo runs at SIZE=64: the same pipeline, a fraction
 # of the compute. WEIGHTS=auto uses ImageNet weights when they can be had, random ones otherwise.
@@ -81,12 +80,10 @@ demo: $(STAMP) $(DEMO_STAMP) ## The whole pipeline on the demo data, offline, in
 	$(CLI) report $(DEMO_ARGS)
 
 batch: $(STAMP) ## Run every stage on many datasets: DATASETS="dirA dirB" or BATCH_FILE=<file> [FINETUNE=1] [FORCE=0]
-	$(CLI) batch $(COMMON) $(if $(strip $(DATASETS)),--datasets $(foreach d,$(DATASETS),'$(subst ','\'',$(d))')) \
-	  $(call opt,BATCH_FILE,batch-file) $(call opt,FINETUNE,finetune) $(call opt,FORCE,force) \
-	  $(call opt,HEAD,head) $(call opt,EPOCHS,epochs) $(call opt,UNFREEZE,unfreeze) $(call opt,LR,lr)
+	$(CLI) batch $(ARGS)
 
 reproduce: $(STAMP) ## The article's cats-vs-dogs experiment (needs internet: data + ImageNet weights)
-	$(CLI) reproduce $(COMMON)
+	$(CLI) reproduce $(ARGS)
 
 bench: $(STAMP) ## Performance figures -> bench/results.json [BENCH_N=..] [BENCH_ACCURACY=1]
 	$(PYTHON) bench/bench.py

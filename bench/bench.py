@@ -232,7 +232,7 @@ def head_epochs(config):
     # and the VGG16 forward pass. Timed on the first FROZEN_IMAGES train images (whole batches).
     base = backbone.build_backbone(backbone.resolve_weights("none"), SIZE)
     model = keras.Model(base.input, heads.build_dense_head(shape, classes)(base.output))
-    model.compile(optimizer=keras.optimizers.RMSprop(train_head.LEARNING_RATE),
+    model.compile(optimizer=keras.optimizers.RMSprop(Config().head_lr),
                   loss=heads.loss_for(classes), metrics=["accuracy"])
     k = min(len(paths), FROZEN_IMAGES)
     k -= k % BATCH if k >= BATCH else 0

@@ -40,13 +40,16 @@ def parser():
     p = _Parser(prog="python -m pipeline", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=sorted(STAGES))
-    for name, field in FIELDS.items():
-        option = "--" + name.replace("_", "-")
+    for name, field in FIELDS.items():  # one option per setting, its help from config.py
+        option, meta = "--" + name.replace("_", "-"), name.upper()
+        shown = int(field.default) if field.type is bool else field.default
+        text = field.metadata["help"] + (f" (default {shown})" if shown not in ("", ()) else "")
+        text = text.replace("%", "%%")  # argparse formats help with %
         if field.type is tuple:
-            p.add_argument(option, nargs="*", default=field.default, metavar=name.upper())
+            p.add_argument(option, nargs="*", default=field.default, metavar=meta, help=text)
         else:
             parse = _flag if field.type is bool else field.type
-            p.add_argument(option, type=parse, default=field.default, metavar=name.upper())
+            p.add_argument(option, type=parse, default=field.default, metavar=meta, help=text)
     return p
 
 

@@ -1,7 +1,9 @@
-"""Every setting of the pipeline, with its default, in one place.
+"""Every setting of the pipeline, with its default and its help, in one place.
 
-The Makefile's variables (DATA, NAME, WEIGHTS, SIZE, ...) map one-to-one onto the fields below
-through the CLI in `__main__.py`; a variable left empty keeps the default written here.
+Each field of `Config` is one setting: the Makefile variable of the same name in capitals (DATA,
+NAME, SIZE, ...) and the CLI option `--data`, `--name`, `--size`, ... (`__main__.py`). Its help
+text, below, is what `python -m pipeline --help` and `make help` print. A variable left empty
+keeps the default written here. Every run saves the whole config with what it made.
 """
 import dataclasses
 import json
@@ -26,43 +28,64 @@ class UserError(Exception):
     """A problem the user can fix. The CLI prints it as one line and exits non-zero."""
 
 
+def setting(default, help, make=True):
+    """A field with its help text; make=False: a CLI option only, no Makefile variable."""
+    return field(default=default, metadata={"help": help, "make": make})
+
+
 @dataclass(frozen=True)
 class Config:
-    # --- dataset -----------------------------------------------------------------------------
-    data: str = "data/demo"          # DATA: DATA/<class>/* or DATA/{train,validation,test}/<class>/*
-    name: str = ""                   # NAME: subfolder of features/ and models/; default basename(DATA)
-    split: str = "80/10/10"          # SPLIT: train/validation/test percentages for layout (a)
-    labels: str = ""                 # LABELS: optional CSV of filename,label for a flat image folder
-    label_columns: str = "filename,label"  # LABEL_COLUMNS: the CSV's file-name and label columns
-    # --- backbone and cache identity -----------------------------------------------------------
-    weights: str = ""                # WEIGHTS: imagenet | none | auto (demo only) | <file.h5>;
-                                     # empty: imagenet for extract, the cache's weights afterwards
-    size: int = 150                  # SIZE: images are resized to SIZE x SIZE
-    batch: int = 32                  # BATCH: images per forward pass
-    precision: str = "auto"          # PRECISION: auto (mixed_float16 on a GPU, else float32) |
-                                     # float32 | mixed_float16 | mixed_bfloat16; part of the identity
-    storage: str = "float32"         # STORAGE: float32 | float16 (half the disk and read I/O; the
-                                     # features are rounded to ~3 digits); part of the identity
-    # --- stage two: the head on cached features -------------------------------------------------
-    head: str = "both"               # HEAD: dense | logreg | both
-    epochs: int = 30                 # EPOCHS: head epochs (early stopping usually ends sooner)
-    seed: int = 0                    # SEED: one seed for splits of work, initialisation and shuffles
+    # --- dataset -------------------------------------------------------------------------------
+    data: str = setting("data/demo", "the images: DATA/<class>/* or "
+                                     "DATA/{train,validation,test}/<class>/*")
+    name: str = setting("", "the dataset's folder in features/ and models/; default: the name of "
+                            "DATA's folder")
+    split: str = setting("80/10/10", "train/validation/test percentages, by content hash "
+                                     "(DATA/<class>/ layout)")
+    labels: str = setting("", "a CSV of file name and label, for a flat folder of images")
+    label_columns: str = setting("filename,label", "the labels CSV's file-name and label columns")
+    # --- the backbone and the cache's identity --------------------------------------------------
+    weights: str = setting("", "imagenet | none | auto (demo only) | <file.h5>; empty: imagenet "
+                               "for extract, the cache's own weights afterwards")
+    size: int = setting(150, "images are resized to SIZE x SIZE pixels (32 to 1024)")
+    batch: int = setting(32, "images (or feature maps) per step")
+    precision: str = setting("auto", "auto (mixed_float16 on a GPU, else float32) | float32 | "
+                                     "mixed_float16 | mixed_bfloat16; part of the cache identity")
+    storage: str = setting("float32", "float32 | float16: half the disk and read I/O, features "
+                                      "rounded to ~3 digits; part of the cache identity")
+    # --- stage two: heads on the cached features -------------------------------------------------
+    head: str = setting("both", "which heads train-head trains: dense | logreg | both")
+    epochs: int = setting(30, "dense head epochs (early stopping usually ends sooner)")
+    hidden_units: int = setting(256, "units of the dense head's hidden layer")
+    dropout: float = setting(0.5, "dropout rate before the dense head's output")
+    head_lr: float = setting(1e-4, "the dense head's RMSprop learning rate")
+    patience: int = setting(5, "dense head epochs without a lower validation loss before stopping")
+    c_grid: str = setting("1e-4,1e-3,1e-2,1e-1,1", "logreg's inverse regularisation strengths, "
+                                                   "one chosen on the validation split")
+    seed: int = setting(0, "one seed for initialisation, dropout, shuffles and augmentation")
     # --- stage three: fine-tuning ----------------------------------------------------------------
-    unfreeze: str = "block5"         # UNFREEZE: a block name (block5) or a count of top conv layers
-    finetune_epochs: int = 10        # EPOCHS for `make finetune`
-    lr: float = 1e-5                 # LR: low, so the pretrained filters are adjusted, not wiped out
-    fresh: bool = False              # FRESH=1 ignores an earlier fine-tuning checkpoint
-    # --- prediction ------------------------------------------------------------------------------
-    images: str = ""                 # IMAGES: a file or folder to predict
-    model: str = "auto"              # MODEL: auto | logreg | dense | finetuned
-    # --- batch -----------------------------------------------------------------------------------
-    datasets: tuple = ()             # DATASETS: dataset folders for `make batch`
-    batch_file: str = ""             # BATCH_FILE: one "folder [name]" per line
-    finetune: bool = True            # FINETUNE=0 skips fine-tuning in `make batch`
-    force: bool = False              # FORCE=1 reruns unchanged datasets in `make batch`
+    unfreeze: str = setting("block5", "the lowest layers that train: a block (block5) or a count "
+                                      "of top convolutional layers")
+    finetune_epochs: int = setting(10, "fine-tuning epochs (early stopping may end sooner)")
+    lr: float = setting(1e-5, "fine-tuning learning rate: low, so the pretrained filters are "
+                              "adjusted, not wiped out")
+    finetune_patience: int = setting(3, "fine-tuning epochs without a lower validation loss "
+                                        "before stopping")
+    fresh: bool = setting(False, "1: ignore an earlier fine-tuning checkpoint and start over")
+    # --- prediction and export -------------------------------------------------------------------
+    images: str = setting("", "the image file or folder that predict classifies")
+    model: str = setting("auto", "the model predict uses: auto (best validation accuracy) | "
+                                 "logreg | dense | finetuned")
+    out: str = setting("", "the file `make export` writes (never overwritten)")
+    # --- many datasets ---------------------------------------------------------------------------
+    datasets: tuple = setting((), "dataset folders for `make batch`")
+    batch_file: str = setting("", "a file with one `folder [name] [labels.csv]` per line, for "
+                                  "`make batch`")
+    finetune: bool = setting(True, "0: `make batch` skips fine-tuning")
+    force: bool = setting(False, "1: `make batch` retrains datasets that did not change")
     # --- where outputs go ------------------------------------------------------------------------
-    features_root: str = "features"
-    models_root: str = "models"
+    features_root: str = setting("features", "the folder of every dataset's cache", make=False)
+    models_root: str = setting("models", "the folder of every dataset's models", make=False)
     extras: dict = field(default_factory=dict, compare=False)  # stage-specific knobs (bench, tests)
 
     def __post_init__(self):
@@ -74,9 +97,14 @@ class Config:
         _check_range("EPOCHS", self.epochs, 1, 100_000, "head epochs")
         _check_range("FINETUNE_EPOCHS", self.finetune_epochs, 1, 100_000, "fine-tuning epochs")
         _check_range("SEED", self.seed, 0, 2**32 - 1, "a non-negative integer")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr <= 1):
-            raise UserError(f"LR={self.lr!r} is not a learning rate: use a small positive number "
-                            "such as LR=1e-5")
+        _check_range("HIDDEN_UNITS", self.hidden_units, 1, 65_536, "units")
+        _check_range("PATIENCE", self.patience, 1, 100_000, "epochs")
+        _check_range("FINETUNE_PATIENCE", self.finetune_patience, 1, 100_000, "epochs")
+        _check_rate("LR", self.lr, "such as LR=1e-5")
+        _check_rate("HEAD_LR", self.head_lr, "such as HEAD_LR=1e-4")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise UserError(f"DROPOUT={self.dropout!r} is not a rate: use 0 <= DROPOUT < 1")
+        self.c_values  # noqa: B018 (parses C_GRID, raising on a bad one)
         self.split_fractions  # noqa: B018 (parses SPLIT, raising on a bad one)
         _check_choice("HEAD", self.head, ("dense", "logreg", "both"))
         from .registry import NAMES  # here: the registry's module imports this one
@@ -120,6 +148,18 @@ class Config:
         total = sum(parts)
         return tuple(p / total for p in parts)
 
+    @property
+    def c_values(self) -> tuple:
+        """"1e-4,1e-3" -> (0.0001, 0.001)."""
+        try:
+            values = tuple(float(c) for c in self.c_grid.split(","))
+        except ValueError:
+            values = ()
+        if not values or not all(math.isfinite(c) and c > 0 for c in values):
+            raise UserError(f"C_GRID={self.c_grid!r} is not a list of positive numbers: use e.g. "
+                            "C_GRID=1e-3,1e-2,1e-1")
+        return values
+
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
 
@@ -134,6 +174,13 @@ def _check_range(variable, value, low, high, meaning):
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise UserError(f"{variable}={value!r} is out of range: use a whole number from {low} to "
                         f"{high} ({meaning})")
+
+
+def _check_rate(variable, value, example):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not (math.isfinite(value) and 0 < value <= 1):
+        raise UserError(f"{variable}={value!r} is not a learning rate: use a small positive "
+                        f"number {example}")
 
 
 def _check_choice(variable, value, choices):
@@ -156,3 +203,18 @@ def _check_memory(size, batch):
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "extras"}
+MAKE_VARIABLES = {name: f for name, f in FIELDS.items() if f.metadata["make"]}
+
+
+def describe():
+    """The settings as `make help` lists them: VARIABLE, default, help."""
+    lines = []
+    for name, f in MAKE_VARIABLES.items():
+        default = int(f.default) if isinstance(f.default, bool) else f.default
+        shown = f" (default {default})" if default not in ("", ()) else ""
+        lines.append(f"  {name.upper():<18} {f.metadata['help']}{shown}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # `make help` runs this with any Python 3: it needs no package
+    print(describe())

@@ -11,16 +11,13 @@ from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-HIDDEN_UNITS = 256
-DROPOUT = 0.5
-
-
-def build_dense_head(feature_shape, num_classes, name="head"):
-    """Flatten -> Dense(256, relu) -> Dropout(0.5) -> one sigmoid unit (2 classes) or softmax."""
+def build_dense_head(feature_shape, num_classes, hidden_units=256, dropout=0.5, name="head"):
+    """Flatten -> Dense(hidden_units, relu) -> Dropout -> one sigmoid unit (2 classes) or softmax.
+    The defaults are the article's; train-head passes HIDDEN_UNITS and DROPOUT."""
     inputs = keras.Input(shape=tuple(feature_shape), name="features")
     x = keras.layers.Flatten()(inputs)
-    x = keras.layers.Dense(HIDDEN_UNITS, activation="relu")(x)
-    x = keras.layers.Dropout(DROPOUT)(x)
+    x = keras.layers.Dense(hidden_units, activation="relu")(x)
+    x = keras.layers.Dropout(dropout)(x)
     if num_classes == 2:
         outputs = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
     else:

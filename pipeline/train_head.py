@@ -31,10 +31,7 @@ from .config import Config, UserError
 
 HEADS = ("dense", "logreg", "both")
 BLOCK_ROWS = 1024            # cached rows read at a time: 32 MB of 4x4x512 features
-LEARNING_RATE = 1e-4         # RMSprop, on standardised features: 1e-3 overshoots now and then
 STANDARDIZE = True           # False: train on raw feature maps, as the article does
-PATIENCE = 5                 # epochs without a lower val_loss before early stopping
-C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # logreg regularisation, chosen on the validation split
 LOGREG_MEMORY_MB = 256       # train features up to this size are fitted in memory, else SGD
 XLA_MIN_ROWS = 1000          # train the dense head with XLA from this many training rows
 SGD_EPOCHS = 5               # passes over the cache for the out-of-core logreg
@@ -177,7 +174,7 @@ def train_dense(config, store, rows):
     # on raw feature maps. Without it, features that share a large common component (random
     # weights especially) keep the head near chance for dozens of epochs.
     mean, scale = feature_moments(store, rows["train"]) if STANDARDIZE else (np.zeros(shape), 1.0)
-    head = heads.build_dense_head(shape, len(names))
+    head = heads.build_dense_head(shape, len(names), config.hidden_units, config.dropout)
     inputs = keras.Input(shape, name="features")
     standardize = keras.layers.Normalization(axis=(1, 2, 3), mean=mean,
                                              variance=np.full(shape, scale ** 2, np.float32))
@@ -185,8 +182,8 @@ def train_dense(config, store, rows):
     # BATCH=32, for a compilation of a few seconds that only a large training split repays
     xla = len(rows["train"]) >= XLA_MIN_ROWS
     trainer = _compiled(keras.Model(inputs, head(standardize(inputs)), name="standardized_head"),
-                        len(names), xla)
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=PATIENCE,
+                        len(names), config.head_lr, xla)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
                                          restore_best_weights=True)
     callbacks = [stop, keras.callbacks.ModelCheckpoint(paths["checkpoint"]),  # the wrapper: it
                  keras.callbacks.CSVLogger(paths["log"])]                    # takes raw maps too
@@ -200,7 +197,7 @@ def train_dense(config, store, rows):
     head.save(paths["dense"] + ".tmp.keras")  # atomically; Keras insists on the extension
     os.replace(paths["dense"] + ".tmp.keras", paths["dense"])
 
-    _compiled(head, len(names))  # after saving: no unused optimizer in the file
+    _compiled(head, len(names), config.head_lr)  # after saving: no unused optimizer in the file
     entry = {"validation": _evaluate_dense(head, validation)}
     if len(rows["test"]):
         test = feature_dataset(store, rows["test"], targets, config.batch)
@@ -216,8 +213,9 @@ def train_dense(config, store, rows):
     return entry, paths
 
 
-def _compiled(model, num_classes, xla=False):
-    model.compile(optimizer=keras.optimizers.RMSprop(LEARNING_RATE),
+def _compiled(model, num_classes, learning_rate, xla=False):
+    # RMSprop at HEAD_LR=1e-4 on standardised features: 1e-3 overshoots now and then
+    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate),
                   loss=heads.loss_for(num_classes), metrics=["accuracy"], jit_compile=xla)
     return model
 
@@ -240,17 +238,18 @@ def train_logreg(config, store, rows):
     in_memory = len(rows["train"]) * row_bytes <= budget
     start = time.perf_counter()
     fit = _fit_in_memory if in_memory else _fit_out_of_core
-    candidates = fit(store, rows["train"], len(store.class_names), config.seed)
+    grid = config.c_values  # one candidate per C, the one with the lowest validation loss kept
+    candidates = fit(store, rows["train"], len(store.class_names), grid, config.seed)
     scores = _evaluate_pipelines(store, rows["validation"], candidates)
-    best = min(range(len(C_GRID)), key=lambda i: (scores[i]["loss"], -scores[i]["accuracy"]))
+    best = min(range(len(grid)), key=lambda i: (scores[i]["loss"], -scores[i]["accuracy"]))
     model = candidates[best]
     seconds = time.perf_counter() - start
 
     entry = {"validation": scores[best]}
     if len(rows["test"]):
         entry["test"] = _evaluate_pipelines(store, rows["test"], [model])[0]
-    entry.update(C=C_GRID[best], seconds=seconds, solver="lbfgs" if in_memory else "sgd",
-                 validation_by_C={str(c): s for c, s in zip(C_GRID, scores)})
+    entry.update(C=grid[best], seconds=seconds, solver="lbfgs" if in_memory else "sgd",
+                 validation_by_C={str(c): s for c, s in zip(grid, scores)})
     path = artifacts.path(config, artifacts.LOGREG)
     os.makedirs(config.models_dir, exist_ok=True)
     with open(path + ".tmp", "wb") as f:
@@ -264,7 +263,7 @@ def train_logreg(config, store, rows):
     return entry, path
 
 
-def _fit_in_memory(store, train_rows, num_classes, seed):
+def _fit_in_memory(store, train_rows, num_classes, grid, seed):
     # The training features are held once, standardised in place; the scaler's statistics are
     # gathered block by block, as its fit on the whole array would make a float64 copy of it.
     x = np.empty((len(train_rows), int(np.prod(store.features.shape[1:]))), np.float32)
@@ -277,18 +276,18 @@ def _fit_in_memory(store, train_rows, num_classes, seed):
         x[start:start + BLOCK_ROWS] = scaler.transform(x[start:start + BLOCK_ROWS])
     y = store.labels[train_rows]
     candidates = []
-    for C in tqdm(C_GRID, desc="logreg (one fit per C)", leave=False):
+    for C in tqdm(grid, desc="logreg (one fit per C)", leave=False):
         with warnings.catch_warnings():  # a weakly regularised fit may stop at max_iter: fine
             warnings.simplefilter("ignore", ConvergenceWarning)
             candidates.append(make_pipeline(scaler, heads.logistic_regression(C, seed).fit(x, y)))
     return candidates
 
 
-def _fit_out_of_core(store, train_rows, num_classes, seed):
+def _fit_out_of_core(store, train_rows, num_classes, grid, seed):
     scaler = StandardScaler()
     for _, features in blocks(store, train_rows):
         scaler.partial_fit(features.reshape(len(features), -1))
-    models = [heads.sgd_logistic_regression(C, len(train_rows), seed) for C in C_GRID]
+    models = [heads.sgd_logistic_regression(C, len(train_rows), seed) for C in grid]
     classes = np.arange(num_classes)
     progress = tqdm(total=SGD_EPOCHS * len(train_rows), desc="logreg (SGD, out of core)",
                     unit="row", leave=False)

@@ -251,3 +251,13 @@ def test_an_interrupted_train_head_leaves_no_stale_head_in_use(trained, tmp_path
     with pytest.raises(UserError, match="head.keras is not the file its metrics describe"):
         from pipeline import finetune
         finetune.run(config.replace(fresh=True))
+
+
+def test_the_makefile_passes_every_setting_and_only_those():
+    """One list in the Makefile, one Config in config.py: they must not drift apart."""
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        text = f.read().replace("\\\n", " ")
+    listed = next(line for line in text.splitlines() if line.startswith("SETTINGS :="))
+    from pipeline.config import MAKE_VARIABLES
+    expected = {name.upper() for name in MAKE_VARIABLES} - {"DATASETS"}  # passed apart
+    assert set(listed.split(":=")[1].split()) == expected
