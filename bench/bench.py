@@ -219,8 +219,8 @@ def naive_keras(folder):
 # --------------------------------------------------------------------------------------------
 
 def head_epochs(config):
-    with support.timing_fit(support.EpochTimer()) as timer:
-        train_head.run(config.replace(head="dense", epochs=HEAD_EPOCHS))
+    timer = support.EpochTimer()
+    train_head.run(config.replace(head="dense", epochs=HEAD_EPOCHS), callbacks=[timer])
     cache_epoch = statistics.median(timer.seconds[1:] or timer.seconds)  # 1st epoch: tracing
     with cache.FeatureStore(config.features_dir) as store:
         rows = store.rows("train")

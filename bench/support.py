@@ -7,7 +7,6 @@ import platform
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import keras
 import numpy as np
@@ -83,7 +82,7 @@ def write_synthetic_cache(folder, rows, size, seed=0):
                 for row, (i, label, sha) in enumerate(zip(index, labels, shas))]
     dataset = images.Dataset(root=folder, layout="folders", class_names=CLASSES, files=[],
                              skipped=[])
-    attrs = extract._attributes(config, dataset, weights, identity, identity_id, out)
+    attrs = extract.cache_attributes(config, dataset, weights, identity, identity_id, out)
     cache.write_master(config.features_dir, out, attrs, shape, np.float32, {})
     return config.features_dir
 
@@ -126,22 +125,6 @@ class EpochTimer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.seconds.append((self._trained or time.perf_counter()) - self._start)
         self._start = None
-
-
-@contextmanager
-def timing_fit(timer):
-    """Add `timer` to the callbacks of every keras Model.fit inside the block, so the stage's own
-    fit is timed as it runs, with its own data pipeline and settings."""
-    original = keras.Model.fit
-
-    def fit(self, *args, callbacks=None, **kwargs):
-        return original(self, *args, callbacks=[*(callbacks or []), timer], **kwargs)
-
-    keras.Model.fit = fit
-    try:
-        yield timer
-    finally:
-        keras.Model.fit = original
 
 
 def flatten(figures, prefix=""):

@@ -71,7 +71,7 @@ def run(config: Config) -> ExtractResult:
         known = cache.compact(out, identity_id, {s: v for s, v in known.items() if s in keep}, keep)
         for r in rows:
             r["segment"], r["segment_row"], r["segment_rows"] = known[r["sha256"]]
-        attrs = _attributes(config, dataset, weights, identity, identity_id, rows)
+        attrs = cache_attributes(config, dataset, weights, identity, identity_id, rows)
         changed = attrs["index_digest"] != cache.master_attribute(out, "index_digest")
         if changed:
             referenced = cache.write_master(out, rows, attrs, backbone.feature_shape(config.size),
@@ -158,7 +158,8 @@ def _give_every_class_a_training_image(rows):
             min(members, key=lambda r: r["sha256"])["split"] = "train"
 
 
-def _attributes(config, dataset, weights, identity, identity_id, rows):
+def cache_attributes(config, dataset, weights, identity, identity_id, rows):
+    """The attributes of features.h5: the identity, the config, the index digest, versions."""
     # What the index says, including where each row's features live: equal digests mean there is
     # nothing to rewrite, and later stages (make batch) use it to know that nothing changed.
     index = json.dumps([[r["path"], r["label"], r["sha256"], r["split"], r["segment"],

@@ -48,36 +48,28 @@ class ReproduceResult:
     path: str            # models/<NAME>/reproduce.json
 
 
-def run(config: Config) -> ReproduceResult:
-    extras = config.extras
-    expected = extras.get("expected", EXPECTED)
-    folder = _dataset_folder(config, expected, extras)
+def run(config: Config, *, url=URL, downloads=DOWNLOADS, data_parent=DATA_PARENT,
+        expected=EXPECTED, retry_wait=2.0, settings=None) -> ReproduceResult:
+    """The article's experiment. The keywords point it elsewhere (the tests' tiny archive on a
+    local server): where to download from and to, the expected image counts, and `settings`
+    that replace the article's SETTINGS."""
+    if config.data != FIELDS["data"].default:  # DATA names a copy the user already has
+        folder = config.data
+    else:
+        folder = os.path.join(data_parent, FOLDER)
+        if not os.path.isdir(folder):
+            zip_path = download(url, os.path.join(downloads, FOLDER + ".zip"), wait=retry_wait)
+            unpack(zip_path, data_parent)
+    verify(folder, expected)
     weights = config.weights or "imagenet"
     backbone.resolve_weights(weights)  # step 2 before hours of work: offline, it fails right here
     settings = config.replace(data=folder, name=config.name or FOLDER, weights=weights,
-                              **{**SETTINGS, **extras.get("settings", {})})
+                              **(SETTINGS if settings is None else settings))
     from . import evaluate, extract, finetune, report, train_head  # the stages, in order
     for stage in (extract, train_head, finetune, evaluate, report):
         print(f"\n=== reproduce: {stage.__name__.rsplit('.', 1)[-1]} ===", flush=True)
         stage.run(settings)
     return compare(settings)
-
-
-def _dataset_folder(config, expected, extras):
-    """A verified copy of the dataset: DATA when it names one, else data/cats_and_dogs_filtered,
-    downloaded and unpacked first if it is not there yet."""
-    if config.data != FIELDS["data"].default:
-        verify(config.data, expected)
-        return config.data
-    parent = extras.get("data_parent", DATA_PARENT)
-    folder = os.path.join(parent, FOLDER)
-    if not os.path.isdir(folder):
-        zip_path = download(extras.get("url", URL), os.path.join(extras.get("downloads", DOWNLOADS),
-                                                                 FOLDER + ".zip"),
-                            wait=extras.get("retry_wait", 2.0))
-        unpack(zip_path, parent)
-    verify(folder, expected)
-    return folder
 
 
 # --------------------------------------------------------------------------------------------

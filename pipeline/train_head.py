@@ -44,7 +44,10 @@ class TrainHeadResult:
     seconds: float
 
 
-def run(config: Config) -> TrainHeadResult:
+def run(config: Config, *, callbacks=(), logreg_memory_mb=LOGREG_MEMORY_MB) -> TrainHeadResult:
+    """Train the heads of HEAD on the cache. `callbacks` join the dense head's Keras fit (the
+    bench times epochs with one); past `logreg_memory_mb` of training features, logreg is fitted
+    out of core."""
     start = time.perf_counter()
     if config.head not in HEADS:
         raise UserError(f"HEAD={config.head!r} is not a head: use HEAD=dense, HEAD=logreg or "
@@ -63,10 +66,11 @@ def run(config: Config) -> TrainHeadResult:
         paths = {"metrics": metrics_path}
         # logreg first: its in-memory features are freed before TensorFlow's runtime starts
         if config.head in ("logreg", "both"):
-            metrics["models"]["logreg"], paths["logreg"] = train_logreg(config, store, rows)
+            metrics["models"]["logreg"], paths["logreg"] = train_logreg(config, store, rows,
+                                                                        logreg_memory_mb)
             artifacts.write_json(metrics_path, metrics)  # each model is recorded when it is done
         if config.head in ("dense", "both"):
-            metrics["models"]["dense"], dense_paths = train_dense(config, store, rows)
+            metrics["models"]["dense"], dense_paths = train_dense(config, store, rows, callbacks)
             paths.update(dense_paths)
             artifacts.write_json(metrics_path, metrics)
     result = TrainHeadResult(metrics, paths, time.perf_counter() - start)
@@ -156,7 +160,7 @@ def feature_moments(store, rows):
 # The dense head
 # --------------------------------------------------------------------------------------------
 
-def train_dense(config, store, rows):
+def train_dense(config, store, rows, callbacks=()):
     names, shape = list(store.class_names), store.features.shape[1:]
     # sigmoid head: float targets of shape (n, 1); softmax head: integer class indices
     targets = (store.labels.astype(np.float32)[:, None] if len(names) == 2
@@ -186,7 +190,7 @@ def train_dense(config, store, rows):
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
                                          restore_best_weights=True)
     callbacks = [stop, keras.callbacks.ModelCheckpoint(paths["checkpoint"]),  # the wrapper: it
-                 keras.callbacks.CSVLogger(paths["log"])]                    # takes raw maps too
+                 keras.callbacks.CSVLogger(paths["log"]), *callbacks]        # takes raw maps too
     start = time.perf_counter()
     history = trainer.fit(train, validation_data=validation, epochs=config.epochs,
                           callbacks=callbacks, shuffle=False,  # the dataset shuffles
@@ -229,11 +233,11 @@ def _evaluate_dense(model, dataset):
 # The logistic-regression baseline
 # --------------------------------------------------------------------------------------------
 
-def train_logreg(config, store, rows):
+def train_logreg(config, store, rows, memory_mb=LOGREG_MEMORY_MB):
     """Fit one candidate per C on train, keep the one with the lowest validation loss. In memory
-    when the training features fit LOGREG_MEMORY_MB (config.extras["logreg_memory_mb"]), else
-    out of core: SGD with log loss on streamed blocks, the same model fitted approximately."""
-    budget = config.extras.get("logreg_memory_mb", LOGREG_MEMORY_MB) * 2**20
+    when the training features fit `memory_mb`, else out of core: SGD with log loss on streamed
+    blocks, the same model fitted approximately."""
+    budget = memory_mb * 2**20
     row_bytes = 4 * int(np.prod(store.features.shape[1:]))
     in_memory = len(rows["train"]) * row_bytes <= budget
     start = time.perf_counter()

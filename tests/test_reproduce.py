@@ -150,11 +150,10 @@ def test_wrong_counts_and_damaged_zips_are_refused(server, tmp_path):
 
 
 def test_the_whole_experiment_on_a_tiny_archive(server, tmp_path, make_config, capsys):
-    extras = {"url": server.url, "downloads": str(tmp_path / "downloads"),
-              "data_parent": str(tmp_path / "data"), "expected": TINY, "retry_wait": 0,
-              "settings": dict(size=32, batch=4, epochs=2, finetune_epochs=1)}
-    config = make_config("data/demo", extras=extras)  # DATA left at its default: download
-    result = reproduce.run(config)
+    config = make_config("data/demo")  # DATA left at its default: download
+    result = reproduce.run(config, url=server.url, downloads=str(tmp_path / "downloads"),
+                           data_parent=str(tmp_path / "data"), expected=TINY, retry_wait=0,
+                           settings=dict(size=32, batch=4, epochs=2, finetune_epochs=1))
     assert result.data == str(tmp_path / "data" / "cats_and_dogs_filtered")
     assert set(result.results) == {"logreg", "dense", "finetuned"}
     assert result.results["finetuned"]["article"] == 0.97
@@ -166,8 +165,7 @@ def test_the_whole_experiment_on_a_tiny_archive(server, tmp_path, make_config, c
 
 
 def test_the_experiment_offline_stops_before_any_work(tmp_path, make_config):
-    extras = {"url": closed_port_url(), "downloads": str(tmp_path / "downloads"),
-              "data_parent": str(tmp_path / "data"), "retry_wait": 0}
     with pytest.raises(UserError, match="needs internet access"):
-        reproduce.run(make_config("data/demo", extras=extras))
+        reproduce.run(make_config("data/demo"), url=closed_port_url(), retry_wait=0,
+                      downloads=str(tmp_path / "downloads"), data_parent=str(tmp_path / "data"))
     assert not os.path.exists(tmp_path / "features") and not os.path.exists(tmp_path / "data")

@@ -194,13 +194,13 @@ def test_one_head_keeps_the_other_models_entry_only_on_the_same_identity(synthet
 
 @pytest.mark.parametrize("num_classes", [2, 3])
 def test_logreg_out_of_core_when_the_features_do_not_fit(tmp_path, num_classes):
-    config = Config(name="big", head="logreg", extras={"logreg_memory_mb": 0},
+    config = Config(name="big", head="logreg",
                     features_root=str(tmp_path / "features"), models_root=str(tmp_path / "models"))
     labels, splits = balanced(300)
     labels = [i % num_classes for i in range(300)]
     synthetic_cache(config.features_dir, labels, splits,
                     class_names=("a", "b", "c")[:num_classes])
-    logreg = train_head.run(config).metrics["models"]["logreg"]
+    logreg = train_head.run(config, logreg_memory_mb=0).metrics["models"]["logreg"]
     assert logreg["solver"] == "sgd"
     assert logreg["validation"]["accuracy"] > 0.8 and logreg["test"]["accuracy"] > 0.8
     assert logreg["C"] in config.c_values
