@@ -10,9 +10,11 @@ Crash safety comes from never modifying a file in place: a segment is written un
 name and renamed when complete, and features.h5 is rebuilt the same way (temporary file, then
 os.replace). A kill -9 therefore leaves, at worst, a stray temporary file and segments that no
 master points to yet; the next run picks those segments up, so only the batch in flight is lost.
+
+Paths are built from NAME and listed with os.scandir, never glob: `[`, `*` or `?` in a NAME
+are ordinary characters.
 """
 import fcntl
-import glob
 import json
 import os
 import time
@@ -48,9 +50,21 @@ def exclusive(folder, stage="extract", remove_strays=True):
                             "to finish, then run this again") from None
         lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
         if remove_strays:
-            for stray in glob.glob(os.path.join(folder, "**", "*.tmp"), recursive=True):
-                os.remove(stray)  # left by a killed run; never referenced by anything
+            _remove_strays(folder)
         yield
+
+
+def _remove_strays(folder):
+    """Delete the temporary files a killed run left: only the names this module writes (a master
+    or a segment in the making), only in features/<NAME> and its segment folders."""
+    folders = [folder] + [e.path for e in _entries(os.path.join(folder, "segments"))
+                          if e.is_dir(follow_symlinks=False)]
+    for where in folders:
+        for entry in _entries(where):
+            original = entry.name[:-len(".tmp")] if entry.name.endswith(".h5.tmp") else None
+            if (original and (original == MASTER or _is_segment(original))
+                    and entry.is_file(follow_symlinks=False)):
+                os.remove(entry.path)
 
 
 def segment_dir(features_dir, identity_id):
@@ -61,7 +75,7 @@ def inventory(features_dir, identity_id):
     """sha256 -> (segment path relative to features_dir, row, rows in that segment) for every
     complete segment of this identity. A later segment wins when two hold the same image."""
     found = {}
-    for path in sorted(glob.glob(os.path.join(segment_dir(features_dir, identity_id), "seg-*.h5"))):
+    for path in _segment_paths(features_dir, identity_id):
         rel = os.path.relpath(path, features_dir)
         with h5py.File(path, "r") as f:
             shas = f["sha256"].asstr()[:]
@@ -154,9 +168,29 @@ def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable):
 def remove_unreferenced(features_dir, identity_id, referenced):
     """Delete this identity's segments that the new master does not use (compacted or deleted
     images). Other identities' segments stay: switching back to them costs nothing."""
-    for path in glob.glob(os.path.join(segment_dir(features_dir, identity_id), "seg-*.h5")):
+    for path in _segment_paths(features_dir, identity_id):
         if os.path.relpath(path, features_dir) not in referenced:
             os.remove(path)
+
+
+def _segment_paths(features_dir, identity_id):
+    """This identity's complete segment files, oldest first. The exact folder is listed."""
+    folder = segment_dir(features_dir, identity_id)
+    names = (e.name for e in _entries(folder)
+             if _is_segment(e.name) and e.is_file(follow_symlinks=False))
+    return [os.path.join(folder, name) for name in sorted(names)]
+
+
+def _is_segment(name):
+    return name.startswith("seg-") and name.endswith(".h5")
+
+
+def _entries(folder):
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _fsync(path):
