@@ -6,15 +6,16 @@
             seg-<time>-<pid>.h5      features (n, h, w, 512) float32 (or float16) and sha256 (n,)
         skipped.csv, .extract.lock
 
-Crash safety comes from never modifying a file in place: a segment is written under a temporary
-name and renamed when complete, and features.h5 is rebuilt the same way (temporary file, then
-os.replace). A kill -9 therefore leaves, at worst, a stray temporary file and segments that no
-master points to yet; the next run picks those segments up, so only the batch in flight is lost.
+Crash safety comes from never modifying a file in place: every file is built in memory and
+written whole by files.atomic_write (temporary file, fsync, rename), so a kill -9 leaves at worst
+a stray temporary file and segments that no master points to yet; the next run picks those
+segments up, so only the batch in flight is lost. A full disk is one line (files.NoSpace).
 
 Paths are built from NAME and listed with os.scandir, never glob: `[`, `*` or `?` in a NAME
 are ordinary characters.
 """
 import fcntl
+import io
 import json
 import os
 import time
@@ -23,12 +24,13 @@ from contextlib import contextmanager
 import h5py
 import numpy as np
 
+from . import files
 from .config import UserError
 
 MASTER = "features.h5"
 STR = h5py.string_dtype("utf-8")
-COMPACT_BELOW = 4096  # segments with fewer rows are merged into one at the end of a run
-READ_BLOCK = 1024     # rows per contiguous read from the virtual dataset
+COMPACT_BELOW = 4096      # segments with fewer rows are merged, this many rows to a segment
+READ_BLOCK = 1024         # rows per contiguous read from the virtual dataset
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +63,9 @@ def _remove_strays(folder):
                           if e.is_dir(follow_symlinks=False)]
     for where in folders:
         for entry in _entries(where):
-            original = entry.name[:-len(".tmp")] if entry.name.endswith(".h5.tmp") else None
+            # atomic_write's `.<name>.<hex>.tmp`, or `<name>.tmp` of versions before it
+            original = files.original_name(entry.name) or (
+                entry.name[:-len(".tmp")] if entry.name.endswith(".h5.tmp") else None)
             if (original and (original == MASTER or _is_segment(original))
                     and entry.is_file(follow_symlinks=False)):
                 os.remove(entry.path)
@@ -89,38 +93,88 @@ def write_segment(features_dir, identity_id, shas, features):
     features = np.asarray(features)
     if features.dtype not in (np.float32, np.float16):
         raise TypeError(f"features must be float32 or float16, not {features.dtype}")
+
+    def fill(dataset):
+        dataset[...] = features
+    return _write_segment(features_dir, identity_id, shas, features.shape[1:], features.dtype,
+                          fill)
+
+
+def _write_segment(features_dir, identity_id, shas, shape, dtype, fill):
+    """Build a segment of len(shas) rows in memory, `fill(features dataset)` writing its rows,
+    then write it whole. Returns its path relative to features_dir."""
     folder = segment_dir(features_dir, identity_id)
     os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, f"seg-{time.time_ns():020d}-{os.getpid()}.h5")
-    with h5py.File(final + ".tmp", "w") as f:
-        f.create_dataset("features", data=features)  # float32 or float16 (STORAGE), as given
-        f.create_dataset("sha256", data=np.asarray(shas, dtype=object), dtype=STR)
-    _fsync(final + ".tmp")
-    os.replace(final + ".tmp", final)
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        fill(f.create_dataset("features", (len(shas), *shape), dtype))  # float32 or float16
+        f.create_dataset("sha256", data=np.array(shas, dtype=object), dtype=STR)
+    files.atomic_write(final, image.getbuffer())
     return os.path.relpath(final, features_dir)
 
 
 def compact(features_dir, identity_id, known, keep):
-    """Merge the small segments into one, so the virtual dataset spans few files. Only rows whose
-    sha is in `keep` are carried over. Returns the updated inventory."""
-    small = sorted({seg for seg, _, n in known.values() if n < COMPACT_BELOW})
+    """Merge the small segments, so the virtual dataset spans few files. Only rows whose sha is
+    in `keep` are carried over. Returns the updated inventory.
+
+    One pass over the rows, then groups of COMPACT_BELOW rows, each built in memory and written
+    before the next is read: memory and extra disk stay at one group. A group's sources that the
+    features.h5 on disk does not use are deleted as soon as the group is written, so compaction
+    fits in the space it frees; the sources that master uses go once the new master is written
+    (remove_unreferenced). A crash in between leaves rows in two segments, and the inventory's
+    "later segment wins" picks the merged one. Out of space, the rest stay as they are."""
+    small = {seg for seg, _, n in known.values() if n < COMPACT_BELOW}
     if len(small) < 2:
         return known
-    moving = sorted(((seg, row, sha) for sha, (seg, row, _) in known.items()
-                     if seg in small and sha in keep))
-    shas, blocks = [], []
-    for seg in small:
-        rows = [(row, sha) for s, row, sha in moving if s == seg]
-        if rows:
-            with h5py.File(os.path.join(features_dir, seg), "r") as f:
-                blocks.append(f["features"][[row for row, _ in rows]])
-            shas += [sha for _, sha in rows]
-    if not shas:
-        return known
-    merged = write_segment(features_dir, identity_id, shas, np.concatenate(blocks))
-    updated = {sha: v for sha, v in known.items() if v[0] not in small}
-    updated.update({sha: (merged, row, len(shas)) for row, sha in enumerate(shas)})
+    rows_of = {}
+    for sha, (seg, row, _) in known.items():
+        if seg in small and sha in keep:
+            rows_of.setdefault(seg, []).append((row, sha))
+    groups, room = [[]], COMPACT_BELOW  # [(segment, [(row, sha), ...]), ...] per group
+    for seg in sorted(rows_of):
+        rows = sorted(rows_of[seg])
+        while rows:
+            groups[-1].append((seg, rows[:room]))
+            room, rows = room - len(rows[:room]), rows[room:]
+            if room == 0:
+                groups.append([])
+                room = COMPACT_BELOW
+    left = {seg: len(rows) for seg, rows in rows_of.items()}
+    in_use = master_segments(features_dir)
+    updated = {sha: v for sha, v in known.items() if v[0] not in small or sha in keep}
+    for group in filter(None, groups):
+        shas = [sha for _, rows in group for _, sha in rows]
+        try:
+            merged = _write_segment(features_dir, identity_id, shas, *_merge(features_dir, group))
+        except files.NoSpace:
+            print(f"no space left on the disk to merge the small segments of {features_dir}: "
+                  "they stay as they are (the cache works; they are merged on a later run)")
+            break
+        updated.update({sha: (merged, row, len(shas)) for row, sha in enumerate(shas)})
+        for seg, rows in group:
+            left[seg] -= len(rows)
+            if left[seg] == 0 and seg not in in_use:
+                os.remove(os.path.join(features_dir, seg))
     return updated
+
+
+def _merge(features_dir, group):
+    """(shape, dtype, fill) of the merged segment of `group`, read one source at a time."""
+    with h5py.File(os.path.join(features_dir, group[0][0]), "r") as f:
+        shape, dtype = f["features"].shape[1:], f["features"].dtype
+
+    def fill(dataset):
+        at = 0
+        for seg, rows in group:
+            index = [row for row, _ in rows]
+            with h5py.File(os.path.join(features_dir, seg), "r") as f:
+                if index == list(range(index[0], index[-1] + 1)):
+                    dataset[at:at + len(index)] = f["features"][index[0]:index[-1] + 1]
+                else:
+                    dataset[at:at + len(index)] = f["features"][index]
+            at += len(index)
+    return shape, dtype, fill
 
 
 def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable):
@@ -130,7 +184,6 @@ def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable):
     `unreadable` ({sha256: reason}) remembers files that failed to decode, so reruns skip them."""
     rows = sorted(rows, key=lambda r: (r["segment"], r["segment_row"], r["path"]))
     n = len(rows)
-    final = os.path.join(features_dir, MASTER)
     layout = h5py.VirtualLayout(shape=(n, *feature_shape), dtype=dtype)  # the segments' dtype
     segments = sorted({r["segment"] for r in rows})
     start = 0
@@ -140,10 +193,12 @@ def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable):
         while (stop < n and rows[stop]["segment"] == seg
                and rows[stop]["segment_row"] == first + (stop - start)):
             stop += 1
-        source = h5py.VirtualSource(seg, "features", shape=(rows[start]["segment_rows"], *feature_shape))
+        source = h5py.VirtualSource(seg, "features",
+                                    shape=(rows[start]["segment_rows"], *feature_shape))
         layout[start:stop] = source[first:first + (stop - start)]
         start = stop
-    with h5py.File(final + ".tmp", "w") as f:
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
         # NaN, not zeros, wherever a source is missing: a broken cache must not look like data
         f.create_virtual_dataset("features", layout, fillvalue=np.nan)
         f.create_dataset("label", data=np.array([r["label"] for r in rows], np.int64))
@@ -160,8 +215,7 @@ def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable):
         attrs = {**attrs, "versions": {**attrs.get("versions", {}), "h5py": h5py.__version__}}
         for key, value in attrs.items():
             f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
-    _fsync(final + ".tmp")
-    os.replace(final + ".tmp", final)
+    files.atomic_write(os.path.join(features_dir, MASTER), image.getbuffer())
     return segments
 
 
@@ -171,6 +225,15 @@ def remove_unreferenced(features_dir, identity_id, referenced):
     for path in _segment_paths(features_dir, identity_id):
         if os.path.relpath(path, features_dir) not in referenced:
             os.remove(path)
+
+
+def master_segments(features_dir):
+    """The segments (relative paths) that features.h5 on disk uses; none when it is unreadable."""
+    try:
+        with h5py.File(os.path.join(features_dir, MASTER), "r") as f:
+            return set(f["segments"].asstr()[:])
+    except (OSError, KeyError):
+        return set()
 
 
 def _segment_paths(features_dir, identity_id):
@@ -191,11 +254,6 @@ def _entries(folder):
             return list(entries)
     except (FileNotFoundError, NotADirectoryError):
         return []
-
-
-def _fsync(path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------------------------

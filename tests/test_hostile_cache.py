@@ -1,17 +1,23 @@
-"""Issue 11, the cache layer: hostile and careless input. NAMEs that look like glob patterns.
+"""Issue 11, the cache layer: hostile and careless input. NAMEs that look like glob patterns
+and a full disk.
 
 Each test checks three things: files outside features/<NAME> are left alone, the outcome, and
 the one line the user reads.
 """
+import errno
 import hashlib
 import os
+import subprocess
+import sys
 
+import h5py
 import numpy as np
 import pytest
 
-from pipeline import cache, extract
+from pipeline import cache, extract, files
 from tests.conftest import make_image_folder
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def contents(top, leave_out=()):
@@ -93,7 +99,10 @@ def test_only_our_own_temporary_files_are_cleaned_up(image_folder, make_config, 
     extract.run(config)
     folder = config.features_dir
     [segment] = segment_files(folder)
-    ours = [os.path.join(folder, cache.MASTER + ".tmp"), segment + ".tmp"]
+    ours = [files.temporary_name(os.path.join(folder, cache.MASTER)),
+            files.temporary_name(segment),
+            os.path.join(folder, cache.MASTER + ".tmp"),  # named as before atomic_write
+            segment + ".tmp"]
     theirs = [os.path.join(folder, "notes.tmp"), os.path.join(folder, "mine", "draft.h5.tmp"),
               os.path.join(image_folder, "horizontal", "upload.tmp")]
     for path in ours + theirs:
@@ -105,6 +114,110 @@ def test_only_our_own_temporary_files_are_cleaned_up(image_folder, make_config, 
     again = extract.run(config)
 
     assert contents(os.path.dirname(folder), [folder]) == outside
-    assert [os.path.exists(p) for p in ours + theirs] == [False] * 2 + [True] * 3
+    assert [os.path.exists(p) for p in ours + theirs] == [False] * 4 + [True] * 3
     assert again.new == 0
     assert "0 new, 12 reused" in one_line(capsys.readouterr().out)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. A full disk: one line, nothing lost, and compaction that fits in the space it frees
+# --------------------------------------------------------------------------------------------
+
+# Writes past `limit` bytes in any one file fail with EFBIG, as on a full disk, instead of
+# killing the process with SIGXFSZ.
+LIMITED = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+           "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY)); "
+           "from pipeline.__main__ import main; sys.exit(main(sys.argv[2:]))")
+
+
+def extract_with_file_limit(config, limit):
+    command = [sys.executable, "-c", LIMITED, str(limit), "extract", "--data", config.data,
+               "--weights", "none", "--size", "32", "--batch", str(config.batch),
+               "--features-root", config.features_root]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+def test_a_full_disk_while_writing_a_segment_is_one_line(tmp_path, make_config):
+    config = make_config(make_image_folder(tmp_path / "data", per_class=20))
+    outside = contents(tmp_path, [config.features_dir])
+
+    done = extract_with_file_limit(config, 4096)  # smaller than one segment of 4 images
+
+    assert contents(tmp_path, [config.features_dir]) == outside
+    assert done.returncode == 2, done.stderr  # not a traceback (1) nor a segfault (-11)
+    assert not any(s in done.stderr for s in ("Traceback", "Fatal Python error", "Segmentation"))
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: no space left on the disk writing ")
+    assert errors[0].endswith(": free some space, then run the same command again; everything "
+                              "finished so far is kept")
+    assert [n for _, _, names in os.walk(config.features_dir) for n in names
+            if n.endswith(".tmp")] == []
+    resumed = extract.run(config)
+    assert (resumed.rows, resumed.new) == (40, 40)
+    extract.run(config.replace(name="clean"))
+    assert_same_features(features_by_path(config.features_dir),
+                         features_by_path(config.replace(name="clean").features_dir))
+
+
+def test_a_full_disk_while_compacting_keeps_the_small_segments(tmp_path, make_config):
+    config = make_config(make_image_folder(tmp_path / "data", per_class=20))
+    clean = config.replace(name="clean")
+    extract.run(clean)
+    [merged] = segment_files(clean.features_dir)  # 40 rows in one segment
+    outside = contents(tmp_path, [config.features_dir])
+
+    done = extract_with_file_limit(config, os.path.getsize(merged) - 1)
+
+    assert contents(tmp_path, [config.features_dir]) == outside
+    assert done.returncode == 0, done.stderr
+    notice = [line for line in done.stdout.splitlines() if "no space" in line]
+    assert notice == [f"no space left on the disk to merge the small segments of "
+                      f"{config.features_dir}: they stay as they are (the cache works; they are "
+                      "merged on a later run)"]
+    assert len(segment_files(config.features_dir)) == 10  # one per batch of 4
+    expected = features_by_path(clean.features_dir)
+    assert_same_features(features_by_path(config.features_dir), expected)
+    later = extract.run(config)  # with room again: merged
+    assert (later.new, len(segment_files(config.features_dir))) == (0, 1)
+    assert_same_features(features_by_path(config.features_dir), expected)
+
+
+def test_compaction_merges_group_by_group(tmp_path, make_config, monkeypatch, capsys):
+    root = make_image_folder(tmp_path / "data")
+    clean = make_config(root, name="clean")
+    extract.run(clean)
+    config = make_config(root)
+    monkeypatch.setattr(cache, "COMPACT_BELOW", 6)  # 3 segments of 4 rows -> 2 of 6, one split
+    outside = contents(tmp_path, [config.features_dir])
+    capsys.readouterr()
+
+    first = extract.run(config)
+
+    assert contents(tmp_path, [config.features_dir]) == outside
+    sizes = []
+    for path in segment_files(config.features_dir):
+        with h5py.File(path, "r") as f:
+            sizes.append(len(f["sha256"]))
+    assert (first.new, sizes) == (12, [6, 6])
+    assert_same_features(features_by_path(config.features_dir),
+                         features_by_path(clean.features_dir))
+    assert "12 rows, 12 new, 0 reused" in one_line(capsys.readouterr().out)
+    assert extract.run(config).changed is False  # nothing left to merge: stable
+
+
+def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path):
+    path = str(tmp_path / "features.h5")
+    with open(path, "wb") as f:
+        f.write(b"old")
+
+    def write(f):
+        f.write(b"new, half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(files.NoSpace, match=f"^no space left on the disk writing {path}: free some "
+                                            "space, then run the same command again; everything "
+                                            "finished so far is kept$"):
+        files.atomic_write(path, write)
+    assert os.listdir(tmp_path) == ["features.h5"]
+    assert open(path, "rb").read() == b"old"
