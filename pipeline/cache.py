@@ -11,6 +11,12 @@ written whole by files.atomic_write (temporary file, fsync, rename), so a kill -
 a stray temporary file and segments that no master points to yet; the next run picks those
 segments up, so only the batch in flight is lost. A full disk is one line (files.NoSpace).
 
+Damage is detected, not trusted: segments store `features` and `sha256` in chunks checksummed by
+HDF5's Fletcher-32 filter, which fails the read of a chunk whose bytes changed, also through the
+master's virtual dataset. Every extract reads every segment through its checksums (`inventory`)
+and deletes a damaged one, so its images are computed again. Segments from before checksums
+have nothing to verify and stay usable.
+
 Paths are built from NAME and listed with os.scandir, never glob: `[`, `*` or `?` in a NAME
 are ordinary characters.
 """
@@ -31,6 +37,9 @@ MASTER = "features.h5"
 STR = h5py.string_dtype("utf-8")
 COMPACT_BELOW = 4096      # segments with fewer rows are merged, this many rows to a segment
 READ_BLOCK = 1024         # rows per contiguous read from the virtual dataset
+CHUNK_BYTES = 512 * 1024  # per checksummed chunk: under HDF5's 1 MiB chunk cache, so a chunk
+                          # is read and verified once however the rows are sliced
+DAMAGE = (OSError, KeyError, ValueError, RuntimeError)  # what h5py raises for a broken file
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,12 +86,21 @@ def segment_dir(features_dir, identity_id):
 
 def inventory(features_dir, identity_id):
     """sha256 -> (segment path relative to features_dir, row, rows in that segment) for every
-    complete segment of this identity. A later segment wins when two hold the same image."""
+    complete segment of this identity. A later segment wins when two hold the same image.
+
+    Every segment is read through its checksums. A damaged one (changed bytes, truncated, zeroed,
+    unreadable) is named, deleted (it is ours, and useless), and its images are left out of the
+    inventory so that extract computes them again."""
     found = {}
     for path in _segment_paths(features_dir, identity_id):
+        try:
+            shas = _verified_shas(path)
+        except DAMAGE as error:
+            print(f"{path} is damaged ({_damage(error)}): deleted; its images will be computed "
+                  "again")
+            os.remove(path)
+            continue
         rel = os.path.relpath(path, features_dir)
-        with h5py.File(path, "r") as f:
-            shas = f["sha256"].asstr()[:]
         found.update({sha: (rel, row, len(shas)) for row, sha in enumerate(shas)})
     return found
 
@@ -108,8 +126,11 @@ def _write_segment(features_dir, identity_id, shas, shape, dtype, fill):
     final = os.path.join(folder, f"seg-{time.time_ns():020d}-{os.getpid()}.h5")
     image = io.BytesIO()
     with h5py.File(image, "w") as f:
-        fill(f.create_dataset("features", (len(shas), *shape), dtype))  # float32 or float16
-        f.create_dataset("sha256", data=np.array(shas, dtype=object), dtype=STR)
+        features = f.create_dataset("features", (len(shas), *shape), dtype, fletcher32=True,
+                                    chunks=_chunks(len(shas), shape, dtype))
+        fill(features)  # float32 or float16 (STORAGE), as given
+        # fixed length, as HDF5 checksums only the pointers of variable-length strings
+        f.create_dataset("sha256", data=np.array(shas, "S64"), chunks=True, fletcher32=True)
     files.atomic_write(final, image.getbuffer())
     return os.path.relpath(final, features_dir)
 
@@ -201,11 +222,14 @@ def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable):
     with h5py.File(image, "w") as f:
         # NaN, not zeros, wherever a source is missing: a broken cache must not look like data
         f.create_virtual_dataset("features", layout, fillvalue=np.nan)
-        f.create_dataset("label", data=np.array([r["label"] for r in rows], np.int64))
-        for key in ("path", "sha256", "split"):
-            f.create_dataset(key, data=np.array([r[key] for r in rows], dtype=object), dtype=STR)
-        f.create_dataset("file_size", data=np.array([r["size"] for r in rows], np.int64))
-        f.create_dataset("file_mtime_ns", data=np.array([r["mtime_ns"] for r in rows], np.int64))
+        # checksummed like the segments (fixed-length strings: see _write_segment); only the
+        # paths stay variable-length, as their length has no bound
+        _checksummed(f, "label", np.array([r["label"] for r in rows], np.int64))
+        _checksummed(f, "sha256", np.array([r["sha256"] for r in rows], "S64"))
+        _checksummed(f, "split", np.array([r["split"].encode() for r in rows], "S"))
+        f.create_dataset("path", data=np.array([r["path"] for r in rows], dtype=object), dtype=STR)
+        _checksummed(f, "file_size", np.array([r["size"] for r in rows], np.int64))
+        _checksummed(f, "file_mtime_ns", np.array([r["mtime_ns"] for r in rows], np.int64))
         f.create_dataset("segments", data=np.array(segments, dtype=object), dtype=STR)
         bad = sorted(unreadable.items())
         f.create_dataset("unreadable_sha256", data=np.array([s for s, _ in bad], dtype=object),
@@ -232,8 +256,20 @@ def master_segments(features_dir):
     try:
         with h5py.File(os.path.join(features_dir, MASTER), "r") as f:
             return set(f["segments"].asstr()[:])
-    except (OSError, KeyError):
+    except DAMAGE:
         return set()
+
+
+def _checksummed(f, name, data):
+    if len(data):  # HDF5 cannot chunk (so cannot checksum) an empty dataset
+        f.create_dataset(name, data=data, chunks=True, fletcher32=True)
+    else:
+        f.create_dataset(name, data=data)
+
+
+def _chunks(n, shape, dtype):
+    row = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return (max(1, min(n, CHUNK_BYTES // max(row, 1))), *shape)
 
 
 def _segment_paths(features_dir, identity_id):
@@ -256,6 +292,33 @@ def _entries(folder):
         return []
 
 
+def _verified_shas(path):
+    """A segment's sha256 column, after reading every chunk of it through its checksum."""
+    with h5py.File(path, "r") as f:
+        shas = f["sha256"].asstr()[:]
+        features = f["features"]
+        if len(features) != len(shas):
+            raise ValueError(f"{len(features)} feature rows for {len(shas)} hashes")
+        if features.fletcher32:  # segments from before checksums have nothing to verify
+            step = features.chunks[0] * max(1, READ_BLOCK // features.chunks[0])
+            buffer = np.empty((min(step, len(features)), *features.shape[1:]), features.dtype)
+            for start in range(0, len(features), step):
+                stop = min(start + step, len(features))
+                features.read_direct(buffer, np.s_[start:stop], np.s_[:stop - start])
+    return shas
+
+
+def _damage(error):
+    """What is wrong with a file, in a few words, from h5py's error."""
+    text = str(error)
+    for clue, words in (("filter returned failure", "checksum mismatch"),
+                        ("truncated file", "truncated"),
+                        ("file signature not found", "zeroed or not an HDF5 file")):
+        if clue in text:
+            return words
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
 # --------------------------------------------------------------------------------------------
 # Reading (every later stage)
 # --------------------------------------------------------------------------------------------
@@ -270,8 +333,8 @@ def previous_files(features_dir):
             return dict(zip(f["path"].asstr()[:],
                             zip(f["file_size"][:].tolist(), f["file_mtime_ns"][:].tolist(),
                                 f["sha256"].asstr()[:])))
-    except (OSError, KeyError):
-        return {}  # unreadable or from an older layout: hash everything again
+    except DAMAGE:
+        return {}  # unreadable, damaged or from an older layout: hash everything again
 
 
 def previous_unreadable(features_dir):
@@ -279,16 +342,19 @@ def previous_unreadable(features_dir):
     try:
         with h5py.File(os.path.join(features_dir, MASTER), "r") as f:
             return dict(zip(f["unreadable_sha256"].asstr()[:], f["unreadable_reason"].asstr()[:]))
-    except (OSError, KeyError):
+    except DAMAGE:
         return {}
 
 
 def master_attribute(features_dir, key):
-    """One attribute of features.h5, or None when there is no (readable) master."""
+    """One attribute of features.h5, or None when there is no master or it is damaged: its whole
+    index is read through the checksums, so extract rewrites a damaged master even when
+    nothing else changed."""
     try:
         with h5py.File(os.path.join(features_dir, MASTER), "r") as f:
+            _index(f)
             return _decode_attr(f.attrs[key])
-    except (OSError, KeyError):
+    except DAMAGE:
         return None
 
 
@@ -297,26 +363,56 @@ class FeatureStore:
 
     The row index (labels, splits, paths, hashes) is loaded into memory; features are read on
     demand, a block of rows at a time, so a cache larger than memory can still be streamed.
+    A missing, damaged or changed file is a UserError that names `make extract`, never NaN or
+    garbage features.
     """
 
     def __init__(self, features_dir):
         self.features_dir = features_dir
         self.path = os.path.join(features_dir, MASTER)
         if not os.path.exists(self.path):
-            raise UserError(f"no feature cache at {self.path}: run `make extract DATA=<folder>` first")
-        self.file = h5py.File(self.path, "r")
-        missing = [s for s in self.file["segments"].asstr()[:]
-                   if not os.path.exists(os.path.join(features_dir, s))]
-        if missing:
+            raise UserError(f"no feature cache at {self.path}: run `make extract DATA=<folder>` "
+                            "first")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except DAMAGE as error:
+            raise UserError(f"{self.path} is damaged ({_damage(error)}): run `make extract` to "
+                            "rebuild it") from None
+        try:
+            index = _index(self.file)
+            self.features = self.file["features"]
+        except DAMAGE as error:
             self.file.close()
+            raise UserError(f"{self.path} is damaged ({_damage(error)}): run `make extract` to "
+                            "rebuild it") from None
+        self._check_segments(index["segments"])
+        self.labels = index["label"]
+        self.splits = index["split"]
+        self.paths = index["path"]
+        self.sha256 = index["sha256"]
+        self.attrs = {k: _decode_attr(v) for k, v in self.file.attrs.items()}
+
+    def _check_segments(self, segments):
+        """Every segment is there and opens: a missing one would read as NaN, a truncated or
+        zeroed one would fail in the middle of training."""
+        missing, damaged = [], []
+        for seg in segments:
+            path = os.path.join(self.features_dir, seg)
+            if not os.path.exists(path):
+                missing.append(seg)
+                continue
+            try:
+                h5py.File(path, "r").close()
+            except DAMAGE as error:
+                damaged.append(f"{seg} ({_damage(error)})")
+        if missing or damaged:
+            self.file.close()
+        if missing:
             raise UserError(f"{self.path} refers to {len(missing)} missing segment file(s) such as "
                             f"{missing[0]}: run `make extract` again to rebuild the cache")
-        self.features = self.file["features"]
-        self.labels = self.file["label"][:]
-        self.splits = self.file["split"].asstr()[:]
-        self.paths = self.file["path"].asstr()[:]
-        self.sha256 = self.file["sha256"].asstr()[:]
-        self.attrs = {k: _decode_attr(v) for k, v in self.file.attrs.items()}
+        if damaged:
+            raise UserError(f"{self.features_dir} has a damaged segment {damaged[0]}: run "
+                            "`make extract` to recompute it")
 
     @property
     def class_names(self):
@@ -351,9 +447,35 @@ class FeatureStore:
         for start in range(int(wanted[0]), int(wanted[-1]) + 1, READ_BLOCK):
             inside = (wanted >= start) & (wanted < start + READ_BLOCK)
             if inside.any():  # contiguous block reads beat h5py's point selection
-                block = self.features[start:int(wanted[inside][-1]) + 1]
+                block = self.block(start, int(wanted[inside][-1]) + 1)
                 out[order[inside]] = block[wanted[inside] - start]
         return out
+
+    def block(self, start, stop):
+        """Rows start:stop in the stored dtype, each chunk read through its checksum."""
+        try:
+            block = self.features[start:stop]
+        except DAMAGE as error:
+            raise UserError(f"{self.features_dir} has a damaged segment{self._culprit(start, stop)}"
+                            f" ({_damage(error)}): run `make extract` to recompute it") from None
+        # NaN is the virtual dataset's fill for a missing source (extract refuses NaN features),
+        # and fills whole rows: the first value of each row tells
+        if np.isnan(block.reshape(len(block), -1)[:, 0]).any():
+            raise UserError(f"{self.features_dir} lost a segment{self._culprit(start, stop)} "
+                            f"(rows {start}-{stop - 1} read as NaN): run `make extract` to "
+                            "recompute it")
+        return block
+
+    def _culprit(self, start, stop):
+        """` <segment>` for the first segment under rows start:stop that fails to read, or ''."""
+        for source in self.features.virtual_sources():
+            (first, *_), (last, *_) = source.vspace.get_select_bounds()
+            if first < stop and last >= start:
+                try:
+                    _verified_shas(os.path.join(self.features_dir, source.file_name))
+                except DAMAGE:
+                    return f" {source.file_name}"
+        return ""
 
     def close(self):
         self.file.close()
@@ -363,6 +485,16 @@ class FeatureStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _index(f):
+    """Every dataset of a master but `features`, read whole (through the checksums of those
+    that have them), strings decoded: {name: array}."""
+    index = {}
+    for name, item in f.items():
+        if name != "features":
+            index[name] = item.asstr()[()] if h5py.check_string_dtype(item.dtype) else item[()]
+    return index
 
 
 def _decode_attr(value):

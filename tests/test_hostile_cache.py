@@ -1,5 +1,5 @@
-"""Issue 11, the cache layer: hostile and careless input. NAMEs that look like glob patterns
-and a full disk.
+"""Issue 11, the cache layer: hostile and careless input. NAMEs that look like glob patterns,
+damaged segments and masters, and a full disk.
 
 Each test checks three things: files outside features/<NAME> are left alone, the outcome, and
 the one line the user reads.
@@ -14,7 +14,9 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline import __main__ as cli
 from pipeline import cache, extract, files
+from pipeline.config import UserError
 from tests.conftest import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +55,11 @@ def one_line(text):
     lines = [line for line in text.splitlines() if line.strip()]
     assert len(lines) == 1, lines
     return lines[0]
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    return code, capsys.readouterr()
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,6 +123,135 @@ def test_only_our_own_temporary_files_are_cleaned_up(image_folder, make_config, 
     assert contents(os.path.dirname(folder), [folder]) == outside
     assert [os.path.exists(p) for p in ours + theirs] == [False] * 4 + [True] * 3
     assert again.new == 0
+    assert "0 new, 12 reused" in one_line(capsys.readouterr().out)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Damage is found, named, and repaired by `make extract`
+# --------------------------------------------------------------------------------------------
+
+def data_bytes(path, dataset):
+    """(offset, size) in the file of a dataset's first chunk, or of its data if not chunked."""
+    with h5py.File(path, "r") as f:
+        data = f[dataset].id
+        if f[dataset].chunks:
+            chunk = data.get_chunk_info(0)
+            return chunk.byte_offset, chunk.size
+        return data.get_offset(), data.get_storage_size()
+
+
+def damage(path, how):
+    """Change the file as a bad disk, a bad copy or a crash would."""
+    if how == "changed bytes":  # the middle of the feature data
+        offset, size = data_bytes(path, "features")
+        with open(path, "r+b") as f:
+            f.seek(offset + size // 2)
+            f.write(b"\x3f\x80\x00\x00" * 8)  # 1.0f: finite, plausible, wrong
+    elif how == "truncated":
+        os.truncate(path, os.path.getsize(path) // 2)
+    else:  # zeroed, as some file systems leave a file after a power cut
+        size = os.path.getsize(path)
+        with open(path, "wb") as f:
+            f.write(bytes(size))
+
+
+@pytest.mark.parametrize("how, reason", [("changed bytes", "checksum mismatch"),
+                                         ("truncated", "truncated"),
+                                         ("zeroed", "zeroed or not an HDF5 file")])
+def test_a_damaged_segment_is_refused_then_recomputed(tmp_path, make_config, monkeypatch,
+                                                      capsys, how, reason):
+    monkeypatch.setattr(cache, "COMPACT_BELOW", 1)  # keep one segment per batch of 4 images
+    root = make_image_folder(tmp_path / "data")
+    config = make_config(root)
+    extract.run(config)
+    clean = features_by_path(config.features_dir)
+    victim = segment_files(config.features_dir)[1]
+    with h5py.File(victim, "r") as f:
+        victim_rows = len(f["sha256"])
+    damage(victim, how)
+    outside = contents(tmp_path, [config.features_dir])
+    capsys.readouterr()
+
+    with pytest.raises(UserError, match=f"has a damaged segment segments/.*"
+                                        f"{os.path.basename(victim)} \\({reason}\\): run "
+                                        "`make extract` to recompute it$"):
+        with cache.FeatureStore(config.features_dir) as store:
+            store.read(np.arange(len(store)))
+    code, out = run_cli(capsys, "train-head", "--data", root, "--weights", "none", "--size", "32",
+                        "--head", "logreg", "--features-root", config.features_root,
+                        "--models-root", config.models_root)
+    assert code == 2 and "make extract" in one_line(out.err) and out.err.startswith("error: ")
+    repaired = extract.run(config)
+
+    assert contents(tmp_path, [config.features_dir]) == outside
+    assert (repaired.new, repaired.reused) == (victim_rows, 12 - victim_rows)
+    assert_same_features(features_by_path(config.features_dir), clean)
+    assert not os.path.exists(victim)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == (f"{victim} is damaged ({reason}): deleted; its images will be "
+                          "computed again")
+
+
+@pytest.mark.parametrize("how, reason", [("changed bytes", "checksum mismatch"),
+                                         ("truncated", "truncated"),
+                                         ("zeroed", "zeroed or not an HDF5 file")])
+def test_a_damaged_master_is_refused_then_rebuilt(image_folder, make_config, capsys, how, reason):
+    config = make_config(image_folder)
+    extract.run(config)
+    clean = features_by_path(config.features_dir)
+    master = os.path.join(config.features_dir, cache.MASTER)
+    if how == "changed bytes":  # the labels, whose checksum HDF5 keeps like the features'
+        offset, _ = data_bytes(master, "label")
+        with open(master, "r+b") as f:
+            f.seek(offset)
+            f.write(b"\x01" * 8)
+    else:
+        damage(master, how)
+    outside = contents(os.path.dirname(image_folder), [config.features_dir])
+
+    with pytest.raises(UserError, match=f"^{master} is damaged \\({reason}\\): run `make extract`"
+                                        " to rebuild it$"):
+        cache.FeatureStore(config.features_dir)
+    capsys.readouterr()
+    rebuilt = extract.run(config)
+
+    assert contents(os.path.dirname(image_folder), [config.features_dir]) == outside
+    assert (rebuilt.new, rebuilt.reused, rebuilt.changed) == (0, 12, True)
+    assert_same_features(features_by_path(config.features_dir), clean)
+    assert "12 rows, 0 new, 12 reused" in one_line(capsys.readouterr().out)
+
+
+def test_a_segment_gone_while_reading_is_an_error_not_nan(image_folder, make_config):
+    config = make_config(image_folder)
+    extract.run(config)
+    outside = contents(os.path.dirname(image_folder), [config.features_dir])
+    with cache.FeatureStore(config.features_dir) as store:
+        [segment] = segment_files(config.features_dir)
+        os.remove(segment)  # the virtual dataset would read its rows as NaN
+        with pytest.raises(UserError, match=f"^{config.features_dir} lost a segment .*\\(rows 0-11 "
+                                            "read as NaN\\): run `make extract` to recompute it$"):
+            store.read(np.arange(12))
+    assert contents(os.path.dirname(image_folder), [config.features_dir]) == outside
+
+
+def test_segments_without_checksums_stay_usable(image_folder, make_config, capsys):
+    config = make_config(image_folder)
+    extract.run(config)
+    clean = features_by_path(config.features_dir)
+    for path in segment_files(config.features_dir):  # rewritten as before checksums existed
+        with h5py.File(path, "r") as f:
+            features, shas = f["features"][:], f["sha256"].asstr()[:]
+        with h5py.File(path, "w") as f:
+            f.create_dataset("features", data=features)
+            f.create_dataset("sha256", data=shas.astype(object), dtype=cache.STR)
+    outside = contents(os.path.dirname(image_folder), [config.features_dir])
+    capsys.readouterr()
+
+    again = extract.run(config)
+
+    assert contents(os.path.dirname(image_folder), [config.features_dir]) == outside
+    assert (again.new, again.reused) == (0, 12)
+    assert_same_features(features_by_path(config.features_dir), clean)
     assert "0 new, 12 reused" in one_line(capsys.readouterr().out)
 
 
