@@ -21,14 +21,14 @@ CLI     = $(PYTHON) -m pipeline
 # With no DATA, stages run on the embedded demo data (generated on first use).
 DATA_DEP = $(if $(strip $(DATA)),,$(DEMO_STAMP))
 
-.PHONY: help install demo-data extract train-head finetune evaluate predict report demo batch \
-        reproduce bench test test-slow clean
+.PHONY: help install demo-data extract train-head finetune evaluate predict report export demo \
+        batch reproduce bench test test-slow clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 	@echo "  Variables: DATA NAME WEIGHTS SIZE BATCH PRECISION STORAGE SPLIT LABELS HEAD EPOCHS SEED UNFREEZE LR FRESH"
-	@echo "             IMAGES MODEL DATASETS BATCH_FILE FINETUNE FORCE (defaults: pipeline/config.py)"
+	@echo "             IMAGES MODEL OUT DATASETS BATCH_FILE FINETUNE FORCE (defaults: pipeline/config.py)"
 
 install: $(STAMP) ## Create .venv with the pinned requirements
 
@@ -61,6 +61,9 @@ predict: $(STAMP) ## Predict new images: IMAGES=<dir or file> [NAME] [MODEL=auto
 
 report: $(STAMP) ## Write models/<NAME>/report.md: metrics, curves, confusion matrices, mistakes
 	$(CLI) report $(COMMON)
+
+export: $(STAMP) ## One HDF5 file that stands alone (features.h5 needs its segments): NAME=<name> OUT=<file.h5>
+	$(CLI) export $(COMMON) $(call opt,OUT,out)
 
 # The demo data are 64-pixel pictures, so the demo runs at SIZE=64: the same pipeline, a fraction
 # of the compute. WEIGHTS=auto uses ImageNet weights when they can be had, random ones otherwise.

@@ -222,6 +222,9 @@ def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable):
     with h5py.File(image, "w") as f:
         # NaN, not zeros, wherever a source is missing: a broken cache must not look like data
         f.create_virtual_dataset("features", layout, fillvalue=np.nan)
+        f["features"].attrs["note"] = ("virtual: read from the segments/ folder beside this file; "
+                                       "copied alone it reads as NaN. `make export` writes a "
+                                       "file that stands alone")
         # checksummed like the segments (fixed-length strings: see _write_segment); only the
         # paths stay variable-length, as their length has no bound
         _checksummed(f, "label", np.array([r["label"] for r in rows], np.int64))
@@ -485,6 +488,30 @@ class FeatureStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def export(features_dir, out_path):
+    """Write features/<NAME> as one self-contained HDF5 file at out_path (atomically): the
+    master's index datasets and attributes, and `features` as a real, checksummed dataset
+    copied a block at a time, so that memory stays at one block whatever the cache's size.
+    Returns the number of rows."""
+    with FeatureStore(features_dir) as store:  # refuses a missing or damaged cache
+        n, shape, dtype = len(store), store.features.shape[1:], store.features.dtype
+
+        def write(fileobj):
+            with h5py.File(fileobj, "w") as out:
+                for name, item in store.file.items():
+                    if name not in ("features", "segments"):  # segments: only the cache's plumbing
+                        store.file.copy(item, out, name=name)
+                for key, value in store.file.attrs.items():
+                    out.attrs[key] = value
+                features = out.create_dataset("features", (n, *shape), dtype, fletcher32=True,
+                                              chunks=_chunks(n, shape, dtype) if n else None)
+                for start in range(0, n, READ_BLOCK):
+                    stop = min(start + READ_BLOCK, n)
+                    features[start:stop] = store.block(start, stop)
+        files.atomic_write(out_path, write)
+    return n
 
 
 def _index(f):

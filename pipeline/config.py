@@ -42,6 +42,8 @@ class Config:
     # --- prediction ------------------------------------------------------------------------------
     images: str = ""                 # IMAGES: a file or folder to predict
     model: str = "auto"              # MODEL: auto | finetuned | head | logreg
+    # --- export ----------------------------------------------------------------------------------
+    out: str = ""                    # OUT: the file `make export` writes (never overwritten)
     # --- batch -----------------------------------------------------------------------------------
     datasets: tuple = ()             # DATASETS: dataset folders for `make batch`
     batch_file: str = ""             # BATCH_FILE: one "folder [name]" per line

@@ -1,5 +1,5 @@
 """Issue 11, the cache layer: hostile and careless input. NAMEs that look like glob patterns,
-damaged segments and masters, and a full disk.
+damaged segments and masters, a full disk, and features.h5 copied without its segments.
 
 Each test checks three things: files outside features/<NAME> are left alone, the outcome, and
 the one line the user reads.
@@ -7,6 +7,7 @@ the one line the user reads.
 import errno
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -357,3 +358,65 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path):
         files.atomic_write(path, write)
     assert os.listdir(tmp_path) == ["features.h5"]
     assert open(path, "rb").read() == b"old"
+
+
+# --------------------------------------------------------------------------------------------
+# 4. `make export`: one file that stands alone
+# --------------------------------------------------------------------------------------------
+
+def test_export_writes_a_file_that_stands_alone(image_folder, make_config, tmp_path, capsys):
+    config = make_config(image_folder)
+    extract.run(config)
+    with h5py.File(os.path.join(config.features_dir, cache.MASTER), "r") as f:
+        assert "make export" in f["features"].attrs["note"]  # a word for whoever copies it alone
+    out = str(tmp_path / "pets.h5")
+    outside = contents(tmp_path, [config.features_dir])
+    capsys.readouterr()
+
+    code, printed = run_cli(capsys, "export", "--data", image_folder, "--out", out,
+                            "--features-root", config.features_root)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(out, elsewhere / "pets.h5")
+    shutil.rmtree(config.features_dir)  # nothing of the cache is left to lean on
+
+    assert code == 0
+    assert contents(tmp_path, [str(elsewhere)]) == {k: v for k, v in outside.items()
+                                                    if not k.startswith(config.features_dir)}
+    with h5py.File(elsewhere / "pets.h5", "r") as f:
+        assert not f["features"].is_virtual and f["features"].fletcher32
+        exported = dict(zip(f["path"].asstr()[:], f["features"][:]))
+        assert f.attrs["class_names"] == '["horizontal", "vertical"]'
+        assert "segments" not in f and len(f["label"]) == len(f["split"]) == 12
+    assert not any(np.isnan(v).any() for v in exported.values())
+    extract.run(config)  # the same features again, for comparison
+    assert_same_features(exported, features_by_path(config.features_dir))
+    assert one_line(printed.out).startswith(f"export data: 12 rows -> {out} (")
+
+
+@pytest.mark.parametrize("out, message", [
+    ("", "^error: OUT is not set: use `make export NAME=<name> OUT=<file.h5>`$"),
+    ("taken.h5", "^error: OUT=.*taken.h5 exists already: choose another file name, or remove it"),
+    ("features/data/copy.h5", "^error: OUT=.*copy.h5 is inside features/, which the pipeline"),
+    ("models/copy.h5", "^error: OUT=.*copy.h5 is inside models/, which the pipeline manages"),
+    ("missing/copy.h5", "^error: OUT=.*copy.h5: the folder .*missing does not exist; create it"),
+    ("nocache", "^error: no feature cache at .*nocache/features.h5: run `make extract"),
+])
+def test_export_refuses(image_folder, make_config, tmp_path, capsys, out, message):
+    config = make_config(image_folder)
+    extract.run(config)
+    os.makedirs(config.models_root, exist_ok=True)
+    (tmp_path / "taken.h5").write_bytes(b"someone's file")
+    name = "data"
+    if out == "nocache":
+        name, out = "nocache", "nocache.h5"
+    out = str(tmp_path / out) if out else ""
+    everything = contents(tmp_path)
+    capsys.readouterr()
+
+    code, printed = run_cli(capsys, "export", "--name", name, "--out", out, "--features-root",
+                            config.features_root, "--models-root", config.models_root)
+
+    assert contents(tmp_path) == everything  # not even features/<NAME> changed
+    assert code == 2
+    assert __import__("re").search(message, one_line(printed.err))
