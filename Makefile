@@ -29,8 +29,8 @@ CLI  = $(PYTHON) -m pipeline
 # With no DATA, stages run on the embedded demo data (generated on first use).
 DATA_DEP = $(if $(strip $(DATA)),,$(DEMO_STAMP))
 
-.PHONY: help install demo-data extract train-head finetune evaluate predict report demo batch \
-        reproduce bench test test-slow lint clean
+.PHONY: help install demo-data extract train-head finetune evaluate predict report export demo \
+        batch reproduce bench test test-slow lint clean
 
 help: ## List the targets and the settings
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -68,6 +68,9 @@ predict: $(STAMP) ## Predict new images: IMAGES=<dir or file> [NAME] [MODEL=auto
 
 report: $(STAMP) ## Write models/<NAME>/report.md: metrics, curves, confusion matrices, mistakes
 	$(CLI) report $(ARGS)
+
+export: $(STAMP) ## One HDF5 file that stands alone (features.h5 needs its segments): NAME=<name> OUT=<file.h5>
+	$(CLI) export $(ARGS)
 
 # The demo data are 64-pixel pictures, so the demo runs at SIZE=64: the same pipeline, a fraction
 # of the compute. WEIGHTS=auto uses ImageNet weights when they can be had, random ones otherwise.

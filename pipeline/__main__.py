@@ -17,6 +17,7 @@ STAGES = {
     "evaluate": "evaluate",
     "predict": "predict",
     "report": "report",
+    "export": "export",
     "batch": "batch",
     "reproduce": "reproduce",
 }

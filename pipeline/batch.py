@@ -29,7 +29,7 @@ SUMMARY_CSV = "batch_summary.csv"   # in MODELS_ROOT, beside the datasets' folde
 SUMMARY_MD = "batch_summary.md"
 STATE = "batch_state.json"          # in models/<NAME>/
 # Settings that never change a dataset's models: the batch's own bookkeeping and prediction.
-NOT_MODEL_INPUTS = ("datasets", "batch_file", "force", "fresh", "images", "model")
+NOT_MODEL_INPUTS = ("datasets", "batch_file", "force", "fresh", "images", "model", "out")
 # The files whose (size, mtime) must be as recorded for a dataset to count as unchanged.
 TRACKED = (artifacts.LOGREG, artifacts.HEAD, artifacts.HEAD_METRICS, artifacts.FINETUNED,
            artifacts.FINETUNE_METRICS, artifacts.EVALUATION)

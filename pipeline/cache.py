@@ -6,13 +6,22 @@
             seg-<time>-<pid>.h5      features (n, h, w, 512) float32 (or float16) and sha256 (n,)
         skipped.csv, .extract.lock
 
-Crash safety comes from never modifying a file in place: a segment is written under a temporary
-name and renamed when complete, and features.h5 is rebuilt the same way (temporary file, then
-os.replace). A kill -9 therefore leaves, at worst, a stray temporary file and segments that no
-master points to yet; the next run picks those segments up, so only the batch in flight is lost.
+Crash safety comes from never modifying a file in place: every file is built in memory and
+written whole by files.atomic_write (temporary file, fsync, rename), so a kill -9 leaves at worst
+a stray temporary file and segments that no master points to yet; the next run picks those
+segments up, so only the batch in flight is lost. A full disk is one line (files.NoSpace).
+
+Damage is detected, not trusted: segments store `features` and `sha256` in chunks checksummed by
+HDF5's Fletcher-32 filter, which fails the read of a chunk whose bytes changed, also through the
+master's virtual dataset. Every extract reads every segment through its checksums (`inventory`)
+and deletes a damaged one, so its images are computed again. Segments from before checksums
+have nothing to verify and stay usable.
+
+Paths are built from NAME and listed with os.scandir, never glob: `[`, `*` or `?` in a NAME
+are ordinary characters.
 """
 import fcntl
-import glob
+import io
 import json
 import os
 import time
@@ -21,12 +30,16 @@ from contextlib import contextmanager
 import h5py
 import numpy as np
 
+from . import files
 from .config import UserError
 
 MASTER = "features.h5"
 STR = h5py.string_dtype("utf-8")
-COMPACT_BELOW = 4096  # segments with fewer rows are merged into one at the end of a run
-READ_BLOCK = 1024     # rows per contiguous read from the virtual dataset
+COMPACT_BELOW = 4096      # segments with fewer rows are merged, this many rows to a segment
+READ_BLOCK = 1024         # rows per contiguous read from the virtual dataset
+CHUNK_BYTES = 512 * 1024  # per checksummed chunk: under HDF5's 1 MiB chunk cache, so a chunk
+                          # is read and verified once however the rows are sliced
+DAMAGE = (OSError, KeyError, ValueError, RuntimeError)  # what h5py raises for a broken file
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,9 +61,23 @@ def exclusive(folder, stage="extract", remove_strays=True):
                             "to finish, then run this again") from None
         lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
         if remove_strays:
-            for stray in glob.glob(os.path.join(folder, "**", "*.tmp"), recursive=True):
-                os.remove(stray)  # left by a killed run; never referenced by anything
+            _remove_strays(folder)
         yield
+
+
+def _remove_strays(folder):
+    """Delete the temporary files a killed run left: only the names this module writes (a master
+    or a segment in the making), only in features/<NAME> and its segment folders."""
+    folders = [folder] + [e.path for e in _entries(os.path.join(folder, "segments"))
+                          if e.is_dir(follow_symlinks=False)]
+    for where in folders:
+        for entry in _entries(where):
+            # atomic_write's `.<name>.<hex>.tmp`, or `<name>.tmp` of versions before it
+            original = files.original_name(entry.name) or (
+                entry.name[:-len(".tmp")] if entry.name.endswith(".h5.tmp") else None)
+            if (original and (original == MASTER or _is_segment(original))
+                    and entry.is_file(follow_symlinks=False)):
+                os.remove(entry.path)
 
 
 def segment_dir(features_dir, identity_id):
@@ -59,12 +86,21 @@ def segment_dir(features_dir, identity_id):
 
 def inventory(features_dir, identity_id):
     """sha256 -> (segment path relative to features_dir, row, rows in that segment) for every
-    complete segment of this identity. A later segment wins when two hold the same image."""
+    complete segment of this identity. A later segment wins when two hold the same image.
+
+    Every segment is read through its checksums. A damaged one (changed bytes, truncated, zeroed,
+    unreadable) is named, deleted (it is ours, and useless), and its images are left out of the
+    inventory so that extract computes them again."""
     found = {}
-    for path in sorted(glob.glob(os.path.join(segment_dir(features_dir, identity_id), "seg-*.h5"))):
+    for path in _segment_paths(features_dir, identity_id):
+        try:
+            shas = _verified_shas(path)
+        except DAMAGE as error:
+            print(f"{path} is damaged ({_damage(error)}): deleted; its images will be computed "
+                  "again")
+            os.remove(path)
+            continue
         rel = os.path.relpath(path, features_dir)
-        with h5py.File(path, "r") as f:
-            shas = f["sha256"].asstr()[:]
         found.update({sha: (rel, row, len(shas)) for row, sha in enumerate(shas)})
     return found
 
@@ -75,38 +111,91 @@ def write_segment(features_dir, identity_id, shas, features):
     features = np.asarray(features)
     if features.dtype not in (np.float32, np.float16):
         raise TypeError(f"features must be float32 or float16, not {features.dtype}")
+
+    def fill(dataset):
+        dataset[...] = features
+    return _write_segment(features_dir, identity_id, shas, features.shape[1:], features.dtype,
+                          fill)
+
+
+def _write_segment(features_dir, identity_id, shas, shape, dtype, fill):
+    """Build a segment of len(shas) rows in memory, `fill(features dataset)` writing its rows,
+    then write it whole. Returns its path relative to features_dir."""
     folder = segment_dir(features_dir, identity_id)
     os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, f"seg-{time.time_ns():020d}-{os.getpid()}.h5")
-    with h5py.File(final + ".tmp", "w") as f:
-        f.create_dataset("features", data=features)  # float32 or float16 (STORAGE), as given
-        f.create_dataset("sha256", data=np.asarray(shas, dtype=object), dtype=STR)
-    _fsync(final + ".tmp")
-    os.replace(final + ".tmp", final)
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        features = f.create_dataset("features", (len(shas), *shape), dtype, fletcher32=True,
+                                    chunks=_chunks(len(shas), shape, dtype))
+        fill(features)  # float32 or float16 (STORAGE), as given
+        # fixed length, as HDF5 checksums only the pointers of variable-length strings
+        f.create_dataset("sha256", data=np.array(shas, "S64"), chunks=True, fletcher32=True)
+    files.atomic_write(final, image.getbuffer())
     return os.path.relpath(final, features_dir)
 
 
 def compact(features_dir, identity_id, known, keep):
-    """Merge the small segments into one, so the virtual dataset spans few files. Only rows whose
-    sha is in `keep` are carried over. Returns the updated inventory."""
-    small = sorted({seg for seg, _, n in known.values() if n < COMPACT_BELOW})
+    """Merge the small segments, so the virtual dataset spans few files. Only rows whose sha is
+    in `keep` are carried over. Returns the updated inventory.
+
+    One pass over the rows, then groups of COMPACT_BELOW rows, each built in memory and written
+    before the next is read: memory and extra disk stay at one group. A group's sources that the
+    features.h5 on disk does not use are deleted as soon as the group is written, so compaction
+    fits in the space it frees; the sources that master uses go once the new master is written
+    (remove_unreferenced). A crash in between leaves rows in two segments, and the inventory's
+    "later segment wins" picks the merged one. Out of space, the rest stay as they are."""
+    small = {seg for seg, _, n in known.values() if n < COMPACT_BELOW}
     if len(small) < 2:
         return known
-    moving = sorted(((seg, row, sha) for sha, (seg, row, _) in known.items()
-                     if seg in small and sha in keep))
-    shas, blocks = [], []
-    for seg in small:
-        rows = [(row, sha) for s, row, sha in moving if s == seg]
-        if rows:
-            with h5py.File(os.path.join(features_dir, seg), "r") as f:
-                blocks.append(f["features"][[row for row, _ in rows]])
-            shas += [sha for _, sha in rows]
-    if not shas:
-        return known
-    merged = write_segment(features_dir, identity_id, shas, np.concatenate(blocks))
-    updated = {sha: v for sha, v in known.items() if v[0] not in small}
-    updated.update({sha: (merged, row, len(shas)) for row, sha in enumerate(shas)})
+    rows_of = {}
+    for sha, (seg, row, _) in known.items():
+        if seg in small and sha in keep:
+            rows_of.setdefault(seg, []).append((row, sha))
+    groups, room = [[]], COMPACT_BELOW  # [(segment, [(row, sha), ...]), ...] per group
+    for seg in sorted(rows_of):
+        rows = sorted(rows_of[seg])
+        while rows:
+            groups[-1].append((seg, rows[:room]))
+            room, rows = room - len(rows[:room]), rows[room:]
+            if room == 0:
+                groups.append([])
+                room = COMPACT_BELOW
+    left = {seg: len(rows) for seg, rows in rows_of.items()}
+    in_use = master_segments(features_dir)
+    updated = {sha: v for sha, v in known.items() if v[0] not in small or sha in keep}
+    for group in filter(None, groups):
+        shas = [sha for _, rows in group for _, sha in rows]
+        try:
+            merged = _write_segment(features_dir, identity_id, shas, *_merge(features_dir, group))
+        except files.NoSpace:
+            print(f"no space left on the disk to merge the small segments of {features_dir}: "
+                  "they stay as they are (the cache works; they are merged on a later run)")
+            break
+        updated.update({sha: (merged, row, len(shas)) for row, sha in enumerate(shas)})
+        for seg, rows in group:
+            left[seg] -= len(rows)
+            if left[seg] == 0 and seg not in in_use:
+                os.remove(os.path.join(features_dir, seg))
     return updated
+
+
+def _merge(features_dir, group):
+    """(shape, dtype, fill) of the merged segment of `group`, read one source at a time."""
+    with h5py.File(os.path.join(features_dir, group[0][0]), "r") as f:
+        shape, dtype = f["features"].shape[1:], f["features"].dtype
+
+    def fill(dataset):
+        at = 0
+        for seg, rows in group:
+            index = [row for row, _ in rows]
+            with h5py.File(os.path.join(features_dir, seg), "r") as f:
+                if index == list(range(index[0], index[-1] + 1)):
+                    dataset[at:at + len(index)] = f["features"][index[0]:index[-1] + 1]
+                else:
+                    dataset[at:at + len(index)] = f["features"][index]
+            at += len(index)
+    return shape, dtype, fill
 
 
 def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable):
@@ -116,7 +205,6 @@ def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable):
     `unreadable` ({sha256: reason}) remembers files that failed to decode, so reruns skip them."""
     rows = sorted(rows, key=lambda r: (r["segment"], r["segment_row"], r["path"]))
     n = len(rows)
-    final = os.path.join(features_dir, MASTER)
     layout = h5py.VirtualLayout(shape=(n, *feature_shape), dtype=dtype)  # the segments' dtype
     segments = sorted({r["segment"] for r in rows})
     start = 0
@@ -126,17 +214,25 @@ def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable):
         while (stop < n and rows[stop]["segment"] == seg
                and rows[stop]["segment_row"] == first + (stop - start)):
             stop += 1
-        source = h5py.VirtualSource(seg, "features", shape=(rows[start]["segment_rows"], *feature_shape))
+        source = h5py.VirtualSource(seg, "features",
+                                    shape=(rows[start]["segment_rows"], *feature_shape))
         layout[start:stop] = source[first:first + (stop - start)]
         start = stop
-    with h5py.File(final + ".tmp", "w") as f:
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
         # NaN, not zeros, wherever a source is missing: a broken cache must not look like data
         f.create_virtual_dataset("features", layout, fillvalue=np.nan)
-        f.create_dataset("label", data=np.array([r["label"] for r in rows], np.int64))
-        for key in ("path", "sha256", "split"):
-            f.create_dataset(key, data=np.array([r[key] for r in rows], dtype=object), dtype=STR)
-        f.create_dataset("file_size", data=np.array([r["size"] for r in rows], np.int64))
-        f.create_dataset("file_mtime_ns", data=np.array([r["mtime_ns"] for r in rows], np.int64))
+        f["features"].attrs["note"] = ("virtual: read from the segments/ folder beside this file; "
+                                       "copied alone it reads as NaN. `make export` writes a "
+                                       "file that stands alone")
+        # checksummed like the segments (fixed-length strings: see _write_segment); only the
+        # paths stay variable-length, as their length has no bound
+        _checksummed(f, "label", np.array([r["label"] for r in rows], np.int64))
+        _checksummed(f, "sha256", np.array([r["sha256"] for r in rows], "S64"))
+        _checksummed(f, "split", np.array([r["split"].encode() for r in rows], "S"))
+        f.create_dataset("path", data=np.array([r["path"] for r in rows], dtype=object), dtype=STR)
+        _checksummed(f, "file_size", np.array([r["size"] for r in rows], np.int64))
+        _checksummed(f, "file_mtime_ns", np.array([r["mtime_ns"] for r in rows], np.int64))
         f.create_dataset("segments", data=np.array(segments, dtype=object), dtype=STR)
         bad = sorted(unreadable.items())
         f.create_dataset("unreadable_sha256", data=np.array([s for s, _ in bad], dtype=object),
@@ -146,22 +242,84 @@ def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable):
         attrs = {**attrs, "versions": {**attrs.get("versions", {}), "h5py": h5py.__version__}}
         for key, value in attrs.items():
             f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
-    _fsync(final + ".tmp")
-    os.replace(final + ".tmp", final)
+    files.atomic_write(os.path.join(features_dir, MASTER), image.getbuffer())
     return segments
 
 
 def remove_unreferenced(features_dir, identity_id, referenced):
     """Delete this identity's segments that the new master does not use (compacted or deleted
     images). Other identities' segments stay: switching back to them costs nothing."""
-    for path in glob.glob(os.path.join(segment_dir(features_dir, identity_id), "seg-*.h5")):
+    for path in _segment_paths(features_dir, identity_id):
         if os.path.relpath(path, features_dir) not in referenced:
             os.remove(path)
 
 
-def _fsync(path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def master_segments(features_dir):
+    """The segments (relative paths) that features.h5 on disk uses; none when it is unreadable."""
+    try:
+        with h5py.File(os.path.join(features_dir, MASTER), "r") as f:
+            return set(f["segments"].asstr()[:])
+    except DAMAGE:
+        return set()
+
+
+def _checksummed(f, name, data):
+    if len(data):  # HDF5 cannot chunk (so cannot checksum) an empty dataset
+        f.create_dataset(name, data=data, chunks=True, fletcher32=True)
+    else:
+        f.create_dataset(name, data=data)
+
+
+def _chunks(n, shape, dtype):
+    row = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return (max(1, min(n, CHUNK_BYTES // max(row, 1))), *shape)
+
+
+def _segment_paths(features_dir, identity_id):
+    """This identity's complete segment files, oldest first. The exact folder is listed."""
+    folder = segment_dir(features_dir, identity_id)
+    names = (e.name for e in _entries(folder)
+             if _is_segment(e.name) and e.is_file(follow_symlinks=False))
+    return [os.path.join(folder, name) for name in sorted(names)]
+
+
+def _is_segment(name):
+    return name.startswith("seg-") and name.endswith(".h5")
+
+
+def _entries(folder):
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _verified_shas(path):
+    """A segment's sha256 column, after reading every chunk of it through its checksum."""
+    with h5py.File(path, "r") as f:
+        shas = f["sha256"].asstr()[:]
+        features = f["features"]
+        if len(features) != len(shas):
+            raise ValueError(f"{len(features)} feature rows for {len(shas)} hashes")
+        if features.fletcher32:  # segments from before checksums have nothing to verify
+            step = features.chunks[0] * max(1, READ_BLOCK // features.chunks[0])
+            buffer = np.empty((min(step, len(features)), *features.shape[1:]), features.dtype)
+            for start in range(0, len(features), step):
+                stop = min(start + step, len(features))
+                features.read_direct(buffer, np.s_[start:stop], np.s_[:stop - start])
+    return shas
+
+
+def _damage(error):
+    """What is wrong with a file, in a few words, from h5py's error."""
+    text = str(error)
+    for clue, words in (("filter returned failure", "checksum mismatch"),
+                        ("truncated file", "truncated"),
+                        ("file signature not found", "zeroed or not an HDF5 file")):
+        if clue in text:
+            return words
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,8 +336,8 @@ def previous_files(features_dir):
             return dict(zip(f["path"].asstr()[:],
                             zip(f["file_size"][:].tolist(), f["file_mtime_ns"][:].tolist(),
                                 f["sha256"].asstr()[:])))
-    except (OSError, KeyError):
-        return {}  # unreadable or from an older layout: hash everything again
+    except DAMAGE:
+        return {}  # unreadable, damaged or from an older layout: hash everything again
 
 
 def previous_unreadable(features_dir):
@@ -187,16 +345,19 @@ def previous_unreadable(features_dir):
     try:
         with h5py.File(os.path.join(features_dir, MASTER), "r") as f:
             return dict(zip(f["unreadable_sha256"].asstr()[:], f["unreadable_reason"].asstr()[:]))
-    except (OSError, KeyError):
+    except DAMAGE:
         return {}
 
 
 def master_attribute(features_dir, key):
-    """One attribute of features.h5, or None when there is no (readable) master."""
+    """One attribute of features.h5, or None when there is no master or it is damaged: its whole
+    index is read through the checksums, so extract rewrites a damaged master even when
+    nothing else changed."""
     try:
         with h5py.File(os.path.join(features_dir, MASTER), "r") as f:
+            _index(f)
             return _decode_attr(f.attrs[key])
-    except (OSError, KeyError):
+    except DAMAGE:
         return None
 
 
@@ -205,26 +366,56 @@ class FeatureStore:
 
     The row index (labels, splits, paths, hashes) is loaded into memory; features are read on
     demand, a block of rows at a time, so a cache larger than memory can still be streamed.
+    A missing, damaged or changed file is a UserError that names `make extract`, never NaN or
+    garbage features.
     """
 
     def __init__(self, features_dir):
         self.features_dir = features_dir
         self.path = os.path.join(features_dir, MASTER)
         if not os.path.exists(self.path):
-            raise UserError(f"no feature cache at {self.path}: run `make extract DATA=<folder>` first")
-        self.file = h5py.File(self.path, "r")
-        missing = [s for s in self.file["segments"].asstr()[:]
-                   if not os.path.exists(os.path.join(features_dir, s))]
-        if missing:
+            raise UserError(f"no feature cache at {self.path}: run `make extract DATA=<folder>` "
+                            "first")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except DAMAGE as error:
+            raise UserError(f"{self.path} is damaged ({_damage(error)}): run `make extract` to "
+                            "rebuild it") from None
+        try:
+            index = _index(self.file)
+            self.features = self.file["features"]
+        except DAMAGE as error:
             self.file.close()
+            raise UserError(f"{self.path} is damaged ({_damage(error)}): run `make extract` to "
+                            "rebuild it") from None
+        self._check_segments(index["segments"])
+        self.labels = index["label"]
+        self.splits = index["split"]
+        self.paths = index["path"]
+        self.sha256 = index["sha256"]
+        self.attrs = {k: _decode_attr(v) for k, v in self.file.attrs.items()}
+
+    def _check_segments(self, segments):
+        """Every segment is there and opens: a missing one would read as NaN, a truncated or
+        zeroed one would fail in the middle of training."""
+        missing, damaged = [], []
+        for seg in segments:
+            path = os.path.join(self.features_dir, seg)
+            if not os.path.exists(path):
+                missing.append(seg)
+                continue
+            try:
+                h5py.File(path, "r").close()
+            except DAMAGE as error:
+                damaged.append(f"{seg} ({_damage(error)})")
+        if missing or damaged:
+            self.file.close()
+        if missing:
             raise UserError(f"{self.path} refers to {len(missing)} missing segment file(s) such as "
                             f"{missing[0]}: run `make extract` again to rebuild the cache")
-        self.features = self.file["features"]
-        self.labels = self.file["label"][:]
-        self.splits = self.file["split"].asstr()[:]
-        self.paths = self.file["path"].asstr()[:]
-        self.sha256 = self.file["sha256"].asstr()[:]
-        self.attrs = {k: _decode_attr(v) for k, v in self.file.attrs.items()}
+        if damaged:
+            raise UserError(f"{self.features_dir} has a damaged segment {damaged[0]}: run "
+                            "`make extract` to recompute it")
 
     @property
     def class_names(self):
@@ -259,9 +450,35 @@ class FeatureStore:
         for start in range(int(wanted[0]), int(wanted[-1]) + 1, READ_BLOCK):
             inside = (wanted >= start) & (wanted < start + READ_BLOCK)
             if inside.any():  # contiguous block reads beat h5py's point selection
-                block = self.features[start:int(wanted[inside][-1]) + 1]
+                block = self.block(start, int(wanted[inside][-1]) + 1)
                 out[order[inside]] = block[wanted[inside] - start]
         return out
+
+    def block(self, start, stop):
+        """Rows start:stop in the stored dtype, each chunk read through its checksum."""
+        try:
+            block = self.features[start:stop]
+        except DAMAGE as error:
+            raise UserError(f"{self.features_dir} has a damaged segment{self._culprit(start, stop)}"
+                            f" ({_damage(error)}): run `make extract` to recompute it") from None
+        # NaN is the virtual dataset's fill for a missing source (extract refuses NaN features),
+        # and fills whole rows: the first value of each row tells
+        if np.isnan(block.reshape(len(block), -1)[:, 0]).any():
+            raise UserError(f"{self.features_dir} lost a segment{self._culprit(start, stop)} "
+                            f"(rows {start}-{stop - 1} read as NaN): run `make extract` to "
+                            "recompute it")
+        return block
+
+    def _culprit(self, start, stop):
+        """` <segment>` for the first segment under rows start:stop that fails to read, or ''."""
+        for source in self.features.virtual_sources():
+            (first, *_), (last, *_) = source.vspace.get_select_bounds()
+            if first < stop and last >= start:
+                try:
+                    _verified_shas(os.path.join(self.features_dir, source.file_name))
+                except DAMAGE:
+                    return f" {source.file_name}"
+        return ""
 
     def close(self):
         self.file.close()
@@ -271,6 +488,40 @@ class FeatureStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def export(features_dir, out_path):
+    """Write features/<NAME> as one self-contained HDF5 file at out_path (atomically): the
+    master's index datasets and attributes, and `features` as a real, checksummed dataset
+    copied a block at a time, so that memory stays at one block whatever the cache's size.
+    Returns the number of rows."""
+    with FeatureStore(features_dir) as store:  # refuses a missing or damaged cache
+        n, shape, dtype = len(store), store.features.shape[1:], store.features.dtype
+
+        def write(fileobj):
+            with h5py.File(fileobj, "w") as out:
+                for name, item in store.file.items():
+                    if name not in ("features", "segments"):  # segments: only the cache's plumbing
+                        store.file.copy(item, out, name=name)
+                for key, value in store.file.attrs.items():
+                    out.attrs[key] = value
+                features = out.create_dataset("features", (n, *shape), dtype, fletcher32=True,
+                                              chunks=_chunks(n, shape, dtype) if n else None)
+                for start in range(0, n, READ_BLOCK):
+                    stop = min(start + READ_BLOCK, n)
+                    features[start:stop] = store.block(start, stop)
+        files.atomic_write(out_path, write)
+    return n
+
+
+def _index(f):
+    """Every dataset of a master but `features`, read whole (through the checksums of those
+    that have them), strings decoded: {name: array}."""
+    index = {}
+    for name, item in f.items():
+        if name != "features":
+            index[name] = item.asstr()[()] if h5py.check_string_dtype(item.dtype) else item[()]
+    return index
 
 
 def _decode_attr(value):

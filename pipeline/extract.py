@@ -115,27 +115,28 @@ def _compute(config, weights, identity, identity_id, todo, known):
     shas = list(todo)
     paths = [os.path.join(config.data, todo[sha]) for sha in shas]
     unreadable = {}
-    progress = tqdm(total=len(shas), desc=f"extract {config.dataset_name}", unit="img",
-                    smoothing=0.1)
-    # The dataset leads the zip, so its iterator runs to its natural end (no pending work to
-    # cancel when the loop stops).
-    for (batch, reasons), first in zip(images.image_batches(paths, config.size, config.batch),
-                                       range(0, len(shas), config.batch)):
-        reasons = [r.decode() for r in reasons.numpy()]
-        ok = np.array([not r for r in reasons])
-        batch_shas = shas[first:first + len(reasons)]
-        unreadable.update({s: r for s, r in zip(batch_shas, reasons) if r})
-        if ok.any():
-            features = features_of(tf.boolean_mask(batch, ok)).numpy().astype(dtype, copy=False)
-            if not np.isfinite(features).all():
-                raise UserError(f"features of {paths[first]} (batch of {len(reasons)}) are not "
-                                f"finite{' in float16' * (dtype == np.float16)}: the WEIGHTS give "
-                                "values out of range; use STORAGE=float32 and PRECISION=float32")
-            good = [s for s, k in zip(batch_shas, ok) if k]
-            segment = cache.write_segment(config.features_dir, identity_id, good, features)
-            known.update({s: (segment, row, len(good)) for row, s in enumerate(good)})
-        progress.update(len(reasons))
-    progress.close()
+    # closed also on an error, so that the error line does not land on the bar's line
+    with tqdm(total=len(shas), desc=f"extract {config.dataset_name}", unit="img",
+              smoothing=0.1) as progress:
+        # The dataset leads the zip, so its iterator runs to its natural end (no pending work
+        # to cancel when the loop stops).
+        for (batch, reasons), first in zip(images.image_batches(paths, config.size, config.batch),
+                                           range(0, len(shas), config.batch)):
+            reasons = [r.decode() for r in reasons.numpy()]
+            ok = np.array([not r for r in reasons])
+            batch_shas = shas[first:first + len(reasons)]
+            unreadable.update({s: r for s, r in zip(batch_shas, reasons) if r})
+            if ok.any():
+                features = features_of(tf.boolean_mask(batch, ok)).numpy().astype(dtype, copy=False)
+                if not np.isfinite(features).all():
+                    raise UserError(f"features of {paths[first]} (batch of {len(reasons)}) are not "
+                                    f"finite{' in float16' * (dtype == np.float16)}: the WEIGHTS "
+                                    "give values out of range; use STORAGE=float32 and "
+                                    "PRECISION=float32")
+                good = [s for s, k in zip(batch_shas, ok) if k]
+                segment = cache.write_segment(config.features_dir, identity_id, good, features)
+                known.update({s: (segment, row, len(good)) for row, s in enumerate(good)})
+            progress.update(len(reasons))
     return unreadable
 
 
