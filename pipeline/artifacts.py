@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 
+from . import files
 from .config import UserError
 
 HEAD = "head.keras"                       # dense head: feature map -> probabilities
@@ -33,10 +34,9 @@ def path(config, filename):
 def write_json(file_path, data):
     """Atomically: a reader never sees half a file."""
     os.makedirs(os.path.dirname(file_path) or ".", exist_ok=True)
-    with open(file_path + ".tmp", "w") as f:
+    with files.replacing(file_path, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True, default=float)
         f.write("\n")
-    os.replace(file_path + ".tmp", file_path)
 
 
 def read_json(file_path, missing_hint):

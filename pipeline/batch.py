@@ -22,7 +22,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import artifacts, cache, extract, labels, registry
+from . import artifacts, cache, extract, files, labels, registry
 from .config import Config, UserError
 
 SUMMARY_CSV = "batch_summary.csv"   # in MODELS_ROOT, beside the datasets' folders
@@ -246,11 +246,10 @@ def _free_memory():
 def write_summary(result):
     """models/batch_summary.csv (every column) and .md (a readable table), atomically."""
     os.makedirs(os.path.dirname(result.csv_path) or ".", exist_ok=True)
-    with open(result.csv_path + ".tmp", "w", newline="") as f:
+    with files.replacing(result.csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(result.rows)
-    os.replace(result.csv_path + ".tmp", result.csv_path)
 
     header = ["dataset", "status", "classes", "images", "skipped (missing / unlabelled)", "new",
               "extract s", "head s", "finetune s", "evaluate s", "total s",
@@ -272,9 +271,8 @@ def write_summary(result):
     lines += ["", "Accuracies: validation from training, test from `make evaluate`. Status "
               "`unchanged`: nothing changed since the last batch run, so only extract's file "
               "check ran. Skipped files are listed in features/<NAME>/skipped.csv.", ""]
-    with open(result.md_path + ".tmp", "w") as f:
+    with files.replacing(result.md_path, "w") as f:
         f.write("\n".join(lines))
-    os.replace(result.md_path + ".tmp", result.md_path)
 
 
 def _seconds(value):

@@ -9,6 +9,7 @@ segmentation fault.
 """
 import errno
 import os
+from contextlib import contextmanager
 
 from .config import UserError
 
@@ -42,16 +43,34 @@ def atomic_write(path, content):
     """Replace `path` by `content`: bytes (or a memoryview), or a function that writes into the
     open binary file it is given. On a full disk the temporary file is removed and NoSpace is
     raised with the fix; `path` is then exactly as it was."""
-    temp = temporary_name(path)
-    try:
-        # "x": never clobbers anything, even on a name clash; "+": HDF5 reads back what it wrote
-        with open(temp, "x+b") as f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content)
+    with replacing(path, "x+b") as f:  # "+": HDF5 reads back what it wrote
+        if callable(content):
+            content(f)
+        else:
+            f.write(content)
+
+
+@contextmanager
+def replacing(path, mode="x", **open_args):
+    """An open temporary file that replaces `path` when the block ends without an error, for
+    writers that stream (CSV rows, JSON, a figure). On any error it is removed and `path` is
+    left as it was; a full disk becomes NoSpace."""
+    with replacing_path(path) as temp:
+        # "x": never clobbers anything, even on a name clash
+        with open(temp, mode.replace("w", "x") if "x" not in mode else mode, **open_args) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextmanager
+def replacing_path(path):
+    """A temporary path, with `path`'s own extension (Keras insists on .keras), that replaces
+    `path` when the block ends without an error: for libraries that write to a path."""
+    folder = os.path.dirname(path)
+    temp = temporary_name(path) + (".keras" if path.endswith(".keras") else "")
+    try:
+        yield temp
         os.replace(temp, path)
     except BaseException as error:
         _remove(temp)
@@ -59,7 +78,7 @@ def atomic_write(path, content):
             raise NoSpace(f"no space left on the disk writing {path}: free some space, then run "
                           "the same command again; everything finished so far is kept") from None
         raise
-    _fsync_folder(os.path.dirname(path) or ".")  # the rename itself survives a power cut
+    _fsync_folder(folder or ".")  # the rename itself survives a power cut
 
 
 def is_full(error):

@@ -9,6 +9,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from . import files
+
 PANELS = (("accuracy", "Accuracy"), ("loss", "Loss"))
 
 
@@ -53,8 +55,8 @@ def plot_history(histories, path, title=""):
 def _save(fig, path):
     """Atomically, like every other output: a reader never sees half a PNG."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path + ".tmp", format="png", dpi=100)
-    os.replace(path + ".tmp", path)
+    with files.replacing(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 def plot_confusion_matrix(matrix, class_names, path, title=""):

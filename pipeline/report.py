@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import artifacts, cache, plots, registry
+from . import artifacts, cache, files, plots, registry
 from .config import Config, UserError
 from .registry import TITLES
 MISCLASSIFIED_PLOT = "misclassified_{model}.png"
@@ -61,9 +61,8 @@ def run(config: Config) -> ReportResult:
     lines += _identity_section(attrs, notices)
 
     out = artifacts.path(config, artifacts.REPORT)
-    with open(out + ".tmp", "w") as f:
+    with files.replacing(out, "w") as f:
         f.write("\n".join(lines) + "\n")
-    os.replace(out + ".tmp", out)
     print(f"report {config.dataset_name}: wrote {out}")
     for notice in notices:
         print(f"!!! {notice}")

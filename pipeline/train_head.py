@@ -26,7 +26,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, heads, plots
+from . import artifacts, backbone, cache, files, heads, plots
 from .config import Config, UserError
 
 HEADS = ("dense", "logreg", "both")
@@ -191,6 +191,11 @@ def train_dense(config, store, rows, callbacks=()):
                                          restore_best_weights=True)
     callbacks = [stop, keras.callbacks.ModelCheckpoint(paths["checkpoint"]),  # the wrapper: it
                  keras.callbacks.CSVLogger(paths["log"]), *callbacks]        # takes raw maps too
+    # Every row is read once before fit (train by the moments above): a damaged segment then
+    # stops the run with FeatureStore's one line, not a TensorFlow error from inside fit.
+    for split in ("validation", "test") if STANDARDIZE else ("train", "validation", "test"):
+        for _ in blocks(store, rows[split]):
+            pass
     start = time.perf_counter()
     history = trainer.fit(train, validation_data=validation, epochs=config.epochs,
                           callbacks=callbacks, shuffle=False,  # the dataset shuffles
@@ -198,8 +203,8 @@ def train_dense(config, store, rows, callbacks=()):
     seconds = time.perf_counter() - start
 
     heads.fold_standardization(head, mean, scale)  # into the best weights (EarlyStopping's)
-    head.save(paths["dense"] + ".tmp.keras")  # atomically; Keras insists on the extension
-    os.replace(paths["dense"] + ".tmp.keras", paths["dense"])
+    with files.replacing_path(paths["dense"]) as temporary:  # whole or not at all
+        head.save(temporary)
 
     _compiled(head, len(names), config.head_lr)  # after saving: no unused optimizer in the file
     entry = {"validation": _evaluate_dense(head, validation)}
@@ -256,10 +261,9 @@ def train_logreg(config, store, rows, memory_mb=LOGREG_MEMORY_MB):
                  validation_by_C={str(c): s for c, s in zip(grid, scores)})
     path = artifacts.path(config, artifacts.LOGREG)
     os.makedirs(config.models_dir, exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        heads.save_logreg(f, model, {"class_names": list(store.class_names),
-                                     "identity": store.identity, "config": config.to_dict()})
-    os.replace(path + ".tmp", path)
+    metadata = {"class_names": list(store.class_names), "identity": store.identity,
+                "config": config.to_dict()}
+    files.atomic_write(path, lambda f: heads.save_logreg(f, model, metadata))
     entry["file_sha256"] = artifacts.file_sha256(path)  # ties the file to these metrics
     legacy = artifacts.path(config, artifacts.LEGACY_LOGREG)
     if os.path.exists(legacy):

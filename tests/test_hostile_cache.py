@@ -195,6 +195,27 @@ def test_a_damaged_segment_is_refused_then_recomputed(tmp_path, make_config, mon
                           "computed again")
 
 
+def test_a_damaged_test_row_stops_the_dense_head_in_one_line(tmp_path, make_config, monkeypatch,
+                                                             capsys):
+    """Damage only among the held-out rows surfaced inside Keras as a TensorFlow traceback."""
+    monkeypatch.setattr(cache, "COMPACT_BELOW", 1)  # one segment per image: batch=1
+    root = make_image_folder(tmp_path / "data")
+    config = make_config(root, batch=1, split="50/25/25")
+    extract.run(config)
+    with cache.FeatureStore(config.features_dir) as store:
+        held_out = set(store.sha256[store.rows("test")])
+    victim = next(path for path in segment_files(config.features_dir)
+                  if set(h5py.File(path, "r")["sha256"].asstr()[:]) <= held_out)
+    damage(victim, "changed bytes")
+    capsys.readouterr()
+    code, out = run_cli(capsys, "train-head", "--data", root, "--weights", "none", "--size", "32",
+                        "--head", "dense", "--epochs", "1", "--split", "50/25/25",
+                        "--features-root", config.features_root,
+                        "--models-root", config.models_root)
+    assert code == 2 and out.err.startswith("error: ")
+    assert "damaged segment" in one_line(out.err) and "make extract" in out.err
+
+
 @pytest.mark.parametrize("how, reason", [("changed bytes", "checksum mismatch"),
                                          ("truncated", "truncated"),
                                          ("zeroed", "zeroed or not an HDF5 file")])
