@@ -4,7 +4,7 @@
         features.h5                  the file users open: row index + a virtual `features` dataset
         segments/<identity_id>/      immutable segment files, one folder per feature identity
             seg-<time>-<pid>.h5      features (n, h, w, 512) float32 (or float16) and sha256 (n,)
-        skipped.csv, .extract.lock
+        skipped.csv, .extract.lock (lock.py)
 
 Crash safety comes from never modifying a file in place: every file is built in memory and
 written whole by files.atomic_write (temporary file, fsync, rename), so a kill -9 leaves at worst
@@ -20,12 +20,10 @@ have nothing to verify and stay usable.
 Paths are built from NAME and listed with os.scandir, never glob: `[`, `*` or `?` in a NAME
 are ordinary characters.
 """
-import fcntl
 import io
 import json
 import os
 import time
-from contextlib import contextmanager
 
 import h5py
 import numpy as np
@@ -46,28 +44,10 @@ DAMAGE = (OSError, KeyError, ValueError, RuntimeError)  # what h5py raises for a
 # Writing (extract)
 # --------------------------------------------------------------------------------------------
 
-@contextmanager
-def exclusive(folder, stage="extract", remove_strays=True):
-    """Only one `stage` at a time writes `folder` (extract: features/<NAME>, finetune:
-    models/<NAME>). The OS drops the lock when its holder dies, even by kill -9."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f".{stage}.lock"), "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "?"
-            raise UserError(f"another {stage} (pid {holder}) is writing {folder}: wait for it "
-                            "to finish, then run this again") from None
-        lock.seek(0), lock.truncate(), lock.write(str(os.getpid())), lock.flush()
-        if remove_strays:
-            _remove_strays(folder)
-        yield
-
-
-def _remove_strays(folder):
+def remove_strays(folder):
     """Delete the temporary files a killed run left: only the names this module writes (a master
-    or a segment in the making), only in features/<NAME> and its segment folders."""
+    or a segment in the making), only in features/<NAME> and its segment folders. Call it only
+    while holding extract's lock (lock.exclusive), when no other run can be writing them."""
     folders = [folder] + [e.path for e in _entries(os.path.join(folder, "segments"))
                           if e.is_dir(follow_symlinks=False)]
     for where in folders:

@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from . import cache
+from . import cache, lock
 from .config import Config, UserError
 
 
@@ -29,7 +29,7 @@ def run(config: Config) -> ExportResult:
         raise UserError(f"no feature cache at {os.path.join(config.features_dir, cache.MASTER)}: "
                         "run `make extract DATA=<folder>` first")
     # as extract's lock: an extract replacing segments under a long export would end it
-    with cache.exclusive(config.features_dir, remove_strays=False):
+    with lock.exclusive(config.features_dir, "extract"):
         rows = cache.export(config.features_dir, out)
     result = ExportResult(out, rows, os.path.getsize(out), time.perf_counter() - start)
     print(f"export {config.dataset_name}: {rows} rows -> {out} ({result.bytes / 1e6:.1f} MB), "

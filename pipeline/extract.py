@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from . import backbone, cache, images
+from . import backbone, cache, images, lock
 from .config import Config, UserError
 
 
@@ -41,7 +41,8 @@ def run(config: Config) -> ExtractResult:
     identity_id = backbone.identity_id(identity)
     out = config.features_dir
 
-    with cache.exclusive(out):
+    with lock.exclusive(out, "extract"):
+        cache.remove_strays(out)  # left by a killed run: no other run writes them now
         files = _hash_files(dataset, cache.previous_files(out))
         known = cache.inventory(out, identity_id)
         unreadable = cache.previous_unreadable(out)

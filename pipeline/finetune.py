@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, heads, images, plots, registry
+from . import artifacts, backbone, cache, heads, images, lock, plots, registry
 from .config import Config, UserError
 
 PATIENCE = 3                              # epochs without a lower val_loss before stopping
@@ -52,7 +52,7 @@ def run(config: Config) -> FinetuneResult:
         raise UserError(f"EPOCHS={config.finetune_epochs} trains nothing: use EPOCHS=1 or more")
     # Two fine-tunes of one dataset would overwrite each other's checkpoints: one at a time. (Other
     # stages write models/<NAME> too, so strays are left alone; each file is replaced atomically.)
-    with cache.exclusive(config.models_dir, "finetune", remove_strays=False):
+    with lock.exclusive(config.models_dir, "finetune"):
         return _finetune(config, start)
 
 

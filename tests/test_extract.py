@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline import __main__ as cli
-from pipeline import backbone, cache, extract, images
+from pipeline import backbone, cache, extract, images, lock
 from pipeline.config import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +168,7 @@ def test_a_class_with_only_bad_files_is_fatal(tmp_path, make_config):
 
 def test_a_second_writer_fails_clearly(image_folder, make_config):
     config = make_config(image_folder)
-    with cache.exclusive(config.features_dir):
+    with lock.exclusive(config.features_dir, "extract"):
         with pytest.raises(UserError, match="another extract .* is writing"):
             extract.run(config)
 

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import make_image_folder
 from pipeline import __main__ as cli
-from pipeline import artifacts, backbone, cache, demo_data, extract, finetune, images, train_head
+from pipeline import (artifacts, backbone, cache, demo_data, extract, finetune, images, lock,
+                      train_head)
 from pipeline.cache import FeatureStore
 from pipeline.config import Config, UserError
 
@@ -243,7 +244,7 @@ def test_the_same_seed_fine_tunes_to_the_same_weights(ready):
 
 def test_a_second_finetune_of_the_same_dataset_fails_clearly(ready):
     config = ready()
-    with cache.exclusive(config.models_dir, "finetune", remove_strays=False):
+    with lock.exclusive(config.models_dir, "finetune"):
         with pytest.raises(UserError, match="another finetune .* is writing .*: wait for it"):
             finetune.run(config)
 
