@@ -5,14 +5,29 @@ import os
 import pytest
 
 from conftest import make_image_folder
-from pipeline import artifacts, batch
+from pipeline import artifacts, batch, registry
 from pipeline.__main__ import main
-from pipeline.config import UserError
+from pipeline.config import Config, UserError
 
 
 def summary_rows(result):
     with open(result.csv_path, newline="") as f:
         return {row["dataset"]: row for row in csv.DictReader(f)}
+
+
+def summary_accuracies(row, models):
+    return {(m, split): row[f"{m}_{split}_accuracy"] for m in models
+            for split in ("validation", "test")}
+
+
+def stage_accuracies(config, models):
+    """The summary's figures, from the files the stages wrote: validation accuracy from
+    training, test accuracy from evaluate, rounded as the summary rounds them."""
+    evaluation = artifacts.read_json(artifacts.path(config, artifacts.EVALUATION), "")
+    assert evaluation["split"] == "test"
+    return {(m, split): str(round(accuracy, 4)) for m in models for split, accuracy in (
+        ("validation", registry.record(config, m).validation["accuracy"]),
+        ("test", evaluation["models"][m]["accuracy"]))}
 
 
 def mtime(config, name, filename):
@@ -78,9 +93,9 @@ def test_two_datasets_then_reruns_cost_only_what_changed(tmp_path, make_config):
         assert (row["status"], row["classes"], row["images"], row["new_images"]) == \
             ("trained", "2", str(images), str(images))
         assert row["class_names"] == "horizontal; vertical" and row["error"] == ""
-        for model in ("logreg", "dense"):
-            for split in ("validation", "test"):
-                assert 0.0 <= float(row[f"{model}_{split}_accuracy"]) <= 1.0
+        assert summary_accuracies(row, ("logreg", "dense")) == \
+            stage_accuracies(config.replace(data=first if name == "first" else second, name=name),
+                             ("logreg", "dense"))
         assert row["finetuned_validation_accuracy"] == "" and row["finetune_s"] == ""
         assert float(row["extract_s"]) > 0 and float(row["train_head_s"]) > 0
     markdown = open(result.md_path).read()
@@ -126,7 +141,11 @@ def test_a_failing_dataset_does_not_stop_the_others(tmp_path, capsys):
         ["failed", "trained", "failed"]  # ... but the good dataset ran, after the failure
     assert "does not exist" in rows["missing"]["error"]
     assert "1 class folder" in rows["lonely"]["error"]
-    assert float(rows["good"]["dense_test_accuracy"]) >= 0 and rows["good"]["error"] == ""
+    good_config = Config(data=good, weights="none", size=32, batch=4, epochs=2, split="50/25/25",
+                         features_root=str(out / "features"), models_root=str(out / "models"))
+    assert summary_accuracies(rows["good"], ("logreg", "dense")) == \
+        stage_accuracies(good_config, ("logreg", "dense"))
+    assert rows["good"]["error"] == ""
     markdown = (out / "models" / batch.SUMMARY_MD).read_text()
     assert "| missing | failed |" in markdown and "1 class folder" in markdown
 
@@ -153,8 +172,8 @@ def test_csv_labels_and_fine_tuning_in_a_batch(tmp_path, make_config):
     assert row["status"] == "trained" and row["class_names"] == "horizontal stripes; vertical stripes"
     assert (row["images"], row["skipped"], row["missing_files"], row["unlabelled"]) == \
         ("11", "2", "1", "1")
-    assert 0.0 <= float(row["finetuned_validation_accuracy"]) <= 1.0
-    assert 0.0 <= float(row["finetuned_test_accuracy"]) <= 1.0
+    stripes = make_config(str(flat), name="stripes", split="50/25/25")
+    assert summary_accuracies(row, registry.NAMES) == stage_accuracies(stripes, registry.NAMES)
     assert float(row["finetune_s"]) > 0
     assert os.path.exists(os.path.join(os.path.dirname(result.csv_path), "stripes",
                                        artifacts.FINETUNED))

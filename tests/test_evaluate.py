@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from pipeline import artifacts, cache, evaluate, extract, heads, images, plots, train_head
 from pipeline.config import UserError
@@ -55,7 +56,8 @@ def test_every_model_is_scored_on_the_test_split(run):
             matrix = np.asarray(m["confusion_matrix"])
             assert matrix.shape == (2, 2) and matrix.sum() == len(rows) == report["images"]
             assert np.trace(matrix) == np.sum(predicted == labels)
-            assert 0.0 <= m["roc_auc"] <= 1.0
+            assert m["roc_auc"] == pytest.approx(roc_auc_score(
+                labels, expected_probabilities(run, model, store, rows)[:, 1]), abs=1e-9)
             assert set(m["classification_report"]) >= {"horizontal", "vertical", "macro avg"}
             assert "precision" in m["classification_report_text"]
             assert m["misclassified_count"] == len(m["misclassified"]) == np.sum(predicted != labels)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pipeline import cache, extract, train_head
-from tests.conftest import SHARED_DATA
+from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.slow
 
