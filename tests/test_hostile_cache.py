@@ -18,7 +18,7 @@ import pytest
 from pipeline import __main__ as cli
 from pipeline import cache, extract, files
 from pipeline.config import UserError
-from tests.conftest import make_image_folder
+from conftest import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
