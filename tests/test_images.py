@@ -1,4 +1,5 @@
 """The one image loader, format sniffing, dataset discovery and content-hash splits."""
+import hashlib
 import os
 
 import numpy as np
@@ -89,7 +90,10 @@ def test_split_for_is_a_pure_function_of_the_hash():
     fractions = (0.8, 0.1, 0.1)
     hashes = [f"{i:08x}" + "0" * 56 for i in range(0, 2**32, 2**22)]
     splits = [images.split_for(h, fractions) for h in hashes]
-    assert splits == [images.split_for(h, fractions) for h in hashes]
+    # the first 8 hex digits, as a fraction of 2**32, against the cumulative 0.8 and 0.9
+    boundaries = {"00000000": "train", "cccccccc": "train", "cccccccd": "validation",
+                  "e6666666": "validation", "e6666667": "test", "ffffffff": "test"}
+    assert {h: images.split_for(h + "f" * 56, fractions) for h in boundaries} == boundaries
     counts = {s: splits.count(s) for s in images.SPLITS}
     assert counts == {"train": 820, "validation": 102, "test": 102}
 
@@ -138,3 +142,25 @@ def test_discover_refuses_an_empty_class_and_a_missing_folder(tmp_path):
         images.discover(root)
     with pytest.raises(UserError, match="does not exist"):
         images.discover(str(tmp_path / "nowhere"))
+
+
+# The loader's output on two committed files, per PREPROCESS_ID. PREPROCESS_ID is part of the
+# cache identity: if load_image changes what it returns, features cached before the change must
+# not be reused, so an edit that changes these numbers must also change PREPROCESS_ID (and add
+# its fingerprints here). golden.jpg carries EXIF orientation 6; golden.png has an alpha channel.
+GOLDEN = {
+    "pil:draft+exif+rgb(white-bg,16bit/257)+bilinear|keras.vgg16.preprocess_input(caffe)|v1": {
+        "golden.jpg": "052e084a100f752d64274eff1156a610b23769274d1e50ebd70f0113716fb8f1",
+        "golden.png": "5a507523eabd53a1e6dcea2c5cb940f2637ec4e8a083aeabcb1112c7e8aefdc7",
+    },
+}
+
+
+@pytest.mark.parametrize("name", ["golden.jpg", "golden.png"])
+def test_the_loader_output_is_pinned_to_its_preprocess_id(name):
+    assert images.PREPROCESS_ID in GOLDEN, "a new PREPROCESS_ID: record its fingerprints here"
+    array = images.load_image(os.path.join(os.path.dirname(__file__), "data", name), 32)
+    digest = hashlib.sha256(np.round(array, 3).tobytes()).hexdigest()
+    assert digest == GOLDEN[images.PREPROCESS_ID][name], (
+        "load_image returns other numbers than PREPROCESS_ID stands for: change PREPROCESS_ID "
+        "(caches of the old one must not be reused) and record the new fingerprints")

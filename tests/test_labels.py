@@ -81,7 +81,11 @@ def test_how_names_are_matched(tmp_path, capsys, written, on_disk, note):
     data = flat_folder(tmp_path / "data", [on_disk, "other.png"])
     csv_path = write_csv(tmp_path / "l.csv", [(written, "a"), ("other.png", "b")])
     assert by_path(labels.discover_csv(data, csv_path)) == {on_disk: "a", "other.png": "b"}
-    assert (note in capsys.readouterr().out) if note else True
+    out = capsys.readouterr().out
+    if note:  # a lenient match is printed as a note ...
+        assert f"{written} -> {on_disk} ({note})" in out
+    else:     # ... an exact one is not
+        assert "matched a file only by ignoring" not in out
 
 
 def test_ambiguous_conflicting_and_empty_rows_are_skipped(tmp_path):
