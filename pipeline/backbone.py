@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from .artifacts import file_sha256  # noqa: F401 (backbone.file_sha256: weights and images)
-from .config import UserError
+from .config import UserError, warn
 from .images import PREPROCESS_ID
 
 BACKBONE_ID = "keras.applications.VGG16(include_top=False)"
@@ -44,8 +44,8 @@ def resolve_weights(spec):
         except UserError as error:
             if spec == "imagenet":
                 raise
-            print(f"\n!!! WEIGHTS=auto: {error}\n!!! Using random initialisation instead: "
-                  f"{RANDOM_NOTICE}.\n", flush=True)
+            warn(f"WEIGHTS=auto: {error}")
+            warn(f"using random initialisation instead: {RANDOM_NOTICE}")
             return Weights(spec, "", RANDOM_FINGERPRINT, notice=RANDOM_NOTICE)
         return Weights(spec, path, file_sha256(path))
     if not os.path.isfile(spec):

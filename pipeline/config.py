@@ -28,6 +28,12 @@ class UserError(Exception):
     """A problem the user can fix. The CLI prints it as one line and exits non-zero."""
 
 
+def warn(message):
+    """A notice that must not be missed (random weights, a model passed over): one line that
+    stands out from progress and results, on stdout beside the results it qualifies."""
+    print(f"!!! {message}", flush=True)
+
+
 def setting(default, help, make=True):
     """A field with its help text; make=False: a CLI option only, no Makefile variable."""
     return field(default=default, metadata={"help": help, "make": make})

@@ -16,7 +16,7 @@ import tensorflow as tf
 from sklearn import metrics
 
 from . import artifacts, cache, images, plots, registry
-from .config import Config, UserError
+from .config import Config, UserError, warn
 
 CONFUSION_PLOT = "confusion_{model}.png"
 MAX_MISCLASSIFIED = 100     # kept per model in evaluation.json (most confident mistakes first)
@@ -78,7 +78,7 @@ def run(config: Config) -> EvaluateResult:
         auc = f", ROC AUC {m['roc_auc']:.3f}" if m.get("roc_auc") is not None else ""
         print(f"  {registry.TITLES[model]:<20} accuracy {m['accuracy']:.3f}{auc}")
     if report["weights_notice"]:
-        print(f"!!! {report['weights_notice']}")
+        warn(report["weights_notice"])
     print(f"wrote {out}")
     return EvaluateResult(out, split, {k: v["accuracy"] for k, v in report["models"].items()})
 
@@ -102,7 +102,7 @@ def usable_models(config, store):
             refusals.append(refusal)
     if usable:
         for refusal in refusals:
-            print(f"!!! not evaluated: {refusal}")
+            warn(f"not evaluated: {refusal}")
     return usable, refusals
 
 

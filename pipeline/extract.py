@@ -15,7 +15,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from . import backbone, cache, images, lock
-from .config import Config, UserError
+from .config import Config, UserError, warn
 
 
 @dataclass
@@ -88,7 +88,7 @@ def run(config: Config) -> ExtractResult:
     print(f"extract {config.dataset_name}: {result.rows} rows, {result.new} new, {result.reused} "
           f"reused, {result.skipped} skipped (see {out}/skipped.csv), {result.seconds:.1f} s")
     if weights.notice:
-        print(f"!!! {weights.notice}")
+        warn(weights.notice)
     return result
 
 

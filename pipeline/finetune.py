@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import artifacts, backbone, cache, heads, images, lock, plots, registry
-from .config import Config, UserError
+from .config import Config, UserError, warn
 
 PATIENCE = 3                              # epochs without a lower val_loss before stopping
 STATE = "finetune_state.json"             # epochs done, history, EarlyStopping's memory
@@ -130,7 +130,7 @@ def _finetune(config, start):
           f"validation accuracy {result.validation['accuracy']:.3f}, {result.seconds:.1f} s "
           f"-> {result.model_path}")
     if weights.notice:
-        print(f"!!! {weights.notice}")
+        warn(weights.notice)
     return result
 
 

@@ -17,7 +17,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from . import artifacts, backbone, cache, images, registry
-from .config import Config, UserError
+from .config import Config, UserError, warn
 
 PREFERENCE = {"finetuned": 2, "dense": 1, "logreg": 0}  # breaks ties in validation accuracy
 SKIPPED = "predictions_skipped.csv"
@@ -45,7 +45,7 @@ def run(config: Config) -> PredictResult:
           f"(validation accuracy {_fmt(record.validation.get('accuracy'))})"
           + (f", {ignored} other files ignored" if ignored else ""))
     if record.weights_notice:
-        print(f"!!! {record.weights_notice}")
+        warn(record.weights_notice)
 
     out, skipped_out = artifacts.path(config, artifacts.PREDICTIONS), artifacts.path(config, SKIPPED)
     counts, shown, skipped = dict.fromkeys(class_names, 0), [], []
@@ -90,7 +90,7 @@ def trained_models(config, requested="auto"):
     if requested in refused:
         raise refused[requested]
     for refusal in refused.values():
-        print(f"!!! passed over: {refusal}")
+        warn(f"passed over: {refusal}")
     return found
 
 

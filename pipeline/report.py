@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from . import artifacts, cache, files, plots, registry
-from .config import Config, UserError
+from .config import Config, UserError, warn
 from .registry import TITLES
 MISCLASSIFIED_PLOT = "misclassified_{model}.png"
 GRID_IMAGES = 25         # most confident mistakes shown per model
@@ -65,7 +65,7 @@ def run(config: Config) -> ReportResult:
         f.write("\n".join(lines) + "\n")
     print(f"report {config.dataset_name}: wrote {out}")
     for notice in notices:
-        print(f"!!! {notice}")
+        warn(notice)
     return ReportResult(out, [line[3:] for line in lines if line.startswith("## ")], notices)
 
 

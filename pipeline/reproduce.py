@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from . import artifacts, backbone, images, registry
-from .config import FIELDS, Config, UserError
+from .config import FIELDS, Config, UserError, warn
 
 URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
 DOWNLOADS = "data/downloads"
@@ -194,7 +194,7 @@ def compare(config):
     print(f"  {'':<42} {'validation':>10} {evaluation['split']:>10} {'article':>10}")
     print("\n".join(lines))
     if evaluation.get("weights_notice"):
-        print(f"!!! {evaluation['weights_notice']}")
+        warn(evaluation["weights_notice"])
     print(f"report: {artifacts.path(config, artifacts.REPORT)}")
     return ReproduceResult(config.data, results, out)
 

@@ -27,7 +27,7 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from . import artifacts, backbone, cache, files, heads, plots
-from .config import Config, UserError
+from .config import Config, UserError, warn
 
 HEADS = ("dense", "logreg", "both")
 BLOCK_ROWS = 1024            # cached rows read at a time: 32 MB of 4x4x512 features
@@ -337,4 +337,4 @@ def _print_summary(config, result):
                          f"{entry['seconds']:.1f} s)")
     print(f"train-head {config.dataset_name}: {'; '.join(parts)} -> {result.paths['metrics']}")
     if result.metrics["weights_notice"]:
-        print(f"!!! {result.metrics['weights_notice']}")
+        warn(result.metrics["weights_notice"])
