@@ -460,6 +460,17 @@ class FeatureStore:
                     return f" {source.file_name}"
         return ""
 
+    def blocks(self, rows, size=READ_BLOCK, rng=None):
+        """(row indices, features) for consecutive runs of `size` of `rows`. With a numpy
+        Generator, the blocks come in shuffled order and the rows are shuffled within each
+        block. Only one block is in memory at a time, so a cache larger than memory streams."""
+        starts = np.arange(0, len(rows), size)
+        for start in (rng.permutation(starts) if rng is not None else starts):
+            indices = rows[start:start + size]
+            if rng is not None:
+                indices = rng.permutation(indices)
+            yield indices, self.read(indices)
+
     def close(self):
         self.file.close()
 

@@ -20,7 +20,6 @@ from .config import Config, UserError, warn
 
 CONFUSION_PLOT = "confusion_{model}.png"
 MAX_MISCLASSIFIED = 100     # kept per model in evaluation.json (most confident mistakes first)
-FEATURE_BLOCK = 1024        # cached feature rows read and scored at a time
 
 
 @dataclass
@@ -109,8 +108,7 @@ def usable_models(config, store):
 def _feature_probabilities(config, model, store, rows):
     """Score cached features a block at a time, so a large test split never sits in memory."""
     predict = registry.predictor(config, model)
-    return np.concatenate([predict(store.read(rows[i:i + FEATURE_BLOCK]))
-                           for i in range(0, len(rows), FEATURE_BLOCK)])
+    return np.concatenate([predict(features) for _, features in store.blocks(rows)])
 
 
 def _image_probabilities(config, model, store, rows, labels):

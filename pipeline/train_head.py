@@ -30,7 +30,6 @@ from . import artifacts, backbone, cache, files, heads, plots
 from .config import Config, UserError, warn
 
 HEADS = ("dense", "logreg", "both")
-BLOCK_ROWS = 1024            # cached rows read at a time: 32 MB of 4x4x512 features
 STANDARDIZE = True           # False: train on raw feature maps, as the article does
 LOGREG_MEMORY_MB = 256       # train features up to this size are fitted in memory, else SGD
 XLA_MIN_ROWS = 1000          # train the dense head with XLA from this many training rows
@@ -113,27 +112,15 @@ def _kept_models(metrics_path, store, head):
 # Streaming the cache
 # --------------------------------------------------------------------------------------------
 
-def blocks(store, rows, size=BLOCK_ROWS, rng=None):
-    """(row indices, features) for consecutive runs of `size` of `rows`. With a numpy Generator,
-    the blocks come in shuffled order and the rows are shuffled within each block. Only one
-    block is in memory at a time, so a cache larger than memory streams."""
-    starts = np.arange(0, len(rows), size)
-    for start in (rng.permutation(starts) if rng is not None else starts):
-        indices = rows[start:start + size]
-        if rng is not None:
-            indices = rng.permutation(indices)
-        yield indices, store.read(indices)
-
-
 def feature_dataset(store, rows, targets, batch, seed=None):
     """A tf.data.Dataset of (features, target) batches over `rows`, read from the cache a block
     at a time. With a seed, every epoch visits the rows in a new order, the same in every run."""
-    per_block = max(1, BLOCK_ROWS // batch) * batch  # whole batches per block: one short batch
+    per_block = max(1, cache.READ_BLOCK // batch) * batch  # whole batches per block: one short batch
     epochs = itertools.count()                       # per epoch, at the very end at most
 
     def generate():
         rng = None if seed is None else np.random.default_rng([seed, next(epochs)])
-        for indices, features in blocks(store, rows, per_block, rng):
+        for indices, features in store.blocks(rows, per_block, rng):
             for i in range(0, len(indices), batch):
                 yield features[i:i + batch], targets[indices[i:i + batch]]
 
@@ -148,7 +135,7 @@ def feature_moments(store, rows):
     """The mean feature map of `rows` and one global scale (the RMS deviation from that mean),
     in one streamed pass with float64 sums."""
     total, squares = 0.0, 0.0
-    for _, features in blocks(store, rows):
+    for _, features in store.blocks(rows):
         features = features.astype(np.float64)
         total, squares = total + features.sum(axis=0), squares + (features ** 2).sum(axis=0)
     mean = total / len(rows)
@@ -194,7 +181,7 @@ def train_dense(config, store, rows, callbacks=()):
     # Every row is read once before fit (train by the moments above): a damaged segment then
     # stops the run with FeatureStore's one line, not a TensorFlow error from inside fit.
     for split in ("validation", "test") if STANDARDIZE else ("train", "validation", "test"):
-        for _ in blocks(store, rows[split]):
+        for _ in store.blocks(rows[split]):
             pass
     start = time.perf_counter()
     history = trainer.fit(train, validation_data=validation, epochs=config.epochs,
@@ -276,12 +263,13 @@ def _fit_in_memory(store, train_rows, num_classes, grid, seed):
     # gathered block by block, as its fit on the whole array would make a float64 copy of it.
     x = np.empty((len(train_rows), int(np.prod(store.features.shape[1:]))), np.float32)
     scaler, start = StandardScaler(), 0
-    for _, features in blocks(store, train_rows):
+    for _, features in store.blocks(train_rows):
         x[start:start + len(features)] = features.reshape(len(features), -1)
         scaler.partial_fit(x[start:start + len(features)])
         start += len(features)
-    for start in range(0, len(x), BLOCK_ROWS):
-        x[start:start + BLOCK_ROWS] = scaler.transform(x[start:start + BLOCK_ROWS])
+    for start in range(0, len(x), cache.READ_BLOCK):
+        block = slice(start, start + cache.READ_BLOCK)
+        x[block] = scaler.transform(x[block])
     y = store.labels[train_rows]
     candidates = []
     for C in tqdm(grid, desc="logreg (one fit per C)", leave=False):
@@ -293,7 +281,7 @@ def _fit_in_memory(store, train_rows, num_classes, grid, seed):
 
 def _fit_out_of_core(store, train_rows, num_classes, grid, seed):
     scaler = StandardScaler()
-    for _, features in blocks(store, train_rows):
+    for _, features in store.blocks(train_rows):
         scaler.partial_fit(features.reshape(len(features), -1))
     models = [heads.sgd_logistic_regression(C, len(train_rows), seed) for C in grid]
     classes = np.arange(num_classes)
@@ -301,7 +289,7 @@ def _fit_out_of_core(store, train_rows, num_classes, grid, seed):
                     unit="row", leave=False)
     for epoch in range(SGD_EPOCHS):  # every candidate sees each block, so one read serves all
         shuffled = np.random.default_rng([seed, epoch])
-        for indices, features in blocks(store, train_rows, rng=shuffled):
+        for indices, features in store.blocks(train_rows, rng=shuffled):
             x = scaler.transform(features.reshape(len(features), -1), copy=False)
             for model in models:
                 model.partial_fit(x, store.labels[indices], classes=classes)
@@ -313,7 +301,7 @@ def _fit_out_of_core(store, train_rows, num_classes, grid, seed):
 def _evaluate_pipelines(store, rows, pipelines):
     """Accuracy and log loss of each fitted pipeline on `rows`, streaming the features once."""
     probabilities = [[] for _ in pipelines]
-    for _, features in blocks(store, rows):
+    for _, features in store.blocks(rows):
         x = features.reshape(len(features), -1)
         for out, pipeline in zip(probabilities, pipelines):
             out.append(pipeline.predict_proba(x))
