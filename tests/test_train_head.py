@@ -208,7 +208,7 @@ def test_logreg_out_of_core_when_the_features_do_not_fit(tmp_path, num_classes):
 
 def test_streaming_visits_every_row_once_per_epoch_in_a_seeded_order(synthetic_config,
                                                                      monkeypatch):
-    monkeypatch.setattr(train_head, "BLOCK_ROWS", 16)  # many blocks from 200 rows
+    monkeypatch.setattr(cache, "READ_BLOCK", 16)  # many blocks from 200 rows
     with FeatureStore(synthetic_config.features_dir) as store:
         rows = store.rows("train")
         targets = np.arange(len(store))  # a row's target is its index: shows the order
