@@ -129,8 +129,7 @@ def _images_below(data, csv_path):
     images. The labels CSV itself, when it lives in DATA, is neither."""
     inside = os.path.relpath(os.path.abspath(csv_path), os.path.abspath(data)).replace(os.sep, "/")
     found, skipped = [], []
-    for rel, reason in images._walk_images(data, ""):
-        rel = rel.lstrip("/")
+    for rel, reason in images.walk_files(data):
         if rel == inside:
             continue
         if reason:

@@ -1,0 +1,327 @@
+"""Issue 11, hostile and careless input: the directory walk and names that are not UTF-8.
+
+Every test checks three things: nothing outside features/<NAME> and models/<NAME> changed
+(`Untouched`), the outcome (rows, counts or exit status) and the reason or the one-line message.
+"""
+import csv
+import os
+import shutil
+import signal
+import socket
+
+import pytest
+
+from conftest import make_image_folder
+from pipeline import extract, images, predict
+from pipeline.config import UserError
+from trained_run import shared_trained_run
+
+LINK_TO_FOLDER = "link to a folder: not followed; link the files themselves"
+BROKEN_LINK = "broken link: its target does not exist"
+NOT_UTF8_FILE = "file name is not valid UTF-8: rename it"
+NOT_UTF8_FOLDER = "folder name is not valid UTF-8: rename it"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+class Untouched:
+    """A record of everything under `root` (type, size, mtime, link target; nothing is opened, so
+    FIFOs are safe) except the features and models roots, which may hold only NAME."""
+
+    def __init__(self, root, features_root, models_root, name):
+        self.root, self.name = str(root), name
+        self.outputs = (str(features_root), str(models_root))
+        self.before = self._snapshot()
+
+    def _snapshot(self):
+        seen, pending = {}, [self.root]
+        while pending:  # a stack, not os.walk: one test has a tree 1200 folders deep
+            with os.scandir(pending.pop()) as listing:
+                for entry in listing:
+                    if entry.path in self.outputs:
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    seen[entry.path] = (st.st_mode, st.st_size, st.st_mtime_ns,
+                                        os.readlink(entry.path) if entry.is_symlink() else None)
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+        return seen
+
+    def check(self):
+        assert self._snapshot() == self.before
+        for output in self.outputs:
+            assert not os.path.exists(output) or os.listdir(output) in ([], [self.name])
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """Runs from an empty working directory inside tmp_path, so a stray relative write would be
+    caught by Untouched too."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return tmp_path
+
+
+@pytest.fixture
+def deadline():
+    """Fail instead of hanging: before the fix, a FIFO in DATA blocked extract forever."""
+    def expire(signum, frame):  # pytest.fail: not an OSError, which the code under test may catch
+        pytest.fail("still running after 60 s: something blocks (a FIFO opened?)")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, 60)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:  # strict: the file must be valid UTF-8
+        return list(csv.DictReader(f))
+
+
+def skipped_of(config):
+    return {r["path"]: r["reason"] for r in read_csv(os.path.join(config.features_dir,
+                                                                   "skipped.csv"))}
+
+
+def copy_image(source, folder, name):
+    """Copy an image to folder/name, where name may be bytes (a name that is not UTF-8)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(source, "rb") as f, open(os.path.join(os.fsencode(folder), os.fsencode(name)),
+                                       "wb") as g:
+        g.write(f.read())
+
+
+# What the walk does with each kind of entry. Each maker puts one entry called `name` in
+# `folder` and returns the reason expected for it (None: followed, read as an image).
+def _fifo(folder, outside, name):
+    os.mkfifo(os.path.join(folder, name))
+    return "not a regular file (FIFO)"
+
+
+def _socket(folder, outside, name):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(os.path.join(folder, name))
+    return "not a regular file (socket)"
+
+
+def _device(folder, outside, name):  # a link to a device: making one needs no privilege
+    os.symlink(os.devnull, os.path.join(folder, name))
+    return "not a regular file (character device)"
+
+
+def _loop(folder, outside, name):  # 24 images became 504 rows
+    os.symlink(".", os.path.join(folder, name))
+    return LINK_TO_FOLDER
+
+
+def _out_of_data(folder, outside, name):  # a link to a folder of images elsewhere
+    os.symlink(outside, os.path.join(folder, name))
+    return LINK_TO_FOLDER
+
+
+def _broken(folder, outside, name):
+    os.symlink(os.path.join(outside, "no_such_file.jpg"), os.path.join(folder, name))
+    return BROKEN_LINK
+
+
+def _self_link(folder, outside, name):
+    os.symlink(name, os.path.join(folder, name))
+    return "link cannot be followed (Too many levels of symbolic links)"
+
+
+def _file_link(folder, outside, name):  # followed: datasets are assembled with links to files
+    os.symlink(os.path.join(outside, "x", "x_00.jpg"), os.path.join(folder, name))
+    return None
+
+
+ENTRIES = {"fifo": _fifo, "socket": _socket, "device": _device, "loop": _loop,
+           "out_of_data": _out_of_data, "broken": _broken, "self_link": _self_link,
+           "file_link": _file_link}
+
+
+def make_outside(tmp_path):
+    """A folder of images outside DATA, the target of links."""
+    return make_image_folder(tmp_path / "outside", classes=("x",), per_class=2, seed=5)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. The directory walk
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(ENTRIES))
+def test_extract_walk_reads_only_regular_files_and_links_to_them(world, make_config, deadline,
+                                                                 kind):
+    data = make_image_folder(world / "data")  # 2 classes x 6 images
+    outside = make_outside(world)
+    reason = ENTRIES[kind](os.path.join(data, "horizontal"), outside, "entry.jpg")
+    config = make_config(data)
+    untouched = Untouched(world, config.features_root, config.models_root, "data")
+
+    result = extract.run(config)
+
+    untouched.check()
+    if reason is None:  # the link to a file is an image of class horizontal
+        assert (result.rows, result.skipped) == (13, 0) and skipped_of(config) == {}
+    else:
+        assert (result.rows, result.skipped) == (12, 1)
+        assert skipped_of(config) == {"horizontal/entry.jpg": reason}
+
+
+def test_links_to_data_and_to_class_folders_are_followed(world, make_config):
+    real = make_image_folder(world / "real", classes=("horizontal",), per_class=6)
+    make_image_folder(world / "elsewhere", classes=("vertical",), per_class=6, seed=1)
+    os.symlink(os.path.join(world, "elsewhere", "vertical"), os.path.join(real, "vertical"))
+    os.symlink(real, world / "data")  # DATA itself is a link
+    config = make_config(str(world / "data"))
+    untouched = Untouched(world, config.features_root, config.models_root, "data")
+
+    result = extract.run(config)
+
+    untouched.check()
+    assert (result.rows, result.skipped) == (12, 0)
+    assert skipped_of(config) == {}
+
+
+def test_a_very_deep_tree_is_walked(world, make_config):
+    # os.walk recurses once per level: 1200 folders deep ended in a RecursionError
+    data = make_image_folder(world / "data")
+    deep = os.path.join(data, "horizontal")
+    for _ in range(1200):
+        deep = os.path.join(deep, "d")
+        os.mkdir(deep)
+    shutil.copy(os.path.join(data, "vertical", "vertical_00.jpg"), os.path.join(deep, "deep.jpg"))
+    config = make_config(data)
+    untouched = Untouched(world, config.features_root, config.models_root, "data")
+    try:
+        result = extract.run(config)
+
+        untouched.check()
+        assert (result.rows, result.skipped) == (13, 0)
+        assert skipped_of(config) == {}
+    finally:  # bottom up: shutil.rmtree, and so pytest's clean-up, recurse as os.walk does
+        os.remove(os.path.join(deep, "deep.jpg"))
+        while deep != os.path.join(data, "horizontal"):
+            os.rmdir(deep)
+            deep = os.path.dirname(deep)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "loop"])
+def test_labels_csv_datasets_use_the_same_walk(world, make_config, deadline, kind):
+    data = make_image_folder(world / "data")
+    outside = make_outside(world)
+    with open(os.path.join(data, "labels.csv"), "w") as f:
+        f.write("filename,label\n" + "".join(f"{c}_{i:02d}.jpg,{c}\n" for c in
+                                             ("horizontal", "vertical") for i in range(6)))
+    reason = ENTRIES[kind](data, outside, "entry")
+    config = make_config(data, labels="labels.csv")
+    untouched = Untouched(world, config.features_root, config.models_root, "data")
+
+    result = extract.run(config)
+
+    untouched.check()
+    assert (result.rows, result.skipped) == (12, 1)
+    assert skipped_of(config) == {"entry": reason}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return shared_trained_run(tmp_path_factory)
+
+
+def predict_world(world, trained):
+    """IMAGES=world/new with two images; a copy of the trained models under world/models."""
+    shutil.copytree(trained.models_dir, world / "models" / trained.name)
+    config = trained.replace(models_root=str(world / "models"), images=str(world / "new"),
+                             model="logreg")
+    for name in ("a.jpg", "b.jpg"):
+        copy_image(os.path.join(trained.data, "horizontal", "horizontal_00.jpg"), world / "new",
+                   name)
+    return config
+
+
+@pytest.mark.parametrize("kind", sorted(ENTRIES))
+def test_predict_walk_reads_only_regular_files_and_links_to_them(world, trained, deadline, kind):
+    config = predict_world(world, trained)
+    outside = make_outside(world)
+    reason = ENTRIES[kind](config.images, outside, "entry.jpg")
+    untouched = Untouched(world, world / "features", config.models_root, trained.name)
+
+    result = predict.run(config)
+
+    untouched.check()
+    predicted = [os.path.basename(r["path"]) for r in read_csv(result.path)]
+    skipped = read_csv(os.path.join(config.models_dir, predict.SKIPPED))
+    if reason is None:
+        assert predicted == ["a.jpg", "b.jpg", "entry.jpg"] and result.skipped == 0
+    else:
+        assert predicted == ["a.jpg", "b.jpg"] and result.skipped == 1
+        assert skipped == [{"path": f"{config.images}/entry.jpg", "reason": reason}]
+
+
+@pytest.mark.parametrize("target, message", [
+    ("fifo", r"IMAGES=.*pipe is not a regular file \(FIFO\): pass an image file or a folder"),
+    ("not_utf8", r"IMAGES=.*new\\xff: the name is not valid UTF-8: rename it"),
+], ids=["fifo", "not_utf8"])
+def test_predict_refuses_an_images_target_it_cannot_read(world, trained, deadline, target,
+                                                         message):
+    config = predict_world(world, trained)
+    if target == "fifo":
+        os.mkfifo(world / "pipe")
+        images_arg = str(world / "pipe")
+    else:
+        images_arg = os.fsdecode(os.path.join(os.fsencode(world), b"new\xff"))
+        os.rename(config.images, images_arg)
+    untouched = Untouched(world, world / "features", config.models_root, trained.name)
+
+    with pytest.raises(UserError, match=message):
+        predict.run(config.replace(images=images_arg))
+
+    untouched.check()
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Names that are not UTF-8
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, reason", [("file", NOT_UTF8_FILE),
+                                          ("folder", NOT_UTF8_FOLDER)], ids=["file", "folder"])
+def test_extract_skips_a_name_that_is_not_utf8(world, make_config, kind, reason):
+    data = make_image_folder(world / "data")
+    source = os.path.join(data, "vertical", "vertical_00.jpg")
+    if kind == "file":
+        copy_image(source, os.path.join(data, "horizontal"), b"caf\xe9.jpg")
+        listed = "horizontal/caf\\xe9.jpg"
+    else:
+        copy_image(source, os.path.join(os.fsencode(data), b"horizontal", b"caf\xe9"), b"a.jpg")
+        listed = "horizontal/caf\\xe9"
+    config = make_config(data)
+    untouched = Untouched(world, config.features_root, config.models_root, "data")
+
+    result = extract.run(config)  # before: a traceback (TensorFlow cannot encode the path)
+
+    untouched.check()
+    assert (result.rows, result.skipped) == (12, 1)
+    assert skipped_of(config) == {listed: reason}
+
+
+@pytest.mark.parametrize("kind, reason", [("file", NOT_UTF8_FILE),
+                                          ("folder", NOT_UTF8_FOLDER)], ids=["file", "folder"])
+def test_predict_skips_a_name_that_is_not_utf8(world, trained, kind, reason):
+    config = predict_world(world, trained)
+    source = os.path.join(config.images, "a.jpg")
+    if kind == "file":
+        copy_image(source, config.images, b"caf\xe9.jpg")
+    else:
+        copy_image(source, os.path.join(os.fsencode(config.images), b"caf\xe9"), b"a.jpg")
+    untouched = Untouched(world, world / "features", config.models_root, trained.name)
+
+    result = predict.run(config)
+
+    untouched.check()
+    assert [os.path.basename(r["path"]) for r in read_csv(result.path)] == ["a.jpg", "b.jpg"]
+    assert result.skipped == 1
+    assert read_csv(os.path.join(config.models_dir, predict.SKIPPED)) == [
+        {"path": f"{config.images}/caf\\xe9{'.jpg' * (kind == 'file')}", "reason": reason}]
