@@ -7,6 +7,7 @@ below, so training and prediction can never disagree about decoding, orientation
 import csv
 import os
 import stat
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,21 @@ SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validatio
 
 # Part of the cache identity: change it whenever load_image would produce different numbers.
 PREPROCESS_ID = "pil:draft+exif+rgb(white-bg,16bit/257)+bilinear|keras.vgg16.preprocess_input(caffe)|v1"
+
+# The most pixels load_image decodes for one image (after a JPEG's DCT scaling, see load_image):
+# 8192 x 8192. Photos fit: 60-megapixel cameras exist (9504 x 6336 = 60.2 MP), and their JPEGs are
+# decoded at a reduced scale anyway. The cost is well above the pixels: an RGBA image this size is
+# 256 MB decoded, and decoding, EXIF transposition and compositing on white hold about six such
+# copies at once (extract peaked 1.5 GB above its baseline on an 8192 x 8192 RGBA PNG), while
+# tf.data decodes several images in parallel. A 13000 x 13000 PNG of 657 KB cost 3.9 GB before
+# this budget. Refusing from the header is the only cheap defence: the file's size says nothing.
+MAX_PIXELS = 8192 * 8192
+
+# Pillow warns from 89 MP and refuses from 179 MP (Image.MAX_IMAGE_PIXELS, kept as it is). Its
+# warning would fire for every image that load_image then refuses with a reason of its own, and for
+# every big JPEG that the DCT scaling decodes cheaply: noise either way, once per image size.
+# Module-wide, because warnings.catch_warnings is not thread-safe and tf.data decodes in threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # The reasons the directory walk gives (written to skipped.csv / predictions_skipped.csv).
 NOT_AN_IMAGE = "not an image (extension and content)"
@@ -111,20 +127,40 @@ def load_image(path, size):
     4. resize to size x size (bilinear, antialiased);
     5. keras.applications.vgg16.preprocess_input (RGB->BGR, ImageNet mean subtracted).
     Raises on a file that cannot be decoded; `try_load_image` turns that into a reason. Raises
-    ImageRefused, before opening it, for anything but a regular file.
+    ImageRefused, before reading any pixel, for anything but a regular file and for an image over
+    MAX_PIXELS once the JPEG scaling is applied.
     """
     problem = not_regular_reason(path)
     if problem:
         raise ImageRefused(problem)
-    with Image.open(path) as img:
-        img.seek(0)  # the first frame of a GIF/WebP/APNG animation
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError:
+        # Pillow refuses before it reads a pixel, over 2 * Image.MAX_IMAGE_PIXELS; say it our way
+        raise ImageRefused(f"image of more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP is over "
+                           f"the {_budget()} per image: downscale it") from None
+    with img:
+        # The first frame of a GIF/WebP/APNG animation: no other frame is ever decoded, so the
+        # number of frames costs nothing. Pillow grows a GIF's canvas to a first frame that
+        # exceeds it while opening, so the size checked below is what gets decoded.
+        img.seek(0)
         if img.format == "JPEG":
             img.draft("RGB" if img.mode == "RGB" else None, (size, size))
+        # After draft: a big JPEG counts at the scale it will really be decoded at.
+        width, height = img.size
+        if width * height > MAX_PIXELS:
+            raise ImageRefused(f"image of {width}x{height} pixels ({width * height / 1e6:.0f} MP) "
+                               f"is over the {_budget()} per image: downscale it")
         img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
         img = img.resize((size, size), Image.BILINEAR)
         array = np.asarray(img, dtype=np.float32)
     return vgg16.preprocess_input(array)
+
+
+def _budget():
+    side = int(MAX_PIXELS ** 0.5)
+    return f"budget of {MAX_PIXELS / 1e6:.0f} MP ({side}x{side})"
 
 
 def _to_rgb(img):

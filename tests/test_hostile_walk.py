@@ -1,21 +1,33 @@
-"""Issue 11, hostile and careless input: the directory walk and names that are not UTF-8.
+"""Issue 11, hostile and careless input: the directory walk, names that are not UTF-8 and images
+over the pixel budget.
 
 Every test checks three things: nothing outside features/<NAME> and models/<NAME> changed
 (`Untouched`), the outcome (rows, counts or exit status) and the reason or the one-line message.
 """
 import csv
+import io
+import json
 import os
 import shutil
 import signal
 import socket
+import struct
+import subprocess
+import sys
+import zlib
 
+import numpy as np
 import pytest
+from keras.applications import vgg16
+from PIL import Image
 
 from conftest import make_image_folder
 from pipeline import extract, images, predict
 from pipeline.config import UserError
 from trained_run import shared_trained_run
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUDGET = "budget of 67 MP (8192x8192) per image: downscale it"
 LINK_TO_FOLDER = "link to a folder: not followed; link the files themselves"
 BROKEN_LINK = "broken link: its target does not exist"
 NOT_UTF8_FILE = "file name is not valid UTF-8: rename it"
@@ -325,3 +337,123 @@ def test_predict_skips_a_name_that_is_not_utf8(world, trained, kind, reason):
     assert result.skipped == 1
     assert read_csv(os.path.join(config.models_dir, predict.SKIPPED)) == [
         {"path": f"{config.images}/caf\\xe9{'.jpg' * (kind == 'file')}", "reason": reason}]
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The pixel budget
+# --------------------------------------------------------------------------------------------
+
+def _png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_blank_png(path, width, height):
+    """An RGB PNG of zeros written by hand, row by row: a few hundred KB that decode to
+    width * height * 3 bytes (and more inside Pillow), without ever holding the pixels."""
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (1 + 3 * width)  # filter byte "none", then the pixels
+    idat = b"".join([compressor.compress(row) for _ in range(height)] + [compressor.flush()])
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n"
+                + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+    return str(path)
+
+
+def write_big_canvas_gif(path, width, height):
+    """A two-frame animated GIF of 1x1 frames on a width x height canvas: under 100 bytes, but
+    Pillow decodes the whole canvas for the first frame."""
+    frames = [Image.new("P", (1, 1), 0), Image.new("P", (1, 1), 1)]
+    frames[0].putpalette([255, 255, 255, 0, 0, 0])
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    gif = bytearray(buffer.getvalue())
+    gif[6:10] = struct.pack("<HH", width, height)  # the logical screen
+    with open(path, "wb") as f:
+        f.write(gif)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bombs")
+    return {
+        "png": write_blank_png(folder / "bomb.png", 9000, 9000),   # 243 MB decoded, 236 KB
+        "gif": write_big_canvas_gif(folder / "anim.gif", 10000, 10000),  # Pillow warns
+        "huge_gif": write_big_canvas_gif(folder / "huge.gif", 20000, 20000),  # Pillow refuses
+        "control": write_blank_png(folder / "control.png", 4000, 4000),  # under the budget
+    }
+
+
+# pytest resets the warning filters for every test, dropping the one images.py installs for
+# Pillow's bomb warning; the subprocess test below checks that the command line prints none.
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("bomb, reason", [
+    ("png", f"image of 9000x9000 pixels (81 MP) is over the {BUDGET}"),
+    ("gif", f"image of 10000x10000 pixels (100 MP) is over the {BUDGET}"),
+    ("huge_gif", f"image of more than 179 MP is over the {BUDGET}"),
+], ids=["png", "gif", "huge_gif"])
+def test_extract_skips_an_image_over_the_pixel_budget(world, make_config, bombs, bomb, reason):
+    data = make_image_folder(world / "data")
+    shutil.copy(bombs[bomb], os.path.join(data, "horizontal", os.path.basename(bombs[bomb])))
+    config = make_config(data)
+    untouched = Untouched(world, config.features_root, config.models_root, "data")
+
+    result = extract.run(config)
+
+    untouched.check()
+    assert (result.rows, result.skipped) == (12, 1)
+    assert skipped_of(config) == {f"horizontal/{os.path.basename(bombs[bomb])}": reason}
+
+
+# Run in a fresh process, so the peak (VmHWM) is this process's own: reset to the current size
+# after the imports, then read after each load.
+MEASURE = r"""
+import json, re, sys
+from pipeline import images
+
+def peak():
+    return int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+out = []
+for path in sys.argv[1:]:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+    except OSError:
+        pass  # then the growth is measured from an older peak: smaller, never larger
+    before = peak()
+    reason = images.try_load_image(path, 32)[1]
+    out.append({"reason": reason, "grew": peak() - before})
+print(json.dumps(out))
+"""
+
+
+def test_refusing_an_image_over_the_budget_costs_no_memory(world, bombs):
+    untouched = Untouched(world, world / "features", world / "models", "")
+    env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, "-c", MEASURE, bombs["png"], bombs["gif"],
+                           bombs["control"]], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    png, gif, control = json.loads(done.stdout)
+
+    untouched.check()
+    decoded = 9000 * 9000 * 3  # the bomb's RGB pixels alone; Pillow holds 4 bytes per pixel
+    assert png["reason"].endswith(BUDGET) and gif["reason"].endswith(BUDGET)
+    assert png["grew"] < decoded / 10 and gif["grew"] < decoded / 10, (png, gif)
+    # the measurement sees a decode: the 4000x4000 control (48 MB of RGB) is loaded, and grows it
+    assert control["reason"] == "" and control["grew"] > 4000 * 4000 * 3, control
+    assert "DecompressionBomb" not in done.stderr  # Pillow's warning is not printed either
+
+
+def test_a_big_camera_jpeg_is_decoded_at_a_reduced_scale_with_unchanged_numbers(tmp_path):
+    # 8400x8000 (67.2 MP) is just over the budget at full scale; libjpeg decodes it at 1/8.
+    path = str(tmp_path / "camera.jpg")
+    Image.new("RGB", (8400, 8000), (200, 30, 30)).save(path, quality=50)
+    with Image.open(path) as img:  # the loader's steps, written out: the numbers do not change
+        img.draft("RGB", (32, 32))
+        assert img.size == (1050, 1000)
+        expected = vgg16.preprocess_input(
+            np.asarray(img.convert("RGB").resize((32, 32), Image.BILINEAR), np.float32))
+    np.testing.assert_array_equal(images.load_image(path, 32), expected)
