@@ -279,9 +279,7 @@ def assign_split(dataset, image_file, sha256_hex, fractions):
 
 def discover(data, labels_csv="", label_columns="filename,label"):
     """Find the classes and images under `data`. Raises UserError for a dataset that cannot work."""
-    if not data or not os.path.isdir(data):
-        raise UserError(f"DATA folder {data!r} does not exist: pass DATA=<folder of class folders> "
-                        "(or run `make demo-data` for the demo)")
+    check_data_folder(data)
     if labels_csv:
         from .labels import discover_csv  # CSV-labelled flat folders (make batch, issue 6)
         return discover_csv(data, labels_csv, label_columns)
@@ -290,6 +288,24 @@ def discover(data, labels_csv="", label_columns="filename,label"):
     if "train" in split_dirs.values():
         return _discover_splits(data, split_dirs)
     return _discover_folders(data, subdirs)
+
+
+def check_data_folder(data):
+    """DATA must be an existing folder (or a link to one) whose name can be written down."""
+    what = "pass DATA=<folder with one subfolder of images per class> (DATA/<class>/<image>)"
+    try:
+        mode = os.stat(data).st_mode if data else None
+    except OSError:
+        mode = None
+    if mode is None:
+        raise UserError(f"DATA folder {data!r} does not exist: {what}, or run `make demo-data` "
+                        "for the demo")
+    if not stat.S_ISDIR(mode):
+        kind = "file" if stat.S_ISREG(mode) else file_kind(mode)
+        raise UserError(f"DATA={printable(data)} is a {kind}, not a folder: {what}; a flat "
+                        "folder of images also needs LABELS=<csv>")
+    if not is_utf8(data):
+        raise UserError(f"DATA={printable(data)}: the folder's name is not valid UTF-8: rename it")
 
 
 def _subdirs(folder):

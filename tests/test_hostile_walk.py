@@ -1,5 +1,5 @@
-"""Issue 11, hostile and careless input: the directory walk, names that are not UTF-8 and images
-over the pixel budget.
+"""Issue 11, hostile and careless input: the directory walk, names that are not UTF-8, images over
+the pixel budget, and one-line errors for a DATA that is a file and for unreadable LABELS files.
 
 Every test checks three things: nothing outside features/<NAME> and models/<NAME> changed
 (`Untouched`), the outcome (rows, counts or exit status) and the reason or the one-line message.
@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ from keras.applications import vgg16
 from PIL import Image
 
 from conftest import make_image_folder
+from pipeline import __main__ as cli
 from pipeline import extract, images, predict
 from pipeline.config import UserError
 from trained_run import shared_trained_run
@@ -457,3 +459,78 @@ def test_a_big_camera_jpeg_is_decoded_at_a_reduced_scale_with_unchanged_numbers(
         expected = vgg16.preprocess_input(
             np.asarray(img.convert("RGB").resize((32, 32), Image.BILINEAR), np.float32))
     np.testing.assert_array_equal(images.load_image(path, 32), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. One line for a DATA that is a file and for unreadable LABELS files
+# --------------------------------------------------------------------------------------------
+
+def _data_is_a_file(world):
+    (world / "photos.zip").write_bytes(b"PK\x03\x04")
+    return str(world / "photos.zip"), ""
+
+
+def _data_is_a_fifo(world):
+    os.mkfifo(world / "photos")
+    return str(world / "photos"), ""
+
+
+def _class_not_utf8(world):
+    data = make_image_folder(world / "photos")
+    os.rename(os.path.join(data, "vertical"), os.fsdecode(os.path.join(os.fsencode(data),
+                                                                       b"caf\xe9")))
+    return data, ""
+
+
+def _labels(first_lines):
+    def make(world):
+        data = make_image_folder(world / "photos")
+        with open(os.path.join(data, "labels.csv"), "wb") as f:
+            f.write(first_lines)
+        return data, "labels.csv"
+    return make
+
+
+def _labels_unreadable(world):
+    # a file the user names but that cannot be read: running as root, no permission bits stop
+    # a read, but this one fails for anyone (reading address 0 of one's own memory)
+    return make_image_folder(world / "photos"), "/proc/self/mem"
+
+
+SHADOW = b"root:$6$SECRETHASH:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
+
+
+@pytest.mark.parametrize("make, message", [
+    (_data_is_a_file, r"DATA=.*photos\.zip is a file, not a folder: pass DATA=<folder with one "
+                      r"subfolder of images per class>"),
+    (_data_is_a_fifo, r"DATA=.*photos is a FIFO, not a folder: pass DATA=<folder"),
+    (_class_not_utf8, r"class folder '.*photos/caf\\xe9': folder name is not valid UTF-8: "
+                      r"rename it"),
+    (_labels("filename,label\ncaf\xe9.jpg,chat\n".encode("cp1252")),
+     r"LABELS file .*labels\.csv is not UTF-8 text \(it has the byte 0xe9\): save it as UTF-8"),
+    (_labels("filename,label\n".encode("utf-16")),
+     r"LABELS file .*labels\.csv is not UTF-8 text \(it has the byte 0xff\): save it as UTF-8"),
+    (_labels(SHADOW), r"labels\.csv has no column 'filename': its first line has 1 column\(s\) "
+                      r"separated by ','; pass LABEL_COLUMNS="),
+    (_labels(b"filename,label\n" + b"a" * 200_000 + b",cat\n"),
+     r"LABELS file .*labels\.csv is not a readable CSV file \(field larger than field limit "
+     r"\(131072\)\): save it as CSV"),
+    (_labels_unreadable, r"LABELS file /proc/self/mem cannot be read \(Input/output error\): pass "
+                         r"LABELS=<csv"),
+], ids=["data_file", "data_fifo", "class_not_utf8", "labels_cp1252", "labels_utf16",
+        "labels_not_quoted", "labels_huge_field", "labels_unreadable"])
+def test_extract_stops_with_one_line(world, deadline, capsys, make, message):
+    data, labels = make(world)
+    features, models = world / "features", world / "models"
+    untouched = Untouched(world, features, models, os.path.basename(data))
+    argv = ["extract", "--data", data, "--weights", "none", "--size", "32",
+            "--features-root", str(features), "--models-root", str(models)]
+
+    status = cli.main(argv + (["--labels", labels] if labels else []))
+
+    untouched.check()
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert "SECRET" not in err and "root:" not in err  # a file's content is never quoted
