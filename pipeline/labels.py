@@ -49,24 +49,39 @@ def parse_columns(label_columns):
 def read_rows(csv_path, label_columns):
     """[(row number, file name, label)] from the CSV; the header names the columns."""
     file_col, label_col = parse_columns(label_columns)
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
-        first_line = f.readline()
-        f.seek(0)
-        # the header's separator: ";" and tab are common where "," is the decimal separator
-        delimiter = max(",;\t", key=first_line.count) if first_line.strip() else ","
-        reader = csv.reader(f, delimiter=delimiter)
-        header = [h.strip() for h in next(reader, [])]
-        columns = _find_columns(header, (file_col, label_col), csv_path)
-        rows = []
-        for line, record in enumerate(reader, start=2):
-            if not any(cell.strip() for cell in record):
-                continue  # blank line
-            cells = [record[i].strip() if i < len(record) else "" for i in columns]
-            rows.append((line, *cells))
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
+            first_line = f.readline()
+            f.seek(0)
+            # the header's separator: ";" and tab are common where "," is the decimal separator
+            delimiter = max(",;\t", key=first_line.count) if first_line.strip() else ","
+            reader = csv.reader(f, delimiter=delimiter)
+            header = [h.strip() for h in next(reader, [])]
+            columns = _find_columns(header, (file_col, label_col), csv_path, delimiter)
+            rows = []
+            for line, record in enumerate(reader, start=2):
+                if not any(cell.strip() for cell in record):
+                    continue  # blank line
+                cells = [record[i].strip() if i < len(record) else "" for i in columns]
+                rows.append((line, *cells))
+    except UnicodeDecodeError as error:
+        # Excel's "CSV" (not "CSV UTF-8") is Windows-1252, its "Unicode text" is UTF-16
+        byte = error.object[error.start:error.start + 1].hex()
+        raise UserError(f"LABELS file {csv_path} is not UTF-8 text (it has the byte 0x{byte}): save "
+                        "it as UTF-8, e.g. as \"CSV UTF-8\" in Excel") from None
+    except csv.Error as error:
+        raise UserError(f"LABELS file {csv_path} is not a readable CSV file ({error}): save it as "
+                        "CSV with filename,label columns") from None
+    except OSError as error:
+        raise UserError(f"LABELS file {csv_path} cannot be read ({error.strerror}): pass "
+                        "LABELS=<csv with filename,label columns>") from None
     return rows
 
 
-def _find_columns(header, wanted, csv_path):
+def _find_columns(header, wanted, csv_path, delimiter):
+    # The error names the missing column and counts the header's columns, without quoting them:
+    # LABELS can point at any file the user can read (LABELS=/etc/shadow), and the message would
+    # print its first line.
     folded = [h.casefold() for h in header]
     found = []
     for name in wanted:
@@ -75,8 +90,10 @@ def _find_columns(header, wanted, csv_path):
         elif name.casefold() in folded:
             found.append(folded.index(name.casefold()))
         else:
-            raise UserError(f"{csv_path} has no column {name!r} (its header is {header}): pass "
-                            "LABEL_COLUMNS=<file-name column>,<label column>")
+            separator = {"\t": "tab"}.get(delimiter, repr(delimiter))
+            raise UserError(f"{csv_path} has no column {name!r}: its first line has "
+                            f"{len(header)} column(s) separated by {separator}; pass "
+                            "LABEL_COLUMNS=<file-name column>,<label column> as named in that line")
     return found
 
 
@@ -129,8 +146,7 @@ def _images_below(data, csv_path):
     images. The labels CSV itself, when it lives in DATA, is neither."""
     inside = os.path.relpath(os.path.abspath(csv_path), os.path.abspath(data)).replace(os.sep, "/")
     found, skipped = [], []
-    for rel, reason in images._walk_images(data, ""):
-        rel = rel.lstrip("/")
+    for rel, reason in images.walk_files(data):
         if rel == inside:
             continue
         if reason:

@@ -4,11 +4,14 @@
 
 Images go through images.image_batches (the one loader) a batch at a time and each batch's rows
 are written to models/<NAME>/predictions.csv as soon as they are known, so tens of thousands of
-images never sit in memory. Files that do not decode are listed in predictions_skipped.csv.
+images never sit in memory. Files that do not decode, and the entries that images.walk_files
+refuses to read (FIFOs, links to folders, broken links, names that are not UTF-8), are listed in
+predictions_skipped.csv.
 `auto` picks the model with the best validation accuracy among those trained.
 """
 import csv
 import os
+import stat
 import time
 from dataclasses import dataclass
 
@@ -29,7 +32,7 @@ class PredictResult:
     path: str            # models/<NAME>/predictions.csv
     model: str           # the model used
     predicted: int       # images with a prediction
-    skipped: int         # files that did not decode (predictions_skipped.csv)
+    skipped: int         # files that could not be read or decoded (predictions_skipped.csv)
     counts: dict         # class name -> images predicted as that class
 
 
@@ -38,7 +41,7 @@ def run(config: Config) -> PredictResult:
     records = trained_models(config, config.model)
     model = choose(config.model, records, config.models_dir)
     record = records[model]
-    paths, ignored = find_images(config.images)
+    paths, ignored, unreadable = find_images(config.images)
     predict_batch, size = _predictor(config, model, record)
     class_names = record.class_names
     print(f"predict {config.dataset_name}: {len(paths)} images with the {model} model "
@@ -48,11 +51,13 @@ def run(config: Config) -> PredictResult:
         warn(record.weights_notice)
 
     out, skipped_out = artifacts.path(config, artifacts.PREDICTIONS), artifacts.path(config, SKIPPED)
-    counts, shown, skipped = dict.fromkeys(class_names, 0), [], []
-    with open(out + ".tmp", "w", newline="") as f, open(skipped_out + ".tmp", "w", newline="") as g:
+    counts, shown, skipped = dict.fromkeys(class_names, 0), [], list(unreadable)
+    with open(out + ".tmp", "w", newline="", encoding="utf-8") as f, \
+            open(skipped_out + ".tmp", "w", newline="", encoding="utf-8") as g:
         writer, skip_writer = csv.writer(f), csv.writer(g)
         writer.writerow(["path", "predicted"] + [f"p_{name}" for name in class_names])
         skip_writer.writerow(["path", "reason"])
+        skip_writer.writerows(unreadable)
         progress = tqdm(total=len(paths), desc=f"predict ({model})", unit="img", smoothing=0.1)
         for (batch, reasons), first in zip(images.image_batches(paths, size, config.batch),
                                            range(0, len(paths), config.batch)):
@@ -109,28 +114,38 @@ def choose(requested, records, models_dir):
 
 
 def find_images(target):
-    """(paths, number of non-image files ignored) for a file or a folder walked recursively."""
+    """(paths, number of non-image files ignored, [(path, reason)] for the entries that cannot be
+    read) for a file or a folder walked recursively by images.walk_files: links to folders,
+    broken links, FIFOs and names that are not UTF-8 go to predictions_skipped.csv, as files that
+    do not decode do; files that are simply not images (notes, sidecar files) are only counted."""
     if not target:
         raise UserError("pass IMAGES=<an image file or a folder of images>")
-    if os.path.isfile(target):
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        raise UserError(f"IMAGES={target} does not exist: pass an image file or a folder of "
+                        "images") from None
+    if not images.is_utf8(target):
+        raise UserError(f"IMAGES={images.printable(target)}: the name is not valid UTF-8: rename it")
+    if stat.S_ISREG(mode):
         if not images.is_image_candidate(target):
             raise UserError(f"IMAGES={target} is not an image file (by extension or content)")
-        return [target], 0
-    if not os.path.isdir(target):
-        raise UserError(f"IMAGES={target} does not exist: pass an image file or a folder of images")
-    paths, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(target, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for filename in sorted(f for f in filenames if not f.startswith(".")):
-            full = os.path.join(dirpath, filename)
-            if images.is_image_candidate(full):
-                paths.append(full)
-            else:
-                ignored += 1
+        return [target], 0, []
+    if not stat.S_ISDIR(mode):
+        raise UserError(f"IMAGES={target} is not a regular file ({images.file_kind(mode)}): pass an "
+                        "image file or a folder of images")
+    paths, ignored, problems = [], 0, []
+    for path, reason in images.walk_files(target, target):
+        if reason is None:
+            paths.append(path)
+        elif reason == images.NOT_AN_IMAGE:
+            ignored += 1
+        else:
+            problems.append((path, reason))
     if not paths:
         raise UserError(f"no images in {target} (looked for {', '.join(sorted(images.IMAGE_EXTENSIONS))} "
                         "files and image content, in every subfolder)")
-    return paths, ignored
+    return paths, ignored, problems
 
 
 def _predictor(config, model, record):
@@ -159,7 +174,8 @@ def _print_table(shown, total, counts, skipped, skipped_out):
             print(f"... and {total - len(shown)} more")
     print("\npredicted: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     if skipped:
-        print(f"skipped {len(skipped)} file(s) that do not decode (all in {skipped_out}):")
+        print(f"skipped {len(skipped)} file(s) that cannot be read or decoded (all in "
+              f"{skipped_out}):")
         for path, reason in skipped[:5]:
             print(f"  {path}: {reason}")
 
