@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import backbone, cache, extract, images
+from pipeline import backbone, cache, datasets, extract
 from pipeline.config import Config
 
 CHUNK = 4096                       # rows per segment: at COMPACT_BELOW, so extract never merges them
@@ -80,7 +80,7 @@ def write_synthetic_cache(folder, rows, size, seed=0):
                      size=0, mtime_ns=0, segment=segment, segment_row=row,
                      segment_rows=len(index))
                 for row, (i, label, sha) in enumerate(zip(index, labels, shas))]
-    dataset = images.Dataset(root=folder, layout="folders", class_names=CLASSES, files=[],
+    dataset = datasets.Dataset(root=folder, layout="folders", class_names=CLASSES, files=[],
                              skipped=[])
     attrs = extract.cache_attributes(config, dataset, weights, identity, identity_id, out)
     cache.write_master(config.features_dir, out, attrs, shape, np.float32, {})

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from . import backbone, cache, images, lock
+from . import backbone, cache, datasets, images, lock
 from .config import Config, UserError, warn
 
 
@@ -32,7 +32,7 @@ class ExtractResult:
 
 def run(config: Config) -> ExtractResult:
     start = time.perf_counter()
-    dataset = images.discover(config.data, config.labels, config.label_columns)
+    dataset = datasets.discover(config.data, config.labels, config.label_columns)
     fractions = config.split_fractions
     weights = backbone.resolve_weights(config.weights)
     precision = backbone.resolve_precision(config.precision)
@@ -61,7 +61,7 @@ def run(config: Config) -> ExtractResult:
                 continue
             segment, segment_row, segment_rows = known[sha]
             rows.append(dict(path=image_file.path, label=image_file.label, sha256=sha,
-                             split=images.assign_split(dataset, image_file, sha, fractions),
+                             split=datasets.assign_split(dataset, image_file, sha, fractions),
                              size=stat.st_size, mtime_ns=stat.st_mtime_ns, segment=segment,
                              segment_row=segment_row, segment_rows=segment_rows))
         _check_every_class_has_an_image(dataset, rows)
@@ -78,7 +78,7 @@ def run(config: Config) -> ExtractResult:
             referenced = cache.write_master(out, rows, attrs, backbone.feature_shape(config.size),
                                             backbone.storage_dtype(identity), unreadable)
             cache.remove_unreferenced(out, identity_id, set(referenced))
-        images.write_skipped_csv(os.path.join(out, "skipped.csv"), skipped)
+        datasets.write_skipped_csv(os.path.join(out, "skipped.csv"), skipped)
 
     result = ExtractResult(
         features_path=os.path.join(out, cache.MASTER), rows=len(rows),

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, heads, images, lock, plots, registry
+from . import artifacts, backbone, cache, datasets, heads, images, lock, plots, registry
 from .config import Config, UserError, warn
 
 PATIENCE = 3                              # epochs without a lower val_loss before stopping
@@ -65,7 +65,7 @@ def _finetune(config, start):
         artifacts.require_same_identity(head_record.identity, store.identity, head_path)
         size = store.identity["image_size"]  # SIZE belongs to the cache: images must match it
         paths = checked_image_paths(config, store)
-        split = {s: store.rows(s) for s in images.SPLITS}
+        split = {s: store.rows(s) for s in datasets.SPLITS}
         if not len(split["train"]) or not len(split["validation"]):
             raise UserError(f"the cache of {config.dataset_name} has no train or no validation "
                             "images: add images or change SPLIT, then " + RETRAIN)

@@ -16,7 +16,6 @@ appear in the batch summary. Labels are class names as written (surrounding spac
 import csv
 import os
 
-from . import images
 from .config import UserError
 
 # The reasons written to skipped.csv; `make batch` counts rows by these prefixes.
@@ -97,15 +96,12 @@ def _find_columns(header, wanted, csv_path, delimiter):
     return found
 
 
-def discover_csv(data, labels_csv, label_columns="filename,label"):
-    """The images in `data` labelled by the CSV, as an images.Dataset with layout "csv"."""
-    csv_path = resolve_labels_path(data, labels_csv)
-    rows = read_rows(csv_path, label_columns)
-    candidates, skipped = _images_below(data, csv_path)
+def label_files(csv_path, label_columns, candidates):
+    """({path: class name} for the images in `candidates` (paths relative to DATA) that the CSV
+    labels once, [(path or row, reason)] for every row or image that could not be used)."""
     finder = _Finder(candidates)
-
     labels_of, skipped_rows, notes = {}, [], []
-    for line, name, label in rows:
+    for line, name, label in read_rows(csv_path, label_columns):
         where = f"{os.path.basename(csv_path)} line {line}"
         if not name:
             skipped_rows.append((f"<{where}>", "CSV row has an empty file name"))
@@ -121,39 +117,14 @@ def discover_csv(data, labels_csv, label_columns="filename,label"):
                 notes.append(f"{name} -> {path} ({note})")
 
     conflicting = {p: sorted(ls) for p, ls in labels_of.items() if len(ls) > 1}
-    skipped += skipped_rows
-    skipped += [(p, "the labels CSV gives it several labels: " + ", ".join(ls))
-                for p, ls in sorted(conflicting.items())]
+    skipped = skipped_rows + [(p, "the labels CSV gives it several labels: " + ", ".join(ls))
+                              for p, ls in sorted(conflicting.items())]
     reported = {p for p, _ in skipped_rows}  # e.g. a row with an empty label: listed once
     skipped += [(p, UNLABELLED) for p in candidates if p not in labels_of and p not in reported]
-    labelled = {p: ls.pop() for p, ls in labels_of.items() if p not in conflicting}
-
-    class_names = sorted(set(labelled.values()))
-    if len(class_names) < 2:
-        raise UserError(f"{csv_path} labels {len(labelled)} image(s) of {data} with "
-                        f"{len(class_names)} class(es) {class_names}: at least two classes need "
-                        "images; check that its file names match the files in DATA")
-    index = {c: i for i, c in enumerate(class_names)}
-    files = [images.ImageFile(p, index[label]) for p, label in sorted(labelled.items())]
     if notes:
         print(f"labels: {len(notes)} CSV row(s) matched a file only by ignoring case or extension, "
               f"e.g. {'; '.join(notes[:NOTE_EXAMPLES])}")
-    return images.Dataset(data, "csv", class_names, files, skipped)
-
-
-def _images_below(data, csv_path):
-    """Image paths relative to `data` (sorted), and (path, reason) for the files that are not
-    images. The labels CSV itself, when it lives in DATA, is neither."""
-    inside = os.path.relpath(os.path.abspath(csv_path), os.path.abspath(data)).replace(os.sep, "/")
-    found, skipped = [], []
-    for rel, reason in images.walk_files(data):
-        if rel == inside:
-            continue
-        if reason:
-            skipped.append((rel, reason))
-        else:
-            found.append(rel)
-    return found, skipped
+    return {p: ls.pop() for p, ls in labels_of.items() if p not in conflicting}, skipped
 
 
 class _Finder:

@@ -4,7 +4,7 @@
 
 Images go through images.image_batches (the one loader) a batch at a time and each batch's rows
 are written to models/<NAME>/predictions.csv as soon as they are known, so tens of thousands of
-images never sit in memory. Files that do not decode, and the entries that images.walk_files
+images never sit in memory. Files that do not decode, and the entries that datasets.walk_files
 refuses to read (FIFOs, links to folders, broken links, names that are not UTF-8), are listed in
 predictions_skipped.csv.
 `auto` picks the model with the best validation accuracy among those trained.
@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, images, registry
+from . import artifacts, backbone, cache, datasets, images, registry
 from .config import Config, UserError, warn
 
 PREFERENCE = {"finetuned": 2, "dense": 1, "logreg": 0}  # breaks ties in validation accuracy
@@ -115,7 +115,7 @@ def choose(requested, records, models_dir):
 
 def find_images(target):
     """(paths, number of non-image files ignored, [(path, reason)] for the entries that cannot be
-    read) for a file or a folder walked recursively by images.walk_files: links to folders,
+    read) for a file or a folder walked recursively by datasets.walk_files: links to folders,
     broken links, FIFOs and names that are not UTF-8 go to predictions_skipped.csv, as files that
     do not decode do; files that are simply not images (notes, sidecar files) are only counted."""
     if not target:
@@ -125,25 +125,25 @@ def find_images(target):
     except OSError:
         raise UserError(f"IMAGES={target} does not exist: pass an image file or a folder of "
                         "images") from None
-    if not images.is_utf8(target):
-        raise UserError(f"IMAGES={images.printable(target)}: the name is not valid UTF-8: rename it")
+    if not datasets.is_utf8(target):
+        raise UserError(f"IMAGES={datasets.printable(target)}: the name is not valid UTF-8: rename it")
     if stat.S_ISREG(mode):
-        if not images.is_image_candidate(target):
+        if not datasets.is_image_candidate(target):
             raise UserError(f"IMAGES={target} is not an image file (by extension or content)")
         return [target], 0, []
     if not stat.S_ISDIR(mode):
-        raise UserError(f"IMAGES={target} is not a regular file ({images.file_kind(mode)}): pass an "
+        raise UserError(f"IMAGES={target} is not a regular file ({datasets.file_kind(mode)}): pass an "
                         "image file or a folder of images")
     paths, ignored, problems = [], 0, []
-    for path, reason in images.walk_files(target, target):
+    for path, reason in datasets.walk_files(target, target):
         if reason is None:
             paths.append(path)
-        elif reason == images.NOT_AN_IMAGE:
+        elif reason == datasets.NOT_AN_IMAGE:
             ignored += 1
         else:
             problems.append((path, reason))
     if not paths:
-        raise UserError(f"no images in {target} (looked for {', '.join(sorted(images.IMAGE_EXTENSIONS))} "
+        raise UserError(f"no images in {target} (looked for {', '.join(sorted(datasets.IMAGE_EXTENSIONS))} "
                         "files and image content, in every subfolder)")
     return paths, ignored, problems
 

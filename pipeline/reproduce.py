@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from . import artifacts, backbone, images, registry
+from . import artifacts, backbone, datasets, registry
 from .config import FIELDS, Config, UserError, warn
 
 URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
@@ -159,7 +159,7 @@ def verify(folder, expected=EXPECTED):
     for split, classes in expected.items():
         for class_name, count in classes.items():
             where = os.path.join(folder, split, class_name)
-            found = (sum(images.is_image_candidate(os.path.join(where, f)) for f in os.listdir(where))
+            found = (sum(datasets.is_image_candidate(os.path.join(where, f)) for f in os.listdir(where))
                      if os.path.isdir(where) else None)
             if found != count:
                 problems.append(f"{split}/{class_name} has "

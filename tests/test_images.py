@@ -7,7 +7,7 @@ import pytest
 from keras.applications import vgg16
 from PIL import Image
 
-from pipeline import images
+from pipeline import datasets, images
 from pipeline.config import UserError
 
 
@@ -80,21 +80,21 @@ def test_try_load_reports_instead_of_raising(tmp_path):
 
 def test_sniffing_finds_images_by_content(tmp_path):
     path = save(Image.new("RGB", (4, 4)), tmp_path / "no_extension", format="PNG")
-    assert images.sniff_format(path) == "png"
-    assert images.is_image_candidate(path)
+    assert datasets.sniff_format(path) == "png"
+    assert datasets.is_image_candidate(path)
     (tmp_path / "notes.txt").write_text("hello")
-    assert not images.is_image_candidate(str(tmp_path / "notes.txt"))
+    assert not datasets.is_image_candidate(str(tmp_path / "notes.txt"))
 
 
 def test_split_for_is_a_pure_function_of_the_hash():
     fractions = (0.8, 0.1, 0.1)
     hashes = [f"{i:08x}" + "0" * 56 for i in range(0, 2**32, 2**22)]
-    splits = [images.split_for(h, fractions) for h in hashes]
+    splits = [datasets.split_for(h, fractions) for h in hashes]
     # the first 8 hex digits, as a fraction of 2**32, against the cumulative 0.8 and 0.9
     boundaries = {"00000000": "train", "cccccccc": "train", "cccccccd": "validation",
                   "e6666666": "validation", "e6666667": "test", "ffffffff": "test"}
-    assert {h: images.split_for(h + "f" * 56, fractions) for h in boundaries} == boundaries
-    counts = {s: splits.count(s) for s in images.SPLITS}
+    assert {h: datasets.split_for(h + "f" * 56, fractions) for h in boundaries} == boundaries
+    counts = {s: splits.count(s) for s in datasets.SPLITS}
     assert counts == {"train": 820, "validation": 102, "test": 102}
 
 
@@ -107,7 +107,7 @@ def _tree(root, files):
 def test_discover_folder_layout(tmp_path):
     root = _tree(tmp_path, ["dogs/a.JPG", "cats/b.png", "cats/sub/c.webp"])
     (tmp_path / "cats" / "readme.txt").write_text("not an image")
-    dataset = images.discover(root)
+    dataset = datasets.discover(root)
     assert dataset.layout == "folders" and dataset.class_names == ["cats", "dogs"]
     assert [(f.path, f.label) for f in dataset.files] == [
         ("cats/b.png", 0), ("cats/sub/c.webp", 0), ("dogs/a.JPG", 1)]
@@ -116,10 +116,10 @@ def test_discover_folder_layout(tmp_path):
 
 def test_discover_split_layout_accepts_val_and_carves_test(tmp_path):
     root = _tree(tmp_path, ["train/cat/1.jpg", "train/dog/2.jpg", "val/cat/3.jpg", "val/dog/4.jpg"])
-    dataset = images.discover(root)
+    dataset = datasets.discover(root)
     assert dataset.layout == "splits" and not dataset.has_test_folder
     assert {f.path: f.split for f in dataset.files}["val/cat/3.jpg"] == "validation"
-    carved = {images.assign_split(dataset, dataset.files[2], f"{i:016x}" + "0" * 48, None)
+    carved = {datasets.assign_split(dataset, dataset.files[2], f"{i:016x}" + "0" * 48, None)
               for i in range(8)}
     assert carved == {"validation", "test"}
 
@@ -132,16 +132,16 @@ def test_discover_needs_two_classes(tmp_path, files, message):
     root = _tree(tmp_path / "data", files)
     os.makedirs(root, exist_ok=True)
     with pytest.raises(UserError, match=message):
-        images.discover(root)
+        datasets.discover(root)
 
 
 def test_discover_refuses_an_empty_class_and_a_missing_folder(tmp_path):
     root = _tree(tmp_path / "data", ["cats/a.jpg"])
     os.makedirs(os.path.join(root, "dogs"))
     with pytest.raises(UserError, match="dogs.* has no images"):
-        images.discover(root)
+        datasets.discover(root)
     with pytest.raises(UserError, match="does not exist"):
-        images.discover(str(tmp_path / "nowhere"))
+        datasets.discover(str(tmp_path / "nowhere"))
 
 
 # The loader's output on two committed files, per PREPROCESS_ID. PREPROCESS_ID is part of the

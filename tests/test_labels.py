@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import extract, images, labels
+from pipeline import datasets, extract, labels
 from pipeline.cache import FeatureStore
 from pipeline.config import UserError
 
@@ -38,7 +38,7 @@ def test_plain_csv(tmp_path):
     data = flat_folder(tmp_path / "data", ["a1.png", "a2.png", "b1.png", "b2.png"])
     csv_path = write_csv(tmp_path / "labels.csv", [("a1.png", "ant"), ("a2.png", "ant"),
                                                    ("b1.png", "bee"), ("b2.png", "bee")])
-    dataset = images.discover(data, csv_path)  # discover dispatches to labels.discover_csv
+    dataset = datasets.discover(data, csv_path)  # a LABELS csv: labels.py matches its rows
     assert dataset.layout == "csv"
     assert dataset.class_names == ["ant", "bee"]
     assert by_path(dataset) == {"a1.png": "ant", "a2.png": "ant", "b1.png": "bee", "b2.png": "bee"}
@@ -57,7 +57,7 @@ def test_the_four_quirks_of_the_issue(tmp_path, capsys):
         ("dog2.png", "golden retriever"),
         ("gone.jpg", "cat"),                  # names a file that does not exist
     ])                                        # stray.png has no row
-    dataset = labels.discover_csv(data, csv_path)
+    dataset = datasets.discover(data, csv_path)
     assert dataset.class_names == ["cat", "golden retriever"]
     assert by_path(dataset) == {"cat1.jpeg": "cat", "cat2.jpg": "cat",
                                 "dog1.png": "golden retriever", "dog2.png": "golden retriever"}
@@ -80,7 +80,7 @@ def test_the_four_quirks_of_the_issue(tmp_path, capsys):
 def test_how_names_are_matched(tmp_path, capsys, written, on_disk, note):
     data = flat_folder(tmp_path / "data", [on_disk, "other.png"])
     csv_path = write_csv(tmp_path / "l.csv", [(written, "a"), ("other.png", "b")])
-    assert by_path(labels.discover_csv(data, csv_path)) == {on_disk: "a", "other.png": "b"}
+    assert by_path(datasets.discover(data, csv_path)) == {on_disk: "a", "other.png": "b"}
     out = capsys.readouterr().out
     if note:  # a lenient match is printed as a note ...
         assert f"{written} -> {on_disk} ({note})" in out
@@ -101,7 +101,7 @@ def test_ambiguous_conflicting_and_empty_rows_are_skipped(tmp_path):
         ("ok1.png", "a"), ("ok1.png", "a"),       # a repeated, agreeing row is harmless
         ("ok2.png", "b"),
     ])
-    dataset = labels.discover_csv(data, csv_path)
+    dataset = datasets.discover(data, csv_path)
     assert by_path(dataset) == {"ok1.png": "a", "ok2.png": "b"}
     reasons = dict(dataset.skipped)
     assert "several files" in reasons["same.png"]
@@ -117,7 +117,7 @@ def test_other_columns_delimiters_and_a_byte_order_mark(tmp_path):
     csv_path = str(tmp_path / "l.csv")
     with open(csv_path, "w", encoding="utf-8-sig", newline="") as f:  # as Excel saves it
         f.write("id;Species;File\n1;ant;a.png\n2;bee;b.png\n\n")
-    dataset = labels.discover_csv(data, csv_path, "file,species")  # header matched ignoring case
+    dataset = datasets.discover(data, csv_path, "file,species")  # header matched ignoring case
     assert by_path(dataset) == {"a.png": "ant", "b.png": "bee"}
 
 
@@ -125,7 +125,7 @@ def test_a_relative_labels_path_is_looked_for_in_data_first(tmp_path, monkeypatc
     data = flat_folder(tmp_path / "data", ["a.png", "b.png"])
     write_csv(os.path.join(data, "labels.csv"), [("a.png", "ant"), ("b.png", "bee")])
     monkeypatch.chdir(tmp_path)
-    dataset = labels.discover_csv(data, "labels.csv")
+    dataset = datasets.discover(data, "labels.csv")
     assert by_path(dataset) == {"a.png": "ant", "b.png": "bee"}
     assert dataset.skipped == []  # the CSV inside DATA is not reported as "not an image"
 
@@ -140,13 +140,13 @@ def test_unusable_csv_raises_user_error(tmp_path, rows, columns, message):
     data = flat_folder(tmp_path / "data", ["a.png", "b.png"])
     csv_path = write_csv(tmp_path / "l.csv", rows)
     with pytest.raises(UserError, match=message):
-        labels.discover_csv(data, csv_path, columns)
+        datasets.discover(data, csv_path, columns)
 
 
 def test_a_missing_csv_raises_user_error(tmp_path):
     data = flat_folder(tmp_path / "data", ["a.png"])
     with pytest.raises(UserError, match="LABELS file 'nope.csv' not found"):
-        images.discover(data, "nope.csv")
+        datasets.discover(data, "nope.csv")
 
 
 def test_extract_with_csv_labels(tmp_path, make_config):
@@ -166,6 +166,6 @@ def test_extract_with_csv_labels(tmp_path, make_config):
         assert store.attrs["layout"] == "csv"
         fractions = config.split_fractions
         for path, split, sha, label in zip(store.paths, store.splits, store.sha256, store.labels):
-            assert split == images.split_for(sha, fractions)  # as in layout (a)
+            assert split == datasets.split_for(sha, fractions)  # as in layout (a)
             assert store.class_names[label] == dict(rows)[path]
     assert extract.run(config).changed is False  # the CSV is read again, nothing else changes
