@@ -59,51 +59,23 @@ def run(config: Config) -> FinetuneResult:
 def _finetune(config, start):
     keras.utils.set_random_seed(config.seed)
     with cache.FeatureStore(config.features_dir) as store:           # "no cache" refused here
-        head_path = artifacts.path(config, artifacts.HEAD)
         head_record = artifacts.model_record(config, "head")  # this run's head, or refused
         weights = backbone.weights_of_cache(config.weights, store.attrs)
-        artifacts.require_same_identity(head_record["identity"], store.identity, head_path)
-        size = store.identity["image_size"]  # SIZE belongs to the cache: images must match it
-        paths = checked_image_paths(config, store)
-        split = {s: store.rows(s) for s in images.SPLITS}
-        if not len(split["train"]) or not len(split["validation"]):
-            raise UserError(f"the cache of {config.dataset_name} has no train or no validation "
-                            "images: add images or change SPLIT, then " + RETRAIN)
-        num_classes = len(store.class_names)
-        # as in stage two: float targets of shape (n, 1) for the sigmoid head, class indices else
-        targets = (store.labels.astype(np.float32)[:, None] if num_classes == 2
-                   else store.labels.astype(np.int32))
-
+        artifacts.require_same_identity(head_record["identity"], store.identity,
+                                        artifacts.path(config, artifacts.HEAD))
+        data = make_datasets(config, store)
         head = artifacts.load_model(config, "head")
-        model, base = compose(weights, head, store.identity)
-        trainable = set_trainable(base, config.unfreeze)
-        # Recompile after changing `trainable`: fit uses the trainable set the model was compiled with.
-        # RMSprop at 1e-5 as in the article: a small, per-weight scaled step adjusts the pretrained
-        # filters instead of overwriting them.
-        model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=config.lr),
-                      loss=heads.loss_for(num_classes), metrics=["accuracy"])
-
+        model, trainable = build_model(config, weights, head, store)
         settings = {"identity_id": backbone.identity_id(store.identity), "unfreeze": config.unfreeze,
                     "lr": config.lr, "head_sha256": head_record["file_sha256"]}
         state = resume_state(config, settings)
-        if state is None:
-            first = split["validation"][:config.batch]
-            check_composition(model, head, images.labelled_dataset(
-                paths[first], targets[first], size, config.batch), store.read(first))
+        if state is None:  # a resumed model is no longer the head's: nothing to compare
+            check_composition(model, head, *data["step0"])
         else:
             model.optimizer.build(model.trainable_variables)
             model.load_weights(artifacts.path(config, artifacts.FINETUNE_CHECKPOINT))  # + optimizer
             print(f"finetune {config.dataset_name}: continuing after epoch {state['epochs']} "
                   "of the checkpoint (FRESH=1 starts again from the head)")
-
-        def dataset(name, augment=None, shuffle_seed=None):
-            rows = split[name]
-            return images.labelled_dataset(paths[rows], targets[rows], size, config.batch,
-                                           augment=augment, shuffle_seed=shuffle_seed)
-
-        train = dataset("train", augment=augmentation(config.seed), shuffle_seed=config.seed)
-        validation = dataset("validation")
-        test = dataset("test") if len(split["test"]) else None
 
     done = state["epochs"] if state else 0
     early = ResumableEarlyStopping(state, monitor="val_loss", patience=PATIENCE,
@@ -117,13 +89,14 @@ def _finetune(config, start):
                  checkpoint, *config.extras.get("callbacks", [])]   # extras: tests' kill switches
     # A run that early stopping ended stays ended; otherwise train up to EPOCHS (possibly 0 more).
     target = done if state and state["stopped"] else max(done, config.finetune_epochs)
-    model.fit(train, validation_data=validation, initial_epoch=done, epochs=target,
+    model.fit(data["train"], validation_data=data["validation"], initial_epoch=done, epochs=target,
               callbacks=callbacks, shuffle=False,  # shuffle=False: the dataset shuffles itself
               verbose=1 if sys.stdout.isatty() else 2)  # logs: a line an epoch
     # EarlyStopping.on_train_end has put the best epoch's weights back (also after a resume).
 
-    validation_scores = model.evaluate(validation, return_dict=True, verbose=0)
-    test_scores = model.evaluate(test, return_dict=True, verbose=0) if test is not None else {}
+    validation_scores = model.evaluate(data["validation"], return_dict=True, verbose=0)
+    test_scores = (model.evaluate(data["test"], return_dict=True, verbose=0)
+                   if data["test"] is not None else {})
     result = _write_outputs(config, store, weights, model, head_record, checkpoint, early,
                             trainable, done, validation_scores, test_scores)
     print(f"finetune {config.dataset_name}: {result.epochs} epochs (best {result.best_epoch}), "
@@ -137,6 +110,30 @@ def _finetune(config, start):
 # --------------------------------------------------------------------------------------------
 # Inputs: the images the cache was built from, still the same
 # --------------------------------------------------------------------------------------------
+
+def make_datasets(config, store):
+    """Image datasets of the cache's rows: "train" (augmented, shuffled), "validation", "test"
+    (None when empty), and "step0": the first validation batch with its cached features."""
+    size = store.identity["image_size"]  # SIZE belongs to the cache: images must match it
+    paths = checked_image_paths(config, store)
+    split = {s: store.rows(s) for s in images.SPLITS}
+    if not len(split["train"]) or not len(split["validation"]):
+        raise UserError(f"the cache of {config.dataset_name} has no train or no validation "
+                        "images: add images or change SPLIT, then " + RETRAIN)
+    # as in stage two: float targets of shape (n, 1) for the sigmoid head, class indices else
+    targets = (store.labels.astype(np.float32)[:, None] if len(store.class_names) == 2
+               else store.labels.astype(np.int32))
+
+    def dataset(rows, **kwargs):
+        return images.labelled_dataset(paths[rows], targets[rows], size, config.batch,
+                                       **kwargs) if len(rows) else None
+
+    first = split["validation"][:config.batch]
+    return {"train": dataset(split["train"], augment=augmentation(config.seed),
+                             shuffle_seed=config.seed),
+            "validation": dataset(split["validation"]), "test": dataset(split["test"]),
+            "step0": (dataset(first), store.read(first))}
+
 
 def checked_image_paths(config, store):
     """The path of every cached row, after checking the file still has the cached content.
@@ -177,6 +174,19 @@ def augmentation(seed):
 # --------------------------------------------------------------------------------------------
 # The model: backbone + trained head, and what trains
 # --------------------------------------------------------------------------------------------
+
+def build_model(config, weights, head, store):
+    """The cache's backbone + the trained head, compiled with UNFREEZE's layers and the head
+    trainable. Returns (model, names of the base's layers that train)."""
+    model, base = compose(weights, head, store.identity)
+    trainable = set_trainable(base, config.unfreeze)
+    # Recompile after changing `trainable`: fit uses the trainable set the model was compiled with.
+    # RMSprop at 1e-5 as in the article: a small, per-weight scaled step adjusts the pretrained
+    # filters instead of overwriting them.
+    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=config.lr),
+                  loss=heads.loss_for(len(store.class_names)), metrics=["accuracy"])
+    return model, trainable
+
 
 def compose(weights, head, identity):
     """image (after load_image) -> probabilities: the cache's backbone, then the trained head."""
