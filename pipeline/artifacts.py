@@ -17,7 +17,7 @@ LEGACY_LOGREG = "logreg.joblib"           # a pickle written by earlier versions
 HEAD_METRICS = "head_metrics.json"
 HEAD_HISTORY_PLOT = "head_history.png"
 FINETUNED = "finetuned.keras"             # image (after load_image) -> probabilities
-FINETUNE_CHECKPOINT = "finetune_checkpoint.keras"
+FINETUNE_BACKUP = "finetune_backup"       # for resuming: Keras's BackupAndRestore + EarlyStopping's memory
 FINETUNE_LOG = "finetune_log.csv"
 FINETUNE_METRICS = "finetune_metrics.json"
 FINETUNE_HISTORY_PLOT = "finetune_history.png"
@@ -60,10 +60,10 @@ def model_record(config, model):
     if not os.path.exists(file_path):
         raise UserError(f"there is no {file_path}: run `{MAKE[model]}`")
     if model == "finetuned":
-        record = _json_or_empty(path(config, FINETUNE_METRICS))
+        record = json_or_empty(path(config, FINETUNE_METRICS))
     else:
         entry = "dense" if model == "head" else model
-        metrics = _json_or_empty(path(config, HEAD_METRICS))
+        metrics = json_or_empty(path(config, HEAD_METRICS))
         record = {**metrics, **metrics.get("models", {}).get(entry, {"file_sha256": None})}
     if record.get("file_sha256") != file_sha256(file_path):
         raise UserError(f"{file_path} is not the file its metrics describe (an interrupted or "
@@ -103,7 +103,7 @@ def file_sha256(file_path, chunk=1 << 22):
     return digest.hexdigest()
 
 
-def _json_or_empty(file_path):
+def json_or_empty(file_path):
     try:
         with open(file_path) as f:
             return json.load(f)
