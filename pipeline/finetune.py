@@ -228,7 +228,7 @@ def check_composition(model, head, image_batches, features):
 
 def resume_state(config, settings):
     """The backup's state to continue from, or None to start from the head (removing the backup
-    and the log of the earlier run)."""
+    of the earlier run)."""
     folder = artifacts.path(config, artifacts.FINETUNE_BACKUP)
     state = {} if config.fresh else artifacts.json_or_empty(os.path.join(folder, STATE))
     old = state.get("settings")
@@ -244,8 +244,6 @@ def resume_state(config, settings):
         log_history(config, state["epochs"])  # drop the row of an epoch the backup lacks
         return state
     shutil.rmtree(folder, ignore_errors=True)
-    if os.path.exists(log := artifacts.path(config, artifacts.FINETUNE_LOG)):
-        os.remove(log)
     return None
 
 
@@ -257,7 +255,8 @@ def make_callbacks(config, settings, state, started):
                                           restore_best_weights=True)
     backup = Backup(artifacts.path(config, artifacts.FINETUNE_BACKUP), settings, state, early,
                     started)
-    log = keras.callbacks.CSVLogger(artifacts.path(config, artifacts.FINETUNE_LOG), append=True)
+    log = keras.callbacks.CSVLogger(artifacts.path(config, artifacts.FINETUNE_LOG),
+                                    append=bool(state))  # a fresh start starts the log over
     return early, backup, [early, log, backup, *config.extras.get("callbacks", [])]
 
 
