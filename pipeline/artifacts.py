@@ -18,7 +18,7 @@ LEGACY_LOGREG = "logreg.joblib"           # a pickle written by earlier versions
 HEAD_METRICS = "head_metrics.json"
 HEAD_HISTORY_PLOT = "head_history.png"
 FINETUNED = "finetuned.keras"             # image (after load_image) -> probabilities
-FINETUNE_CHECKPOINT = "finetune_checkpoint.keras"
+FINETUNE_BACKUP = "finetune_backup"       # for resuming: Keras's BackupAndRestore + EarlyStopping's memory
 FINETUNE_LOG = "finetune_log.csv"
 FINETUNE_METRICS = "finetune_metrics.json"
 FINETUNE_HISTORY_PLOT = "finetune_history.png"
@@ -52,6 +52,23 @@ def file_sha256(file_path, chunk=1 << 22):
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def json_or_empty(file_path):
+    try:
+        with open(file_path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def json_or_empty(file_path):
+    """A JSON file's content, or {} when it is missing or not JSON (a half-written file)."""
+    try:
+        with open(file_path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def require_same_identity(made_with, cache_identity, what):

@@ -92,7 +92,6 @@ class Config:
     # --- where outputs go ------------------------------------------------------------------------
     features_root: str = setting("features", "the folder of every dataset's cache", make=False)
     models_root: str = setting("models", "the folder of every dataset's models", make=False)
-    extras: dict = field(default_factory=dict, compare=False)  # stage-specific knobs (bench, tests)
 
     def __post_init__(self):
         """Refuse a bad setting here, with one line naming the fix, before any work starts:
@@ -170,7 +169,7 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "extras"}
+        return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -208,7 +207,7 @@ def _check_memory(size, batch):
                         f"BATCH={fits} or less, or a smaller SIZE")
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "extras"}
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 MAKE_VARIABLES = {name: f for name, f in FIELDS.items() if f.metadata["make"]}
 
 

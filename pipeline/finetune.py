@@ -4,15 +4,16 @@
                                 [--lr 1e-5] [--fresh 1]
 
 Fine-tuning starts from the trained head, never a random one: a random head sends large errors back
-through the base and destroys what the base learned. Every epoch is checkpointed, so a killed run
+through the base and destroys what the base learned. Every epoch is backed up, so a killed run
 continues where it stopped; FRESH=1 starts again from the head.
 
     -> models/<NAME>/finetuned.keras (image -> probabilities), finetune_metrics.json,
-       finetune_history.png, finetune_log.csv; for resuming: finetune_checkpoint.keras,
-       finetune_state.json, finetune_best_weights.npz
+       finetune_history.png, finetune_log.csv (a row an epoch: the history, also across resumes);
+       for resuming: finetune_backup/
 """
 import csv
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -21,12 +22,11 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, datasets, heads, images, lock, plots, registry
+from . import artifacts, backbone, cache, datasets, files, heads, images, lock, plots, registry
 from .config import Config, UserError, warn
 
-PATIENCE = 3                              # epochs without a lower val_loss before stopping
-STATE = "finetune_state.json"             # epochs done, history, EarlyStopping's memory
-BEST = "finetune_best_weights.npz"        # the best epoch's weights (EarlyStopping's copy)
+STATE = "state.json"  # in finetune_backup/: settings, epochs done, EarlyStopping's memory
+MEMORY = ("wait", "best", "best_epoch")   # what EarlyStopping needs, besides its best weights
 MATCH_ATOL = 1e-2  # step 0, composed vs head on cached features: loose enough for GPU TF32 math,
                    # far below what other images, weights or preprocessing would change
 RETRAIN = "run `make extract` then `make train-head`"
@@ -46,86 +46,45 @@ class FinetuneResult:
     seconds: float
 
 
-def run(config: Config) -> FinetuneResult:
+def run(config: Config, *, callbacks=()) -> FinetuneResult:
+    """Fine-tune on the cache's images, resuming an interrupted run. `callbacks` join Keras's
+    fit after the backup (the tests' kill switches)."""
     start = time.perf_counter()
-    if config.finetune_epochs < 1:
-        raise UserError(f"EPOCHS={config.finetune_epochs} trains nothing: use EPOCHS=1 or more")
-    # Two fine-tunes of one dataset would overwrite each other's checkpoints: one at a time. (Other
+    # Two fine-tunes of one dataset would overwrite each other's backups: one at a time. (Other
     # stages write models/<NAME> too, so strays are left alone; each file is replaced atomically.)
     with lock.exclusive(config.models_dir, "finetune"):
-        return _finetune(config, start)
+        return _finetune(config, start, callbacks)
 
 
-def _finetune(config, start):
+def _finetune(config, start, extra_callbacks):
     keras.utils.set_random_seed(config.seed)
     with cache.FeatureStore(config.features_dir) as store:           # "no cache" refused here
-        head_path = artifacts.path(config, artifacts.HEAD)
         head_record = registry.record(config, "dense")  # train-head's last head, or refused
         weights = backbone.weights_of_cache(config.weights, store.attrs)
-        artifacts.require_same_identity(head_record.identity, store.identity, head_path)
-        size = store.identity["image_size"]  # SIZE belongs to the cache: images must match it
-        paths = checked_image_paths(config, store)
-        split = {s: store.rows(s) for s in datasets.SPLITS}
-        if not len(split["train"]) or not len(split["validation"]):
-            raise UserError(f"the cache of {config.dataset_name} has no train or no validation "
-                            "images: add images or change SPLIT, then " + RETRAIN)
-        num_classes = len(store.class_names)
-        # as in stage two: float targets of shape (n, 1) for the sigmoid head, class indices else
-        targets = (store.labels.astype(np.float32)[:, None] if num_classes == 2
-                   else store.labels.astype(np.int32))
-
+        artifacts.require_same_identity(head_record.identity, store.identity,
+                                        registry.path(config, "dense"))
+        data = make_datasets(config, store)
         head = registry.load(config, "dense")
-        model, base = compose(weights, head, store.identity)
-        trainable = set_trainable(base, config.unfreeze)
-        # Recompile after changing `trainable`: fit uses the trainable set the model was compiled with.
-        # RMSprop at 1e-5 as in the article: a small, per-weight scaled step adjusts the pretrained
-        # filters instead of overwriting them.
-        model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=config.lr),
-                      loss=heads.loss_for(num_classes), metrics=["accuracy"])
-
-        settings = {"identity_id": backbone.identity_id(store.identity), "unfreeze": config.unfreeze,
-                    "lr": config.lr, "head_sha256": head_record.file_sha256}
+        model, trainable = build_model(config, weights, head, store)
+        settings = {"identity_id": backbone.identity_id(store.identity), "lr": config.lr,
+                    "unfreeze": config.unfreeze, "head_sha256": head_record.file_sha256}
         state = resume_state(config, settings)
-        if state is None:
-            first = split["validation"][:config.batch]
-            check_composition(model, head, images.labelled_dataset(
-                paths[first], targets[first], size, config.batch), store.read(first))
-        else:
-            model.optimizer.build(model.trainable_variables)
-            model.load_weights(artifacts.path(config, artifacts.FINETUNE_CHECKPOINT))  # + optimizer
-            print(f"finetune {config.dataset_name}: continuing after epoch {state['epochs']} "
-                  "of the checkpoint (FRESH=1 starts again from the head)")
-
-        def dataset(name, augment=None, shuffle_seed=None):
-            rows = split[name]
-            return images.labelled_dataset(paths[rows], targets[rows], size, config.batch,
-                                           augment=augment, shuffle_seed=shuffle_seed)
-
-        train = dataset("train", augment=augmentation(config.seed), shuffle_seed=config.seed)
-        validation = dataset("validation")
-        test = dataset("test") if len(split["test"]) else None
+        if state is None:  # a resumed model is no longer the head's: nothing to compare
+            check_composition(model, head, *data["step0"])
 
     done = state["epochs"] if state else 0
-    early = ResumableEarlyStopping(state, monitor="val_loss", patience=PATIENCE,
-                                   restore_best_weights=True)
-    if state:
-        early.resume_weights = _load_best(config)
-    checkpoint = EpochCheckpoint(config, settings, early, state, start)
-    _trim_log(config, done)
-    callbacks = [early, keras.callbacks.CSVLogger(artifacts.path(config, artifacts.FINETUNE_LOG),
-                                                  append=True),
-                 checkpoint, *config.extras.get("callbacks", [])]   # extras: tests' kill switches
+    early, backup, callbacks = make_callbacks(config, settings, state, start, extra_callbacks)
     # A run that early stopping ended stays ended; otherwise train up to EPOCHS (possibly 0 more).
     target = done if state and state["stopped"] else max(done, config.finetune_epochs)
-    model.fit(train, validation_data=validation, initial_epoch=done, epochs=target,
+    model.fit(data["train"], validation_data=data["validation"], initial_epoch=done, epochs=target,
               callbacks=callbacks, shuffle=False,  # shuffle=False: the dataset shuffles itself
               verbose=1 if sys.stdout.isatty() else 2)  # logs: a line an epoch
     # EarlyStopping.on_train_end has put the best epoch's weights back (also after a resume).
 
-    validation_scores = model.evaluate(validation, return_dict=True, verbose=0)
-    test_scores = model.evaluate(test, return_dict=True, verbose=0) if test is not None else {}
-    result = _write_outputs(config, store, weights, model, head_record, checkpoint, early,
-                            trainable, done, validation_scores, test_scores)
+    scores = {name: model.evaluate(data[name], return_dict=True, verbose=0) if data[name] else {}
+              for name in ("validation", "test")}
+    result = _write_outputs(config, store, weights, model, head_record, backup, early, trainable,
+                            done, scores, log_history(config, target))
     print(f"finetune {config.dataset_name}: {result.epochs} epochs (best {result.best_epoch}), "
           f"validation accuracy {result.validation['accuracy']:.3f}, {result.seconds:.1f} s "
           f"-> {result.model_path}")
@@ -137,6 +96,30 @@ def _finetune(config, start):
 # --------------------------------------------------------------------------------------------
 # Inputs: the images the cache was built from, still the same
 # --------------------------------------------------------------------------------------------
+
+def make_datasets(config, store):
+    """Image datasets of the cache's rows: "train" (augmented, shuffled), "validation", "test"
+    (None when empty), and "step0": the first validation batch with its cached features."""
+    size = store.identity["image_size"]  # SIZE belongs to the cache: images must match it
+    paths = checked_image_paths(config, store)
+    split = {s: store.rows(s) for s in datasets.SPLITS}
+    if not len(split["train"]) or not len(split["validation"]):
+        raise UserError(f"the cache of {config.dataset_name} has no train or no validation "
+                        "images: add images or change SPLIT, then " + RETRAIN)
+    # as in stage two: float targets of shape (n, 1) for the sigmoid head, class indices else
+    targets = (store.labels.astype(np.float32)[:, None] if len(store.class_names) == 2
+               else store.labels.astype(np.int32))
+
+    def dataset(rows, **kwargs):
+        return images.labelled_dataset(paths[rows], targets[rows], size, config.batch,
+                                       **kwargs) if len(rows) else None
+
+    first = split["validation"][:config.batch]
+    return {"train": dataset(split["train"], augment=augmentation(config.seed),
+                             shuffle_seed=config.seed),
+            "validation": dataset(split["validation"]), "test": dataset(split["test"]),
+            "step0": (dataset(first), store.read(first))}
+
 
 def checked_image_paths(config, store):
     """The path of every cached row, after checking the file still has the cached content.
@@ -177,6 +160,19 @@ def augmentation(seed):
 # --------------------------------------------------------------------------------------------
 # The model: backbone + trained head, and what trains
 # --------------------------------------------------------------------------------------------
+
+def build_model(config, weights, head, store):
+    """The cache's backbone + the trained head, compiled with UNFREEZE's layers and the head
+    trainable. Returns (model, names of the base's layers that train)."""
+    model, base = compose(weights, head, store.identity)
+    trainable = set_trainable(base, config.unfreeze)
+    # Recompile after changing `trainable`: fit uses the trainable set the model was compiled with.
+    # RMSprop at 1e-5 as in the article: a small, per-weight scaled step adjusts the pretrained
+    # filters instead of overwriting them.
+    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=config.lr),
+                  loss=heads.loss_for(len(store.class_names)), metrics=["accuracy"])
+    return model, trainable
+
 
 def compose(weights, head, identity):
     """image (after load_image) -> probabilities: the cache's backbone, then the trained head."""
@@ -225,128 +221,126 @@ def check_composition(model, head, image_batches, features):
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints and resume
+# Resume: Keras's BackupAndRestore, plus what EarlyStopping needs across a restart
 # --------------------------------------------------------------------------------------------
 
-class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-    """EarlyStopping whose memory (best val_loss, its epoch and weights, epochs waited) survives a
-    restart: without it a resumed run would forget the best epoch and restore a worse one."""
+def resume_state(config, settings):
+    """The backup's state to continue from, or None to start from the head (removing the backup
+    of the earlier run)."""
+    folder = artifacts.path(config, artifacts.FINETUNE_BACKUP)
+    state = {} if config.fresh else artifacts.json_or_empty(os.path.join(folder, STATE))
+    old = state.get("settings")
+    if old and any(old[key] != settings[key] for key in ("identity_id", "head_sha256")):
+        print(f"finetune {config.dataset_name}: the head or the cache changed since the last "
+              "backup: starting again from the new head")
+    elif old and (old["unfreeze"], old["lr"]) != (settings["unfreeze"], settings["lr"]):
+        raise UserError(f"{folder} was made with UNFREEZE={old['unfreeze']} LR={old['lr']}: "
+                        "pass those to continue it, or FRESH=1 to start over")
+    elif old:
+        print(f"finetune {config.dataset_name}: continuing after epoch {state['epochs']} of the "
+              "backup (FRESH=1 starts again from the head)")
+        log_history(config, state["epochs"])  # drop the row of an epoch the backup lacks
+        return state
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
 
-    def __init__(self, state=None, **kwargs):
-        super().__init__(**kwargs)
-        self.resume = (state or {}).get("early")
-        self.resume_weights = None
+
+def make_callbacks(config, settings, state, started, extra=()):
+    """EarlyStopping, the CSV log and the backup, in the order they must run at an epoch's end:
+    EarlyStopping updates its memory and CSVLogger writes the epoch's row before the backup saves.
+    `extra` (the tests' kill switches) come last, after the backup."""
+    early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.finetune_patience,
+                                          restore_best_weights=True)
+    backup = Backup(artifacts.path(config, artifacts.FINETUNE_BACKUP), settings, state, early,
+                    started)
+    log = keras.callbacks.CSVLogger(artifacts.path(config, artifacts.FINETUNE_LOG),
+                                    append=bool(state))  # a fresh start starts the log over
+    return early, backup, [early, log, backup, *extra]
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """Keras's BackupAndRestore (weights, optimizer state, epochs done) in finetune_backup/keras/,
+    and beside it what Keras does not keep: STATE and EarlyStopping's best weights.
+
+    double_checkpoint: Keras copies its last backup to *.bkp before writing the next. A copy that
+    holds the epochs STATE says means a kill came during that write or before STATE followed it:
+    the copy is put back. (Keras itself falls back to it only if the weights file cannot be
+    opened: not if the epoch file is cut short, nor if the weights are already the next epoch's.)
+    delete_checkpoint=False: a finished run keeps its backup, so a rerun trains nothing more."""
+
+    def __init__(self, folder, settings, state, early, started):
+        super().__init__(os.path.join(folder, "keras"), double_checkpoint=True,
+                         delete_checkpoint=False)
+        self.folder, self.settings, self.state, self.early = folder, settings, state, early
+        self.started, self.seconds_before = started, state["seconds"] if state else 0.0
 
     def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)  # resets everything
-        if self.resume:
-            self.wait, self.best, self.best_epoch = (self.resume[k] for k in ("wait", "best", "best_epoch"))
-            self.best_weights = self.resume_weights
-
-    def memory(self):
-        return {"wait": self.wait, "best": self.best, "best_epoch": self.best_epoch}
-
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """After every epoch: the model with its optimizer state, EarlyStopping's best weights, and the
-    state (epochs done, history), each written to a temporary name and then all renamed together.
-    (ModelCheckpoint writes in place, so a kill during its save leaves a file that cannot load.)
-    The state is renamed last, so a resume never claims an epoch the weights do not hold; a kill
-    in the microseconds between renames leaves the weights one epoch ahead of the state."""
-
-    def __init__(self, config, settings, early, state, started):
-        super().__init__()
-        self.config, self.settings, self.early, self.started = config, settings, early, started
-        self.history = {k: list(v) for k, v in (state or {}).get("history", {}).items()}
-        self.seconds_before = (state or {}).get("seconds", 0.0)
+        # The _*_path attributes name Keras's files (BackupAndRestore has no public names).
+        previous = artifacts.json_or_empty(self._prev_training_metadata_path)
+        if self.state and previous.get("epoch") == self.state["epochs"]:
+            shutil.copyfile(self._prev_weights_path, self._weights_path)
+            shutil.copyfile(self._prev_training_metadata_path, self._training_metadata_path)
+        super().on_train_begin(logs)  # loads the weights and optimizer state, sets the first epoch
+        if self.state:  # EarlyStopping, before us in the list, has just reset its memory
+            for key in MEMORY:
+                setattr(self.early, key, self.state["early"][key])
+            with np.load(self._best_path(self.early.best_epoch)) as f:
+                self.early.best_weights = [f[f"arr_{i}"] for i in range(len(f.files))]
 
     def on_epoch_end(self, epoch, logs=None):
-        for key, value in (logs or {}).items():
-            self.history.setdefault(key, []).append(float(value))
-        model_path = artifacts.path(self.config, artifacts.FINETUNE_CHECKPOINT)
-        best_path = artifacts.path(self.config, BEST)
-        self.model.save(_partial(model_path))
-        renames = [(_partial(model_path), model_path)]
-        if self.early.best_epoch == epoch and self.early.best_weights is not None:
-            with open(best_path + ".tmp", "wb") as f:
-                np.savez(f, *self.early.best_weights)
-            renames.append((best_path + ".tmp", best_path))
-        state = {"settings": self.settings, "epochs": epoch + 1, "history": self.history,
-                 "stopped": bool(self.model.stop_training), "early": self.early.memory(),
-                 "seconds": self.seconds()}
-        for tmp, final in renames:
-            os.replace(tmp, final)
-        artifacts.write_json(artifacts.path(self.config, STATE), state)
+        super().on_epoch_end(epoch, logs)  # Keras's backup first: STATE never runs ahead of it
+        best = self._best_path(self.early.best_epoch)
+        if self.early.best_epoch == epoch:  # under a new name: STATE still names the last best
+            files.atomic_write(best, lambda f: np.savez(f, *self.early.best_weights))
+        artifacts.write_json(os.path.join(self.folder, STATE), {
+            "settings": self.settings, "epochs": epoch + 1, "seconds": self.seconds(),
+            "stopped": bool(self.model.stop_training),  # early stopping ended the run
+            "early": {key: getattr(self.early, key) for key in MEMORY}})
+        for entry in os.scandir(self.folder):  # never glob: NAME may hold [ ] (set[1])
+            if entry.name.startswith("best-epoch-") and entry.path != best:
+                os.remove(entry.path)
+
+    def _best_path(self, epoch):
+        return os.path.join(self.folder, f"best-epoch-{epoch}.npz")  # Keras's 0-based epoch
 
     def seconds(self):
         return self.seconds_before + time.perf_counter() - self.started
 
 
-def resume_state(config, settings):
-    """The saved state to continue from, or None to start from the head (removing old files)."""
-    files = [artifacts.path(config, f) for f in (artifacts.FINETUNE_CHECKPOINT, STATE, BEST,
-                                                 artifacts.FINETUNE_LOG)]
-    state = None
-    if not config.fresh and all(os.path.exists(f) for f in files[:3]):
-        state = artifacts.read_json(files[1], "")
-        old = state["settings"]
-        if (old["identity_id"], old["head_sha256"]) != (settings["identity_id"], settings["head_sha256"]):
-            print(f"finetune {config.dataset_name}: the head or the cache changed since the last "
-                  "checkpoint: starting again from the new head")
-            state = None
-        elif (old["unfreeze"], old["lr"]) != (settings["unfreeze"], settings["lr"]):
-            raise UserError(f"{files[0]} was made with UNFREEZE={old['unfreeze']} LR={old['lr']}: "
-                            "pass those to continue it, or FRESH=1 to start over")
-    if state is None:
-        for f in files:
-            if os.path.exists(f):
-                os.remove(f)
-    return state
-
-
-def _load_best(config):
-    with np.load(artifacts.path(config, BEST)) as f:
-        return [f[f"arr_{i}"] for i in range(len(f.files))]
-
-
-def _trim_log(config, epochs_done):
-    """Keep the CSV log's rows of the epochs the checkpoint holds, so a resumed run appends after
-    them without repeating the epoch that was interrupted."""
+def log_history(config, epochs):
+    """finetune_log.csv cut to its first `epochs` epochs, as {metric: [a value an epoch]}. A kill
+    after CSVLogger wrote an epoch's row but before the backup held that epoch leaves a row that
+    the resumed run writes again."""
     path = artifacts.path(config, artifacts.FINETUNE_LOG)
     if not os.path.exists(path):
-        return
+        return {}
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) < epochs_done]
-    with open(path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows(keep)
-    os.replace(path + ".tmp", path)
-
-
-def _partial(path):
-    """A temporary name Keras still accepts (it wants the .keras extension)."""
-    return path[:-len(".keras")] + ".partial.keras"
+        header, *rows = csv.reader(f)
+    rows = [row for row in rows if len(row) == len(header) and int(row[0]) < epochs]  # whole rows
+    with files.replacing(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return {key: [float(row[i]) for row in rows] for i, key in enumerate(header) if key != "epoch"}
 
 
 # --------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------
 
-def _write_outputs(config, store, weights, model, head_record, checkpoint, early, trainable,
-                   done, validation, test):
+def _write_outputs(config, store, weights, model, head_record, backup, early, trainable,
+                   done, scores, history):
     model_path = artifacts.path(config, artifacts.FINETUNED)
-    model.save(_partial(model_path))
-    os.replace(_partial(model_path), model_path)
-    history = checkpoint.history
+    with files.replacing_path(model_path) as temporary:  # a kill leaves the last one whole
+        model.save(temporary)
     epochs = len(history.get("loss", []))
-    scores = lambda s: {"accuracy": float(s["accuracy"]), "loss": float(s["loss"])} if s else {}
+    scores = {name: {"accuracy": float(s["accuracy"]), "loss": float(s["loss"])} if s else {}
+              for name, s in scores.items()}
     metrics = {
         "identity": store.identity, "identity_id": backbone.identity_id(store.identity),
         "class_names": list(store.class_names), "config": config.to_dict(),
         "weights": weights.fingerprint, "weights_notice": weights.notice,
         "unfreeze": config.unfreeze, "trainable_layers": trainable,
-        "validation": scores(validation), "test": scores(test), "epochs": epochs,
-        "best_epoch": int(early.best_epoch) + 1 if epochs else 0, "seconds": checkpoint.seconds(),
+        "validation": scores["validation"], "test": scores["test"], "epochs": epochs,
+        "best_epoch": int(early.best_epoch) + 1 if epochs else 0, "seconds": backup.seconds(),
         "history": history, "resumed_from_epoch": done,
         "file_sha256": artifacts.file_sha256(model_path),  # ties the file to these metrics
     }

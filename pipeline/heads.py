@@ -11,6 +11,7 @@ from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+
 def build_dense_head(feature_shape, num_classes, hidden_units=256, dropout=0.5, name="head"):
     """Flatten -> Dense(hidden_units, relu) -> Dropout -> one sigmoid unit (2 classes) or softmax.
     The defaults are the article's; train-head passes HIDDEN_UNITS and DROPOUT."""

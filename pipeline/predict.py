@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, datasets, images, registry
+from . import artifacts, backbone, cache, datasets, files, images, registry
 from .config import Config, UserError, warn
 
 PREFERENCE = {"finetuned": 2, "dense": 1, "logreg": 0}  # breaks ties in validation accuracy
@@ -52,8 +52,8 @@ def run(config: Config) -> PredictResult:
 
     out, skipped_out = artifacts.path(config, artifacts.PREDICTIONS), artifacts.path(config, SKIPPED)
     counts, shown, skipped = dict.fromkeys(class_names, 0), [], list(unreadable)
-    with open(out + ".tmp", "w", newline="", encoding="utf-8") as f, \
-            open(skipped_out + ".tmp", "w", newline="", encoding="utf-8") as g:
+    with files.replacing(out, "w", newline="", encoding="utf-8") as f, \
+            files.replacing(skipped_out, "w", newline="", encoding="utf-8") as g:
         writer, skip_writer = csv.writer(f), csv.writer(g)
         writer.writerow(["path", "predicted"] + [f"p_{name}" for name in class_names])
         skip_writer.writerow(["path", "reason"])
@@ -78,8 +78,6 @@ def run(config: Config) -> PredictResult:
                     shown.append((path, predicted, float(p.max())))
             progress.update(len(reasons))
         progress.close()
-    os.replace(out + ".tmp", out)
-    os.replace(skipped_out + ".tmp", skipped_out)
 
     predicted_total = sum(counts.values())
     _print_table(shown, predicted_total, counts, skipped, skipped_out)

@@ -66,7 +66,7 @@ def record(config, name):
     kind, file_path = KINDS[name], path(config, name)
     if not os.path.exists(file_path):
         raise UserError(f"there is no {file_path}: run `{kind.make}`")
-    metrics = _json_or_empty(artifacts.path(config, kind.metrics))
+    metrics = artifacts.json_or_empty(artifacts.path(config, kind.metrics))
     entry = metrics.get("models", {}).get(kind.entry, {}) if kind.entry else metrics
     if not entry or entry.get("file_sha256") != artifacts.file_sha256(file_path):
         raise UserError(f"{file_path} is not the file its metrics describe (an interrupted or "
@@ -118,10 +118,3 @@ def predictor(config, name):
                                     np.float64)
     from .heads import class_probabilities
     return lambda x: class_probabilities(model(x, training=False))
-
-
-def _json_or_empty(file_path):
-    try:
-        return artifacts.read_json(file_path, "")
-    except (UserError, ValueError):
-        return {}

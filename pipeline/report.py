@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from . import artifacts, cache, files, plots, registry
 from .config import Config, UserError, warn
 from .registry import TITLES
+
 MISCLASSIFIED_PLOT = "misclassified_{model}.png"
 GRID_IMAGES = 25         # most confident mistakes shown per model
 THUMBNAIL = 128          # pixels: display only

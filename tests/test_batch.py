@@ -3,8 +3,8 @@ import csv
 import os
 
 import pytest
-
 from conftest import make_image_folder
+
 from pipeline import artifacts, batch, registry
 from pipeline.__main__ import main
 from pipeline.config import Config, UserError

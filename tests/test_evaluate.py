@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
+from trained_run import shared_trained_run, tiny_config
 
 from pipeline import artifacts, cache, evaluate, extract, heads, images, plots, train_head
 from pipeline.config import UserError
-from trained_run import shared_trained_run, tiny_config
 
 
 @pytest.fixture(scope="module")

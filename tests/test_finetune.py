@@ -68,7 +68,7 @@ class Killed(Exception):
 
 
 class KillAfter(keras.callbacks.Callback):
-    """Dies at the end of epoch `epoch` (0-based), after the checkpoint callback has run."""
+    """Dies at the end of epoch `epoch` (0-based), after the backup callback has run."""
     def __init__(self, epoch):
         super().__init__()
         self.epoch = epoch
@@ -172,11 +172,11 @@ def test_a_killed_run_continues_at_the_next_epoch(ready):
     config = ready(finetune_epochs=3)
     kill = KillAfter(epoch=0)  # killed after epoch 1 of 3
     with pytest.raises(Killed):
-        finetune.run(config.replace(extras={"callbacks": [kill]}))
+        finetune.run(config, callbacks=[kill])
     assert read_log(config) == [0]
 
     recorder = Recorder()
-    result = finetune.run(config.replace(extras={"callbacks": [recorder]}))
+    result = finetune.run(config, callbacks=[recorder])
     assert recorder.epochs == [1, 2]  # epoch 2 of 3 onwards, from the checkpoint's weights
     assert all(np.array_equal(a, b) for a, b in zip(kill.weights, recorder.start_weights))
     assert (result.resumed_from_epoch, result.epochs) == (1, 3)
@@ -187,35 +187,105 @@ def test_a_killed_run_continues_at_the_next_epoch(ready):
     assert result.best_epoch == int(np.argmin(history["val_loss"])) + 1
 
     again = Recorder()  # a finished run has nothing left to train ...
-    assert finetune.run(config.replace(extras={"callbacks": [again]})).epochs == 3
+    assert finetune.run(config, callbacks=[again]).epochs == 3
     assert again.epochs == []
     with pytest.raises(UserError, match="UNFREEZE=block5 .*FRESH=1"):  # ... and keeps its settings
         finetune.run(config.replace(unfreeze="block4"))
 
     config = config.replace(finetune_epochs=1)
     fresh = Recorder()
-    result = finetune.run(config.replace(fresh=True, extras={"callbacks": [fresh]}))
+    result = finetune.run(config.replace(fresh=True), callbacks=[fresh])
     assert (fresh.epochs, result.resumed_from_epoch, read_log(config)) == ([0], 0, [0])
 
     train_head.run(config.replace(seed=1))  # a new head makes the checkpoint obsolete
     restart = Recorder()
-    result = finetune.run(config.replace(extras={"callbacks": [restart]}))
+    result = finetune.run(config, callbacks=[restart])
     assert (restart.epochs, result.resumed_from_epoch) == ([0], 0)
 
 
-def test_early_stopping_remembers_its_best_epoch_across_a_restart():
+def test_early_stopping_remembers_its_best_epoch_across_a_restart(tmp_path):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    best = [np.full_like(w, 7.0) for w in model.get_weights()]
-    early = finetune.ResumableEarlyStopping({"early": {"wait": 1, "best": 0.5, "best_epoch": 0}},
-                                            patience=3, restore_best_weights=True)
-    early.resume_weights = best
-    early.set_model(model)
-    early.on_train_begin()
-    for epoch, val_loss in ((1, 0.9), (2, 0.8)):  # no better than epoch 0's 0.5
-        early.on_epoch_end(epoch, {"val_loss": val_loss})
-    assert model.stop_training and early.memory() == {"wait": 3, "best": 0.5, "best_epoch": 0}
+    model.compile(optimizer="rmsprop", loss="mse")  # the backup saves the optimizer's state too
+    model.optimizer.build(model.trainable_variables)
+    model.stop_training = False  # as fit sets it
+
+    def run_until_killed(state, epochs):
+        """The callbacks finetune builds (EarlyStopping, then the backup), through `epochs`."""
+        early = keras.callbacks.EarlyStopping(patience=3, restore_best_weights=True)
+        backup = finetune.Backup(str(tmp_path), {}, state, early, started=0.0)
+        for callback in (early, backup):
+            callback.set_model(model)
+            callback.on_train_begin()
+        for epoch, val_loss, fill in epochs:  # `fill`: the weights this epoch ends with
+            model.set_weights([np.full_like(w, fill) for w in model.get_weights()])
+            for callback in (early, backup):
+                callback.on_epoch_end(epoch, {"val_loss": val_loss})
+        return early
+
+    run_until_killed(None, [(0, 0.5, 7.0), (1, 0.9, 1.0)])  # epoch 0 is the best
+    with open(tmp_path / finetune.STATE) as f:
+        state = json.load(f)
+    early = run_until_killed(state, [(2, 0.8, 2.0), (3, 0.9, 3.0)])  # no better than epoch 0's 0.5
+    memory = {"wait": early.wait, "best": early.best, "best_epoch": early.best_epoch}
+    assert model.stop_training and memory == {"wait": 3, "best": 0.5, "best_epoch": 0}
     early.on_train_end()
-    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), best))
+    assert all(np.array_equal(w, np.full_like(w, 7.0)) for w in model.get_weights())
+
+
+@pytest.mark.parametrize("kill", ["while Keras writes the weights", "while Keras writes the epoch",
+                                  "before the state follows"])
+def test_a_kill_during_a_backup_resumes_from_the_last_whole_one(tmp_path, monkeypatch, kill):
+    """Killed during the backup of epoch 3: the resumed run trains epoch 3 again, from the
+    weights and optimizer state of epoch 2, whatever Keras had written of epoch 3."""
+    x = np.random.default_rng(0).random((8, 2), dtype=np.float32)
+
+    def fit(state, seed, before_backup=(), after_backup=()):  # callbacks as finetune has them
+        keras.utils.set_random_seed(seed)  # a restarted process starts from other weights
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(optimizer="rmsprop", loss="mse")
+        early = keras.callbacks.EarlyStopping(patience=3, restore_best_weights=True)
+        backup = finetune.Backup(str(tmp_path), {}, state, early, started=0.0)
+        model.fit(x, x[:, :1], validation_data=(x, x[:, :1]), initial_epoch=(state or {}).get(
+            "epochs", 0), epochs=3, callbacks=[early, *before_backup, backup, *after_backup],
+            verbose=0)
+
+    class KillDuringBackup(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                self.weights = self.model.get_weights()
+            if epoch < 2:
+                return
+            def write_half(filepath, overwrite=True):
+                self.model.__class__.save_weights(self.model, filepath)
+                with open(filepath, "r+b") as f:
+                    f.truncate(os.path.getsize(filepath) // 2)
+                raise Killed
+            def die(path, data):
+                if kill == "while Keras writes the epoch":
+                    open(tmp_path / "keras" / "training_metadata.json", "w").close()
+                raise Killed
+            if kill == "while Keras writes the weights":
+                monkeypatch.setattr(self.model, "save_weights", write_half)
+            else:
+                monkeypatch.setattr(finetune.artifacts, "write_json", die)
+
+    killer = KillDuringBackup()
+    with pytest.raises(Killed):
+        fit(None, seed=0, before_backup=[killer])
+    monkeypatch.undo()
+    with open(tmp_path / finetune.STATE) as f:
+        state = json.load(f)
+    assert state["epochs"] == 2
+
+    class Recorder2(Recorder):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            self.iterations = int(self.model.optimizer.iterations)
+
+    recorder = Recorder2()
+    fit(state, seed=1, after_backup=[recorder])
+    assert recorder.epochs == [2] and recorder.iterations == 2  # one step an epoch
+    assert all(np.array_equal(a, b) for a, b in zip(killer.weights, recorder.start_weights))
 
 
 def test_no_cache_and_no_head_are_refused(tmp_path, make_config):

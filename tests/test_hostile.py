@@ -11,12 +11,12 @@ import sys
 import keras
 import numpy as np
 import pytest
-
 from conftest import make_image_folder
-from pipeline import __main__ as cli
-from pipeline import artifacts, evaluate, extract, predict, train_head
-from pipeline.config import UserError
 from trained_run import make_trained_run
+
+from pipeline import __main__ as cli
+from pipeline import artifacts, evaluate, predict, train_head
+from pipeline.config import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -261,3 +261,21 @@ def test_the_makefile_passes_every_setting_and_only_those():
     from pipeline.config import MAKE_VARIABLES
     expected = {name.upper() for name in MAKE_VARIABLES} - {"DATASETS"}  # passed apart
     assert set(listed.split(":=")[1].split()) == expected
+
+
+def test_fine_tuning_a_name_with_brackets_leaves_the_dataset_it_would_glob_alone(trained,
+                                                                                 tmp_path):
+    """Fine-tuning's clean-up of old best weights globbed models/<NAME>/...: NAME='tin[y]'
+    matched models/tiny and deleted that dataset's files."""
+    config = copy_of(trained, tmp_path)
+    bracketed = config.replace(name="tin[y]", fresh=True)
+    for root in (config.features_root, config.models_root):
+        shutil.copytree(os.path.join(root, "tiny"), os.path.join(root, "tin[y]"))
+    other = os.path.join(config.models_root, "tiny")
+    decoy = os.path.join(other, artifacts.FINETUNE_BACKUP, "best-epoch-7.npz")
+    os.makedirs(os.path.dirname(decoy), exist_ok=True)
+    np.savez(decoy, np.zeros(1))
+    before = snapshot(other)
+    from pipeline import finetune
+    assert finetune.run(bracketed).epochs == 1
+    assert snapshot(other) == before and os.path.exists(decoy)

@@ -14,11 +14,11 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from conftest import make_image_folder
 
 from pipeline import __main__ as cli
 from pipeline import cache, extract, files
 from pipeline.config import UserError
-from conftest import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,14 +19,14 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import make_image_folder
 from keras.applications import vgg16
 from PIL import Image
+from trained_run import shared_trained_run
 
-from conftest import make_image_folder
 from pipeline import __main__ as cli
 from pipeline import extract, images, predict
 from pipeline.config import UserError
-from trained_run import shared_trained_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET = "budget of 67 MP (8192x8192) per image: downscale it"

@@ -3,9 +3,9 @@ import json
 
 import keras
 import numpy as np
+from conftest import make_image_folder
 from PIL import Image
 
-from conftest import make_image_folder
 from pipeline import artifacts, evaluate, extract, finetune, heads, plots, train_head
 from pipeline.cache import FeatureStore
 

@@ -6,11 +6,11 @@ import shutil
 import keras
 import numpy as np
 import pytest
+from trained_run import shared_trained_run
 
 from pipeline import __main__ as cli
 from pipeline import artifacts, backbone, heads, images, predict
 from pipeline.config import UserError
-from trained_run import shared_trained_run
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@ import os
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from pipeline import cache, extract, train_head
-from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.slow
 

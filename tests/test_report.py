@@ -4,12 +4,12 @@ import re
 import shutil
 
 import pytest
-from PIL import Image
-
 from conftest import make_image_folder
+from PIL import Image
+from trained_run import shared_trained_run, tiny_config
+
 from pipeline import artifacts, backbone, cache, evaluate, extract, report, train_head
 from pipeline.config import UserError
-from trained_run import shared_trained_run, tiny_config
 
 SECTIONS = ["Models", "Learning curves", "Confusion matrices", "Misclassified images", "Dataset",
             "Cache identity and weights"]

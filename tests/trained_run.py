@@ -3,6 +3,7 @@
 import os
 
 from conftest import make_image_folder
+
 from pipeline import extract, finetune, train_head
 from pipeline.config import Config
 
