@@ -194,10 +194,7 @@ def _state(config, models_ran):
 
 
 def _read_state(path):
-    try:
-        return artifacts.read_json(path, "")
-    except (UserError, ValueError):
-        return None
+    return artifacts.json_or_empty(path) or None
 
 
 def _skip_counts(config):
@@ -212,29 +209,22 @@ def _skip_counts(config):
 def _metrics(config, include_finetuned):
     """Classes, and validation and test accuracy per model, from the files the stages wrote."""
     out = {}
-    evaluation = _json(artifacts.path(config, artifacts.EVALUATION))
+    evaluation = registry.evaluation(config, required=False)
     trained, _ = registry.records(config)
-    names = evaluation.get("class_names", [])
+    names = evaluation.class_names if evaluation else []
     out.update(classes=len(names), class_names="; ".join(names))
     for model, record in trained.items():
         if model == "finetuned" and not include_finetuned:
             continue
         validation = record.validation.get("accuracy", "")
-        tested = evaluation.get("models", {}).get(model, {})
-        if evaluation.get("split") == "test" and "accuracy" in tested:
+        tested = evaluation.models.get(model, {}) if evaluation else {}
+        if evaluation and evaluation.split == "test" and "accuracy" in tested:
             test = tested["accuracy"]
         else:
             test = record.test.get("accuracy", "")
         out[f"{model}_validation_accuracy"] = round(validation, 4) if validation != "" else ""
         out[f"{model}_test_accuracy"] = round(test, 4) if test != "" else ""
     return out
-
-
-def _json(path):
-    try:
-        return artifacts.read_json(path, "")
-    except (UserError, ValueError):
-        return {}
 
 
 def _free_memory():

@@ -118,3 +118,27 @@ def predictor(config, name):
                                     np.float64)
     from .heads import class_probabilities
     return lambda x: class_probabilities(model(x, training=False))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What `make evaluate` wrote (evaluation.json): every model's scores on one split."""
+    path: str
+    split: str                # "test", or "validation" when the cache has no test rows
+    images: int
+    class_names: list
+    identity: dict
+    data_root: str            # where the scored images are, for the report's pictures
+    weights_notice: str
+    models: dict              # name -> accuracy, loss, roc_auc, confusion matrix, mistakes...
+
+
+def evaluation(config, required=True):
+    """evaluation.json as an Evaluation; None when there is none and it is not `required`."""
+    file_path = artifacts.path(config, artifacts.EVALUATION)
+    if not required and not os.path.exists(file_path):
+        return None
+    e = artifacts.read_json(file_path, "run `make evaluate` first")
+    return Evaluation(file_path, e["split"], int(e["images"]), list(e["class_names"]),
+                      e["identity"], e.get("data_root", ""), e.get("weights_notice", ""),
+                      e["models"])

@@ -35,16 +35,15 @@ class ReportResult:
 
 
 def run(config: Config) -> ReportResult:
-    evaluation_path = artifacts.path(config, artifacts.EVALUATION)
-    evaluation = artifacts.read_json(evaluation_path, "run `make evaluate` first")
-    _refuse_stale(config, evaluation_path)
+    evaluation = registry.evaluation(config)
+    _refuse_stale(config, evaluation.path)
     trained, _ = registry.records(config)
     with cache.FeatureStore(config.features_dir) as store:
-        if evaluation["identity"] != store.identity:
-            raise UserError(f"{evaluation_path} was made on another feature cache: run "
+        if evaluation.identity != store.identity:
+            raise UserError(f"{evaluation.path} was made on another feature cache: run "
                             "`make evaluate` again")
         attrs, labels, splits = store.attrs, store.labels, store.splits
-    notices = sorted({n for n in [attrs.get("weights_notice"), evaluation.get("weights_notice")]
+    notices = sorted({n for n in [attrs.get("weights_notice"), evaluation.weights_notice]
                       + [r.weights_notice for r in trained.values()] if n})
 
     lines = [f"# Transfer-learning report: {config.dataset_name}", ""]
@@ -81,19 +80,19 @@ def _refuse_stale(config, evaluation_path):
 
 
 def _models_section(evaluation, trained):
-    split = evaluation["split"]
+    split = evaluation.split
     lines = ["## Models", "",
              f"Validation accuracy is measured while training; {split} accuracy by `make evaluate` "
-             f"on {evaluation['images']} held-out images"
+             f"on {evaluation.images} held-out images"
              + (" (there is no test split, so validation stands in for it)." if split != "test"
                 else "."), "",
              f"| model | validation accuracy | {split} accuracy | {split} loss | ROC AUC "
              "| training seconds | epochs (best) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for model in registry.NAMES:
-        if model not in evaluation["models"] or model not in trained:
+        if model not in evaluation.models or model not in trained:
             continue
-        m, t = evaluation["models"][model], trained[model]
+        m, t = evaluation.models[model], trained[model]
         epochs = f"{t.get('epochs')} ({t.get('best_epoch', '-')})" if t.get("epochs") else "-"
         lines.append(f"| {TITLES[model]} | {_num(t.validation.get('accuracy'))} "
                      f"| {_num(m['accuracy'])} | {_num(m['loss'])} | {_num(m.get('roc_auc'))} "
@@ -116,16 +115,16 @@ def _curves_section(config):
 
 def _confusion_section(evaluation):
     lines = ["## Confusion matrices", "",
-             f"Rows are the true class, columns the predicted one ({evaluation['split']} split).", ""]
+             f"Rows are the true class, columns the predicted one ({evaluation.split} split).", ""]
     for model in registry.NAMES:
-        if model not in evaluation["models"]:
+        if model not in evaluation.models:
             continue
-        m = evaluation["models"][model]
+        m = evaluation.models[model]
         lines += [f"### {TITLES[model].capitalize()}", "",
                   f"![confusion matrix, {TITLES[model]}]({m['confusion_matrix_png']})", "",
                   "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
         per_class = m["classification_report"]
-        for name in evaluation["class_names"] + ["macro avg", "weighted avg"]:
+        for name in evaluation.class_names + ["macro avg", "weighted avg"]:
             row = per_class.get(name, {})
             lines.append(f"| {_cell(name)} | {_num(row.get('precision'))} | "
                          f"{_num(row.get('recall'))} | {_num(row.get('f1-score'))} | "
@@ -136,21 +135,21 @@ def _confusion_section(evaluation):
 
 def _misclassified_section(config, evaluation):
     lines = ["## Misclassified images", "",
-             f"The most confident mistakes on the {evaluation['split']} split, with the true and "
+             f"The most confident mistakes on the {evaluation.split} split, with the true and "
              "the predicted class and the probability given to the prediction.", ""]
     for model in registry.NAMES:
-        if model not in evaluation["models"]:
+        if model not in evaluation.models:
             continue
-        m = evaluation["models"][model]
+        m = evaluation.models[model]
         lines += [f"### {TITLES[model].capitalize()}: {m['misclassified_count']} of "
-                  f"{evaluation['images']} wrong", ""]
+                  f"{evaluation.images} wrong", ""]
         png = MISCLASSIFIED_PLOT.format(model=model)
         shown = _misclassified_grid(evaluation, m["misclassified"][:GRID_IMAGES],
                                     artifacts.path(config, png), TITLES[model])
         if shown:
             lines += [f"![misclassified, {TITLES[model]}]({png})", ""]
         elif m["misclassified_count"]:
-            lines += [f"(the images under {evaluation['data_root']} could not be opened)", ""]
+            lines += [f"(the images under {evaluation.data_root} could not be opened)", ""]
         else:
             lines += ["No misclassified images.", ""]
     return lines
@@ -163,7 +162,7 @@ def _misclassified_grid(evaluation, mistakes, png, title):
         try:
             # Display only, never model input: PIL opens the original file for a thumbnail,
             # the way a person would look at it. Model input always goes through load_image.
-            with Image.open(os.path.join(evaluation["data_root"], mistake["path"])) as img:
+            with Image.open(os.path.join(evaluation.data_root, mistake["path"])) as img:
                 picture = ImageOps.exif_transpose(img).convert("RGB")
                 picture.thumbnail((THUMBNAIL, THUMBNAIL))
         except OSError:

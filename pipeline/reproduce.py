@@ -175,26 +175,25 @@ def verify(folder, expected=EXPECTED):
 # --------------------------------------------------------------------------------------------
 
 def compare(config):
-    evaluation = artifacts.read_json(artifacts.path(config, artifacts.EVALUATION),
-                                     "the stage did not finish")
+    evaluation = registry.evaluation(config)
     titles = {"logreg": "feature extraction, logistic regression",
               "dense": "feature extraction, dense head", "finetuned": "fine-tuning block5 + head"}
     results, lines = {}, []
     for model in registry.NAMES:
         title, validation = titles[model], registry.record(config, model).validation
-        test = evaluation["models"].get(model, {}).get("accuracy")
+        test = evaluation.models.get(model, {}).get("accuracy")
         results[model] = {"title": title, "validation": validation.get("accuracy"), "test": test,
                           "article": ARTICLE.get(model)}
         lines.append(f"  {title:<42} {_pct(validation.get('accuracy')):>10} {_pct(test):>10} "
                      f"{_pct(ARTICLE.get(model)):>10}")
     out = artifacts.path(config, RESULTS)
     artifacts.write_json(out, {"results": results, "config": config.to_dict(),
-                               "split": evaluation["split"], "images": evaluation["images"]})
+                               "split": evaluation.split, "images": evaluation.images})
     print(f"\nThe article's experiment, ours beside the article's ({config.models_dir}):")
-    print(f"  {'':<42} {'validation':>10} {evaluation['split']:>10} {'article':>10}")
+    print(f"  {'':<42} {'validation':>10} {evaluation.split:>10} {'article':>10}")
     print("\n".join(lines))
-    if evaluation.get("weights_notice"):
-        warn(evaluation["weights_notice"])
+    if evaluation.weights_notice:
+        warn(evaluation.weights_notice)
     print(f"report: {artifacts.path(config, artifacts.REPORT)}")
     return ReproduceResult(config.data, results, out)
 
