@@ -55,14 +55,6 @@ def file_sha256(file_path, chunk=1 << 22):
 
 
 def json_or_empty(file_path):
-    try:
-        with open(file_path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def json_or_empty(file_path):
     """A JSON file's content, or {} when it is missing or not JSON (a half-written file)."""
     try:
         with open(file_path) as f:
