@@ -97,5 +97,8 @@ test: $(STAMP) ## Run the fast tests (CPU, tiny images)
 test-slow: $(STAMP) ## Also run the slow tests on ../shared/data/cats_vs_dogs
 	$(PYTHON) -m pytest -q -m "slow or not slow"
 
+lint: $(STAMP) ## Check the code with ruff (pinned in requirements.txt; CI runs it)
+	$(PYTHON) -m ruff check .
+
 clean: ## Remove generated demo data and the demo's outputs (not other datasets)
 	rm -rf $(DEMO) features/demo models/demo

@@ -2,7 +2,8 @@
 
 Settings (environment variables; bench/README.md explains every figure):
     BENCH_N=600              real photos for the throughput, rerun and head figures (balanced over
-                             the two classes, train first); the default run takes ~10-15 min on 2 cores
+                             the two classes, train first); the default run takes ~10-15 min on
+                             2 cores
     BENCH_SYNTH_ROWS=100000  rows of the synthetic cache for the train-head memory figure (3.3 GB)
     BENCH_ACCURACY=1         also the slow accuracy figures (bench/accuracy.py: WEIGHTS,
                              BENCH_FINETUNE_EPOCHS; all of cats_vs_dogs, ~25 min on 2 cores)
@@ -24,12 +25,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SEED_ENV = dict(os.environ)  # the naive Keras way runs with TensorFlow's defaults, as the seed did
 
 import pipeline  # noqa: E402, F401  first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads
+
+# isort: split
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
 import options  # noqa: E402  (bench/options.py: figure 6, and the naive Keras way)
 import support  # noqa: E402  (bench/support.py: the synthetic cache, the machine)
+import tensorflow as tf  # noqa: E402
+
 from pipeline import artifacts, backbone, cache, extract, heads, images, train_head  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 
@@ -109,7 +112,8 @@ def main():
         start = time.perf_counter()
         figures, details = phase()
         results.update(figures)
-        results["details"].update(details, **{f"phase_seconds_{title}": time.perf_counter() - start})
+        results["details"].update(details,
+                                  **{f"phase_seconds_{title}": time.perf_counter() - start})
         derive(results)
         artifacts.write_json(RESULTS, results)  # after every phase: a crash keeps what was measured
     print_table(results)
@@ -250,9 +254,10 @@ def head_epochs(config):
 # --------------------------------------------------------------------------------------------
 
 def extract_memory(full_dir):
-    gb = support.peak_rss_gb(["extract", "--data", full_dir, "--name", "memory", "--weights", "none",
-                      "--size", str(SIZE), "--batch", str(BATCH), "--features-root",
-                      os.path.join(WORK, "memory")], os.path.join(WORK, "extract_memory.log"), ROOT)
+    gb = support.peak_rss_gb(["extract", "--data", full_dir, "--name", "memory",
+                              "--weights", "none", "--size", str(SIZE), "--batch", str(BATCH),
+                              "--features-root", os.path.join(WORK, "memory")],
+                             os.path.join(WORK, "extract_memory.log"), ROOT)
     return {"extract_peak_rss_gb": gb}, {"extract_memory_images": N}
 
 

@@ -15,7 +15,7 @@ import tensorflow as tf
 from pipeline import backbone, cache, datasets, extract
 from pipeline.config import Config
 
-CHUNK = 4096                       # rows per segment: at COMPACT_BELOW, so extract never merges them
+CHUNK = 4096  # rows per segment: at COMPACT_BELOW, so extract never merges them
 CLASSES = ["cats", "dogs"]
 
 
@@ -24,7 +24,8 @@ def machine():
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
     except OSError:
         pass
     gpus = []
@@ -33,7 +34,8 @@ def machine():
         gpus.append(details.get("device_name", device.name))
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
             "cpu_count": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "cpus_usable": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                            else None),
             "ram_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, "gpus": gpus}
 
 
@@ -92,7 +94,8 @@ def write_synthetic_cache(folder, rows, size, seed=0):
 # small launcher process starts the stage and reports the stage's own peak, as /usr/bin/time does.
 LAUNCHER = ("import os, subprocess, sys; child = subprocess.Popen(sys.argv[2:]); "
             "_, status, usage = os.wait4(child.pid, 0); "
-            "open(sys.argv[1], 'w').write(f'{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}')")
+            "open(sys.argv[1], 'w')"
+            ".write(f'{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}')")
 
 
 def peak_rss_gb(args, log, cwd):

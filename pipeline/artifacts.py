@@ -13,12 +13,14 @@ from .config import UserError
 HEAD = "head.keras"                       # dense head: feature map -> probabilities
 HEAD_CHECKPOINT = "head_checkpoint.keras"
 HEAD_LOG = "head_log.csv"
-LOGREG = "logreg.npz"                     # arrays of the sklearn pipeline + metadata (heads.save_logreg)
+LOGREG = "logreg.npz"                     # arrays of the sklearn pipeline + metadata
+                                          # (heads.save_logreg)
 LEGACY_LOGREG = "logreg.joblib"           # a pickle written by earlier versions: never loaded
 HEAD_METRICS = "head_metrics.json"
 HEAD_HISTORY_PLOT = "head_history.png"
 FINETUNED = "finetuned.keras"             # image (after load_image) -> probabilities
-FINETUNE_BACKUP = "finetune_backup"       # for resuming: Keras's BackupAndRestore + EarlyStopping's memory
+FINETUNE_BACKUP = "finetune_backup"       # for resuming: Keras's BackupAndRestore + EarlyStopping's
+                                          # memory
 FINETUNE_LOG = "finetune_log.csv"
 FINETUNE_METRICS = "finetune_metrics.json"
 FINETUNE_HISTORY_PLOT = "finetune_history.png"

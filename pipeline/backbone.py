@@ -14,7 +14,8 @@ from .images import PREPROCESS_ID
 
 BACKBONE_ID = "keras.applications.VGG16(include_top=False)"
 IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + IMAGENET_FILE)
+IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+                + IMAGENET_FILE)
 IMAGENET_MD5 = "6d6bbae143d832006294945121d1f1fc"  # the hash Keras itself checks
 RANDOM_FINGERPRINT = "random-init:glorot-uniform:numpy-seed-0:v1"
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}  # STORAGE: how features are kept
@@ -49,8 +50,8 @@ def resolve_weights(spec):
             return Weights(spec, "", RANDOM_FINGERPRINT, notice=RANDOM_NOTICE)
         return Weights(spec, path, file_sha256(path))
     if not os.path.isfile(spec):
-        raise UserError(f"WEIGHTS file {spec!r} does not exist: pass WEIGHTS=imagenet, WEIGHTS=none "
-                        "or the path of a VGG16 .h5 / .weights.h5 file")
+        raise UserError(f"WEIGHTS file {spec!r} does not exist: pass WEIGHTS=imagenet, "
+                        "WEIGHTS=none or the path of a VGG16 .h5 / .weights.h5 file")
     if not spec.endswith(".h5"):
         raise UserError(f"WEIGHTS file {spec!r} is not a .h5 or .weights.h5 file: save the VGG16 "
                         "convolutional base with model.save_weights('vgg16.weights.h5')")
@@ -76,8 +77,8 @@ def weights_of_cache(spec, cache_attrs):
     if weights.fingerprint != recorded:
         raise UserError(f"WEIGHTS={spec or where} (fingerprint {weights.fingerprint[:16]}) are not "
                         f"the weights the cache was built with ({recorded[:16]}): pass "
-                        f"WEIGHTS={cache_attrs.get('weights_spec') or where}, or rerun `make extract` "
-                        "with the new weights")
+                        f"WEIGHTS={cache_attrs.get('weights_spec') or where}, or rerun "
+                        "`make extract` with the new weights")
     return weights
 
 
@@ -138,7 +139,8 @@ def build_backbone(weights, size=None, precision="float32"):
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(precision)  # applies to the layers built here only
     try:
-        base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+        base = keras.applications.VGG16(weights=None, include_top=False,
+                                        input_shape=(size, size, 3))
     finally:
         keras.config.set_dtype_policy(previous)
     if weights.path:

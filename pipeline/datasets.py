@@ -119,7 +119,8 @@ def split_for(sha256_hex, fractions):
 
 
 def carve_test(sha256_hex):
-    """Layout (b) without a test folder: half of validation, chosen by content hash, becomes test."""
+    """Layout (b) without a test folder: half of validation, chosen by content hash, becomes
+    test."""
     return "test" if int(sha256_hex[8:16], 16) % 2 else "validation"
 
 
@@ -240,7 +241,8 @@ def walk_files(folder, rel_prefix=""):
 def _check_classes(data, class_names, counts):
     if len(class_names) < 2:
         raise UserError(f"{data} has {len(class_names)} class folder(s) {class_names}: put each "
-                        "class's images in its own subfolder, DATA/<class>/<image>, at least two classes")
+                        "class's images in its own subfolder, DATA/<class>/<image>, at least two "
+                        "classes")
     empty = [c for c in class_names if counts.get(c, 0) == 0]
     if empty:
         raise UserError(f"class folder {os.path.join(data, empty[0])!r} has no images: add images "

@@ -34,7 +34,8 @@ def striped_image(rng, vertical, pixels=PIXELS):
     coords = np.arange(pixels, dtype=np.float32)
     period = rng.uniform(6, 16)
     wave = np.sin(2 * np.pi * coords / period + rng.uniform(0, 2 * np.pi)) > rng.uniform(-0.3, 0.3)
-    mask = np.tile(wave[None, :] if vertical else wave[:, None], (pixels, 1) if vertical else (1, pixels))
+    mask = np.tile(wave[None, :] if vertical else wave[:, None],
+                   (pixels, 1) if vertical else (1, pixels))
     colour_a, colour_b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     image = np.where(mask[..., None], colour_a, colour_b)
     yy, xx = np.mgrid[:pixels, :pixels]
@@ -63,7 +64,8 @@ def generate(folder, per_class=PER_CLASS, seed=SEED, pixels=PIXELS):
 
 def run(config: Config) -> DemoDataResult:
     folder = config.data
-    stamp = os.path.join(folder, STAMP)  # the Makefile's target: written last, so only when complete
+    # the Makefile's target: written last, so only when complete
+    stamp = os.path.join(folder, STAMP)
     if os.path.exists(stamp):
         print(f"demo data: {folder} is already complete")
         return DemoDataResult(folder, PER_CLASS * len(CLASSES), created=False)

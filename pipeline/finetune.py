@@ -135,7 +135,8 @@ def checked_image_paths(config, store):
                             f"DATA the cache was made from, or {RETRAIN}")
         stat = os.stat(full)
         size, mtime_ns, _ = recorded.get(rel, (None, None, None))
-        if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns) and backbone.file_sha256(full) != sha:
+        if ((stat.st_size, stat.st_mtime_ns) != (size, mtime_ns)
+                and backbone.file_sha256(full) != sha):
             raise UserError(f"DATA no longer matches the cache: {full} changed since `make "
                             f"extract`; {RETRAIN}")
         out.append(full)
@@ -200,7 +201,8 @@ def set_trainable(base, unfreeze):
         first = next(i for i, layer in enumerate(layers) if layer.name.startswith(text + "_"))
     else:
         raise UserError(f"UNFREEZE={unfreeze!r} is neither a block name ({', '.join(blocks)}) nor "
-                        f"a count of top convolutional layers (0-{len(convs)}): use e.g. UNFREEZE=block5")
+                        f"a count of top convolutional layers (0-{len(convs)}): use e.g. "
+                        "UNFREEZE=block5")
     base.trainable = True
     for i, layer in enumerate(layers):
         layer.trainable = i >= first
@@ -349,7 +351,8 @@ def _write_outputs(config, store, weights, model, head_record, backup, early, tr
     plot_path = artifacts.path(config, artifacts.FINETUNE_HISTORY_PLOT)
     plots.plot_history([("head", head_record.get("history", {})),
                         ("fine-tune", history)], plot_path,
-                       f"{config.dataset_name}: dense head, then fine-tuning from {config.unfreeze}")
+                       f"{config.dataset_name}: dense head, then fine-tuning from "
+                       f"{config.unfreeze}")
     return FinetuneResult(model_path, metrics_path, plot_path, metrics["validation"],
                           metrics["test"], epochs, metrics["best_epoch"], done, trainable,
                           metrics["seconds"])

@@ -15,7 +15,8 @@ from PIL import Image, ImageOps
 from .datasets import not_regular_reason
 
 # Part of the cache identity: change it whenever load_image would produce different numbers.
-PREPROCESS_ID = "pil:draft+exif+rgb(white-bg,16bit/257)+bilinear|keras.vgg16.preprocess_input(caffe)|v1"
+PREPROCESS_ID = ("pil:draft+exif+rgb(white-bg,16bit/257)+bilinear"
+                 "|keras.vgg16.preprocess_input(caffe)|v1")
 
 # The most pixels load_image decodes for one image (after a JPEG's DCT scaling, see load_image):
 # 8192 x 8192. Photos fit: 60-megapixel cameras exist (9504 x 6336 = 60.2 MP), and their JPEGs are
@@ -100,7 +101,8 @@ def _to_rgb(img):
 
 
 def try_load_image(path, size):
-    """(array, "") on success, (zeros, reason) on any decoding failure: bad files never stop a run."""
+    """(array, "") on success, (zeros, reason) on any decoding failure: bad files never stop a
+    run."""
     try:
         return load_image(path, size), ""
     except ImageRefused as error:

@@ -1,4 +1,5 @@
-"""Datasets labelled by a CSV: a folder of images plus LABELS=<csv> with one `filename,label` row each.
+"""Datasets labelled by a CSV: a folder of images plus LABELS=<csv> with one `filename,label` row
+each.
 
     make extract DATA=photos LABELS=labels.csv [LABEL_COLUMNS=file,species]
 
@@ -66,8 +67,8 @@ def read_rows(csv_path, label_columns):
     except UnicodeDecodeError as error:
         # Excel's "CSV" (not "CSV UTF-8") is Windows-1252, its "Unicode text" is UTF-16
         byte = error.object[error.start:error.start + 1].hex()
-        raise UserError(f"LABELS file {csv_path} is not UTF-8 text (it has the byte 0x{byte}): save "
-                        "it as UTF-8, e.g. as \"CSV UTF-8\" in Excel") from None
+        raise UserError(f"LABELS file {csv_path} is not UTF-8 text (it has the byte 0x{byte}): "
+                        "save it as UTF-8, e.g. as \"CSV UTF-8\" in Excel") from None
     except csv.Error as error:
         raise UserError(f"LABELS file {csv_path} is not a readable CSV file ({error}): save it as "
                         "CSV with filename,label columns") from None

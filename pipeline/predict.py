@@ -1,6 +1,7 @@
 """Apply a trained model to new pictures.
 
-    python -m pipeline predict --images DIR_OR_FILE [--name NAME] [--model auto|logreg|dense|finetuned]
+    python -m pipeline predict --images DIR_OR_FILE [--name NAME]
+                               [--model auto|logreg|dense|finetuned]
 
 Images go through images.image_batches (the one loader) a batch at a time and each batch's rows
 are written to models/<NAME>/predictions.csv as soon as they are known, so tens of thousands of
@@ -50,7 +51,8 @@ def run(config: Config) -> PredictResult:
     if record.weights_notice:
         warn(record.weights_notice)
 
-    out, skipped_out = artifacts.path(config, artifacts.PREDICTIONS), artifacts.path(config, SKIPPED)
+    out = artifacts.path(config, artifacts.PREDICTIONS)
+    skipped_out = artifacts.path(config, SKIPPED)
     counts, shown, skipped = dict.fromkeys(class_names, 0), [], list(unreadable)
     with files.replacing(out, "w", newline="", encoding="utf-8") as f, \
             files.replacing(skipped_out, "w", newline="", encoding="utf-8") as g:
@@ -124,14 +126,15 @@ def find_images(target):
         raise UserError(f"IMAGES={target} does not exist: pass an image file or a folder of "
                         "images") from None
     if not datasets.is_utf8(target):
-        raise UserError(f"IMAGES={datasets.printable(target)}: the name is not valid UTF-8: rename it")
+        raise UserError(f"IMAGES={datasets.printable(target)}: the name is not valid UTF-8: "
+                        "rename it")
     if stat.S_ISREG(mode):
         if not datasets.is_image_candidate(target):
             raise UserError(f"IMAGES={target} is not an image file (by extension or content)")
         return [target], 0, []
     if not stat.S_ISDIR(mode):
-        raise UserError(f"IMAGES={target} is not a regular file ({datasets.file_kind(mode)}): pass an "
-                        "image file or a folder of images")
+        raise UserError(f"IMAGES={target} is not a regular file ({datasets.file_kind(mode)}): "
+                        "pass an image file or a folder of images")
     paths, ignored, problems = [], 0, []
     for path, reason in datasets.walk_files(target, target):
         if reason is None:
@@ -141,8 +144,9 @@ def find_images(target):
         else:
             problems.append((path, reason))
     if not paths:
-        raise UserError(f"no images in {target} (looked for {', '.join(sorted(datasets.IMAGE_EXTENSIONS))} "
-                        "files and image content, in every subfolder)")
+        raise UserError(f"no images in {target} (looked for "
+                        f"{', '.join(sorted(datasets.IMAGE_EXTENSIONS))} files and image content, "
+                        "in every subfolder)")
     return paths, ignored, problems
 
 

@@ -115,8 +115,8 @@ def _kept_models(metrics_path, store, head):
 def feature_dataset(store, rows, targets, batch, seed=None):
     """A tf.data.Dataset of (features, target) batches over `rows`, read from the cache a block
     at a time. With a seed, every epoch visits the rows in a new order, the same in every run."""
-    per_block = max(1, cache.READ_BLOCK // batch) * batch  # whole batches per block: one short batch
-    epochs = itertools.count()                       # per epoch, at the very end at most
+    per_block = max(1, cache.READ_BLOCK // batch) * batch  # whole batches per block: one short
+    epochs = itertools.count()                       # batch per epoch, at the very end at most
 
     def generate():
         rng = None if seed is None else np.random.default_rng([seed, next(epochs)])
@@ -198,7 +198,8 @@ def train_dense(config, store, rows, callbacks=()):
     if len(rows["test"]):
         test = feature_dataset(store, rows["test"], targets, config.batch)
         entry["test"] = _evaluate_dense(head, test)
-    entry.update(file_sha256=artifacts.file_sha256(paths["dense"]),  # ties the file to these metrics
+    # file_sha256 ties the file to these metrics
+    entry.update(file_sha256=artifacts.file_sha256(paths["dense"]),
                  epochs=len(history["loss"]), best_epoch=int(stop.best_epoch) + 1,  # 1-based
                  seconds=seconds, history={k: [float(v) for v in history[k]] for k in
                                            ("accuracy", "val_accuracy", "loss", "val_loss")})

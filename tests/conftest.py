@@ -57,5 +57,6 @@ def tiny_weights_file(tmp_path_factory):
     import keras
     path = str(tmp_path_factory.mktemp("weights") / "vgg16_test.weights.h5")
     keras.utils.set_random_seed(1)
-    keras.applications.VGG16(weights=None, include_top=False, input_shape=(None, None, 3)).save_weights(path)
+    keras.applications.VGG16(weights=None, include_top=False,
+                             input_shape=(None, None, 3)).save_weights(path)
     return path

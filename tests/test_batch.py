@@ -1,4 +1,5 @@
-"""`make batch`: many datasets, a summary, failures recorded, and reruns that cost only what changed."""
+"""`make batch`: many datasets, a summary, failures recorded, and reruns that cost only what
+changed."""
 import csv
 import os
 
@@ -131,8 +132,9 @@ def test_a_failing_dataset_does_not_stop_the_others(tmp_path, capsys):
     missing = str(tmp_path / "missing")
     out = tmp_path / "out"
     code = main(["batch", "--datasets", missing, good, one_class, "--finetune", "0",
-                 "--weights", "none", "--size", "32", "--batch", "4", "--epochs", "2", "--split", "50/25/25",
-                 "--features-root", str(out / "features"), "--models-root", str(out / "models")])
+                 "--weights", "none", "--size", "32", "--batch", "4", "--epochs", "2",
+                 "--split", "50/25/25", "--features-root", str(out / "features"),
+                 "--models-root", str(out / "models")])
     assert code == 2  # the batch as a whole failed ...
     assert "2 of 3 datasets failed (missing, lonely)" in capsys.readouterr().err
     with open(out / "models" / batch.SUMMARY_CSV, newline="") as f:
@@ -169,7 +171,8 @@ def test_csv_labels_and_fine_tuning_in_a_batch(tmp_path, make_config):
     result = batch.run(make_config("unused", batch_file=str(tmp_path / "list.txt"),
                                    split="50/25/25"))
     row = summary_rows(result)["stripes"]
-    assert row["status"] == "trained" and row["class_names"] == "horizontal stripes; vertical stripes"
+    assert row["status"] == "trained" and \
+        row["class_names"] == "horizontal stripes; vertical stripes"
     assert (row["images"], row["skipped"], row["missing_files"], row["unlabelled"]) == \
         ("11", "2", "1", "1")
     stripes = make_config(str(flat), name="stripes", split="50/25/25")

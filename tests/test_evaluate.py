@@ -60,7 +60,8 @@ def test_every_model_is_scored_on_the_test_split(run):
                 labels, expected_probabilities(run, model, store, rows)[:, 1]), abs=1e-9)
             assert set(m["classification_report"]) >= {"horizontal", "vertical", "macro avg"}
             assert "precision" in m["classification_report_text"]
-            assert m["misclassified_count"] == len(m["misclassified"]) == np.sum(predicted != labels)
+            assert m["misclassified_count"] == len(m["misclassified"]) == \
+                np.sum(predicted != labels)
             with Image.open(artifacts.path(run, m["confusion_matrix_png"])) as png:
                 assert png.format == "PNG" and png.size[0] > 200
     assert report["identity"] == extract_identity(run)

@@ -48,7 +48,8 @@ def test_features_equal_a_direct_keras_computation(image_folder, make_config, ti
     cached = read_cache(config)
     base = backbone.build_backbone(backbone.resolve_weights(tiny_weights_file), 32)
     for rel in sorted(cached)[:3]:
-        direct = base.predict(images.load_image(os.path.join(image_folder, rel), 32)[None], verbose=0)
+        direct = base.predict(images.load_image(os.path.join(image_folder, rel), 32)[None],
+                              verbose=0)
         np.testing.assert_allclose(cached[rel], direct[0], rtol=1e-4, atol=1e-4)
 
 
@@ -69,7 +70,8 @@ def test_rerun_is_incremental(image_folder, make_config):
     shutil.copy(os.path.join(image_folder, "vertical", "vertical_00.jpg"),
                 os.path.join(image_folder, "vertical", "copy_same_content.jpg"))
     from PIL import Image
-    Image.new("RGB", (40, 40), (9, 99, 199)).save(os.path.join(image_folder, "horizontal", "new.jpg"))
+    Image.new("RGB", (40, 40), (9, 99, 199)).save(
+        os.path.join(image_folder, "horizontal", "new.jpg"))
     added = extract.run(config)
     assert (added.rows, added.new, added.changed) == (14, 1, True)
 
@@ -194,7 +196,8 @@ def test_kill_9_then_rerun_equals_a_clean_run(tmp_path, make_config):
     command = [sys.executable, "-m", "pipeline", "extract", "--data", root, "--name", "killed",
                "--weights", "none", "--size", "32", "--batch", "2",
                "--features-root", config.features_root]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     segments = os.path.join(config.features_dir, "segments")
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
@@ -204,7 +207,8 @@ def test_kill_9_then_rerun_equals_a_clean_run(tmp_path, make_config):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not os.path.exists(os.path.join(config.features_dir, "features.h5"))  # never half-written
+    # features.h5 is never half-written
+    assert not os.path.exists(os.path.join(config.features_dir, "features.h5"))
 
     resumed = extract.run(config)
     assert resumed.reused >= 6 and resumed.new + resumed.reused == 40

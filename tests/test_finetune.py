@@ -8,11 +8,10 @@ import shutil
 import keras
 import numpy as np
 import pytest
-
 from conftest import make_image_folder
+
 from pipeline import __main__ as cli
-from pipeline import (artifacts, backbone, cache, demo_data, extract, finetune, images, lock,
-                      train_head)
+from pipeline import artifacts, backbone, demo_data, extract, finetune, images, lock, train_head
 from pipeline.cache import FeatureStore
 from pipeline.config import Config, UserError
 

@@ -66,7 +66,8 @@ def test_animation_uses_its_first_frame(tmp_path):
     frames = [Image.new("RGB", (8, 8), (255, 255, 255)), Image.new("RGB", (8, 8), (0, 0, 0))]
     path = str(tmp_path / "anim.gif")
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
-    np.testing.assert_allclose(images.load_image(path, 8)[0, 0], _white_after_preprocessing(), atol=2.0)
+    np.testing.assert_allclose(images.load_image(path, 8)[0, 0], _white_after_preprocessing(),
+                               atol=2.0)
 
 
 def test_try_load_reports_instead_of_raising(tmp_path):

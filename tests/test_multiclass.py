@@ -1,4 +1,5 @@
-"""Many classes end to end: softmax heads, per-class metrics, a confusion matrix that stays readable."""
+"""Many classes end to end: softmax heads, per-class metrics, a confusion matrix that stays
+readable."""
 import json
 
 import keras
@@ -37,7 +38,7 @@ def test_three_classes_end_to_end(tmp_path, make_config):
         report = json.load(f)
     assert report["class_names"] == list(CLASSES)
     assert set(report["models"]) == {"logreg", "dense", "finetuned"}
-    for model, scores in report["models"].items():
+    for _, scores in report["models"].items():
         per_class = scores["classification_report"]
         assert all(set(per_class[c]) >= {"precision", "recall", "f1-score", "support"}
                    for c in CLASSES)

@@ -86,7 +86,8 @@ def test_bad_files_are_skipped_and_reported(run, tmp_path, capsys):
     assert [os.path.basename(r["path"]) for r in rows] == ["a.jpg", "b.png"]
     assert result.skipped == 2
     skipped = read_predictions(artifacts.path(run, predict.SKIPPED))
-    assert {os.path.basename(r["path"]): r["reason"] for r in skipped}["empty.jpg"] == "empty file (0 bytes)"
+    assert {os.path.basename(r["path"]): r["reason"] for r in skipped}["empty.jpg"] == \
+        "empty file (0 bytes)"
     assert {os.path.basename(r["path"]) for r in skipped} == {"broken.jpg", "empty.jpg"}
     out = capsys.readouterr().out
     assert "skipped 2 file(s)" in out and "1 other files ignored" in out and "a.jpg" in out

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def real_photos(tmp_path):
-    """40 real photos (20 cats, 20 dogs) as a layout (a) folder of symlinks: raw data stays untouched."""
+    """40 real photos (20 cats, 20 dogs) as a layout (a) folder of symlinks: raw data stays
+    untouched."""
     for class_name in ("cats", "dogs"):
         source = os.path.join(SHARED_DATA, "train", class_name)
         os.makedirs(tmp_path / "photos" / class_name)

@@ -1,4 +1,5 @@
-"""The report: every section, links that resolve, the dataset summary, and the random-weights notice."""
+"""The report: every section, links that resolve, the dataset summary, and the random-weights
+notice."""
 import os
 import re
 import shutil
@@ -66,7 +67,8 @@ def test_misclassified_grid_shows_the_mistakes(run, tmp_path):
     evaluation["models"]["dense"].update(misclassified=wrong, misclassified_count=7)
     artifacts.write_json(path, evaluation)
     text = open(report.run(config).path).read()
-    assert "### Dense head: 7 of" in text and "![misclassified, dense head](misclassified_dense.png)" in text
+    assert "### Dense head: 7 of" in text and \
+        "![misclassified, dense head](misclassified_dense.png)" in text
     with Image.open(artifacts.path(config, "misclassified_dense.png")) as png:
         assert png.format == "PNG" and png.size[1] >= 500  # 7 pictures: two rows of five
 
