@@ -112,8 +112,8 @@ def jobs_of(config):
     for job in jobs:
         config.replace(data=job.data, name=job.name)  # refuses a bad name before any work
         if job.name in seen:
-            raise UserError(f"two datasets are named {job.name!r} ({seen[job.name]} and {job.data}):"
-                            " list them in BATCH_FILE with a different name for each")
+            raise UserError(f"two datasets are named {job.name!r} ({seen[job.name]} and "
+                            f"{job.data}): list them in BATCH_FILE with a different name for each")
         seen[job.name] = job.data
     return jobs
 

@@ -62,7 +62,8 @@ def run(config: Config) -> EvaluateResult:
         png = CONFUSION_PLOT.format(model=model)
         plots.plot_confusion_matrix(np.asarray(report["models"][model]["confusion_matrix"]),
                                     class_names, artifacts.path(config, png),
-                                    title=f"{registry.TITLES[model]} on {split} ({len(rows)} images)")
+                                    title=f"{registry.TITLES[model]} on {split} "
+                                          f"({len(rows)} images)")
         report["models"][model]["confusion_matrix_png"] = png
     for model in set(registry.NAMES) - set(scored):  # a plot of a model that is gone would mislead
         stale = artifacts.path(config, CONFUSION_PLOT.format(model=model))

@@ -104,9 +104,10 @@ def load(config, name):
             return load_logreg(file_path)[0]
         import keras
         return keras.saving.load_model(file_path, compile=False, safe_mode=True)
-    except Exception as error:  # safe mode: ValueError; object arrays: ValueError; a bad zip: others
-        raise UserError(f"{file_path} cannot be loaded safely ({type(error).__name__}: "
-                        f"{' '.join(str(error).split())[:160]}): rerun `{KINDS[name].make}`") from None
+    except Exception as error:  # safe mode and object arrays: ValueError; a bad zip: others
+        reason = " ".join(str(error).split())[:160]
+        raise UserError(f"{file_path} cannot be loaded safely ({type(error).__name__}: {reason}): "
+                        f"rerun `{KINDS[name].make}`") from None
 
 
 def predictor(config, name):

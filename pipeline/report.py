@@ -181,7 +181,8 @@ def _dataset_section(config, attrs, labels, splits):
     lines = ["## Dataset", "",
              f"`{attrs.get('data_root', config.data)}` (layout: {attrs.get('layout', '?')}), "
              f"{len(labels)} images in {len(class_names)} classes.", "",
-             "| class | " + " | ".join(SPLITS) + " | total |", "|---|" + "---:|" * (len(SPLITS) + 1)]
+             "| class | " + " | ".join(SPLITS) + " | total |",
+             "|---|" + "---:|" * (len(SPLITS) + 1)]
     for label, name in enumerate(class_names):
         counts = [int(np.sum((labels == label) & (splits == s))) for s in SPLITS]
         lines.append(f"| {_cell(name)} | " + " | ".join(map(str, counts)) + f" | {sum(counts)} |")

@@ -96,7 +96,8 @@ def download(url, dest, retries=RETRIES, timeout=TIMEOUT, wait=2.0):
             problem = "the connection closed before the end of the file"
         except urllib.error.HTTPError as error:
             if error.code != 416:
-                raise UserError(f"downloading {url} failed: HTTP {error.code} {error.reason}") from None
+                raise UserError(f"downloading {url} failed: HTTP {error.code} "
+                                f"{error.reason}") from None
             os.remove(part)  # 416: what we hold does not fit the file on the server; start over
             problem = "the partial file did not match the server's: starting over"
         except urllib.error.URLError as error:  # no connection at all: DNS, refused, unreachable
@@ -159,14 +160,16 @@ def verify(folder, expected=EXPECTED):
     for split, classes in expected.items():
         for class_name, count in classes.items():
             where = os.path.join(folder, split, class_name)
-            found = (sum(datasets.is_image_candidate(os.path.join(where, f)) for f in os.listdir(where))
-                     if os.path.isdir(where) else None)
+            found = (sum(datasets.is_image_candidate(os.path.join(where, f))
+                         for f in os.listdir(where)) if os.path.isdir(where) else None)
             if found != count:
                 problems.append(f"{split}/{class_name} has "
-                                f"{'no folder' if found is None else found} (expected {count} images)")
+                                f"{'no folder' if found is None else found} "
+                                f"(expected {count} images)")
     if problems:
+        archive = os.path.join(DOWNLOADS, FOLDER + ".zip")
         raise UserError(f"{folder} is not the expected dataset: {'; '.join(problems)}; delete it "
-                        f"(and {os.path.join(DOWNLOADS, FOLDER + '.zip')}) and rerun `make reproduce`")
+                        f"(and {archive}) and rerun `make reproduce`")
     return folder
 
 
