@@ -32,7 +32,7 @@ def run(data, work, size, batch):
     weights = os.environ.get("WEIGHTS") or standin_weights()
     if PER_FOLDER:
         data = _first_images(data, os.path.join(work, "accuracy_data"), PER_FOLDER)
-    config = Config(data=data, name="cats_vs_dogs", weights=weights, size=size, batch=batch,
+    config = Config(data=data, name="cats_vs_dogs", weights=weights, size=size, batch_size=batch,
                     head="both", finetune_epochs=FINETUNE_EPOCHS, fresh=True,
                     features_root=os.path.join(work, "accuracy", "features"),
                     models_root=os.path.join(work, "accuracy", "models"))
@@ -62,7 +62,7 @@ def validation_accuracy(config, finetuned=True):
                  for model in ("logreg", "dense")}
     if finetuned:
         predict = registry.predictor(config, "finetuned")
-        dataset = images.labelled_dataset(paths, labels, size, config.batch)
+        dataset = images.labelled_dataset(paths, labels, size, config.batch_size)
         predicted["acc_finetuned"] = np.concatenate([predict(x) for x, _ in dataset]).argmax(1)
     return {key: float(np.mean(p == labels)) for key, p in predicted.items()}
 

@@ -79,7 +79,8 @@ def main():
         tf.config.experimental.set_memory_growth(gpu, True)
     results = {"machine": support.machine(), "versions": support.versions(),
                "settings": dict(BENCH_N=N, BENCH_SYNTH_ROWS=SYNTH_ROWS, BENCH_ACCURACY=ACCURACY,
-                                size=SIZE, batch=BATCH, weights="none", data=os.path.abspath(DATA),
+                                size=SIZE, batch_size=BATCH, weights="none",
+                                data=os.path.abspath(DATA),
                                 model_only_batches=MODEL_ONLY_BATCHES, head_epochs=HEAD_EPOCHS,
                                 frozen_images=FROZEN_IMAGES, synth_epochs=SYNTH_EPOCHS,
                                 TF_ENABLE_ONEDNN_OPTS=os.environ["TF_ENABLE_ONEDNN_OPTS"],
@@ -93,7 +94,7 @@ def main():
     for _, path in picked:  # warm the page cache: every method then reads the same warm files
         with open(path, "rb") as f:
             f.read()
-    config = Config(data=inc_dir, name="bench", weights="none", size=SIZE, batch=BATCH,
+    config = Config(data=inc_dir, name="bench", weights="none", size=SIZE, batch_size=BATCH,
                     features_root=os.path.join(WORK, "features"),
                     models_root=os.path.join(WORK, "models"))
 
@@ -255,7 +256,7 @@ def head_epochs(config):
 
 def extract_memory(full_dir):
     gb = support.peak_rss_gb(["extract", "--data", full_dir, "--name", "memory",
-                              "--weights", "none", "--size", str(SIZE), "--batch", str(BATCH),
+                              "--weights", "none", "--size", str(SIZE), "--batch-size", str(BATCH),
                               "--features-root", os.path.join(WORK, "memory")],
                              os.path.join(WORK, "extract_memory.log"), ROOT)
     return {"extract_peak_rss_gb": gb}, {"extract_memory_images": N}

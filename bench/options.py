@@ -66,7 +66,7 @@ def extract_folder(folder, full_decoding, size, batch, features_root):
     from pipeline import extract
     from pipeline.config import Config
     config = Config(data=folder, name=os.path.basename(folder), weights="none", size=size,
-                    batch=batch, features_root=features_root)
+                    batch_size=batch, features_root=features_root)
     with full_jpeg_decoding() if full_decoding else nullcontext():
         start = time.perf_counter()
         result = extract.run(config)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 MIN_SIZE, MAX_SIZE = 32, 1024  # VGG16 needs 32 px for one 1x1 feature map; it was trained at 224
 MAX_BATCH = 1024
-# SIZE x SIZE x BATCH must leave room: VGG16's first block holds the input and two 64-channel
+# SIZE x SIZE x BATCH_SIZE must leave room: VGG16's first block holds the input and two 64-channel
 # float32 maps per image at once, the peak of a forward pass. Past this share of the machine's
 # memory, a run would end in the kernel's out-of-memory killer, with no message.
 MEMORY_SHARE = 0.5
@@ -54,7 +54,7 @@ class Config:
     weights: str = setting("", "imagenet | none | auto (demo only) | <file.h5>; empty: imagenet "
                                "for extract, the cache's own weights afterwards")
     size: int = setting(150, "images are resized to SIZE x SIZE pixels (32 to 1024)")
-    batch: int = setting(32, "images (or feature maps) per step")
+    batch_size: int = setting(32, "images (or feature maps) per step")
     precision: str = setting("auto", "auto (mixed_float16 on a GPU, else float32) | float32 | "
                                      "mixed_float16 | mixed_bfloat16; part of the cache identity")
     storage: str = setting("float32", "float32 | float16: half the disk and read I/O, features "
@@ -98,7 +98,7 @@ class Config:
         a deep traceback or a run that trains on nonsense (LR=-1) helps nobody."""
         self._check_name()
         _check_range("SIZE", self.size, MIN_SIZE, MAX_SIZE, "the images' side in pixels")
-        _check_range("BATCH", self.batch, 1, MAX_BATCH, "images per step")
+        _check_range("BATCH_SIZE", self.batch_size, 1, MAX_BATCH, "images per step")
         _check_range("EPOCHS", self.epochs, 1, 100_000, "head epochs")
         _check_range("FINETUNE_EPOCHS", self.finetune_epochs, 1, 100_000, "fine-tuning epochs")
         _check_range("SEED", self.seed, 0, 2**32 - 1, "a non-negative integer")
@@ -117,7 +117,7 @@ class Config:
         _check_choice("PRECISION", self.precision,
                       ("auto", "float32", "mixed_float16", "mixed_bfloat16"))
         _check_choice("STORAGE", self.storage, ("float32", "float16"))
-        _check_memory(self.size, self.batch)
+        _check_memory(self.size, self.batch_size)
 
     def _check_name(self):
         name = self.dataset_name
@@ -194,7 +194,7 @@ def _check_choice(variable, value, choices):
 
 
 def _check_memory(size, batch):
-    """Refuse SIZE x BATCH whose forward pass cannot fit in half of this machine's memory."""
+    """Refuse SIZE x BATCH_SIZE whose forward pass cannot fit in half of this machine's memory."""
     needed = batch * size * size * (3 + 64 + 64) * 4  # input + block1's two conv outputs, float32
     try:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * MEMORY_SHARE
@@ -202,9 +202,10 @@ def _check_memory(size, batch):
         return
     if needed > available:
         fits = max(1, int(available // (size * size * 131 * 4)))
-        raise UserError(f"SIZE={size} with BATCH={batch} needs about {needed / 2**30:.1f} GB for "
-                        f"VGG16's activations, more than half of this machine's memory: use "
-                        f"BATCH={fits} or less, or a smaller SIZE")
+        raise UserError(f"SIZE={size} with BATCH_SIZE={batch} needs about "
+                        f"{needed / 2**30:.1f} GB for VGG16's activations, more than half of "
+                        "this machine's memory: use "
+                        f"BATCH_SIZE={fits} or less, or a smaller SIZE")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -120,7 +120,8 @@ def _image_probabilities(config, model, store, rows, labels):
         raise UserError(f"{missing[0]} (and {len(missing) - 1} more) no longer exist: pass the "
                         "DATA folder the cache was extracted from")
     predict = registry.predictor(config, model)
-    dataset = images.labelled_dataset(paths, labels, store.identity["image_size"], config.batch)
+    size = store.identity["image_size"]
+    dataset = images.labelled_dataset(paths, labels, size, config.batch_size)
     try:
         return np.concatenate([predict(batch) for batch, _ in dataset])
     except tf.errors.InvalidArgumentError:

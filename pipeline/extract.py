@@ -121,8 +121,8 @@ def _compute(config, weights, identity, identity_id, todo, known):
               smoothing=0.1) as progress:
         # The dataset leads the zip, so its iterator runs to its natural end (no pending work
         # to cancel when the loop stops).
-        for (batch, reasons), first in zip(images.image_batches(paths, config.size, config.batch),
-                                           range(0, len(shas), config.batch)):
+        batches = images.image_batches(paths, config.size, config.batch_size)
+        for (batch, reasons), first in zip(batches, range(0, len(shas), config.batch_size)):
             reasons = [r.decode() for r in reasons.numpy()]
             ok = np.array([not r for r in reasons])
             batch_shas = shas[first:first + len(reasons)]

@@ -111,10 +111,10 @@ def make_datasets(config, store):
                else store.labels.astype(np.int32))
 
     def dataset(rows, **kwargs):
-        return images.labelled_dataset(paths[rows], targets[rows], size, config.batch,
+        return images.labelled_dataset(paths[rows], targets[rows], size, config.batch_size,
                                        **kwargs) if len(rows) else None
 
-    first = split["validation"][:config.batch]
+    first = split["validation"][:config.batch_size]
     return {"train": dataset(split["train"], augment=augmentation(config.seed),
                              shuffle_seed=config.seed),
             "validation": dataset(split["validation"]), "test": dataset(split["test"]),

@@ -61,8 +61,8 @@ def run(config: Config) -> PredictResult:
         skip_writer.writerow(["path", "reason"])
         skip_writer.writerows(unreadable)
         progress = tqdm(total=len(paths), desc=f"predict ({model})", unit="img", smoothing=0.1)
-        for (batch, reasons), first in zip(images.image_batches(paths, size, config.batch),
-                                           range(0, len(paths), config.batch)):
+        for (batch, reasons), first in zip(images.image_batches(paths, size, config.batch_size),
+                                           range(0, len(paths), config.batch_size)):
             reasons = [r.decode() for r in reasons.numpy()]
             ok = np.array([not r for r in reasons])
             probabilities = iter(predict_batch(tf.boolean_mask(batch, ok)) if ok.any() else [])

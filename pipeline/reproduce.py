@@ -32,7 +32,7 @@ FOLDER = "cats_and_dogs_filtered"
 EXPECTED = {"train": {"cats": 1000, "dogs": 1000}, "validation": {"cats": 500, "dogs": 500}}
 # The article's settings. Fine-tuning: 20 epochs at LR=1e-5 (the article ran longer; with a
 # learning rate this low and early stopping restoring the best epoch, 20 is where it levels off).
-SETTINGS = dict(size=150, batch=20, epochs=30, head="both", unfreeze="block5", lr=1e-5,
+SETTINGS = dict(size=150, batch_size=20, epochs=30, head="both", unfreeze="block5", lr=1e-5,
                 finetune_epochs=20)
 ARTICLE = {"dense": 0.95, "finetuned": 0.97}   # "about 95%" and "about 97%" validation accuracy
 RESULTS = "reproduce.json"

@@ -112,22 +112,23 @@ def _kept_models(metrics_path, store, head):
 # Streaming the cache
 # --------------------------------------------------------------------------------------------
 
-def feature_dataset(store, rows, targets, batch, seed=None):
+def feature_dataset(store, rows, targets, batch_size, seed=None):
     """A tf.data.Dataset of (features, target) batches over `rows`, read from the cache a block
     at a time. With a seed, every epoch visits the rows in a new order, the same in every run."""
-    per_block = max(1, cache.READ_BLOCK // batch) * batch  # whole batches per block: one short
-    epochs = itertools.count()                       # batch per epoch, at the very end at most
+    # whole batches per block: one short batch per epoch, at the very end at most
+    per_block = max(1, cache.READ_BLOCK // batch_size) * batch_size
+    epochs = itertools.count()
 
     def generate():
         rng = None if seed is None else np.random.default_rng([seed, next(epochs)])
         for indices, features in store.blocks(rows, per_block, rng):
-            for i in range(0, len(indices), batch):
-                yield features[i:i + batch], targets[indices[i:i + batch]]
+            for i in range(0, len(indices), batch_size):
+                yield features[i:i + batch_size], targets[indices[i:i + batch_size]]
 
     signature = (tf.TensorSpec((None, *store.features.shape[1:]), tf.float32),
                  tf.TensorSpec((None, *targets.shape[1:]), tf.as_dtype(targets.dtype)))
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(len(rows) / batch)))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(len(rows) / batch_size)))
     return ds.prefetch(tf.data.AUTOTUNE)  # the next blocks are read while the model trains
 
 
@@ -152,8 +153,8 @@ def train_dense(config, store, rows, callbacks=()):
     # sigmoid head: float targets of shape (n, 1); softmax head: integer class indices
     targets = (store.labels.astype(np.float32)[:, None] if len(names) == 2
                else store.labels.astype(np.int32))
-    train = feature_dataset(store, rows["train"], targets, config.batch, seed=config.seed)
-    validation = feature_dataset(store, rows["validation"], targets, config.batch)
+    train = feature_dataset(store, rows["train"], targets, config.batch_size, seed=config.seed)
+    validation = feature_dataset(store, rows["validation"], targets, config.batch_size)
     paths = {"dense": artifacts.path(config, artifacts.HEAD),
              "checkpoint": artifacts.path(config, artifacts.HEAD_CHECKPOINT),
              "log": artifacts.path(config, artifacts.HEAD_LOG),
@@ -196,7 +197,7 @@ def train_dense(config, store, rows, callbacks=()):
     _compiled(head, len(names), config.head_lr)  # after saving: no unused optimizer in the file
     entry = {"validation": _evaluate_dense(head, validation)}
     if len(rows["test"]):
-        test = feature_dataset(store, rows["test"], targets, config.batch)
+        test = feature_dataset(store, rows["test"], targets, config.batch_size)
         entry["test"] = _evaluate_dense(head, test)
     # file_sha256 ties the file to these metrics
     entry.update(file_sha256=artifacts.file_sha256(paths["dense"]),

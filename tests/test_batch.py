@@ -132,7 +132,7 @@ def test_a_failing_dataset_does_not_stop_the_others(tmp_path, capsys):
     missing = str(tmp_path / "missing")
     out = tmp_path / "out"
     code = main(["batch", "--datasets", missing, good, one_class, "--finetune", "0",
-                 "--weights", "none", "--size", "32", "--batch", "4", "--epochs", "2",
+                 "--weights", "none", "--size", "32", "--batch-size", "4", "--epochs", "2",
                  "--split", "50/25/25", "--features-root", str(out / "features"),
                  "--models-root", str(out / "models")])
     assert code == 2  # the batch as a whole failed ...
@@ -143,8 +143,9 @@ def test_a_failing_dataset_does_not_stop_the_others(tmp_path, capsys):
         ["failed", "trained", "failed"]  # ... but the good dataset ran, after the failure
     assert "does not exist" in rows["missing"]["error"]
     assert "1 class folder" in rows["lonely"]["error"]
-    good_config = Config(data=good, weights="none", size=32, batch=4, epochs=2, split="50/25/25",
-                         features_root=str(out / "features"), models_root=str(out / "models"))
+    good_config = Config(data=good, weights="none", size=32, batch_size=4, epochs=2,
+                         split="50/25/25", features_root=str(out / "features"),
+                         models_root=str(out / "models"))
     assert summary_accuracies(rows["good"], ("logreg", "dense")) == \
         stage_accuracies(good_config, ("logreg", "dense"))
     assert rows["good"]["error"] == ""

@@ -192,9 +192,9 @@ def test_fatal_errors_exit_non_zero_with_one_line(image_folder, tmp_path, capsys
 def test_kill_9_then_rerun_equals_a_clean_run(tmp_path, make_config):
     from conftest import make_image_folder
     root = make_image_folder(tmp_path / "data", per_class=20)
-    config = make_config(root, batch=2, name="killed")
+    config = make_config(root, batch_size=2, name="killed")
     command = [sys.executable, "-m", "pipeline", "extract", "--data", root, "--name", "killed",
-               "--weights", "none", "--size", "32", "--batch", "2",
+               "--weights", "none", "--size", "32", "--batch-size", "2",
                "--features-root", config.features_root]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)

@@ -76,10 +76,10 @@ def test_a_data_folder_without_a_usable_name_asks_for_one(tmp_path):
 @pytest.mark.parametrize("args, pattern", [
     (["--size", "100000"], r"SIZE=100000 is out of range: use a whole number from 32 to 1024"),
     (["--size", "16"], r"SIZE=16 is out of range"),
-    (["--size", "1024", "--batch", "1024"], r"SIZE=1024 with BATCH=1024 needs about \d+\.\d GB"
-                                            r".*use BATCH=\d+ or less"),
-    (["--batch", "0"], r"BATCH=0 is out of range: use a whole number from 1"),
-    (["--batch", "-3"], r"BATCH=-3 is out of range"),
+    (["--size", "1024", "--batch-size", "1024"],
+     r"SIZE=1024 with BATCH_SIZE=1024 needs about \d+\.\d GB.*use BATCH_SIZE=\d+ or less"),
+    (["--batch-size", "0"], r"BATCH_SIZE=0 is out of range: use a whole number from 1"),
+    (["--batch-size", "-3"], r"BATCH_SIZE=-3 is out of range"),
     (["--lr", "0"], r"LR=0.0 is not a learning rate: use a small positive number"),
     (["--lr=-1e-5"], r"LR=-1e-05 is not a learning rate"),
     (["--size", "big"], r"argument --size: invalid int value: 'big'"),

@@ -198,9 +198,9 @@ def test_a_damaged_segment_is_refused_then_recomputed(tmp_path, make_config, mon
 def test_a_damaged_test_row_stops_the_dense_head_in_one_line(tmp_path, make_config, monkeypatch,
                                                              capsys):
     """Damage only among the held-out rows surfaced inside Keras as a TensorFlow traceback."""
-    monkeypatch.setattr(cache, "COMPACT_BELOW", 1)  # one segment per image: batch=1
+    monkeypatch.setattr(cache, "COMPACT_BELOW", 1)  # one segment per image: batch_size=1
     root = make_image_folder(tmp_path / "data")
-    config = make_config(root, batch=1, split="50/25/25")
+    config = make_config(root, batch_size=1, split="50/25/25")
     extract.run(config)
     with cache.FeatureStore(config.features_dir) as store:
         held_out = set(store.sha256[store.rows("test")])
@@ -292,7 +292,7 @@ LIMITED = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.S
 
 def extract_with_file_limit(config, limit):
     command = [sys.executable, "-c", LIMITED, str(limit), "extract", "--data", config.data,
-               "--weights", "none", "--size", "32", "--batch", str(config.batch),
+               "--weights", "none", "--size", "32", "--batch-size", str(config.batch_size),
                "--features-root", config.features_root]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TQDM_DISABLE": "1"})

@@ -131,7 +131,7 @@ def test_a_missing_model_or_no_model(run, tmp_path):
 
 
 def test_command_line(run, capsys):
-    argv = ["predict", "--data", run.data, "--name", run.name, "--size", "32", "--batch", "4",
+    argv = ["predict", "--data", run.data, "--name", run.name, "--size", "32", "--batch-size", "4",
             "--features-root", run.features_root, "--models-root", run.models_root,
             "--images", os.path.join(run.data, "horizontal"), "--model", "logreg"]
     assert cli.main(argv) == 0

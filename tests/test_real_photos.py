@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA
 
-from pipeline import cache, extract, train_head
+from pipeline import cache, extract, registry, train_head
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def real_photos(tmp_path):
 
 
 def test_real_photos_through_extract_and_train_head(real_photos, make_config):
-    config = make_config(real_photos, size=150, batch=16, epochs=2, split="70/30/0")
+    config = make_config(real_photos, size=150, batch_size=16, epochs=2, split="70/30/0")
     result = extract.run(config)
     assert (result.rows, result.skipped) == (40, 0)
     with cache.FeatureStore(config.features_dir) as store:
@@ -33,4 +33,8 @@ def test_real_photos_through_extract_and_train_head(real_photos, make_config):
     assert extract.run(config).new == 0
     metrics = train_head.run(config).metrics
     assert set(metrics["models"]) == {"dense", "logreg"}
-    assert 0.0 <= metrics["models"]["dense"]["validation"]["accuracy"] <= 1.0
+    with cache.FeatureStore(config.features_dir) as store:  # the recorded score is the head's
+        rows = store.rows("validation")
+        predicted = registry.predictor(config, "dense")(store.read(rows)).argmax(axis=1)
+        expected = np.mean(predicted == store.labels[rows])
+    assert metrics["models"]["dense"]["validation"]["accuracy"] == pytest.approx(expected, abs=1e-6)

@@ -153,7 +153,7 @@ def test_the_whole_experiment_on_a_tiny_archive(server, tmp_path, make_config, c
     config = make_config("data/demo")  # DATA left at its default: download
     result = reproduce.run(config, url=server.url, downloads=str(tmp_path / "downloads"),
                            data_parent=str(tmp_path / "data"), expected=TINY, retry_wait=0,
-                           settings=dict(size=32, batch=4, epochs=2, finetune_epochs=1))
+                           settings=dict(size=32, batch_size=4, epochs=2, finetune_epochs=1))
     assert result.data == str(tmp_path / "data" / "cats_and_dogs_filtered")
     assert set(result.results) == {"logreg", "dense", "finetuned"}
     assert result.results["finetuned"]["article"] == 0.97

@@ -54,7 +54,7 @@ def balanced(n, splits=("train",) * 6 + ("validation",) * 2 + ("test",) * 2):
 @pytest.fixture
 def synthetic_config(tmp_path):
     """A Config whose NAME points at a synthetic cache of 200 rows (120 train)."""
-    config = Config(name="synthetic", size=32, batch=16, epochs=3,
+    config = Config(name="synthetic", size=32, batch_size=16, epochs=3,
                     features_root=str(tmp_path / "features"), models_root=str(tmp_path / "models"))
     synthetic_cache(config.features_dir, *balanced(200))
     return config
@@ -108,7 +108,7 @@ def test_saved_head_is_the_best_epoch_on_raw_features(tmp_path, monkeypatch, num
     """The standardisation used in training is folded into head.keras exactly: the saved head,
     on raw features, scores what the best epoch scored on validation (with XLA as without)."""
     monkeypatch.setattr(train_head, "XLA_MIN_ROWS", 0 if xla else 10**9)
-    config = Config(name="synthetic", head="dense", epochs=6, batch=16,
+    config = Config(name="synthetic", head="dense", epochs=6, batch_size=16,
                     features_root=str(tmp_path / "features"), models_root=str(tmp_path / "models"))
     _, splits = balanced(200)
     synthetic_cache(config.features_dir, [i % num_classes for i in range(200)], splits,
@@ -222,7 +222,7 @@ def test_streaming_visits_every_row_once_per_epoch_in_a_seeded_order(synthetic_c
         rows = store.rows("train")
         targets = np.arange(len(store))  # a row's target is its index: shows the order
         def epochs(seed, n=2):
-            ds = train_head.feature_dataset(store, rows, targets, batch=5, seed=seed)
+            ds = train_head.feature_dataset(store, rows, targets, batch_size=5, seed=seed)
             return [[(x, y) for x, y in ds.as_numpy_iterator()] for _ in range(n)]
         first, again = epochs(seed=3), epochs(seed=3)
         features = store.read(np.arange(len(store)))
