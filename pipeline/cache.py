@@ -3,7 +3,7 @@
     features/<NAME>/
         features.h5                  the file users open: row index + a virtual `features` dataset
         segments/<identity_id>/      immutable segment files, one folder per feature identity
-            seg-<time>-<pid>.h5      features (n, h, w, 512) float32 (or float16) and sha256 (n,)
+            seg-<time>-<random>.h5   features (n, h, w, 512) float32 (or float16) and sha256 (n,)
         skipped.csv, .extract.lock (lock.py)
 
 Crash safety comes from never modifying a file in place: every file is built in memory and
@@ -23,6 +23,7 @@ are ordinary characters.
 import io
 import json
 import os
+import secrets
 import time
 
 import h5py
@@ -103,7 +104,9 @@ def _write_segment(features_dir, identity_id, shas, shape, dtype, fill):
     then write it whole. Returns its path relative to features_dir."""
     folder = segment_dir(features_dir, identity_id)
     os.makedirs(folder, exist_ok=True)
-    final = os.path.join(folder, f"seg-{time.time_ns():020d}-{os.getpid()}.h5")
+    # The time orders segments (a later one wins, `inventory`); 64 random bits, not the pid,
+    # keep names unique when several hosts or workers write into one shared features folder.
+    final = os.path.join(folder, f"seg-{time.time_ns():020d}-{secrets.token_hex(8)}.h5")
     image = io.BytesIO()
     with h5py.File(image, "w") as f:
         features = f.create_dataset("features", (len(shas), *shape), dtype, fletcher32=True,

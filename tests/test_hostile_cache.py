@@ -443,3 +443,15 @@ def test_export_refuses(image_folder, make_config, tmp_path, capsys, out, messag
     assert contents(tmp_path) == everything  # not even features/<NAME> changed
     assert code == 2
     assert __import__("re").search(message, one_line(printed.err))
+
+
+def test_segments_written_in_the_same_instant_on_two_hosts_never_collide(tmp_path, monkeypatch):
+    """seg-<time>-<pid>: two hosts (or containers) with the same pid, writing into one shared
+    features folder within the clock's resolution, replaced each other's segment."""
+    monkeypatch.setattr(cache.time, "time_ns", lambda: 1_700_000_000_000_000_000)
+    monkeypatch.setattr(cache.os, "getpid", lambda: 42)
+    shape = (1, 1, 1, 512)
+    first = cache.write_segment(str(tmp_path), "id", ["a" * 64], np.zeros(shape, np.float32))
+    second = cache.write_segment(str(tmp_path), "id", ["b" * 64], np.ones(shape, np.float32))
+    assert first != second
+    assert set(cache.inventory(str(tmp_path), "id")) == {"a" * 64, "b" * 64}
