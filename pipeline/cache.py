@@ -6,10 +6,11 @@
             seg-<time>-<random>.h5   features (n, h, w, 512) float32 (or float16) and sha256 (n,)
         skipped.csv, .extract.lock (lock.py)
 
-Crash safety comes from never modifying a file in place: every file is built in memory and
-written whole by files.atomic_write (temporary file, fsync, rename), so a kill -9 leaves at worst
-a stray temporary file and segments that no master points to yet; the next run picks those
-segments up, so only the batch in flight is lost. A full disk is one line (files.NoSpace).
+Crash safety comes from never modifying a file in place: every segment and master is built in
+memory and written whole by files.atomic_write (temporary file, fsync, rename; an export streams
+into its temporary file), so a kill -9 leaves at worst a stray temporary file and segments that
+no master points to yet; the next run picks those segments up, so only the batch in flight is
+lost. A full disk is one line (files.NoSpace).
 
 Damage is detected, not trusted: segments store `features` and `sha256` in chunks checksummed by
 HDF5's Fletcher-32 filter, which fails the read of a chunk whose bytes changed, also through the
@@ -17,8 +18,8 @@ master's virtual dataset. Every extract reads every segment through its checksum
 and deletes a damaged one, so its images are computed again. Segments from before checksums
 have nothing to verify and stay usable.
 
-Paths are built from NAME and listed with os.scandir, never glob: `[`, `*` or `?` in a NAME
-are ordinary characters.
+Paths are built from NAME and listed with os.scandir, never glob: the `[` and `]` that a NAME
+may hold are ordinary characters.
 """
 import io
 import json
@@ -34,7 +35,9 @@ from .config import UserError
 
 MASTER = "features.h5"
 STR = h5py.string_dtype("utf-8")
-COMPACT_BELOW = 4096      # segments with fewer rows are merged, this many rows to a segment
+COMPACT_BELOW = 4096      # segments with fewer rows are merged, this many rows to a segment,
+GROUP_BYTES = 128 * 2**20  # and at most this many bytes (4096 rows at SIZE=150): one merged
+                           # segment is built in memory, so SIZE=1024's 2 MiB rows need fewer
 READ_BLOCK = 1024         # rows per contiguous read from the virtual dataset
 CHUNK_BYTES = 512 * 1024  # per checksummed chunk: under HDF5's 1 MiB chunk cache, so a chunk
                           # is read and verified once however the rows are sliced
@@ -46,9 +49,10 @@ DAMAGE = (OSError, KeyError, ValueError, RuntimeError)  # what h5py raises for a
 # --------------------------------------------------------------------------------------------
 
 def remove_strays(folder):
-    """Delete the temporary files a killed run left: only the names this module writes (a master
-    or a segment in the making), only in features/<NAME> and its segment folders. Call it only
-    while holding extract's lock (lock.exclusive), when no other run can be writing them."""
+    """Delete the temporary files a killed run left: only the names this module writes (a master,
+    a segment or skipped.csv in the making), only in features/<NAME> and its segment folders.
+    Call it only while holding extract's lock (lock.exclusive), when no other run can be writing
+    them."""
     folders = [folder] + [e.path for e in _entries(os.path.join(folder, "segments"))
                           if e.is_dir(follow_symlinks=False)]
     for where in folders:
@@ -56,7 +60,7 @@ def remove_strays(folder):
             # atomic_write's `.<name>.<hex>.tmp`, or `<name>.tmp` of versions before it
             original = files.original_name(entry.name) or (
                 entry.name[:-len(".tmp")] if entry.name.endswith(".h5.tmp") else None)
-            if (original and (original == MASTER or _is_segment(original))
+            if (original and (original in (MASTER, "skipped.csv") or _is_segment(original))
                     and entry.is_file(follow_symlinks=False)):
                 os.remove(entry.path)
 
@@ -77,6 +81,10 @@ def inventory(features_dir, identity_id):
         try:
             shas = _verified_shas(path)
         except DAMAGE as error:
+            if getattr(error, "errno", None) is not None:  # the OS refused (EACCES, EIO...):
+                raise UserError(f"{path} cannot be read ({os.strerror(error.errno)}): fix its "
+                                "permissions or the disk, then run the same command again") \
+                    from None  # not damage: a healthy segment must not be deleted for it
             print(f"{path} is damaged ({_damage(error)}): deleted; its images will be computed "
                   "again")
             os.remove(path)
@@ -105,7 +113,8 @@ def _write_segment(features_dir, identity_id, shas, shape, dtype, fill):
     folder = segment_dir(features_dir, identity_id)
     os.makedirs(folder, exist_ok=True)
     # The time orders segments (a later one wins, `inventory`); 64 random bits, not the pid,
-    # keep names unique when several hosts or workers write into one shared features folder.
+    # keep names unique across hosts and containers (whose pids repeat) sharing a disk, as the
+    # workers of a distributed extraction will.
     final = os.path.join(folder, f"seg-{time.time_ns():020d}-{secrets.token_hex(8)}.h5")
     image = io.BytesIO()
     with h5py.File(image, "w") as f:
@@ -122,20 +131,24 @@ def compact(features_dir, identity_id, known, keep):
     """Merge the small segments, so the virtual dataset spans few files. Only rows whose sha is
     in `keep` are carried over. Returns the updated inventory.
 
-    One pass over the rows, then groups of COMPACT_BELOW rows, each built in memory and written
-    before the next is read: memory and extra disk stay at one group. A group's sources that the
+    One pass over the rows, then groups of COMPACT_BELOW rows (fewer when that would exceed
+    GROUP_BYTES), each built in memory and written before the next is read: memory and extra
+    disk stay at one group, 128 MB at most. A group's sources that the
     features.h5 on disk does not use are deleted as soon as the group is written, so compaction
     fits in the space it frees; the sources that master uses go once the new master is written
     (remove_unreferenced). A crash in between leaves rows in two segments, and the inventory's
     "later segment wins" picks the merged one. Out of space, the rest stay as they are."""
-    small = {seg for seg, _, n in known.values() if n < COMPACT_BELOW}
+    if not known:
+        return known
+    target = _rows_per_segment(os.path.join(features_dir, next(iter(known.values()))[0]))
+    small = {seg for seg, _, n in known.values() if n < target}
     if len(small) < 2:
         return known
     rows_of = {}
     for sha, (seg, row, _) in known.items():
         if seg in small and sha in keep:
             rows_of.setdefault(seg, []).append((row, sha))
-    groups, room = [[]], COMPACT_BELOW  # [(segment, [(row, sha), ...]), ...] per group
+    groups, room = [[]], target  # [(segment, [(row, sha), ...]), ...] per group
     for seg in sorted(rows_of):
         rows = sorted(rows_of[seg])
         while rows:
@@ -143,7 +156,7 @@ def compact(features_dir, identity_id, known, keep):
             room, rows = room - len(rows[:room]), rows[room:]
             if room == 0:
                 groups.append([])
-                room = COMPACT_BELOW
+                room = target
     left = {seg: len(rows) for seg, rows in rows_of.items()}
     in_use = master_segments(features_dir)
     updated = {sha: v for sha, v in known.items() if v[0] not in small or sha in keep}
@@ -161,6 +174,14 @@ def compact(features_dir, identity_id, known, keep):
             if left[seg] == 0 and seg not in in_use:
                 os.remove(os.path.join(features_dir, seg))
     return updated
+
+
+def _rows_per_segment(segment_path):
+    """COMPACT_BELOW rows, or fewer when their features would exceed GROUP_BYTES."""
+    with h5py.File(segment_path, "r") as f:
+        features = f["features"]
+        row_bytes = int(np.prod(features.shape[1:])) * features.dtype.itemsize
+    return max(1, min(COMPACT_BELOW, GROUP_BYTES // row_bytes))
 
 
 def _merge(features_dir, group):
@@ -271,6 +292,11 @@ def _is_segment(name):
 
 
 def _entries(folder):
+    """The entries of one of the cache's own folders. A link there could lead the deletions
+    of `remove_strays`, `inventory` and `remove_unreferenced` out of features/<NAME>."""
+    if os.path.islink(folder):
+        raise UserError(f"{folder} is a link: the cache's segment folders must be its own; "
+                        "move the folder there instead")
     try:
         with os.scandir(folder) as entries:
             return list(entries)
@@ -377,6 +403,9 @@ class FeatureStore:
         self.paths = index["path"]
         self.sha256 = index["sha256"]
         self.attrs = {k: _decode_attr(v) for k, v in self.file.attrs.items()}
+        # The last damage met while reading: a reader running inside another framework (tf.data
+        # turns a generator's exception into its own) can raise this one line instead.
+        self.damage = None
 
     def _check_segments(self, segments):
         """Every segment is there and opens: a missing one would read as NaN, a truncated or
@@ -442,14 +471,17 @@ class FeatureStore:
         try:
             block = self.features[start:stop]
         except DAMAGE as error:
-            raise UserError(f"{self.features_dir} has a damaged segment{self._culprit(start, stop)}"
-                            f" ({_damage(error)}): run `make extract` to recompute it") from None
+            self.damage = UserError(f"{self.features_dir} has a damaged segment"
+                                    f"{self._culprit(start, stop)} ({_damage(error)}): run "
+                                    "`make extract` to recompute it")
+            raise self.damage from None
         # NaN is the virtual dataset's fill for a missing source (extract refuses NaN features),
         # and fills whole rows: the first value of each row tells
         if np.isnan(block.reshape(len(block), -1)[:, 0]).any():
-            raise UserError(f"{self.features_dir} lost a segment{self._culprit(start, stop)} "
-                            f"(rows {start}-{stop - 1} read as NaN): run `make extract` to "
-                            "recompute it")
+            self.damage = UserError(f"{self.features_dir} lost a segment"
+                                    f"{self._culprit(start, stop)} (rows {start}-{stop - 1} read "
+                                    "as NaN): run `make extract` to recompute it")
+            raise self.damage
         return block
 
     def _culprit(self, start, stop):

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import keras
@@ -29,7 +30,6 @@ from tqdm import tqdm
 from . import artifacts, backbone, cache, files, heads, plots
 from .config import Config, UserError, warn
 
-HEADS = ("dense", "logreg", "both")
 STANDARDIZE = True           # False: train on raw feature maps, as the article does
 LOGREG_MEMORY_MB = 256       # train features up to this size are fitted in memory, else SGD
 XLA_MIN_ROWS = 1000          # train the dense head with XLA from this many training rows
@@ -48,11 +48,6 @@ def run(config: Config, *, callbacks=(), logreg_memory_mb=LOGREG_MEMORY_MB) -> T
     bench times epochs with one); past `logreg_memory_mb` of training features, logreg is fitted
     out of core."""
     start = time.perf_counter()
-    if config.head not in HEADS:
-        raise UserError(f"HEAD={config.head!r} is not a head: use HEAD=dense, HEAD=logreg or "
-                        "HEAD=both")
-    if config.epochs < 1:
-        raise UserError(f"EPOCHS={config.epochs} trains nothing: use EPOCHS=1 or more")
     keras.utils.set_random_seed(config.seed)  # python, numpy and the backend: weights, dropout
     with cache.FeatureStore(config.features_dir) as store:
         rows = {split: store.rows(split) for split in ("train", "validation", "test")}
@@ -171,7 +166,7 @@ def train_dense(config, store, rows, callbacks=()):
     standardize = keras.layers.Normalization(axis=(1, 2, 3), mean=mean,
                                              variance=np.full(shape, scale ** 2, np.float32))
     # XLA fuses the update of the 2M weights into one pass: epochs about 2x faster on a CPU at
-    # BATCH=32, for a compilation of a few seconds that only a large training split repays
+    # BATCH_SIZE=32, for a compilation of a few seconds that only a large training split repays
     xla = len(rows["train"]) >= XLA_MIN_ROWS
     trainer = _compiled(keras.Model(inputs, head(standardize(inputs)), name="standardized_head"),
                         len(names), config.head_lr, xla)
@@ -179,15 +174,11 @@ def train_dense(config, store, rows, callbacks=()):
                                          restore_best_weights=True)
     callbacks = [stop, keras.callbacks.ModelCheckpoint(paths["checkpoint"]),  # the wrapper: it
                  keras.callbacks.CSVLogger(paths["log"]), *callbacks]        # takes raw maps too
-    # Every row is read once before fit (train by the moments above): a damaged segment then
-    # stops the run with FeatureStore's one line, not a TensorFlow error from inside fit.
-    for split in ("validation", "test") if STANDARDIZE else ("train", "validation", "test"):
-        for _ in store.blocks(rows[split]):
-            pass
     start = time.perf_counter()
-    history = trainer.fit(train, validation_data=validation, epochs=config.epochs,
-                          callbacks=callbacks, shuffle=False,  # the dataset shuffles
-                          verbose=1 if sys.stdout.isatty() else 2).history  # logs: a line an epoch
+    with _one_line_on_damage(store):
+        history = trainer.fit(train, validation_data=validation, epochs=config.epochs,
+                              callbacks=callbacks, shuffle=False,  # the dataset shuffles
+                              verbose=1 if sys.stdout.isatty() else 2).history  # a line an epoch
     seconds = time.perf_counter() - start
 
     heads.fold_standardization(head, mean, scale)  # into the best weights (EarlyStopping's)
@@ -195,10 +186,11 @@ def train_dense(config, store, rows, callbacks=()):
         head.save(temporary)
 
     _compiled(head, len(names), config.head_lr)  # after saving: no unused optimizer in the file
-    entry = {"validation": _evaluate_dense(head, validation)}
-    if len(rows["test"]):
-        test = feature_dataset(store, rows["test"], targets, config.batch_size)
-        entry["test"] = _evaluate_dense(head, test)
+    with _one_line_on_damage(store):
+        entry = {"validation": _evaluate_dense(head, validation)}
+        if len(rows["test"]):
+            test = feature_dataset(store, rows["test"], targets, config.batch_size)
+            entry["test"] = _evaluate_dense(head, test)
     # file_sha256 ties the file to these metrics
     entry.update(file_sha256=artifacts.file_sha256(paths["dense"]),
                  epochs=len(history["loss"]), best_epoch=int(stop.best_epoch) + 1,  # 1-based
@@ -209,6 +201,18 @@ def train_dense(config, store, rows, callbacks=()):
                        f"{config.dataset_name}: dense head on cached features"
                        + (f" ({notice})" if notice else ""))
     return entry, paths
+
+
+@contextmanager
+def _one_line_on_damage(store):
+    """A damaged segment met by tf.data's generator reaches us as a TensorFlow error (with a
+    traceback from inside Keras): raise FeatureStore's own one line instead."""
+    try:
+        yield
+    except tf.errors.OpError:
+        if store.damage is not None:
+            raise store.damage from None
+        raise
 
 
 def _compiled(model, num_classes, learning_rate, xla=False):

@@ -366,6 +366,22 @@ def test_compaction_merges_group_by_group(tmp_path, make_config, monkeypatch, ca
     assert extract.run(config).changed is False  # nothing left to merge: stable
 
 
+def test_compaction_builds_at_most_group_bytes_in_memory(tmp_path, make_config, monkeypatch):
+    """Groups were COMPACT_BELOW rows whatever a row weighed: 8 GiB in memory at SIZE=1024.
+    At SIZE=32 a row is 2 KiB, so a 4 KiB budget merges 12 one-row segments into 6 of 2, and a
+    rerun leaves them be (segments of the capped size count as merged, not small)."""
+    monkeypatch.setattr(cache, "GROUP_BYTES", 2 * 512 * 4)
+    config = make_config(make_image_folder(tmp_path / "data"), batch_size=1)
+    extract.run(config)
+    sizes = []
+    for path in segment_files(config.features_dir):
+        with h5py.File(path, "r") as f:
+            sizes.append(len(f["sha256"]))
+    assert sizes == [2] * 6
+    before = segment_files(config.features_dir)
+    assert extract.run(config).changed is False and segment_files(config.features_dir) == before
+
+
 def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path):
     path = str(tmp_path / "features.h5")
     with open(path, "wb") as f:
@@ -455,3 +471,35 @@ def test_segments_written_in_the_same_instant_on_two_hosts_never_collide(tmp_pat
     second = cache.write_segment(str(tmp_path), "id", ["b" * 64], np.ones(shape, np.float32))
     assert first != second
     assert set(cache.inventory(str(tmp_path), "id")) == {"a" * 64, "b" * 64}
+
+
+def test_a_segment_the_os_cannot_read_is_kept_not_deleted(image_folder, make_config, monkeypatch,
+                                                          capsys):
+    """EACCES or EIO is not damage: the segment is healthy and must survive, with one line."""
+    config = make_config(image_folder)
+    extract.run(config)
+    before = segment_files(config.features_dir)
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(cache, "_verified_shas", refused)
+    capsys.readouterr()
+    code, out = run_cli(capsys, "extract", "--data", image_folder, "--weights", "none",
+                        "--size", "32", "--features-root", config.features_root,
+                        "--models-root", config.models_root)
+    assert code == 2 and "cannot be read (Permission denied): fix its permissions" in \
+        one_line(out.err)
+    assert segment_files(config.features_dir) == before
+
+
+def test_a_segments_folder_that_is_a_link_is_refused(image_folder, make_config, tmp_path):
+    """Deletions in a linked segments folder would happen outside features/<NAME>."""
+    config = make_config(image_folder)
+    extract.run(config)
+    elsewhere = tmp_path / "elsewhere"
+    os.replace(os.path.join(config.features_dir, "segments"), elsewhere)
+    os.symlink(elsewhere, os.path.join(config.features_dir, "segments"))
+    outside = contents(tmp_path, [config.features_dir])
+    with pytest.raises(UserError, match="segments is a link: the cache's segment folders must"):
+        extract.run(config)
+    assert contents(tmp_path, [config.features_dir]) == outside
