@@ -236,8 +236,9 @@ def head_epochs(config):
     # The same head on top of the frozen base, trained on the images: every step pays decoding
     # and the VGG16 forward pass. Timed on the first FROZEN_IMAGES train images (whole batches).
     base = backbone.build_backbone(backbone.resolve_weights("none"), SIZE)
-    model = keras.Model(base.input, heads.build_dense_head(shape, classes)(base.output))
-    model.compile(optimizer=keras.optimizers.RMSprop(Config().head_lr),
+    head = heads.build_dense_head(shape, classes, config.hidden_units, config.dropout)
+    model = keras.Model(base.input, head(base.output))
+    model.compile(optimizer=keras.optimizers.RMSprop(config.head_lr),
                   loss=heads.loss_for(classes), metrics=["accuracy"])
     k = min(len(paths), FROZEN_IMAGES)
     k -= k % BATCH if k >= BATCH else 0
@@ -321,7 +322,7 @@ def print_table(results):
             print(f"{key:<44} {value:>10.3g}")
     m = results["machine"]
     print(f"\n{m['cpu']}, {m['cpu_count']} cores, {m['ram_gb']:.0f} GB RAM, GPU: "
-          f"{', '.join(m['gpus']) or 'none'}; BENCH_N={N}, SIZE={SIZE}, BATCH={BATCH}")
+          f"{', '.join(m['gpus']) or 'none'}; BENCH_N={N}, SIZE={SIZE}, BATCH_SIZE={BATCH}")
 
 
 if __name__ == "__main__":

@@ -51,8 +51,7 @@ def cpu_flags():
 
 def versions():
     out = backbone.library_versions()
-    for package in ("h5py", "joblib"):  # read from the metadata: only cache.py imports h5py
-        out[package] = importlib.metadata.version(package)
+    out["h5py"] = importlib.metadata.version("h5py")  # from the metadata: only cache.py imports it
     out["python"] = platform.python_version()
     return out
 

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from .config import FIELDS, Config, UserError
+from .config import FIELDS, Config, UserError, help_text
 
 STAGES = {
     "demo-data": "demo_data",
@@ -43,9 +43,7 @@ def parser():
     p.add_argument("stage", choices=sorted(STAGES))
     for name, field in FIELDS.items():  # one option per setting, its help from config.py
         option, meta = "--" + name.replace("_", "-"), name.upper()
-        shown = int(field.default) if field.type is bool else field.default
-        text = field.metadata["help"] + (f" (default {shown})" if shown not in ("", ()) else "")
-        text = text.replace("%", "%%")  # argparse formats help with %
+        text = help_text(field).replace("%", "%%")  # argparse formats help with %
         if field.type is tuple:
             p.add_argument(option, nargs="*", default=field.default, metavar=meta, help=text)
         else:

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .artifacts import file_sha256  # noqa: F401 (backbone.file_sha256: weights and images)
+from .artifacts import file_sha256
 from .config import UserError, warn
 from .images import PREPROCESS_ID
 

@@ -31,8 +31,8 @@ STATE = "batch_state.json"          # in models/<NAME>/
 # Settings that never change a dataset's models: the batch's own bookkeeping and prediction.
 NOT_MODEL_INPUTS = ("datasets", "batch_file", "force", "fresh", "images", "model", "out")
 # The files whose (size, mtime) must be as recorded for a dataset to count as unchanged.
-TRACKED = (artifacts.LOGREG, artifacts.HEAD, artifacts.HEAD_METRICS, artifacts.FINETUNED,
-           artifacts.FINETUNE_METRICS, artifacts.EVALUATION)
+TRACKED = sorted({file for kind in registry.KINDS.values() for file in (kind.file, kind.metrics)}
+                | {artifacts.EVALUATION})
 STAGES = ("extract", "train_head", "finetune", "evaluate")
 MD_ERROR_CHARS = 300                # an error longer than this is cut in the markdown table
 COLUMNS = (["dataset", "data", "status", "classes", "class_names", "images", "skipped",
@@ -161,7 +161,7 @@ def run_one(config):
 
 def _train_and_evaluate(config, row):
     """The stages after extract, imported only when something changed. Fine-tuning resumes an
-    interrupted checkpoint only if it grew from the same head; a retrained head starts it afresh."""
+    interrupted backup only if it grew from the same head; a retrained head starts it afresh."""
     from . import evaluate, finetune, train_head
     _timed(row, "train_head", train_head.run, config)
     ran = ["train_head"]

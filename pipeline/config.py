@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 MIN_SIZE, MAX_SIZE = 32, 1024  # VGG16 needs 32 px for one 1x1 feature map; it was trained at 224
 MAX_BATCH = 1024
 # SIZE x SIZE x BATCH_SIZE must leave room: VGG16's first block holds the input and two 64-channel
-# float32 maps per image at once, the peak of a forward pass. Past this share of the machine's
-# memory, a run would end in the kernel's out-of-memory killer, with no message.
+# float32 maps per image at once (ACTIVATION_CHANNELS), the peak of a forward pass. Past this
+# share of the machine's memory, a run would end in the kernel's out-of-memory killer, unheard.
 MEMORY_SHARE = 0.5
+ACTIVATION_CHANNELS = 3 + 64 + 64
 # A dataset name becomes one folder under features/ and models/, typed in shells and Makefiles:
 # letters and digits of any script, then also space and _ . , - + = @ ~ ( ) [ ] { }. That rules
 # out separators, "." and "..", hidden folders, glob stars, quotes and control characters.
@@ -77,7 +78,7 @@ class Config:
                               "adjusted, not wiped out")
     finetune_patience: int = setting(3, "fine-tuning epochs without a lower validation loss "
                                         "before stopping")
-    fresh: bool = setting(False, "1: ignore an earlier fine-tuning checkpoint and start over")
+    fresh: bool = setting(False, "1: ignore an interrupted fine-tuning's backup and start over")
     # --- prediction and export -------------------------------------------------------------------
     images: str = setting("", "the image file or folder that predict classifies")
     model: str = setting("auto", "the model predict uses: auto (best validation accuracy) | "
@@ -195,13 +196,14 @@ def _check_choice(variable, value, choices):
 
 def _check_memory(size, batch):
     """Refuse SIZE x BATCH_SIZE whose forward pass cannot fit in half of this machine's memory."""
-    needed = batch * size * size * (3 + 64 + 64) * 4  # input + block1's two conv outputs, float32
+    per_image = size * size * ACTIVATION_CHANNELS * 4  # float32
+    needed = batch * per_image
     try:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * MEMORY_SHARE
     except (ValueError, OSError, AttributeError):  # not every OS reports its memory
         return
     if needed > available:
-        fits = max(1, int(available // (size * size * 131 * 4)))
+        fits = max(1, int(available // per_image))
         raise UserError(f"SIZE={size} with BATCH_SIZE={batch} needs about "
                         f"{needed / 2**30:.1f} GB for VGG16's activations, more than half of "
                         "this machine's memory: use "
@@ -212,14 +214,15 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 MAKE_VARIABLES = {name: f for name, f in FIELDS.items() if f.metadata["make"]}
 
 
+def help_text(f):
+    """A setting's help, with its default when it has one (a flag's as 0 or 1)."""
+    default = int(f.default) if isinstance(f.default, bool) else f.default
+    return f.metadata["help"] + (f" (default {default})" if default not in ("", ()) else "")
+
+
 def describe():
-    """The settings as `make help` lists them: VARIABLE, default, help."""
-    lines = []
-    for name, f in MAKE_VARIABLES.items():
-        default = int(f.default) if isinstance(f.default, bool) else f.default
-        shown = f" (default {default})" if default not in ("", ()) else ""
-        lines.append(f"  {name.upper():<18} {f.metadata['help']}{shown}")
-    return "\n".join(lines)
+    """The settings as `make help` lists them: VARIABLE and help."""
+    return "\n".join(f"  {name.upper():<18} {help_text(f)}" for name, f in MAKE_VARIABLES.items())
 
 
 if __name__ == "__main__":  # `make help` runs this with any Python 3: it needs no package

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from . import backbone, cache, datasets, images, lock
+from . import artifacts, backbone, cache, datasets, images, lock
 from .config import Config, UserError, warn
 
 
@@ -102,7 +102,7 @@ def _hash_files(dataset, previous):
         stat = os.stat(full)
         size, mtime_ns, sha = previous.get(image_file.path, (None, None, None))
         if (size, mtime_ns) != (stat.st_size, stat.st_mtime_ns):
-            sha = backbone.file_sha256(full)
+            sha = artifacts.file_sha256(full)
         out.append((image_file, sha, stat))
     return out
 

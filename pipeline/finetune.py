@@ -136,7 +136,7 @@ def checked_image_paths(config, store):
         stat = os.stat(full)
         size, mtime_ns, _ = recorded.get(rel, (None, None, None))
         if ((stat.st_size, stat.st_mtime_ns) != (size, mtime_ns)
-                and backbone.file_sha256(full) != sha):
+                and artifacts.file_sha256(full) != sha):
             raise UserError(f"DATA no longer matches the cache: {full} changed since `make "
                             f"extract`; {RETRAIN}")
         out.append(full)

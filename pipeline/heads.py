@@ -12,9 +12,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 
-def build_dense_head(feature_shape, num_classes, hidden_units=256, dropout=0.5, name="head"):
-    """Flatten -> Dense(hidden_units, relu) -> Dropout -> one sigmoid unit (2 classes) or softmax.
-    The defaults are the article's; train-head passes HIDDEN_UNITS and DROPOUT."""
+def build_dense_head(feature_shape, num_classes, hidden_units, dropout, name="head"):
+    """Flatten -> Dense(hidden_units, relu) -> Dropout -> one sigmoid unit (2 classes) or softmax
+    (HIDDEN_UNITS and DROPOUT: the article's 256 and 0.5 by default, config.py)."""
     inputs = keras.Input(shape=tuple(feature_shape), name="features")
     x = keras.layers.Flatten()(inputs)
     x = keras.layers.Dense(hidden_units, activation="relu")(x)
@@ -36,11 +36,6 @@ def class_probabilities(outputs):
     if outputs.ndim == 2 and outputs.shape[1] == 1:
         return np.concatenate([1.0 - outputs, outputs], axis=1)
     return outputs
-
-
-def build_logreg(C=1.0, seed=0):
-    """StandardScaler + LogisticRegression on the flattened feature map."""
-    return make_pipeline(StandardScaler(), logistic_regression(C, seed))
 
 
 def logistic_regression(C=1.0, seed=0):

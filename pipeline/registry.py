@@ -87,7 +87,7 @@ def records(config):
             except UserError as refusal:
                 refused[name] = refusal
     legacy = artifacts.path(config, artifacts.LEGACY_LOGREG)
-    if os.path.exists(legacy) and "logreg" not in found:
+    if os.path.exists(legacy) and "logreg" not in found and "logreg" not in refused:
         refused["logreg"] = UserError(f"{legacy} is a pickle from an earlier version and is not "
                                       "loaded (loading a pickle can run code): rerun `make "
                                       "train-head`")

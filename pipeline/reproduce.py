@@ -180,7 +180,8 @@ def verify(folder, expected=EXPECTED):
 def compare(config):
     evaluation = registry.evaluation(config)
     titles = {"logreg": "feature extraction, logistic regression",
-              "dense": "feature extraction, dense head", "finetuned": "fine-tuning block5 + head"}
+              "dense": "feature extraction, dense head",
+              "finetuned": f"fine-tuning {config.unfreeze} + head"}
     results, lines = {}, []
     for model in registry.NAMES:
         title, validation = titles[model], registry.record(config, model).validation
