@@ -12,7 +12,7 @@ DEMO_STAMP := $(DEMO)/.generated
 # --- the settings: one Make variable per field of pipeline/config.py (`make help` lists them) ----
 # Each is passed to the CLI only when set, so the defaults live in config.py alone. DATASETS
 # (several folders) is passed apart; FEATURES_ROOT and MODELS_ROOT stay features/ and models/.
-SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS WEIGHTS SIZE BATCH_SIZE PRECISION STORAGE HEAD EPOCHS \
+SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS BACKEND VERBOSE WEIGHTS SIZE BATCH_SIZE PRECISION STORAGE HEAD EPOCHS \
             HIDDEN_UNITS DROPOUT HEAD_LR PATIENCE C_GRID SEED UNFREEZE FINETUNE_EPOCHS LR \
             FINETUNE_PATIENCE FRESH IMAGES MODEL OUT BATCH_FILE FINETUNE FORCE
 # Make exports command-line variables to every recipe's environment, and expands them to do so,
@@ -30,7 +30,7 @@ CLI  = $(PYTHON) -m pipeline
 DATA_DEP = $(if $(strip $(DATA)),,$(DEMO_STAMP))
 
 .PHONY: help install demo-data extract train-head finetune evaluate predict report export demo \
-        batch reproduce bench test test-slow lint clean
+        batch reproduce bench test test-backends test-slow lint clean
 
 help: ## List the targets and the settings
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -76,11 +76,11 @@ export: $(STAMP) ## One HDF5 file that stands alone (features.h5 needs its segme
 # of the compute. WEIGHTS=auto uses ImageNet weights when they can be had, random ones otherwise.
 DEMO_ARGS = --data $(DEMO) --name demo --weights auto --size 64
 demo: $(STAMP) $(DEMO_STAMP) ## The whole pipeline on the demo data, offline, in a few minutes
-	$(CLI) extract $(DEMO_ARGS)
-	$(CLI) train-head $(DEMO_ARGS)
-	$(CLI) finetune $(DEMO_ARGS) --finetune-epochs 2
-	$(CLI) evaluate $(DEMO_ARGS)
-	$(CLI) report $(DEMO_ARGS)
+	$(CLI) extract $(DEMO_ARGS) $(ARGS)
+	$(CLI) train-head $(DEMO_ARGS) $(ARGS)
+	$(CLI) finetune $(DEMO_ARGS) --finetune-epochs 2 $(ARGS)
+	$(CLI) evaluate $(DEMO_ARGS) $(ARGS)
+	$(CLI) report $(DEMO_ARGS) $(ARGS)
 
 batch: $(STAMP) ## Run every stage on many datasets: DATASETS="dirA dirB" or BATCH_FILE=<file> [FINETUNE=1] [FORCE=0]
 	$(CLI) batch $(ARGS)
@@ -91,8 +91,16 @@ reproduce: $(STAMP) ## The article's cats-vs-dogs experiment (needs internet: da
 bench: $(STAMP) ## Performance figures -> bench/results.json [BENCH_N=..] [BENCH_ACCURACY=1]
 	$(PYTHON) bench/bench.py
 
-test: $(STAMP) ## Run the fast tests (CPU, tiny images)
+BACKENDS_STAMP := $(VENV)/.backends
+$(BACKENDS_STAMP): requirements-backends.txt | $(STAMP)
+	$(PYTHON) -m pip install -q -r requirements-backends.txt
+	touch $@
+
+test: $(STAMP) $(BACKENDS_STAMP) ## Run the fast tests (CPU, tiny images; every stage also under JAX)
 	$(PYTHON) -m pytest -q
+
+test-backends: $(STAMP) $(BACKENDS_STAMP) ## The fast tests again, with JAX as the Keras backend
+	KERAS_BACKEND=jax $(PYTHON) -m pytest -q
 
 test-slow: $(STAMP) ## Also run the slow tests on ../shared/data/cats_vs_dogs
 	$(PYTHON) -m pytest -q -m "slow or not slow"

@@ -5,7 +5,6 @@ plus predict, report, batch and demo. See README.md.
 """
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
 # TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX-512 VNNI/bf16/AMX. On
 # an AVX2 CPU they still run VGG16's convolutions ~25% faster than the default Eigen kernels,
 # forward and backward (`make bench`, options section); the features differ by float round-off

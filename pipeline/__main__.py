@@ -7,6 +7,7 @@ import argparse
 import importlib
 import sys
 
+from . import runtime
 from .config import FIELDS, Config, UserError, help_text
 
 STAGES = {
@@ -57,6 +58,7 @@ def main(argv=None):
     stage = args.pop("stage")
     try:
         config = Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()})
+        runtime.start(config.backend, config.verbose)  # before any stage imports Keras
         importlib.import_module(f"pipeline.{STAGES[stage]}").run(config)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -51,13 +51,19 @@ class Config:
                                      "(DATA/<class>/ layout)")
     labels: str = setting("", "a CSV of file name and label, for a flat folder of images")
     label_columns: str = setting("filename,label", "the labels CSV's file-name and label columns")
+    # --- what runs it ---------------------------------------------------------------------------
+    backend: str = setting("", "the Keras backend: tensorflow | jax | torch; empty: KERAS_BACKEND, "
+                               "else tensorflow")
+    verbose: bool = setting(False, "1: also show the frameworks' own start-up and log lines")
     # --- the backbone and the cache's identity --------------------------------------------------
     weights: str = setting("", "imagenet | none | auto (demo only) | <file.h5>; empty: imagenet "
                                "for extract, the cache's own weights afterwards")
     size: int = setting(150, "images are resized to SIZE x SIZE pixels (32 to 1024)")
     batch_size: int = setting(32, "images (or feature maps) per step")
-    precision: str = setting("auto", "auto (mixed_float16 on a GPU, else float32) | float32 | "
-                                     "mixed_float16 | mixed_bfloat16; part of the cache identity")
+    precision: str = setting("auto", "auto (mixed_float16 on a GPU, mixed_bfloat16 on a CPU with "
+                                     "native bfloat16 where the backend uses it, else float32) | "
+                                     "float32 | mixed_float16 | mixed_bfloat16; part of the cache "
+                                     "identity")
     storage: str = setting("float32", "float32 | float16: half the disk and read I/O, features "
                                       "rounded to ~3 digits; part of the cache identity")
     # --- stage two: heads on the cached features -------------------------------------------------
@@ -118,6 +124,9 @@ class Config:
         _check_choice("PRECISION", self.precision,
                       ("auto", "float32", "mixed_float16", "mixed_bfloat16"))
         _check_choice("STORAGE", self.storage, ("float32", "float16"))
+        if self.backend:  # empty: KERAS_BACKEND, else tensorflow
+            from .runtime import BACKENDS  # here: runtime imports this module
+            _check_choice("BACKEND", self.backend, BACKENDS)
         _check_memory(self.size, self.batch_size)
 
     def _check_name(self):
