@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from . import runtime
 from .artifacts import file_sha256
 from .config import UserError, warn
 from .images import PREPROCESS_ID
@@ -98,10 +98,9 @@ def _imagenet_file():
 
 
 def resolve_precision(precision):
-    """PRECISION=auto: mixed float16 where a GPU runs the convolutions (tensor cores), float32 on
-    the CPU, whose AVX2 units have no fast half-precision arithmetic."""
+    """PRECISION=auto: the fastest precision that keeps accuracy here (runtime.auto_precision)."""
     if precision == "auto":
-        return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+        return runtime.auto_precision()
     if precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
         raise UserError(f"PRECISION={precision!r} is not one of auto, float32, mixed_float16, "
                         "mixed_bfloat16")
@@ -176,22 +175,27 @@ def _random_init(model, seed=0):
                            np.zeros_like(bias)])
 
 
-def feature_function(base, jit_compile=False):
-    """A compiled forward pass of the frozen base: images -> (n, size//32, size//32, 512).
-    Traced once for every batch size, so a run's smaller last batch costs no second trace.
-    jit_compile (XLA) is off: on the CPU it was 12% slower (`make bench`, figure 6)."""
-    @tf.function(input_signature=[tf.TensorSpec((None, *base.input_shape[1:]), tf.float32)],
-                 jit_compile=jit_compile)
+def feature_function(base, jit_compile=None):
+    """The frozen base's compiled forward pass: a numpy batch of images -> float32 numpy feature
+    maps (n, size//32, size//32, 512), on any backend. Keras's predict_on_batch compiles it with
+    the backend's own compiler, once per batch shape (tf.function, jax.jit; PyTorch runs
+    eagerly). jit_compile=None: XLA only under JAX, which has no other way to compile; under
+    TensorFlow XLA was 12% slower on the CPU (`make bench`, figure 6)."""
+    if jit_compile is None:
+        jit_compile = runtime.backend() == "jax"
+    base.compile(jit_compile=jit_compile)  # no optimizer or loss: compiled for predict only
+
     def features(images):
-        return tf.cast(base(images, training=False), tf.float32)
+        return np.asarray(base.predict_on_batch(images), dtype=np.float32)
     return features
 
 
 def library_versions():
     import PIL
     import sklearn
-    return {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
-            "pillow": PIL.__version__, "scikit-learn": sklearn.__version__}
+    return {"backend": runtime.backend(), **runtime.framework_version(),
+            "keras": keras.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
+            "scikit-learn": sklearn.__version__}
 
 
 def feature_shape(size):

@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import tensorflow as tf
 from tqdm import tqdm
 
 from . import artifacts, backbone, cache, datasets, images, lock
@@ -123,12 +122,11 @@ def _compute(config, weights, identity, identity_id, todo, known):
         # to cancel when the loop stops).
         batches = images.image_batches(paths, config.size, config.batch_size)
         for (batch, reasons), first in zip(batches, range(0, len(shas), config.batch_size)):
-            reasons = [r.decode() for r in reasons.numpy()]
             ok = np.array([not r for r in reasons])
             batch_shas = shas[first:first + len(reasons)]
             unreadable.update({s: r for s, r in zip(batch_shas, reasons) if r})
             if ok.any():
-                features = features_of(tf.boolean_mask(batch, ok)).numpy().astype(dtype, copy=False)
+                features = features_of(batch[ok]).astype(dtype, copy=False)
                 if not np.isfinite(features).all():
                     raise UserError(f"features of {paths[first]} (batch of {len(reasons)}) are not "
                                     f"finite{' in float16' * (dtype == np.float16)}: the WEIGHTS "

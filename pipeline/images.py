@@ -1,17 +1,21 @@
 """Images: turning one file into model input, and the input pipelines around that.
 
 `load_image` is the only function in the project that turns an image file into a tensor. Every stage
-(extract, finetune, evaluate, predict) goes through it, directly or through the tf.data pipelines
+(extract, finetune, evaluate, predict) goes through it, directly or through the input pipeline
 below, so training and prediction can never disagree about decoding, orientation, size or scaling.
 """
 import os
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
+import keras
 import numpy as np
-import tensorflow as tf
 from keras.applications import vgg16
 from PIL import Image, ImageOps
 
+from .config import UserError
 from .datasets import not_regular_reason
 
 # Part of the cache identity: change it whenever load_image would produce different numbers.
@@ -23,14 +27,14 @@ PREPROCESS_ID = ("pil:draft+exif+rgb(white-bg,16bit/257)+bilinear"
 # decoded at a reduced scale anyway. The cost is well above the pixels: an RGBA image this size is
 # 256 MB decoded, and decoding, EXIF transposition and compositing on white hold about six such
 # copies at once (extract peaked 1.5 GB above its baseline on an 8192 x 8192 RGBA PNG), while
-# tf.data decodes several images in parallel. A 13000 x 13000 PNG of 657 KB cost 3.9 GB before
+# several images are decoded in parallel. A 13000 x 13000 PNG of 657 KB cost 3.9 GB before
 # this budget. Refusing from the header is the only cheap defence: the file's size says nothing.
 MAX_PIXELS = 8192 * 8192
 
 # Pillow warns from 89 MP and refuses from 179 MP (Image.MAX_IMAGE_PIXELS, kept as it is). Its
 # warning would fire for every image that load_image then refuses with a reason of its own, and for
 # every big JPEG that the DCT scaling decodes cheaply: noise either way, once per image size.
-# Module-wide, because warnings.catch_warnings is not thread-safe and tf.data decodes in threads.
+# Module-wide, because warnings.catch_warnings is not thread-safe and images decode in threads.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 class ImageRefused(ValueError):
@@ -115,45 +119,96 @@ def try_load_image(path, size):
 
 
 # --------------------------------------------------------------------------------------------
-# tf.data pipelines around the loader: decoding runs in parallel and ahead of the model
+# The input pipeline around the loader, the same on every Keras backend: threads decode in
+# parallel (Pillow releases the GIL while it decodes and resizes), a bounded number of images
+# ahead of the model, and batches come out in the order of `paths`.
 # --------------------------------------------------------------------------------------------
 
-def _load_op(paths, size):
-    def load(path):
-        return try_load_image(path.decode(), size)
-
-    def tf_load(path):
-        image, reason = tf.numpy_function(load, [path], (tf.float32, tf.string), stateful=False)
-        image.set_shape((size, size, 3))
-        reason.set_shape(())
-        return image, reason
-
-    ds = tf.data.Dataset.from_tensor_slices(np.asarray(paths, dtype=object).astype(str))
-    return ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+def decode_threads():
+    """Threads that decode images: one per core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def image_batches(paths, size, batch_size):
-    """Batches of (images, reasons) in the order of `paths`; reason "" means the image loaded."""
-    return _load_op(paths, size).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+def image_batches(paths, size, batch_size, threads=None):
+    """(images, reasons) batches in the order of `paths`: images is (n, size, size, 3) float32,
+    and reasons[i] is "" when image i loaded, else why not (its image is zeros). Between one and
+    two batches (at least two images per thread) are decoded ahead: memory stays bounded."""
+    threads = threads or decode_threads()
+    ahead = max(2 * batch_size, 2 * threads)
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+        pending = deque()
+        try:
+            for path in paths:
+                pending.append(pool.submit(try_load_image, path, size))
+                if len(pending) >= ahead:
+                    yield _batch(pending, batch_size)
+            while pending:
+                yield _batch(pending, batch_size)
+        finally:  # the consumer stopped early: drop the work not yet started
+            for future in pending:
+                future.cancel()
 
 
-def labelled_dataset(paths, labels, size, batch_size, augment=None, shuffle_seed=None):
-    """Batches of (images, labels) for training and evaluation. A file that fails to load is an
-    error here: these files were all decoded once by extract, so a failure means DATA changed."""
-    def check(image, reason):
-        tf.debugging.assert_equal(tf.strings.length(reason), 0,
-                                  message="an image that extract read can no longer be decoded")
-        return image
-
-    images = _load_op(paths, size).map(check)
-    ds = tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(np.asarray(labels))))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-    if augment is not None:  # augmentation runs on whole batches, in the input pipeline,
-        # one batch at a time: its seeded random layers draw from one generator state, so batches
-        # mapped in parallel would take their draws in a racy order and no two runs would agree.
-        ds = ds.map(lambda x, y: (augment(x, training=True), y))
-    return ds.prefetch(tf.data.AUTOTUNE)
+def _batch(pending, batch_size):
+    images, reasons = zip(*[pending.popleft().result()
+                            for _ in range(min(batch_size, len(pending)))])
+    return np.stack(images), list(reasons)
 
 
+class LabelledImages(keras.utils.PyDataset):
+    """(images, labels) batches for Keras's fit, evaluate and predict, on any backend.
+
+    Keras's own worker threads (`workers`) decode whole batches in parallel, in order, at most
+    `max_queue_size` batches ahead. With `shuffle_seed`, every epoch visits the images in a new
+    order, the same in every run. A file that fails to load is an error here: these files were
+    all decoded once by extract, so a failure means DATA changed since: `changed` keeps the
+    one-line error, which Keras may wrap in a framework error (see `one_line_on_change`)."""
+
+    def __init__(self, paths, labels, size, batch_size, shuffle_seed=None, workers=None):
+        super().__init__(workers=workers or decode_threads(), max_queue_size=4)
+        self.paths, self.labels = np.asarray(paths, dtype=object), np.asarray(labels)
+        self.size, self.batch_size, self.seed = size, batch_size, shuffle_seed
+        self.epoch, self.changed = 0, None
+        self.order = self._order()
+
+    def _order(self):
+        if self.seed is None:
+            return np.arange(len(self.paths))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.paths))
+
+    def __len__(self):
+        return -(-len(self.paths) // self.batch_size)
+
+    def __getitem__(self, index):
+        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        loaded = []
+        for path in self.paths[rows]:
+            image, reason = try_load_image(path, self.size)
+            if reason:
+                self.changed = UserError(f"{path} no longer decodes ({reason}): DATA changed "
+                                         "since `make extract`; rerun it")
+                raise self.changed
+            loaded.append(image)
+        return np.stack(loaded), self.labels[rows]
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self.order = self._order()
+
+
+def labelled_dataset(paths, labels, size, batch_size, shuffle_seed=None):
+    """The (images, labels) batches that fine-tuning and evaluation read (LabelledImages)."""
+    return LabelledImages(paths, labels, size, batch_size, shuffle_seed)
+
+
+@contextmanager
+def one_line_on_change(*datasets):
+    """Under TensorFlow, Keras runs a PyDataset inside tf.data, which turns our error into a
+    framework error with a long traceback: raise the dataset's own one line instead."""
+    try:
+        yield
+    except Exception:
+        for dataset in datasets:
+            if getattr(dataset, "changed", None) is not None:
+                raise dataset.changed from None
+        raise

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import tensorflow as tf
 from tqdm import tqdm
 
 from . import artifacts, backbone, cache, datasets, files, images, registry
@@ -63,9 +62,8 @@ def run(config: Config) -> PredictResult:
         progress = tqdm(total=len(paths), desc=f"predict ({model})", unit="img", smoothing=0.1)
         for (batch, reasons), first in zip(images.image_batches(paths, size, config.batch_size),
                                            range(0, len(paths), config.batch_size)):
-            reasons = [r.decode() for r in reasons.numpy()]
             ok = np.array([not r for r in reasons])
-            probabilities = iter(predict_batch(tf.boolean_mask(batch, ok)) if ok.any() else [])
+            probabilities = iter(predict_batch(batch[ok]) if ok.any() else [])
             for path, reason in zip(paths[first:first + len(reasons)], reasons):
                 if reason:
                     skip_writer.writerow([path, reason])
