@@ -496,14 +496,9 @@ class FeatureStore:
         return ""
 
     def blocks(self, rows, size=READ_BLOCK, rng=None):
-        """(row indices, features) for consecutive runs of `size` of `rows`. With a numpy
-        Generator, the blocks come in shuffled order and the rows are shuffled within each
-        block. Only one block is in memory at a time, so a cache larger than memory streams."""
-        starts = np.arange(0, len(rows), size)
-        for start in (rng.permutation(starts) if rng is not None else starts):
-            indices = rows[start:start + size]
-            if rng is not None:
-                indices = rng.permutation(indices)
+        """(row indices, features) for each block of `block_plan`. Only one block is in memory
+        at a time, so a cache larger than memory streams."""
+        for indices in block_plan(rows, size, rng):
             yield indices, self.read(indices)
 
     def close(self):
@@ -514,6 +509,18 @@ class FeatureStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def block_plan(rows, size=READ_BLOCK, rng=None):
+    """The row indices of consecutive runs of `size` of `rows`, each read as one block. With a
+    numpy Generator, the blocks come in shuffled order and the rows are shuffled within each
+    block: random enough for SGD, while every read stays one contiguous stretch of the file."""
+    starts = np.arange(0, len(rows), size)
+    plan = []
+    for start in (rng.permutation(starts) if rng is not None else starts):
+        indices = rows[start:start + size]
+        plan.append(rng.permutation(indices) if rng is not None else indices)
+    return plan
 
 
 def export(features_dir, out_path):

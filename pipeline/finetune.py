@@ -22,7 +22,19 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, datasets, files, heads, images, lock, plots, registry
+from . import (
+    artifacts,
+    backbone,
+    cache,
+    datasets,
+    files,
+    heads,
+    images,
+    lock,
+    plots,
+    registry,
+    runtime,
+)
 from .config import Config, UserError, warn
 
 STATE = "state.json"  # in finetune_backup/: settings, epochs done, EarlyStopping's memory
@@ -57,7 +69,7 @@ def run(config: Config, *, callbacks=()) -> FinetuneResult:
 
 
 def _finetune(config, start, extra_callbacks):
-    keras.utils.set_random_seed(config.seed)
+    runtime.set_seed(config.seed)
     with cache.FeatureStore(config.features_dir) as store:           # "no cache" refused here
         head_record = registry.record(config, "dense")  # train-head's last head, or refused
         weights = backbone.weights_of_cache(config.weights, store.attrs)
@@ -70,19 +82,21 @@ def _finetune(config, start, extra_callbacks):
                     "unfreeze": config.unfreeze, "head_sha256": head_record.file_sha256}
         state = resume_state(config, settings)
         if state is None:  # a resumed model is no longer the head's: nothing to compare
-            check_composition(model, head, *data["step0"])
+            with images.one_line_on_change(data["step0"][0]):
+                check_composition(model, head, *data["step0"])
 
     done = state["epochs"] if state else 0
     early, backup, callbacks = make_callbacks(config, settings, state, start, extra_callbacks)
     # A run that early stopping ended stays ended; otherwise train up to EPOCHS (possibly 0 more).
     target = done if state and state["stopped"] else max(done, config.finetune_epochs)
-    model.fit(data["train"], validation_data=data["validation"], initial_epoch=done, epochs=target,
-              callbacks=callbacks, shuffle=False,  # shuffle=False: the dataset shuffles itself
-              verbose=1 if sys.stdout.isatty() else 2)  # logs: a line an epoch
-    # EarlyStopping.on_train_end has put the best epoch's weights back (also after a resume).
-
-    scores = {name: model.evaluate(data[name], return_dict=True, verbose=0) if data[name] else {}
-              for name in ("validation", "test")}
+    with images.one_line_on_change(data["train"], data["validation"], data["test"]):
+        model.fit(data["train"], validation_data=data["validation"], initial_epoch=done,
+                  epochs=target, callbacks=callbacks,
+                  shuffle=False,  # the dataset shuffles itself, seeded
+                  verbose=1 if sys.stdout.isatty() else 2)  # logs: a line an epoch
+        # EarlyStopping.on_train_end has put the best epoch's weights back (also after a resume)
+        scores = {name: model.evaluate(data[name], return_dict=True, verbose=0)
+                  if data[name] else {} for name in ("validation", "test")}
     result = _write_outputs(config, store, weights, model, head_record, backup, early, trainable,
                             done, scores, log_history(config, target))
     print(f"finetune {config.dataset_name}: {result.epochs} epochs (best {result.best_epoch}), "
@@ -98,7 +112,7 @@ def _finetune(config, start, extra_callbacks):
 # --------------------------------------------------------------------------------------------
 
 def make_datasets(config, store):
-    """Image datasets of the cache's rows: "train" (augmented, shuffled), "validation", "test"
+    """Image datasets of the cache's rows: "train" (shuffled), "validation", "test"
     (None when empty), and "step0": the first validation batch with its cached features."""
     size = store.identity["image_size"]  # SIZE belongs to the cache: images must match it
     paths = checked_image_paths(config, store)
@@ -115,8 +129,7 @@ def make_datasets(config, store):
                                        **kwargs) if len(rows) else None
 
     first = split["validation"][:config.batch_size]
-    return {"train": dataset(split["train"], augment=augmentation(config.seed),
-                             shuffle_seed=config.seed),
+    return {"train": dataset(split["train"], shuffle_seed=config.seed),
             "validation": dataset(split["validation"]), "test": dataset(split["test"]),
             "step0": (dataset(first), store.read(first))}
 
@@ -144,7 +157,10 @@ def checked_image_paths(config, store):
 
 
 def augmentation(seed):
-    """The article's augmentations, applied to training batches only, in the input pipeline.
+    """The article's augmentations, first in the fine-tuned model (as in the keras-io transfer
+    learning guide): Keras's random layers are active in `fit` only, run on the GPU with the
+    model, and draw from seeded generators in the model's state, so they are the same on every
+    backend and in every run; at inference they pass images through unchanged.
 
     They run on images that are already VGG16-preprocessed (BGR, ImageNet mean subtracted). The
     "reflect" fill (Keras's default, written out here) fills uncovered corners with mirrored real
@@ -165,7 +181,7 @@ def augmentation(seed):
 def build_model(config, weights, head, store):
     """The cache's backbone + the trained head, compiled with UNFREEZE's layers and the head
     trainable. Returns (model, names of the base's layers that train)."""
-    model, base = compose(weights, head, store.identity)
+    model, base = compose(weights, head, store.identity, augmentation(config.seed))
     trainable = set_trainable(base, config.unfreeze)
     # Recompile after changing `trainable`: fit uses the trainable set the model was compiled with.
     # RMSprop at 1e-5 as in the article: a small, per-weight scaled step adjusts the pretrained
@@ -175,14 +191,16 @@ def build_model(config, weights, head, store):
     return model, trainable
 
 
-def compose(weights, head, identity):
-    """image (after load_image) -> probabilities: the cache's backbone, then the trained head."""
+def compose(weights, head, identity, augment=None):
+    """image (after load_image) -> probabilities: `augment` (training only), the cache's
+    backbone, then the trained head."""
     base = backbone.build_backbone_of(identity, weights)
     size = identity["image_size"]
     inputs = keras.Input((size, size, 3), name="image")
+    images_in = augment(inputs) if augment is not None else inputs
     # training=False keeps the base in inference mode even while it trains (the keras-io recipe
     # for bases with BatchNormalization; VGG16 has none, so it changes nothing but is safe).
-    features = base(inputs, training=False)
+    features = base(images_in, training=False)
     head.trainable = True
     outputs = head(features)  # the head's Dropout is active during fit, as in stage two
     return keras.Model(inputs, outputs, name="finetuned"), base
@@ -340,6 +358,7 @@ def _write_outputs(config, store, weights, model, head_record, backup, early, tr
         "identity": store.identity, "identity_id": backbone.identity_id(store.identity),
         "class_names": list(store.class_names), "config": config.to_dict(),
         "weights": weights.fingerprint, "weights_notice": weights.notice,
+        "versions": backbone.library_versions(),  # the backend among them
         "unfreeze": config.unfreeze, "trainable_layers": trainable,
         "validation": scores["validation"], "test": scores["test"], "epochs": epochs,
         "best_epoch": int(early.best_epoch) + 1 if epochs else 0, "seconds": backup.seconds(),

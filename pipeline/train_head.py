@@ -8,26 +8,24 @@ logreg: StandardScaler + LogisticRegression, C chosen on the validation split
         -> models/<NAME>/logreg.npz (plain arrays: loading it runs no code)
 both:   -> models/<NAME>/head_metrics.json (validation/test metrics and the cache identity)
 """
-import itertools
 import json
-import math
 import os
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import keras
 import numpy as np
-import tensorflow as tf
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, log_loss
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, files, heads, plots
+from . import artifacts, backbone, cache, files, heads, plots, runtime
 from .config import Config, UserError, warn
 
 STANDARDIZE = True           # False: train on raw feature maps, as the article does
@@ -48,7 +46,7 @@ def run(config: Config, *, callbacks=(), logreg_memory_mb=LOGREG_MEMORY_MB) -> T
     bench times epochs with one); past `logreg_memory_mb` of training features, logreg is fitted
     out of core."""
     start = time.perf_counter()
-    keras.utils.set_random_seed(config.seed)  # python, numpy and the backend: weights, dropout
+    runtime.set_seed(config.seed)  # python, numpy, the backend and Keras: weights, dropout
     with cache.FeatureStore(config.features_dir) as store:
         rows = {split: store.rows(split) for split in ("train", "validation", "test")}
         _check_trainable(store, rows)
@@ -56,6 +54,7 @@ def run(config: Config, *, callbacks=(), logreg_memory_mb=LOGREG_MEMORY_MB) -> T
         metrics = {"identity": store.identity, "identity_id": backbone.identity_id(store.identity),
                    "class_names": list(store.class_names), "config": config.to_dict(),
                    "weights_notice": store.attrs.get("weights_notice", ""),
+                   "versions": backbone.library_versions(),  # the backend among them
                    "models": _kept_models(metrics_path, store, config.head)}
         paths = {"metrics": metrics_path}
         # logreg first: its in-memory features are freed before TensorFlow's runtime starts
@@ -107,24 +106,45 @@ def _kept_models(metrics_path, store, head):
 # Streaming the cache
 # --------------------------------------------------------------------------------------------
 
-def feature_dataset(store, rows, targets, batch_size, seed=None):
-    """A tf.data.Dataset of (features, target) batches over `rows`, read from the cache a block
-    at a time. With a seed, every epoch visits the rows in a new order, the same in every run."""
-    # whole batches per block: one short batch per epoch, at the very end at most
-    per_block = max(1, cache.READ_BLOCK // batch_size) * batch_size
-    epochs = itertools.count()
+class CachedFeatures(keras.utils.PyDataset):
+    """(features, target) batches over `rows` of the cache, for Keras's fit and evaluate on any
+    backend. The cache is read a block of rows at a time (cache.block_plan), the next block in
+    a thread of its own while the model trains on this one, so at most two blocks are in memory
+    whatever the cache's size. With a seed, every epoch visits the rows in a new order, the same
+    in every run."""
 
-    def generate():
-        rng = None if seed is None else np.random.default_rng([seed, next(epochs)])
-        for indices, features in store.blocks(rows, per_block, rng):
-            for i in range(0, len(indices), batch_size):
-                yield features[i:i + batch_size], targets[indices[i:i + batch_size]]
+    def __init__(self, store, rows, targets, batch_size, seed=None):
+        super().__init__(workers=1)  # batches in order, from one thread: the block cache holds
+        self.store, self.rows, self.targets = store, rows, targets
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        # whole batches per block: one short batch per epoch, at the very end at most
+        self.per_block = max(1, cache.READ_BLOCK // batch_size) * batch_size
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="cache-read")
+        self._plan()
 
-    signature = (tf.TensorSpec((None, *store.features.shape[1:]), tf.float32),
-                 tf.TensorSpec((None, *targets.shape[1:]), tf.as_dtype(targets.dtype)))
-    ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(len(rows) / batch_size)))
-    return ds.prefetch(tf.data.AUTOTUNE)  # the next blocks are read while the model trains
+    def _plan(self):
+        rng = None if self.seed is None else np.random.default_rng([self.seed, self.epoch])
+        self.blocks = cache.block_plan(self.rows, self.per_block, rng)
+        self.reads = {}  # block number -> its read (a Future), the current one and the next
+
+    def _block(self, number):
+        if number not in self.reads:
+            self.reads = {number: self.reader.submit(self.store.read, self.blocks[number])}
+        if number + 1 < len(self.blocks) and number + 1 not in self.reads:
+            self.reads[number + 1] = self.reader.submit(self.store.read, self.blocks[number + 1])
+        return self.reads[number].result()
+
+    def __len__(self):
+        return -(-len(self.rows) // self.batch_size)
+
+    def __getitem__(self, index):
+        number, start = divmod(index * self.batch_size, self.per_block)
+        batch = slice(start, start + self.batch_size)
+        return self._block(number)[batch], self.targets[self.blocks[number][batch]]
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self._plan()
 
 
 def feature_moments(store, rows):
@@ -148,8 +168,8 @@ def train_dense(config, store, rows, callbacks=()):
     # sigmoid head: float targets of shape (n, 1); softmax head: integer class indices
     targets = (store.labels.astype(np.float32)[:, None] if len(names) == 2
                else store.labels.astype(np.int32))
-    train = feature_dataset(store, rows["train"], targets, config.batch_size, seed=config.seed)
-    validation = feature_dataset(store, rows["validation"], targets, config.batch_size)
+    train = CachedFeatures(store, rows["train"], targets, config.batch_size, seed=config.seed)
+    validation = CachedFeatures(store, rows["validation"], targets, config.batch_size)
     paths = {"dense": artifacts.path(config, artifacts.HEAD),
              "checkpoint": artifacts.path(config, artifacts.HEAD_CHECKPOINT),
              "log": artifacts.path(config, artifacts.HEAD_LOG),
@@ -189,7 +209,7 @@ def train_dense(config, store, rows, callbacks=()):
     with _one_line_on_damage(store):
         entry = {"validation": _evaluate_dense(head, validation)}
         if len(rows["test"]):
-            test = feature_dataset(store, rows["test"], targets, config.batch_size)
+            test = CachedFeatures(store, rows["test"], targets, config.batch_size)
             entry["test"] = _evaluate_dense(head, test)
     # file_sha256 ties the file to these metrics
     entry.update(file_sha256=artifacts.file_sha256(paths["dense"]),
@@ -205,11 +225,11 @@ def train_dense(config, store, rows, callbacks=()):
 
 @contextmanager
 def _one_line_on_damage(store):
-    """A damaged segment met by tf.data's generator reaches us as a TensorFlow error (with a
-    traceback from inside Keras): raise FeatureStore's own one line instead."""
+    """A damaged segment met while Keras reads the cache can reach us as a framework error (under
+    TensorFlow, Keras runs the dataset inside tf.data): raise FeatureStore's own one line."""
     try:
         yield
-    except tf.errors.OpError:
+    except Exception:
         if store.damage is not None:
             raise store.damage from None
         raise
