@@ -53,12 +53,15 @@ def test_features_equal_a_direct_keras_computation(image_folder, make_config, ti
         np.testing.assert_allclose(cached[rel], direct[0], rtol=1e-4, atol=1e-4)
 
 
-def test_the_forward_pass_is_traced_once_for_every_batch_size():
-    features_of = backbone.feature_function(
-        backbone.build_backbone(backbone.resolve_weights("none"), 32))
-    shapes = [features_of(np.zeros((n, 32, 32, 3), np.float32)).shape for n in (4, 3, 1)]
-    assert shapes == [(4, 1, 1, 512), (3, 1, 1, 512), (1, 1, 1, 512)]
-    assert features_of.experimental_get_tracing_count() == 1
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_the_forward_pass_takes_any_batch_size_and_returns_float32(precision):
+    base = backbone.build_backbone(backbone.resolve_weights("none"), 32, precision)
+    features_of = backbone.feature_function(base)
+    x = np.random.default_rng(0).uniform(-100, 100, (4, 32, 32, 3)).astype(np.float32)
+    outputs = [features_of(x[:n]) for n in (4, 3, 1)]  # a run's last batch is smaller
+    assert [o.shape for o in outputs] == [(4, 1, 1, 512), (3, 1, 1, 512), (1, 1, 1, 512)]
+    assert all(o.dtype == np.float32 for o in outputs)
+    np.testing.assert_allclose(outputs[1], outputs[0][:3], rtol=1e-5, atol=1e-5)
 
 
 def test_rerun_is_incremental(image_folder, make_config):
@@ -195,7 +198,7 @@ def test_kill_9_then_rerun_equals_a_clean_run(tmp_path, make_config):
     config = make_config(root, batch_size=2, name="killed")
     command = [sys.executable, "-m", "pipeline", "extract", "--data", root, "--name", "killed",
                "--weights", "none", "--size", "32", "--batch-size", "2",
-               "--features-root", config.features_root]
+               "--precision", config.precision, "--features-root", config.features_root]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     segments = os.path.join(config.features_dir, "segments")

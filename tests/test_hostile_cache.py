@@ -293,7 +293,7 @@ LIMITED = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.S
 def extract_with_file_limit(config, limit):
     command = [sys.executable, "-c", LIMITED, str(limit), "extract", "--data", config.data,
                "--weights", "none", "--size", "32", "--batch-size", str(config.batch_size),
-               "--features-root", config.features_root]
+               "--precision", config.precision, "--features-root", config.features_root]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TQDM_DISABLE": "1"})
 
@@ -485,7 +485,8 @@ def test_a_segment_the_os_cannot_read_is_kept_not_deleted(image_folder, make_con
     monkeypatch.setattr(cache, "_verified_shas", refused)
     capsys.readouterr()
     code, out = run_cli(capsys, "extract", "--data", image_folder, "--weights", "none",
-                        "--size", "32", "--features-root", config.features_root,
+                        "--size", "32", "--precision", config.precision,
+                        "--features-root", config.features_root,
                         "--models-root", config.models_root)
     assert code == 2 and "cannot be read (Permission denied): fix its permissions" in \
         one_line(out.err)

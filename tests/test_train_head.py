@@ -223,8 +223,12 @@ def test_streaming_visits_every_row_once_per_epoch_in_a_seeded_order(synthetic_c
         rows = store.rows("train")
         targets = np.arange(len(store))  # a row's target is its index: shows the order
         def epochs(seed, n=2):
-            ds = train_head.feature_dataset(store, rows, targets, batch_size=5, seed=seed)
-            return [[(x, y) for x, y in ds.as_numpy_iterator()] for _ in range(n)]
+            ds = train_head.CachedFeatures(store, rows, targets, batch_size=5, seed=seed)
+            out = []
+            for _ in range(n):  # as Keras's fit does: the batches, then on_epoch_end
+                out.append(list(ds))
+                ds.on_epoch_end()
+            return out
         first, again = epochs(seed=3), epochs(seed=3)
         features = store.read(np.arange(len(store)))
     orders = [np.concatenate([y for _, y in epoch]) for epoch in first]
