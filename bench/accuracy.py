@@ -29,13 +29,8 @@ def run(data, work, size, batch):
     """Extract all of `data` (layout b: train/ and validation/; with no test/ folder, half of
     validation becomes the test split), train both heads, fine-tune, and score each model on the
     validation split. Returns (figures, details) for bench.py."""
-    weights = os.environ.get("WEIGHTS") or standin_weights()
-    if PER_FOLDER:
-        data = _first_images(data, os.path.join(work, "accuracy_data"), PER_FOLDER)
-    config = Config(data=data, name="cats_vs_dogs", weights=weights, size=size, batch_size=batch,
-                    head="both", finetune_epochs=FINETUNE_EPOCHS, fresh=True,
-                    features_root=os.path.join(work, "accuracy", "features"),
-                    models_root=os.path.join(work, "accuracy", "models"))
+    config = config_for(data, work, size, batch)
+    weights = config.weights
     extract.run(config)
     train_head.run(config)
     finetune.run(config)
@@ -49,6 +44,18 @@ def run(data, work, size, batch):
                     validation_accuracy(half, finetuned=False).items()})
     return figures, {"accuracy_weights": weights, "accuracy_finetune_epochs": FINETUNE_EPOCHS,
                      "accuracy_images_per_folder": PER_FOLDER or "all"}
+
+
+def config_for(data, work, size, batch):
+    """The accuracy phase's Config: all of `data` (or BENCH_ACCURACY_N per folder), WEIGHTS."""
+    weights = os.environ.get("WEIGHTS") or standin_weights()
+    if PER_FOLDER:
+        dest = os.path.join(work, "accuracy_data")
+        data = dest if os.path.isdir(dest) else _first_images(data, dest, PER_FOLDER)
+    return Config(data=data, name="cats_vs_dogs", weights=weights, size=size, batch_size=batch,
+                  head="both", finetune_epochs=FINETUNE_EPOCHS, fresh=True,
+                  features_root=os.path.join(work, "accuracy", "features"),
+                  models_root=os.path.join(work, "accuracy", "models"))
 
 
 def validation_accuracy(config, finetuned=True):

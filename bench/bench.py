@@ -9,6 +9,8 @@ Settings (environment variables; bench/README.md explains every figure):
                              BENCH_FINETUNE_EPOCHS; all of cats_vs_dogs, ~25 min on 2 cores)
     BENCH_DATA=<dir>         the photos (default ../shared/data/cats_vs_dogs, read-only: the
                              benchmark folders are symlinks under bench/work/, git-ignored)
+    BACKEND=jax|torch        the Keras backend of this process (default: KERAS_BACKEND, else
+                             tensorflow); figure 7 measures every installed backend anyway
 Speed does not depend on the weights' values, so every timing runs with WEIGHTS=none.
 TF_ENABLE_ONEDNN_OPTS=0 make bench measures everything with TensorFlow's default CPU kernels (the
 "before" of the oneDNN option); figure 6, the speed options, lives in bench/options.py.
@@ -24,14 +26,16 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SEED_ENV = dict(os.environ)  # the naive Keras way runs with TensorFlow's defaults, as the seed did
 
-import pipeline  # noqa: E402, F401  first: sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads
+from pipeline import runtime  # noqa: E402  first: sets TF_ENABLE_ONEDNN_OPTS, then the backend
+
+BACKEND = runtime.start(os.environ.get("BACKEND", ""))  # before anything imports Keras
 
 # isort: split
+import backends  # noqa: E402  (bench/backends.py: figure 7, every backend and the loader)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import options  # noqa: E402  (bench/options.py: figure 6, and the naive Keras way)
 import support  # noqa: E402  (bench/support.py: the synthetic cache, the machine)
-import tensorflow as tf  # noqa: E402
 
 from pipeline import artifacts, backbone, cache, extract, heads, images, train_head  # noqa: E402
 from pipeline.config import Config  # noqa: E402
@@ -54,7 +58,7 @@ TARGETS = [
     ("extract_ips", "extraction, files -> HDF5 (img/s)", "", None),
     ("model_only_ips", "model-only limit (img/s)", "", None),
     ("naive_keras_ips", "naive Keras way (img/s)", "", None),
-    ("ratio_vs_model_only", "extraction / model-only", ">= 0.9", lambda v: v >= 0.9),
+    ("ratio_vs_model_only", "extraction / model-only", ">= 0.95", lambda v: v >= 0.95),
     ("ratio_vs_naive", "extraction / naive Keras", ">= 1.5", lambda v: v >= 1.5),
     ("head_epoch_s_cache", "head epoch on the cache (s)", "", None),
     ("head_epoch_s_frozen_base", "head epoch, frozen base in loop (s)", "", None),
@@ -75,11 +79,11 @@ TARGETS = [
 def main():
     if N < 20:
         sys.exit(f"BENCH_N={N}: use at least 20 images (10% of them are the rerun's new images)")
-    for gpu in tf.config.list_physical_devices("GPU"):  # leave GPU memory to the stage processes
-        tf.config.experimental.set_memory_growth(gpu, True)
+    support.grow_gpu_memory()  # leave GPU memory to the stage processes
     results = {"machine": support.machine(), "versions": support.versions(),
                "settings": dict(BENCH_N=N, BENCH_SYNTH_ROWS=SYNTH_ROWS, BENCH_ACCURACY=ACCURACY,
-                                size=SIZE, batch_size=BATCH, weights="none",
+                                size=SIZE, batch_size=BATCH, weights="none", backend=BACKEND,
+                                precision=backbone.resolve_precision("auto"),
                                 data=os.path.abspath(DATA),
                                 model_only_batches=MODEL_ONLY_BATCHES, head_epochs=HEAD_EPOCHS,
                                 frozen_images=FROZEN_IMAGES, synth_epochs=SYNTH_EPOCHS,
@@ -100,14 +104,18 @@ def main():
 
     phases = [("extraction and reruns", lambda: extraction(config, inc_dir, old, new)),
               ("model-only limit", lambda: model_only([p for _, p in picked])),
-              ("naive Keras way", lambda: naive_keras(full_dir)),
+              ("naive way", lambda: naive(full_dir)),
               ("head epochs", lambda: head_epochs(config)),
               ("peak RSS of extract", lambda: extract_memory(full_dir)),
               ("peak RSS of train-head", train_head_memory),
-              ("speed options", lambda: speed_options(picked, full_dir))]
+              ("speed options", lambda: speed_options(picked, full_dir)),
+              ("backends and the loader", lambda: backends.run(picked, WORK, SIZE, BATCH, LOG))]
     if ACCURACY:
         import accuracy  # bench/accuracy.py: needs train_head and finetune
         phases.append(("accuracy", lambda: accuracy.run(DATA, WORK, SIZE, BATCH)))
+        phases.append(("accuracy of each precision", lambda: (
+            {"precision_accuracy": backends.precision_accuracy(accuracy.config_for(DATA, WORK, SIZE,
+                                                                               BATCH))}, {})))
     for title, phase in phases:
         print(f"\n=== bench: {title} ===", flush=True)
         start = time.perf_counter()
@@ -196,27 +204,35 @@ def extraction(config, inc_dir, old, new):
 def model_only(paths):
     """The same backbone and compiled forward pass as extract (backbone.feature_function) on
     batches decoded once and held in memory: the most extraction could reach."""
-    base = backbone.build_backbone(backbone.resolve_weights("none"), SIZE)
+    precision = backbone.resolve_precision("auto")  # extract's, so the two compare
+    base = backbone.build_backbone(backbone.resolve_weights("none"), SIZE, precision)
     features_of = backbone.feature_function(base)
     decoded = np.stack([images.load_image(p, SIZE) for p in paths[:4 * BATCH]])
     size = min(BATCH, len(decoded))
-    batches = [tf.constant(decoded[i:i + size]) for i in range(0, len(decoded) - size + 1, size)]
-    features_of(batches[0]).numpy()  # warm-up: tracing and the first run's allocations
+    batches = [decoded[i:i + size] for i in range(0, len(decoded) - size + 1, size)]
+    features_of(batches[0])  # warm-up: tracing and the first run's allocations
     timed_batches = max(2, min(MODEL_ONLY_BATCHES, len(paths) // size))  # fewer for a small N
     start = time.perf_counter()
     for i in range(timed_batches):
-        features_of(batches[i % len(batches)]).numpy()  # .numpy() waits for the result
+        features_of(batches[i % len(batches)])  # returns numpy: waits for the result
     seconds = time.perf_counter() - start
     return ({"model_only_ips": timed_batches * size / seconds},
             {"model_only_images": timed_batches * size, "model_only_s": seconds})
 
 
-def naive_keras(folder):
-    """The seed's way (bench/options.py naive), in a process with the environment `make bench`
-    was started with: TensorFlow's own defaults, unless the user set TF_ENABLE_ONEDNN_OPTS."""
-    naive = options.in_process(["naive", folder, SIZE, BATCH], SEED_ENV, LOG)
+def naive(folder):
+    """What a user would write instead, in a process with the environment `make bench` was
+    started with: the seed's Keras way (bench/options.py naive) where TensorFlow is installed
+    (its image_dataset_from_directory is tf.data), else torchvision's ImageFolder + DataLoader +
+    VGG16 (bench/options.py naive_torch), which is what a PyTorch machine offers."""
+    way = "naive" if options.has("tensorflow") else "naive_torch"
+    if way == "naive_torch" and not options.has("torchvision"):
+        print("  no naive way to compare with: neither tensorflow nor torchvision is installed")
+        return {}, {}
+    naive = options.in_process([way, folder, SIZE, BATCH], SEED_ENV, LOG)
     return ({"naive_keras_ips": naive["ips"]},
-            {"naive_keras_images": naive["images"], "naive_keras_s": naive["seconds"]})
+            {"naive_way": way, "naive_keras_images": naive["images"],
+             "naive_keras_s": naive["seconds"]})
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,9 +303,11 @@ def train_head_memory():
 # --------------------------------------------------------------------------------------------
 
 def speed_options(picked, full_dir):
-    gpu = bool(tf.config.list_physical_devices("GPU"))
+    if BACKEND != "tensorflow":  # oneDNN on/off and the naive way are TensorFlow's options
+        return {}, {}
+    gpu = runtime.accelerator() == "gpu"
     figures = {"forward_ips": options.forward_variants(SEED_ENV, LOG, SIZE, gpu,
-                                                       support.cpu_flags())}
+                                                       runtime.cpu_flags())}
     classes = {path: class_name for class_name, path in picked}
 
     def extract_ips(paths, name):
@@ -316,6 +334,8 @@ def print_table(results):
         if key == "train_head_peak_rss_gb_100k" and passes is None:
             verdict = "(target is for 100,000 rows)"
         print(f"{what:<44} {shown:>10}  {target:<9} {verdict}")
+    for what, value in backends.table_rows(results):
+        print(f"{what:<56} {value}")
     if "options" in results:
         print(f"\n{'speed option (6)':<44} {'value':>10}")
         for key, value in support.flatten(results["options"]):

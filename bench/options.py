@@ -5,11 +5,16 @@ and the naive Keras way run in a process of their own:
 
     python bench/options.py forward BATCH XLA PRECISION SIZE           -> JSON: img/s
     python bench/options.py naive FOLDER SIZE BATCH                    -> JSON: img/s
-    python bench/options.py extract FOLDER FULL_DECODING SIZE BATCH OUT -> JSON: img/s
+    python bench/options.py naive_torch FOLDER SIZE BATCH              -> JSON: img/s
+    python bench/options.py extract FOLDER FULL_DECODING SIZE BATCH OUT [PRECISION] -> JSON: img/s
+
+XLA is 1, 0 or auto (the backend's default). Each runs on the Keras backend that KERAS_BACKEND
+names in its environment.
 
 bench.py calls `forward_variants` and `decoding`, which start those processes (so each
 measurement also starts from a fresh process, as a user's `make extract` does).
 """
+import importlib.util
 import json
 import os
 import sys
@@ -29,16 +34,15 @@ def forward(batch, xla, precision, size):
     """Images/s of the frozen base's compiled forward pass on one in-memory batch."""
     sys.path.insert(0, ROOT)
     import numpy as np
-    import tensorflow as tf
 
     from pipeline import backbone
     base = backbone.build_backbone(backbone.resolve_weights("none"), size, precision)
     run = backbone.feature_function(base, jit_compile=xla)  # extract's forward pass
-    x = tf.constant(np.random.default_rng(0).uniform(-120, 150, (batch, size, size, 3)), tf.float32)
-    run(x).numpy()  # warm-up: tracing, compilation, first allocations
+    x = np.random.default_rng(0).uniform(-120, 150, (batch, size, size, 3)).astype(np.float32)
+    run(x)  # warm-up: tracing, compilation, first allocations
     done, start = 0, time.perf_counter()
     while done < FORWARD_IMAGES:
-        run(x).numpy()
+        run(x)  # returns numpy: waits for the result
         done += batch
     return {"ips": done / (time.perf_counter() - start), "images": done}
 
@@ -60,13 +64,46 @@ def naive(folder, size, batch):
     return {"ips": len(features) / seconds, "images": len(features), "seconds": seconds}
 
 
-def extract_folder(folder, full_decoding, size, batch, features_root):
+def naive_torch(folder, size, batch):
+    """What a PyTorch user would write instead, model build included: torchvision's ImageFolder
+    (PIL decoding, Resize, ToTensor, ImageNet Normalize) -> DataLoader with a worker per core ->
+    torchvision's VGG16 `features` under autocast on the GPU -> np.save. Runs only where
+    torchvision is installed (it has no CPU build on this project's CPU machine)."""
+    import numpy as np
+    import torch
+    import torchvision
+    from torchvision import transforms
+    start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prepare = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
+                                  transforms.Normalize([0.485, 0.456, 0.406],
+                                                       [0.229, 0.224, 0.225])])
+    loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(folder, prepare),
+                                         batch_size=batch, num_workers=os.cpu_count(),
+                                         pin_memory=device == "cuda")
+    model = torchvision.models.vgg16(weights=None).features.to(device).eval()
+    out = []
+    with torch.inference_mode(), torch.autocast(device, enabled=device == "cuda"):
+        for x, _ in loader:
+            out.append(model(x.to(device, non_blocking=True)).float().cpu().numpy())
+    features = np.concatenate(out)
+    np.save(os.path.join(folder, "..", "naive_torch_features.npy"), features)
+    seconds = time.perf_counter() - start
+    return {"ips": len(features) / seconds, "images": len(features), "seconds": seconds}
+
+
+def has(module):
+    """Whether `module` can be imported here (without importing it)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def extract_folder(folder, full_decoding, size, batch, features_root, precision="auto"):
     """Images/s of extract.run on `folder` (WEIGHTS=none), with or without DCT-scaled decoding."""
     sys.path.insert(0, ROOT)
     from pipeline import extract
     from pipeline.config import Config
     config = Config(data=folder, name=os.path.basename(folder), weights="none", size=size,
-                    batch_size=batch, features_root=features_root)
+                    batch_size=batch, precision=precision, features_root=features_root)
     with full_jpeg_decoding() if full_decoding else nullcontext():
         start = time.perf_counter()
         result = extract.run(config)
@@ -145,12 +182,13 @@ def decoding(paths, size, extract_ips):
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     if command == "forward":
-        batch, xla, precision, size = int(args[0]), args[1] == "1", args[2], int(args[3])
-        print(json.dumps(forward(batch, xla, precision, size)))
-    elif command == "naive":
-        print(json.dumps(naive(args[0], int(args[1]), int(args[2]))))
+        xla = {"1": True, "0": False}.get(args[1])  # auto: None, the backend's default
+        print(json.dumps(forward(int(args[0]), xla, args[2], int(args[3]))))
+    elif command in ("naive", "naive_torch"):
+        way = naive if command == "naive" else naive_torch
+        print(json.dumps(way(args[0], int(args[1]), int(args[2]))))
     elif command == "extract":
         print(json.dumps(extract_folder(args[0], args[1] == "1", int(args[2]), int(args[3]),
-                                        args[4])))
+                                        *args[4:6])))
     else:
-        sys.exit(f"unknown command {command!r}: forward | naive | extract")
+        sys.exit(f"unknown command {command!r}: forward | naive | naive_torch | extract")

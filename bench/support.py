@@ -10,9 +10,8 @@ import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from pipeline import backbone, cache, datasets, extract
+from pipeline import backbone, cache, datasets, extract, runtime
 from pipeline.config import Config
 
 CHUNK = 4096  # rows per segment: at COMPACT_BELOW, so extract never merges them
@@ -28,25 +27,33 @@ def machine():
                         if line.startswith("model name")), cpu)
     except OSError:
         pass
-    gpus = []
-    for device in tf.config.list_physical_devices("GPU"):
-        details = tf.config.experimental.get_device_details(device)
-        gpus.append(details.get("device_name", device.name))
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
             "cpu_count": os.cpu_count(),
             "cpus_usable": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                             else None),
-            "ram_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, "gpus": gpus}
+            "ram_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
+            "gpus": gpu_names(), "bf16_cpu": bool(runtime.BF16_FLAGS & runtime.cpu_flags())}
 
 
-def cpu_flags():
-    """The CPU's feature flags (avx2, avx512_bf16, amx_bf16, ...) from /proc/cpuinfo."""
+def gpu_names():
+    """The GPUs that nvidia-smi lists (empty without an NVIDIA driver): the same on every
+    backend, and without starting one on the GPU."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line.split(":", 1)[1].split() for line in f
-                             if line.startswith("flags")), []))
-    except OSError:
-        return set()
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in listed.stdout.splitlines() if line.strip()]
+
+
+def grow_gpu_memory():
+    """Under TensorFlow, take GPU memory as needed, not all of it at the first op, so the stage
+    processes that bench starts find some (JAX and PyTorch need this through XLA_PYTHON_..._
+    PREALLOCATE=false, set by bench/gpu.sh, or allocate lazily already)."""
+    if runtime.backend() == "tensorflow":
+        import tensorflow as tf
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
 
 
 def versions():
