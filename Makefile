@@ -12,7 +12,8 @@ DEMO_STAMP := $(DEMO)/.generated
 # --- the settings: one Make variable per field of pipeline/config.py (`make help` lists them) ----
 # Each is passed to the CLI only when set, so the defaults live in config.py alone. DATASETS
 # (several folders) is passed apart; FEATURES_ROOT and MODELS_ROOT stay features/ and models/.
-SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS WEIGHTS SIZE BATCH_SIZE PRECISION STORAGE HEAD EPOCHS \
+SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS WEIGHTS SIZE BATCH_SIZE PRECISION STORAGE ENGINE \
+            RAY_ADDRESS WORKERS HEAD EPOCHS \
             HIDDEN_UNITS DROPOUT HEAD_LR PATIENCE C_GRID SEED UNFREEZE FINETUNE_EPOCHS LR \
             FINETUNE_PATIENCE FRESH IMAGES MODEL OUT BATCH_FILE FINETUNE FORCE
 # Make exports command-line variables to every recipe's environment, and expands them to do so,
