@@ -6,6 +6,7 @@ SHELL := /bin/bash
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+RAY_STAMP := $(VENV)/.installed-ray
 DEMO   := data/demo
 DEMO_STAMP := $(DEMO)/.generated
 
@@ -29,8 +30,10 @@ ARGS = $(foreach v,$(SETTINGS),$(if $(strip $(value $(v))),$(call option,$(v))=$
 CLI  = $(PYTHON) -m pipeline
 # With no DATA, stages run on the embedded demo data (generated on first use).
 DATA_DEP = $(if $(strip $(DATA)),,$(DEMO_STAMP))
+# ENGINE=ray installs Ray (requirements-ray.txt, optional) into .venv on first use.
+RAY_DEP = $(if $(filter ray,$(strip $(ENGINE))),$(RAY_STAMP))
 
-.PHONY: help install demo-data extract train-head finetune evaluate predict report export demo \
+.PHONY: help install install-ray demo-data extract train-head finetune evaluate predict report export demo \
         batch reproduce bench test test-slow lint clean
 
 help: ## List the targets and the settings
@@ -47,12 +50,18 @@ $(STAMP): requirements.txt
 	$(PYTHON) -m pip install -q -r requirements.txt
 	touch $@
 
+install-ray: $(RAY_STAMP) ## Add Ray to .venv (requirements-ray.txt), for ENGINE=ray and its tests
+
+$(RAY_STAMP): requirements-ray.txt | $(STAMP)
+	$(PYTHON) -m pip install -q -r requirements-ray.txt
+	touch $@
+
 demo-data: $(DEMO_STAMP) ## Generate the embedded two-class demo images in data/demo (offline)
 
 $(DEMO_STAMP): pipeline/demo_data.py | $(STAMP)
 	$(CLI) demo-data --data $(DEMO)
 
-extract: $(STAMP) $(DATA_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150]
+extract: $(STAMP) $(DATA_DEP) $(RAY_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150]
 	$(CLI) extract $(ARGS)
 
 train-head: $(STAMP) $(DATA_DEP) ## Train heads on the cache: [NAME] [HEAD=dense|logreg|both] [EPOCHS=30] [SEED=0]
@@ -83,10 +92,10 @@ demo: $(STAMP) $(DEMO_STAMP) ## The whole pipeline on the demo data, offline, in
 	$(CLI) evaluate $(DEMO_ARGS)
 	$(CLI) report $(DEMO_ARGS)
 
-batch: $(STAMP) ## Run every stage on many datasets: DATASETS="dirA dirB" or BATCH_FILE=<file> [FINETUNE=1] [FORCE=0]
+batch: $(STAMP) $(RAY_DEP) ## Run every stage on many datasets: DATASETS="dirA dirB" or BATCH_FILE=<file> [FINETUNE=1] [FORCE=0]
 	$(CLI) batch $(ARGS)
 
-reproduce: $(STAMP) ## The article's cats-vs-dogs experiment (needs internet: data + ImageNet weights)
+reproduce: $(STAMP) $(RAY_DEP) ## The article's cats-vs-dogs experiment (needs internet: data + ImageNet weights)
 	$(CLI) reproduce $(ARGS)
 
 bench: $(STAMP) ## Performance figures -> bench/results.json [BENCH_N=..] [BENCH_ACCURACY=1]
