@@ -6,13 +6,15 @@ SHELL := /bin/bash
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+RAY_STAMP := $(VENV)/.installed-ray
 DEMO   := data/demo
 DEMO_STAMP := $(DEMO)/.generated
 
 # --- the settings: one Make variable per field of pipeline/config.py (`make help` lists them) ----
 # Each is passed to the CLI only when set, so the defaults live in config.py alone. DATASETS
 # (several folders) is passed apart; FEATURES_ROOT and MODELS_ROOT stay features/ and models/.
-SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS BACKEND VERBOSE WEIGHTS SIZE BATCH_SIZE PRECISION STORAGE HEAD EPOCHS \
+SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS BACKEND VERBOSE WEIGHTS SIZE BATCH_SIZE PRECISION \
+            STORAGE ENGINE RAY_ADDRESS WORKERS HEAD EPOCHS \
             HIDDEN_UNITS DROPOUT HEAD_LR PATIENCE C_GRID SEED UNFREEZE FINETUNE_EPOCHS LR \
             FINETUNE_PATIENCE FRESH IMAGES MODEL OUT BATCH_FILE FINETUNE FORCE
 # Make exports command-line variables to every recipe's environment, and expands them to do so,
@@ -28,9 +30,11 @@ ARGS = $(foreach v,$(SETTINGS),$(if $(strip $(value $(v))),$(call option,$(v))=$
 CLI  = $(PYTHON) -m pipeline
 # With no DATA, stages run on the embedded demo data (generated on first use).
 DATA_DEP = $(if $(strip $(DATA)),,$(DEMO_STAMP))
+# ENGINE=ray installs Ray (requirements-ray.txt, optional) into .venv on first use.
+RAY_DEP = $(if $(filter ray,$(strip $(ENGINE))),$(RAY_STAMP))
 
-.PHONY: help install demo-data extract train-head finetune evaluate predict report export demo \
-        batch reproduce bench test test-backends test-slow lint clean
+.PHONY: help install install-ray demo-data extract train-head finetune evaluate predict report \
+        export demo batch reproduce bench test test-backends test-slow lint clean
 
 help: ## List the targets and the settings
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -46,12 +50,18 @@ $(STAMP): requirements.txt
 	$(PYTHON) -m pip install -q -r requirements.txt
 	touch $@
 
+install-ray: $(RAY_STAMP) ## Add Ray to .venv (requirements-ray.txt), for ENGINE=ray and its tests
+
+$(RAY_STAMP): requirements-ray.txt | $(STAMP)
+	$(PYTHON) -m pip install -q -r requirements-ray.txt
+	touch $@
+
 demo-data: $(DEMO_STAMP) ## Generate the embedded two-class demo images in data/demo (offline)
 
 $(DEMO_STAMP): pipeline/demo_data.py | $(STAMP)
 	$(CLI) demo-data --data $(DEMO)
 
-extract: $(STAMP) $(DATA_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150]
+extract: $(STAMP) $(DATA_DEP) $(RAY_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150]
 	$(CLI) extract $(ARGS)
 
 train-head: $(STAMP) $(DATA_DEP) ## Train heads on the cache: [NAME] [HEAD=dense|logreg|both] [EPOCHS=30] [SEED=0]
@@ -82,10 +92,10 @@ demo: $(STAMP) $(DEMO_STAMP) ## The whole pipeline on the demo data, offline, in
 	$(CLI) evaluate $(DEMO_ARGS) $(ARGS)
 	$(CLI) report $(DEMO_ARGS) $(ARGS)
 
-batch: $(STAMP) ## Run every stage on many datasets: DATASETS="dirA dirB" or BATCH_FILE=<file> [FINETUNE=1] [FORCE=0]
+batch: $(STAMP) $(RAY_DEP) ## Run every stage on many datasets: DATASETS="dirA dirB" or BATCH_FILE=<file> [FINETUNE=1] [FORCE=0]
 	$(CLI) batch $(ARGS)
 
-reproduce: $(STAMP) ## The article's cats-vs-dogs experiment (needs internet: data + ImageNet weights)
+reproduce: $(STAMP) $(RAY_DEP) ## The article's cats-vs-dogs experiment (needs internet: data + ImageNet weights)
 	$(CLI) reproduce $(ARGS)
 
 bench: $(STAMP) ## Performance figures -> bench/results.json [BENCH_N=..] [BENCH_ACCURACY=1]

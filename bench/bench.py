@@ -7,6 +7,8 @@ Settings (environment variables; bench/README.md explains every figure):
     BENCH_SYNTH_ROWS=100000  rows of the synthetic cache for the train-head memory figure (3.3 GB)
     BENCH_ACCURACY=1         also the slow accuracy figures (bench/accuracy.py: WEIGHTS,
                              BENCH_FINETUNE_EPOCHS; all of cats_vs_dogs, ~25 min on 2 cores)
+    BENCH_RAY=0              skip the ENGINE=ray section (bench/ray_bench.py), which runs when Ray
+                             is installed (make install-ray): ~5 min on 2 cores
     BENCH_DATA=<dir>         the photos (default ../shared/data/cats_vs_dogs, read-only: the
                              benchmark folders are symlinks under bench/work/, git-ignored)
     BACKEND=jax|torch        the Keras backend of this process (default: KERAS_BACKEND, else
@@ -15,6 +17,7 @@ Speed does not depend on the weights' values, so every timing runs with WEIGHTS=
 TF_ENABLE_ONEDNN_OPTS=0 make bench measures everything with TensorFlow's default CPU kernels (the
 "before" of the oneDNN option); figure 6, the speed options, lives in bench/options.py.
 """
+import importlib.util
 import os
 import shutil
 import statistics
@@ -43,6 +46,7 @@ from pipeline.config import Config  # noqa: E402
 N = int(os.environ.get("BENCH_N") or 600)
 SYNTH_ROWS = int(os.environ.get("BENCH_SYNTH_ROWS") or 100_000)
 ACCURACY = os.environ.get("BENCH_ACCURACY", "") not in ("", "0")
+RAY = os.environ.get("BENCH_RAY", "") != "0" and importlib.util.find_spec("ray") is not None
 DATA = os.environ.get("BENCH_DATA") or os.path.join(ROOT, "..", "shared", "data", "cats_vs_dogs")
 SIZE, BATCH = 150, 32
 MODEL_ONLY_BATCHES = 8     # timed in-memory batches (after one untimed warm-up batch)
@@ -68,6 +72,13 @@ TARGETS = [
     ("extract_peak_rss_gb", "extract peak RSS (GB)", "", None),
     ("train_head_peak_rss_gb_100k", f"train-head peak RSS, {SYNTH_ROWS:,} rows (GB)", "<= 1.5",
      (lambda v: v <= 1.5) if SYNTH_ROWS == 100_000 else None),
+    ("ray_init_shutdown_s", "ray.init(num_cpus=2) + shutdown (s)", "", None),
+    ("ray_bench_fixed_s_local", "extract 8 photos, ENGINE=local (s)", "", None),
+    ("ray_bench_fixed_s_ray_1_worker", "extract 8 photos, ENGINE=ray, 1 worker (s)", "", None),
+    ("ray_bench_steady_ips_local", "steady rate, ENGINE=local (img/s)", "", None),
+    ("ray_bench_steady_ips_ray_1_worker", "steady rate, ENGINE=ray, 1 worker (img/s)", "", None),
+    ("ray_bench_steady_ips_ray_2_workers", "steady rate, ENGINE=ray, 2 workers (img/s)", "",
+     None),
     ("acc_logreg", "validation accuracy, logreg", "", None),
     ("acc_dense", "validation accuracy, dense head", "", None),
     ("acc_finetuned", "validation accuracy, fine-tuned", "", None),
@@ -110,6 +121,9 @@ def main():
               ("peak RSS of train-head", train_head_memory),
               ("speed options", lambda: speed_options(picked, full_dir)),
               ("backends and the loader", lambda: backends.run(picked, WORK, SIZE, BATCH, LOG))]
+    if RAY:
+        import ray_bench  # bench/ray_bench.py: ENGINE=ray against ENGINE=local
+        phases.append(("ENGINE=ray against local", lambda: ray_bench.run(picked, WORK)))
     if ACCURACY:
         import accuracy  # bench/accuracy.py: needs train_head and finetune
         phases.append(("accuracy", lambda: accuracy.run(DATA, WORK, SIZE, BATCH)))

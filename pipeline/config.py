@@ -66,6 +66,14 @@ class Config:
                                      "identity")
     storage: str = setting("float32", "float32 | float16: half the disk and read I/O, features "
                                       "rounded to ~3 digits; part of the cache identity")
+    # --- where extract runs ----------------------------------------------------------------------
+    engine: str = setting("local", "local (this process) | ray: hash and extract on a Ray cluster "
+                                   "(pip install -r requirements-ray.txt; the Makefile does it)")
+    ray_address: str = setting("", "ENGINE=ray: the cluster to join (ray://host:10001, host:6379, "
+                                   "auto); empty: Ray's RAY_ADDRESS, else a cluster started on "
+                                   "this machine for the run")
+    workers: int = setting(0, "ENGINE=ray: extraction actors; 0: one per GPU, or without GPUs "
+                              "one per node-sized share of the CPUs")
     # --- stage two: heads on the cached features -------------------------------------------------
     head: str = setting("both", "which heads train-head trains: dense | logreg | both")
     epochs: int = setting(30, "dense head epochs (early stopping usually ends sooner)")
@@ -127,6 +135,8 @@ class Config:
         if self.backend:  # empty: KERAS_BACKEND, else tensorflow
             from .runtime import BACKENDS  # here: runtime imports this module
             _check_choice("BACKEND", self.backend, BACKENDS)
+        _check_choice("ENGINE", self.engine, ("local", "ray"))
+        _check_range("WORKERS", self.workers, 0, 100_000, "extraction actors, 0: automatic")
         _check_memory(self.size, self.batch_size)
 
     def _check_name(self):

@@ -4,10 +4,12 @@
 
 Only images whose content (sha256) is not yet cached under the current identity are computed.
 """
+import contextlib
 import hashlib
 import json
 import os
 import time
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,11 +32,34 @@ class ExtractResult:
 
 
 def run(config: Config) -> ExtractResult:
+    with _engine(config) as engine:  # a Ray cluster this run started stops here, also on failure
+        return _run(config, engine)
+
+
+@contextlib.contextmanager
+def _engine(config):
+    """Where PRECISION=auto is decided, files are hashed and features computed: this process
+    (ENGINE=local), or a Ray cluster (ENGINE=ray, pipeline/engine_ray.py)."""
+    if config.engine == "ray":
+        from . import engine_ray  # Ray is an optional dependency: imported only when asked for
+        with engine_ray.RayEngine(config) as engine:
+            yield engine
+    else:
+        yield types.SimpleNamespace(resolve_precision=backbone.resolve_precision,
+                                    sha256_of=_sha256_here, compute=_compute)
+
+
+def _sha256_here(paths):
+    return [artifacts.file_sha256(path) for path in tqdm(
+        paths, desc="hashing", unit="file", leave=False, disable=len(paths) < 2000)]
+
+
+def _run(config, engine):
     start = time.perf_counter()
     dataset = datasets.discover(config.data, config.labels, config.label_columns)
     fractions = config.split_fractions
     weights = backbone.resolve_weights(config.weights)
-    precision = backbone.resolve_precision(config.precision)
+    precision = engine.resolve_precision(config.precision)
     storage = backbone.resolve_storage(config.storage)
     identity = backbone.feature_identity(weights, config.size, precision, storage)
     identity_id = backbone.identity_id(identity)
@@ -42,14 +67,14 @@ def run(config: Config) -> ExtractResult:
 
     with lock.exclusive(out, "extract"):
         cache.remove_strays(out)  # left by a killed run: no other run writes them now
-        files = _hash_files(dataset, cache.previous_files(out))
+        files = _hash_files(dataset, cache.previous_files(out), engine.sha256_of)
         known = cache.inventory(out, identity_id)
         unreadable = cache.previous_unreadable(out)
         todo = {}  # sha -> one path with that content
         for image_file, sha, _ in files:
             if sha not in known and sha not in unreadable:
                 todo.setdefault(sha, image_file.path)
-        newly_unreadable = (_compute(config, weights, identity, identity_id, todo, known)
+        newly_unreadable = (engine.compute(config, weights, identity, identity_id, todo, known)
                             if todo else {})
         unreadable.update(newly_unreadable)
 
@@ -91,18 +116,20 @@ def run(config: Config) -> ExtractResult:
     return result
 
 
-def _hash_files(dataset, previous):
+def _hash_files(dataset, previous, sha256_of):
     """(ImageFile, sha256, stat) for every candidate; unchanged files (same size and mtime as last
-    run) reuse their recorded hash, like git's index, so a rerun does not re-read every image."""
-    out = []
-    for image_file in tqdm(dataset.files, desc="hashing", unit="file", leave=False,
-                           disable=len(dataset.files) < 2000):
+    run) reuse their recorded hash, like git's index, so a rerun does not re-read every image.
+    `sha256_of(paths)` hashes the others, here or on a cluster."""
+    out, stale = [], []
+    for image_file in dataset.files:
         full = os.path.join(dataset.root, image_file.path)
         stat = os.stat(full)
         size, mtime_ns, sha = previous.get(image_file.path, (None, None, None))
         if (size, mtime_ns) != (stat.st_size, stat.st_mtime_ns):
-            sha = artifacts.file_sha256(full)
+            stale.append((len(out), full))
         out.append((image_file, sha, stat))
+    for (at, _), sha in zip(stale, sha256_of([full for _, full in stale]), strict=True):
+        out[at] = (out[at][0], sha, out[at][2])
     return out
 
 
@@ -127,16 +154,20 @@ def _compute(config, weights, identity, identity_id, todo, known):
             unreadable.update({s: r for s, r in zip(batch_shas, reasons) if r})
             if ok.any():
                 features = features_of(batch[ok]).astype(dtype, copy=False)
-                if not np.isfinite(features).all():
-                    raise UserError(f"features of {paths[first]} (batch of {len(reasons)}) are not "
-                                    f"finite{' in float16' * (dtype == np.float16)}: the WEIGHTS "
-                                    "give values out of range; use STORAGE=float32 and "
-                                    "PRECISION=float32")
+                check_finite(features, paths[first], len(reasons))
                 good = [s for s, k in zip(batch_shas, ok) if k]
                 segment = cache.write_segment(config.features_dir, identity_id, good, features)
                 known.update({s: (segment, row, len(good)) for row, s in enumerate(good)})
             progress.update(len(reasons))
     return unreadable
+
+
+def check_finite(features, first_path, batch_images):
+    """Refuse features out of the storage dtype's range: a cache must never hold inf or NaN."""
+    if not np.isfinite(features).all():
+        raise UserError(f"features of {first_path} (batch of {batch_images}) are not finite"
+                        f"{' in float16' * (features.dtype == np.float16)}: the WEIGHTS give "
+                        "values out of range; use STORAGE=float32 and PRECISION=float32")
 
 
 def _check_every_class_has_an_image(dataset, rows):
