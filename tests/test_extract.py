@@ -1,5 +1,6 @@
 """Stage one: the feature cache is correct, incremental, crash-safe, and reports bad input."""
 import csv
+import json
 import os
 import shutil
 import signal
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline import __main__ as cli
-from pipeline import backbone, cache, extract, images, lock
+from pipeline import backbone, cache, extract, images, lock, runtime
 from pipeline.config import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,9 @@ def test_cache_shapes_and_attributes(image_folder, make_config):
         assert f.attrs["weights"] == backbone.RANDOM_FINGERPRINT
         assert f.attrs["image_size"] == 32
         assert f.attrs["preprocess"] == images.PREPROCESS_ID
-        assert "tensorflow" in f.attrs["versions"] and "h5py" in f.attrs["versions"]
+        versions = json.loads(f.attrs["versions"])
+        assert versions["backend"] == runtime.backend() and runtime.backend() in versions
+        assert "keras" in versions and "h5py" in versions
         assert not np.isnan(f["features"][:]).any()
 
 
