@@ -109,8 +109,15 @@ $(BACKENDS_STAMP): requirements-backends.txt | $(STAMP)
 test: $(STAMP) $(BACKENDS_STAMP) ## Run the fast tests (CPU, tiny images; every stage also under JAX)
 	$(PYTHON) -m pytest -q
 
-test-backends: $(STAMP) $(BACKENDS_STAMP) ## The fast tests again, with JAX as the Keras backend
-	KERAS_BACKEND=jax $(PYTHON) -m pytest -q
+# Under JAX: the tests of every stage end to end, the loader and the input pipeline. Left out, to
+# keep CI short: the hostile-input, labels, reproduce and Ray tests, whose subject (files, CSVs,
+# the cache, the cluster) is the same on every backend.
+BACKEND_TESTS := tests/test_extract.py tests/test_train_head.py tests/test_finetune.py \
+                 tests/test_evaluate.py tests/test_predict.py tests/test_report.py \
+                 tests/test_batch.py tests/test_multiclass.py tests/test_images.py \
+                 tests/test_input_pipeline.py tests/test_backends.py
+test-backends: $(STAMP) $(BACKENDS_STAMP) ## Every stage's tests again, with JAX as the Keras backend
+	KERAS_BACKEND=jax $(PYTHON) -m pytest -q $(BACKEND_TESTS)
 
 test-slow: $(STAMP) ## Also run the slow tests on ../shared/data/cats_vs_dogs
 	$(PYTHON) -m pytest -q -m "slow or not slow"
