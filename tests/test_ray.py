@@ -53,6 +53,7 @@ def config_of(data, features_root, **changes):
 
 @pytest.fixture(scope="module")
 def local_features(data, tmp_path_factory):
+    """ENGINE=local's features, PRECISION=auto as every test here (mixed bfloat16 on a bf16 CPU)."""
     config = config_of(data, tmp_path_factory.mktemp("local"))
     extract.run(config)
     return read_cache(config)
@@ -113,7 +114,8 @@ def test_ray_gives_the_local_engines_features_and_skipped_files(cluster, data, l
     config = config_of(data, tmp_path, engine="ray", workers=2)
     result = extract.run(config)
     assert (result.rows, result.new, result.skipped) == (20, 20, 2)
-    assert result.identity["precision"] == "float32"  # PRECISION=auto, as the workers resolve it
+    # PRECISION=auto as the workers resolve it: here, on this machine's CPU, as the driver would
+    assert result.identity["precision"] == backbone.resolve_precision("auto")
     assert_same_features(config, local_features)
     with open(os.path.join(config.features_dir, "skipped.csv")) as f:
         reasons = {row["path"]: row["reason"] for row in csv.DictReader(f)}
@@ -126,7 +128,7 @@ def test_a_worker_killed_after_writing_its_segment_leaves_no_duplicate(
         cluster, data, local_features, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
     monkeypatch.setenv(engine_ray.KILL_ONCE, str(marker))
-    config = config_of(data, tmp_path, engine="ray", workers=1, precision="float32")
+    config = config_of(data, tmp_path, engine="ray", workers=1)
     result = extract.run(config)
     assert marker.exists()  # an actor did die by SIGKILL, after writing a segment
     assert (result.rows, result.new) == (20, 20)
@@ -138,11 +140,10 @@ def test_a_worker_killed_after_writing_its_segment_leaves_no_duplicate(
 
 def test_a_killed_driver_resumes_from_every_segment_written(cluster, data, local_features,
                                                             tmp_path):
-    config = config_of(data, tmp_path, engine="ray", workers=1, precision="float32")
+    config = config_of(data, tmp_path, engine="ray", workers=1)
     driver = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "extract", "--data", data, "--name", "tiny",
          "--weights", "none", "--size", "32", "--batch-size", "4", "--engine", "ray",
-         "--precision", "float32",
          "--workers", "1", "--ray-address", cluster, "--features-root", str(tmp_path)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
@@ -151,7 +152,8 @@ def test_a_killed_driver_resumes_from_every_segment_written(cluster, data, local
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert not os.path.exists(os.path.join(config.features_dir, cache.MASTER))
-    identity = backbone.feature_identity(backbone.resolve_weights("none"), 32, "float32")
+    identity = backbone.feature_identity(backbone.resolve_weights("none"), 32,
+                                         backbone.resolve_precision("auto"))
     written = len(cache.inventory(config.features_dir, backbone.identity_id(identity)))
     assert written > 0  # a segment at least
 
