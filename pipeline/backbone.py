@@ -178,15 +178,23 @@ def _random_init(model, seed=0):
 def feature_function(base, jit_compile=None):
     """The frozen base's compiled forward pass: a numpy batch of images -> float32 numpy feature
     maps (n, size//32, size//32, 512), on any backend. Keras's predict_on_batch compiles it with
-    the backend's own compiler, once per batch shape (tf.function, jax.jit; PyTorch runs
-    eagerly). jit_compile=None: XLA only under JAX, which has no other way to compile; under
-    TensorFlow XLA was 12% slower on the CPU (`make bench`, figure 6)."""
+    the backend's own compiler (tf.function, jax.jit; PyTorch runs eagerly) once per batch
+    shape, so a batch smaller than the largest so far (a run's last one, or one with unreadable
+    files taken out) is padded to it: one compilation per run, where JAX would otherwise compile
+    VGG16 again for every new size. jit_compile=None: XLA only under JAX, which has no other way
+    to compile; under TensorFlow XLA was 12% slower on the CPU (`make bench`, figure 6)."""
     if jit_compile is None:
         jit_compile = runtime.backend() == "jax"
     base.compile(jit_compile=jit_compile)  # no optimizer or loss: compiled for predict only
+    largest = 0
 
     def features(images):
-        return np.asarray(base.predict_on_batch(images), dtype=np.float32)
+        nonlocal largest
+        n, largest = len(images), max(largest, len(images))
+        if n < largest:
+            padding = np.zeros((largest - n, *images.shape[1:]), images.dtype)
+            images = np.concatenate([images, padding])
+        return np.asarray(base.predict_on_batch(images)[:n], dtype=np.float32)
     return features
 
 
