@@ -12,9 +12,10 @@ DEMO_STAMP := $(DEMO)/.generated
 # --- the settings: one Make variable per field of pipeline/config.py (`make help` lists them) ----
 # Each is passed to the CLI only when set, so the defaults live in config.py alone. DATASETS
 # (several folders) is passed apart; FEATURES_ROOT and MODELS_ROOT stay features/ and models/.
-SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS WEIGHTS SIZE BATCH_SIZE PRECISION STORAGE HEAD EPOCHS \
-            HIDDEN_UNITS DROPOUT HEAD_LR PATIENCE C_GRID SEED UNFREEZE FINETUNE_EPOCHS LR \
-            FINETUNE_PATIENCE FRESH IMAGES MODEL OUT BATCH_FILE FINETUNE FORCE
+SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS WEIGHTS SIZE BATCH_SIZE PRECISION STORAGE AUGMENT \
+            HEAD EPOCHS HIDDEN_UNITS DROPOUT HEAD_POOL HEAD_LR PATIENCE C_GRID SEED UNFREEZE \
+            FINETUNE_EPOCHS LR FINETUNE_WARMUP FINETUNE_PATIENCE FRESH IMAGES MODEL OUT BATCH_FILE \
+            FINETUNE FORCE
 # Make exports command-line variables to every recipe's environment, and expands them to do so,
 # which would run a $(shell ...) typed into one: none of these needs to be in the environment.
 unexport $(SETTINGS) DATASETS
@@ -51,7 +52,7 @@ demo-data: $(DEMO_STAMP) ## Generate the embedded two-class demo images in data/
 $(DEMO_STAMP): pipeline/demo_data.py | $(STAMP)
 	$(CLI) demo-data --data $(DEMO)
 
-extract: $(STAMP) $(DATA_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150]
+extract: $(STAMP) $(DATA_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150] [AUGMENT=0]
 	$(CLI) extract $(ARGS)
 
 train-head: $(STAMP) $(DATA_DEP) ## Train heads on the cache: [NAME] [HEAD=dense|logreg|both] [EPOCHS=30] [SEED=0]

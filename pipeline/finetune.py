@@ -12,6 +12,7 @@ continues where it stopped; FRESH=1 starts again from the head.
        for resuming: finetune_backup/
 """
 import csv
+import math
 import os
 import shutil
 import sys
@@ -22,7 +23,20 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, datasets, files, heads, images, lock, plots, registry
+from . import (
+    artifacts,
+    augment,
+    backbone,
+    cache,
+    datasets,
+    files,
+    heads,
+    images,
+    lock,
+    logs,
+    plots,
+    registry,
+)
 from .config import Config, UserError, warn
 
 STATE = "state.json"  # in finetune_backup/: settings, epochs done, EarlyStopping's memory
@@ -115,7 +129,7 @@ def make_datasets(config, store):
                                        **kwargs) if len(rows) else None
 
     first = split["validation"][:config.batch_size]
-    return {"train": dataset(split["train"], augment=augmentation(config.seed),
+    return {"train": dataset(split["train"], augment=augment.augmentation(config.seed),
                              shuffle_seed=config.seed),
             "validation": dataset(split["validation"]), "test": dataset(split["test"]),
             "step0": (dataset(first), store.read(first))}
@@ -143,21 +157,6 @@ def checked_image_paths(config, store):
     return np.asarray(out, dtype=object)
 
 
-def augmentation(seed):
-    """The article's augmentations, applied to training batches only, in the input pipeline.
-
-    They run on images that are already VGG16-preprocessed (BGR, ImageNet mean subtracted). The
-    "reflect" fill (Keras's default, written out here) fills uncovered corners with mirrored real
-    pixels, so no value appears that the preprocessing could not have produced; a "constant" fill
-    would have to be 0 here, which now means the ImageNet mean colour, not black."""
-    return keras.Sequential([
-        keras.layers.RandomFlip("horizontal", seed=seed),
-        keras.layers.RandomRotation(0.1, fill_mode="reflect", seed=seed + 1),
-        keras.layers.RandomZoom(0.2, fill_mode="reflect", seed=seed + 2),
-        keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 3),
-    ], name="augmentation")
-
-
 # --------------------------------------------------------------------------------------------
 # The model: backbone + trained head, and what trains
 # --------------------------------------------------------------------------------------------
@@ -168,11 +167,26 @@ def build_model(config, weights, head, store):
     model, base = compose(weights, head, store.identity)
     trainable = set_trainable(base, config.unfreeze)
     # Recompile after changing `trainable`: fit uses the trainable set the model was compiled with.
-    # RMSprop at 1e-5 as in the article: a small, per-weight scaled step adjusts the pretrained
-    # filters instead of overwriting them.
-    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=config.lr),
+    steps = math.ceil(len(store.rows("train")) / config.batch_size)
+    model.compile(optimizer=keras.optimizers.RMSprop(warmup(config, steps)),
                   loss=heads.loss_for(len(store.class_names)), metrics=["accuracy"])
     return model, trainable
+
+
+def warmup(config, steps_per_epoch):
+    """The learning rate: from 0 up to LR over FINETUNE_WARMUP epochs, then LR.
+
+    RMSprop at 1e-5 as in the article, but not from the first step: its accumulator starts at 0,
+    so its first steps move every trainable weight by ~LR/sqrt(1 - rho) = 3.2 x LR in the sign
+    of its gradient, all at once. On cats_vs_dogs one such step flipped the head's predictions
+    (256 validation images of one class: 0.76 accuracy -> 0.04), with or without Dropout; with
+    the warm-up the same step leaves them at 0.76 (bench/QUALITY_NOTES.md). CosineDecay with
+    alpha=1 decays nothing: it is Keras's own warm-up, saved and restored with the optimizer."""
+    if not config.finetune_warmup:
+        return config.lr
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=1, alpha=1.0, warmup_target=config.lr,
+        warmup_steps=max(1, config.finetune_warmup * steps_per_epoch))
 
 
 def compose(weights, head, identity):
@@ -257,7 +271,8 @@ def make_callbacks(config, settings, state, started, extra=()):
                     started)
     log = keras.callbacks.CSVLogger(artifacts.path(config, artifacts.FINETUNE_LOG),
                                     append=bool(state))  # a fresh start starts the log over
-    return early, backup, [early, log, backup, *extra]
+    board = logs.tensorboard(config, "finetune", fresh=not state)  # None without a writer
+    return early, backup, [early, log, *([board] if board else []), backup, *extra]
 
 
 class Backup(keras.callbacks.BackupAndRestore):

@@ -27,7 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, files, heads, plots
+from . import artifacts, backbone, cache, files, heads, logs, plots, views
 from .config import Config, UserError, warn
 
 STANDARDIZE = True           # False: train on raw feature maps, as the article does
@@ -107,16 +107,19 @@ def _kept_models(metrics_path, store, head):
 # Streaming the cache
 # --------------------------------------------------------------------------------------------
 
-def feature_dataset(store, rows, targets, batch_size, seed=None):
+def feature_dataset(store, rows, targets, batch_size, seed=None, read=None):
     """A tf.data.Dataset of (features, target) batches over `rows`, read from the cache a block
-    at a time. With a seed, every epoch visits the rows in a new order, the same in every run."""
+    at a time. With a seed, every epoch visits the rows in a new order, the same in every run.
+    `read(indices, epoch)` reads the features instead (views.epoch_reader: augmented views)."""
     # whole batches per block: one short batch per epoch, at the very end at most
     per_block = max(1, cache.READ_BLOCK // batch_size) * batch_size
     epochs = itertools.count()
 
     def generate():
-        rng = None if seed is None else np.random.default_rng([seed, next(epochs)])
-        for indices, features in store.blocks(rows, per_block, rng):
+        epoch = next(epochs)
+        rng = None if seed is None else np.random.default_rng([seed, epoch])
+        reader = None if read is None else (lambda indices: read(indices, epoch))
+        for indices, features in store.blocks(rows, per_block, rng, reader):
             for i in range(0, len(indices), batch_size):
                 yield features[i:i + batch_size], targets[indices[i:i + batch_size]]
 
@@ -148,7 +151,9 @@ def train_dense(config, store, rows, callbacks=()):
     # sigmoid head: float targets of shape (n, 1); softmax head: integer class indices
     targets = (store.labels.astype(np.float32)[:, None] if len(names) == 2
                else store.labels.astype(np.int32))
-    train = feature_dataset(store, rows["train"], targets, config.batch_size, seed=config.seed)
+    # with AUGMENT views in the cache, each epoch reads every training image as another view
+    train = feature_dataset(store, rows["train"], targets, config.batch_size, seed=config.seed,
+                            read=views.epoch_reader(store, config.seed))
     validation = feature_dataset(store, rows["validation"], targets, config.batch_size)
     paths = {"dense": artifacts.path(config, artifacts.HEAD),
              "checkpoint": artifacts.path(config, artifacts.HEAD_CHECKPOINT),
@@ -161,7 +166,8 @@ def train_dense(config, store, rows, callbacks=()):
     # on raw feature maps. Without it, features that share a large common component (random
     # weights especially) keep the head near chance for dozens of epochs.
     mean, scale = feature_moments(store, rows["train"]) if STANDARDIZE else (np.zeros(shape), 1.0)
-    head = heads.build_dense_head(shape, len(names), config.hidden_units, config.dropout)
+    head = heads.build_dense_head(shape, len(names), config.hidden_units, config.dropout,
+                                  config.head_pool)
     inputs = keras.Input(shape, name="features")
     standardize = keras.layers.Normalization(axis=(1, 2, 3), mean=mean,
                                              variance=np.full(shape, scale ** 2, np.float32))
@@ -172,8 +178,10 @@ def train_dense(config, store, rows, callbacks=()):
                         len(names), config.head_lr, xla)
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
                                          restore_best_weights=True)
+    board = logs.tensorboard(config, "head")  # models/<NAME>/logs/head, None without a writer
     callbacks = [stop, keras.callbacks.ModelCheckpoint(paths["checkpoint"]),  # the wrapper: it
-                 keras.callbacks.CSVLogger(paths["log"]), *callbacks]        # takes raw maps too
+                 keras.callbacks.CSVLogger(paths["log"]), *callbacks,        # takes raw maps too
+                 *([board] if board else [])]
     start = time.perf_counter()
     with _one_line_on_damage(store):
         history = trainer.fit(train, validation_data=validation, epochs=config.epochs,
@@ -194,6 +202,7 @@ def train_dense(config, store, rows, callbacks=()):
     # file_sha256 ties the file to these metrics
     entry.update(file_sha256=artifacts.file_sha256(paths["dense"]),
                  epochs=len(history["loss"]), best_epoch=int(stop.best_epoch) + 1,  # 1-based
+                 views=int(store.views),  # augmented views per training image it read
                  seconds=seconds, history={k: [float(v) for v in history[k]] for k in
                                            ("accuracy", "val_accuracy", "loss", "val_loss")})
     notice = store.attrs.get("weights_notice", "")
@@ -216,8 +225,7 @@ def _one_line_on_damage(store):
 
 
 def _compiled(model, num_classes, learning_rate, xla=False):
-    # RMSprop at HEAD_LR=1e-4 on standardised features: 1e-3 overshoots now and then
-    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate),
+    model.compile(optimizer=heads.optimizer(learning_rate),
                   loss=heads.loss_for(num_classes), metrics=["accuracy"], jit_compile=xla)
     return model
 
