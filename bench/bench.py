@@ -6,7 +6,10 @@ Settings (environment variables; bench/README.md explains every figure):
                              2 cores
     BENCH_SYNTH_ROWS=100000  rows of the synthetic cache for the train-head memory figure (3.3 GB)
     BENCH_ACCURACY=1         also the slow accuracy figures (bench/accuracy.py: WEIGHTS,
-                             BENCH_FINETUNE_EPOCHS; all of cats_vs_dogs, ~25 min on 2 cores)
+                             BENCH_FINETUNE_EPOCHS, BENCH_AUGMENT; all of cats_vs_dogs, caches
+                             kept in bench/acc/: ~30 min on 2 cores once they exist)
+    BENCH_ONLY=<phases>      only these phases, by title, comma-separated (e.g.
+                             accuracy,demo,augmented-heads,float16-heads)
     BENCH_DATA=<dir>         the photos (default ../shared/data/cats_vs_dogs, read-only: the
                              benchmark folders are symlinks under bench/work/, git-ignored)
 Speed does not depend on the weights' values, so every timing runs with WEIGHTS=none.
@@ -39,6 +42,7 @@ from pipeline.config import Config  # noqa: E402
 N = int(os.environ.get("BENCH_N") or 600)
 SYNTH_ROWS = int(os.environ.get("BENCH_SYNTH_ROWS") or 100_000)
 ACCURACY = os.environ.get("BENCH_ACCURACY", "") not in ("", "0")
+ONLY = os.environ.get("BENCH_ONLY", "")
 DATA = os.environ.get("BENCH_DATA") or os.path.join(ROOT, "..", "shared", "data", "cats_vs_dogs")
 SIZE, BATCH = 150, 32
 MODEL_ONLY_BATCHES = 8     # timed in-memory batches (after one untimed warm-up batch)
@@ -64,9 +68,33 @@ TARGETS = [
     ("extract_peak_rss_gb", "extract peak RSS (GB)", "", None),
     ("train_head_peak_rss_gb_100k", f"train-head peak RSS, {SYNTH_ROWS:,} rows (GB)", "<= 1.5",
      (lambda v: v <= 1.5) if SYNTH_ROWS == 100_000 else None),
+    # 5. accuracy (BENCH_ACCURACY=1, bench/accuracy.py): every stage must earn its keep
     ("acc_logreg", "validation accuracy, logreg", "", None),
     ("acc_dense", "validation accuracy, dense head", "", None),
     ("acc_finetuned", "validation accuracy, fine-tuned", "", None),
+    ("acc_logreg_test", "test accuracy, logreg", "", None),
+    ("acc_dense_test", "test accuracy, dense head", "", None),
+    ("acc_finetuned_test", "test accuracy, fine-tuned", "", None),
+    ("dense_minus_logreg", "dense - logreg, validation", ">= 0", lambda v: v >= 0),
+    ("dense_minus_logreg_test", "dense - logreg, test", ">= 0", lambda v: v >= 0),
+    ("finetuned_minus_dense", "fine-tuned - dense, validation", ">= +0.03", lambda v: v >= 0.03),
+    ("finetuned_minus_dense_test", "fine-tuned - dense, test", ">= +0.03", lambda v: v >= 0.03),
+    ("finetune_worst_epoch_vs_head", "worst fine-tuning epoch - head, val.", ">= -0.01",
+     lambda v: v >= -0.01),
+    ("acc_dense_augment5", "validation accuracy, dense head, AUGMENT=5", "", None),
+    ("acc_dense_augment5_test", "test accuracy, dense head, AUGMENT=5", "", None),
+    ("acc_dense_augment10", "validation accuracy, dense head, AUGMENT=10", "", None),
+    ("acc_dense_augment10_test", "test accuracy, dense head, AUGMENT=10", "", None),
+    ("finetune_best_epoch", "fine-tuning: best epoch (0 = the head kept)", "", None),
+    ("head_epoch_s_views_augment5", "head epoch on cached views, AUGMENT=5 (s)", "", None),
+    ("head_epoch_s_views_augment10", "head epoch on cached views, AUGMENT=10 (s)", "", None),
+    ("head_epoch_s_frozen_augmented", "head epoch, frozen base + augmentation (s)", "", None),
+    ("demo_logreg_test", "demo: test accuracy, logreg", "", None),
+    ("demo_dense_test", "demo: test accuracy, dense head", "", None),
+    ("demo_finetuned_test", "demo: test accuracy, fine-tuned", "", None),
+    ("demo_finetuned_minus_dense_test", "demo: fine-tuned - dense, test", ">= 0",
+     lambda v: v >= 0),
+    ("demo_runs_agree", "demo: two runs, same seed, same figures", "= 1", lambda v: v == 1),
     ("acc_logreg_float16", "validation accuracy, logreg, STORAGE=float16", "", None),
     ("acc_dense_float16", "validation accuracy, dense head, STORAGE=float16", "", None),
 ]
@@ -107,7 +135,9 @@ def main():
               ("speed options", lambda: speed_options(picked, full_dir))]
     if ACCURACY:
         import accuracy  # bench/accuracy.py: needs train_head and finetune
-        phases.append(("accuracy", lambda: accuracy.run(DATA, WORK, SIZE, BATCH)))
+        phases += accuracy.phases(DATA, WORK, SIZE, BATCH)
+    if ONLY:  # BENCH_ONLY=accuracy: the listed phases alone
+        phases = [(title, phase) for title, phase in phases if title in ONLY.split(",")]
     for title, phase in phases:
         print(f"\n=== bench: {title} ===", flush=True)
         start = time.perf_counter()
@@ -236,9 +266,10 @@ def head_epochs(config):
     # The same head on top of the frozen base, trained on the images: every step pays decoding
     # and the VGG16 forward pass. Timed on the first FROZEN_IMAGES train images (whole batches).
     base = backbone.build_backbone(backbone.resolve_weights("none"), SIZE)
-    head = heads.build_dense_head(shape, classes, config.hidden_units, config.dropout)
+    head = heads.build_dense_head(shape, classes, config.hidden_units, config.dropout,
+                                  config.head_pool)
     model = keras.Model(base.input, head(base.output))
-    model.compile(optimizer=keras.optimizers.RMSprop(config.head_lr),
+    model.compile(optimizer=heads.optimizer(config.head_lr),
                   loss=heads.loss_for(classes), metrics=["accuracy"])
     k = min(len(paths), FROZEN_IMAGES)
     k -= k % BATCH if k >= BATCH else 0

@@ -108,7 +108,7 @@ def fold_standardization(head, mean, scale):
     with the backbone as it is."""
     dense = next(layer for layer in head.layers if isinstance(layer, keras.layers.Dense))
     kernel, bias = (w.astype(np.float64) for w in dense.get_weights())
-    pooled = keras.Model(head.inputs, dense.input)(np.asarray(mean, np.float32)[None])
+    pooled = keras.Model(head.input, dense.input)(np.asarray(mean, np.float32)[None])
     shift = keras.ops.convert_to_numpy(pooled).astype(np.float64).reshape(-1) / scale
     dense.set_weights([(kernel / scale).astype(np.float32),
                        (bias - shift @ kernel).astype(np.float32)])

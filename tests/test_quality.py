@@ -9,7 +9,7 @@ import pytest
 from conftest import make_image_folder
 from test_train_head import synthetic_cache
 
-from pipeline import backbone, cache, extract, finetune, logs, registry, train_head
+from pipeline import backbone, cache, extract, finetune, images, logs, registry, train_head
 from pipeline.cache import FeatureStore
 from pipeline.config import Config
 
@@ -120,3 +120,17 @@ def test_the_first_fine_tuning_step_moves_no_weight_by_more_than_the_warm_up_all
     assert moved <= moves_at_most * config.lr
     if not warmup:
         assert moved > 3 * config.lr  # the article's RMSprop: the 3.2 x LR first step
+
+
+def test_fine_tuning_that_never_beats_the_head_hands_back_the_head(tuned_start, tmp_path):
+    # LR=0.5 wrecks block5 in one epoch: the model kept must be the head on the base, exactly
+    config = tuned_start.replace(lr=0.5, finetune_warmup=0, finetune_epochs=1, fresh=True)
+    result = finetune.run(config)
+    assert result.best_epoch == 0  # "epoch 0": the head
+    with FeatureStore(config.features_dir) as store:
+        rows = store.rows("validation")
+        features = store.read(rows)
+        paths = [os.path.join(store.image_root(config.data), p) for p in store.paths[rows]]
+    pictures = np.stack([images.load_image(p, config.size) for p in paths])
+    np.testing.assert_allclose(registry.predictor(config, "finetuned")(pictures),
+                               registry.predictor(config, "dense")(features), atol=1e-4)
