@@ -9,13 +9,15 @@ Settings (environment variables; bench/README.md explains every figure):
                              BENCH_FINETUNE_EPOCHS, BENCH_AUGMENT; all of cats_vs_dogs, caches
                              kept in bench/acc/: ~30 min on 2 cores once they exist)
     BENCH_ONLY=<phases>      only these phases, by title, comma-separated (e.g.
-                             accuracy,demo,augmented-heads,float16-heads)
+                             accuracy,demo,augmented-heads,float16-heads); the other figures
+                             of bench/results.json are kept
     BENCH_DATA=<dir>         the photos (default ../shared/data/cats_vs_dogs, read-only: the
                              benchmark folders are symlinks under bench/work/, git-ignored)
 Speed does not depend on the weights' values, so every timing runs with WEIGHTS=none.
 TF_ENABLE_ONEDNN_OPTS=0 make bench measures everything with TensorFlow's default CPU kernels (the
 "before" of the oneDNN option); figure 6, the speed options, lives in bench/options.py.
 """
+import json
 import os
 import shutil
 import statistics
@@ -115,6 +117,10 @@ def main():
                                 naive_TF_ENABLE_ONEDNN_OPTS=SEED_ENV.get("TF_ENABLE_ONEDNN_OPTS",
                                                                          "(unset)")),
                "details": {}}
+    if ONLY and os.path.exists(RESULTS):  # some phases: the other figures stay as last measured
+        with open(RESULTS) as f:
+            last = json.load(f)
+        results = {**last, **results, "details": {**last.get("details", {})}}
     shutil.rmtree(WORK, ignore_errors=True)
     picked = pick_images(DATA, N)
     old, new = [p for i, p in enumerate(picked) if i % 10 != 9], picked[9::10]
