@@ -14,8 +14,8 @@ DEMO_STAMP := $(DEMO)/.generated
 # Each is passed to the CLI only when set, so the defaults live in config.py alone. DATASETS
 # (several folders) is passed apart; FEATURES_ROOT and MODELS_ROOT stay features/ and models/.
 SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS BACKEND VERBOSE WEIGHTS SIZE BATCH_SIZE PRECISION \
-            STORAGE ENGINE RAY_ADDRESS WORKERS HEAD EPOCHS \
-            HIDDEN_UNITS DROPOUT HEAD_LR PATIENCE C_GRID SEED UNFREEZE FINETUNE_EPOCHS LR \
+            STORAGE AUGMENT ENGINE RAY_ADDRESS WORKERS HEAD EPOCHS HIDDEN_UNITS DROPOUT HEAD_POOL \
+            HEAD_LR PATIENCE C_GRID SEED UNFREEZE FINETUNE_EPOCHS LR FINETUNE_WARMUP \
             FINETUNE_PATIENCE FRESH IMAGES MODEL OUT BATCH_FILE FINETUNE FORCE
 # Make exports command-line variables to every recipe's environment, and expands them to do so,
 # which would run a $(shell ...) typed into one: none of these needs to be in the environment.
@@ -61,7 +61,7 @@ demo-data: $(DEMO_STAMP) ## Generate the embedded two-class demo images in data/
 $(DEMO_STAMP): pipeline/demo_data.py | $(STAMP)
 	$(CLI) demo-data --data $(DEMO)
 
-extract: $(STAMP) $(DATA_DEP) $(RAY_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150]
+extract: $(STAMP) $(DATA_DEP) $(RAY_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150] [AUGMENT=0]
 	$(CLI) extract $(ARGS)
 
 train-head: $(STAMP) $(DATA_DEP) ## Train heads on the cache: [NAME] [HEAD=dense|logreg|both] [EPOCHS=30] [SEED=0]
@@ -115,7 +115,8 @@ test: $(STAMP) $(BACKENDS_STAMP) ## Run the fast tests (CPU, tiny images; every 
 BACKEND_TESTS := tests/test_extract.py tests/test_train_head.py tests/test_finetune.py \
                  tests/test_evaluate.py tests/test_predict.py tests/test_report.py \
                  tests/test_batch.py tests/test_multiclass.py tests/test_images.py \
-                 tests/test_input_pipeline.py tests/test_backends.py
+                 tests/test_input_pipeline.py tests/test_augment.py tests/test_quality.py \
+                 tests/test_backends.py
 test-backends: $(STAMP) $(BACKENDS_STAMP) ## Every stage's tests again, with JAX as the Keras backend
 	KERAS_BACKEND=jax $(PYTHON) -m pytest -q $(BACKEND_TESTS)
 

@@ -1,77 +1,206 @@
-"""The slow part of `make bench` (BENCH_ACCURACY=1): validation accuracy of the three models on
-the real cats_vs_dogs photos, through the pipeline's own stages.
+"""The slow part of `make bench` (BENCH_ACCURACY=1): does every stage earn its keep (issue 15)?
+Validation and test accuracy of the three models on the real cats_vs_dogs photos, the dense head
+on AUGMENT=0/5/10 caches, and the demo, all through the pipeline's own stages.
 
     WEIGHTS=<file.h5>        the VGG16 weights (default: the stand-in, built once, see below)
     BENCH_FINETUNE_EPOCHS=3  fine-tuning epochs: one takes ~4 min on 2 cores (2000 images at 150 px
-                             through VGG16 with block5 training, then 500 validation images)
+                             through VGG16 with block5 training, then 522 validation images)
     BENCH_ACCURACY_N=0       images per class folder, for a quick check of this phase (0 = all)
-Then the same heads on a STORAGE=float16 cache (acc_logreg_float16, acc_dense_float16).
-On 2 cores the whole phase takes ~25 min: each extraction of 3000 images ~4 min, heads ~1 min,
-fine-tuning ~4 min per epoch (measured with oneDNN on).
+    BENCH_AUGMENT=5,10       the AUGMENT values whose dense heads are compared with AUGMENT=0
+    BENCH_FLOAT16=1          0 leaves out the heads on a STORAGE=float16 cache
+The caches live in bench/acc/ (git-ignored) and are kept between runs: extract is incremental,
+so only the first run pays for them (~4 min per 3000 images, ~15 min per 5 views of the 2000
+training images on 2 cores). Models are trained afresh on every run.
 """
 import os
+import shutil
+import statistics
 import subprocess
 import sys
+import time
 
+import keras
 import numpy as np
+import support  # bench/support.py: EpochTimer
 
-from pipeline import cache, extract, finetune, images, registry, train_head
+from pipeline import (
+    augment,
+    backbone,
+    cache,
+    demo_data,
+    extract,
+    finetune,
+    heads,
+    images,
+    registry,
+    train_head,
+)
 from pipeline.config import Config
 
 FINETUNE_EPOCHS = int(os.environ.get("BENCH_FINETUNE_EPOCHS") or 3)
 PER_FOLDER = int(os.environ.get("BENCH_ACCURACY_N") or 0)
+AUGMENTS = [int(k) for k in (os.environ.get("BENCH_AUGMENT") or "5,10").split(",") if k]
 BENCH = os.path.dirname(os.path.abspath(__file__))
+ACC = os.path.join(BENCH, "acc")                      # git-ignored, kept between runs
 STANDIN = os.path.join(BENCH, "standin.weights.h5")   # git-ignored (bench/*.weights.h5)
 STANDIN_TOOL = os.path.join(BENCH, "..", "..", "shared", "tools", "standin_weights.py")
+FROZEN_IMAGES = 128  # images timed through the frozen base with augmentation in the loop
+SPLITS = ("validation", "test")
 
 
-def run(data, work, size, batch):
-    """Extract all of `data` (layout b: train/ and validation/; with no test/ folder, half of
-    validation becomes the test split), train both heads, fine-tune, and score each model on the
-    validation split. Returns (figures, details) for bench.py."""
-    config = config_for(data, work, size, batch)
+def phases(data, work, size, batch):
+    """bench.py's accuracy phases, in order, each returning (figures, details): the three models
+    (AUGMENT=0), the demo, the dense heads on AUGMENT=K views, and STORAGE=float16
+    (BENCH_FLOAT16=0 leaves it out). bench.py writes results.json after each one."""
+    config, root = config_for(data, work, size, batch)
     weights = config.weights
-    extract.run(config)
-    train_head.run(config)
-    finetune.run(config)
-    figures = validation_accuracy(config)
-
-    # STORAGE=float16 (issue 7: keep it only if it keeps accuracy): its own cache and heads.
-    half = config.replace(name="cats_vs_dogs_float16", storage="float16")
-    extract.run(half)
-    train_head.run(half)
-    figures.update({f"{key}_float16": value for key, value in
-                    validation_accuracy(half, finetuned=False).items()})
-    return figures, {"accuracy_weights": weights, "accuracy_finetune_epochs": FINETUNE_EPOCHS,
-                     "accuracy_images_per_folder": PER_FOLDER or "all"}
+    details = {"accuracy_weights": weights, "accuracy_images_per_folder": PER_FOLDER or "all",
+               "accuracy_finetune_epochs": FINETUNE_EPOCHS, "accuracy_augment": AUGMENTS}
+    out = [("accuracy", lambda: (three_models(config), details)),
+           ("demo", lambda: (demo(root), {})),
+           ("augmented-heads", lambda: (augmented_heads(config, root), {}))]
+    if os.environ.get("BENCH_FLOAT16", "1") != "0":
+        out.append(("float16-heads", lambda: (float16_heads(config), {})))
+    return out
 
 
 def config_for(data, work, size, batch):
-    """The accuracy phase's Config: all of `data` (or BENCH_ACCURACY_N per folder), WEIGHTS."""
+    """(the accuracy phases' Config, the folder of their caches and models): all of `data`, or
+    BENCH_ACCURACY_N images per class folder, with WEIGHTS (default: the stand-in)."""
     weights = os.environ.get("WEIGHTS") or standin_weights()
+    root = ACC
     if PER_FOLDER:
         dest = os.path.join(work, "accuracy_data")
         data = dest if os.path.isdir(dest) else _first_images(data, dest, PER_FOLDER)
-    return Config(data=data, name="cats_vs_dogs", weights=weights, size=size, batch_size=batch,
-                  head="both", finetune_epochs=FINETUNE_EPOCHS, fresh=True,
-                  features_root=os.path.join(work, "accuracy", "features"),
-                  models_root=os.path.join(work, "accuracy", "models"))
+        root = work
+    config = Config(data=data, name="cats_vs_dogs", weights=weights, size=size, batch_size=batch,
+                    head="both", finetune_epochs=FINETUNE_EPOCHS, fresh=True,
+                    features_root=os.path.join(root, "features"),
+                    models_root=os.path.join(root, "models"))
+    return config, root
 
 
-def validation_accuracy(config, finetuned=True):
-    """The saved models, scored here in one way for all three on the cache's validation rows."""
+def three_models(config):
+    """logreg, dense head and fine-tuned model with the defaults (AUGMENT=0), on validation and
+    test, and each fine-tuning epoch's validation accuracy against the head's."""
+    extract.run(config)  # AUGMENT=0: the plain cache (views of other runs are kept)
+    train_head.run(config)
+    tuned = finetune.run(config)
+    figures = scores(config)
+    head_val = registry.record(config, "dense").validation["accuracy"]
+    epochs_val = registry.record(config, "finetuned").entry["history"]["val_accuracy"]
+    figures.update(finetune_epoch_acc=epochs_val, acc_dense_keras_validation=head_val,
+                   finetune_best_epoch=tuned.best_epoch, finetune_seconds=tuned.seconds,
+                   finetune_worst_epoch_vs_head=min(epochs_val) - head_val)
+    for suffix in ("", "_test"):
+        figures[f"dense_minus_logreg{suffix}"] = (figures[f"acc_dense{suffix}"]
+                                                  - figures[f"acc_logreg{suffix}"])
+        figures[f"finetuned_minus_dense{suffix}"] = (figures[f"acc_finetuned{suffix}"]
+                                                     - figures[f"acc_dense{suffix}"])
+    return figures
+
+
+def augmented_heads(config, root):
+    figures = {}
+    for k in AUGMENTS:  # the dense head on K augmented views of each training image
+        figures.update(augmented_head(config.replace(augment=k), root))
+    figures.update(frozen_base_with_augmentation(config))
+    extract.run(config)  # back to AUGMENT=0 (the views stay cached)
+    return figures
+
+
+def float16_heads(config):
+    """STORAGE=float16 (issue 7: keep it only if it keeps accuracy): its own cache and heads."""
+    half = config.replace(name="cats_vs_dogs_float16", storage="float16")
+    extract.run(half)
+    train_head.run(half)
+    return {f"{key}_float16": value for key, value in scores(half, finetuned=False).items()}
+
+
+def augmented_head(config, root):
+    """Extract AUGMENT=K views (incremental), train the dense head on them, time its epochs."""
+    k = config.augment
+    extract.run(config)
+    timer = support.EpochTimer()
+    models = config.replace(head="dense", models_root=os.path.join(root, f"models_augment{k}"))
+    train_head.run(models, callbacks=[timer])
+    record = registry.record(models, "dense")
+    return {f"acc_dense_augment{k}": record.validation["accuracy"],
+            f"acc_dense_augment{k}_test": record.test["accuracy"],
+            f"head_epoch_s_views_augment{k}": statistics.median(timer.seconds[1:] or
+                                                                timer.seconds)}
+
+
+def frozen_base_with_augmentation(config):
+    """The article's second method: the same dense head on the frozen base, with the
+    augmentation in front of it, so every step pays decoding, augmentation and VGG16.
+    Timed on FROZEN_IMAGES training images, scaled to the training split."""
     with cache.FeatureStore(config.features_dir) as store:
-        rows = store.rows("validation")
-        labels, features = store.labels[rows], store.read(rows)
-        paths = [os.path.join(config.data, p) for p in store.paths[rows]]
-        size = store.identity["image_size"]
-    predicted = {f"acc_{model}": registry.predictor(config, model)(features).argmax(1)
-                 for model in ("logreg", "dense")}
-    if finetuned:
-        predict = registry.predictor(config, "finetuned")
-        dataset = images.labelled_dataset(paths, labels, size, config.batch_size)
-        predicted["acc_finetuned"] = np.concatenate([predict(x) for x, _ in dataset]).argmax(1)
-    return {key: float(np.mean(p == labels)) for key, p in predicted.items()}
+        rows = store.rows("train")
+        paths = [os.path.join(store.image_root(config.data), p) for p in store.paths[rows]]
+        labels = store.labels[rows].astype(np.float32)[:, None]
+        shape = store.features.shape[1:]
+        weights = backbone.weights_of_cache(config.weights, store.attrs)
+    base = backbone.build_backbone(weights, config.size)
+    head = heads.build_dense_head(shape, 2, config.hidden_units, config.dropout,
+                                  config.head_pool)
+    inputs = keras.Input(base.input_shape[1:])
+    model = keras.Model(inputs, head(base(augment.augmentation(config.seed)(inputs))))
+    model.compile(optimizer=heads.optimizer(config.head_lr),
+                  loss=heads.loss_for(2), metrics=["accuracy"])
+    b = config.batch_size
+    k = max(b, min(len(paths), FROZEN_IMAGES) // b * b)
+    warm = images.labelled_dataset(paths[:b], labels[:b], config.size, b)
+    model.fit(warm, verbose=0)  # tracing
+    timed = images.labelled_dataset(paths[:k], labels[:k], config.size, b, shuffle_seed=0)
+    start = time.perf_counter()
+    model.fit(timed, verbose=0)
+    return {"head_epoch_s_frozen_augmented": (time.perf_counter() - start) / k * len(paths)}
+
+
+def scores(config, finetuned=True, prefix="acc"):
+    """The saved models, scored here in one way for all three on the cache's validation and
+    test rows: {prefix_<model>: validation accuracy, prefix_<model>_test: test accuracy}."""
+    out = {}
+    for split in SPLITS:
+        with cache.FeatureStore(config.features_dir) as store:
+            rows = store.rows(split)
+            labels, features = store.labels[rows], store.read(rows)
+            paths = [os.path.join(store.image_root(config.data), p) for p in store.paths[rows]]
+            size = store.identity["image_size"]
+        predicted = {model: registry.predictor(config, model)(features).argmax(1)
+                     for model in ("logreg", "dense")}
+        if finetuned:
+            predict = registry.predictor(config, "finetuned")
+            dataset = images.labelled_dataset(paths, labels, size, config.batch_size)
+            predicted["finetuned"] = np.concatenate([predict(x) for x, _ in dataset]).argmax(1)
+        suffix = "" if split == "validation" else "_test"
+        out.update({f"{prefix}_{model}{suffix}": float(np.mean(p == labels))
+                    for model, p in predicted.items()})
+    return out
+
+
+def demo(root, runs=2):
+    """`make demo`'s stages (WEIGHTS=auto, SIZE=64, 2 fine-tuning epochs) `runs` times from
+    scratch with the same seed: test accuracy of each model, and whether every run agreed."""
+    data = os.path.join(root, "demo_data")
+    if not os.path.exists(data):
+        demo_data.generate(data)
+    results = []
+    for i in range(runs):
+        folder = os.path.join(root, f"demo_run{i}")
+        shutil.rmtree(folder, ignore_errors=True)
+        config = Config(data=data, name="demo", weights="auto", size=64, finetune_epochs=2,
+                        features_root=os.path.join(folder, "features"),
+                        models_root=os.path.join(folder, "models"))
+        extract.run(config)
+        train_head.run(config)
+        finetune.run(config)
+        results.append(scores(config, prefix="demo"))
+    first = results[0]
+    return {**first, "demo_runs_agree": float(all(r == first for r in results)),
+            "demo_finetuned_minus_dense_test": first["demo_finetuned_test"]
+            - first["demo_dense_test"]}
 
 
 def standin_weights():

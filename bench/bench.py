@@ -6,9 +6,13 @@ Settings (environment variables; bench/README.md explains every figure):
                              2 cores
     BENCH_SYNTH_ROWS=100000  rows of the synthetic cache for the train-head memory figure (3.3 GB)
     BENCH_ACCURACY=1         also the slow accuracy figures (bench/accuracy.py: WEIGHTS,
-                             BENCH_FINETUNE_EPOCHS; all of cats_vs_dogs, ~25 min on 2 cores)
+                             BENCH_FINETUNE_EPOCHS, BENCH_AUGMENT; all of cats_vs_dogs, caches
+                             kept in bench/acc/: ~30 min on 2 cores once they exist)
     BENCH_RAY=0              skip the ENGINE=ray section (bench/ray_bench.py), which runs when Ray
                              is installed (make install-ray): ~5 min on 2 cores
+    BENCH_ONLY=<phases>      only these phases, by title, comma-separated (e.g.
+                             accuracy,demo,augmented-heads,float16-heads); the other figures
+                             of bench/results.json are kept
     BENCH_DATA=<dir>         the photos (default ../shared/data/cats_vs_dogs, read-only: the
                              benchmark folders are symlinks under bench/work/, git-ignored)
     BACKEND=jax|torch        the Keras backend of this process (default: KERAS_BACKEND, else
@@ -18,6 +22,7 @@ TF_ENABLE_ONEDNN_OPTS=0 make bench measures everything with TensorFlow's default
 "before" of the oneDNN option); figure 6, the speed options, lives in bench/options.py.
 """
 import importlib.util
+import json
 import os
 import shutil
 import statistics
@@ -47,6 +52,7 @@ N = int(os.environ.get("BENCH_N") or 600)
 SYNTH_ROWS = int(os.environ.get("BENCH_SYNTH_ROWS") or 100_000)
 ACCURACY = os.environ.get("BENCH_ACCURACY", "") not in ("", "0")
 RAY = os.environ.get("BENCH_RAY", "") != "0" and importlib.util.find_spec("ray") is not None
+ONLY = os.environ.get("BENCH_ONLY", "")
 DATA = os.environ.get("BENCH_DATA") or os.path.join(ROOT, "..", "shared", "data", "cats_vs_dogs")
 SIZE, BATCH = 150, 32
 MODEL_ONLY_BATCHES = 8     # timed in-memory batches (after one untimed warm-up batch)
@@ -79,9 +85,33 @@ TARGETS = [
     ("ray_bench_steady_ips_ray_1_worker", "steady rate, ENGINE=ray, 1 worker (img/s)", "", None),
     ("ray_bench_steady_ips_ray_2_workers", "steady rate, ENGINE=ray, 2 workers (img/s)", "",
      None),
+    # 5. accuracy (BENCH_ACCURACY=1, bench/accuracy.py): every stage must earn its keep
     ("acc_logreg", "validation accuracy, logreg", "", None),
     ("acc_dense", "validation accuracy, dense head", "", None),
     ("acc_finetuned", "validation accuracy, fine-tuned", "", None),
+    ("acc_logreg_test", "test accuracy, logreg", "", None),
+    ("acc_dense_test", "test accuracy, dense head", "", None),
+    ("acc_finetuned_test", "test accuracy, fine-tuned", "", None),
+    ("dense_minus_logreg", "dense - logreg, validation", ">= 0", lambda v: v >= 0),
+    ("dense_minus_logreg_test", "dense - logreg, test", ">= 0", lambda v: v >= 0),
+    ("finetuned_minus_dense", "fine-tuned - dense, validation", ">= +0.03", lambda v: v >= 0.03),
+    ("finetuned_minus_dense_test", "fine-tuned - dense, test", ">= +0.03", lambda v: v >= 0.03),
+    ("finetune_worst_epoch_vs_head", "worst fine-tuning epoch - head, val.", ">= -0.01",
+     lambda v: v >= -0.01),
+    ("acc_dense_augment5", "validation accuracy, dense head, AUGMENT=5", "", None),
+    ("acc_dense_augment5_test", "test accuracy, dense head, AUGMENT=5", "", None),
+    ("acc_dense_augment10", "validation accuracy, dense head, AUGMENT=10", "", None),
+    ("acc_dense_augment10_test", "test accuracy, dense head, AUGMENT=10", "", None),
+    ("finetune_best_epoch", "fine-tuning: best epoch (0 = the head kept)", "", None),
+    ("head_epoch_s_views_augment5", "head epoch on cached views, AUGMENT=5 (s)", "", None),
+    ("head_epoch_s_views_augment10", "head epoch on cached views, AUGMENT=10 (s)", "", None),
+    ("head_epoch_s_frozen_augmented", "head epoch, frozen base + augmentation (s)", "", None),
+    ("demo_logreg_test", "demo: test accuracy, logreg", "", None),
+    ("demo_dense_test", "demo: test accuracy, dense head", "", None),
+    ("demo_finetuned_test", "demo: test accuracy, fine-tuned", "", None),
+    ("demo_finetuned_minus_dense_test", "demo: fine-tuned - dense, test", ">= 0",
+     lambda v: v >= 0),
+    ("demo_runs_agree", "demo: two runs, same seed, same figures", "= 1", lambda v: v == 1),
     ("acc_logreg_float16", "validation accuracy, logreg, STORAGE=float16", "", None),
     ("acc_dense_float16", "validation accuracy, dense head, STORAGE=float16", "", None),
 ]
@@ -102,6 +132,10 @@ def main():
                                 naive_TF_ENABLE_ONEDNN_OPTS=SEED_ENV.get("TF_ENABLE_ONEDNN_OPTS",
                                                                          "(unset)")),
                "details": {}}
+    if ONLY and os.path.exists(RESULTS):  # some phases: the other figures stay as last measured
+        with open(RESULTS) as f:
+            last = json.load(f)
+        results = {**last, **results, "details": {**last.get("details", {})}}
     shutil.rmtree(WORK, ignore_errors=True)
     picked = pick_images(DATA, N)
     old, new = [p for i, p in enumerate(picked) if i % 10 != 9], picked[9::10]
@@ -126,10 +160,11 @@ def main():
         phases.append(("ENGINE=ray against local", lambda: ray_bench.run(picked, WORK)))
     if ACCURACY:
         import accuracy  # bench/accuracy.py: needs train_head and finetune
-        phases.append(("accuracy", lambda: accuracy.run(DATA, WORK, SIZE, BATCH)))
-        phases.append(("accuracy of each precision", lambda: (
-            {"precision_accuracy": backends.precision_accuracy(accuracy.config_for(DATA, WORK, SIZE,
-                                                                               BATCH))}, {})))
+        phases += accuracy.phases(DATA, WORK, SIZE, BATCH)
+        phases.append(("precisions", lambda: ({"precision_accuracy": backends.precision_accuracy(
+            accuracy.config_for(DATA, WORK, SIZE, BATCH)[0])}, {})))
+    if ONLY:  # BENCH_ONLY=accuracy: the listed phases alone
+        phases = [(title, phase) for title, phase in phases if title in ONLY.split(",")]
     for title, phase in phases:
         print(f"\n=== bench: {title} ===", flush=True)
         start = time.perf_counter()
@@ -266,9 +301,10 @@ def head_epochs(config):
     # The same head on top of the frozen base, trained on the images: every step pays decoding
     # and the VGG16 forward pass. Timed on the first FROZEN_IMAGES train images (whole batches).
     base = backbone.build_backbone(backbone.resolve_weights("none"), SIZE)
-    head = heads.build_dense_head(shape, classes, config.hidden_units, config.dropout)
+    head = heads.build_dense_head(shape, classes, config.hidden_units, config.dropout,
+                                  config.head_pool)
     model = keras.Model(base.input, head(base.output))
-    model.compile(optimizer=keras.optimizers.RMSprop(config.head_lr),
+    model.compile(optimizer=heads.optimizer(config.head_lr),
                   loss=heads.loss_for(classes), metrics=["accuracy"])
     k = min(len(paths), FROZEN_IMAGES)
     k -= k % BATCH if k >= BATCH else 0

@@ -27,6 +27,7 @@ FINETUNE_HISTORY_PLOT = "finetune_history.png"
 EVALUATION = "evaluation.json"
 PREDICTIONS = "predictions.csv"
 REPORT = "report.md"
+LOGS = "logs"                             # TensorBoard: logs/head, logs/finetune (logs.py)
 
 
 def path(config, filename):

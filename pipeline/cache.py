@@ -39,9 +39,13 @@ COMPACT_BELOW = 4096      # segments with fewer rows are merged, this many rows 
 GROUP_BYTES = 128 * 2**20  # and at most this many bytes (4096 rows at SIZE=150): one merged
                            # segment is built in memory, so SIZE=1024's 2 MiB rows need fewer
 READ_BLOCK = 1024         # rows per contiguous read from the virtual dataset
+READ_GAP = 16             # unwanted rows a read may span rather than start another
+SHUFFLE_ROWS = 32         # rows that stay together when blocks() shuffles: one read each
 CHUNK_BYTES = 512 * 1024  # per checksummed chunk: under HDF5's 1 MiB chunk cache, so a chunk
                           # is read and verified once however the rows are sliced
 DAMAGE = (OSError, KeyError, ValueError, RuntimeError)  # what h5py raises for a broken file
+VIEW_DATASETS = ("view_features", "view_sha256", "view_index")  # AUGMENT=K's views (extract)
+FEATURE_DATASETS = ("features", "view_features")  # read on demand, never whole
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,30 +206,25 @@ def _merge(features_dir, group):
     return shape, dtype, fill
 
 
-def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable):
+def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable, views=()):
     """Atomically replace features.h5. `rows`: dicts with path, label, sha256, split, size,
     mtime_ns, segment, segment_row, segment_rows. Rows are stored in feature order (segment,
     then row), which is stable across reruns and keeps the virtual mapping to few long runs.
-    `unreadable` ({sha256: reason}) remembers files that failed to decode, so reruns skip them."""
+    `unreadable` ({sha256: reason}) remembers files that failed to decode, so reruns skip them.
+    `views` (AUGMENT=K): dicts with the image's sha256, view (1..K), segment, segment_row and
+    segment_rows of augmented views, stored as `view_features`, `view_sha256` and `view_index`."""
     rows = sorted(rows, key=lambda r: (r["segment"], r["segment_row"], r["path"]))
-    n = len(rows)
-    layout = h5py.VirtualLayout(shape=(n, *feature_shape), dtype=dtype)  # the segments' dtype
-    segments = sorted({r["segment"] for r in rows})
-    start = 0
-    while start < n:  # one mapping per run of consecutive rows of one segment
-        seg, first = rows[start]["segment"], rows[start]["segment_row"]
-        stop = start + 1
-        while (stop < n and rows[stop]["segment"] == seg
-               and rows[stop]["segment_row"] == first + (stop - start)):
-            stop += 1
-        source = h5py.VirtualSource(seg, "features",
-                                    shape=(rows[start]["segment_rows"], *feature_shape))
-        layout[start:stop] = source[first:first + (stop - start)]
-        start = stop
+    views = sorted(views, key=lambda v: (v["segment"], v["segment_row"]))
+    segments = sorted({r["segment"] for r in rows} | {v["segment"] for v in views})
     image = io.BytesIO()
     with h5py.File(image, "w") as f:
         # NaN, not zeros, wherever a source is missing: a broken cache must not look like data
-        f.create_virtual_dataset("features", layout, fillvalue=np.nan)
+        f.create_virtual_dataset("features", _layout(rows, feature_shape, dtype), fillvalue=np.nan)
+        if views:  # only with AUGMENT: a cache without views is laid out as before
+            f.create_virtual_dataset("view_features", _layout(views, feature_shape, dtype),
+                                     fillvalue=np.nan)
+            _checksummed(f, "view_sha256", np.array([v["sha256"] for v in views], "S64"))
+            _checksummed(f, "view_index", np.array([v["view"] for v in views], np.int64))
         f["features"].attrs["note"] = ("virtual: read from the segments/ folder beside this file; "
                                        "copied alone it reads as NaN. `make export` writes a "
                                        "file that stands alone")
@@ -248,6 +247,25 @@ def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable):
             f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
     files.atomic_write(os.path.join(features_dir, MASTER), image.getbuffer())
     return segments
+
+
+def _layout(rows, feature_shape, dtype):
+    """The virtual layout of `rows` (in order) over their segments' `features`: one mapping per
+    run of consecutive rows of one segment. dtype: the segments' own."""
+    n = len(rows)
+    layout = h5py.VirtualLayout(shape=(n, *feature_shape), dtype=dtype)
+    start = 0
+    while start < n:
+        seg, first = rows[start]["segment"], rows[start]["segment_row"]
+        stop = start + 1
+        while (stop < n and rows[stop]["segment"] == seg
+               and rows[stop]["segment_row"] == first + (stop - start)):
+            stop += 1
+        source = h5py.VirtualSource(seg, "features",
+                                    shape=(rows[start]["segment_rows"], *feature_shape))
+        layout[start:stop] = source[first:first + (stop - start)]
+        start = stop
+    return layout
 
 
 def remove_unreferenced(features_dir, identity_id, referenced):
@@ -403,6 +421,7 @@ class FeatureStore:
         self.paths = index["path"]
         self.sha256 = index["sha256"]
         self.attrs = {k: _decode_attr(v) for k, v in self.file.attrs.items()}
+        self._views_by_row(index)
         # The last damage met while reading: a reader running inside another framework (tf.data
         # turns a generator's exception into its own) can raise this one line instead.
         self.damage = None
@@ -429,6 +448,39 @@ class FeatureStore:
             raise UserError(f"{self.features_dir} has a damaged segment {damaged[0]}: run "
                             "`make extract` to recompute it")
 
+    def _views_by_row(self, index):
+        """AUGMENT=K: `views` = K and, per row and view 1..K, the position of that view in
+        `view_features` (-1: none, as for validation and test rows); K = 0 without views."""
+        self.views, self.view_features, self._view_at = 0, None, None
+        if "view_features" not in self.file:
+            return
+        self.view_features = self.file["view_features"]
+        # AUGMENT of the last extract; views beyond it (of an earlier, larger AUGMENT) are kept
+        # in the file but not read
+        self.views = int(self.attrs.get("augment", {}).get("views", 0))
+        row_of = {sha: row for row, sha in enumerate(self.sha256)}
+        self._view_at = np.full((len(self.labels), self.views + 1), -1, np.int64)
+        for at, (sha, view) in enumerate(zip(index["view_sha256"], index["view_index"])):
+            if sha in row_of and view <= self.views:
+                self._view_at[row_of[sha], view] = at
+
+    def read_views(self, indices, views):
+        """Features of the given rows, each as the view given (0: the plain features, 1..K: an
+        augmented view cached by `make extract AUGMENT=K`), as float32."""
+        indices, views = np.asarray(indices), np.asarray(views)
+        out = np.empty((len(indices), *self.features.shape[1:]), np.float32)
+        plain = views == 0
+        out[plain] = self.read(indices[plain])
+        if not plain.all():
+            at = (self._view_at[indices[~plain], views[~plain]] if self._view_at is not None
+                  else np.full(int((~plain).sum()), -1))
+            if (at < 0).any():
+                raise UserError(f"{self.path} has no view {int(views[~plain][at < 0][0])} of row "
+                                f"{int(indices[~plain][at < 0][0])}: rerun `make extract` with "
+                                "the AUGMENT the head trains with")
+            out[~plain] = self.read(at, self.view_features)
+        return out
+
     @property
     def class_names(self):
         return self.attrs["class_names"]
@@ -451,42 +503,51 @@ class FeatureStore:
         """Indices of the rows in one split, in feature order."""
         return np.flatnonzero(self.splits == split)
 
-    def read(self, indices):
-        """Features of the given rows (any order, no duplicates needed), as float32."""
+    def read(self, indices, dataset=None):
+        """Features of the given rows (any order, no duplicates needed), as float32; from
+        `dataset` (view_features) instead of `features` when given."""
         indices = np.asarray(indices)
         if len(indices) == 0:
             return np.zeros((0, *self.features.shape[1:]), np.float32)
         order = np.argsort(indices)
         wanted = indices[order]
         out = np.empty((len(indices), *self.features.shape[1:]), np.float32)
-        for start in range(int(wanted[0]), int(wanted[-1]) + 1, READ_BLOCK):
-            inside = (wanted >= start) & (wanted < start + READ_BLOCK)
-            if inside.any():  # contiguous block reads beat h5py's point selection
-                block = self.block(start, int(wanted[inside][-1]) + 1)
-                out[order[inside]] = block[wanted[inside] - start]
+        # Contiguous reads beat h5py's point selection. A read spans at most READ_BLOCK rows
+        # and never a gap of more than READ_GAP unwanted rows, so rows scattered over a large
+        # cache (train-head's shuffled chunks) cost no reads of the rows between them.
+        gaps = np.flatnonzero(np.diff(wanted) > READ_GAP)
+        first = 0
+        while first < len(wanted):
+            stop = int(np.searchsorted(wanted, wanted[first] + READ_BLOCK))
+            after = gaps[np.searchsorted(gaps, first):]
+            stop = min(stop, int(after[0]) + 1) if len(after) else stop
+            block = self.block(int(wanted[first]), int(wanted[stop - 1]) + 1, dataset)
+            out[order[first:stop]] = block[wanted[first:stop] - wanted[first]]
+            first = stop
         return out
 
-    def block(self, start, stop):
+    def block(self, start, stop, dataset=None):
         """Rows start:stop in the stored dtype, each chunk read through its checksum."""
+        dataset = self.features if dataset is None else dataset
         try:
-            block = self.features[start:stop]
+            block = dataset[start:stop]
         except DAMAGE as error:
-            self.damage = UserError(f"{self.features_dir} has a damaged segment"
-                                    f"{self._culprit(start, stop)} ({_damage(error)}): run "
-                                    "`make extract` to recompute it")
+            culprit = self._culprit(start, stop, dataset)
+            self.damage = UserError(f"{self.features_dir} has a damaged segment{culprit} "
+                                    f"({_damage(error)}): run `make extract` to recompute it")
             raise self.damage from None
         # NaN is the virtual dataset's fill for a missing source (extract refuses NaN features),
         # and fills whole rows: the first value of each row tells
         if np.isnan(block.reshape(len(block), -1)[:, 0]).any():
             self.damage = UserError(f"{self.features_dir} lost a segment"
-                                    f"{self._culprit(start, stop)} (rows {start}-{stop - 1} read "
-                                    "as NaN): run `make extract` to recompute it")
+                                    f"{self._culprit(start, stop, dataset)} (rows {start}-"
+                                    f"{stop - 1} read as NaN): run `make extract` to recompute it")
             raise self.damage
         return block
 
-    def _culprit(self, start, stop):
+    def _culprit(self, start, stop, dataset):
         """` <segment>` for the first segment under rows start:stop that fails to read, or ''."""
-        for source in self.features.virtual_sources():
+        for source in dataset.virtual_sources():
             (first, *_), (last, *_) = source.vspace.get_select_bounds()
             if first < stop and last >= start:
                 try:
@@ -495,11 +556,12 @@ class FeatureStore:
                     return f" {source.file_name}"
         return ""
 
-    def blocks(self, rows, size=READ_BLOCK, rng=None):
+    def blocks(self, rows, size=READ_BLOCK, rng=None, read=None):
         """(row indices, features) for each block of `block_plan`. Only one block is in memory
-        at a time, so a cache larger than memory streams."""
+        at a time, so a cache larger than memory streams. `read(indices)` reads the features
+        instead of `self.read`."""
         for indices in block_plan(rows, size, rng):
-            yield indices, self.read(indices)
+            yield indices, (read or self.read)(indices)
 
     def close(self):
         self.file.close()
@@ -512,12 +574,16 @@ class FeatureStore:
 
 
 def block_plan(rows, size=READ_BLOCK, rng=None):
-    """The row indices of consecutive runs of `size` of `rows`, each read as one block. With a
-    numpy Generator, the blocks come in shuffled order and the rows are shuffled within each
-    block: random enough for SGD, while every read stays one contiguous stretch of the file."""
-    starts = np.arange(0, len(rows), size)
+    """The row indices of each block of `size` of `rows`, read together. With a numpy
+    Generator, shuffled: a block is SHUFFLE_ROWS-row pieces from all over `rows`, in a shuffled
+    order, and its rows are shuffled. Rows are stored in extraction order, often one class after
+    another, and blocks of consecutive rows of one class made every epoch of the head end on a
+    swing to that class (on cats_vs_dogs, 2 blocks of 1024: 98% cats, then 100% dogs)."""
+    if rng is not None and len(rows):
+        pieces = [rows[i:i + SHUFFLE_ROWS] for i in range(0, len(rows), SHUFFLE_ROWS)]
+        rows = np.concatenate([pieces[i] for i in rng.permutation(len(pieces))])
     plan = []
-    for start in (rng.permutation(starts) if rng is not None else starts):
+    for start in range(0, len(rows), size):
         indices = rows[start:start + size]
         plan.append(rng.permutation(indices) if rng is not None else indices)
     return plan
@@ -534,7 +600,8 @@ def export(features_dir, out_path):
         def write(fileobj):
             with h5py.File(fileobj, "w") as out:
                 for name, item in store.file.items():
-                    if name not in ("features", "segments"):  # segments: only the cache's plumbing
+                    if name not in ("features", "segments", *VIEW_DATASETS):  # the cache's
+                        # plumbing, and the training views, which an exported file leaves out
                         store.file.copy(item, out, name=name)
                 for key, value in store.file.attrs.items():
                     out.attrs[key] = value
@@ -552,7 +619,7 @@ def _index(f):
     that have them), strings decoded: {name: array}."""
     index = {}
     for name, item in f.items():
-        if name != "features":
+        if name not in FEATURE_DATASETS:
             index[name] = item.asstr()[()] if h5py.check_string_dtype(item.dtype) else item[()]
     return index
 

@@ -66,6 +66,9 @@ class Config:
                                      "identity")
     storage: str = setting("float32", "float32 | float16: half the disk and read I/O, features "
                                       "rounded to ~3 digits; part of the cache identity")
+    augment: int = setting(0, "extract also caches AUGMENT augmented views of every training "
+                              "image (flips, rotations, zooms, shifts); train-head reads each "
+                              "image as another view every epoch. 0: plain features only")
     # --- where extract runs ----------------------------------------------------------------------
     engine: str = setting("local", "local (this process) | ray: hash and extract on a Ray cluster "
                                    "(pip install -r requirements-ray.txt; the Makefile does it)")
@@ -79,7 +82,9 @@ class Config:
     epochs: int = setting(30, "dense head epochs (early stopping usually ends sooner)")
     hidden_units: int = setting(256, "units of the dense head's hidden layer")
     dropout: float = setting(0.5, "dropout rate before the dense head's output")
-    head_lr: float = setting(1e-4, "the dense head's RMSprop learning rate")
+    head_pool: int = setting(2, "the dense head first averages POOLxPOOL cells of the feature "
+                                "map (1: the article's Flatten of the whole map)")
+    head_lr: float = setting(1e-4, "the dense head's Adam learning rate")
     patience: int = setting(5, "dense head epochs without a lower validation loss before stopping")
     c_grid: str = setting("1e-4,1e-3,1e-2,1e-1,1", "logreg's inverse regularisation strengths, "
                                                    "one chosen on the validation split")
@@ -90,6 +95,8 @@ class Config:
     finetune_epochs: int = setting(10, "fine-tuning epochs (early stopping may end sooner)")
     lr: float = setting(1e-5, "fine-tuning learning rate: low, so the pretrained filters are "
                               "adjusted, not wiped out")
+    finetune_warmup: int = setting(1, "fine-tuning epochs over which the learning rate rises "
+                                      "from 0 to LR (0: LR from the first step)")
     finetune_patience: int = setting(3, "fine-tuning epochs without a lower validation loss "
                                         "before stopping")
     fresh: bool = setting(False, "1: ignore an interrupted fine-tuning's backup and start over")
@@ -117,9 +124,12 @@ class Config:
         _check_range("EPOCHS", self.epochs, 1, 100_000, "head epochs")
         _check_range("FINETUNE_EPOCHS", self.finetune_epochs, 1, 100_000, "fine-tuning epochs")
         _check_range("SEED", self.seed, 0, 2**32 - 1, "a non-negative integer")
+        _check_range("AUGMENT", self.augment, 0, 1000, "augmented views per training image")
         _check_range("HIDDEN_UNITS", self.hidden_units, 1, 65_536, "units")
+        _check_range("HEAD_POOL", self.head_pool, 1, 32, "cells averaged per side")
         _check_range("PATIENCE", self.patience, 1, 100_000, "epochs")
         _check_range("FINETUNE_PATIENCE", self.finetune_patience, 1, 100_000, "epochs")
+        _check_range("FINETUNE_WARMUP", self.finetune_warmup, 0, 100_000, "epochs")
         _check_rate("LR", self.lr, "such as LR=1e-5")
         _check_rate("HEAD_LR", self.head_lr, "such as HEAD_LR=1e-4")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):

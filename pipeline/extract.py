@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, datasets, images, lock
+from . import artifacts, backbone, cache, datasets, images, lock, views
 from .config import Config, UserError, warn
 
 
@@ -29,6 +29,8 @@ class ExtractResult:
     seconds: float
     identity: dict
     changed: bool       # False when features.h5 was already up to date
+    views: int = 0      # augmented views of training images in the cache (AUGMENT)
+    new_views: int = 0  # views that went through the backbone in this run
 
 
 def run(config: Config) -> ExtractResult:
@@ -92,15 +94,21 @@ def _run(config, engine):
         if dataset.layout != "splits":
             _give_every_class_a_training_image(rows)
 
-        keep = {r["sha256"] for r in rows}
+        # AUGMENT=K: K augmented views of each training image, keyed like images (views.py)
+        wanted_views = views.wanted(config, rows, cache.master_attribute(out, "augment"))
+        new_views = views.compute(config, weights, identity, identity_id, dataset.root,
+                                  views.missing(config, wanted_views, known), known)
+        keep = {r["sha256"] for r in rows} | {v[0] for v in wanted_views}
         known = cache.compact(out, identity_id, {s: v for s, v in known.items() if s in keep}, keep)
         for r in rows:
             r["segment"], r["segment_row"], r["segment_rows"] = known[r["sha256"]]
-        attrs = cache_attributes(config, dataset, weights, identity, identity_id, rows)
+        view_rows = views.records(wanted_views, known)
+        attrs = cache_attributes(config, dataset, weights, identity, identity_id, rows, view_rows)
         changed = attrs["index_digest"] != cache.master_attribute(out, "index_digest")
         if changed:
             referenced = cache.write_master(out, rows, attrs, backbone.feature_shape(config.size),
-                                            backbone.storage_dtype(identity), unreadable)
+                                            backbone.storage_dtype(identity), unreadable,
+                                            view_rows)
             cache.remove_unreferenced(out, identity_id, set(referenced))
         datasets.write_skipped_csv(os.path.join(out, "skipped.csv"), skipped)
 
@@ -108,9 +116,13 @@ def _run(config, engine):
         features_path=os.path.join(out, cache.MASTER), rows=len(rows),
         new=len(todo) - len(newly_unreadable), reused=sum(r["sha256"] not in todo for r in rows),
         skipped=len(skipped), seconds=time.perf_counter() - start, identity=identity,
-        changed=changed)
+        changed=changed, views=sum(v["view"] <= config.augment for v in view_rows),
+        new_views=new_views)
+    augmented = (f", {result.views} augmented views ({new_views} new)" if config.augment
+                 else "")
     print(f"extract {config.dataset_name}: {result.rows} rows, {result.new} new, {result.reused} "
-          f"reused, {result.skipped} skipped (see {out}/skipped.csv), {result.seconds:.1f} s")
+          f"reused, {result.skipped} skipped (see {out}/skipped.csv){augmented}, "
+          f"{result.seconds:.1f} s")
     if weights.notice:
         warn(weights.notice)
     return result
@@ -189,14 +201,18 @@ def _give_every_class_a_training_image(rows):
             min(members, key=lambda r: r["sha256"])["split"] = "train"
 
 
-def cache_attributes(config, dataset, weights, identity, identity_id, rows):
+def cache_attributes(config, dataset, weights, identity, identity_id, rows, view_rows=()):
     """The attributes of features.h5: the identity, the config, the index digest, versions."""
     # What the index says, including where each row's features live: equal digests mean there is
     # nothing to rewrite, and later stages (make batch) use it to know that nothing changed.
+    cached = max((v["view"] for v in view_rows), default=0)
+    augment = {"augment": views.attributes(config, cached)} if cached else {}
     index = json.dumps([[r["path"], r["label"], r["sha256"], r["split"], r["segment"],
                          r["segment_row"]] for r in sorted(rows, key=lambda r: r["path"])]
-                       + [identity, dataset.class_names])
-    return {
+                       + [identity, dataset.class_names]
+                       + [[v["key"], v["segment"], v["segment_row"]] for v in view_rows]
+                       + list(augment.values()))  # nothing, without views: digests as before
+    return {**augment,
         "class_names": dataset.class_names,
         "backbone": identity["backbone"],
         "weights": identity["weights"],

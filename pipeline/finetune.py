@@ -12,6 +12,7 @@ continues where it stopped; FRESH=1 starts again from the head.
        for resuming: finetune_backup/
 """
 import csv
+import math
 import os
 import shutil
 import sys
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from . import (
     artifacts,
+    augment,
     backbone,
     cache,
     datasets,
@@ -31,6 +33,7 @@ from . import (
     heads,
     images,
     lock,
+    logs,
     plots,
     registry,
     runtime,
@@ -77,7 +80,8 @@ def _finetune(config, start, extra_callbacks):
                                         registry.path(config, "dense"))
         data = make_datasets(config, store)
         head = registry.load(config, "dense")
-        model, trainable = build_model(config, weights, head, store)
+        model, trainable = build_model(config, weights, head, store,
+                                       augmented=head_saw_augmented_inputs(head_record))
         settings = {"identity_id": backbone.identity_id(store.identity), "lr": config.lr,
                     "unfreeze": config.unfreeze, "head_sha256": head_record.file_sha256}
         state = resume_state(config, settings)
@@ -87,6 +91,8 @@ def _finetune(config, start, extra_callbacks):
 
     done = state["epochs"] if state else 0
     early, backup, callbacks = make_callbacks(config, settings, state, start, extra_callbacks)
+    if state is None:  # the head itself is "epoch 0", to beat: see Backup.on_train_begin
+        backup.start = model.evaluate(data["validation"], verbose=0, return_dict=True)["loss"]
     # A run that early stopping ended stays ended; otherwise train up to EPOCHS (possibly 0 more).
     target = done if state and state["stopped"] else max(done, config.finetune_epochs)
     with images.one_line_on_change(data["train"], data["validation"], data["test"]):
@@ -99,6 +105,9 @@ def _finetune(config, start, extra_callbacks):
                   if data[name] else {} for name in ("validation", "test")}
     result = _write_outputs(config, store, weights, model, head_record, backup, early, trainable,
                             done, scores, log_history(config, target))
+    if result.epochs and not result.best_epoch:
+        print(f"finetune {config.dataset_name}: no epoch beat the head's validation loss: "
+              "finetuned.keras is the head on the base, unchanged")
     print(f"finetune {config.dataset_name}: {result.epochs} epochs (best {result.best_epoch}), "
           f"validation accuracy {result.validation['accuracy']:.3f}, {result.seconds:.1f} s "
           f"-> {result.model_path}")
@@ -110,6 +119,16 @@ def _finetune(config, start, extra_callbacks):
 # --------------------------------------------------------------------------------------------
 # Inputs: the images the cache was built from, still the same
 # --------------------------------------------------------------------------------------------
+
+def head_saw_augmented_inputs(head_record):
+    """Fine-tuning augments its training images only when the head was trained on augmented views
+    (`make extract AUGMENT=K`). A head trained on plain features meets augmented images for the
+    first time there: on cats_vs_dogs it scored 0.73 on augmented training images against 0.96
+    on plain ones, and training on them cost 4 points of validation accuracy in the first epoch
+    (0.76 -> 0.72, with or without the warm-up; 0.76 -> 0.76 on plain images). See
+    bench/QUALITY_NOTES.md."""
+    return head_record.get("views", 0) > 0
+
 
 def make_datasets(config, store):
     """Image datasets of the cache's rows: "train" (shuffled), "validation", "test"
@@ -156,48 +175,48 @@ def checked_image_paths(config, store):
     return np.asarray(out, dtype=object)
 
 
-def augmentation(seed):
-    """The article's augmentations, first in the fine-tuned model (as in the keras-io transfer
-    learning guide): Keras's random layers are active in `fit` only, run on the GPU with the
-    model, and draw from seeded generators in the model's state, so they are the same on every
-    backend and in every run; at inference they pass images through unchanged.
-
-    They run on images that are already VGG16-preprocessed (BGR, ImageNet mean subtracted). The
-    "reflect" fill (Keras's default, written out here) fills uncovered corners with mirrored real
-    pixels, so no value appears that the preprocessing could not have produced; a "constant" fill
-    would have to be 0 here, which now means the ImageNet mean colour, not black."""
-    return keras.Sequential([
-        keras.layers.RandomFlip("horizontal", seed=seed),
-        keras.layers.RandomRotation(0.1, fill_mode="reflect", seed=seed + 1),
-        keras.layers.RandomZoom(0.2, fill_mode="reflect", seed=seed + 2),
-        keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 3),
-    ], name="augmentation")
-
-
 # --------------------------------------------------------------------------------------------
 # The model: backbone + trained head, and what trains
 # --------------------------------------------------------------------------------------------
 
-def build_model(config, weights, head, store):
-    """The cache's backbone + the trained head, compiled with UNFREEZE's layers and the head
-    trainable. Returns (model, names of the base's layers that train)."""
-    model, base = compose(weights, head, store.identity, augmentation(config.seed))
+def build_model(config, weights, head, store, augmented=True):
+    """The cache's backbone + the trained head (after the augmentation if `augmented`), compiled
+    with UNFREEZE's layers and the head trainable. Returns (model, names of the base's layers
+    that train)."""
+    layers = augment.augmentation(config.seed) if augmented else None
+    model, base = compose(weights, head, store.identity, layers)
     trainable = set_trainable(base, config.unfreeze)
     # Recompile after changing `trainable`: fit uses the trainable set the model was compiled with.
-    # RMSprop at 1e-5 as in the article: a small, per-weight scaled step adjusts the pretrained
-    # filters instead of overwriting them.
-    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=config.lr),
+    steps = math.ceil(len(store.rows("train")) / config.batch_size)
+    model.compile(optimizer=keras.optimizers.RMSprop(warmup(config, steps)),
                   loss=heads.loss_for(len(store.class_names)), metrics=["accuracy"])
     return model, trainable
 
 
-def compose(weights, head, identity, augment=None):
-    """image (after load_image) -> probabilities: `augment` (training only), the cache's
-    backbone, then the trained head."""
+def warmup(config, steps_per_epoch):
+    """The learning rate: from 0 up to LR over FINETUNE_WARMUP epochs, then LR.
+
+    RMSprop at 1e-5 as in the article, but not from the first step: its accumulator starts at 0,
+    so its first steps move every trainable weight by ~LR/sqrt(1 - rho) = 3.2 x LR in the sign
+    of its gradient, all at once. On cats_vs_dogs one such step flipped the head's predictions
+    (256 validation images of one class: 0.76 accuracy -> 0.04), with or without Dropout; with
+    the warm-up the same step leaves them at 0.76 (bench/QUALITY_NOTES.md). CosineDecay with
+    alpha=1 decays nothing: it is Keras's own warm-up, saved and restored with the optimizer."""
+    if not config.finetune_warmup:
+        return config.lr
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=1, alpha=1.0, warmup_target=config.lr,
+        warmup_steps=max(1, config.finetune_warmup * steps_per_epoch))
+
+
+def compose(weights, head, identity, augment_layers=None):
+    """image (after load_image) -> probabilities: `augment_layers` (active in training only, as
+    in the keras-io transfer-learning guide: seeded, on the GPU with the model, the same on every
+    backend), the cache's backbone, then the trained head."""
     base = backbone.build_backbone_of(identity, weights)
     size = identity["image_size"]
     inputs = keras.Input((size, size, 3), name="image")
-    images_in = augment(inputs) if augment is not None else inputs
+    images_in = augment_layers(inputs) if augment_layers is not None else inputs
     # training=False keeps the base in inference mode even while it trains (the keras-io recipe
     # for bases with BatchNormalization; VGG16 has none, so it changes nothing but is safe).
     features = base(images_in, training=False)
@@ -275,7 +294,8 @@ def make_callbacks(config, settings, state, started, extra=()):
                     started)
     log = keras.callbacks.CSVLogger(artifacts.path(config, artifacts.FINETUNE_LOG),
                                     append=bool(state))  # a fresh start starts the log over
-    return early, backup, [early, log, backup, *extra]
+    board = logs.tensorboard(config, "finetune", fresh=not state)  # None without a writer
+    return early, backup, [early, log, *([board] if board else []), backup, *extra]
 
 
 class Backup(keras.callbacks.BackupAndRestore):
@@ -293,6 +313,7 @@ class Backup(keras.callbacks.BackupAndRestore):
                          delete_checkpoint=False)
         self.folder, self.settings, self.state, self.early = folder, settings, state, early
         self.started, self.seconds_before = started, state["seconds"] if state else 0.0
+        self.start = None  # a fresh start: the validation loss of the head, before any step
 
     def on_train_begin(self, logs=None):
         # The _*_path attributes name Keras's files (BackupAndRestore has no public names).
@@ -301,6 +322,16 @@ class Backup(keras.callbacks.BackupAndRestore):
             shutil.copyfile(self._prev_weights_path, self._weights_path)
             shutil.copyfile(self._prev_training_metadata_path, self._training_metadata_path)
         super().on_train_begin(logs)  # loads the weights and optimizer state, sets the first epoch
+        if self.start is not None:
+            # EarlyStopping starts from the head (Keras's epoch -1): an epoch must beat the head's
+            # validation loss to be kept, and if none does, the head's weights are restored.
+            # Fine-tuning may only make the model better on validation, never hand back a worse
+            # one (on the demo: test accuracy 0.907 for the head, 0.860 after fine-tuning).
+            self.early.best, self.early.best_epoch = self.start, -1
+            self.early.best_weights = self.model.get_weights()
+            os.makedirs(self.folder, exist_ok=True)
+            files.atomic_write(self._best_path(-1),
+                               lambda f: np.savez(f, *self.early.best_weights))
         if self.state:  # EarlyStopping, before us in the list, has just reset its memory
             for key in MEMORY:
                 setattr(self.early, key, self.state["early"][key])

@@ -25,7 +25,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, files, heads, plots, runtime
+from . import artifacts, backbone, cache, files, heads, logs, plots, runtime, views
 from .config import Config, UserError, warn
 
 STANDARDIZE = True           # False: train on raw feature maps, as the article does
@@ -111,11 +111,12 @@ class CachedFeatures(keras.utils.PyDataset):
     backend. The cache is read a block of rows at a time (cache.block_plan), the next block in
     a thread of its own while the model trains on this one, so at most two blocks are in memory
     whatever the cache's size. With a seed, every epoch visits the rows in a new order, the same
-    in every run."""
+    in every run. `read(indices, epoch)` reads the features instead of the store
+    (views.epoch_reader: another augmented view of each image every epoch)."""
 
-    def __init__(self, store, rows, targets, batch_size, seed=None):
+    def __init__(self, store, rows, targets, batch_size, seed=None, read=None):
         super().__init__(workers=1)  # batches in order, from one thread: the block cache holds
-        self.store, self.rows, self.targets = store, rows, targets
+        self.store, self.rows, self.targets, self.read = store, rows, targets, read
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         # whole batches per block: one short batch per epoch, at the very end at most
         self.per_block = max(1, cache.READ_BLOCK // batch_size) * batch_size
@@ -127,11 +128,14 @@ class CachedFeatures(keras.utils.PyDataset):
         self.blocks = cache.block_plan(self.rows, self.per_block, rng)
         self.reads = {}  # block number -> its read (a Future), the current one and the next
 
+    def _read(self, indices):
+        return self.store.read(indices) if self.read is None else self.read(indices, self.epoch)
+
     def _block(self, number):
         if number not in self.reads:
-            self.reads = {number: self.reader.submit(self.store.read, self.blocks[number])}
+            self.reads = {number: self.reader.submit(self._read, self.blocks[number])}
         if number + 1 < len(self.blocks) and number + 1 not in self.reads:
-            self.reads[number + 1] = self.reader.submit(self.store.read, self.blocks[number + 1])
+            self.reads[number + 1] = self.reader.submit(self._read, self.blocks[number + 1])
         return self.reads[number].result()
 
     def __len__(self):
@@ -168,7 +172,9 @@ def train_dense(config, store, rows, callbacks=()):
     # sigmoid head: float targets of shape (n, 1); softmax head: integer class indices
     targets = (store.labels.astype(np.float32)[:, None] if len(names) == 2
                else store.labels.astype(np.int32))
-    train = CachedFeatures(store, rows["train"], targets, config.batch_size, seed=config.seed)
+    # with AUGMENT views in the cache, each epoch reads every training image as another view
+    train = CachedFeatures(store, rows["train"], targets, config.batch_size, seed=config.seed,
+                           read=views.epoch_reader(store, config.seed))
     validation = CachedFeatures(store, rows["validation"], targets, config.batch_size)
     paths = {"dense": artifacts.path(config, artifacts.HEAD),
              "checkpoint": artifacts.path(config, artifacts.HEAD_CHECKPOINT),
@@ -181,7 +187,8 @@ def train_dense(config, store, rows, callbacks=()):
     # on raw feature maps. Without it, features that share a large common component (random
     # weights especially) keep the head near chance for dozens of epochs.
     mean, scale = feature_moments(store, rows["train"]) if STANDARDIZE else (np.zeros(shape), 1.0)
-    head = heads.build_dense_head(shape, len(names), config.hidden_units, config.dropout)
+    head = heads.build_dense_head(shape, len(names), config.hidden_units, config.dropout,
+                                  config.head_pool)
     inputs = keras.Input(shape, name="features")
     standardize = keras.layers.Normalization(axis=(1, 2, 3), mean=mean,
                                              variance=np.full(shape, scale ** 2, np.float32))
@@ -192,8 +199,10 @@ def train_dense(config, store, rows, callbacks=()):
                         len(names), config.head_lr, xla)
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
                                          restore_best_weights=True)
+    board = logs.tensorboard(config, "head")  # models/<NAME>/logs/head, None without a writer
     callbacks = [stop, keras.callbacks.ModelCheckpoint(paths["checkpoint"]),  # the wrapper: it
-                 keras.callbacks.CSVLogger(paths["log"]), *callbacks]        # takes raw maps too
+                 keras.callbacks.CSVLogger(paths["log"]), *callbacks,        # takes raw maps too
+                 *([board] if board else [])]
     start = time.perf_counter()
     with _one_line_on_damage(store):
         history = trainer.fit(train, validation_data=validation, epochs=config.epochs,
@@ -214,6 +223,7 @@ def train_dense(config, store, rows, callbacks=()):
     # file_sha256 ties the file to these metrics
     entry.update(file_sha256=artifacts.file_sha256(paths["dense"]),
                  epochs=len(history["loss"]), best_epoch=int(stop.best_epoch) + 1,  # 1-based
+                 views=int(store.views),  # augmented views per training image it read
                  seconds=seconds, history={k: [float(v) for v in history[k]] for k in
                                            ("accuracy", "val_accuracy", "loss", "val_loss")})
     notice = store.attrs.get("weights_notice", "")
@@ -236,8 +246,7 @@ def _one_line_on_damage(store):
 
 
 def _compiled(model, num_classes, learning_rate, xla=False):
-    # RMSprop at HEAD_LR=1e-4 on standardised features: 1e-3 overshoots now and then
-    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate),
+    model.compile(optimizer=heads.optimizer(learning_rate),
                   loss=heads.loss_for(num_classes), metrics=["accuracy"], jit_compile=xla)
     return model
 

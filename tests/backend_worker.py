@@ -21,6 +21,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline import (  # noqa: E402
+    augment,
     batch,
     cache,
     evaluate,
@@ -71,9 +72,9 @@ def main(root, data, weights, other_models):
         out[f"{label}_dense"] = registry.predictor(theirs, "dense")(features)
         out[f"{label}_finetuned"] = registry.predictor(theirs, "finetuned")(pictures)
     # the augmentation: the same seed draws the same views; a second call draws new ones
-    augment, x = finetune.augmentation(seed=0), pictures[:4]
-    out["augmented"] = [augment(x, training=True), augment(x, training=True),
-                        finetune.augmentation(seed=0)(x, training=True)]
+    layers, x = augment.augmentation(seed=0), pictures[:4]
+    out["augmented"] = [layers(x, training=True), layers(x, training=True),
+                        augment.augmentation(seed=0)(x, training=True)]
     np.savez(os.path.join(root, "worker.npz"),
              **{k: np.asarray([keras.ops.convert_to_numpy(x) for x in v]
                                if isinstance(v, list) else v)

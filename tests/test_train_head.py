@@ -120,7 +120,7 @@ def test_saved_head_is_the_best_epoch_on_raw_features(tmp_path, monkeypatch, num
     assert dense["validation"]["loss"] == pytest.approx(history["val_loss"][best], abs=1e-5)
     assert dense["validation"]["accuracy"] == pytest.approx(history["val_accuracy"][best])
     head = keras.saving.load_model(result.paths["dense"])
-    built = heads.build_dense_head((1, 2, 4), num_classes, 256, 0.5)
+    built = heads.build_dense_head((1, 2, 4), num_classes, 256, 0.5, config.head_pool)
     assert [type(layer).__name__ for layer in head.layers] == \
         [type(layer).__name__ for layer in built.layers]
     assert head.output_shape == (None, 1 if num_classes == 2 else num_classes)

@@ -1,0 +1,159 @@
+"""AUGMENT=K: augmented views of the training images in the feature cache, keyed by content,
+view number and the augmentation's identity, computed once, never for validation or test rows,
+and read back by train-head as another view every epoch."""
+import keras
+import numpy as np
+import pytest
+from conftest import make_image_folder
+
+from pipeline import augment, backbone, cache, export, extract, images, train_head, views
+from pipeline.cache import FeatureStore
+from pipeline.config import Config, UserError
+
+SETTINGS = dict(split="50/25/25", epochs=2)  # 12 images: about 6 train, 3 validation, 3 test
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_image_folder(tmp_path / "data", per_class=6)
+
+
+def pictures(n=4, pixels=32, seed=0):
+    return np.random.default_rng(seed).normal(0, 60, (n, pixels, pixels, 3)).astype(np.float32)
+
+
+SHAS = [f"{i:064x}" for i in range(4)]
+
+
+# --------------------------------------------------------------------------------------------
+# The augmentation and its identity
+# --------------------------------------------------------------------------------------------
+
+def test_a_view_depends_on_the_image_the_view_and_the_seed_never_on_its_batch():
+    x = pictures()
+    together = augment.augment_views(x, SHAS, [1] * 4, seed=0)
+    alone = np.concatenate([augment.augment_views(x[i:i + 1], SHAS[i:i + 1], [1], seed=0)
+                            for i in range(4)])
+    reversed_batch = augment.augment_views(x[::-1], SHAS[::-1], [1] * 4, seed=0)[::-1]
+    np.testing.assert_array_equal(together, alone)
+    np.testing.assert_array_equal(together, reversed_batch)
+    np.testing.assert_array_equal(together, augment.augment_views(x, SHAS, [1] * 4, seed=0))
+    assert np.abs(together - x).mean() > 1  # augmented, not a copy
+    for other in (augment.augment_views(x, SHAS, [2] * 4, seed=0),
+                  augment.augment_views(x, SHAS, [1] * 4, seed=1)):
+        assert not np.allclose(together, other)
+
+
+@pytest.mark.parametrize("change", ["seed", "layer setting", "view", "image"])
+def test_every_part_of_a_view_key_changes_it(monkeypatch, change):
+    sha, key = SHAS[0], augment.view_key(SHAS[0], augment.identity_id(augment.identity(0)), 1)
+    assert len(key) == 64 and int(key, 16) >= 0  # fits where an image's sha256 goes
+    if change == "layer setting":
+        original = augment.augmentation
+        monkeypatch.setattr(augment, "augmentation", lambda seed: keras.Sequential(
+            [*original(seed).layers[:-1], keras.layers.RandomTranslation(0.2, 0.2, seed=seed)]))
+    seed, view = (1 if change == "seed" else 0), (2 if change == "view" else 1)
+    sha = SHAS[1] if change == "image" else sha
+    assert augment.view_key(sha, augment.identity_id(augment.identity(seed)), view) != key
+
+
+def test_each_epoch_reads_an_image_as_another_view():
+    rows = np.arange(50)
+    epochs = np.stack([augment.epoch_views(rows, 3, seed=0, epoch=e, n_rows=50) for e in range(4)])
+    assert set(np.unique(epochs)) == {0, 1, 2, 3}
+    assert all(len(set(epochs[:, i])) == 4 for i in rows)  # 4 epochs: all 4 views of each
+    np.testing.assert_array_equal(epochs[0], augment.epoch_views(rows, 3, 0, 0, 50))  # seeded
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------------
+
+def test_views_are_computed_once_and_a_larger_augment_computes_only_new_ones(folder,
+                                                                          make_config):
+    first = extract.run(make_config(folder, augment=2, **SETTINGS))
+    config = make_config(folder, augment=2, **SETTINGS)
+    with FeatureStore(config.features_dir) as store:
+        train = len(store.rows("train"))
+        plain_features = store.read(np.arange(len(store)))
+    assert (first.views, first.new_views, store.views) == (2 * train, 2 * train, 2)
+
+    again = extract.run(config)
+    assert (again.new, again.new_views, again.views, again.changed) == (0, 0, 2 * train, False)
+    more = extract.run(make_config(folder, augment=3, **SETTINGS))
+    assert (more.new, more.new_views, more.views) == (0, train, 3 * train)
+    fewer = extract.run(make_config(folder, augment=1, **SETTINGS))
+    with FeatureStore(config.features_dir) as store:
+        assert (fewer.new_views, fewer.views, store.views) == (0, train, 1)
+    back = extract.run(make_config(folder, augment=3, **SETTINGS))
+    assert (back.new_views, back.views) == (0, 3 * train)  # going back up costs nothing
+    other_seed = extract.run(make_config(folder, augment=3, seed=1, **SETTINGS))
+    assert other_seed.new_views == 3 * train  # another augmentation: no view is reused
+    with FeatureStore(config.features_dir) as store:
+        np.testing.assert_array_equal(store.read(np.arange(len(store))), plain_features)
+
+
+def test_views_are_the_augmented_images_through_the_base_and_only_of_training_rows(
+        folder, make_config):
+    config = make_config(folder, augment=2, **SETTINGS)
+    extract.run(config)
+    base = backbone.build_backbone(backbone.resolve_weights("none"), config.size)
+    with FeatureStore(config.features_dir) as store:
+        train = store.rows("train")
+        paths = [f"{store.image_root(config.data)}/{p}" for p in store.paths[train]]
+        plain = np.stack([images.load_image(p, config.size) for p in paths])
+        for view in (1, 2):
+            expected = np.asarray(base(augment.augment_views(plain, list(store.sha256[train]),
+                                                             [view] * len(train), config.seed)))
+            np.testing.assert_allclose(store.read_views(train, [view] * len(train)), expected,
+                                       rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(store.read_views(train, [0] * len(train)),
+                                      store.read(train))
+        for split in ("validation", "test"):
+            rows = store.rows(split)
+            assert len(rows)
+            with pytest.raises(UserError, match=r"has no view 1 of row .*AUGMENT"):
+                store.read_views(rows, [1] * len(rows))
+
+
+def test_a_cache_without_views_reads_as_before_and_export_leaves_views_out(folder, make_config,
+                                                                          tmp_path):
+    config = make_config(folder, augment=0, **SETTINGS)
+    extract.run(config)
+    with FeatureStore(config.features_dir) as store:
+        assert store.views == 0 and views.epoch_reader(store, 0) is None
+    extract.run(config.replace(augment=1))
+    out = str(tmp_path / "alone.h5")
+    export.run(config.replace(out=out))
+    with FeatureStore(config.features_dir) as store, cache.h5py.File(out, "r") as alone:
+        assert store.views == 1
+        assert not set(cache.VIEW_DATASETS) & set(alone)
+        np.testing.assert_array_equal(alone["features"][()], store.read(np.arange(len(store))))
+
+
+# --------------------------------------------------------------------------------------------
+# train-head reads the views
+# --------------------------------------------------------------------------------------------
+
+def test_train_head_reads_a_view_of_each_training_image_every_epoch(folder, make_config):
+    config = make_config(folder, augment=2, **SETTINGS)
+    extract.run(config)
+    with FeatureStore(config.features_dir) as store:
+        rows = store.rows("train")
+        every = {v: store.read_views(rows, [v] * len(rows)) for v in range(3)}
+        read = views.epoch_reader(store, config.seed)
+        targets = np.arange(len(store))  # a row's target is its index
+        ds = train_head.feature_dataset(store, rows, targets, 4, seed=0, read=read)
+        for epoch in range(3):
+            expected = augment.epoch_views(rows, 2, config.seed, epoch, len(store))
+            for x, y in ds.as_numpy_iterator():
+                for features, row in zip(x, y):
+                    where = int(np.flatnonzero(rows == row)[0])
+                    np.testing.assert_array_equal(features, every[expected[where]][where])
+    result = train_head.run(config.replace(head="dense"))
+    assert result.metrics["models"]["dense"]["views"] == 2
+
+
+def test_augment_out_of_range_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"AUGMENT=-1 is out of range"):
+        Config(augment=-1, features_root=str(tmp_path))
