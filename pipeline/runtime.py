@@ -58,6 +58,7 @@ def start(backend="", verbose=False):
             missing = getattr(error, "name", None) or name
             raise UserError(f"BACKEND={name} needs {missing}, which is not installed: pip install "
                             f"{INSTALL.get(missing, missing)}, or choose another BACKEND") from None
+    keep_tensorflow_out()
     return name
 
 
@@ -92,21 +93,30 @@ def backend():
     return keras.backend.backend()
 
 
-def set_seed(seed):
-    """keras.utils.set_random_seed: Python's, NumPy's and the backend's generators and Keras's
-    global one (unseeded initialisers and dropout draw from it). Keras also seeds TensorFlow
-    whenever TensorFlow is installed, for tf.data pipelines, which this project does not use:
-    under another backend that would import TensorFlow (seconds, and GPU memory). A None in
-    sys.modules makes that import fail, so Keras passes TensorFlow over."""
-    import keras
+def keep_tensorflow_out():
+    """Under JAX or PyTorch, make TensorFlow look absent to Keras for the rest of the process.
+    Keras asks whether TensorFlow is installed, and imports it if so, under any backend: to seed
+    it (set_random_seed), to serialise a layer's config (get_config, model.save), for tf.data.
+    None of that needs it here, and importing it costs seconds and GPU memory. Keras caches the
+    answer in its lazy module (keras.src: no public switch exists); a None in sys.modules makes
+    the one import it tries fail."""
     if backend() == "tensorflow" or "tensorflow" in sys.modules:
-        keras.utils.set_random_seed(seed)
         return
+    from keras.src.utils.module_utils import tensorflow as lazy_tensorflow
     sys.modules["tensorflow"] = None
     try:
-        keras.utils.set_random_seed(seed)
+        lazy_tensorflow.available  # noqa: B018 (tries the import once and caches False)
     finally:
         del sys.modules["tensorflow"]
+
+
+def set_seed(seed):
+    """keras.utils.set_random_seed (Python's, NumPy's and the backend's generators and Keras's
+    global one, which unseeded initialisers and dropout draw from), without TensorFlow under
+    another backend."""
+    import keras
+    keep_tensorflow_out()
+    keras.utils.set_random_seed(seed)
 
 
 def framework_version():

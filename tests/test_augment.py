@@ -143,13 +143,14 @@ def test_train_head_reads_a_view_of_each_training_image_every_epoch(folder, make
         every = {v: store.read_views(rows, [v] * len(rows)) for v in range(3)}
         read = views.epoch_reader(store, config.seed)
         targets = np.arange(len(store))  # a row's target is its index
-        ds = train_head.feature_dataset(store, rows, targets, 4, seed=0, read=read)
+        ds = train_head.CachedFeatures(store, rows, targets, 4, seed=0, read=read)
         for epoch in range(3):
             expected = augment.epoch_views(rows, 2, config.seed, epoch, len(store))
-            for x, y in ds.as_numpy_iterator():
+            for x, y in ds:
                 for features, row in zip(x, y):
                     where = int(np.flatnonzero(rows == row)[0])
                     np.testing.assert_array_equal(features, every[expected[where]][where])
+            ds.on_epoch_end()  # as Keras's fit does
     result = train_head.run(config.replace(head="dense"))
     assert result.metrics["models"]["dense"]["views"] == 2
 
