@@ -95,7 +95,7 @@ def _run(config, engine):
             _give_every_class_a_training_image(rows)
 
         # AUGMENT=K: K augmented views of each training image, keyed like images (views.py)
-        wanted_views = views.wanted(config, rows, cache.master_attribute(out, "augment"))
+        wanted_views = views.wanted(config, rows, cache.master_attribute(out, "augment"), known)
         new_views = views.compute(config, weights, identity, identity_id, dataset.root,
                                   views.missing(config, wanted_views, known), known)
         keep = {r["sha256"] for r in rows} | {v[0] for v in wanted_views}

@@ -24,16 +24,19 @@ def attributes(config, cached):
             "identity_id": augment.identity_id(identity)}
 
 
-def wanted(config, rows, previous):
+def wanted(config, rows, previous, known=()):
     """[(key, image sha256, view, path)] of the views the cache keeps for every training row:
-    1..AUGMENT, and those of a previous larger AUGMENT with the same augmentation (`previous`:
-    the `augment` attribute of the features.h5 on disk, or None)."""
+    1..AUGMENT, and those of a larger AUGMENT with the same augmentation: recorded by the
+    features.h5 on disk (`previous`: its `augment` attribute, or None) or found in the segments
+    (`known`: the keys cached, also by a larger AUGMENT's run that was cut short)."""
     augment_id = augment.identity_id(augment.identity(config.seed))
     upto = config.augment
     if previous and previous.get("identity_id") == augment_id:
         upto = max(upto, int(previous.get("cached", 0)))
-    # view by view: a run cut short has whole views done, which a smaller AUGMENT can use
     train = sorted((r for r in rows if r["split"] == "train"), key=lambda r: r["sha256"])
+    while any(augment.view_key(r["sha256"], augment_id, upto + 1) in known for r in train):
+        upto += 1
+    # view by view: a run cut short has whole views done, which a smaller AUGMENT can use
     return [(augment.view_key(r["sha256"], augment_id, view), r["sha256"], view, r["path"])
             for view in range(1, upto + 1) for r in train]
 

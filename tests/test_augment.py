@@ -93,6 +93,24 @@ def test_views_are_computed_once_and_a_larger_augment_computes_only_new_ones(fol
         np.testing.assert_array_equal(store.read(np.arange(len(store))), plain_features)
 
 
+def test_views_of_a_run_cut_short_survive_a_run_with_a_smaller_augment(folder, make_config,
+                                                                        monkeypatch):
+    monkeypatch.setattr(cache, "COMPACT_BELOW", 1)  # a segment a batch, as on a large dataset
+    config = make_config(folder, augment=3, **SETTINGS)
+    extract.run(config.replace(augment=0))
+    write_master = cache.write_master
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # after every view was computed, before features.h5 names them
+    monkeypatch.setattr(cache, "write_master", killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(config)
+    monkeypatch.setattr(cache, "write_master", write_master)
+    assert extract.run(config.replace(augment=1)).new_views == 0
+    again = extract.run(config)
+    assert again.new_views == 0 and again.views > 0
+
+
 def test_views_are_the_augmented_images_through_the_base_and_only_of_training_rows(
         folder, make_config):
     config = make_config(folder, augment=2, **SETTINGS)
