@@ -73,8 +73,9 @@ def config_for(data, work, size, batch):
         dest = os.path.join(work, "accuracy_data")
         data = dest if os.path.isdir(dest) else _first_images(data, dest, PER_FOLDER)
         root = work
+    # float32: accuracy figures that compare across machines (PRECISION=auto differs by CPU)
     config = Config(data=data, name="cats_vs_dogs", weights=weights, size=size, batch_size=batch,
-                    head="both", finetune_epochs=FINETUNE_EPOCHS, fresh=True,
+                    head="both", finetune_epochs=FINETUNE_EPOCHS, fresh=True, precision="float32",
                     features_root=os.path.join(root, "features"),
                     models_root=os.path.join(root, "models"))
     return config, root

@@ -12,16 +12,26 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 
-def build_dense_head(feature_shape, num_classes, hidden_units, dropout, pool=1, name="head"):
-    """[AveragePooling2D(pool)] -> Flatten -> Dense(hidden_units, relu) -> Dropout -> one sigmoid
-    unit (2 classes) or softmax (HIDDEN_UNITS, DROPOUT and HEAD_POOL in config.py).
+def build_dense_head(feature_shape, num_classes, hidden_units, dropout, pool=1, name="head",
+                     standardize=(0.0, 1.0)):
+    """standardisation -> [AveragePooling2D(pool)] -> Flatten -> Dense(hidden_units, relu) ->
+    Dropout -> one sigmoid unit (2 classes) or softmax (HIDDEN_UNITS, DROPOUT and HEAD_POOL in
+    config.py). `standardize` is (mean feature map, one scale) of the training features.
 
     The article flattens the whole (4, 4, 512) map into 8192 inputs: 2.1M weights for 2000
     training images, which it memorises (train accuracy 0.96, validation 0.76 on cats_vs_dogs
     with the stand-in weights). Averaging 2x2 cells first (HEAD_POOL=2, the default) keeps a coarse
     layout at a quarter of the weights: see bench/QUALITY_NOTES.md."""
     inputs = keras.Input(shape=tuple(feature_shape), name="features")
-    x = inputs
+    # The standardisation is a fixed layer of the head, not folded into the first Dense layer's
+    # weights: the weights stay at the scale they were trained at, so fine-tuning's learning rate
+    # means the same for the head whatever the features' scale (folded, RMSprop's per-weight
+    # steps were scale (~8x) times larger on them: bench/QUALITY_NOTES.md).
+    mean, scale = standardize
+    shape = tuple(feature_shape)
+    x = keras.layers.Normalization(axis=(1, 2, 3), name="standardize",
+                                   mean=np.broadcast_to(np.asarray(mean, np.float32), shape),
+                                   variance=np.full(shape, scale ** 2, np.float32))(inputs)
     # never below a 2x2 layout: averaging a 2x2 map (SIZE=64, the demo) into one cell loses the
     # where-is-what that tells its two classes apart (dense head 0.79 -> 0.56 on validation)
     pool = min(pool, feature_shape[0] // 2, feature_shape[1] // 2)
@@ -98,18 +108,3 @@ def load_logreg(file):
             arrays[k] for k in ("coef", "intercept", "classes"))
     scaler.n_features_in_ = classifier.n_features_in_ = len(scaler.mean_)
     return make_pipeline(scaler, classifier), metadata
-
-
-def fold_standardization(head, mean, scale):
-    """Make a dense head trained on standardised inputs, (x - mean) / scale, compute the same
-    function on raw feature maps x. The affine map is absorbed by the first Dense layer, which
-    sees the pooled, flattened input P(x) (P is linear): W' = W / scale and
-    b' = b - ((P(mean) / scale) . W). The architecture is unchanged, so the head still composes
-    with the backbone as it is."""
-    dense = next(layer for layer in head.layers if isinstance(layer, keras.layers.Dense))
-    kernel, bias = (w.astype(np.float64) for w in dense.get_weights())
-    pooled = keras.Model(head.input, dense.input)(np.asarray(mean, np.float32)[None])
-    shift = keras.ops.convert_to_numpy(pooled).astype(np.float64).reshape(-1) / scale
-    dense.set_weights([(kernel / scale).astype(np.float32),
-                       (bias - shift @ kernel).astype(np.float32)])
-    return head

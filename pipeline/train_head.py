@@ -182,26 +182,23 @@ def train_dense(config, store, rows, callbacks=()):
              "plot": artifacts.path(config, artifacts.HEAD_HISTORY_PLOT)}
     os.makedirs(config.models_dir, exist_ok=True)
 
-    # The head is trained behind a fixed standardisation, (x - mean feature map) / one scale,
-    # which is then folded into its first Dense layer: head.keras is exactly the article's head
-    # on raw feature maps. Without it, features that share a large common component (random
-    # weights especially) keep the head near chance for dozens of epochs.
-    mean, scale = feature_moments(store, rows["train"]) if STANDARDIZE else (np.zeros(shape), 1.0)
+    # The head standardises its inputs, (x - mean feature map) / one scale, with a fixed layer:
+    # without it, features that share a large common component (random weights especially)
+    # keep the head near chance for dozens of epochs.
+    mean, scale = feature_moments(store, rows["train"]) if STANDARDIZE else (0.0, 1.0)
     head = heads.build_dense_head(shape, len(names), config.hidden_units, config.dropout,
-                                  config.head_pool)
-    inputs = keras.Input(shape, name="features")
-    standardize = keras.layers.Normalization(axis=(1, 2, 3), mean=mean,
-                                             variance=np.full(shape, scale ** 2, np.float32))
+                                  config.head_pool, standardize=(mean, scale))
     # XLA fuses the update of the 2M weights into one pass: epochs about 2x faster on a CPU at
     # BATCH_SIZE=32, for a compilation of a few seconds that only a large training split repays
     xla = len(rows["train"]) >= XLA_MIN_ROWS
-    trainer = _compiled(keras.Model(inputs, head(standardize(inputs)), name="standardized_head"),
+    # the head's own layers, compiled apart: head.keras then carries no optimizer state
+    trainer = _compiled(keras.Model(head.inputs, head.outputs, name="head_trainer"),
                         len(names), config.head_lr, xla)
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
                                          restore_best_weights=True)
     board = logs.tensorboard(config, "head")  # models/<NAME>/logs/head, None without a writer
-    callbacks = [stop, keras.callbacks.ModelCheckpoint(paths["checkpoint"]),  # the wrapper: it
-                 keras.callbacks.CSVLogger(paths["log"]), *callbacks,        # takes raw maps too
+    callbacks = [stop, keras.callbacks.ModelCheckpoint(paths["checkpoint"]),
+                 keras.callbacks.CSVLogger(paths["log"]), *callbacks,
                  *([board] if board else [])]
     start = time.perf_counter()
     with _one_line_on_damage(store):
@@ -210,7 +207,6 @@ def train_dense(config, store, rows, callbacks=()):
                               verbose=1 if sys.stdout.isatty() else 2).history  # a line an epoch
     seconds = time.perf_counter() - start
 
-    heads.fold_standardization(head, mean, scale)  # into the best weights (EarlyStopping's)
     with files.replacing_path(paths["dense"]) as temporary:  # whole or not at all
         head.save(temporary)
 

@@ -28,13 +28,14 @@ IDENTITY = {"backbone": "synthetic", "weights": "synthetic", "image_size": 32, "
 
 
 def synthetic_cache(features_dir, labels, splits, shape=(1, 2, 4), class_names=("a", "b"),
-                    identity=IDENTITY, seed=0):
+                    identity=IDENTITY, seed=0, factor=1.0):
     """features.h5 written through cache.py: Gaussian features whose first channel is shifted
-    by the class, so a linear model separates the classes well."""
+    by the class, so a linear model separates the classes well (all of them times `factor`)."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     features = rng.normal(size=(len(labels), *shape)).astype(np.float32)
     features[..., 0] += 3.0 * labels.reshape(-1, *[1] * (len(shape) - 1))
+    features *= factor
     shas = [f"{seed:08x}{i:056x}" for i in range(len(labels))]
     segment = cache.write_segment(features_dir, "synthetic", shas, features)
     rows = [dict(path=f"{class_names[label]}/{i:05d}.jpg", label=int(label), sha256=sha,
@@ -105,8 +106,8 @@ def test_head_on_cached_features_equals_frozen_base_plus_head_on_images(tmp_path
 
 @pytest.mark.parametrize("num_classes, xla", [(2, False), (3, False), (2, True)])
 def test_saved_head_is_the_best_epoch_on_raw_features(tmp_path, monkeypatch, num_classes, xla):
-    """The standardisation used in training is folded into head.keras exactly: the saved head,
-    on raw features, scores what the best epoch scored on validation (with XLA as without)."""
+    """head.keras, its standardisation included, scores on raw features what the best epoch
+    scored on validation (with XLA as without)."""
     monkeypatch.setattr(train_head, "XLA_MIN_ROWS", 0 if xla else 10**9)
     config = Config(name="synthetic", head="dense", epochs=6, batch_size=16,
                     features_root=str(tmp_path / "features"), models_root=str(tmp_path / "models"))
@@ -124,6 +125,25 @@ def test_saved_head_is_the_best_epoch_on_raw_features(tmp_path, monkeypatch, num
     assert [type(layer).__name__ for layer in head.layers] == \
         [type(layer).__name__ for layer in built.layers]
     assert head.output_shape == (None, 1 if num_classes == 2 else num_classes)
+
+
+def test_the_saved_head_keeps_its_weights_at_the_scale_it_trained_at(tmp_path):
+    """The standardisation is the head's first layer, not folded into its first Dense layer:
+    heads trained on features x and on 100 x have the same weights, so fine-tuning's learning
+    rate acts alike on both. Folded, the second head's first-layer weights were 100 times
+    smaller, and RMSprop's fixed-size steps 100 times larger relative to them."""
+    weights = []
+    for factor in (1.0, 100.0):
+        config = Config(name=f"times{factor:g}", head="dense", epochs=2, batch_size=16,
+                        features_root=str(tmp_path / "features"),
+                        models_root=str(tmp_path / "models"))
+        synthetic_cache(config.features_dir, *balanced(200), factor=factor)
+        head = keras.saving.load_model(train_head.run(config).paths["dense"])
+        weights.append([w for layer in head.layers if layer.trainable_weights
+                        for w in layer.get_weights()])
+    for small, large in zip(*weights):
+        np.testing.assert_allclose(large, small, rtol=1e-3, atol=1e-5)
+    assert head.layers[1].name == "standardize"
 
 
 # --------------------------------------------------------------------------------------------
