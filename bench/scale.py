@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SCALE_ROOT = os.environ.get("SCALE_ROOT") or "/tmp/pipeline-scale"
-RESULTS = os.path.join(ROOT, "bench", "scale.json")
+RESULTS = os.environ.get("SCALE_RESULTS") or os.path.join(ROOT, "bench", "scale.json")
+ONLY = os.environ.get("SCALE_STEPS")  # e.g. "first extract,rerun,open": the others not run
 SIZE, STORAGE, LOCAL_SEGMENT_ROWS = 150, "float16", 32
 CLASSES = ("cats", "dogs")
 PHASES = [("datasets", "discover"), ("extract", "_hash_files"), ("cache", "previous_files"),
@@ -154,7 +155,8 @@ def measure(n, only_make=False):
         if free < need:
             sys.exit(f"{n:,} rows need {need / 1e9:.1f} GB, {free / 1e9:.1f} GB are free")
     try:
-        for name in (["make"] if only_make else [s for s in STEPS if s not in out]):
+        todo = [s for s in STEPS if s not in out and (not ONLY or s in ONLY.split(","))]
+        for name in (["make"] if only_make else todo):
             run = subprocess.run([sys.executable, __file__, "_step", name, root, str(n)],
                                  capture_output=True, text=True, cwd=ROOT)
             if run.returncode:
