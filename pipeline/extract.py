@@ -18,6 +18,8 @@ from tqdm import tqdm
 from . import artifacts, backbone, cache, datasets, images, index, lock, views
 from .config import Config, UserError, warn
 
+HASH_AT_ONCE = 65536  # files handed to the engine's sha256_of at a time
+
 
 @dataclass
 class ExtractResult:
@@ -144,11 +146,13 @@ def _hash_files(dataset, previous, sha256_of):
         previous.mtimes[np.maximum(was, 0)] == mtimes) if len(previous) else np.zeros(n, bool)
     shas[same] = previous.shas[was[same]]
     stale = np.flatnonzero(~same)
-    hashed = sha256_of([os.path.join(dataset.root, dataset.files[at].path)
-                        for at in stale.tolist()])
-    if len(hashed) != len(stale):
-        raise ValueError(f"{len(hashed)} hashes for {len(stale)} files")
-    shas[stale] = index.as_keys(hashed) if len(stale) else shas[stale]
+    for first in range(0, len(stale), HASH_AT_ONCE):  # a list of full paths and one of hashes
+        part = stale[first:first + HASH_AT_ONCE]       # is ~200 MB at a million files
+        hashed = sha256_of([os.path.join(dataset.root, dataset.files[at].path)
+                            for at in part.tolist()])
+        if len(hashed) != len(part):
+            raise ValueError(f"{len(hashed)} hashes for {len(part)} files")
+        shas[part] = index.as_keys(hashed)
     return shas, sizes, mtimes
 
 

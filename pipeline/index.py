@@ -13,9 +13,10 @@ MERGE_EVERY = 65536   # entries added one at a time are folded into the columns 
 
 def as_keys(keys):
     """An array of KEY from str or bytes keys (or an array of KEY)."""
-    keys = np.asarray(keys)
-    return keys if keys.dtype == np.dtype(KEY) else np.array(
-        [k.encode() if isinstance(k, str) else k for k in keys.tolist()], KEY).reshape(-1)
+    if isinstance(keys, np.ndarray):
+        return keys if keys.dtype == np.dtype(KEY) else as_keys(keys.tolist())
+    # straight from the list: np.asarray of str would first make a '<U64' array, 256 B a key
+    return np.array([k.encode() if isinstance(k, str) else k for k in keys], KEY).reshape(-1)
 
 
 class SegmentIndex:

@@ -36,12 +36,17 @@ def wanted(config, rows, previous, known=()):
     rows = index.Rows.of(rows)
     train = np.flatnonzero(rows.split == b"train")
     train = train[np.argsort(rows.sha256[train], kind="stable")]
-    shas = [s.decode() for s in rows.sha256[train]]
-    while _any_cached(known, [augment.view_key(sha, augment_id, upto + 1) for sha in shas]):
+
+    def cached(view):  # any training image's view `view` in `known`, a piece at a time
+        return any(_any_cached(known, [augment.view_key(sha.decode(), augment_id, view)
+                                       for sha in rows.sha256[train[i:i + index.MERGE_EVERY]]])
+                   for i in range(0, len(train), index.MERGE_EVERY))
+    while cached(upto + 1):
         upto += 1
     # view by view: a run cut short has whole views done, which a smaller AUGMENT can use
-    return [(augment.view_key(sha, augment_id, view), sha, view, rows.path[at])
-            for view in range(1, upto + 1) for sha, at in zip(shas, train.tolist())]
+    return [(augment.view_key(rows.sha256[at].decode(), augment_id, view),
+             rows.sha256[at].decode(), view, rows.path[at])
+            for view in range(1, upto + 1) for at in train.tolist()]
 
 
 def _any_cached(known, keys):

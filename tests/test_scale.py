@@ -7,7 +7,7 @@ import json
 import h5py
 import numpy as np
 
-from pipeline import cache, extract, files, index, views
+from pipeline import cache, datasets, extract, files, index, views
 from pipeline.config import Config
 
 
@@ -118,3 +118,51 @@ def test_views_wanted_reads_columns_as_it_read_dicts():
     train = sorted((r for r in rows if r["split"] == "train"), key=lambda r: r["sha256"])
     assert [(s, v, p) for _, s, v, p in wanted] == [(r["sha256"], v, r["path"])
                                                     for v in (1, 2) for r in train]
+
+
+def test_hashing_hands_the_engine_bounded_pieces(tmp_path, monkeypatch):
+    """The lists of full paths and of hashes were built for all files at once (~200 MB at a
+    million); the engine now gets HASH_AT_ONCE files at a time, in order."""
+    for i in range(7):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "a" / f"{i}.jpg").write_bytes(str(i).encode())
+    dataset = datasets.Dataset(str(tmp_path), "folders", ["a"],
+                               [datasets.ImageFile(f"a/{i}.jpg", 0) for i in range(7)], [])
+    calls = []
+
+    def sha256_of(paths):
+        calls.append(len(paths))
+        return [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths]
+    monkeypatch.setattr(extract, "HASH_AT_ONCE", 3)
+    shas, sizes, _ = extract._hash_files(dataset, index.Previous(), sha256_of)
+    assert calls == [3, 3, 1]
+    assert [s.decode() for s in shas] == [sha(i) for i in range(7)] and list(sizes) == [1] * 7
+
+
+def test_discovery_keeps_no_per_file_dict_or_directory_entry(tmp_path, monkeypatch):
+    """A million ImageFile's __dict__ and a folder's DirEntry objects (each with its cached
+    stat) were most of the driver's memory after discovery."""
+    assert not hasattr(datasets.ImageFile("a/1.jpg", 0), "__dict__")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "1.jpg").write_bytes(b"\xff\xd8\xff")
+
+    def no_scandir(*args):
+        raise AssertionError("walk_files keeps names, not os.scandir's entries")
+    monkeypatch.setattr(datasets.os, "scandir", no_scandir)
+    found = datasets.discover(str(tmp_path))
+    assert [(f.path, f.label) for f in found.files] == [("a/1.jpg", 0), ("b/1.jpg", 1)]
+
+
+def test_views_of_a_large_split_are_looked_up_a_piece_at_a_time(monkeypatch):
+    """Without AUGMENT, extract still asks whether view 1 of each training image is cached:
+    the keys of a whole split at once were ~350 B a row (as '<U64' and as str)."""
+    monkeypatch.setattr(index, "MERGE_EVERY", 2)
+    asked = []
+    any_cached = views._any_cached
+    monkeypatch.setattr(views, "_any_cached",
+                        lambda known, keys: asked.append(len(keys)) or any_cached(known, keys))
+    rows = [dict(path=f"p{i}", label=0, sha256=sha(i), split="train", size=0, mtime_ns=0,
+                 segment="s", segment_row=i, segment_rows=5) for i in range(5)]
+    assert views.wanted(Config(augment=0), rows, None, index.SegmentIndex()) == []
+    assert asked == [2, 2, 1]
