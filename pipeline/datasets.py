@@ -90,7 +90,7 @@ def is_image_candidate(path):
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS or sniff_format(path) is not None
 
 
-@dataclass
+@dataclass(slots=True)  # no __dict__: a million of them are held through extract
 class ImageFile:
     path: str             # relative to the dataset root, with "/" separators
     label: int
@@ -196,32 +196,33 @@ def walk_files(folder, rel_prefix=""):
     while pending:
         folder, prefix = pending.pop()
         try:
-            with os.scandir(folder) as listing:
-                entries = sorted((e for e in listing if not e.name.startswith(".")),
-                                 key=lambda e: e.name)
+            # names, not DirEntry objects: with its cached stat, an entry costs about 600 bytes,
+            # 300 MB for a folder of half a million images
+            names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
         except OSError as error:
             yield printable(prefix or folder), f"folder cannot be read ({error.strerror})"
             continue
         subfolders = []
-        for entry in entries:
-            rel = os.path.join(prefix, entry.name).replace(os.sep, "/")
+        for name in names:
+            path = os.path.join(folder, name)
+            rel = os.path.join(prefix, name).replace(os.sep, "/")
             try:
-                mode = entry.stat(follow_symlinks=False).st_mode
+                mode = os.lstat(path).st_mode
             except OSError as error:
                 yield printable(rel), f"cannot be read ({error.strerror})"
                 continue
             if stat.S_ISDIR(mode):
-                if is_utf8(entry.name):
-                    subfolders.append((entry.path, rel))
+                if is_utf8(name):
+                    subfolders.append((path, rel))
                 else:
                     yield printable(rel), NOT_UTF8_FOLDER
                 continue
-            if not is_utf8(entry.name):
+            if not is_utf8(name):
                 yield printable(rel), NOT_UTF8_FILE
                 continue
             if stat.S_ISLNK(mode):
                 try:
-                    mode = os.stat(entry.path).st_mode
+                    mode = os.stat(path).st_mode
                 except FileNotFoundError:
                     yield rel, BROKEN_LINK
                     continue
@@ -234,7 +235,7 @@ def walk_files(folder, rel_prefix=""):
             if not stat.S_ISREG(mode):
                 yield rel, f"not a regular file ({file_kind(mode)})"
             else:
-                yield rel, (None if is_image_candidate(entry.path) else NOT_AN_IMAGE)
+                yield rel, (None if is_image_candidate(path) else NOT_AN_IMAGE)
         pending.extend(reversed(subfolders))
 
 

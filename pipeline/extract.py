@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, datasets, images, lock, views
+from . import artifacts, backbone, cache, datasets, images, index, lock, views
 from .config import Config, UserError, warn
+
+HASH_AT_ONCE = 65536  # files handed to the engine's sha256_of at a time
 
 
 @dataclass
@@ -69,27 +71,27 @@ def _run(config, engine):
 
     with lock.exclusive(out, "extract"):
         cache.remove_strays(out)  # left by a killed run: no other run writes them now
-        files = _hash_files(dataset, cache.previous_files(out), engine.sha256_of)
+        shas, sizes, mtimes = _hash_files(dataset, cache.previous_files(out), engine.sha256_of)
         known = cache.inventory(out, identity_id)
         unreadable = cache.previous_unreadable(out)
         todo = {}  # sha -> one path with that content
-        for image_file, sha, _ in files:
-            if sha not in known and sha not in unreadable:
-                todo.setdefault(sha, image_file.path)
+        for at in np.flatnonzero(known.find(shas) < 0).tolist():
+            sha = shas[at].decode()
+            if sha not in unreadable:
+                todo.setdefault(sha, dataset.files[at].path)
         newly_unreadable = (engine.compute(config, weights, identity, identity_id, todo, known)
                             if todo else {})
         unreadable.update(newly_unreadable)
 
-        rows, skipped = [], list(dataset.skipped)
-        for image_file, sha, stat in files:
-            if sha in unreadable:
-                skipped.append((image_file.path, unreadable[sha]))
-                continue
-            segment, segment_row, segment_rows = known[sha]
-            rows.append(dict(path=image_file.path, label=image_file.label, sha256=sha,
-                             split=datasets.assign_split(dataset, image_file, sha, fractions),
-                             size=stat.st_size, mtime_ns=stat.st_mtime_ns, segment=segment,
-                             segment_row=segment_row, segment_rows=segment_rows))
+        skipped = list(dataset.skipped)
+        good = np.ones(len(shas), bool)
+        if unreadable:
+            bad = index.as_keys(list(unreadable))
+            good = ~np.isin(shas, bad)
+            skipped += [(dataset.files[at].path, unreadable[shas[at].decode()])
+                        for at in np.flatnonzero(~good).tolist()]
+        rows = _rows(dataset, fractions, shas, sizes, mtimes, good)
+        del shas, sizes, mtimes
         _check_every_class_has_an_image(dataset, rows)
         if dataset.layout != "splits":
             _give_every_class_a_training_image(rows)
@@ -98,10 +100,10 @@ def _run(config, engine):
         wanted_views = views.wanted(config, rows, cache.master_attribute(out, "augment"), known)
         new_views = views.compute(config, weights, identity, identity_id, dataset.root,
                                   views.missing(config, wanted_views, known), known)
-        keep = {r["sha256"] for r in rows} | {v[0] for v in wanted_views}
-        known = cache.compact(out, identity_id, {s: v for s, v in known.items() if s in keep}, keep)
-        for r in rows:
-            r["segment"], r["segment_row"], r["segment_rows"] = known[r["sha256"]]
+        keep = rows.sha256 if not wanted_views else np.concatenate(
+            [rows.sha256, index.as_keys([v[0] for v in wanted_views])])
+        known = cache.compact(out, identity_id, known.only(keep))
+        _place(rows, known)
         view_rows = views.records(wanted_views, known)
         attrs = cache_attributes(config, dataset, weights, identity, identity_id, rows, view_rows)
         changed = attrs["index_digest"] != cache.master_attribute(out, "index_digest")
@@ -114,7 +116,8 @@ def _run(config, engine):
 
     result = ExtractResult(
         features_path=os.path.join(out, cache.MASTER), rows=len(rows),
-        new=len(todo) - len(newly_unreadable), reused=sum(r["sha256"] not in todo for r in rows),
+        new=len(todo) - len(newly_unreadable),
+        reused=len(rows) - int(np.isin(rows.sha256, index.as_keys(list(todo))).sum()),
         skipped=len(skipped), seconds=time.perf_counter() - start, identity=identity,
         changed=changed, views=sum(v["view"] <= config.augment for v in view_rows),
         new_views=new_views)
@@ -129,20 +132,54 @@ def _run(config, engine):
 
 
 def _hash_files(dataset, previous, sha256_of):
-    """(ImageFile, sha256, stat) for every candidate; unchanged files (same size and mtime as last
-    run) reuse their recorded hash, like git's index, so a rerun does not re-read every image.
-    `sha256_of(paths)` hashes the others, here or on a cluster."""
-    out, stale = [], []
-    for image_file in dataset.files:
-        full = os.path.join(dataset.root, image_file.path)
-        stat = os.stat(full)
-        size, mtime_ns, sha = previous.get(image_file.path, (None, None, None))
-        if (size, mtime_ns) != (stat.st_size, stat.st_mtime_ns):
-            stale.append((len(out), full))
-        out.append((image_file, sha, stat))
-    for (at, _), sha in zip(stale, sha256_of([full for _, full in stale]), strict=True):
-        out[at] = (out[at][0], sha, out[at][2])
-    return out
+    """(sha256, size, mtime_ns) of every candidate, as columns (sha256: index.KEY) in the order
+    of dataset.files; unchanged files (same size and mtime as last run) reuse their recorded
+    hash, like git's index, so a rerun does not re-read every image. `sha256_of(paths)` hashes
+    the others, here or on a cluster."""
+    n = len(dataset.files)
+    shas, sizes, mtimes = np.zeros(n, index.KEY), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for at, image_file in enumerate(dataset.files):
+        stat = os.stat(os.path.join(dataset.root, image_file.path))
+        sizes[at], mtimes[at] = stat.st_size, stat.st_mtime_ns
+    was = previous.find([f.path for f in dataset.files])
+    same = (was >= 0) & (previous.sizes[np.maximum(was, 0)] == sizes) & (
+        previous.mtimes[np.maximum(was, 0)] == mtimes) if len(previous) else np.zeros(n, bool)
+    shas[same] = previous.shas[was[same]]
+    stale = np.flatnonzero(~same)
+    for first in range(0, len(stale), HASH_AT_ONCE):  # a list of full paths and one of hashes
+        part = stale[first:first + HASH_AT_ONCE]       # is ~200 MB at a million files
+        hashed = sha256_of([os.path.join(dataset.root, dataset.files[at].path)
+                            for at in part.tolist()])
+        if len(hashed) != len(part):
+            raise ValueError(f"{len(hashed)} hashes for {len(part)} files")
+        shas[part] = index.as_keys(hashed)
+    return shas, sizes, mtimes
+
+
+def _rows(dataset, fractions, shas, sizes, mtimes, good):
+    """The master's rows (index.Rows) of the files marked `good`, their places to be filled in
+    by `_place`."""
+    at = np.flatnonzero(good)
+    paths = np.empty(len(at), dtype=object)
+    paths[:] = [dataset.files[i].path for i in at.tolist()]
+    splits = np.array([datasets.assign_split(dataset, dataset.files[i], shas[i].decode(),
+                                             fractions).encode() for i in at.tolist()], "S")
+    n = len(at)
+    return index.Rows([], np.zeros(n, np.int32), path=paths,
+                      label=np.array([dataset.files[i].label for i in at.tolist()], np.int64),
+                      sha256=shas[at], split=splits, size=sizes[at], mtime_ns=mtimes[at],
+                      segment_row=np.zeros(n, np.int64), segment_rows=np.zeros(n, np.int64))
+
+
+def _place(rows, known):
+    """Where each row's features are, from the (compacted) index."""
+    at = known.find(rows.sha256)
+    if (at < 0).any():
+        raise KeyError(rows.sha256[at < 0][0].decode())
+    rows.segments = list(known.segments)
+    rows.segment = known.segment[at]
+    rows.segment_row = known.row[at].astype(np.int64)
+    rows.segment_rows = known.rows_of_segments()[rows.segment]
 
 
 def _compute(config, weights, identity, identity_id, todo, known):
@@ -183,7 +220,7 @@ def check_finite(features, first_path, batch_images):
 
 
 def _check_every_class_has_an_image(dataset, rows):
-    present = {r["label"] for r in rows}
+    present = set(np.unique(rows.label).tolist())
     for label, class_name in enumerate(dataset.class_names):
         if label not in present:
             raise UserError(f"class {class_name!r} has no readable image (see "
@@ -193,12 +230,14 @@ def _check_every_class_has_an_image(dataset, rows):
 def _give_every_class_a_training_image(rows):
     """With few images per class, content-hash splits can leave a class with nothing to train on.
     Such a class trains on its image with the smallest hash: still a pure function of content."""
-    by_label = {}
-    for r in rows:
-        by_label.setdefault(r["label"], []).append(r)
-    for members in by_label.values():
-        if not any(r["split"] == "train" for r in members):
-            min(members, key=lambda r: r["sha256"])["split"] = "train"
+    for label in np.unique(rows.label).tolist():
+        members = np.flatnonzero(rows.label == label)
+        if not (rows.split[members] == b"train").any():
+            smallest = members[np.argmin(rows.sha256[members])]
+            if len(b"train") > rows.split.dtype.itemsize:
+                rows.split = rows.split.astype("S5")
+            rows.split[smallest] = b"train"
+    rows.split = np.array(rows.split.tolist(), "S")  # as wide as its longest split, as before
 
 
 def cache_attributes(config, dataset, weights, identity, identity_id, rows, view_rows=()):
@@ -207,11 +246,9 @@ def cache_attributes(config, dataset, weights, identity, identity_id, rows, view
     # nothing to rewrite, and later stages (make batch) use it to know that nothing changed.
     cached = max((v["view"] for v in view_rows), default=0)
     augment = {"augment": views.attributes(config, cached)} if cached else {}
-    index = json.dumps([[r["path"], r["label"], r["sha256"], r["split"], r["segment"],
-                         r["segment_row"]] for r in sorted(rows, key=lambda r: r["path"])]
-                       + [identity, dataset.class_names]
-                       + [[v["key"], v["segment"], v["segment_row"]] for v in view_rows]
-                       + list(augment.values()))  # nothing, without views: digests as before
+    digest = _index_digest(index.Rows.of(rows), [identity, dataset.class_names]
+                           + [[v["key"], v["segment"], v["segment_row"]] for v in view_rows]
+                           + list(augment.values()))  # nothing, without views: as before
     return {**augment,
         "class_names": dataset.class_names,
         "backbone": identity["backbone"],
@@ -220,7 +257,7 @@ def cache_attributes(config, dataset, weights, identity, identity_id, rows, view
         "preprocess": identity["preprocess"],
         "identity": identity,
         "identity_id": identity_id,
-        "index_digest": hashlib.sha256(index.encode()).hexdigest(),
+        "index_digest": digest,
         "weights_spec": weights.spec,
         "weights_path": weights.path,
         "weights_notice": weights.notice,
@@ -230,3 +267,21 @@ def cache_attributes(config, dataset, weights, identity, identity_id, rows, view
         "versions": backbone.library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _index_digest(rows, more):
+    """sha256 of the JSON list [[path, label, sha256, split, segment, segment_row] of each row
+    by path] + `more`, fed to the hash one item at a time: the same digest as json.dumps of the
+    whole list, without that list (hundreds of MB at a million rows)."""
+    digest, first = hashlib.sha256(b"["), True
+    names = rows.segments
+    for at in np.argsort(rows.path, kind="stable").tolist():
+        item = [rows.path[at], int(rows.label[at]), rows.sha256[at].decode(),
+                rows.split[at].decode(), names[rows.segment[at]], int(rows.segment_row[at])]
+        digest.update((("" if first else ", ") + json.dumps(item)).encode())
+        first = False
+    for item in more:
+        digest.update((("" if first else ", ") + json.dumps(item)).encode())
+        first = False
+    digest.update(b"]")
+    return digest.hexdigest()

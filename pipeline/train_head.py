@@ -132,6 +132,9 @@ class CachedFeatures(keras.utils.PyDataset):
         return self.store.read(indices) if self.read is None else self.read(indices, self.epoch)
 
     def _block(self, number):
+        # only this block and the next are kept: a block already used is dropped, or an epoch
+        # would hold every block it read (the whole split in float32) until its end
+        self.reads = {n: read for n, read in self.reads.items() if n in (number, number + 1)}
         if number not in self.reads:
             self.reads = {number: self.reader.submit(self._read, self.blocks[number])}
         if number + 1 < len(self.blocks) and number + 1 not in self.reads:

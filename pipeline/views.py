@@ -12,7 +12,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from . import augment, backbone, cache, images
+from . import augment, backbone, cache, images, index
 
 
 def attributes(config, cached):
@@ -33,12 +33,26 @@ def wanted(config, rows, previous, known=()):
     upto = config.augment
     if previous and previous.get("identity_id") == augment_id:
         upto = max(upto, int(previous.get("cached", 0)))
-    train = sorted((r for r in rows if r["split"] == "train"), key=lambda r: r["sha256"])
-    while any(augment.view_key(r["sha256"], augment_id, upto + 1) in known for r in train):
+    rows = index.Rows.of(rows)
+    train = np.flatnonzero(rows.split == b"train")
+    train = train[np.argsort(rows.sha256[train], kind="stable")]
+
+    def cached(view):  # any training image's view `view` in `known`, a piece at a time
+        return any(_any_cached(known, [augment.view_key(sha.decode(), augment_id, view)
+                                       for sha in rows.sha256[train[i:i + index.MERGE_EVERY]]])
+                   for i in range(0, len(train), index.MERGE_EVERY))
+    while cached(upto + 1):
         upto += 1
     # view by view: a run cut short has whole views done, which a smaller AUGMENT can use
-    return [(augment.view_key(r["sha256"], augment_id, view), r["sha256"], view, r["path"])
-            for view in range(1, upto + 1) for r in train]
+    return [(augment.view_key(rows.sha256[at].decode(), augment_id, view),
+             rows.sha256[at].decode(), view, rows.path[at])
+            for view in range(1, upto + 1) for at in train.tolist()]
+
+
+def _any_cached(known, keys):
+    if isinstance(known, index.SegmentIndex):  # extract's: one search for all the keys
+        return bool(len(keys)) and bool((known.find(keys) >= 0).any())
+    return any(key in known for key in keys)
 
 
 def missing(config, wanted_views, known):
