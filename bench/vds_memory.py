@@ -1,48 +1,60 @@
 """What one open segment costs a reader of the virtual dataset (bench/SCALE.md, train-head at 1M).
 
-    CH=32 [RD=bytes] .venv/bin/python bench/vds_memory.py plain|rdcc
+    [CHUNK_ROWS=32] .venv/bin/python bench/vds_memory.py [RDCC_BYTES]
 
-Writes N segment files of R float16 rows (16 KiB each, chunks of CH rows, Fletcher-32, as cache.py
-writes them) and a virtual master under /tmp/x15/vds, reads every segment once through the master
-and prints the RSS growth per segment; then times 2000 random 32-row reads. `rdcc` opens the
-master with a chunk cache of RD bytes (h5py's rdcc_nbytes), which its source files inherit.
+Writes 60 segment files of 4,096 float16 rows (16 KiB each, in chunks of CHUNK_ROWS rows with
+Fletcher-32, as cache.py writes them at SIZE=150) and a virtual master over them, under
+/tmp/vds_memory (kept for the next run). It reads every segment once through the master and
+prints the RSS growth per segment, then times 2,000 random 32-row reads. RDCC_BYTES opens the
+master with that chunk cache (h5py's rdcc_nbytes), which its source files inherit; without it,
+HDF5's default (1 MiB).
 """
-import os, sys, h5py, numpy as np, resource
-root = "/tmp/x15/vds"; os.makedirs(root, exist_ok=True)
-N, R, D = 60, 4096, 8192
-if not os.path.exists(root + "/master.h5"):
-    layout = h5py.VirtualLayout(shape=(N * R, D), dtype="float16")
-    for i in range(N):
-        p = f"{root}/s{i}.h5"
-        with h5py.File(p, "w") as f:
-            f.create_dataset("features", data=np.random.rand(R, D).astype("float16"), chunks=(int(os.environ.get("CH", 64)), D), fletcher32=True)
-        layout[i * R:(i + 1) * R] = h5py.VirtualSource(p, "features", shape=(R, D))
-    with h5py.File(root + "/master.h5", "w") as f:
-        f.create_virtual_dataset("features", layout)
-def rss():
-    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
-mode = sys.argv[1]
-if mode == "plain":
-    f = h5py.File(root + "/master.h5", "r")
-elif mode == "rdcc":
-    f = h5py.File(root + "/master.h5", "r", rdcc_nbytes=int(os.environ.get("RD", 0)))
-else:
-    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    cfg = fapl.get_mdc_config()
-    cfg.set_initial_size = True; cfg.initial_size = 1 << 16; cfg.min_size = 1 << 14; cfg.max_size = 1 << 20
-    fapl.set_mdc_config(cfg)
-    if mode == "both":
-        fapl.set_cache(0, 0, 0, 0.75)
-    f = h5py.File(h5py.h5f.open((root + "/master.h5").encode(), h5py.h5f.ACC_RDONLY, fapl=fapl))
-d = f["features"]
-r0 = rss()
-for i in range(N):
-    d[i * R:(i + 1) * R]
-print(mode, f"{(rss() - r0) / N:.2f} MB per segment")
+import os
+import sys
 import time
-rng = np.random.default_rng(0)
-starts = rng.permutation(N * R // 32)[:2000] * 32 + int(os.environ.get("OFF", 0))
-t = time.perf_counter()
-for s in starts:
-    d[s:s + 32]
-print(mode, f"2000 random 32-row pieces: {time.perf_counter() - t:.2f} s")
+
+import h5py
+import numpy as np
+
+ROOT = "/tmp/vds_memory"
+SEGMENTS, ROWS, WIDTH = 60, 4096, 8192
+CHUNK_ROWS = int(os.environ.get("CHUNK_ROWS") or 32)
+
+
+def make():
+    os.makedirs(ROOT, exist_ok=True)
+    layout = h5py.VirtualLayout(shape=(SEGMENTS * ROWS, WIDTH), dtype="float16")
+    rng = np.random.default_rng(0)
+    for i in range(SEGMENTS):
+        path = os.path.join(ROOT, f"segment{i}.h5")
+        with h5py.File(path, "w") as f:
+            f.create_dataset("features", data=rng.random((ROWS, WIDTH), np.float32)
+                             .astype(np.float16), chunks=(CHUNK_ROWS, WIDTH), fletcher32=True)
+        layout[i * ROWS:(i + 1) * ROWS] = h5py.VirtualSource(path, "features",
+                                                             shape=(ROWS, WIDTH))
+    with h5py.File(os.path.join(ROOT, "master.h5"), "w") as f:
+        f.create_virtual_dataset("features", layout)
+
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+if __name__ == "__main__":
+    if not os.path.exists(os.path.join(ROOT, "master.h5")):
+        make()
+    cache = {"rdcc_nbytes": int(sys.argv[1])} if len(sys.argv) > 1 else {}
+    with h5py.File(os.path.join(ROOT, "master.h5"), "r", **cache) as f:
+        features = f["features"]
+        before = rss_mb()
+        for i in range(SEGMENTS):
+            features[i * ROWS:(i + 1) * ROWS]
+        per_segment = (rss_mb() - before) / SEGMENTS
+        starts = np.random.default_rng(0).permutation(SEGMENTS * ROWS // 32)[:2000] * 32
+        start = time.perf_counter()
+        for row in starts:
+            features[row:row + 32]
+        seconds = time.perf_counter() - start
+    print(f"chunk cache {cache.get('rdcc_nbytes', 'default')}: {per_segment:.2f} MB per open "
+          f"segment; 2000 random 32-row reads in {seconds:.2f} s")
