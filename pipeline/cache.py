@@ -25,6 +25,7 @@ import io
 import json
 import os
 import secrets
+import threading
 import time
 
 import h5py
@@ -43,6 +44,7 @@ READ_BLOCK = 1024         # rows per contiguous read from the virtual dataset
 WRITE_ROWS = 65536        # rows of the master's index written (or checked) at a time
 READ_GAP = 16             # unwanted rows a read may span rather than start another
 SHUFFLE_ROWS = 32         # rows that stay together when blocks() shuffles: one read each
+MAX_OPEN_SEGMENTS = 64    # segment files a FeatureStore keeps open at most (see _touch)
 CHUNK_BYTES = 512 * 1024  # per checksummed chunk: under HDF5's 1 MiB chunk cache, so a chunk
                           # is read and verified once however the rows are sliced
 DAMAGE = (OSError, KeyError, ValueError, RuntimeError)  # what h5py raises for a broken file
@@ -445,6 +447,8 @@ class FeatureStore:
             raise UserError(f"{self.path} is damaged ({_damage(error)}): run `make extract` to "
                             "rebuild it") from None
         self._check_segments(index["segments"])
+        self._lock = threading.RLock()  # one reader at a time: a reopening closes the file
+        self._open, self._sources = set(), {}
         self.labels = index["label"]
         self.splits = index["split"]
         self._paths = self._sha256 = None
@@ -506,7 +510,7 @@ class FeatureStore:
                 raise UserError(f"{self.path} has no view {int(views[~plain][at < 0][0])} of row "
                                 f"{int(indices[~plain][at < 0][0])}: rerun `make extract` with "
                                 "the AUGMENT the head trains with")
-            out[~plain] = self.read(at, self.view_features)
+            out[~plain] = self.read(at, "view_features")
         return out
 
     @property
@@ -525,7 +529,8 @@ class FeatureStore:
 
     def _load(self, name):
         try:
-            return _index(self.file, (name,))[name]
+            with self._lock:
+                return _index(self.file, (name,))[name]
         except DAMAGE as error:
             raise UserError(f"{self.path} is damaged ({_damage(error)}): run `make extract` to "
                             "rebuild it") from None
@@ -552,9 +557,9 @@ class FeatureStore:
         """Indices of the rows in one split, in feature order."""
         return np.flatnonzero(self.splits == split)
 
-    def read(self, indices, dataset=None):
-        """Features of the given rows (any order, no duplicates needed), as float32; from
-        `dataset` (view_features) instead of `features` when given."""
+    def read(self, indices, dataset="features"):
+        """Features of the given rows (any order, no duplicates needed), as float32, from the
+        dataset named (`features`, or `view_features` for augmented views)."""
         indices = np.asarray(indices)
         if len(indices) == 0:
             return np.zeros((0, *self.features.shape[1:]), np.float32)
@@ -575,24 +580,54 @@ class FeatureStore:
             first = stop
         return out
 
-    def block(self, start, stop, dataset=None):
+    def block(self, start, stop, dataset="features"):
         """Rows start:stop in the stored dtype, each chunk read through its checksum."""
-        dataset = self.features if dataset is None else dataset
-        try:
-            block = dataset[start:stop]
-        except DAMAGE as error:
-            culprit = self._culprit(start, stop, dataset)
-            self.damage = UserError(f"{self.features_dir} has a damaged segment{culprit} "
-                                    f"({_damage(error)}): run `make extract` to recompute it")
-            raise self.damage from None
-        # NaN is the virtual dataset's fill for a missing source (extract refuses NaN features),
-        # and fills whole rows: the first value of each row tells
-        if np.isnan(block.reshape(len(block), -1)[:, 0]).any():
-            self.damage = UserError(f"{self.features_dir} lost a segment"
-                                    f"{self._culprit(start, stop, dataset)} (rows {start}-"
-                                    f"{stop - 1} read as NaN): run `make extract` to recompute it")
-            raise self.damage
+        with self._lock:
+            self._touch(dataset, start, stop)
+            source = self.file[dataset]
+            try:
+                block = source[start:stop]
+            except DAMAGE as error:
+                culprit = self._culprit(start, stop, source)
+                self.damage = UserError(f"{self.features_dir} has a damaged segment{culprit} "
+                                        f"({_damage(error)}): run `make extract` to recompute it")
+                raise self.damage from None
+            # NaN is the virtual dataset's fill for a missing source (extract refuses NaN
+            # features), and fills whole rows: the first value of each row tells
+            if np.isnan(block.reshape(len(block), -1)[:, 0]).any():
+                self.damage = UserError(f"{self.features_dir} lost a segment"
+                                        f"{self._culprit(start, stop, source)} (rows {start}-"
+                                        f"{stop - 1} read as NaN): run `make extract` to "
+                                        "recompute it")
+                raise self.damage
         return block
+
+    def _touch(self, dataset, start, stop):
+        """HDF5 keeps every segment file it has read through the virtual dataset open, each with
+        its own chunk cache and metadata: about 2 MB a segment, 1.8 GB for train-head at 1M
+        rows (bench/SCALE.md) and more files than `ulimit -n` allows at 100M. Before a read that
+        would take the open segments past MAX_OPEN_SEGMENTS, the master is closed, which closes
+        them, and opened again."""
+        if dataset not in self._sources:  # the first row each mapping covers, and its file
+            maps = self.file[dataset].virtual_sources()
+            firsts = np.array([m.vspace.get_select_bounds()[0][0] for m in maps], np.int64)
+            order = np.argsort(firsts, kind="stable")
+            self._sources[dataset] = (firsts[order], [maps[i].file_name for i in order])
+        firsts, names = self._sources[dataset]
+        first = max(int(np.searchsorted(firsts, start, "right")) - 1, 0)
+        touched = set(names[first:int(np.searchsorted(firsts, stop - 1, "right"))])
+        if len(self._open | touched) > MAX_OPEN_SEGMENTS:
+            self.file.close()
+            try:
+                self.file = h5py.File(self.path, "r")
+            except DAMAGE as error:
+                raise UserError(f"{self.path} is damaged ({_damage(error)}): run `make extract` "
+                                "to rebuild it") from None
+            self.features = self.file["features"]
+            if self.view_features is not None:
+                self.view_features = self.file["view_features"]
+            self._open = set()
+        self._open |= touched
 
     def _culprit(self, start, stop, dataset):
         """` <segment>` for the first segment under rows start:stop that fails to read, or ''."""
