@@ -6,10 +6,10 @@ train-head saved it before) or kept as a Normalization layer in front of it (as 
 
     .venv/bin/python bench/diagnose_fold.py views 1 4
     [MODELS=bench/acc/models_augment5] [VIEWS=4] .venv/bin/python bench/diagnose_fold.py run \
-        OPTIMIZER:LR:EPOCHS:fold|unfold[:aug] ...
+        OPTIMIZER:LR:EPOCHS:fold|unfold[:aug][:wN] ...
 
 OPTIMIZER is rmsprop, adam or sgd (momentum 0.9); the rate rises linearly over the first epoch
-(FINETUNE_WARMUP=1). `aug` trains each epoch on another cached augmented view of the training
+(FINETUNE_WARMUP=1), or over N epochs with the option `wN`. `aug` trains each epoch on another cached augmented view of the training
 images instead of the plain ones. One JSON line per epoch: training, validation and test
 (accuracy, loss).
 """
@@ -36,19 +36,48 @@ WEIGHTS = os.path.join(ROOT, "bench", "standin.weights.h5")
 DATA = os.path.join(ROOT, "..", "shared", "data", "cats_vs_dogs")
 MODELS = os.environ.get("MODELS") or os.path.join(ACC, "models")
 VIEWS = int(os.environ.get("VIEWS") or 4)
+# CUT=block3: blocks 4 and 5 train on cached block3_pool outputs (UNFREEZE=block4), in
+# bench/acc/block3/; the default block4 is UNFREEZE=block5 on bench/acc/block4/.
+CUT = os.environ.get("CUT") or "block4"
+CACHED = os.path.join(ACC, CUT)
 
 
 def base(size):
     return backbone.build_backbone(backbone.resolve_weights(WEIGHTS), size)
 
 
-def block5(size):
-    """VGG16's block5 alone, on block4_pool outputs."""
+def top(size):
+    """The VGG16 layers above CUT_pool, on CUT_pool outputs: the layers that fine-tuning trains."""
     vgg = base(size)
-    x = inputs = keras.Input(vgg.get_layer("block4_pool").output.shape[1:])
-    for layer in vgg.layers[vgg.layers.index(vgg.get_layer("block5_conv1")):]:
+    cut = vgg.get_layer(f"{CUT}_pool")
+    x = inputs = keras.Input(cut.output.shape[1:])
+    for layer in vgg.layers[vgg.layers.index(cut) + 1:]:
         x = layer(x)
-    return keras.Model(inputs, x, name="block5")
+    model = keras.Model(inputs, x, name="top")
+    # build_backbone freezes the whole base. Round 2's replica left these layers frozen, so only
+    # the head trained in it (QUALITY_NOTES.md, section e): fine-tuning trains them.
+    for layer in model.layers:  # (the new Model's own trainable is already True: set each layer)
+        layer.trainable = True
+    return model
+
+
+def bottom(size):
+    vgg = base(size)
+    return keras.Model(vgg.input, vgg.get_layer(f"{CUT}_pool").output)
+
+
+def plain_outputs():
+    """CUT_pool outputs of every row's plain image (diagnose_finetune.py cache's plain.npy)."""
+    out = os.path.join(CACHED, "plain.npy")
+    with cache.FeatureStore(FEATURES) as store:
+        size = store.identity["image_size"]
+        paths = [os.path.join(store.image_root(DATA), p) for p in store.paths]
+    os.makedirs(CACHED, exist_ok=True)
+    model, start, chunks = bottom(size), time.perf_counter(), []
+    for batch, _ in images.image_batches(paths, size, 32):
+        chunks.append(np.asarray(model.predict_on_batch(np.asarray(batch))).astype(np.float16))
+    np.save(out, np.concatenate(chunks))
+    print(f"{out}: {len(paths)} images in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def unfold(head, mean, scale):
@@ -69,16 +98,16 @@ def views(first, last):
         size = store.identity["image_size"]
         paths = np.array([os.path.join(store.image_root(DATA), p) for p in store.paths])
         train = store.rows("train")
-    vgg = base(size)
-    bottom = keras.Model(vgg.input, vgg.get_layer("block4_pool").output)
+    model = bottom(size)
+    os.makedirs(CACHED, exist_ok=True)
     for view in range(first, last + 1):
-        out = os.path.join(ACC, "block4", f"view{view}.npy")
+        out = os.path.join(CACHED, f"view{view}.npy")
         if os.path.exists(out):
             continue
         layers, start, chunks = augment.augmentation(1000 * view), time.perf_counter(), []
         for batch, _ in images.image_batches(paths[train], size, 32):
             batch = np.asarray(layers(np.asarray(batch), training=True))
-            chunks.append(np.asarray(bottom.predict_on_batch(batch)).astype(np.float16))
+            chunks.append(np.asarray(model.predict_on_batch(batch)).astype(np.float16))
         np.save(out, np.concatenate(chunks))
         print(f"{out}: {len(train)} images in {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -90,7 +119,7 @@ def run(specs):
         size, labels = store.identity["image_size"], store.labels.astype(np.float32)
         split = {s: store.rows(s) for s in ("train", "validation", "test")}
         mean, scale = train_head.feature_moments(store, split["train"])
-    plain = np.load(os.path.join(ACC, "block4", "plain.npy"))
+    plain = np.load(os.path.join(CACHED, "plain.npy"))
     steps = -(-len(split["train"]) // 32)
     for spec in specs:
         name, lr, epochs, fold, *options = spec.split(":")
@@ -99,12 +128,13 @@ def run(specs):
         head = registry.load(config, "dense")
         if fold == "unfold" and not any(layer.name == "standardize" for layer in head.layers):
             head = unfold(head, mean, scale)
+        warm = next((int(o[1:]) for o in options if o.startswith("w")), 1)  # wN: N epochs
         rate = keras.optimizers.schedules.CosineDecay(0.0, 10**6, warmup_target=lr,
-                                                      warmup_steps=steps)
+                                                      warmup_steps=steps * warm)
         optimizer = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam,
                      "sgd": lambda r: keras.optimizers.SGD(r, momentum=0.9)}[name](rate)
         inputs = keras.Input(plain.shape[1:])
-        model = keras.Model(inputs, head(block5(size)(inputs)))
+        model = keras.Model(inputs, head(top(size)(inputs)))
         model.compile(optimizer, "binary_crossentropy", metrics=["accuracy"])
 
         def score(rows, model=model):
@@ -118,7 +148,7 @@ def run(specs):
             start, shuffle = time.perf_counter(), rng.permutation(len(split["train"]))
             order = split["train"][shuffle]
             if "aug" in options:  # another cached augmented view of every image each epoch
-                view = os.path.join(ACC, "block4", f"view{epoch % VIEWS + 1}.npy")
+                view = os.path.join(CACHED, f"view{epoch % VIEWS + 1}.npy")
                 x = np.load(view, mmap_mode="r")[shuffle].astype(np.float32)
             else:
                 x = plain[order].astype(np.float32)
@@ -130,7 +160,9 @@ def run(specs):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "views":
+    if sys.argv[1] == "plain":
+        plain_outputs()
+    elif sys.argv[1] == "views":
         views(int(sys.argv[2]), int(sys.argv[3]))
     else:
         run(sys.argv[2:])

@@ -44,10 +44,17 @@ VARIANTS = {
     "input_dropout_0.5_lr_3e-5": (dict(input_dropout=0.5), "rmsprop", 3e-5),
     "gap_lr_1e-3": (dict(pool="gap"), "rmsprop", 1e-3),
     "adamw_1e-4_wd_1e-1": (dict(), "adamw", 1e-4),
+    # round 3: Polyak averaging of the weights (the optimizer's use_ema, scored and kept through
+    # keras.callbacks.SwapEMAWeights), the head as shipped otherwise
+    "adam_pool2_ema_0.99": (dict(pool="pool2"), "adam_ema_0.99", 1e-4),
+    "adam_pool2_ema_0.95": (dict(pool="pool2"), "adam_ema_0.95", 1e-4),
+    "adam_pool2_smooth_0.1": (dict(pool="pool2", smoothing=0.1), "adam", 1e-4),
 }
+EPOCHS = int(os.environ.get("EPOCHS") or 30)
+PATIENCE = int(os.environ.get("PATIENCE") or 5)
 
 
-def build(shape, units=256, dropout=0.5, l2=0.0, input_dropout=0.0, pool="flatten"):
+def build(shape, units=256, dropout=0.5, l2=0.0, input_dropout=0.0, pool="flatten", smoothing=0):
     inputs = keras.Input(shape)
     x = inputs
     if input_dropout:
@@ -75,23 +82,30 @@ def load(features_dir, per_feature=False):
     return {k: ((x - mean) / scale, y) for k, (x, y) in out.items()}
 
 
-def run_variant(data, options, optimizer, lr, seed=0, epochs=30):
+def run_variant(data, options, optimizer, lr, seed=0, epochs=EPOCHS):
     keras.utils.set_random_seed(seed)
+    smoothing = options.pop("smoothing", 0)
     model = build(data["train"][0].shape[1:], **options)
+    ema = optimizer.startswith("adam_ema_")
     opt = {"rmsprop": lambda: keras.optimizers.RMSprop(lr),
            "adam": lambda: keras.optimizers.Adam(lr),
-           "adamw": lambda: keras.optimizers.AdamW(lr, weight_decay=0.1)}[optimizer]()
-    model.compile(opt, "binary_crossentropy", metrics=["accuracy"])
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=5,
+           "adamw": lambda: keras.optimizers.AdamW(lr, weight_decay=0.1)}.get(
+        optimizer, lambda: keras.optimizers.Adam(
+            lr, use_ema=True, ema_momentum=float(optimizer.removeprefix("adam_ema_"))))()
+    model.compile(opt, keras.losses.BinaryCrossentropy(label_smoothing=smoothing),
+                  metrics=["accuracy"])
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=PATIENCE,
                                          restore_best_weights=True)
+    # SwapEMAWeights before EarlyStopping: validation and the kept weights are the averages
+    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] * ema + [stop]
     start = time.perf_counter()
     history = model.fit(*data["train"], batch_size=32, epochs=epochs, verbose=0,
-                        validation_data=data["validation"], callbacks=[stop]).history
+                        validation_data=data["validation"], callbacks=callbacks).history
     scores = {split: model.evaluate(*data[split], verbose=0, return_dict=True)
               for split in ("train", "validation", "test")}
     return {"val_acc": scores["validation"]["accuracy"], "test_acc": scores["test"]["accuracy"],
             "val_loss": scores["validation"]["loss"], "train_acc": scores["train"]["accuracy"],
-            "best_epoch": stop.best_epoch + 1, "epochs": len(history["loss"]),
+            "best_epoch": stop.best_epoch + 1, "best_val_loss": min(history["val_loss"]), "epochs": len(history["loss"]),
             "epoch1": {k: round(history[k][0], 3) for k in ("loss", "val_loss")},
             "seconds": round(time.perf_counter() - start, 1)}
 
@@ -103,7 +117,7 @@ if __name__ == "__main__":
         per_feature = name.startswith("perfeature_")  # perfeature_<variant>
         if per_feature not in data:
             data[per_feature] = load(sys.argv[1], per_feature)
-        result = run_variant(data[per_feature], *VARIANTS[name.removeprefix("perfeature_")],
-                             seed=seed)
+        options, optimizer, lr = VARIANTS[name.removeprefix("perfeature_")]
+        result = run_variant(data[per_feature], dict(options), optimizer, lr, seed=seed)
         rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
         print(json.dumps({"variant": name, "seed": seed, **rounded}), flush=True)
