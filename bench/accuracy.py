@@ -3,7 +3,7 @@ Validation and test accuracy of the three models on the real cats_vs_dogs photos
 on AUGMENT=0/5/10 caches, and the demo, all through the pipeline's own stages.
 
     WEIGHTS=<file.h5>        the VGG16 weights (default: the stand-in, built once, see below)
-    BENCH_FINETUNE_EPOCHS=3  fine-tuning epochs: one takes ~4 min on 2 cores (2000 images at 150 px
+    BENCH_FINETUNE_EPOCHS=5  fine-tuning epochs: one takes ~4 min on 2 cores (2000 images at 150 px
                              through VGG16 with block5 training, then 522 validation images)
     BENCH_ACCURACY_N=0       images per class folder, for a quick check of this phase (0 = all)
     BENCH_AUGMENT=5,10       the AUGMENT values whose dense heads are compared with AUGMENT=0
@@ -37,7 +37,7 @@ from pipeline import (
 )
 from pipeline.config import Config
 
-FINETUNE_EPOCHS = int(os.environ.get("BENCH_FINETUNE_EPOCHS") or 3)
+FINETUNE_EPOCHS = int(os.environ.get("BENCH_FINETUNE_EPOCHS") or 5)
 PER_FOLDER = int(os.environ.get("BENCH_ACCURACY_N") or 0)
 AUGMENTS = [int(k) for k in (os.environ.get("BENCH_AUGMENT") or "5,10").split(",") if k]
 BENCH = os.path.dirname(os.path.abspath(__file__))

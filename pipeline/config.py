@@ -93,8 +93,10 @@ class Config:
     unfreeze: str = setting("block5", "the lowest layers that train: a block (block5) or a count "
                                       "of top convolutional layers")
     finetune_epochs: int = setting(10, "fine-tuning epochs (early stopping may end sooner)")
-    lr: float = setting(1e-5, "fine-tuning learning rate: low, so the pretrained filters are "
-                              "adjusted, not wiped out")
+    finetune_optimizer: str = setting("adam", "adam | rmsprop (the article's): fine-tuning's "
+                                              "optimizer")
+    lr: float = setting(1e-4, "fine-tuning learning rate: low, so the pretrained filters are "
+                              "adjusted, not wiped out (the article's RMSprop: 1e-5)")
     finetune_warmup: int = setting(1, "fine-tuning epochs over which the learning rate rises "
                                       "from 0 to LR (0: LR from the first step)")
     finetune_patience: int = setting(3, "fine-tuning epochs without a lower validation loss "
@@ -130,13 +132,14 @@ class Config:
         _check_range("PATIENCE", self.patience, 1, 100_000, "epochs")
         _check_range("FINETUNE_PATIENCE", self.finetune_patience, 1, 100_000, "epochs")
         _check_range("FINETUNE_WARMUP", self.finetune_warmup, 0, 100_000, "epochs")
-        _check_rate("LR", self.lr, "such as LR=1e-5")
+        _check_rate("LR", self.lr, "such as LR=1e-4")
         _check_rate("HEAD_LR", self.head_lr, "such as HEAD_LR=1e-4")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise UserError(f"DROPOUT={self.dropout!r} is not a rate: use 0 <= DROPOUT < 1")
         self.c_values  # noqa: B018 (parses C_GRID, raising on a bad one)
         self.split_fractions  # noqa: B018 (parses SPLIT, raising on a bad one)
         _check_choice("HEAD", self.head, ("dense", "logreg", "both"))
+        _check_choice("FINETUNE_OPTIMIZER", self.finetune_optimizer, ("adam", "rmsprop"))
         from .registry import NAMES  # here: the registry's module imports this one
         _check_choice("MODEL", self.model, ("auto", *NAMES))
         _check_choice("PRECISION", self.precision,
