@@ -9,9 +9,9 @@ train-head saved it before) or kept as a Normalization layer in front of it (as 
         OPTIMIZER:LR:EPOCHS:fold|unfold[:aug][:wN] ...
 
 OPTIMIZER is rmsprop, adam or sgd (momentum 0.9); the rate rises linearly over the first epoch
-(FINETUNE_WARMUP=1), or over N epochs with the option `wN`. `aug` trains each epoch on another cached augmented view of the training
-images instead of the plain ones. One JSON line per epoch: training, validation and test
-(accuracy, loss).
+(FINETUNE_WARMUP=1), or over N epochs with the option `wN`. `aug` trains each epoch on another
+cached augmented view of the training images instead of the plain ones. One JSON line per epoch:
+training, validation and test (accuracy, loss).
 """
 import json
 import os

@@ -105,7 +105,8 @@ def run_variant(data, options, optimizer, lr, seed=0, epochs=EPOCHS):
               for split in ("train", "validation", "test")}
     return {"val_acc": scores["validation"]["accuracy"], "test_acc": scores["test"]["accuracy"],
             "val_loss": scores["validation"]["loss"], "train_acc": scores["train"]["accuracy"],
-            "best_epoch": stop.best_epoch + 1, "best_val_loss": min(history["val_loss"]), "epochs": len(history["loss"]),
+            "best_epoch": stop.best_epoch + 1, "best_val_loss": min(history["val_loss"]),
+            "epochs": len(history["loss"]),
             "epoch1": {k: round(history[k][0], 3) for k in ("loss", "val_loss")},
             "seconds": round(time.perf_counter() - start, 1)}
 

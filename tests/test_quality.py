@@ -107,7 +107,8 @@ def tuned_start(tmp_path_factory):
 
 
 @pytest.mark.parametrize("optimizer, warmup, moves_at_least, moves_at_most", [
-    ("adam", 1, 0.0, 0.0), ("rmsprop", 1, 0.0, 0.0), ("adam", 0, 0.9, 1.01), ("rmsprop", 0, 3.0, 4.0)])
+    ("adam", 1, 0.0, 0.0), ("rmsprop", 1, 0.0, 0.0),
+    ("adam", 0, 0.9, 1.01), ("rmsprop", 0, 3.0, 4.0)])
 def test_the_first_fine_tuning_step_moves_no_weight_by_more_than_the_warm_up_allows(
         tuned_start, optimizer, warmup, moves_at_least, moves_at_most):
     # An adaptive optimizer's first step moves every weight by about LR in the sign of its
