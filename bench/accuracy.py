@@ -50,15 +50,17 @@ SPLITS = ("validation", "test")
 
 def phases(data, work, size, batch):
     """bench.py's accuracy phases, in order, each returning (figures, details): the three models
-    (AUGMENT=0), the demo, the dense heads on AUGMENT=K views, and STORAGE=float16
-    (BENCH_FLOAT16=0 leaves it out). bench.py writes results.json after each one."""
+    (AUGMENT=0), the demo, the dense heads on AUGMENT=K views, the three models with AUGMENT=5,
+    and STORAGE=float16 (BENCH_FLOAT16=0 leaves it out). bench.py writes results.json after
+    each one."""
     config, root = config_for(data, work, size, batch)
     weights = config.weights
     details = {"accuracy_weights": weights, "accuracy_images_per_folder": PER_FOLDER or "all",
                "accuracy_finetune_epochs": FINETUNE_EPOCHS, "accuracy_augment": AUGMENTS}
     out = [("accuracy", lambda: (three_models(config), details)),
            ("demo", lambda: (demo(root), {})),
-           ("augmented-heads", lambda: (augmented_heads(config, root), {}))]
+           ("augmented-heads", lambda: (augmented_heads(config, root), {})),
+           ("augmented-finetune", lambda: (augmented_three_models(config, root), {}))]
     if os.environ.get("BENCH_FLOAT16", "1") != "0":
         out.append(("float16-heads", lambda: (float16_heads(config), {})))
     return out
@@ -99,6 +101,16 @@ def three_models(config):
         figures[f"finetuned_minus_dense{suffix}"] = (figures[f"acc_finetuned{suffix}"]
                                                      - figures[f"acc_dense{suffix}"])
     return figures
+
+
+def augmented_three_models(config, root, k=5):
+    """The three models again with AUGMENT=5: the dense head on the views, fine-tuning on
+    augmented images (as it does for a head that saw views). Figures prefixed `augment5_`."""
+    augmented = config.replace(augment=k,
+                               models_root=os.path.join(root, f"models_augment{k}_finetuned"))
+    figures = three_models(augmented)
+    extract.run(config)  # back to AUGMENT=0 (the views stay cached)
+    return {f"augment{k}_{key}": value for key, value in figures.items()}
 
 
 def augmented_heads(config, root):

@@ -11,8 +11,8 @@ Settings (environment variables; bench/README.md explains every figure):
     BENCH_RAY=0              skip the ENGINE=ray section (bench/ray_bench.py), which runs when Ray
                              is installed (make install-ray): ~5 min on 2 cores
     BENCH_ONLY=<phases>      only these phases, by title, comma-separated (e.g.
-                             accuracy,demo,augmented-heads,float16-heads); the other figures
-                             of bench/results.json are kept
+                             accuracy,demo,augmented-heads,augmented-finetune,float16-heads);
+                             the other figures of bench/results.json are kept
     BENCH_DATA=<dir>         the photos (default ../shared/data/cats_vs_dogs, read-only: the
                              benchmark folders are symlinks under bench/work/, git-ignored)
     BACKEND=jax|torch        the Keras backend of this process (default: KERAS_BACKEND, else
@@ -112,6 +112,22 @@ TARGETS = [
     ("demo_finetuned_minus_dense_test", "demo: fine-tuned - dense, test", ">= 0",
      lambda v: v >= 0),
     ("demo_runs_agree", "demo: two runs, same seed, same figures", "= 1", lambda v: v == 1),
+    ("augment5_acc_logreg", "AUGMENT=5: validation accuracy, logreg", "", None),
+    ("augment5_acc_dense", "AUGMENT=5: validation accuracy, dense head", "", None),
+    ("augment5_acc_finetuned", "AUGMENT=5: validation accuracy, fine-tuned", "", None),
+    ("augment5_acc_logreg_test", "AUGMENT=5: test accuracy, logreg", "", None),
+    ("augment5_acc_dense_test", "AUGMENT=5: test accuracy, dense head", "", None),
+    ("augment5_acc_finetuned_test", "AUGMENT=5: test accuracy, fine-tuned", "", None),
+    ("augment5_dense_minus_logreg", "AUGMENT=5: dense - logreg, validation", ">= 0",
+     lambda v: v >= 0),
+    ("augment5_dense_minus_logreg_test", "AUGMENT=5: dense - logreg, test", ">= 0",
+     lambda v: v >= 0),
+    ("augment5_finetuned_minus_dense", "AUGMENT=5: fine-tuned - dense, validation", ">= +0.03",
+     lambda v: v >= 0.03),
+    ("augment5_finetuned_minus_dense_test", "AUGMENT=5: fine-tuned - dense, test", ">= +0.03",
+     lambda v: v >= 0.03),
+    ("augment5_finetune_worst_epoch_vs_head", "AUGMENT=5: worst fine-tuning epoch - head",
+     ">= -0.01", lambda v: v >= -0.01),
     ("acc_logreg_float16", "validation accuracy, logreg, STORAGE=float16", "", None),
     ("acc_dense_float16", "validation accuracy, dense head, STORAGE=float16", "", None),
 ]
