@@ -115,7 +115,8 @@ def run(features_dir, models_dir, weights, names):
                 if isinstance(layer, keras.layers.Dropout):
                     layer.rate = 0.0
         inputs = keras.Input(plain.shape[1:])
-        block5.trainable = True
+        for layer in block5.layers:  # each layer: the base froze them, and block5's own
+            layer.trainable = True    # trainable is already True (QUALITY_NOTES, section e)
         model = keras.Model(inputs, head(block5(inputs)))
         model.compile(make_optimizer(), "binary_crossentropy", metrics=["accuracy"])
         head_model = keras.Model(inputs, head(block5(inputs, training=False), training=False))

@@ -25,8 +25,8 @@ def build_dense_head(feature_shape, num_classes, hidden_units, dropout, pool=1, 
     inputs = keras.Input(shape=tuple(feature_shape), name="features")
     # The standardisation is a fixed layer of the head, not folded into the first Dense layer's
     # weights: the weights stay at the scale they were trained at, so fine-tuning's learning rate
-    # means the same for the head whatever the features' scale (folded, RMSprop's per-weight
-    # steps were scale (~8x) times larger on them: bench/QUALITY_NOTES.md).
+    # means the same for the head whatever the features' scale (folded, the per-weight steps of
+    # Adam and RMSprop were scale (~8x) times larger on them: bench/QUALITY_NOTES.md).
     mean, scale = standardize
     shape = tuple(feature_shape)
     x = keras.layers.Normalization(axis=(1, 2, 3), name="standardize",
