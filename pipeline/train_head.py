@@ -50,6 +50,7 @@ def run(config: Config, *, callbacks=(), logreg_memory_mb=LOGREG_MEMORY_MB) -> T
     with cache.FeatureStore(config.features_dir) as store:
         rows = {split: store.rows(split) for split in ("train", "validation", "test")}
         _check_trainable(store, rows)
+        _check_views(config, store)
         metrics_path = artifacts.path(config, artifacts.HEAD_METRICS)
         metrics = {"identity": store.identity, "identity_id": backbone.identity_id(store.identity),
                    "class_names": list(store.class_names), "config": config.to_dict(),
@@ -88,6 +89,15 @@ def _check_trainable(store, rows):
         raise UserError(f"{store.path} has no rows in the validation split, which picks the best "
                         "epoch and C: rerun `make extract` with SPLIT=80/10/10 (or add "
                         "DATA/validation/<class>/ folders)")
+
+
+def _check_views(config, store):
+    """AUGMENT=K asks for K views per training image, which only extract computes: a cache with
+    fewer would train on what it has (plain features, for one without views) without a word."""
+    if config.augment > store.views:
+        raise UserError(f"AUGMENT={config.augment} but {store.path} holds {store.views} augmented "
+                        f"view(s) per training image: run `make extract AUGMENT={config.augment}` "
+                        "first (only the new views are computed)")
 
 
 def _kept_models(metrics_path, store, head):

@@ -173,6 +173,17 @@ def test_train_head_reads_a_view_of_each_training_image_every_epoch(folder, make
     assert result.metrics["models"]["dense"]["views"] == 2
 
 
+def test_train_head_with_more_views_than_the_cache_holds_is_refused_naming_extract(
+        folder, make_config):
+    """It trained on the plain features without a word: AUGMENT=2 looked as if it had worked."""
+    config = make_config(folder, augment=1, **SETTINGS)
+    extract.run(config)
+    with pytest.raises(UserError, match=r"AUGMENT=2 .* holds 1 augmented view.* `make extract "
+                                        r"AUGMENT=2`"):
+        train_head.run(config.replace(augment=2, head="dense"))
+    assert train_head.run(config.replace(head="dense")).metrics["models"]["dense"]["views"] == 1
+
+
 def test_augment_out_of_range_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"AUGMENT=-1 is out of range"):
         Config(augment=-1, features_root=str(tmp_path))
