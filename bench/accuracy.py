@@ -89,7 +89,7 @@ def three_models(config):
     extract.run(config)  # AUGMENT=0: the plain cache (views of other runs are kept)
     train_head.run(config)
     tuned = finetune.run(config)
-    figures = scores(config)
+    figures = scores(config, intervals=True)
     head_val = registry.record(config, "dense").validation["accuracy"]
     epochs_val = registry.record(config, "finetuned").entry["history"]["val_accuracy"]
     figures.update(finetune_epoch_acc=epochs_val, acc_dense_keras_validation=head_val,
@@ -171,9 +171,11 @@ def frozen_base_with_augmentation(config):
     return {"head_epoch_s_frozen_augmented": (time.perf_counter() - start) / k * len(paths)}
 
 
-def scores(config, finetuned=True, prefix="acc"):
+def scores(config, finetuned=True, prefix="acc", intervals=False):
     """The saved models, scored here in one way for all three on the cache's validation and
-    test rows: {prefix_<model>: validation accuracy, prefix_<model>_test: test accuracy}."""
+    test rows: {prefix_<model>: validation accuracy, prefix_<model>_test: test accuracy}.
+    `intervals`: also the 95% interval of each later stage's gain on each split,
+    {later}_minus_{earlier}[_test]_ci95_low and _high (`paired_interval`)."""
     out = {}
     for split in SPLITS:
         with cache.FeatureStore(config.features_dir) as store:
@@ -188,9 +190,26 @@ def scores(config, finetuned=True, prefix="acc"):
             dataset = images.labelled_dataset(paths, labels, size, config.batch_size)
             predicted["finetuned"] = np.concatenate([predict(x) for x, _ in dataset]).argmax(1)
         suffix = "" if split == "validation" else "_test"
-        out.update({f"{prefix}_{model}{suffix}": float(np.mean(p == labels))
-                    for model, p in predicted.items()})
+        correct = {model: p == labels for model, p in predicted.items()}
+        out.update({f"{prefix}_{model}{suffix}": float(np.mean(c)) for model, c in correct.items()})
+        for later, earlier in [("dense", "logreg"), ("finetuned", "dense")] * intervals:
+            if later in correct:
+                low, high = paired_interval(correct[later], correct[earlier])
+                key = f"{later}_minus_{earlier}{suffix}_ci95"
+                out.update({f"{key}_low": low, f"{key}_high": high})
     return out
+
+
+def paired_interval(correct_a, correct_b, resamples=10_000, seed=0):
+    """The 95% interval of accuracy(a) - accuracy(b) on one split, by a paired bootstrap: the
+    split's images are drawn again with replacement, each keeping both models' verdicts on it.
+    It is the noise of a split of this size: a gap inside it could go either way on another
+    draw of the same number of photos."""
+    difference = correct_a.astype(np.float64) - correct_b
+    draws = np.random.default_rng(seed).integers(0, len(difference),
+                                                 (resamples, len(difference)))
+    low, high = np.percentile(difference[draws].mean(axis=1), [2.5, 97.5])
+    return float(low), float(high)
 
 
 def demo(root, runs=2):

@@ -49,19 +49,33 @@ VARIANTS = {
     "adam_pool2_ema_0.99": (dict(pool="pool2"), "adam_ema_0.99", 1e-4),
     "adam_pool2_ema_0.95": (dict(pool="pool2"), "adam_ema_0.95", 1e-4),
     "adam_pool2_smooth_0.1": (dict(pool="pool2", smoothing=0.1), "adam", 1e-4),
+    # round 4: regularising the shipped head's inputs, and pooling at two scales
+    "adam_pool2_noise_0.5": (dict(pool="pool2", noise=0.5), "adam", 1e-4),
+    "adam_pool2_noise_1": (dict(pool="pool2", noise=1.0), "adam", 1e-4),
+    "adam_pool2_input_dropout_0.2": (dict(pool="pool2", input_dropout=0.2), "adam", 1e-4),
+    "adam_pool2_input_dropout_0.5": (dict(pool="pool2", input_dropout=0.5), "adam", 1e-4),
+    "adam_pool2_gap": (dict(pool="pool2+gap"), "adam", 1e-4),
+    "adam_pool2_l2_1e-3": (dict(pool="pool2", l2=1e-3), "adam", 1e-4),
 }
 EPOCHS = int(os.environ.get("EPOCHS") or 30)
 PATIENCE = int(os.environ.get("PATIENCE") or 5)
 
 
-def build(shape, units=256, dropout=0.5, l2=0.0, input_dropout=0.0, pool="flatten", smoothing=0):
+def build(shape, units=256, dropout=0.5, l2=0.0, input_dropout=0.0, pool="flatten", noise=0.0):
     inputs = keras.Input(shape)
     x = inputs
     if input_dropout:
         x = keras.layers.Dropout(input_dropout)(x)
-    if pool == "pool2":
+    if noise:
+        x = keras.layers.GaussianNoise(noise)(x)
+    if pool == "pool2+gap":  # the 2x2 layout and the whole map's average, side by side
+        x = keras.layers.Concatenate()([
+            keras.layers.Flatten()(keras.layers.AveragePooling2D(2)(x)),
+            keras.layers.GlobalAveragePooling2D()(x)])
+    elif pool == "pool2":
         x = keras.layers.AveragePooling2D(2)(x)
-    x = (keras.layers.GlobalAveragePooling2D() if pool == "gap" else keras.layers.Flatten())(x)
+    if pool != "pool2+gap":
+        x = (keras.layers.GlobalAveragePooling2D() if pool == "gap" else keras.layers.Flatten())(x)
     x = keras.layers.Dense(units, activation="relu",
                            kernel_regularizer=keras.regularizers.L2(l2) if l2 else None)(x)
     x = keras.layers.Dropout(dropout)(x)
@@ -103,7 +117,10 @@ def run_variant(data, options, optimizer, lr, seed=0, epochs=EPOCHS):
                         validation_data=data["validation"], callbacks=callbacks).history
     scores = {split: model.evaluate(*data[split], verbose=0, return_dict=True)
               for split in ("train", "validation", "test")}
-    return {"val_acc": scores["validation"]["accuracy"], "test_acc": scores["test"]["accuracy"],
+    probabilities = {split: model.predict(data[split][0], verbose=0)[:, 0]
+                     for split in ("validation", "test")}
+    return probabilities, {
+            "val_acc": scores["validation"]["accuracy"], "test_acc": scores["test"]["accuracy"],
             "val_loss": scores["validation"]["loss"], "train_acc": scores["train"]["accuracy"],
             "best_epoch": stop.best_epoch + 1, "best_val_loss": min(history["val_loss"]),
             "epochs": len(history["loss"]),
@@ -114,11 +131,22 @@ def run_variant(data, options, optimizer, lr, seed=0, epochs=EPOCHS):
 if __name__ == "__main__":
     seeds = [int(x) for x in os.environ.get("SEEDS", "0").split(",")]
     data = {False: load(sys.argv[1])}
+    ensembles = {}  # variant -> split -> summed probabilities over its seeds
     for name, seed in [(n, s) for n in sys.argv[2:] or VARIANTS for s in seeds]:
         per_feature = name.startswith("perfeature_")  # perfeature_<variant>
         if per_feature not in data:
             data[per_feature] = load(sys.argv[1], per_feature)
         options, optimizer, lr = VARIANTS[name.removeprefix("perfeature_")]
-        result = run_variant(data[per_feature], dict(options), optimizer, lr, seed=seed)
+        probabilities, result = run_variant(data[per_feature], dict(options), optimizer, lr,
+                                            seed=seed)
+        summed = ensembles.setdefault(name, {})
+        for split, p in probabilities.items():
+            summed[split] = summed.get(split, 0) + p
         rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
         print(json.dumps({"variant": name, "seed": seed, **rounded}), flush=True)
+    if len(seeds) > 1:  # the average of every seed's probabilities: an ensemble of heads
+        for name, summed in ensembles.items():
+            labels = {split: data[False][split][1] for split in summed}
+            accuracy = {split: round(float(np.mean((p / len(seeds) > 0.5) == labels[split])), 4)
+                        for split, p in summed.items()}
+            print(json.dumps({"variant": name, "ensemble_of_seeds": seeds, **accuracy}), flush=True)
