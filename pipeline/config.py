@@ -95,6 +95,9 @@ class Config:
     finetune_epochs: int = setting(10, "fine-tuning epochs (early stopping may end sooner)")
     finetune_optimizer: str = setting("adam", "adam | rmsprop (the article's): fine-tuning's "
                                               "optimizer")
+    finetune_augment: bool = setting(True, "1: fine-tuning trains on augmented images (flips, "
+                                           "rotations, zooms, shifts), as the article does; 0: "
+                                           "on the plain images (for classes a flip changes)")
     lr: float = setting(1e-4, "fine-tuning learning rate: low, so the pretrained filters are "
                               "adjusted, not wiped out (the article's RMSprop: 1e-5)")
     finetune_warmup: int = setting(1, "fine-tuning epochs over which the learning rate rises "

@@ -81,10 +81,10 @@ def _finetune(config, start, extra_callbacks):
         data = make_datasets(config, store)
         head = registry.load(config, "dense")
         model, trainable = build_model(config, weights, head, store,
-                                       augmented=head_saw_augmented_inputs(head_record))
+                                       augmented=config.finetune_augment)
         settings = {"identity_id": backbone.identity_id(store.identity), "lr": config.lr,
                     "optimizer": config.finetune_optimizer, "unfreeze": config.unfreeze,
-                    "head_sha256": head_record.file_sha256}
+                    "augment": config.finetune_augment, "head_sha256": head_record.file_sha256}
         state = resume_state(config, settings)
         if state is None:  # a resumed model is no longer the head's: nothing to compare
             with images.one_line_on_change(data["step0"][0]):
@@ -120,16 +120,6 @@ def _finetune(config, start, extra_callbacks):
 # --------------------------------------------------------------------------------------------
 # Inputs: the images the cache was built from, still the same
 # --------------------------------------------------------------------------------------------
-
-def head_saw_augmented_inputs(head_record):
-    """Fine-tuning augments its training images only when the head was trained on augmented views
-    (`make extract AUGMENT=K`). A head trained on plain features meets augmented images for the
-    first time there: on cats_vs_dogs it scored 0.73 on augmented training images against 0.96
-    on plain ones, and training on them cost 4 points of validation accuracy in the first epoch
-    (0.76 -> 0.72, with or without the warm-up; 0.76 -> 0.76 on plain images). See
-    bench/QUALITY_NOTES.md."""
-    return head_record.get("views", 0) > 0
-
 
 def make_datasets(config, store):
     """Image datasets of the cache's rows: "train" (shuffled), "validation", "test"
@@ -181,9 +171,15 @@ def checked_image_paths(config, store):
 # --------------------------------------------------------------------------------------------
 
 def build_model(config, weights, head, store, augmented=True):
-    """The cache's backbone + the trained head (after the augmentation if `augmented`), compiled
-    with UNFREEZE's layers and the head trainable. Returns (model, names of the base's layers
-    that train)."""
+    """The cache's backbone + the trained head (after the augmentation if `augmented`:
+    FINETUNE_AUGMENT), compiled with UNFREEZE's layers and the head trainable. Returns (model,
+    names of the base's layers that train).
+
+    The augmentation is on by default, also for a head trained on plain features. Round 2 turned
+    it off for those (such a head scores 0.73 on augmented training images, 0.96 on plain ones),
+    from a replica in which block5 never trained; with block5 training (Adam, LR=1e-4), fine-
+    tuning on augmented images beat fine-tuning on plain ones on cats_vs_dogs by 3 points, with
+    no epoch below the head (bench/QUALITY_NOTES.md, section f)."""
     layers = augment.augmentation(config.seed) if augmented else None
     model, base = compose(weights, head, store.identity, layers)
     trainable = set_trainable(base, config.unfreeze)
@@ -285,12 +281,16 @@ def resume_state(config, settings):
     if old and any(old[key] != settings[key] for key in ("identity_id", "head_sha256")):
         print(f"finetune {config.dataset_name}: the head or the cache changed since the last "
               "backup: starting again from the new head")
-    elif old and (old["unfreeze"], old["lr"], old.get("optimizer", "rmsprop")) != (
-            settings["unfreeze"], settings["lr"], settings["optimizer"]):
-        # (backups from before FINETUNE_OPTIMIZER existed were all RMSprop's)
+    elif old and (old["unfreeze"], old["lr"], old.get("optimizer", "rmsprop"),
+                  old.get("augment", settings["augment"])) != (
+            settings["unfreeze"], settings["lr"], settings["optimizer"], settings["augment"]):
+        # (backups from before FINETUNE_OPTIMIZER existed were all RMSprop's; the augmentation's
+        # layers hold the state of their random generators, so the model must have the same)
+        augment = int(old.get("augment", settings["augment"]))
         raise UserError(f"{folder} was made with UNFREEZE={old['unfreeze']} LR={old['lr']} "
-                        f"FINETUNE_OPTIMIZER={old.get('optimizer', 'rmsprop')}: pass those to "
-                        "continue it, or FRESH=1 to start over")
+                        f"FINETUNE_OPTIMIZER={old.get('optimizer', 'rmsprop')} "
+                        f"FINETUNE_AUGMENT={augment}: pass those to continue it, or FRESH=1 to "
+                        "start over")
     elif old:
         print(f"finetune {config.dataset_name}: continuing after epoch {state['epochs']} of the "
               "backup (FRESH=1 starts again from the head)")

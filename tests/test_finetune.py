@@ -216,8 +216,10 @@ def test_a_killed_run_continues_at_the_next_epoch(ready):
     assert again.epochs == []
     with pytest.raises(UserError, match="UNFREEZE=block5 .*FRESH=1"):  # ... and keeps its settings
         finetune.run(config.replace(unfreeze="block4"))
-    with pytest.raises(UserError, match="FINETUNE_OPTIMIZER=adam: .*FRESH=1"):
+    with pytest.raises(UserError, match="FINETUNE_OPTIMIZER=adam .*FRESH=1"):
         finetune.run(config.replace(finetune_optimizer="rmsprop"))
+    with pytest.raises(UserError, match="FINETUNE_AUGMENT=1: .*FRESH=1"):  # other layers
+        finetune.run(config.replace(finetune_augment=False))
 
     config = config.replace(finetune_epochs=1)
     fresh = Recorder()
