@@ -104,8 +104,8 @@ def three_models(config):
 
 
 def augmented_three_models(config, root, k=5):
-    """The three models again with AUGMENT=5: the dense head on the views, fine-tuning on
-    augmented images (as it does for a head that saw views). Figures prefixed `augment5_`."""
+    """The three models again with AUGMENT=5: the dense head on the views, then fine-tuning (on
+    augmented images, as with the defaults). Figures prefixed `augment5_`."""
     augmented = config.replace(augment=k,
                                models_root=os.path.join(root, f"models_augment{k}_finetuned"))
     figures = three_models(augmented)
