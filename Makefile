@@ -68,7 +68,7 @@ extract: $(STAMP) $(DATA_DEP) $(RAY_DEP) ## Cache VGG16 features: DATA=<dir> [NA
 train-head: $(STAMP) $(DATA_DEP) ## Train heads on the cache: [NAME] [HEAD=dense|logreg|both] [EPOCHS=30] [SEED=0]
 	$(CLI) train-head $(ARGS)
 
-finetune: $(STAMP) $(DATA_DEP) ## Fine-tune block5 + head on images: [NAME] [UNFREEZE=block5] [FINETUNE_EPOCHS=10] [LR=1e-4] [FRESH=0]
+finetune: $(STAMP) $(DATA_DEP) ## Fine-tune block5 + head on images: [NAME] [UNFREEZE=block5] [FINETUNE_EPOCHS=10] [LR=1e-4] [FINETUNE_OPTIMIZER=adam] [FINETUNE_AUGMENT=1] [FRESH=0]
 	$(CLI) finetune $(ARGS)
 
 evaluate: $(STAMP) ## Test-split metrics and confusion matrices for every trained model: [NAME]

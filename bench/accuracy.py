@@ -192,7 +192,7 @@ def scores(config, finetuned=True, prefix="acc", intervals=False):
         suffix = "" if split == "validation" else "_test"
         correct = {model: p == labels for model, p in predicted.items()}
         out.update({f"{prefix}_{model}{suffix}": float(np.mean(c)) for model, c in correct.items()})
-        for later, earlier in [("dense", "logreg"), ("finetuned", "dense")] * intervals:
+        for later, earlier in [("dense", "logreg"), ("finetuned", "dense")] if intervals else []:
             if later in correct:
                 low, high = paired_interval(correct[later], correct[earlier])
                 key = f"{later}_minus_{earlier}{suffix}_ci95"

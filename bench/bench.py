@@ -63,6 +63,7 @@ WORK = os.path.join(ROOT, "bench", "work")
 RESULTS = os.path.join(ROOT, "bench", "results.json")
 LOG = os.path.join(WORK, "subprocesses.log")  # stderr of the processes bench/options.py starts
 
+
 def gain(key, what, minimum):
     """A stage's gain over the one before it, with its target, then the 95% interval of the
     split's noise around it (accuracy.paired_interval): rows of TARGETS."""

@@ -19,11 +19,12 @@ import accuracy  # noqa: E402  (bench/accuracy.py: the accuracy phases' Config a
 
 from pipeline import extract, registry, train_head  # noqa: E402
 
-DATA = os.path.join(ROOT, "..", "shared", "data", "cats_vs_dogs")
+DATA = os.environ.get("BENCH_DATA") or os.path.join(ROOT, "..", "shared", "data", "cats_vs_dogs")
+WORK = os.path.join(ROOT, "bench", "work")  # as bench.py: where BENCH_ACCURACY_N's subset goes
 
 
 def main(k, epochs, seeds):
-    config, root = accuracy.config_for(DATA, None, 150, 32)
+    config, root = accuracy.config_for(DATA, WORK, 150, 32)
     config = config.replace(augment=k, head="dense", epochs=epochs)
     extract.run(config)  # the cache lists the views of its last extract's AUGMENT
     for seed in seeds:

@@ -50,7 +50,7 @@ def run(config: Config, *, callbacks=(), logreg_memory_mb=LOGREG_MEMORY_MB) -> T
     with cache.FeatureStore(config.features_dir) as store:
         rows = {split: store.rows(split) for split in ("train", "validation", "test")}
         _check_trainable(store, rows)
-        _check_views(config, store)
+        _check_views(config, store)  # before logreg's minutes: the dense head would refuse
         metrics_path = artifacts.path(config, artifacts.HEAD_METRICS)
         metrics = {"identity": store.identity, "identity_id": backbone.identity_id(store.identity),
                    "class_names": list(store.class_names), "config": config.to_dict(),
@@ -92,12 +92,12 @@ def _check_trainable(store, rows):
 
 
 def _check_views(config, store):
-    """AUGMENT=K asks for K views per training image, which only extract computes: a cache with
-    fewer would train on what it has (plain features, for one without views) without a word."""
-    if config.augment > store.views:
+    """The dense head reads the views of the last extract: AUGMENT=K (K > 0) asks for exactly K,
+    and a cache with others would be trained on without a word. AUGMENT=0 takes what is there."""
+    if config.head != "logreg" and 0 < config.augment != store.views:
         raise UserError(f"AUGMENT={config.augment} but {store.path} holds {store.views} augmented "
                         f"view(s) per training image: run `make extract AUGMENT={config.augment}` "
-                        "first (only the new views are computed)")
+                        "first (only views not yet cached are computed)")
 
 
 def _kept_models(metrics_path, store, head):

@@ -173,15 +173,19 @@ def test_train_head_reads_a_view_of_each_training_image_every_epoch(folder, make
     assert result.metrics["models"]["dense"]["views"] == 2
 
 
-def test_train_head_with_more_views_than_the_cache_holds_is_refused_naming_extract(
-        folder, make_config):
-    """It trained on the plain features without a word: AUGMENT=2 looked as if it had worked."""
-    config = make_config(folder, augment=1, **SETTINGS)
+@pytest.mark.parametrize("extracted, asked", [(1, 2), (2, 1)])
+def test_train_head_with_other_views_than_the_cache_holds_is_refused_naming_extract(
+        folder, make_config, extracted, asked):
+    """It trained on the cache's views without a word: AUGMENT=2 on a cache with 1 view (or a
+    plain one) looked as if it had worked. AUGMENT=0 takes what the cache holds."""
+    config = make_config(folder, augment=extracted, **SETTINGS)
     extract.run(config)
-    with pytest.raises(UserError, match=r"AUGMENT=2 .* holds 1 augmented view.* `make extract "
-                                        r"AUGMENT=2`"):
-        train_head.run(config.replace(augment=2, head="dense"))
-    assert train_head.run(config.replace(head="dense")).metrics["models"]["dense"]["views"] == 1
+    with pytest.raises(UserError, match=rf"AUGMENT={asked} .* holds {extracted} augmented view.* "
+                                        rf"`make extract AUGMENT={asked}`"):
+        train_head.run(config.replace(augment=asked, head="dense"))
+    train_head.run(config.replace(augment=asked, head="logreg"))  # logreg reads no views
+    dense = train_head.run(config.replace(augment=0, head="dense")).metrics["models"]["dense"]
+    assert dense["views"] == extracted
 
 
 def test_augment_out_of_range_is_refused(tmp_path):

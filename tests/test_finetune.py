@@ -232,6 +232,24 @@ def test_a_killed_run_continues_at_the_next_epoch(ready):
     assert (restart.epochs, result.resumed_from_epoch) == ([0], 0)
 
 
+def test_a_backup_from_before_finetune_augment_keeps_the_augmentation_it_was_made_with(ready):
+    # such a backup augmented exactly when the head had seen views: this head saw none, so
+    # continuing it with the new default (augmented) would restore into other layers
+    config = ready(finetune_epochs=2)
+    with pytest.raises(Killed):
+        finetune.run(config, callbacks=[KillAfter(epoch=0)])
+    state_path = os.path.join(artifacts.path(config, artifacts.FINETUNE_BACKUP), finetune.STATE)
+    with open(state_path) as f:
+        state = json.load(f)
+    del state["settings"]["finetune_augment"]
+    with open(state_path, "w") as f:
+        json.dump(state, f)
+    with pytest.raises(UserError, match="FINETUNE_AUGMENT=0: .*FRESH=1"):
+        finetune.run(config)
+    resumed = finetune.run(config.replace(finetune_augment=False))
+    assert (resumed.resumed_from_epoch, resumed.epochs) == (1, 2)
+
+
 def test_early_stopping_remembers_its_best_epoch_across_a_restart(tmp_path):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer="rmsprop", loss="mse")  # the backup saves the optimizer's state too
