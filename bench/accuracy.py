@@ -8,6 +8,8 @@ on AUGMENT=0/5/10 caches, and the demo, all through the pipeline's own stages.
     BENCH_ACCURACY_N=0       images per class folder, for a quick check of this phase (0 = all)
     BENCH_AUGMENT=5,10       the AUGMENT values whose dense heads are compared with AUGMENT=0
     BENCH_FLOAT16=1          0 leaves out the heads on a STORAGE=float16 cache
+    BENCH_RESPLITS=30        random re-splits of the cache on which the dense head and logreg
+                             are trained again (~13 s each on 2 cores; 0 leaves them out)
 The caches live in bench/acc/ (git-ignored) and are kept between runs: extract is incremental,
 so only the first run pays for them (~4 min per 3000 images, ~15 min per 5 views of the 2000
 training images on 2 cores). Models are trained afresh on every run.
@@ -21,6 +23,7 @@ import time
 
 import keras
 import numpy as np
+import resplit  # bench/resplit.py: the heads on re-splits of the cache
 import support  # bench/support.py: EpochTimer
 
 from pipeline import (
@@ -39,6 +42,7 @@ from pipeline.config import Config
 
 FINETUNE_EPOCHS = int(os.environ.get("BENCH_FINETUNE_EPOCHS") or 5)
 PER_FOLDER = int(os.environ.get("BENCH_ACCURACY_N") or 0)
+RESPLITS = int(os.environ.get("BENCH_RESPLITS") or 30)
 AUGMENTS = [int(k) for k in (os.environ.get("BENCH_AUGMENT") or "5,10").split(",") if k]
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ACC = os.path.join(BENCH, "acc")                      # git-ignored, kept between runs
@@ -50,14 +54,15 @@ SPLITS = ("validation", "test")
 
 def phases(data, work, size, batch):
     """bench.py's accuracy phases, in order, each returning (figures, details): the three models
-    (AUGMENT=0), the demo, the dense heads on AUGMENT=K views, the three models with AUGMENT=5,
-    and STORAGE=float16 (BENCH_FLOAT16=0 leaves it out). bench.py writes results.json after
-    each one."""
+    (AUGMENT=0), the head and logreg on BENCH_RESPLITS re-splits of their cache, the demo, the
+    dense heads on AUGMENT=K views, the three models with AUGMENT=5, and STORAGE=float16
+    (BENCH_FLOAT16=0 leaves it out). bench.py writes results.json after each one."""
     config, root = config_for(data, work, size, batch)
     weights = config.weights
     details = {"accuracy_weights": weights, "accuracy_images_per_folder": PER_FOLDER or "all",
                "accuracy_finetune_epochs": FINETUNE_EPOCHS, "accuracy_augment": AUGMENTS}
     out = [("accuracy", lambda: (three_models(config), details)),
+           ("resplits", lambda: (resplits(config), {})),
            ("demo", lambda: (demo(root), {})),
            ("augmented-heads", lambda: (augmented_heads(config, root), {})),
            ("augmented-finetune", lambda: (augmented_three_models(config, root), {}))]
@@ -101,6 +106,15 @@ def three_models(config):
         figures[f"finetuned_minus_dense{suffix}"] = (figures[f"acc_finetuned{suffix}"]
                                                      - figures[f"acc_dense{suffix}"])
     return figures
+
+
+def resplits(config):
+    """The dense head and logreg on BENCH_RESPLITS random re-splits of the plain cache (same
+    sizes, same class shares): is the head's gap over logreg the model's, or one split's draw?"""
+    if not RESPLITS:
+        return {}
+    extract.run(config)  # the plain cache, as three_models leaves it (nothing new to compute)
+    return resplit.figures(config, RESPLITS)
 
 
 def augmented_three_models(config, root, k=5):

@@ -6,12 +6,14 @@ Settings (environment variables; bench/README.md explains every figure):
                              2 cores
     BENCH_SYNTH_ROWS=100000  rows of the synthetic cache for the train-head memory figure (3.3 GB)
     BENCH_ACCURACY=1         also the slow accuracy figures (bench/accuracy.py: WEIGHTS,
-                             BENCH_FINETUNE_EPOCHS, BENCH_AUGMENT; all of cats_vs_dogs, caches
-                             kept in bench/acc/: ~30 min on 2 cores once they exist)
+                             BENCH_FINETUNE_EPOCHS, BENCH_AUGMENT, BENCH_RESPLITS; all of
+                             cats_vs_dogs, caches kept in bench/acc/: ~40 min on 2 cores once
+                             they exist)
     BENCH_RAY=0              skip the ENGINE=ray section (bench/ray_bench.py), which runs when Ray
                              is installed (make install-ray): ~5 min on 2 cores
     BENCH_ONLY=<phases>      only these phases, by title, comma-separated (e.g.
-                             accuracy,demo,augmented-heads,augmented-finetune,float16-heads);
+                             accuracy,resplits,demo,augmented-heads,augmented-finetune,
+                             float16-heads);
                              the other figures of bench/results.json are kept
     BENCH_DATA=<dir>         the photos (default ../shared/data/cats_vs_dogs, read-only: the
                              benchmark folders are symlinks under bench/work/, git-ignored)
@@ -89,6 +91,20 @@ THREE_MODELS = [
      lambda v: v >= -0.01),
 ]
 
+# the head against logreg on BENCH_RESPLITS random re-splits of the same cache (bench/resplit.py):
+# the mean gap and its 95% interval, and the re-splits where the head is at or above logreg
+def resplit_gap(split, suffix):
+    return [(f"resplit_dense_minus_logreg{suffix}", f"re-splits: dense - logreg, {split}", "",
+             None),
+            (f"resplit_dense_minus_logreg{suffix}_ci95_low", "  95% interval, low", "", None),
+            (f"resplit_dense_minus_logreg{suffix}_ci95_high", "  95% interval, high", "", None),
+            (f"resplit_dense_ge_logreg{suffix}", f"  re-splits with dense >= logreg, {split}",
+             "", None)]
+
+
+RESPLIT_GAPS = [("resplit_count", "re-splits of the cache (bench/resplit.py)", "", None),
+                *resplit_gap("validation", ""), *resplit_gap("test", "_test")]
+
 # key, what, target (as text), passes(value) -> bool
 TARGETS = [
     ("extract_ips", "extraction, files -> HDF5 (img/s)", "", None),
@@ -113,6 +129,7 @@ TARGETS = [
      None),
     # 5. accuracy (BENCH_ACCURACY=1, bench/accuracy.py): every stage must earn its keep
     *THREE_MODELS,
+    *RESPLIT_GAPS,
     ("acc_dense_augment5", "validation accuracy, dense head, AUGMENT=5", "", None),
     ("acc_dense_augment5_test", "test accuracy, dense head, AUGMENT=5", "", None),
     ("acc_dense_augment10", "validation accuracy, dense head, AUGMENT=10", "", None),
