@@ -9,7 +9,7 @@ on AUGMENT=0/5/10 caches, and the demo, all through the pipeline's own stages.
     BENCH_AUGMENT=5,10       the AUGMENT values whose dense heads are compared with AUGMENT=0
     BENCH_FLOAT16=1          0 leaves out the heads on a STORAGE=float16 cache
     BENCH_RESPLITS=30        random re-splits of the cache on which the dense head and logreg
-                             are trained again (~13 s each on 2 cores; 0 leaves them out)
+                             are trained again (~30 s each on 2 cores; 0 leaves them out)
 The caches live in bench/acc/ (git-ignored) and are kept between runs: extract is incremental,
 so only the first run pays for them (~4 min per 3000 images, ~15 min per 5 views of the 2000
 training images on 2 cores). Models are trained afresh on every run.
