@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+import finetune_cache  # bench/finetune_cache.py: fine-tuning from the cached cut
 import keras
 import numpy as np
 import resplit  # bench/resplit.py: the heads on re-splits of the cache
@@ -65,7 +66,9 @@ def phases(data, work, size, batch):
            ("resplits", lambda: (resplits(config), {})),
            ("demo", lambda: (demo(root), {})),
            ("augmented-heads", lambda: (augmented_heads(config, root), {})),
-           ("augmented-finetune", lambda: (augmented_three_models(config, root), {}))]
+           ("augmented-finetune", lambda: (augmented_three_models(config, root), {})),
+           ("finetune-cache", lambda: (finetune_cache.figures(
+               config, root, work, _first_images, FINETUNE_EPOCHS), {}))]
     if os.environ.get("BENCH_FLOAT16", "1") != "0":
         out.append(("float16-heads", lambda: (float16_heads(config), {})))
     return out

@@ -20,6 +20,10 @@ IMAGENET_MD5 = "6d6bbae143d832006294945121d1f1fc"  # the hash Keras itself check
 RANDOM_FINGERPRINT = "random-init:glorot-uniform:numpy-seed-0:v1"
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}  # STORAGE: how features are kept
 RANDOM_NOTICE = "weights are random: accuracy is not meaningful"
+# VGG16's layers above its input, bottom to top: UNFREEZE and the cached cut are named in them.
+LAYERS = tuple(f"block{b}_{kind}" for b, convs in enumerate((2, 2, 3, 3, 3), 1)
+               for kind in [f"conv{i}" for i in range(1, convs + 1)] + ["pool"])
+OUTPUT_LAYER = LAYERS[-1]  # the base's output: the features every head reads
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,36 @@ def feature_identity(weights, size, precision="float32", storage="float32"):
     return identity
 
 
+def cut_identity(identity, layer, storage):
+    """The identity of the activations of `layer` (the cut that fine-tuning from the cache starts
+    at) by the same backbone as `identity`'s features, kept in `storage`."""
+    same = {k: v for k, v in identity.items() if k != "storage"}
+    return {**same, **({"storage": storage} if storage != "float32" else {}), "layer": layer}
+
+
+def first_trainable(unfreeze):
+    """The position in LAYERS of the lowest layer that UNFREEZE trains: a block name ("block5")
+    or a count of top convolutional layers; len(LAYERS) when nothing in the base trains."""
+    convs = [i for i, name in enumerate(LAYERS) if "_conv" in name]
+    blocks = sorted({name.split("_")[0] for name in LAYERS})
+    text = str(unfreeze).strip()
+    if text.isdigit() and int(text) <= len(convs):
+        return convs[len(convs) - int(text)] if int(text) else len(LAYERS)
+    if text in blocks:
+        return LAYERS.index(f"{text}_conv1")
+    raise UserError(f"UNFREEZE={unfreeze!r} is neither a block name ({', '.join(blocks)}) nor "
+                    f"a count of top convolutional layers (0-{len(convs)}): use e.g. "
+                    "UNFREEZE=block5")
+
+
+def cut_layer(unfreeze):
+    """The layer whose output is the input of UNFREEZE's lowest trainable layer: what fine-tuning
+    from the cache reads (block4_pool for UNFREEZE=block5). None when every layer trains, as
+    then the images themselves are the input."""
+    first = first_trainable(unfreeze)
+    return LAYERS[first - 1] if first > 0 else None
+
+
 def storage_dtype(identity):
     """The dtype a cache stores its features in (they are always read back as float32)."""
     return STORAGE_DTYPES[identity.get("storage", "float32")]
@@ -177,7 +211,8 @@ def _random_init(model, seed=0):
 
 def feature_function(base, jit_compile=None):
     """The frozen base's compiled forward pass: a numpy batch of images -> float32 numpy feature
-    maps (n, size//32, size//32, 512), on any backend. Keras's predict_on_batch compiles it with
+    maps (n, size//32, size//32, 512) (a list of arrays for a model of several outputs), on any
+    backend. Keras's predict_on_batch compiles it with
     the backend's own compiler (tf.function, jax.jit; PyTorch runs eagerly) once per batch
     shape, so a batch smaller than the largest so far (a run's last one, or one with unreadable
     files taken out) is padded to it: one compilation per run, where JAX would otherwise compile
@@ -194,7 +229,10 @@ def feature_function(base, jit_compile=None):
         if n < largest:
             padding = np.zeros((largest - n, *images.shape[1:]), images.dtype)
             images = np.concatenate([images, padding])
-        return np.asarray(base.predict_on_batch(images)[:n], dtype=np.float32)
+        outputs = base.predict_on_batch(images)  # a list for a model of several outputs
+        if isinstance(outputs, (list, tuple)):
+            return [np.asarray(out[:n], dtype=np.float32) for out in outputs]
+        return np.asarray(outputs[:n], dtype=np.float32)
     return features
 
 
@@ -207,4 +245,14 @@ def library_versions():
 
 
 def feature_shape(size):
-    return (size // 32, size // 32, 512)
+    return layer_shape(OUTPUT_LAYER, size)
+
+
+def layer_shape(layer, size):
+    """The shape of one image's output of VGG16's `layer` at SIZE: each block's convolutions
+    keep the side, its pooling halves it (rounding down)."""
+    block, kind = int(layer[len("block")]), layer.split("_")[1]
+    side = size
+    for _ in range(block if kind == "pool" else block - 1):
+        side //= 2
+    return (side, side, (64, 128, 256, 512, 512)[block - 1])

@@ -21,12 +21,14 @@ have nothing to verify and stay usable.
 Paths are built from NAME and listed with os.scandir, never glob: the `[` and `]` that a NAME
 may hold are ordinary characters.
 """
+import hashlib
 import io
 import json
 import os
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -49,7 +51,9 @@ CHUNK_BYTES = 512 * 1024  # per checksummed chunk: under HDF5's 1 MiB chunk cach
                           # is read and verified once however the rows are sliced
 DAMAGE = (OSError, KeyError, ValueError, RuntimeError)  # what h5py raises for a broken file
 VIEW_DATASETS = ("view_features", "view_sha256", "view_index")  # AUGMENT=K's views (extract)
-FEATURE_DATASETS = ("features", "view_features")  # read on demand, never whole
+CUT_DATASETS = ("cut_features", *(f"cut_{name}" for name in VIEW_DATASETS))  # FINETUNE_FROM=cache
+FEATURE_DATASETS = ("features", "view_features", "cut_features", "cut_view_features")  # read
+                                                                   # on demand, never whole
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +211,45 @@ def _merge(features_dir, group):
     return shape, dtype, fill
 
 
-def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable, views=()):
+@dataclass
+class Layer:
+    """Where a cached layer other than the base's output is, for write_master: FINETUNE_FROM=
+    cache's cut. Per row of the master's `rows` (in their order, not the stored one): its segment
+    (a number into `segments`), row and the rows of that segment; and its views, as dicts like
+    write_master's `views`."""
+    name: str
+    segments: list
+    segment: np.ndarray
+    segment_row: np.ndarray
+    segment_rows: np.ndarray
+    views: list
+    shape: tuple
+    dtype: object
+
+    @classmethod
+    def of(cls, name, known, shas, views, shape, dtype):
+        """The layer's places from its index.SegmentIndex, for rows of content `shas`."""
+        at = known.find(shas)
+        if (at < 0).any():
+            raise KeyError(f"{name} of {shas[at < 0][0].decode()}")
+        segment = known.segment[at]
+        return cls(name, list(known.segments), segment, known.row[at].astype(np.int64),
+                   known.rows_of_segments()[segment], list(views), tuple(shape), dtype)
+
+    def digest(self):
+        """What the master records of this layer, hashed: equal digests, nothing to rewrite."""
+        used = np.unique(self.segment)  # by name: the numbering depends on what was found
+        names = [self.segments[n] for n in used.tolist()]
+        digest = hashlib.sha256(json.dumps([self.name, names]).encode())
+        for column in (np.searchsorted(used, self.segment), self.segment_row):
+            digest.update(np.ascontiguousarray(column, np.int64).tobytes())
+        digest.update(json.dumps([[v["key"], v["segment"], v["segment_row"]]
+                                  for v in self.views]).encode())
+        return digest.hexdigest()
+
+
+def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable, views=(),
+                 cut=None):
     """Atomically replace features.h5. `rows`: an index.Rows, or dicts with path, label,
     sha256, split, size, mtime_ns, segment, segment_row, segment_rows. Rows are stored in
     feature order (segment, then row), which is stable across reruns and keeps the virtual
@@ -215,12 +257,17 @@ def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable, vi
     a time, never built whole in memory (about 150 MB at a million rows).
     `unreadable` ({sha256: reason}) remembers files that failed to decode, so reruns skip them.
     `views` (AUGMENT=K): dicts with the image's sha256, view (1..K), segment, segment_row and
-    segment_rows of augmented views, stored as `view_features`, `view_sha256` and `view_index`."""
+    segment_rows of augmented views, stored as `view_features`, `view_sha256` and `view_index`.
+    `cut` (a Layer, FINETUNE_FROM=cache): the same for the cut's activations, row for row, as
+    `cut_features`, `cut_view_features`, `cut_view_sha256` and `cut_view_index`."""
     rows = Rows.of(rows)
     order = rows.stored_order()
-    views = sorted(views, key=lambda v: (v["segment"], v["segment_row"]))
     used = np.unique(rows.segment)
-    segments = sorted({rows.segments[n] for n in used.tolist()} | {v["segment"] for v in views})
+    segments = {rows.segments[n] for n in used.tolist()} | {v["segment"] for v in views}
+    if cut is not None:
+        segments |= {cut.segments[n] for n in np.unique(cut.segment).tolist()}
+        segments |= {v["segment"] for v in cut.views}
+    segments = sorted(segments)
 
     def write(fileobj):
         with h5py.File(fileobj, "w") as f:
@@ -229,16 +276,12 @@ def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable, vi
             f.create_virtual_dataset("features", _layout(
                 rows.segments, rows.segment[order], rows.segment_row[order],
                 rows.segment_rows[order], feature_shape, dtype), fillvalue=np.nan)
-            if views:  # only with AUGMENT: a cache without views is laid out as before
-                names = sorted({v["segment"] for v in views})
-                number = {name: n for n, name in enumerate(names)}
-                f.create_virtual_dataset("view_features", _layout(
-                    names, np.array([number[v["segment"]] for v in views]),
-                    np.array([v["segment_row"] for v in views]),
-                    np.array([v["segment_rows"] for v in views]), feature_shape, dtype),
-                    fillvalue=np.nan)
-                _checksummed(f, "view_sha256", np.array([v["sha256"] for v in views], "S64"))
-                _checksummed(f, "view_index", np.array([v["view"] for v in views], np.int64))
+            _write_views(f, "", views, feature_shape, dtype)  # only with AUGMENT
+            if cut is not None:
+                f.create_virtual_dataset("cut_features", _layout(
+                    cut.segments, cut.segment[order], cut.segment_row[order],
+                    cut.segment_rows[order], cut.shape, cut.dtype), fillvalue=np.nan)
+                _write_views(f, "cut_", cut.views, cut.shape, cut.dtype)
             f["features"].attrs["note"] = (
                 "virtual: read from the segments/ folder beside this file; copied alone it "
                 "reads as NaN. `make export` writes a file that stands alone")
@@ -266,6 +309,22 @@ def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable, vi
                                 else json.dumps(value))
     files.atomic_write(os.path.join(features_dir, MASTER), write)
     return segments
+
+
+def _write_views(f, prefix, views, shape, dtype):
+    """`views` as <prefix>view_features (virtual), view_sha256 and view_index; nothing without
+    views, so that a cache without them is laid out as before."""
+    if not views:
+        return
+    views = sorted(views, key=lambda v: (v["segment"], v["segment_row"]))
+    names = sorted({v["segment"] for v in views})
+    number = {name: n for n, name in enumerate(names)}
+    f.create_virtual_dataset(f"{prefix}view_features", _layout(
+        names, np.array([number[v["segment"]] for v in views]),
+        np.array([v["segment_row"] for v in views]),
+        np.array([v["segment_rows"] for v in views]), shape, dtype), fillvalue=np.nan)
+    _checksummed(f, f"{prefix}view_sha256", np.array([v["sha256"] for v in views], "S64"))
+    _checksummed(f, f"{prefix}view_index", np.array([v["view"] for v in views], np.int64))
 
 
 def _write_column(f, name, column, order, kind):
@@ -440,7 +499,8 @@ class FeatureStore:
             _check_index(self.file)  # every chunk through its checksum, nothing kept
             # what every stage needs; `paths` and `sha256` (about 200 bytes a row as str, which
             # train-head never reads) are loaded on first use
-            index = _index(self.file, ("label", "split", "segments", *VIEW_DATASETS[1:]))
+            index = _index(self.file, ("label", "split", "segments", *VIEW_DATASETS[1:],
+                                       *CUT_DATASETS[2:]))
             self.features = self.file["features"]
         except DAMAGE as error:
             self.file.close()
@@ -481,9 +541,10 @@ class FeatureStore:
                             "`make extract` to recompute it")
 
     def _views_by_row(self, index):
-        """AUGMENT=K: `views` = K and, per row and view 1..K, the position of that view in
-        `view_features` (-1: none, as for validation and test rows); K = 0 without views."""
-        self.views, self.view_features, self._view_at = 0, None, None
+        """AUGMENT=K: `views` = K and, per layer ("" for the features, "cut_" for the cut's
+        activations), row and view 1..K, the position of that view in `<layer>view_features`
+        (-1: none, as for validation and test rows); K = 0 without views."""
+        self.views, self.view_features, self._view_at = 0, None, {}
         if "view_features" not in self.file:
             return
         self.view_features = self.file["view_features"]
@@ -491,27 +552,54 @@ class FeatureStore:
         # in the file but not read
         self.views = int(self.attrs.get("augment", {}).get("views", 0))
         row_of = {sha: row for row, sha in enumerate(self.sha256)}
-        self._view_at = np.full((len(self.labels), self.views + 1), -1, np.int64)
-        for at, (sha, view) in enumerate(zip(index["view_sha256"], index["view_index"])):
-            if sha in row_of and view <= self.views:
-                self._view_at[row_of[sha], view] = at
+        for layer in ("", "cut_"):
+            if f"{layer}view_features" not in self.file:
+                continue
+            at_of = self._view_at[layer] = np.full((len(self.labels), self.views + 1), -1,
+                                                   np.int64)
+            for at, (sha, view) in enumerate(zip(index[f"{layer}view_sha256"],
+                                                 index[f"{layer}view_index"])):
+                if sha in row_of and 0 < view <= self.views:
+                    at_of[row_of[sha], view] = at
 
-    def read_views(self, indices, views):
+    @property
+    def cut(self):
+        """The layer whose activations this cache keeps for fine-tuning (FINETUNE_FROM=cache),
+        with their identity, or None."""
+        return self.attrs.get("cut") if "cut_features" in self.file else None
+
+    def cut_views(self):
+        """Training rows' views of the cut's activations: how many of 1..views every row has."""
+        at = self._view_at.get("cut_")
+        if at is None or not self.views:
+            return 0
+        train = self.rows("train")
+        whole = (at[train, 1:] >= 0).all(axis=0)  # view k cached for every training row
+        return int(np.argmin(np.append(whole, False)))
+
+    def read_views(self, indices, views, layer=""):
         """Features of the given rows, each as the view given (0: the plain features, 1..K: an
-        augmented view cached by `make extract AUGMENT=K`), as float32."""
+        augmented view cached by `make extract AUGMENT=K`), as float32. layer="cut_": the cut's
+        activations instead (FINETUNE_FROM=cache)."""
         indices, views = np.asarray(indices), np.asarray(views)
-        out = np.empty((len(indices), *self.features.shape[1:]), np.float32)
+        out = np.empty((len(indices), *self.shape(f"{layer}features")), np.float32)
         plain = views == 0
-        out[plain] = self.read(indices[plain])
+        out[plain] = self.read(indices[plain], f"{layer}features")
         if not plain.all():
-            at = (self._view_at[indices[~plain], views[~plain]] if self._view_at is not None
+            view_at = self._view_at.get(layer)
+            at = (view_at[indices[~plain], views[~plain]] if view_at is not None
                   else np.full(int((~plain).sum()), -1))
             if (at < 0).any():
                 raise UserError(f"{self.path} has no view {int(views[~plain][at < 0][0])} of row "
                                 f"{int(indices[~plain][at < 0][0])}: rerun `make extract` with "
                                 "the AUGMENT the head trains with")
-            out[~plain] = self.read(at, "view_features")
+            out[~plain] = self.read(at, f"{layer}view_features")
         return out
+
+    def shape(self, dataset="features"):
+        """The shape of one row of `dataset`."""
+        with self._lock:  # a reader thread may be reopening the file (_touch)
+            return self.file[dataset].shape[1:]
 
     @property
     def paths(self):
@@ -561,11 +649,12 @@ class FeatureStore:
         """Features of the given rows (any order, no duplicates needed), as float32, from the
         dataset named (`features`, or `view_features` for augmented views)."""
         indices = np.asarray(indices)
+        shape = self.shape(dataset)
         if len(indices) == 0:
-            return np.zeros((0, *self.features.shape[1:]), np.float32)
+            return np.zeros((0, *shape), np.float32)
         order = np.argsort(indices)
         wanted = indices[order]
-        out = np.empty((len(indices), *self.features.shape[1:]), np.float32)
+        out = np.empty((len(indices), *shape), np.float32)
         # Contiguous reads beat h5py's point selection. A read spans at most READ_BLOCK rows
         # and never a gap of more than READ_GAP unwanted rows, so rows scattered over a large
         # cache (train-head's shuffled chunks) cost no reads of the rows between them.
@@ -684,8 +773,9 @@ def export(features_dir, out_path):
         def write(fileobj):
             with h5py.File(fileobj, "w") as out:
                 for name, item in store.file.items():
-                    if name not in ("features", "segments", *VIEW_DATASETS):  # the cache's
-                        # plumbing, and the training views, which an exported file leaves out
+                    if name not in ("features", "segments", *VIEW_DATASETS, *CUT_DATASETS):
+                        # the cache's plumbing, the training views and fine-tuning's
+                        # activations, which an exported file leaves out
                         store.file.copy(item, out, name=name)
                 for key, value in store.file.attrs.items():
                     out.attrs[key] = value

@@ -92,6 +92,14 @@ class Config:
     # --- stage three: fine-tuning ----------------------------------------------------------------
     unfreeze: str = setting("block5", "the lowest layers that train: a block (block5) or a count "
                                       "of top convolutional layers")
+    finetune_from: str = setting("cache", "cache: extract also caches the activations that "
+                                          "fine-tuning starts from (the input of UNFREEZE's "
+                                          "lowest layer, for every AUGMENT view) and finetune "
+                                          "trains on them, decoding no image; images: finetune "
+                                          "decodes and augments the images every epoch")
+    cut_storage: str = setting("float16", "float16 | float32: how FINETUNE_FROM=cache's "
+                                          "activations are kept (float16: half the disk); part "
+                                          "of their identity")
     finetune_epochs: int = setting(10, "fine-tuning epochs (early stopping may end sooner)")
     finetune_optimizer: str = setting("adam", "adam | rmsprop (the article's): fine-tuning's "
                                               "optimizer")
@@ -148,6 +156,8 @@ class Config:
         _check_choice("PRECISION", self.precision,
                       ("auto", "float32", "mixed_float16", "mixed_bfloat16"))
         _check_choice("STORAGE", self.storage, ("float32", "float16"))
+        _check_choice("CUT_STORAGE", self.cut_storage, ("float32", "float16"))
+        _check_choice("FINETUNE_FROM", self.finetune_from, ("cache", "images"))
         if self.backend:  # empty: KERAS_BACKEND, else tensorflow
             from .runtime import BACKENDS  # here: runtime imports this module
             _check_choice("BACKEND", self.backend, BACKENDS)

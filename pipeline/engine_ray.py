@@ -6,10 +6,11 @@ to-do list, compaction and features.h5. This module does the work that grows wit
 
 * `sha256_of`: files the last run did not see are hashed in Ray tasks, HASH_FILES_PER_TASK each;
 * `resolve_precision`: PRECISION=auto as a worker resolves it, on the device it extracts on;
-* `compute`: the images to extract go through Ray Data, `from_items` -> `map_batches` on a pool
-  of `Extractor` actors. Each builds the backbone once, decodes with the project's loader, writes
-  one segment per batch of thousands of rows straight into features/<NAME>/segments/, and
-  returns only (sha256, segment, row, rows, reason): features never pass through the object store.
+* `compute`: extract's jobs (pipeline.featurize: an image and the rows it lacks) go through Ray
+  Data, `from_items` -> `map_batches` on a pool of `Extractor` actors. Each builds the featurizer
+  once (the same code as ENGINE=local: the same numbers), writes one segment per target and batch
+  of thousands of rows straight into features/<NAME>/segments/, and returns only (key, target,
+  segment, row, rows, reason): activations never pass through the object store.
 
 Every node must see DATA, features/<NAME>/ and the weights file at the same paths (a shared file
 system); the code reaches the workers through `runtime_env` (py_modules).
@@ -22,13 +23,12 @@ last result it receives, and extract's `cache.remove_unreferenced` deletes the o
 features.h5 is written. A killed driver loses the batches in flight: the next run's inventory
 finds every segment written.
 """
-import collections
 import contextlib
+import json
 import logging
 import math
 import os
 import signal
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from tqdm import tqdm
@@ -45,7 +45,6 @@ except ImportError:  # pragma: no cover - the message is the point
 
 HASH_FILES_PER_TASK = 1000
 RETRIES = 3              # of a hashing task whose worker died
-DECODE_AHEAD = 2         # batches each actor decodes ahead of the model: memory stays at three
 # Environment the workers need from the driver's: the Keras backend (issue 13's BACKEND), the
 # oneDNN choice that features are reproduced with, quiet logs, and the one test hook.
 KILL_ONCE = "PIPELINE_TEST_KILL_WORKER_ONCE"
@@ -119,36 +118,42 @@ class RayEngine:
                 progress.update(len(chunk))
         return hashes
 
-    def compute(self, config, weights, identity, identity_id, todo, known):
-        """extract's `_compute` on the cluster: updates `known` in place with one (segment, row,
-        rows) per new image and returns {sha: reason} for those that could not be decoded."""
+    def compute(self, config, weights, identity, targets, jobs, known):
+        """extract's local compute on the cluster: updates `known` (one index per target) in
+        place with one (segment, row, rows) per row computed and returns {sha: reason} for the
+        images that could not be decoded."""
         from . import backbone
         workers, cpus, gpus = self._plan()
-        storage = backbone.storage_dtype(identity)
-        row_bytes = int(np.prod(backbone.feature_shape(config.size))) * np.dtype(storage).itemsize
-        rows = segment_rows(len(todo), workers, row_bytes)
-        root = os.path.abspath(config.data)
-        items = [{"sha256": sha, "path": os.path.join(root, path)} for sha, path in todo.items()]
-        results = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / rows))
+        inputs = sum(len(job.inputs) for job in jobs)
+        row_bytes = max(int(np.prod(backbone.layer_shape(t.layer, identity["image_size"])))
+                        * np.dtype(t.dtype).itemsize for t in targets)
+        per_input = segment_rows(inputs, workers, row_bytes)
+        # a Ray batch is whole images, about per_input rows (an image brings all its views)
+        per_batch = max(1, per_input * len(jobs) // max(inputs, 1))
+        items = [{"sha256": job.sha256, "path": os.path.abspath(job.path),
+                  "inputs": json.dumps(job.inputs)} for job in jobs]
+        results = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_batch))
         results = results.map_batches(
-            Extractor, batch_size=rows, batch_format="numpy",
+            Extractor, batch_size=per_batch, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus, num_gpus=gpus,
             fn_constructor_kwargs=dict(
-                features_dir=os.path.abspath(config.features_dir), identity_id=identity_id,
-                identity=identity, weights=vars(weights), batch_size=config.batch_size,
-                threads=cpus),
+                features_dir=os.path.abspath(config.features_dir), identity=identity,
+                targets=[vars(t) for t in targets], weights=vars(weights), seed=config.seed,
+                batch_size=config.batch_size, threads=cpus),
             runtime_env=self.runtime_env)  # a killed actor is restarted, its batch retried
         unreadable = {}
-        print(f"extract {config.dataset_name}: {len(items)} images on Ray, {workers} workers of "
-              f"{f'1 GPU and {cpus}' if gpus else cpus} CPU(s), {rows} images per segment")
+        print(f"extract {config.dataset_name}: {len(items)} images ({inputs} rows) on Ray, "
+              f"{workers} workers of {f'1 GPU and {cpus}' if gpus else cpus} CPU(s), about "
+              f"{per_input} rows per segment")
         with _worker_errors():
             for out in results.iter_batches(batch_size=None, batch_format="numpy"):
-                for sha, segment, row, n, reason in zip(out["sha256"], out["segment"], out["row"],
-                                                        out["rows"], out["reason"]):
+                for sha, key, target, segment, row, n, reason in zip(
+                        out["sha256"], out["key"], out["target"], out["segment"], out["row"],
+                        out["rows"], out["reason"]):
                     if reason:
                         unreadable[str(sha)] = str(reason)
-                    else:  # one (segment, row) per image: a retried batch's result replaces any
-                        known[str(sha)] = (str(segment), int(row), int(n))
+                    else:  # one (segment, row) per row: a retried batch's result replaces any
+                        known[int(target)][str(key)] = (str(segment), int(row), int(n))
         return unreadable
 
 
@@ -230,63 +235,51 @@ def _precision_here(precision):
 
 
 class Extractor:
-    """One Ray Data actor: the backbone built once; each call turns a batch of (sha256, path) into
-    one segment and returns where each image's features went, or why it could not be decoded."""
+    """One Ray Data actor: the featurizer (pipeline.featurize) built once; each call turns a batch
+    of jobs into one segment per target and returns where each row went, or why its image could
+    not be decoded."""
 
-    def __init__(self, features_dir, identity_id, identity, weights, batch_size, threads):
+    def __init__(self, features_dir, identity, targets, weights, seed, batch_size, threads):
         _limit_threads(threads)  # before the framework runs its first operation
-        from . import backbone
+        from . import featurize
         if not os.path.isdir(features_dir):
             raise UserError(f"a Ray worker on {os.uname().nodename} cannot see {features_dir}: "
                             "features/ and DATA must be on a file system every node shares")
-        self.features_dir, self.identity_id = features_dir, identity_id
-        self.size, self.batch_size = identity["image_size"], batch_size
-        self.dtype = backbone.storage_dtype(identity)
-        base = backbone.build_backbone(_weights_here(weights), self.size,
-                                       identity["precision"])
-        self.features_of = backbone.feature_function(base)
-        self.decoders = ThreadPoolExecutor(threads)
+        self.features_dir = features_dir
+        self.featurizer = featurize.Featurizer(
+            _weights_here(weights), identity, [featurize.Target(**t) for t in targets], seed,
+            batch_size, threads)
 
     def __call__(self, batch):
-        import keras
-
-        from . import backbone, extract
-        shas, paths = [str(s) for s in batch["sha256"]], [str(p) for p in batch["path"]]
-        features = np.empty((len(shas), *backbone.feature_shape(self.size)), self.dtype)
-        reasons, written = [""] * len(shas), []  # written: the shas of the segment's rows
-        for first, decoded in _decoded_batches(self.decoders, paths, self.size, self.batch_size):
-            ok = [i for i, (_, reason) in enumerate(decoded) if not reason]
-            for i, (_, reason) in enumerate(decoded):
-                reasons[first + i] = reason
-            if ok:
-                out = keras.ops.convert_to_numpy(self.features_of(np.stack(
-                    [decoded[i][0] for i in ok]))).astype(self.dtype, copy=False)
-                extract.check_finite(out, paths[first], len(decoded))
-                features[len(written):len(written) + len(ok)] = out
-                written += [shas[first + i] for i in ok]
-        segment = (cache.write_segment(self.features_dir, self.identity_id, written,
-                                       features[:len(written)]) if written else "")
+        from . import featurize
+        jobs = [featurize.Job(str(sha), str(path), tuple(tuple(i) for i in json.loads(str(spec))))
+                for sha, path, spec in zip(batch["sha256"], batch["path"], batch["inputs"])]
+        self.featurizer.unreadable = {}
+        found = [([], []) for _ in self.featurizer.targets]  # per target: keys, row arrays
+        for rows in self.featurizer.batches(jobs):
+            for number, (keys, parts) in enumerate(found):
+                more, activations = rows.rows_for(number)
+                keys += more
+                parts.append(activations)
+        out = {name: [] for name in ("sha256", "key", "target", "segment", "row", "rows",
+                                     "reason")}
+        for number, (target, (keys, parts)) in enumerate(zip(self.featurizer.targets, found)):
+            if keys:
+                segment = cache.write_segment(self.features_dir, target.identity_id, keys,
+                                              np.concatenate(parts))
+                for row, key in enumerate(keys):
+                    for name, value in zip(out, ("", key, number, segment, row, len(keys), "")):
+                        out[name].append(value)
         _die_once_for_tests()
-        row_of = {sha: row for row, sha in enumerate(written)}
-        return {"sha256": np.array(shas), "reason": np.array(reasons, dtype=object),
-                "segment": np.array([segment] * len(shas)),
-                "row": np.array([row_of.get(sha, -1) for sha in shas], np.int64),
-                "rows": np.full(len(shas), len(written), np.int64)}
-
-
-def _decoded_batches(pool, paths, size, batch_size):
-    """(index of the first, [(image, reason), ...]) for consecutive batches of `paths`, decoded
-    by the pool's threads DECODE_AHEAD batches ahead while the caller runs the model."""
-    from . import images
-    pending = collections.deque()
-    for first in range(0, len(paths), batch_size):
-        pending.append((first, [pool.submit(images.try_load_image, path, size)
-                                for path in paths[first:first + batch_size]]))
-        if len(pending) > DECODE_AHEAD:
-            first_done, futures = pending.popleft()
-            yield first_done, [future.result() for future in futures]
-    for first_done, futures in pending:
-        yield first_done, [future.result() for future in futures]
+        for sha, reason in self.featurizer.unreadable.items():
+            for name, value in zip(out, (sha, "", -1, "", -1, 0, reason)):
+                out[name].append(value)
+        return {"sha256": np.array(out["sha256"], dtype=object),
+                "key": np.array(out["key"], dtype=object),
+                "target": np.array(out["target"], np.int64),
+                "segment": np.array(out["segment"], dtype=object),
+                "row": np.array(out["row"], np.int64), "rows": np.array(out["rows"], np.int64),
+                "reason": np.array(out["reason"], dtype=object)}
 
 
 def _limit_threads(threads):

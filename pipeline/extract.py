@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, datasets, images, index, lock, views
+from . import artifacts, backbone, cache, datasets, featurize, index, lock, views
 from .config import Config, UserError, warn
 
 HASH_AT_ONCE = 65536  # files handed to the engine's sha256_of at a time
@@ -33,6 +33,7 @@ class ExtractResult:
     changed: bool       # False when features.h5 was already up to date
     views: int = 0      # augmented views of training images in the cache (AUGMENT)
     new_views: int = 0  # views that went through the backbone in this run
+    cut: str = ""       # the layer whose activations are cached for fine-tuning, if any
 
 
 def run(config: Config) -> ExtractResult:
@@ -50,7 +51,13 @@ def _engine(config):
             yield engine
     else:
         yield types.SimpleNamespace(resolve_precision=backbone.resolve_precision,
-                                    sha256_of=_sha256_here, compute=_compute)
+                                    sha256_of=_sha256_here, compute=_compute_here)
+
+
+def _compute_here(config, weights, identity, targets, jobs, known):
+    featurizer = featurize.Featurizer(weights, identity, targets, config.seed, config.batch_size)
+    return featurize.compute_here(featurizer, jobs, config.features_dir, known,
+                                  f"extract {config.dataset_name}")
 
 
 def _sha256_here(paths):
@@ -67,68 +74,110 @@ def _run(config, engine):
     storage = backbone.resolve_storage(config.storage)
     identity = backbone.feature_identity(weights, config.size, precision, storage)
     identity_id = backbone.identity_id(identity)
+    targets, cut = cached_layers(config, identity)
     out = config.features_dir
 
     with lock.exclusive(out, "extract"):
         cache.remove_strays(out)  # left by a killed run: no other run writes them now
         shas, sizes, mtimes = _hash_files(dataset, cache.previous_files(out), engine.sha256_of)
-        known = cache.inventory(out, identity_id)
+        known = [cache.inventory(out, target.identity_id) for target in targets]
         unreadable = cache.previous_unreadable(out)
-        todo = {}  # sha -> one path with that content
-        for at in np.flatnonzero(known.find(shas) < 0).tolist():
-            sha = shas[at].decode()
-            if sha not in unreadable:
-                todo.setdefault(sha, dataset.files[at].path)
-        newly_unreadable = (engine.compute(config, weights, identity, identity_id, todo, known)
-                            if todo else {})
-        unreadable.update(newly_unreadable)
-
+        previous_views = cache.master_attribute(out, "augment")
+        computed = {"images": set(), "views": 0}
+        # Until nothing is missing: a second round computes only the views of an image that
+        # became its class's training image because the one before it did not decode.
+        while True:
+            good = ~np.isin(shas, index.as_keys(list(unreadable))) if unreadable else \
+                np.ones(len(shas), bool)
+            rows = _rows(dataset, fractions, shas, sizes, mtimes, good)
+            if dataset.layout != "splits":
+                _give_every_class_a_training_image(rows)
+            # AUGMENT=K: K augmented views of each training image, keyed like images (views.py)
+            wanted_views = views.wanted(config, rows, previous_views, known[0])
+            jobs = featurize.plan(_candidates(dataset.root, rows, wanted_views, config.augment),
+                                  known)
+            if not jobs:
+                break
+            newly_unreadable = engine.compute(config, weights, identity, targets, jobs, known)
+            unreadable.update(newly_unreadable)
+            for job in jobs:
+                if job.sha256 not in newly_unreadable:
+                    computed["images"].update(job.sha256 for view, _, _ in job.inputs if not view)
+                    computed["views"] += sum(view > 0 for view, _, _ in job.inputs)
+        del good
         skipped = list(dataset.skipped)
-        good = np.ones(len(shas), bool)
         if unreadable:
-            bad = index.as_keys(list(unreadable))
-            good = ~np.isin(shas, bad)
+            bad = np.isin(shas, index.as_keys(list(unreadable)))
             skipped += [(dataset.files[at].path, unreadable[shas[at].decode()])
-                        for at in np.flatnonzero(~good).tolist()]
-        rows = _rows(dataset, fractions, shas, sizes, mtimes, good)
+                        for at in np.flatnonzero(bad).tolist()]
         del shas, sizes, mtimes
         _check_every_class_has_an_image(dataset, rows)
-        if dataset.layout != "splits":
-            _give_every_class_a_training_image(rows)
 
-        # AUGMENT=K: K augmented views of each training image, keyed like images (views.py)
-        wanted_views = views.wanted(config, rows, cache.master_attribute(out, "augment"), known)
-        new_views = views.compute(config, weights, identity, identity_id, dataset.root,
-                                  views.missing(config, wanted_views, known), known)
         keep = rows.sha256 if not wanted_views else np.concatenate(
             [rows.sha256, index.as_keys([v[0] for v in wanted_views])])
-        known = cache.compact(out, identity_id, known.only(keep))
-        _place(rows, known)
-        view_rows = views.records(wanted_views, known)
-        attrs = cache_attributes(config, dataset, weights, identity, identity_id, rows, view_rows)
+        known = [cache.compact(out, target.identity_id, found.only(keep))
+                 for target, found in zip(targets, known)]
+        _place(rows, known[0])
+        view_rows = views.records(wanted_views, known[0])
+        cut_rows = cut and cache.Layer.of(cut["layer"], known[1], rows.sha256,
+                                          views.records(wanted_views, known[1]),
+                                          backbone.layer_shape(cut["layer"], config.size),
+                                          targets[1].dtype)
+        attrs = cache_attributes(config, dataset, weights, identity, identity_id, rows, view_rows,
+                                 cut, cut_rows)
         changed = attrs["index_digest"] != cache.master_attribute(out, "index_digest")
         if changed:
-            referenced = cache.write_master(out, rows, attrs, backbone.feature_shape(config.size),
-                                            backbone.storage_dtype(identity), unreadable,
-                                            view_rows)
-            cache.remove_unreferenced(out, identity_id, set(referenced))
+            referenced = set(cache.write_master(
+                out, rows, attrs, backbone.feature_shape(config.size),
+                backbone.storage_dtype(identity), unreadable, view_rows, cut_rows))
+            for target in targets:
+                cache.remove_unreferenced(out, target.identity_id, referenced)
         datasets.write_skipped_csv(os.path.join(out, "skipped.csv"), skipped)
 
+    new_images = np.isin(rows.sha256, index.as_keys(list(computed["images"])))
     result = ExtractResult(
         features_path=os.path.join(out, cache.MASTER), rows=len(rows),
-        new=len(todo) - len(newly_unreadable),
-        reused=len(rows) - int(np.isin(rows.sha256, index.as_keys(list(todo))).sum()),
+        new=len(computed["images"]), reused=len(rows) - int(new_images.sum()),
         skipped=len(skipped), seconds=time.perf_counter() - start, identity=identity,
         changed=changed, views=sum(v["view"] <= config.augment for v in view_rows),
-        new_views=new_views)
-    augmented = (f", {result.views} augmented views ({new_views} new)" if config.augment
+        new_views=computed["views"], cut=cut["layer"] if cut else "")
+    augmented = (f", {result.views} augmented views ({result.new_views} new)" if config.augment
                  else "")
+    at_cut = f", {result.cut} activations for finetune" if cut else ""
     print(f"extract {config.dataset_name}: {result.rows} rows, {result.new} new, {result.reused} "
-          f"reused, {result.skipped} skipped (see {out}/skipped.csv){augmented}, "
+          f"reused, {result.skipped} skipped (see {out}/skipped.csv){augmented}{at_cut}, "
           f"{result.seconds:.1f} s")
     if weights.notice:
         warn(weights.notice)
     return result
+
+
+def cached_layers(config, identity):
+    """The featurize.Targets extract keeps: the base's output, and with FINETUNE_FROM=cache the
+    cut that fine-tuning starts from (UNFREEZE's input); and the cut's description for
+    features.h5 (None without one)."""
+    targets = [featurize.Target(backbone.OUTPUT_LAYER, backbone.identity_id(identity),
+                                identity.get("storage", "float32"))]
+    layer = backbone.cut_layer(config.unfreeze) if config.finetune_from == "cache" else None
+    if not layer:  # FINETUNE_FROM=images, or UNFREEZE trains every layer: no activations to keep
+        return targets, None
+    cut_identity = backbone.cut_identity(identity, layer, config.cut_storage)
+    cut = {"layer": layer, "identity": cut_identity,
+           "identity_id": backbone.identity_id(cut_identity)}
+    return targets + [featurize.Target(layer, cut["identity_id"], config.cut_storage)], cut
+
+
+def _candidates(root, rows, wanted_views, augment):
+    """[(key, image sha256, view, full path)]: every row's plain input (once per content) and
+    the views 1..AUGMENT of the training rows."""
+    out, seen = [], set()
+    for sha, path in zip(rows.sha256.tolist(), rows.path.tolist()):
+        if sha not in seen:
+            seen.add(sha)
+            out.append((sha.decode(), sha.decode(), 0, os.path.join(root, path)))
+    out += [(key, sha, view, os.path.join(root, path))
+            for key, sha, view, path in wanted_views if view <= augment]
+    return out
 
 
 def _hash_files(dataset, previous, sha256_of):
@@ -182,43 +231,6 @@ def _place(rows, known):
     rows.segment_rows = known.rows_of_segments()[rows.segment]
 
 
-def _compute(config, weights, identity, identity_id, todo, known):
-    """Run the new images through the backbone, one atomic segment per batch. Updates `known`
-    in place and returns {sha: reason} for the files that could not be decoded."""
-    base = backbone.build_backbone(weights, config.size, identity["precision"])
-    features_of = backbone.feature_function(base)
-    dtype = backbone.storage_dtype(identity)
-    shas = list(todo)
-    paths = [os.path.join(config.data, todo[sha]) for sha in shas]
-    unreadable = {}
-    # closed also on an error, so that the error line does not land on the bar's line
-    with tqdm(total=len(shas), desc=f"extract {config.dataset_name}", unit="img",
-              smoothing=0.1) as progress:
-        # The dataset leads the zip, so its iterator runs to its natural end (no pending work
-        # to cancel when the loop stops).
-        batches = images.image_batches(paths, config.size, config.batch_size)
-        for (batch, reasons), first in zip(batches, range(0, len(shas), config.batch_size)):
-            ok = np.array([not r for r in reasons])
-            batch_shas = shas[first:first + len(reasons)]
-            unreadable.update({s: r for s, r in zip(batch_shas, reasons) if r})
-            if ok.any():
-                features = features_of(batch[ok]).astype(dtype, copy=False)
-                check_finite(features, paths[first], len(reasons))
-                good = [s for s, k in zip(batch_shas, ok) if k]
-                segment = cache.write_segment(config.features_dir, identity_id, good, features)
-                known.update({s: (segment, row, len(good)) for row, s in enumerate(good)})
-            progress.update(len(reasons))
-    return unreadable
-
-
-def check_finite(features, first_path, batch_images):
-    """Refuse features out of the storage dtype's range: a cache must never hold inf or NaN."""
-    if not np.isfinite(features).all():
-        raise UserError(f"features of {first_path} (batch of {batch_images}) are not finite"
-                        f"{' in float16' * (features.dtype == np.float16)}: the WEIGHTS give "
-                        "values out of range; use STORAGE=float32 and PRECISION=float32")
-
-
 def _check_every_class_has_an_image(dataset, rows):
     present = set(np.unique(rows.label).tolist())
     for label, class_name in enumerate(dataset.class_names):
@@ -240,16 +252,19 @@ def _give_every_class_a_training_image(rows):
     rows.split = np.array(rows.split.tolist(), "S")  # as wide as its longest split, as before
 
 
-def cache_attributes(config, dataset, weights, identity, identity_id, rows, view_rows=()):
-    """The attributes of features.h5: the identity, the config, the index digest, versions."""
+def cache_attributes(config, dataset, weights, identity, identity_id, rows, view_rows=(),
+                     cut=None, cut_rows=None):
+    """The attributes of features.h5: the identity, the config, the index digest, versions, and
+    the cut's identity (`cut`) when it keeps activations for fine-tuning."""
     # What the index says, including where each row's features live: equal digests mean there is
     # nothing to rewrite, and later stages (make batch) use it to know that nothing changed.
     cached = max((v["view"] for v in view_rows), default=0)
     augment = {"augment": views.attributes(config, cached)} if cached else {}
     digest = _index_digest(index.Rows.of(rows), [identity, dataset.class_names]
                            + [[v["key"], v["segment"], v["segment_row"]] for v in view_rows]
-                           + list(augment.values()))  # nothing, without views: as before
-    return {**augment,
+                           + list(augment.values())  # nothing, without views: as before
+                           + ([cut, cut_rows.digest()] if cut else []))
+    return {**augment, **({"cut": cut} if cut else {}),
         "class_names": dataset.class_names,
         "backbone": identity["backbone"],
         "weights": identity["weights"],

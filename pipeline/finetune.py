@@ -1,11 +1,20 @@
-"""Stage three: fine-tune the top of VGG16 together with the stage-two dense head, on images.
+"""Stage three: fine-tune the top of VGG16 together with the stage-two dense head.
 
     python -m pipeline finetune [--name NAME] [--unfreeze block5|N] [--finetune-epochs 10]
-                                [--lr 1e-4] [--fresh 1]
+                                [--lr 1e-4] [--finetune-from cache|images] [--fresh 1]
 
 Fine-tuning starts from the trained head, never a random one: a random head sends large errors back
 through the base and destroys what the base learned. Every epoch is backed up, so a killed run
 continues where it stopped; FRESH=1 starts again from the head.
+
+The layers below UNFREEZE are frozen, so they give the same output for the same input every
+epoch. With FINETUNE_FROM=cache (the default), extract has cached that output, the *cut*
+(block4_pool for UNFREEZE=block5), for every image and every AUGMENT view: fine-tuning trains the
+layers above the cut and the head on those activations, reading each training image as another
+cached view every epoch, as train-head does. It decodes no image and runs no frozen layer, so it
+needs only features/<NAME>/. FINETUNE_FROM=images (or a cache without the cut) decodes and
+augments the images every epoch and runs the whole base. Either way finetuned.keras is the whole
+model, image -> probabilities.
 
     -> models/<NAME>/finetuned.keras (image -> probabilities), finetune_metrics.json,
        finetune_history.png, finetune_log.csv (a row an epoch: the history, also across resumes);
@@ -37,6 +46,8 @@ from . import (
     plots,
     registry,
     runtime,
+    stream,
+    views,
 )
 from .config import Config, UserError, warn
 
@@ -59,6 +70,7 @@ class FinetuneResult:
     resumed_from_epoch: int   # epochs already done when this run started (0 = fresh)
     trainable_layers: list
     seconds: float
+    source: str = "images"    # what it trained on: "cache" (the cut's activations) or "images"
 
 
 def run(config: Config, *, callbacks=()) -> FinetuneResult:
@@ -78,45 +90,84 @@ def _finetune(config, start, extra_callbacks):
         weights = backbone.weights_of_cache(config.weights, store.attrs)
         artifacts.require_same_identity(head_record.identity, store.identity,
                                         registry.path(config, "dense"))
-        data = make_datasets(config, store)
         head = registry.load(config, "dense")
-        model, trainable = build_model(config, weights, head, store,
-                                       augmented=config.finetune_augment)
+        source = training_source(config, store)
+        if source == "cache":  # the layers above the cut, on its cached activations
+            data = cached_datasets(config, store)
+            model, whole, trainable = build_model_on_cut(config, weights, head, store)
+            on_error = stream.one_line_on_damage(store)
+        else:  # the whole model on decoded (augmented) images
+            data = make_datasets(config, store)
+            model, trainable = build_model(config, weights, head, store,
+                                           augmented=config.finetune_augment)
+            whole, on_error = model, images.one_line_on_change(
+                data["train"], data["validation"], data["test"], data["step0"][0])
         settings = {"identity_id": backbone.identity_id(store.identity), "lr": config.lr,
                     "optimizer": config.finetune_optimizer, "unfreeze": config.unfreeze,
-                    "finetune_augment": config.finetune_augment,
+                    "finetune_augment": config.finetune_augment, "finetune_from": source,
                     "head_sha256": head_record.file_sha256}
         # backups from before FINETUNE_AUGMENT augmented exactly when the head had seen views
         state = resume_state(config, settings, head_record.get("views", 0) > 0)
-        if state is None:  # a resumed model is no longer the head's: nothing to compare
-            with images.one_line_on_change(data["step0"][0]):
+        done = state["epochs"] if state else 0
+        early, backup, callbacks = make_callbacks(config, settings, state, start,
+                                                  extra_callbacks)
+        if source == "cache":
+            data["train"].start_at(done)  # each epoch's views, as in a run never interrupted
+        # A run that early stopping ended stays ended; otherwise train up to EPOCHS (0 more?).
+        target = done if state and state["stopped"] else max(done, config.finetune_epochs)
+        with on_error:
+            if state is None:  # a resumed model is no longer the head's: nothing to compare
                 check_composition(model, head, *data["step0"])
-
-    done = state["epochs"] if state else 0
-    early, backup, callbacks = make_callbacks(config, settings, state, start, extra_callbacks)
-    if state is None:  # the head itself is "epoch 0", to beat: see Backup.on_train_begin
-        backup.start = model.evaluate(data["validation"], verbose=0, return_dict=True)["loss"]
-    # A run that early stopping ended stays ended; otherwise train up to EPOCHS (possibly 0 more).
-    target = done if state and state["stopped"] else max(done, config.finetune_epochs)
-    with images.one_line_on_change(data["train"], data["validation"], data["test"]):
-        model.fit(data["train"], validation_data=data["validation"], initial_epoch=done,
-                  epochs=target, callbacks=callbacks,
-                  shuffle=False,  # the dataset shuffles itself, seeded
-                  verbose=1 if sys.stdout.isatty() else 2)  # logs: a line an epoch
-        # EarlyStopping.on_train_end has put the best epoch's weights back (also after a resume)
-        scores = {name: model.evaluate(data[name], return_dict=True, verbose=0)
-                  if data[name] else {} for name in ("validation", "test")}
-    result = _write_outputs(config, store, weights, model, head_record, backup, early, trainable,
-                            done, scores, log_history(config, target))
+                # the head itself is "epoch 0", to beat: see Backup.on_train_begin
+                backup.start = model.evaluate(data["validation"], verbose=0,
+                                              return_dict=True)["loss"]
+            model.fit(data["train"], validation_data=data["validation"], initial_epoch=done,
+                      epochs=target, callbacks=callbacks,
+                      shuffle=False,  # the dataset shuffles itself, seeded
+                      verbose=1 if sys.stdout.isatty() else 2)  # logs: a line an epoch
+            # EarlyStopping.on_train_end has put the best epoch's weights back (also after a
+            # resume); `whole` shares them
+            scores = {name: model.evaluate(data[name], return_dict=True, verbose=0)
+                      if data[name] else {} for name in ("validation", "test")}
+    result = _write_outputs(config, store, weights, whole, head_record, backup, early,
+                            trainable, done, scores, log_history(config, target), source)
     if result.epochs and not result.best_epoch:
         print(f"finetune {config.dataset_name}: no epoch beat the head's validation loss: "
               "finetuned.keras is the head on the base, unchanged")
-    print(f"finetune {config.dataset_name}: {result.epochs} epochs (best {result.best_epoch}), "
-          f"validation accuracy {result.validation['accuracy']:.3f}, {result.seconds:.1f} s "
-          f"-> {result.model_path}")
+    print(f"finetune {config.dataset_name}: {result.epochs} epochs (best {result.best_epoch}) "
+          f"from the {source}, validation accuracy {result.validation['accuracy']:.3f}, "
+          f"{result.seconds:.1f} s -> {result.model_path}")
     if weights.notice:
         warn(weights.notice)
     return result
+
+
+def training_source(config, store):
+    """"cache" when the cache holds what FINETUNE_FROM=cache trains on: the activations at
+    UNFREEZE's cut and, with FINETUNE_AUGMENT, their augmented views. Otherwise "images", after
+    one line that says how to cache them."""
+    if config.finetune_from == "images":
+        return "images"
+    layer, cut = backbone.cut_layer(config.unfreeze), store.cut
+    why = None
+    if layer is None:
+        why = f"UNFREEZE={config.unfreeze} trains every layer, so it starts from the images"
+    elif not cut or cut["layer"] != layer:
+        why = (f"the cache holds no {layer} activations: `make extract UNFREEZE="
+               f"{config.unfreeze}` caches them")
+    elif config.finetune_augment and not store.cut_views():
+        why = (f"the cache holds no augmented views of {layer}: `make extract AUGMENT=5` caches "
+               "them (FINETUNE_AUGMENT=0: the plain activations)")
+    if why:
+        print(f"finetune {config.dataset_name}: from the images, as {why}; FINETUNE_FROM=images "
+              "says so")
+        return "images"
+    expected = backbone.cut_identity(store.identity, layer, cut["identity"].get("storage",
+                                                                                "float32"))
+    if cut["identity"] != expected:
+        raise UserError(f"{store.path}'s {layer} activations were made by another backbone than "
+                        f"its features: {RETRAIN}")
+    return "cache"
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,6 +195,30 @@ def make_datasets(config, store):
     return {"train": dataset(split["train"], shuffle_seed=config.seed),
             "validation": dataset(split["validation"]), "test": dataset(split["test"]),
             "step0": (dataset(first), store.read(first))}
+
+
+def cached_datasets(config, store):
+    """The cut's cached activations as Keras datasets: "train" (shuffled; with FINETUNE_AUGMENT
+    each image is read as another cached view every epoch, views.epoch_reader), "validation" and
+    "test" (plain; None when empty), and "step0": the first validation batch's activations with
+    its cached features. No image is decoded and no layer below the cut runs."""
+    split = {s: store.rows(s) for s in datasets.SPLITS}
+    if not len(split["train"]) or not len(split["validation"]):
+        raise UserError(f"the cache of {config.dataset_name} has no train or no validation "
+                        "images: add images or change SPLIT, then " + RETRAIN)
+    targets = (store.labels.astype(np.float32)[:, None] if len(store.class_names) == 2
+               else store.labels.astype(np.int32))
+    per_image = store.cut_views() if config.finetune_augment else 0
+    read = views.epoch_reader(store, config.seed, "cut_", per_image)
+
+    def dataset(rows, **kwargs):
+        return stream.CachedFeatures(store, rows, targets, config.batch_size,
+                                     dataset="cut_features", **kwargs) if len(rows) else None
+
+    first = split["validation"][:config.batch_size]
+    return {"train": dataset(split["train"], seed=config.seed, read=read),
+            "validation": dataset(split["validation"]), "test": dataset(split["test"]),
+            "step0": (store.read(first, "cut_features"), store.read(first))}
 
 
 def checked_image_paths(config, store):
@@ -193,6 +268,27 @@ def build_model(config, weights, head, store, augmented=True):
     return model, trainable
 
 
+def build_model_on_cut(config, weights, head, store):
+    """(model, whole, trainable): `model` maps the cut's activations through the base's layers
+    above the cut and the head, and trains; `whole` is image -> probabilities, the frozen layers
+    below the cut included. They share every layer above the cut, so `whole` holds what `model`
+    learns, and is what finetuned.keras saves."""
+    whole, base = compose(weights, head, store.identity)
+    trainable = set_trainable(base, config.unfreeze)
+    cut = base.get_layer(store.cut["layer"])
+    if tuple(cut.output.shape[1:]) != tuple(store.shape("cut_features")):
+        raise UserError(f"{store.path}'s {cut.name} activations are {store.shape('cut_features')}"
+                        f", not {tuple(cut.output.shape[1:])}: {RETRAIN}")
+    x = inputs = keras.Input(cut.output.shape[1:], name=cut.name)
+    for layer in base.layers[base.layers.index(cut) + 1:]:
+        x = layer(x)
+    model = keras.Model(inputs, head(x), name="finetune_on_cut")
+    steps = math.ceil(len(store.rows("train")) / config.batch_size)
+    model.compile(optimizer=make_optimizer(config, steps),
+                  loss=heads.loss_for(len(store.class_names)), metrics=["accuracy"])
+    return model, whole, trainable
+
+
 def make_optimizer(config, steps_per_epoch):
     """Adam at LR=1e-4 by default, where the article used RMSprop at 1e-5. On cats_vs_dogs
     (bench/QUALITY_NOTES.md, section e) RMSprop at 1e-5 moved block5 too little to matter in 4
@@ -238,29 +334,20 @@ def compose(weights, head, identity, augment_layers=None):
 
 
 def set_trainable(base, unfreeze):
-    """Freeze every layer below UNFREEZE: a block name ("block5") or a count of top conv layers.
-    Returns the names of the base's layers that train."""
-    layers = base.layers
-    convs = [i for i, layer in enumerate(layers) if isinstance(layer, keras.layers.Conv2D)]
-    blocks = sorted({layers[i].name.split("_")[0] for i in convs})
-    text = str(unfreeze).strip()
-    if text.isdigit() and int(text) <= len(convs):
-        first = convs[len(convs) - int(text)] if int(text) else len(layers)
-    elif text in blocks:
-        first = next(i for i, layer in enumerate(layers) if layer.name.startswith(text + "_"))
-    else:
-        raise UserError(f"UNFREEZE={unfreeze!r} is neither a block name ({', '.join(blocks)}) nor "
-                        f"a count of top convolutional layers (0-{len(convs)}): use e.g. "
-                        "UNFREEZE=block5")
+    """Freeze every layer below UNFREEZE: a block name ("block5") or a count of top conv layers
+    (backbone.first_trainable). Returns the names of the base's layers that train."""
+    first = backbone.first_trainable(unfreeze)
     base.trainable = True
-    for i, layer in enumerate(layers):
-        layer.trainable = i >= first
-    return [layer.name for layer in layers if layer.trainable and layer.weights]
+    for layer in base.layers:
+        layer.trainable = (layer.name in backbone.LAYERS
+                           and backbone.LAYERS.index(layer.name) >= first)
+    return [layer.name for layer in base.layers if layer.trainable and layer.weights]
 
 
 def check_composition(model, head, image_batches, features):
     """Before any training step the composed model must predict what the head predicts on the
-    cached features of the same images; otherwise the cache and the images disagree.
+    cached features of the same images (or, from the cache, the model on the cut's activations
+    of those images); otherwise the cache and the images disagree.
     Returns (composed predictions, head predictions)."""
     composed = model.predict(image_batches, verbose=0)
     cached = head.predict(features, verbose=0)
@@ -289,10 +376,12 @@ def resume_state(config, settings, augmented_before_the_setting=False):
     made_with = old and {"UNFREEZE": old["unfreeze"], "LR": old["lr"],
                          "FINETUNE_OPTIMIZER": old.get("optimizer", "rmsprop"),
                          "FINETUNE_AUGMENT": int(old.get("finetune_augment",
-                                                         augmented_before_the_setting))}
+                                                         augmented_before_the_setting)),
+                         "FINETUNE_FROM": old.get("finetune_from", "images")}
     asked = {"UNFREEZE": settings["unfreeze"], "LR": settings["lr"],
              "FINETUNE_OPTIMIZER": settings["optimizer"],
-             "FINETUNE_AUGMENT": int(settings["finetune_augment"])}
+             "FINETUNE_AUGMENT": int(settings["finetune_augment"]),
+             "FINETUNE_FROM": settings["finetune_from"]}
     if made_with and made_with != asked:
         # another model or optimizer: the augmentation's layers hold their random generators'
         # state, so even FINETUNE_AUGMENT changes what the backup must restore
@@ -402,7 +491,7 @@ def log_history(config, epochs):
 # --------------------------------------------------------------------------------------------
 
 def _write_outputs(config, store, weights, model, head_record, backup, early, trainable,
-                   done, scores, history):
+                   done, scores, history, source):
     model_path = artifacts.path(config, artifacts.FINETUNED)
     with files.replacing_path(model_path) as temporary:  # a kill leaves the last one whole
         model.save(temporary)
@@ -414,7 +503,7 @@ def _write_outputs(config, store, weights, model, head_record, backup, early, tr
         "class_names": list(store.class_names), "config": config.to_dict(),
         "weights": weights.fingerprint, "weights_notice": weights.notice,
         "versions": backbone.library_versions(),  # the backend among them
-        "unfreeze": config.unfreeze, "trainable_layers": trainable,
+        "unfreeze": config.unfreeze, "trainable_layers": trainable, "finetune_from": source,
         "validation": scores["validation"], "test": scores["test"], "epochs": epochs,
         "best_epoch": int(early.best_epoch) + 1 if epochs else 0, "seconds": backup.seconds(),
         "history": history, "resumed_from_epoch": done,
@@ -429,4 +518,4 @@ def _write_outputs(config, store, weights, model, head_record, backup, early, tr
                        f"{config.unfreeze}")
     return FinetuneResult(model_path, metrics_path, plot_path, metrics["validation"],
                           metrics["test"], epochs, metrics["best_epoch"], done, trainable,
-                          metrics["seconds"])
+                          metrics["seconds"], source)

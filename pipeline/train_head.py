@@ -13,8 +13,6 @@ import os
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import keras
@@ -27,6 +25,7 @@ from tqdm import tqdm
 
 from . import artifacts, backbone, cache, files, heads, logs, plots, runtime, views
 from .config import Config, UserError, warn
+from .stream import CachedFeatures, one_line_on_damage
 
 STANDARDIZE = True           # False: train on raw feature maps, as the article does
 LOGREG_MEMORY_MB = 256       # train features up to this size are fitted in memory, else SGD
@@ -113,56 +112,8 @@ def _kept_models(metrics_path, store, head):
 
 
 # --------------------------------------------------------------------------------------------
-# Streaming the cache
+# The standardisation's moments
 # --------------------------------------------------------------------------------------------
-
-class CachedFeatures(keras.utils.PyDataset):
-    """(features, target) batches over `rows` of the cache, for Keras's fit and evaluate on any
-    backend. The cache is read a block of rows at a time (cache.block_plan), the next block in
-    a thread of its own while the model trains on this one, so at most two blocks are in memory
-    whatever the cache's size. With a seed, every epoch visits the rows in a new order, the same
-    in every run. `read(indices, epoch)` reads the features instead of the store
-    (views.epoch_reader: another augmented view of each image every epoch)."""
-
-    def __init__(self, store, rows, targets, batch_size, seed=None, read=None):
-        super().__init__(workers=1)  # batches in order, from one thread: the block cache holds
-        self.store, self.rows, self.targets, self.read = store, rows, targets, read
-        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
-        # whole batches per block: one short batch per epoch, at the very end at most
-        self.per_block = max(1, cache.READ_BLOCK // batch_size) * batch_size
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="cache-read")
-        self._plan()
-
-    def _plan(self):
-        rng = None if self.seed is None else np.random.default_rng([self.seed, self.epoch])
-        self.blocks = cache.block_plan(self.rows, self.per_block, rng)
-        self.reads = {}  # block number -> its read (a Future), the current one and the next
-
-    def _read(self, indices):
-        return self.store.read(indices) if self.read is None else self.read(indices, self.epoch)
-
-    def _block(self, number):
-        # only this block and the next are kept: a block already used is dropped, or an epoch
-        # would hold every block it read (the whole split in float32) until its end
-        self.reads = {n: read for n, read in self.reads.items() if n in (number, number + 1)}
-        if number not in self.reads:
-            self.reads = {number: self.reader.submit(self._read, self.blocks[number])}
-        if number + 1 < len(self.blocks) and number + 1 not in self.reads:
-            self.reads[number + 1] = self.reader.submit(self._read, self.blocks[number + 1])
-        return self.reads[number].result()
-
-    def __len__(self):
-        return -(-len(self.rows) // self.batch_size)
-
-    def __getitem__(self, index):
-        number, start = divmod(index * self.batch_size, self.per_block)
-        batch = slice(start, start + self.batch_size)
-        return self._block(number)[batch], self.targets[self.blocks[number][batch]]
-
-    def on_epoch_end(self):
-        self.epoch += 1
-        self._plan()
-
 
 def feature_moments(store, rows):
     """The mean feature map of `rows` and one global scale (the RMS deviation from that mean),
@@ -214,7 +165,7 @@ def train_dense(config, store, rows, callbacks=()):
                  keras.callbacks.CSVLogger(paths["log"]), *callbacks,
                  *([board] if board else [])]
     start = time.perf_counter()
-    with _one_line_on_damage(store):
+    with one_line_on_damage(store):
         history = trainer.fit(train, validation_data=validation, epochs=config.epochs,
                               callbacks=callbacks, shuffle=False,  # the dataset shuffles
                               verbose=1 if sys.stdout.isatty() else 2).history  # a line an epoch
@@ -224,7 +175,7 @@ def train_dense(config, store, rows, callbacks=()):
         head.save(temporary)
 
     _compiled(head, len(names), config.head_lr)  # after saving: no unused optimizer in the file
-    with _one_line_on_damage(store):
+    with one_line_on_damage(store):
         entry = {"validation": _evaluate_dense(head, validation)}
         if len(rows["test"]):
             test = CachedFeatures(store, rows["test"], targets, config.batch_size)
@@ -240,18 +191,6 @@ def train_dense(config, store, rows, callbacks=()):
                        f"{config.dataset_name}: dense head on cached features"
                        + (f" ({notice})" if notice else ""))
     return entry, paths
-
-
-@contextmanager
-def _one_line_on_damage(store):
-    """A damaged segment met while Keras reads the cache can reach us as a framework error (under
-    TensorFlow, Keras runs the dataset inside tf.data): raise FeatureStore's own one line."""
-    try:
-        yield
-    except Exception:
-        if store.damage is not None:
-            raise store.damage from None
-        raise
 
 
 def _compiled(model, num_classes, learning_rate, xla=False):

@@ -1,18 +1,16 @@
 """Augmented views in the feature cache (`make extract AUGMENT=K`) and reading them back.
 
 extract caches K augmented views (pipeline.augment) of every training image beside its plain
-features, in the same content-keyed segments: a view's key is augment.view_key(image sha256,
-augmentation identity, view number). An unchanged rerun finds every key and computes nothing; a
-larger K computes only the views it lacks; another augmentation (or SEED) has other keys and
-never reuses a view. Validation and test images get no views: they are always scored plain.
+features (and beside the cut's activations, for fine-tuning from the cache), in the same
+content-keyed segments, computed by pipeline.featurize: a view's key is augment.view_key(image
+sha256, augmentation identity, view number). An unchanged rerun finds every key and computes
+nothing; a larger K computes only the views it lacks; another augmentation (or SEED) has other
+keys and never reuses a view. Validation and test images get no views: they are always scored plain.
 train-head reads each training image as another view every epoch (`epoch_reader`).
 """
-import os
-
 import numpy as np
-from tqdm import tqdm
 
-from . import augment, backbone, cache, images, index
+from . import augment, index
 
 
 def attributes(config, cached):
@@ -55,43 +53,6 @@ def _any_cached(known, keys):
     return any(key in known for key in keys)
 
 
-def missing(config, wanted_views, known):
-    """The views of 1..AUGMENT that are not cached yet: what extract computes."""
-    return [v for v in wanted_views if v[2] <= config.augment and v[0] not in known]
-
-
-def compute(config, weights, identity, identity_id, root, todo, known):
-    """Augment and run through the frozen base the views in `todo` ([(key, sha, view, path)]),
-    one atomic segment per batch, as extract does for plain images. Updates `known` (key ->
-    segment, row, rows) in place; returns the number of views computed."""
-    if not todo:
-        return 0
-    base = backbone.build_backbone(weights, config.size, identity["precision"])
-    features_of = backbone.feature_function(base)
-    model = augment.augmentation(config.seed)
-    dtype = backbone.storage_dtype(identity)
-    paths = [os.path.join(root, path) for _, _, _, path in todo]
-    done = 0
-    with tqdm(total=len(todo), desc=f"views {config.dataset_name}", unit="view") as progress:
-        batches = images.image_batches(paths, config.size, config.batch_size)
-        for (batch, reasons), first in zip(batches, range(0, len(todo), config.batch_size)):
-            chunk = todo[first:first + len(reasons)]
-            # these images decoded for their plain features in this run or an earlier one
-            ok = np.array([not r for r in np.asarray(reasons)])
-            chunk = [item for item, good in zip(chunk, ok) if good]
-            if chunk:
-                shas, numbers = [sha for _, sha, _, _ in chunk], [v for _, _, v, _ in chunk]
-                views = augment.augment_views(np.asarray(batch)[ok], shas, numbers, config.seed,
-                                              model)
-                features = np.asarray(features_of(views)).astype(dtype, copy=False)
-                keys = [key for key, _, _, _ in chunk]
-                segment = cache.write_segment(config.features_dir, identity_id, keys, features)
-                known.update({key: (segment, row, len(keys)) for row, key in enumerate(keys)})
-                done += len(keys)
-            progress.update(len(reasons))
-    return done
-
-
 def records(wanted_views, known):
     """The views for write_master: image sha256, view number and where its features are."""
     out = []
@@ -103,13 +64,15 @@ def records(wanted_views, known):
     return out
 
 
-def epoch_reader(store, seed):
+def epoch_reader(store, seed, layer="", views=None):
     """read(indices, epoch) -> features, each training row as its view of that epoch
-    (augment.epoch_views: the plain features or one of the cache's K views); None without views."""
-    if not store.views:
+    (augment.epoch_views: the plain features or one of the cache's K views); None without views.
+    layer="cut_": the cut's activations that fine-tuning reads, with `views` of them."""
+    views = store.views if views is None else views
+    if not views:
         return None
 
     def read(indices, epoch):
-        views = augment.epoch_views(indices, store.views, seed, epoch, len(store))
-        return store.read_views(indices, views)
+        chosen = augment.epoch_views(indices, views, seed, epoch, len(store))
+        return store.read_views(indices, chosen, layer)
     return read

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import make_image_folder
 
-from pipeline import augment, backbone, cache, export, extract, images, train_head, views
+from pipeline import augment, backbone, cache, export, extract, images, stream, train_head, views
 from pipeline.cache import FeatureStore
 from pipeline.config import Config, UserError
 
@@ -161,7 +161,7 @@ def test_train_head_reads_a_view_of_each_training_image_every_epoch(folder, make
         every = {v: store.read_views(rows, [v] * len(rows)) for v in range(3)}
         read = views.epoch_reader(store, config.seed)
         targets = np.arange(len(store))  # a row's target is its index
-        ds = train_head.CachedFeatures(store, rows, targets, 4, seed=0, read=read)
+        ds = stream.CachedFeatures(store, rows, targets, 4, seed=0, read=read)
         for epoch in range(3):
             expected = augment.epoch_views(rows, 2, config.seed, epoch, len(store))
             for x, y in ds:

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_image_folder
 from test_train_head import synthetic_cache
 
-from pipeline import backbone, cache, extract, finetune, images, logs, registry, train_head
+from pipeline import backbone, cache, extract, finetune, images, logs, registry, stream, train_head
 from pipeline.cache import FeatureStore
 from pipeline.config import Config
 
@@ -35,7 +35,7 @@ def test_shuffled_blocks_and_batches_mix_a_class_sorted_cache(class_sorted, monk
                                                                np.random.default_rng([0, epoch]))])
             assert 0.3 < store.labels[order[:128]].mean() < 0.7  # the first half of the epoch
         monkeypatch.setattr(cache, "READ_BLOCK", block)  # train-head's blocks
-        ds = train_head.CachedFeatures(store, rows, store.labels.astype(np.float32)[:, None],
+        ds = stream.CachedFeatures(store, rows, store.labels.astype(np.float32)[:, None],
                                        32, seed=0)
         batch_means = [y.mean() for _, y in ds]
     assert min(batch_means) > 0.05 and max(batch_means) < 0.95

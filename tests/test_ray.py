@@ -124,6 +124,34 @@ def test_ray_gives_the_local_engines_features_and_skipped_files(cluster, data, l
     assert extract.run(config).new == 0  # reused, and bad files are not retried
 
 
+def read_every_row(config):
+    """path -> [its features, its cut's activations, then each view of both]: all that extract
+    computed for it."""
+    with cache.FeatureStore(config.features_dir) as store:
+        rows = np.arange(len(store))
+        out = {path: [store.read([row])[0], store.read([row], "cut_features")[0]]
+               for path, row in zip(store.paths, rows)}
+        for row in store.rows("train").tolist():
+            for view in range(1, store.views + 1):
+                out[store.paths[row]] += [store.read_views([row], [view])[0],
+                                          store.read_views([row], [view], "cut_")[0]]
+    return out
+
+
+def test_ray_computes_the_views_and_the_cut_bit_for_bit_as_the_local_engine(cluster, data,
+                                                                           tmp_path):
+    local = config_of(data, tmp_path / "local", augment=2)
+    on_ray = config_of(data, tmp_path / "ray", augment=2, engine="ray", workers=2)
+    assert extract.run(local).cut == extract.run(on_ray).cut == "block4_pool"
+    expected, found = read_every_row(local), read_every_row(on_ray)
+    assert found.keys() == expected.keys()
+    assert {len(arrays) for arrays in found.values()} == {2, 6}  # views of training rows only
+    for path, arrays in expected.items():
+        for a, b in zip(arrays, found[path], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert extract.run(on_ray).new_views == 0
+
+
 def test_a_worker_killed_after_writing_its_segment_leaves_no_duplicate(
         cluster, data, local_features, tmp_path, monkeypatch):
     marker = tmp_path / "killed"

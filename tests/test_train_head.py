@@ -19,6 +19,7 @@ from pipeline import (
     heads,
     images,
     plots,
+    stream,
     train_head,
 )
 from pipeline.cache import FeatureStore
@@ -243,7 +244,7 @@ def test_streaming_visits_every_row_once_per_epoch_in_a_seeded_order(synthetic_c
         rows = store.rows("train")
         targets = np.arange(len(store))  # a row's target is its index: shows the order
         def epochs(seed, n=2):
-            ds = train_head.CachedFeatures(store, rows, targets, batch_size=5, seed=seed)
+            ds = stream.CachedFeatures(store, rows, targets, batch_size=5, seed=seed)
             out = []
             for _ in range(n):  # as Keras's fit does: the batches, then on_epoch_end
                 out.append(list(ds))
@@ -316,7 +317,7 @@ def test_streaming_keeps_at_most_two_blocks_in_memory(synthetic_config, monkeypa
     monkeypatch.setattr(cache, "READ_BLOCK", 10)  # 12 blocks of 10 from the 120 train rows
     with FeatureStore(synthetic_config.features_dir) as store:
         targets = np.arange(len(store))
-        ds = train_head.CachedFeatures(store, store.rows("train"), targets, batch_size=5,
+        ds = stream.CachedFeatures(store, store.rows("train"), targets, batch_size=5,
                                        seed=0)
         held = []
         for index in range(len(ds)):
