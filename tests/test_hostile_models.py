@@ -1,13 +1,26 @@
 """What lies inside models/<NAME> is untrusted: no stage writes, truncates or deletes through a
 link planted there, a second writer stops with one line, and what report and predict read back
 (evaluation.json, the metrics) is checked before it is used or shown."""
+import json
 import os
+import re
 import stat
+import threading
 
 import pytest
 from conftest import make_image_folder
 
-from pipeline import artifacts, extract, files, lock, train_head
+from pipeline import (
+    artifacts,
+    evaluate,
+    extract,
+    files,
+    lock,
+    predict,
+    registry,
+    report,
+    train_head,
+)
 from pipeline.config import UserError
 
 VICTIM = b"a file of the user's, outside features/ and models/\n"
@@ -55,6 +68,32 @@ def plant(path, kind, target):
         os.symlink(os.devnull, path)
     else:
         os.mkfifo(path)
+
+
+def finishes(function, fifos, seconds=120):
+    """function(), failing the test instead of hanging when it blocks on one of `fifos`."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = function()
+        except BaseException as error:  # noqa: BLE001 - handed to the test below
+            result["error"] = error
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    hung = thread.is_alive()
+    if hung:  # let it go: a writer that opens and closes gives the blocked reader its EOF
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        thread.join(30)
+    assert not hung, "blocked on a FIFO"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,3 +173,109 @@ def test_train_head_waits_for_no_other_writer_of_models(extracted, tmp_path, hol
     assert outside(config, tmp_path) == before
     train_head.run(config)  # once it is released
     assert os.path.exists(artifacts.path(config, artifacts.LOGREG))
+
+
+# --------------------------------------------------------------------------------------------
+# 3: what report and predict read back
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def evaluated(extracted):
+    config = extracted.replace(head="logreg")
+    train_head.run(config)
+    evaluate.run(config)
+    return config
+
+
+def edit_json(path, change):
+    with open(path) as f:
+        data = json.load(f)
+    change(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def logreg_scores(config, change):
+    edit_json(artifacts.path(config, artifacts.EVALUATION), lambda e: change(e["models"]["logreg"]))
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("accuracy", "0.99", "'0.99'"), ("accuracy", 1.5, "1.5"), ("loss", -1, "-1"),
+    ("misclassified_count", "3", "'3'"), ("roc_auc", [1], r"\[1\]"),
+])
+def test_a_wrong_type_or_range_in_evaluation_json_is_one_line(evaluated, tmp_path, key, value,
+                                                             shown):
+    logreg_scores(evaluated, lambda m: m.update({key: value}))
+    before = outside(evaluated, tmp_path)
+    with pytest.raises(UserError, match=rf"evaluation.json is damaged .*\(models\.logreg\.{key} "
+                                        rf"is {shown}, not .*\): run `make evaluate` again$"):
+        report.run(evaluated)
+    assert not os.path.exists(artifacts.path(evaluated, artifacts.REPORT))
+    assert outside(evaluated, tmp_path) == before
+
+
+def test_a_mistake_at_a_fifo_is_passed_over(evaluated, tmp_path):
+    fifo = os.path.join(evaluated.data, "vertical", "fifo.jpg")
+    os.mkfifo(fifo)
+    mistake = {"path": "vertical/fifo.jpg", "true": "vertical", "predicted": "horizontal",
+               "probability": 0.9}
+    logreg_scores(evaluated, lambda m: m.update(misclassified=[mistake], misclassified_count=1))
+    before = outside(evaluated, tmp_path)
+    result = finishes(lambda: report.run(evaluated), [fifo])
+    text = open(result.path).read()
+    assert "could not be opened" in text  # the one mistake is not shown, the report is written
+    assert outside(evaluated, tmp_path) == before
+
+
+@pytest.mark.parametrize("path", ["/etc/hostname", "../victim.txt", "vertical/../../victim.txt"])
+def test_a_mistake_outside_the_data_is_refused(evaluated, path):
+    mistake = {"path": path, "true": "vertical", "predicted": "horizontal", "probability": 0.9}
+    logreg_scores(evaluated, lambda m: m.update(misclassified=[mistake]))
+    with pytest.raises(UserError, match=r"misclassified\[0\]\.path is .*, not a path inside the "
+                                        r"data folder\): run `make evaluate` again"):
+        report.run(evaluated)
+
+
+def test_text_read_back_is_escaped_in_the_report(evaluated, tmp_path):
+    script = "<script>alert(1)</script>"
+    edit_json(artifacts.path(evaluated, artifacts.EVALUATION),
+              lambda e: e.update(data_root=f"x`{script}", weights_notice=f"![x]({script})"))
+    logreg_scores(evaluated, lambda m: m.update(
+        confusion_matrix_png=f"x.png){script}",
+        misclassified=[{"path": "gone.jpg", "true": "vertical", "predicted": "horizontal",
+                        "probability": 0.5}], misclassified_count=1))
+    before = outside(evaluated, tmp_path)
+    text = open(report.run(evaluated).path).read()
+    assert "`` x`<script>alert(1)</script> ``" in text  # a code span: shown as is
+    prose = re.sub(r"(`+) .*? \1", "", text)  # outside code spans, nothing left active:
+    assert not re.search(r"(?<!\\)<", prose)  # no tag
+    assert not re.search(r"(?<!\\)!\[x", prose)  # no picture
+    assert r"\!\[x\](\<script\>alert(1)\</script\>)" in prose  # escaped, not removed
+    assert "![confusion matrix, logistic regression](confusion_logreg.png)" in text
+    assert outside(evaluated, tmp_path) == before
+
+
+def test_a_fifo_at_evaluation_json_is_one_line(evaluated):
+    path = artifacts.path(evaluated, artifacts.EVALUATION)
+    os.remove(path)
+    os.mkfifo(path)
+    with pytest.raises(UserError, match=r"evaluation.json is not a regular file \(FIFO\): remove "
+                                        r"it; run `make evaluate` first"):
+        finishes(lambda: report.run(evaluated), [path])
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, "0.99", None])
+def test_a_validation_accuracy_out_of_range_is_refused(evaluated, tmp_path, value, capsys):
+    """validation.accuracy steers MODEL=auto: 1.5 would win over every honest model."""
+    path = artifacts.path(evaluated, artifacts.HEAD_METRICS)
+    edit_json(path, lambda m: m["models"]["logreg"]["validation"].update(accuracy=value))
+    message = (r"head_metrics.json is damaged .*\(models\.logreg\.validation\.accuracy is "
+               r".*, not a number from 0 to 1\): rerun `make train-head`$")
+    with pytest.raises(UserError, match=message):
+        registry.record(evaluated, "logreg")
+    with pytest.raises(UserError, match=message):
+        predict.run(evaluated.replace(images=evaluated.data, model="logreg"))
+    with pytest.raises(UserError, match="no trained model"):  # auto: passed over, with one line
+        predict.run(evaluated.replace(images=evaluated.data))
+    assert "passed over: " in capsys.readouterr().out
+    assert not os.path.exists(artifacts.path(evaluated, artifacts.PREDICTIONS))
