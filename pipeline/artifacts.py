@@ -43,26 +43,34 @@ def write_json(file_path, data):
 
 
 def read_json(file_path, missing_hint):
+    """The JSON in `file_path`; a missing file, one that is not a regular file (a FIFO would
+    hang the reader) or not JSON is refused in one line ending in `missing_hint`."""
     if not os.path.exists(file_path):
         raise UserError(f"{file_path} does not exist: {missing_hint}")
-    with open(file_path) as f:
-        return json.load(f)
+    with files.open_regular(file_path, fix=f"remove it; {missing_hint}") as f:
+        try:
+            return json.load(f)
+        except ValueError:
+            raise UserError(f"{file_path} is not JSON (half written, or not ours): "
+                            f"{missing_hint}") from None
 
 
 def file_sha256(file_path, chunk=1 << 22):
+    """Of a regular file only: anything else is refused in one line (files.open_regular)."""
     digest = hashlib.sha256()
-    with open(file_path, "rb") as f:
+    with files.open_regular(file_path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
 
 
 def json_or_empty(file_path):
-    """A JSON file's content, or {} when it is missing or not JSON (a half-written file)."""
+    """A JSON file's content, or {} when it is missing, not a regular file or not JSON (a
+    half-written file)."""
     try:
-        with open(file_path) as f:
+        with files.open_regular(file_path) as f:
             return json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):
         return {}
 
 

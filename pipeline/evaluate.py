@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn import metrics
 
-from . import artifacts, cache, images, plots, registry
+from . import artifacts, cache, images, lock, plots, registry
 from .config import Config, UserError, warn
 
 CONFUSION_PLOT = "confusion_{model}.png"
@@ -29,6 +29,13 @@ class EvaluateResult:
 
 
 def run(config: Config) -> EvaluateResult:
+    """Score every usable model, holding models/<NAME>'s lock: a train-head or finetune meanwhile
+    would replace a model between its scoring and its record."""
+    with lock.exclusive(config.models_dir, "evaluate"):
+        return _evaluate(config)
+
+
+def _evaluate(config):
     start = time.perf_counter()
     with cache.FeatureStore(config.features_dir) as store:
         split = "test" if len(store.rows("test")) else "validation"

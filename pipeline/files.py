@@ -9,6 +9,7 @@ segmentation fault.
 """
 import errno
 import os
+import stat
 from contextlib import contextmanager
 
 from .config import UserError
@@ -79,6 +80,61 @@ def replacing_path(path):
                           "the same command again; everything finished so far is kept") from None
         raise
     _fsync_folder(folder or ".")  # the rename itself survives a power cut
+
+
+def no_link(path):
+    """Make `path` safe for a library that opens it by name to write (Keras's CSVLogger and
+    ModelCheckpoint): whatever is there and is not a plain file of its own (a link, a hard link
+    to another file, a FIFO, a socket, a device) is removed, never followed, so what it points
+    at is untouched and the library creates a new file, as `replacing` renames over a link. A
+    folder there is refused in one line. Returns `path`."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    if stat.S_ISDIR(info.st_mode):
+        raise UserError(f"{path} is a folder where a file is written: remove it, then run the "
+                        "same command again")
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.remove(path)  # the name only: a link's target, a hard link's other names are kept
+    return path
+
+
+def no_link_folder(path):
+    """Make `path` a plain folder of plain files for a library that writes into it by name
+    (Keras's BackupAndRestore): a link (or any other non-folder) at `path` is removed, not
+    followed, and so is every link or non-regular file inside it, at any depth; plain files
+    and folders are kept (a backup to resume from). Returns `path`."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISDIR(info.st_mode):
+        os.remove(path)
+        return path
+    for folder, subfolders, names in os.walk(path):  # os.walk enters no linked folder
+        for name in names:
+            no_link(os.path.join(folder, name))
+        for name in subfolders:  # where os.walk lists the links to folders
+            if os.path.islink(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+    return path
+
+
+def open_regular(path, mode="r", fix="remove it, then run the same command again", **open_args):
+    """`path` open for reading, refused in one line (ending in `fix`) unless it is a regular
+    file: a FIFO planted in models/<NAME> would block the reader forever, a device (a link to
+    /dev/zero) would feed it without end. Opened without blocking, then checked, so no race."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        kind = os.fstat(fd).st_mode
+        if not stat.S_ISREG(kind):
+            from .datasets import file_kind  # datasets writes through this module
+            raise UserError(f"{path} is not a regular file ({file_kind(kind)}): {fix}")
+        return os.fdopen(fd, mode, **open_args)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def is_full(error):

@@ -9,13 +9,18 @@ Rows are matched to files by name. A file's name in the CSV is tried, in order, 
     3. the same, ignoring case              (Cat1.JPG for cat1.jpg)
     4. its stem, ignoring the extension     (cat1.jpg for cat1.jpeg or cat1.png)
 Steps 3 and 4 are reported as notes, since the CSV and the folder disagree, but the image is used.
-Nothing else is fatal: a row that names no file, a file with no row, an empty label, or one file
-given two different labels each become a line of features/<NAME>/skipped.csv, and their counts
-appear in the batch summary. Labels are class names as written (surrounding spaces stripped), so
-"golden retriever" is a class. Splits come from content hashes, as for DATA/<class>/ folders.
+A row that names no file, a file with no row, or an empty label each become a line of
+features/<NAME>/skipped.csv, and their counts appear in the batch summary. Refused in one line:
+a line longer than MAX_LINE characters (the CSV is read a bounded line at a time), a row naming
+a path that leaves DATA (../x.jpg), and images given two different labels (all of them named).
+Labels are class names as written (surrounding spaces stripped, Unicode NFC-normalised, so "café"
+typed either way is one class), so "golden retriever" is a class. Splits come from content
+hashes, as for DATA/<class>/ folders.
 """
 import csv
 import os
+import posixpath
+import unicodedata
 
 from .config import UserError
 
@@ -23,6 +28,8 @@ from .config import UserError
 MISSING_FILE = "CSV row names no file in DATA"
 UNLABELLED = "image has no row in the labels CSV"
 NOTE_EXAMPLES = 5  # how many lenient matches to print as examples
+MAX_LINE = 65536  # characters in one line of the CSV: a file name and a label fit many times over
+CONFLICTS_SHOWN = 5  # images with two labels named in the refusal
 
 
 def resolve_labels_path(data, labels_csv):
@@ -51,19 +58,19 @@ def read_rows(csv_path, label_columns):
     file_col, label_col = parse_columns(label_columns)
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
-            first_line = f.readline()
+            first_line = next(_bounded_lines(f, csv_path), "")
             f.seek(0)
             # the header's separator: ";" and tab are common where "," is the decimal separator
             delimiter = max(",;\t", key=first_line.count) if first_line.strip() else ","
-            reader = csv.reader(f, delimiter=delimiter)
+            reader = csv.reader(_bounded_lines(f, csv_path), delimiter=delimiter)
             header = [h.strip() for h in next(reader, [])]
             columns = _find_columns(header, (file_col, label_col), csv_path, delimiter)
             rows = []
             for line, record in enumerate(reader, start=2):
                 if not any(cell.strip() for cell in record):
                     continue  # blank line
-                cells = [record[i].strip() if i < len(record) else "" for i in columns]
-                rows.append((line, *cells))
+                name, label = [record[i].strip() if i < len(record) else "" for i in columns]
+                rows.append((line, name, unicodedata.normalize("NFC", label)))
     except UnicodeDecodeError as error:
         # Excel's "CSV" (not "CSV UTF-8") is Windows-1252, its "Unicode text" is UTF-16
         byte = error.object[error.start:error.start + 1].hex()
@@ -76,6 +83,23 @@ def read_rows(csv_path, label_columns):
         raise UserError(f"LABELS file {csv_path} cannot be read ({error.strerror}): pass "
                         "LABELS=<csv with filename,label columns>") from None
     return rows
+
+
+def _bounded_lines(f, csv_path):
+    """The lines of `f`, each read with a bound: a 300 MB file of one line is refused after
+    MAX_LINE characters instead of being read whole into memory."""
+    while line := f.readline(MAX_LINE + 1):
+        if len(line) > MAX_LINE and not line.endswith("\n"):
+            raise UserError(f"LABELS file {csv_path} has a line longer than {MAX_LINE} characters: "
+                            "it is not a labels CSV; pass LABELS=<csv with filename,label columns>")
+        yield line
+
+
+def spreadsheet_safe(text):
+    """`text` for a cell of a CSV written for people: one starting with = + - @ (or a tab or a
+    carriage return) gets a leading ', so that a spreadsheet shows it instead of running it as
+    a formula (a label "=HYPERLINK(...)" from a LABELS file, say)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def _find_columns(header, wanted, csv_path, delimiter):
@@ -107,6 +131,10 @@ def label_files(csv_path, label_columns, candidates):
         if not name:
             skipped_rows.append((f"<{where}>", "CSV row has an empty file name"))
             continue
+        if _leaves(name):
+            raise UserError(f"{csv_path} line {line} names {name!r}, a path that leaves DATA: "
+                            "name each image by its path relative to DATA (sub/cat1.jpg) or by "
+                            "its file name")
         path, problem, note = finder.find(name)
         if path is None:
             skipped_rows.append((name, f"{problem} ({where})"))
@@ -117,15 +145,26 @@ def label_files(csv_path, label_columns, candidates):
             if note:
                 notes.append(f"{name} -> {path} ({note})")
 
-    conflicting = {p: sorted(ls) for p, ls in labels_of.items() if len(ls) > 1}
-    skipped = skipped_rows + [(p, "the labels CSV gives it several labels: " + ", ".join(ls))
-                              for p, ls in sorted(conflicting.items())]
+    conflicting = sorted((p, sorted(ls)) for p, ls in labels_of.items() if len(ls) > 1)
+    if conflicting:  # one of the two labels is wrong, and which one only the user can tell
+        shown = "; ".join(f"{p} ({', '.join(ls)})" for p, ls in conflicting[:CONFLICTS_SHOWN])
+        more = f" and {len(conflicting) - CONFLICTS_SHOWN} more" if len(conflicting) > \
+            CONFLICTS_SHOWN else ""
+        raise UserError(f"{csv_path} gives {len(conflicting)} image(s) two or more labels: "
+                        f"{shown}{more}: keep one row per image")
+    skipped = list(skipped_rows)
     reported = {p for p, _ in skipped_rows}  # e.g. a row with an empty label: listed once
     skipped += [(p, UNLABELLED) for p in candidates if p not in labels_of and p not in reported]
     if notes:
         print(f"labels: {len(notes)} CSV row(s) matched a file only by ignoring case or extension, "
               f"e.g. {'; '.join(notes[:NOTE_EXAMPLES])}")
-    return {p: ls.pop() for p, ls in labels_of.items() if p not in conflicting}, skipped
+    return {p: ls.pop() for p, ls in labels_of.items()}, skipped
+
+
+def _leaves(name):
+    """Whether a file name from the CSV climbs out of DATA with .. (../../x/hostname)."""
+    path = posixpath.normpath(name.replace("\\", "/").lstrip("/"))
+    return path == ".." or path.startswith("../")
 
 
 class _Finder:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, datasets, files, images, registry
+from . import artifacts, backbone, cache, datasets, files, images, labels, registry
 from .config import Config, UserError, warn
 
 PREFERENCE = {"finetuned": 2, "dense": 1, "logreg": 0}  # breaks ties in validation accuracy
@@ -56,9 +56,11 @@ def run(config: Config) -> PredictResult:
     with files.replacing(out, "w", newline="", encoding="utf-8") as f, \
             files.replacing(skipped_out, "w", newline="", encoding="utf-8") as g:
         writer, skip_writer = csv.writer(f), csv.writer(g)
+        # text from a LABELS file or a file name, neutralised: people open these in spreadsheets
+        safe = labels.spreadsheet_safe
         writer.writerow(["path", "predicted"] + [f"p_{name}" for name in class_names])
         skip_writer.writerow(["path", "reason"])
-        skip_writer.writerows(unreadable)
+        skip_writer.writerows([safe(path), reason] for path, reason in unreadable)
         progress = tqdm(total=len(paths), desc=f"predict ({model})", unit="img", smoothing=0.1)
         for (batch, reasons), first in zip(images.image_batches(paths, size, config.batch_size),
                                            range(0, len(paths), config.batch_size)):
@@ -66,14 +68,14 @@ def run(config: Config) -> PredictResult:
             probabilities = iter(predict_batch(batch[ok]) if ok.any() else [])
             for path, reason in zip(paths[first:first + len(reasons)], reasons):
                 if reason:
-                    skip_writer.writerow([path, reason])
+                    skip_writer.writerow([safe(path), reason])
                     skipped.append((path, reason))
                     continue
                 p = next(probabilities)
                 predicted = class_names[int(p.argmax())]
                 counts[predicted] += 1
                 # repr of the float: the CSV holds exactly what the model returned
-                writer.writerow([path, predicted] + [float(x) for x in p])
+                writer.writerow([safe(path), safe(predicted)] + [float(x) for x in p])
                 if len(shown) < SHOW_ROWS:
                     shown.append((path, predicted, float(p.max())))
             progress.update(len(reasons))

@@ -6,6 +6,8 @@ its title, what it reads (cached feature maps or images) and how a batch of thos
 probabilities. Every stage reads a model's record through `record` and its function through
 `predictor`, so the layout of those files is known here and in the stage that writes them.
 """
+import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -66,14 +68,78 @@ def record(config, name):
     kind, file_path = KINDS[name], path(config, name)
     if not os.path.exists(file_path):
         raise UserError(f"there is no {file_path}: run `{kind.make}`")
-    metrics = artifacts.json_or_empty(artifacts.path(config, kind.metrics))
-    entry = metrics.get("models", {}).get(kind.entry, {}) if kind.entry else metrics
-    if not entry or entry.get("file_sha256") != artifacts.file_sha256(file_path):
+    metrics_path = artifacts.path(config, kind.metrics)
+    metrics = artifacts.json_or_empty(metrics_path)
+    models = metrics.get("models") if isinstance(metrics, dict) else None
+    entry = (models.get(kind.entry, {}) if isinstance(models, dict) else {}) if kind.entry \
+        else metrics
+    if not isinstance(entry, dict) or not entry or \
+            entry.get("file_sha256") != artifacts.file_sha256(file_path):
         raise UserError(f"{file_path} is not the file its metrics describe (an interrupted or "
                         f"older run left it): rerun `{kind.make}`")
+    # what is read back steers MODEL=auto and fills the report: checked, as a file anyone with
+    # write access to models/<NAME> could have edited
+    check = Checker(metrics_path, f"rerun `{kind.make}`")
+    check(metrics, "identity", dict)
+    check.texts(metrics, "class_names")
+    check(metrics, "weights_notice", str, optional=True)
+    where = f"models.{kind.entry}." if kind.entry else ""
+    for split in ("validation", "test"):
+        scores = check(entry, split, dict, optional=True, where=where) or {}
+        if scores or split == "validation":
+            check.number(scores, "accuracy", 0, 1, where=f"{where}{split}.")
+            # a diverged run's loss is NaN, and still its loss
+            check.number(scores, "loss", 0, nan=True, where=f"{where}{split}.")
+    check.number(entry, "seconds", 0, optional=True, where=where)
+    for key in ("epochs", "best_epoch", "views"):
+        check.number(entry, key, 0, optional=True, integer=True, where=where)
     return Record(name, metrics["identity"], list(metrics["class_names"]),
                   entry.get("validation", {}), entry.get("test", {}),
                   metrics.get("weights_notice", ""), entry["file_sha256"], entry)
+
+
+class Checker:
+    """Checks of a JSON file read back, each refusing it in one line that names the file, the
+    key, the bad value and `fix`."""
+
+    def __init__(self, path, fix):
+        self.path, self.fix = path, fix
+
+    def refuse(self, key, value, wanted):
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise UserError(f"{self.path} is damaged or not written by this pipeline ({key} is "
+                        f"{shown}, not {wanted}): {self.fix}")
+
+    def __call__(self, data, key, kind, optional=False, where=""):
+        """data[key], refused unless of `kind` (or missing, when `optional`)."""
+        if optional and key not in data:
+            return None
+        value = data.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            self.refuse(where + key, value, f"a {kind.__name__}")
+        return value
+
+    def number(self, data, key, low, high=math.inf, optional=False, integer=False, nan=False,
+               where=""):
+        """data[key], refused unless a number (an integer) from `low` to `high`, or NaN."""
+        if optional and key not in data:
+            return None
+        value = data.get(key)
+        kind = numbers.Integral if integer else numbers.Real
+        if not (isinstance(value, kind) and not isinstance(value, bool)
+                and (low <= value <= high or nan and math.isnan(value))):
+            wanted = "an integer" if integer else "a number"
+            self.refuse(where + key, value, f"{wanted} from {low} to {high}" if high < math.inf
+                        else f"{wanted} not below {low}")
+        return value
+
+    def texts(self, data, key, where=""):
+        """data[key], refused unless a list of strings."""
+        value = self(data, key, list, where=where)
+        if not all(isinstance(v, str) for v in value):
+            self.refuse(where + key, value, "a list of texts")
+        return value
 
 
 def records(config):
@@ -136,11 +202,55 @@ class Evaluation:
 
 
 def evaluation(config, required=True):
-    """evaluation.json as an Evaluation; None when there is none and it is not `required`."""
+    """evaluation.json as an Evaluation; None when there is none and it is not `required`. Every
+    value the report reads is checked first (types, ranges, the mistakes' paths relative to
+    the data), so that an edited file is refused in one line naming `make evaluate`."""
     file_path = artifacts.path(config, artifacts.EVALUATION)
     if not required and not os.path.exists(file_path):
         return None
     e = artifacts.read_json(file_path, "run `make evaluate` first")
-    return Evaluation(file_path, e["split"], int(e["images"]), list(e["class_names"]),
-                      e["identity"], e.get("data_root", ""), e.get("weights_notice", ""),
-                      e["models"])
+    check = Checker(file_path, "run `make evaluate` again")
+    if not isinstance(e, dict):
+        check.refuse("the whole file", e, "an object")
+    if check(e, "split", str) not in ("test", "validation"):
+        check.refuse("split", e["split"], "test or validation")
+    check.number(e, "images", 0, integer=True)
+    class_names = check.texts(e, "class_names")
+    check(e, "identity", dict)
+    check(e, "data_root", str, optional=True)
+    check(e, "weights_notice", str, optional=True)
+    models = check(e, "models", dict)
+    for name, scores in models.items():
+        if name not in KINDS:
+            check.refuse("models", name, f"one of {', '.join(NAMES)}")
+        _check_scores(check, scores, class_names, f"models.{name}.")
+    return Evaluation(file_path, e["split"], int(e["images"]), list(class_names),
+                      e["identity"], e.get("data_root", ""), e.get("weights_notice", ""), models)
+
+
+def _check_scores(check, scores, class_names, where):
+    """One model's entry in evaluation.json, as evaluate.score writes it."""
+    if not isinstance(scores, dict):
+        check.refuse(where[:-1], scores, "an object")
+    check.number(scores, "accuracy", 0, 1, where=where)
+    check.number(scores, "loss", 0, nan=True, where=where)
+    if scores.get("roc_auc") is not None:
+        check.number(scores, "roc_auc", 0, 1, where=where)
+    check.number(scores, "misclassified_count", 0, integer=True, where=where)
+    for row_name, row in check(scores, "classification_report", dict, where=where).items():
+        if isinstance(row, dict):  # per class and the averages; "accuracy" is a bare number
+            for key in ("precision", "recall", "f1-score"):
+                check.number(row, key, 0, 1, optional=True, where=f"{where}{row_name}.")
+            check.number(row, "support", 0, optional=True, where=f"{where}{row_name}.")
+    for i, mistake in enumerate(check(scores, "misclassified", list, where=where)):
+        at = f"{where}misclassified[{i}]."
+        if not isinstance(mistake, dict):
+            check.refuse(at[:-1], mistake, "an object")
+        path = check(mistake, "path", str, where=at)
+        # relative to the data, inside it: as evaluate writes the cache's paths
+        if not path or os.path.isabs(path) or ".." in path.replace("\\", "/").split("/"):
+            check.refuse(at + "path", path, "a path inside the data folder")
+        for key in ("true", "predicted"):
+            if check(mistake, key, str, where=at) not in class_names:
+                check.refuse(at + key, mistake[key], "one of class_names")
+        check.number(mistake, "probability", 0, 1, where=at)

@@ -10,13 +10,14 @@ and the cache identity and weights.
 """
 import csv
 import os
+import re
 import time
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import artifacts, cache, files, plots, registry
+from . import artifacts, cache, evaluate, files, lock, plots, registry
 from .config import Config, UserError, warn
 from .registry import TITLES
 
@@ -35,6 +36,15 @@ class ReportResult:
 
 
 def run(config: Config) -> ReportResult:
+    """Write report.md, holding models/<NAME>'s lock (no train-head or evaluate replaces what it
+    reads meanwhile). Everything read back is untrusted: evaluation.json and the metrics are
+    checked by registry, pictures are opened only if regular files, and text from the files
+    is escaped into inert Markdown (`_cell`, `_code`)."""
+    with lock.exclusive(config.models_dir, "report"):
+        return _report(config)
+
+
+def _report(config):
     evaluation = registry.evaluation(config)
     _refuse_stale(config, evaluation.path)
     trained, _ = registry.records(config)
@@ -48,11 +58,11 @@ def run(config: Config) -> ReportResult:
 
     lines = [f"# Transfer-learning report: {config.dataset_name}", ""]
     for notice in notices:  # first thing a reader sees: the numbers below mean nothing
-        lines += [f"> **WARNING: {notice}.** The backbone had no pretrained weights "
+        lines += [f"> **WARNING: {_cell(notice)}.** The backbone had no pretrained weights "
                   "(WEIGHTS=auto fell back to random initialisation); the figures below only "
                   "show that the pipeline runs.", ""]
-    lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M')} from `{config.models_dir}` and "
-              f"`{config.features_dir}`.", ""]
+    lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {_code(config.models_dir)} and "
+              f"{_code(config.features_dir)}.", ""]
     lines += _models_section(evaluation, trained)
     lines += _curves_section(config)
     lines += _confusion_section(evaluation)
@@ -120,8 +130,9 @@ def _confusion_section(evaluation):
         if model not in evaluation.models:
             continue
         m = evaluation.models[model]
-        lines += [f"### {TITLES[model].capitalize()}", "",
-                  f"![confusion matrix, {TITLES[model]}]({m['confusion_matrix_png']})", "",
+        png = evaluate.CONFUSION_PLOT.format(model=model)  # the name evaluate gives it, not the
+        lines += [f"### {TITLES[model].capitalize()}", "",  # file's: that is only text
+                  f"![confusion matrix, {TITLES[model]}]({png})", "",
                   "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
         per_class = m["classification_report"]
         for name in evaluation.class_names + ["macro avg", "weighted avg"]:
@@ -149,7 +160,7 @@ def _misclassified_section(config, evaluation):
         if shown:
             lines += [f"![misclassified, {TITLES[model]}]({png})", ""]
         elif m["misclassified_count"]:
-            lines += [f"(the images under {evaluation.data_root} could not be opened)", ""]
+            lines += [f"(the images under {_code(evaluation.data_root)} could not be opened)", ""]
         else:
             lines += ["No misclassified images.", ""]
     return lines
@@ -162,11 +173,13 @@ def _misclassified_grid(evaluation, mistakes, png, title):
         try:
             # Display only, never model input: PIL opens the original file for a thumbnail,
             # the way a person would look at it. Model input always goes through load_image.
-            with Image.open(os.path.join(evaluation.data_root, mistake["path"])) as img:
+            # A regular file only: a FIFO would hang the report.
+            with files.open_regular(os.path.join(evaluation.data_root, mistake["path"]),
+                                    "rb") as f, Image.open(f) as img:
                 picture = ImageOps.exif_transpose(img).convert("RGB")
                 picture.thumbnail((THUMBNAIL, THUMBNAIL))
-        except OSError:
-            continue  # moved or deleted since evaluate: show the others
+        except (OSError, UserError):
+            continue  # moved, deleted or replaced since evaluate: show the others
         name = os.path.basename(mistake["path"])
         name = name if len(name) <= 22 else name[:19] + "..."
         pictures.append((picture, f"true: {mistake['true']}\npredicted: {mistake['predicted']} "
@@ -179,7 +192,8 @@ def _misclassified_grid(evaluation, mistakes, png, title):
 def _dataset_section(config, attrs, labels, splits):
     class_names = attrs["class_names"]
     lines = ["## Dataset", "",
-             f"`{attrs.get('data_root', config.data)}` (layout: {attrs.get('layout', '?')}), "
+             f"{_code(attrs.get('data_root', config.data))} (layout: "
+             f"{_cell(attrs.get('layout', '?'))}), "
              f"{len(labels)} images in {len(class_names)} classes.", "",
              "| class | " + " | ".join(SPLITS) + " | total |",
              "|---|" + "---:|" * (len(SPLITS) + 1)]
@@ -191,11 +205,12 @@ def _dataset_section(config, attrs, labels, splits):
     skipped_csv = os.path.join(config.features_dir, "skipped.csv")
     skipped = []
     if os.path.exists(skipped_csv):
-        with open(skipped_csv, newline="") as f:
-            skipped = [(row["path"], row["reason"]) for row in csv.DictReader(f)]
+        with files.open_regular(skipped_csv, newline="",
+                                fix="remove it, then run `make extract` again") as f:
+            skipped = [(row.get("path"), row.get("reason")) for row in csv.DictReader(f)]
     lines += ["", f"### Skipped files: {len(skipped)}", ""]
     if skipped:
-        lines += [f"Files that were not used, and why (all of them: `{skipped_csv}`).", "",
+        lines += [f"Files that were not used, and why (all of them: {_code(skipped_csv)}).", "",
                   "| file | reason |", "|---|---|"]
         lines += [f"| {_cell(path)} | {_cell(reason)} |" for path, reason in skipped[:SKIPPED_ROWS]]
         if len(skipped) > SKIPPED_ROWS:
@@ -225,8 +240,22 @@ def _identity_section(attrs, notices):
 
 
 def _num(value, digits=3):
-    return "-" if value is None else f"{value:.{digits}f}"
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+# Markdown's and HTML's active characters, each escaped with a backslash: text read from files
+# (class names, paths, notices) can open no tag, link, picture, code span or table cell
+_ESCAPES = str.maketrans({c: "\\" + c for c in "\\`*_[]<>|&!#"})
 
 
 def _cell(text):
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """Untrusted text as inert Markdown on one line, also inside a table cell."""
+    return "".join(" " if not c.isprintable() else c for c in str(text)).translate(_ESCAPES)
+
+
+def _code(text):
+    """Untrusted text as one code span: a fence of more backticks than the text holds in a row,
+    so no backtick inside can end it (Markdown shows a code span's text as is)."""
+    text = "".join(" " if not c.isprintable() else c for c in str(text))
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"

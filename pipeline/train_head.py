@@ -23,7 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, files, heads, logs, plots, runtime, views
+from . import artifacts, backbone, cache, files, heads, lock, logs, plots, runtime, views
 from .config import Config, UserError, warn
 from .stream import CachedFeatures, one_line_on_damage
 
@@ -43,7 +43,13 @@ class TrainHeadResult:
 def run(config: Config, *, callbacks=(), logreg_memory_mb=LOGREG_MEMORY_MB) -> TrainHeadResult:
     """Train the heads of HEAD on the cache. `callbacks` join the dense head's Keras fit (the
     bench times epochs with one); past `logreg_memory_mb` of training features, logreg is fitted
-    out of core."""
+    out of core. Holds models/<NAME>'s lock: two train-heads (or one beside a finetune, an
+    evaluate or a report) would each save a model the other's metrics do not describe."""
+    with lock.exclusive(config.models_dir, "train-head"):
+        return _train(config, callbacks, logreg_memory_mb)
+
+
+def _train(config, callbacks, logreg_memory_mb):
     start = time.perf_counter()
     runtime.set_seed(config.seed)  # python, numpy, the backend and Keras: weights, dropout
     with cache.FeatureStore(config.features_dir) as store:
@@ -103,8 +109,13 @@ def _kept_models(metrics_path, store, head):
     """HEAD=dense or HEAD=logreg keeps the other model's entry, if made on these same features."""
     if head == "both" or not os.path.exists(metrics_path):
         return {}
-    with open(metrics_path) as f:
-        old = json.load(f)
+    with files.open_regular(metrics_path, fix="remove it, then run `make train-head` again") as f:
+        try:
+            old = json.load(f)
+        except ValueError:  # half written, or not ours: the other model is retrained later
+            return {}
+    if not isinstance(old, dict) or not isinstance(old.get("models"), dict):
+        return {}
     if old.get("identity") != store.identity or old.get("class_names") != list(store.class_names):
         return {}
     other = "logreg" if head == "dense" else "dense"
@@ -161,8 +172,9 @@ def train_dense(config, store, rows, callbacks=()):
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
                                          restore_best_weights=True)
     board = logs.tensorboard(config, "head")  # models/<NAME>/logs/head, None without a writer
-    callbacks = [stop, keras.callbacks.ModelCheckpoint(paths["checkpoint"]),
-                 keras.callbacks.CSVLogger(paths["log"]), *callbacks,
+    # Keras opens these two by name: a link planted there is removed first, never written through
+    callbacks = [stop, keras.callbacks.ModelCheckpoint(files.no_link(paths["checkpoint"])),
+                 keras.callbacks.CSVLogger(files.no_link(paths["log"])), *callbacks,
                  *([board] if board else [])]
     start = time.perf_counter()
     with one_line_on_damage(store):

@@ -62,11 +62,17 @@ def test_auto_picks_the_best_validation_accuracy(run, tmp_path):
     records = predict.trained_models(config)
     best = max(records, key=lambda m: (records[m].validation["accuracy"], predict.PREFERENCE[m]))
     assert predict.run(config).model == best
-    # make the logistic regression clearly the best: auto follows the metrics
+    # make the logistic regression clearly the best: auto follows the metrics (1.5, out of
+    # range, would be refused: test_hostile_models)
     metrics_path = artifacts.path(config, artifacts.HEAD_METRICS)
     metrics = artifacts.read_json(metrics_path, "")
-    metrics["models"]["logreg"]["validation"]["accuracy"] = 1.5
+    metrics["models"]["logreg"]["validation"]["accuracy"] = 1.0
+    metrics["models"]["dense"]["validation"]["accuracy"] = 0.0
     artifacts.write_json(metrics_path, metrics)
+    finetune_path = artifacts.path(config, artifacts.FINETUNE_METRICS)
+    finetune = artifacts.read_json(finetune_path, "")
+    finetune["validation"]["accuracy"] = 0.0
+    artifacts.write_json(finetune_path, finetune)
     assert predict.run(config).model == "logreg"
     os.remove(artifacts.path(config, artifacts.LOGREG))
     assert predict.run(config).model in {"dense", "finetuned"}
