@@ -4,7 +4,7 @@
         features.h5                  the file users open: row index + a virtual `features` dataset
         segments/<identity_id>/      immutable segment files, one folder per feature identity
             seg-<time>-<random>.h5   features (n, h, w, 512) float32 (or float16) and sha256 (n,)
-        skipped.csv, .extract.lock (lock.py)
+        skipped.csv, .lock (lock.py)
 
 Crash safety comes from never modifying a file in place: every segment and master is built in
 memory and written whole by files.atomic_write (temporary file, fsync, rename; an export streams

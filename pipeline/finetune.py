@@ -366,7 +366,8 @@ def resume_state(config, settings, augmented_before_the_setting=False):
     """The backup's state to continue from, or None to start from the head (removing the backup
     of the earlier run). Settings a backup predates take the value they had then: RMSprop, and
     `augmented_before_the_setting` for FINETUNE_AUGMENT."""
-    folder = artifacts.path(config, artifacts.FINETUNE_BACKUP)
+    # a link planted at (or in) the backup would have its target read, copied over or deleted
+    folder = files.no_link_folder(artifacts.path(config, artifacts.FINETUNE_BACKUP))
     state = {} if config.fresh else artifacts.json_or_empty(os.path.join(folder, STATE))
     old = state.get("settings")
     if old and any(old[key] != settings[key] for key in ("identity_id", "head_sha256")):
@@ -403,9 +404,10 @@ def make_callbacks(config, settings, state, started, extra=()):
     `extra` (the tests' kill switches) come last, after the backup."""
     early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.finetune_patience,
                                           restore_best_weights=True)
-    backup = Backup(artifacts.path(config, artifacts.FINETUNE_BACKUP), settings, state, early,
-                    started)
-    log = keras.callbacks.CSVLogger(artifacts.path(config, artifacts.FINETUNE_LOG),
+    backup = Backup(files.no_link_folder(artifacts.path(config, artifacts.FINETUNE_BACKUP)),
+                    settings, state, early, started)
+    # Keras opens the log by name: a link planted there is removed first, never written through
+    log = keras.callbacks.CSVLogger(files.no_link(artifacts.path(config, artifacts.FINETUNE_LOG)),
                                     append=bool(state))  # a fresh start starts the log over
     board = logs.tensorboard(config, "finetune", fresh=not state)  # None without a writer
     return early, backup, [early, log, *([board] if board else []), backup, *extra]
@@ -478,7 +480,8 @@ def log_history(config, epochs):
     path = artifacts.path(config, artifacts.FINETUNE_LOG)
     if not os.path.exists(path):
         return {}
-    with open(path, newline="") as f:
+    with files.open_regular(path, newline="",
+                            fix="remove it, then run `make finetune` again") as f:
         header, *rows = csv.reader(f)
     rows = [row for row in rows if len(row) == len(header) and int(row[0]) < epochs]  # whole rows
     with files.replacing(path, "w", newline="") as f:

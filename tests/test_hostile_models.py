@@ -15,6 +15,7 @@ from pipeline import (
     evaluate,
     extract,
     files,
+    finetune,
     lock,
     predict,
     registry,
@@ -132,6 +133,21 @@ def test_a_planted_lock_file_is_refused_and_its_target_kept(extracted, tmp_path,
             pass
     assert outside(config, tmp_path) == before
     assert not os.path.exists(artifacts.path(config, artifacts.LOGREG))
+
+
+@pytest.mark.parametrize("name", [artifacts.FINETUNE_LOG, artifacts.FINETUNE_BACKUP])
+def test_finetune_writes_through_no_link_planted_in_models(extracted, tmp_path, name):
+    config = extracted.replace(head="dense", finetune_epochs=1)
+    train_head.run(config)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "keep.txt").write_bytes(VICTIM)
+    planted = artifacts.path(config, name)
+    target = tmp_path / ("folder" if name == artifacts.FINETUNE_BACKUP else "victim.txt")
+    plant(planted, "symlink", str(target))
+    before = outside(config, tmp_path)
+    finetune.run(config)
+    assert outside(config, tmp_path) == before  # nothing written, truncated or deleted there
+    assert not os.path.islink(planted) and os.path.exists(planted)  # finetune's own now
 
 
 def test_no_link_folder_removes_links_and_keeps_the_backup(tmp_path):
