@@ -4,7 +4,8 @@ Settings (environment variables; bench/README.md explains every figure):
     BENCH_N=600              real photos for the throughput, rerun and head figures (balanced over
                              the two classes, train first); the default run takes ~10-15 min on
                              2 cores
-    BENCH_SYNTH_ROWS=100000  rows of the synthetic cache for the train-head memory figure (3.3 GB)
+    BENCH_SYNTH_ROWS=100000  rows of the synthetic caches for the train-head memory figure (3.3 GB)
+                             and the fine-tuning-from-the-cache one (bench/finetune_memory.py)
     BENCH_ACCURACY=1         also the slow accuracy figures (bench/accuracy.py: WEIGHTS,
                              BENCH_FINETUNE_EPOCHS, BENCH_AUGMENT, BENCH_RESPLITS; all of
                              cats_vs_dogs, caches kept in bench/acc/: ~40 min on 2 cores once
@@ -42,6 +43,7 @@ BACKEND = runtime.start(os.environ.get("BACKEND", ""))  # before anything import
 
 # isort: split
 import backends  # noqa: E402  (bench/backends.py: figure 7, every backend and the loader)
+import finetune_memory  # noqa: E402  (bench/finetune_memory.py: fine-tuning from the cache)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import options  # noqa: E402  (bench/options.py: figure 6, and the naive Keras way)
@@ -188,6 +190,7 @@ def main():
               ("head epochs", lambda: head_epochs(config)),
               ("peak RSS of extract", lambda: extract_memory(full_dir)),
               ("peak RSS of train-head", train_head_memory),
+              ("finetune-memory", lambda: (finetune_memory.figures(WORK), {})),
               ("speed options", lambda: speed_options(picked, full_dir)),
               ("backends and the loader", lambda: backends.run(picked, WORK, SIZE, BATCH, LOG))]
     if RAY:

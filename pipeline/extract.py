@@ -68,7 +68,6 @@ def _sha256_here(paths):
 def _run(config, engine):
     start = time.perf_counter()
     dataset = datasets.discover(config.data, config.labels, config.label_columns)
-    fractions = config.split_fractions
     weights = backbone.resolve_weights(config.weights)
     precision = engine.resolve_precision(config.precision)
     storage = backbone.resolve_storage(config.storage)
@@ -83,28 +82,19 @@ def _run(config, engine):
         known = [cache.inventory(out, target.identity_id) for target in targets]
         unreadable = cache.previous_unreadable(out)
         previous_views = cache.master_attribute(out, "augment")
-        computed = {"images": set(), "views": 0}
+        computed = {"images": set(), "views": 0}  # what went through the backbone this run
         # Until nothing is missing: a second round computes only the views of an image that
         # became its class's training image because the one before it did not decode.
         while True:
-            good = ~np.isin(shas, index.as_keys(list(unreadable))) if unreadable else \
-                np.ones(len(shas), bool)
-            rows = _rows(dataset, fractions, shas, sizes, mtimes, good)
-            if dataset.layout != "splits":
-                _give_every_class_a_training_image(rows)
-            # AUGMENT=K: K augmented views of each training image, keyed like images (views.py)
-            wanted_views = views.wanted(config, rows, previous_views, known[0])
-            jobs = featurize.plan(_candidates(dataset.root, rows, wanted_views, config.augment),
-                                  known)
+            rows, wanted_views, jobs = _plan(config, dataset, (shas, sizes, mtimes), unreadable,
+                                             previous_views, known)
             if not jobs:
                 break
             newly_unreadable = engine.compute(config, weights, identity, targets, jobs, known)
             unreadable.update(newly_unreadable)
-            for job in jobs:
-                if job.sha256 not in newly_unreadable:
-                    computed["images"].update(job.sha256 for view, _, _ in job.inputs if not view)
-                    computed["views"] += sum(view > 0 for view, _, _ in job.inputs)
-        del good
+            for job in (job for job in jobs if job.sha256 not in newly_unreadable):
+                computed["images"].update(job.sha256 for view, _, _ in job.inputs if not view)
+                computed["views"] += sum(view > 0 for view, _, _ in job.inputs)
         skipped = list(dataset.skipped)
         if unreadable:
             bad = np.isin(shas, index.as_keys(list(unreadable)))
@@ -150,6 +140,21 @@ def _run(config, engine):
     if weights.notice:
         warn(weights.notice)
     return result
+
+
+def _plan(config, dataset, columns, unreadable, previous_views, known):
+    """(rows, the views they keep, featurize.Jobs of what the targets' indexes `known` lack),
+    for the files that are not known to be unreadable."""
+    shas, sizes, mtimes = columns
+    good = ~np.isin(shas, index.as_keys(list(unreadable))) if unreadable else \
+        np.ones(len(shas), bool)
+    rows = _rows(dataset, config.split_fractions, shas, sizes, mtimes, good)
+    if dataset.layout != "splits":
+        _give_every_class_a_training_image(rows)
+    # AUGMENT=K: K augmented views of each training image, keyed like images (views.py)
+    wanted_views = views.wanted(config, rows, previous_views, known[0])
+    candidates = _candidates(dataset.root, rows, wanted_views, config.augment)
+    return rows, wanted_views, featurize.plan(candidates, known)
 
 
 def cached_layers(config, identity):

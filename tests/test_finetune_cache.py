@@ -124,6 +124,20 @@ def test_the_cut_equals_the_base_up_to_that_layer_on_the_image_and_its_views(rea
     np.testing.assert_allclose(cached, bottom.predict(inputs, verbose=0), rtol=1e-5, atol=1e-4)
 
 
+def test_an_image_is_decoded_once_for_its_row_its_views_and_every_layer(tmp_path, make_config,
+                                                                       monkeypatch):
+    decoded = []
+    original = images.try_load_image
+    monkeypatch.setattr(images, "try_load_image",
+                        lambda path, size: decoded.append(path) or original(path, size))
+    config = make_config(make_image_folder(tmp_path / "data", per_class=6), **SETTINGS)
+    result = extract.run(config)
+    with FeatureStore(config.features_dir) as store:
+        train = len(store.rows("train"))
+    assert (result.rows, result.views, result.cut) == (12, 2 * train, "block4_pool")
+    assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 12  # once each
+
+
 # --------------------------------------------------------------------------------------------
 # Fine-tuning on it
 # --------------------------------------------------------------------------------------------
