@@ -68,7 +68,9 @@ def phases(data, work, size, batch):
            ("augmented-heads", lambda: (augmented_heads(config, root), {})),
            ("augmented-finetune", lambda: (augmented_three_models(config, root), {})),
            ("finetune-cache", lambda: (finetune_cache.figures(
-               config, root, work, _first_images, FINETUNE_EPOCHS), {}))]
+               config, root, work, _first_images), {})),
+           ("finetune-cache-seeds", lambda: (finetune_cache.seeds(
+               config, root, FINETUNE_EPOCHS), {}))]
     if os.environ.get("BENCH_FLOAT16", "1") != "0":
         out.append(("float16-heads", lambda: (float16_heads(config), {})))
     return out

@@ -4,6 +4,8 @@
     BENCH_CUT_N=50           images per class folder for the extract cost figures (AUGMENT=2)
     BENCH_CUT_AUGMENT=5      the views per training image that fine-tuning from the cache reads
     BENCH_FINETUNE_EPOCHS=5  fine-tuning epochs from the cache (as accuracy.py's)
+    BENCH_CUT_SEEDS=0,1,2    phase `finetune-cache-seeds`: the seeds each way is trained at
+    BENCH_CUT_AUGMENTS=5,10  ... and the views per image of the ways from the cache
 
 Figures, each pair measured in this one run:
 - cut_extract_seconds_{none,float16,float32}: a fresh extract of BENCH_CUT_N images per folder
@@ -11,9 +13,11 @@ Figures, each pair measured in this one run:
   float32} (and features_mb_per_1000_rows): the segment files' bytes per 1000 rows, where a row
   is one image or one view;
 - finetune_epoch_seconds_{cache,images}: one fine-tuning epoch of all cats_vs_dogs, from the same
-  head with the same settings, whole (training pass and validation) and its training pass alone;
-- cache_acc_*: the dense head and the model fine-tuned from the cache, on validation and test.
+  head with the same settings, whole (training pass and validation) and its training pass alone.
+Phase `finetune-cache-seeds` (`seeds`): accuracy from the images and from the cache at K views,
+over seeds, with intervals.
 """
+import json
 import os
 import shutil
 import time
@@ -21,10 +25,12 @@ import time
 import keras
 import support  # bench/support.py: EpochTimer
 
-from pipeline import backbone, cache, extract, finetune, registry, train_head
+from pipeline import backbone, cache, extract, finetune, train_head
 
 CUT_N = int(os.environ.get("BENCH_CUT_N") or 50)
 CUT_AUGMENT = int(os.environ.get("BENCH_CUT_AUGMENT") or 5)
+SEEDS = [int(s) for s in (os.environ.get("BENCH_CUT_SEEDS") or "0,1,2").split(",") if s]
+SEED_AUGMENTS = [int(k) for k in (os.environ.get("BENCH_CUT_AUGMENTS") or "5,10").split(",") if k]
 
 
 class EpochWall(keras.callbacks.Callback):
@@ -41,13 +47,11 @@ class EpochWall(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def figures(config, root, work, first_images, finetune_epochs):
+def figures(config, root, work, first_images):
     out = extract_costs(config, work, first_images)
     cached = config.replace(augment=CUT_AUGMENT,
                             models_root=os.path.join(root, f"models_cache{CUT_AUGMENT}"))
-    start = time.perf_counter()
     extract.run(cached)  # the plain cache, K views and the cut (only what is missing)
-    out["cache_extract_seconds"] = time.perf_counter() - start
     train_head.run(cached)
     for source in ("images", "cache"):  # one epoch each, from the same head
         wall, timer = EpochWall(), support.EpochTimer()
@@ -58,16 +62,8 @@ def figures(config, root, work, first_images, finetune_epochs):
         out[f"finetune_train_pass_seconds_{source}"] = timer.seconds[0]
     out["finetune_epoch_speedup"] = (out["finetune_epoch_seconds_images"]
                                      / out["finetune_epoch_seconds_cache"])
-    tuned = finetune.run(cached.replace(finetune_epochs=finetune_epochs, fresh=True))
-    out.update(cache_finetune_seconds=tuned.seconds, cache_finetune_best_epoch=tuned.best_epoch,
-               cache_finetune_epoch_acc=registry.record(cached, "finetuned")
-               .entry["history"]["val_accuracy"])
-    import accuracy  # bench/accuracy.py: the three models scored one way
-    scored = accuracy.scores(cached, prefix="cache_acc", intervals=True)
-    out.update(scored)
-    for suffix in ("", "_test"):
-        out[f"cache_finetuned_minus_dense{suffix}"] = (scored[f"cache_acc_finetuned{suffix}"]
-                                                       - scored[f"cache_acc_dense{suffix}"])
+    out["finetune_train_pass_speedup"] = (out["finetune_train_pass_seconds_images"]
+                                          / out["finetune_train_pass_seconds_cache"])
     return out
 
 
@@ -98,3 +94,56 @@ def extract_costs(config, work, first_images):
             size = sum(entry.stat().st_size for entry in os.scandir(where))
             out[key] = size / rows * 1000 / 1e6
     return out
+
+
+def seeds(config, root, finetune_epochs):
+    """The fine-tuned model from the images (AUGMENT=0, fresh augmentation every epoch) and from
+    the cache with BENCH_CUT_AUGMENTS views, each trained at SEEDS (head and fine-tuning; the
+    cached views are SEED=0's, a function of the image alone): validation and test accuracy per
+    seed, their means and 95% t-intervals, and the mean paired gap cache - images."""
+    import accuracy  # bench/accuracy.py (which imports this module): the models scored one way
+    out = {}
+    runs = [("images", 0)] + [(f"cache{k}", k) for k in SEED_AUGMENTS]
+    for k in sorted({k for _, k in runs}, reverse=True):
+        extract.run(config.replace(augment=k))  # every view cached once, before any training
+    log = os.path.join(root, "seeds.jsonl")  # each run as it ends: a cut-short phase keeps them
+    for seed in SEEDS:  # seed by seed: every way has as many seeds as any other when cut short
+        for name, k in runs:
+            run = config.replace(augment=k, seed=seed, finetune_epochs=finetune_epochs,
+                                 finetune_from="images" if k == 0 else "cache",
+                                 models_root=os.path.join(root, f"models_{name}_seed{seed}"))
+            extract.run(run)  # AUGMENT=k's master: nothing to compute
+            train_head.run(run)
+            tuned = finetune.run(run)
+            assert tuned.source == ("images" if k == 0 else "cache"), tuned.source
+            scored = accuracy.scores(run, prefix="acc")
+            with open(log, "a") as f:
+                f.write(json.dumps({"way": name, "seed": seed, "seconds": tuned.seconds,
+                                    "best_epoch": tuned.best_epoch, **scored}) + "\n")
+            for model in ("dense", "finetuned"):
+                for suffix in ("", "_test"):
+                    out.setdefault(f"seeds_{name}_{model}{suffix}", []).append(
+                        scored[f"acc_{model}{suffix}"])
+            out.setdefault(f"seeds_{name}_finetune_seconds", []).append(tuned.seconds)
+    for name, _ in runs:
+        for suffix in ("", "_test"):
+            out[f"seeds_{name}_finetuned{suffix}_mean"], out[
+                f"seeds_{name}_finetuned{suffix}_ci95"] = _mean_interval(
+                out[f"seeds_{name}_finetuned{suffix}"])
+            if name != "images":
+                gaps = [a - b for a, b in zip(out[f"seeds_{name}_finetuned{suffix}"],
+                                              out[f"seeds_images_finetuned{suffix}"])]
+                out[f"seeds_{name}_minus_images{suffix}_mean"], out[
+                    f"seeds_{name}_minus_images{suffix}_ci95"] = _mean_interval(gaps)
+    extract.run(config)  # back to AUGMENT=0
+    return out
+
+
+def _mean_interval(values):
+    """The mean and the half-width of its 95% t-interval."""
+    import statistics
+    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}  # Student's t, n - 1 degrees of freedom
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, t95.get(len(values), 2.0) * statistics.stdev(values) / len(values) ** 0.5
