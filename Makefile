@@ -16,8 +16,8 @@ DEMO_STAMP := $(DEMO)/.generated
 SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS BACKEND VERBOSE WEIGHTS SIZE BATCH_SIZE PRECISION \
             STORAGE AUGMENT ENGINE RAY_ADDRESS WORKERS HEAD EPOCHS HIDDEN_UNITS DROPOUT HEAD_POOL \
             HEAD_LR PATIENCE C_GRID SEED UNFREEZE FINETUNE_FROM CUT_STORAGE FINETUNE_EPOCHS \
-            FINETUNE_OPTIMIZER \
-            FINETUNE_AUGMENT LR FINETUNE_WARMUP FINETUNE_PATIENCE FRESH IMAGES MODEL OUT BATCH_FILE \
+            FINETUNE_OPTIMIZER FINETUNE_AUGMENT LR FINETUNE_WARMUP FINETUNE_PATIENCE FRESH IMAGES \
+            MODEL OUT BATCH_FILE \
             FINETUNE FORCE
 # Make exports command-line variables to every recipe's environment, and expands them to do so,
 # which would run a $(shell ...) typed into one: none of these needs to be in the environment.
@@ -69,7 +69,7 @@ extract: $(STAMP) $(DATA_DEP) $(RAY_DEP) ## Cache VGG16 features: DATA=<dir> [NA
 train-head: $(STAMP) $(DATA_DEP) ## Train heads on the cache: [NAME] [HEAD=dense|logreg|both] [EPOCHS=30] [SEED=0]
 	$(CLI) train-head $(ARGS)
 
-finetune: $(STAMP) $(DATA_DEP) ## Fine-tune block5 + head on images: [NAME] [UNFREEZE=block5] [FINETUNE_EPOCHS=10] [LR=1e-4] [FINETUNE_OPTIMIZER=adam] [FINETUNE_AUGMENT=1] [FRESH=0]
+finetune: $(STAMP) $(DATA_DEP) ## Fine-tune block5 + head on the cached block4 activations (or images): [NAME] [UNFREEZE=block5] [FINETUNE_EPOCHS=10] [LR=1e-4] [FINETUNE_FROM=cache] [FRESH=0]
 	$(CLI) finetune $(ARGS)
 
 evaluate: $(STAMP) ## Test-split metrics and confusion matrices for every trained model: [NAME]

@@ -107,6 +107,40 @@ def resplit_gap(split, suffix):
 RESPLIT_GAPS = [("resplit_count", "re-splits of the cache (bench/resplit.py)", "", None),
                 *resplit_gap("validation", ""), *resplit_gap("test", "_test")]
 
+# 8. fine-tuning from the cache: its cost, its speed against the images, its accuracy over
+# seeds against the images (K views per image), its memory
+def seeds_rows(way, what):
+    rows = []
+    for split, suffix in (("validation", ""), ("test", "_test")):
+        rows += [(f"seeds_{way}_finetuned{suffix}_mean", f"{what}: fine-tuned, {split}, mean", "",
+                  None),
+                 (f"seeds_{way}_finetuned{suffix}_ci95", "  95% t-interval, +/-", "", None)]
+        if way != "images":
+            rows += [(f"seeds_{way}_minus_images{suffix}_mean",
+                      f"{what} - images, {split}, mean", ">= -0.01", lambda v: v >= -0.01),
+                     (f"seeds_{way}_minus_images{suffix}_ci95", "  95% t-interval, +/-", "",
+                      None)]
+    return rows
+
+
+FROM_THE_CACHE = [
+    ("cut_extract_seconds_none", "extract, AUGMENT=2, without the cut (s)", "", None),
+    ("cut_extract_seconds_float16", "extract, with the cut in float16 (s)", "", None),
+    ("cut_extract_seconds_float32", "extract, with the cut in float32 (s)", "", None),
+    ("features_mb_per_1000_rows", "disk, features (MB per 1000 rows)", "", None),
+    ("cut_mb_per_1000_rows_float16", "disk, cut in float16 (MB per 1000 rows)", "", None),
+    ("cut_mb_per_1000_rows_float32", "disk, cut in float32 (MB per 1000 rows)", "", None),
+    ("finetune_epoch_seconds_images", "fine-tuning epoch from the images (s)", "", None),
+    ("finetune_epoch_seconds_cache", "fine-tuning epoch from the cache (s)", "", None),
+    ("finetune_epoch_speedup", "  images / cache", ">= 6x", lambda v: v >= 6),
+    ("finetune_train_pass_speedup", "  training pass alone, images / cache", "", None),
+    *seeds_rows("images", "from the images"),
+    *seeds_rows("cache5", "from the cache, AUGMENT=5"),
+    *seeds_rows("cache10", "from the cache, AUGMENT=10"),
+    ("finetune_cache_peak_rss_gb", f"finetune from the cache, peak RSS, {SYNTH_ROWS:,} rows, "
+     "K=2 (GB)", "<= 2", (lambda v: v <= 2) if SYNTH_ROWS == 100_000 else None),
+]
+
 # key, what, target (as text), passes(value) -> bool
 TARGETS = [
     ("extract_ips", "extraction, files -> HDF5 (img/s)", "", None),
@@ -151,6 +185,8 @@ TARGETS = [
       for key, what, target, passes in THREE_MODELS],
     ("acc_logreg_float16", "validation accuracy, logreg, STORAGE=float16", "", None),
     ("acc_dense_float16", "validation accuracy, dense head, STORAGE=float16", "", None),
+    # 8. fine-tuning from the cache (bench/finetune_cache.py, bench/finetune_memory.py)
+    *FROM_THE_CACHE,
 ]
 
 
