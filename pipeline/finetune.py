@@ -20,10 +20,8 @@ model, image -> probabilities.
        finetune_history.png, finetune_log.csv (a row an epoch: the history, also across resumes);
        for resuming: finetune_backup/
 """
-import csv
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -42,17 +40,15 @@ from . import (
     heads,
     images,
     lock,
-    logs,
     plots,
     registry,
+    resume,
     runtime,
     stream,
     views,
 )
 from .config import Config, UserError, warn
 
-STATE = "state.json"  # in finetune_backup/: settings, epochs done, EarlyStopping's memory
-MEMORY = ("wait", "best", "best_epoch")   # what EarlyStopping needs, besides its best weights
 MATCH_ATOL = 1e-2  # step 0, composed vs head on cached features: loose enough for GPU TF32 math,
                    # far below what other images, weights or preprocessing would change
 RETRAIN = "run `make extract` then `make train-head`"
@@ -74,8 +70,8 @@ class FinetuneResult:
 
 
 def run(config: Config, *, callbacks=()) -> FinetuneResult:
-    """Fine-tune on the cache's images, resuming an interrupted run. `callbacks` join Keras's
-    fit after the backup (the tests' kill switches)."""
+    """Fine-tune from the cache (or the images: `training_source`), resuming an interrupted run.
+    `callbacks` join Keras's fit after the backup (the tests' kill switches)."""
     start = time.perf_counter()
     # Two fine-tunes of one dataset would overwrite each other's backups: one at a time. (Other
     # stages write models/<NAME> too, so strays are left alone; each file is replaced atomically.)
@@ -107,13 +103,13 @@ def _finetune(config, start, extra_callbacks):
                     "finetune_augment": config.finetune_augment, "finetune_from": source,
                     "head_sha256": head_record.file_sha256}
         # backups from before FINETUNE_AUGMENT augmented exactly when the head had seen views
-        state = resume_state(config, settings, head_record.get("views", 0) > 0)
+        state = resume.resume_state(config, settings, head_record.get("views", 0) > 0)
         done = state["epochs"] if state else 0
-        early, backup, callbacks = make_callbacks(config, settings, state, start,
-                                                  extra_callbacks)
+        early, backup, callbacks = resume.make_callbacks(config, settings, state, start,
+                                                         extra_callbacks)
         if source == "cache":
             data["train"].start_at(done)  # each epoch's views, as in a run never interrupted
-        # A run that early stopping ended stays ended; otherwise train up to EPOCHS (0 more?).
+        # A run that early stopping ended stays ended; otherwise train up to EPOCHS (maybe 0 more)
         target = done if state and state["stopped"] else max(done, config.finetune_epochs)
         with on_error:
             if state is None:  # a resumed model is no longer the head's: nothing to compare
@@ -129,8 +125,9 @@ def _finetune(config, start, extra_callbacks):
             # resume); `whole` shares them
             scores = {name: model.evaluate(data[name], return_dict=True, verbose=0)
                       if data[name] else {} for name in ("validation", "test")}
+    history = resume.log_history(config, target)
     result = _write_outputs(config, store, weights, whole, head_record, backup, early,
-                            trainable, done, scores, log_history(config, target), source)
+                            trainable, done, scores, history, source)
     if result.epochs and not result.best_epoch:
         print(f"finetune {config.dataset_name}: no epoch beat the head's validation loss: "
               "finetuned.keras is the head on the base, unchanged")
@@ -151,7 +148,7 @@ def training_source(config, store):
     layer, cut = backbone.cut_layer(config.unfreeze), store.cut
     why = None
     if layer is None:
-        why = f"UNFREEZE={config.unfreeze} trains every layer, so it starts from the images"
+        why = f"UNFREEZE={config.unfreeze} trains every layer: its input is the image"
     elif not cut or cut["layer"] != layer:
         why = (f"the cache holds no {layer} activations: `make extract UNFREEZE="
                f"{config.unfreeze}` caches them")
@@ -159,8 +156,8 @@ def training_source(config, store):
         why = (f"the cache holds no augmented views of {layer}: `make extract AUGMENT=5` caches "
                "them (FINETUNE_AUGMENT=0: the plain activations)")
     if why:
-        print(f"finetune {config.dataset_name}: from the images, as {why}; FINETUNE_FROM=images "
-              "says so")
+        print(f"finetune {config.dataset_name}: from the images, as {why} "
+              "(FINETUNE_FROM=images chooses the images without this line)")
         return "images"
     expected = backbone.cut_identity(store.identity, layer, cut["identity"].get("storage",
                                                                                 "float32"))
@@ -363,137 +360,6 @@ def check_composition(model, head, image_batches, features):
         raise UserError(f"the backbone + head predict differently (by {gap:.2g}) from the head on "
                         f"the cached features of the same images: the cache is stale; {RETRAIN}")
     return composed, cached
-
-
-# --------------------------------------------------------------------------------------------
-# Resume: Keras's BackupAndRestore, plus what EarlyStopping needs across a restart
-# --------------------------------------------------------------------------------------------
-
-def resume_state(config, settings, augmented_before_the_setting=False):
-    """The backup's state to continue from, or None to start from the head (removing the backup
-    of the earlier run). Settings a backup predates take the value they had then: RMSprop, and
-    `augmented_before_the_setting` for FINETUNE_AUGMENT."""
-    # a link planted at (or in) the backup would have its target read, copied over or deleted
-    folder = files.no_link_folder(artifacts.path(config, artifacts.FINETUNE_BACKUP))
-    state = {} if config.fresh else artifacts.json_or_empty(os.path.join(folder, STATE))
-    old = state.get("settings")
-    if old and any(old[key] != settings[key] for key in ("identity_id", "head_sha256")):
-        print(f"finetune {config.dataset_name}: the head or the cache changed since the last "
-              "backup: starting again from the new head")
-        old = None
-    made_with = old and {"UNFREEZE": old["unfreeze"], "LR": old["lr"],
-                         "FINETUNE_OPTIMIZER": old.get("optimizer", "rmsprop"),
-                         "FINETUNE_AUGMENT": int(old.get("finetune_augment",
-                                                         augmented_before_the_setting)),
-                         "FINETUNE_FROM": old.get("finetune_from", "images")}
-    asked = {"UNFREEZE": settings["unfreeze"], "LR": settings["lr"],
-             "FINETUNE_OPTIMIZER": settings["optimizer"],
-             "FINETUNE_AUGMENT": int(settings["finetune_augment"]),
-             "FINETUNE_FROM": settings["finetune_from"]}
-    if made_with and made_with != asked:
-        # another model or optimizer: the augmentation's layers hold their random generators'
-        # state, so even FINETUNE_AUGMENT changes what the backup must restore
-        raise UserError(f"{folder} was made with "
-                        f"{' '.join(f'{k}={v}' for k, v in made_with.items())}: pass those to "
-                        "continue it, or FRESH=1 to start over")
-    if old:
-        print(f"finetune {config.dataset_name}: continuing after epoch {state['epochs']} of the "
-              "backup (FRESH=1 starts again from the head)")
-        log_history(config, state["epochs"])  # drop the row of an epoch the backup lacks
-        return state
-    shutil.rmtree(folder, ignore_errors=True)
-    return None
-
-
-def make_callbacks(config, settings, state, started, extra=()):
-    """EarlyStopping, the CSV log and the backup, in the order they must run at an epoch's end:
-    EarlyStopping updates its memory and CSVLogger writes the epoch's row before the backup saves.
-    `extra` (the tests' kill switches) come last, after the backup."""
-    early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.finetune_patience,
-                                          restore_best_weights=True)
-    backup = Backup(files.no_link_folder(artifacts.path(config, artifacts.FINETUNE_BACKUP)),
-                    settings, state, early, started)
-    # Keras opens the log by name: a link planted there is removed first, never written through
-    log = keras.callbacks.CSVLogger(files.no_link(artifacts.path(config, artifacts.FINETUNE_LOG)),
-                                    append=bool(state))  # a fresh start starts the log over
-    board = logs.tensorboard(config, "finetune", fresh=not state)  # None without a writer
-    return early, backup, [early, log, *([board] if board else []), backup, *extra]
-
-
-class Backup(keras.callbacks.BackupAndRestore):
-    """Keras's BackupAndRestore (weights, optimizer state, epochs done) in finetune_backup/keras/,
-    and beside it what Keras does not keep: STATE and EarlyStopping's best weights.
-
-    double_checkpoint: Keras copies its last backup to *.bkp before writing the next. A copy that
-    holds the epochs STATE says means a kill came during that write or before STATE followed it:
-    the copy is put back. (Keras itself falls back to it only if the weights file cannot be
-    opened: not if the epoch file is cut short, nor if the weights are already the next epoch's.)
-    delete_checkpoint=False: a finished run keeps its backup, so a rerun trains nothing more."""
-
-    def __init__(self, folder, settings, state, early, started):
-        super().__init__(os.path.join(folder, "keras"), double_checkpoint=True,
-                         delete_checkpoint=False)
-        self.folder, self.settings, self.state, self.early = folder, settings, state, early
-        self.started, self.seconds_before = started, state["seconds"] if state else 0.0
-        self.start = None  # a fresh start: the validation loss of the head, before any step
-
-    def on_train_begin(self, logs=None):
-        # The _*_path attributes name Keras's files (BackupAndRestore has no public names).
-        previous = artifacts.json_or_empty(self._prev_training_metadata_path)
-        if self.state and previous.get("epoch") == self.state["epochs"]:
-            shutil.copyfile(self._prev_weights_path, self._weights_path)
-            shutil.copyfile(self._prev_training_metadata_path, self._training_metadata_path)
-        super().on_train_begin(logs)  # loads the weights and optimizer state, sets the first epoch
-        if self.start is not None:
-            # EarlyStopping starts from the head (Keras's epoch -1): an epoch must beat the head's
-            # validation loss to be kept, and if none does, the head's weights are restored.
-            # Fine-tuning may only make the model better on validation, never hand back a worse
-            # one (on the demo: test accuracy 0.907 for the head, 0.860 after fine-tuning).
-            self.early.best, self.early.best_epoch = self.start, -1
-            self.early.best_weights = self.model.get_weights()
-            os.makedirs(self.folder, exist_ok=True)
-            files.atomic_write(self._best_path(-1),
-                               lambda f: np.savez(f, *self.early.best_weights))
-        if self.state:  # EarlyStopping, before us in the list, has just reset its memory
-            for key in MEMORY:
-                setattr(self.early, key, self.state["early"][key])
-            with np.load(self._best_path(self.early.best_epoch)) as f:
-                self.early.best_weights = [f[f"arr_{i}"] for i in range(len(f.files))]
-
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)  # Keras's backup first: STATE never runs ahead of it
-        best = self._best_path(self.early.best_epoch)
-        if self.early.best_epoch == epoch:  # under a new name: STATE still names the last best
-            files.atomic_write(best, lambda f: np.savez(f, *self.early.best_weights))
-        artifacts.write_json(os.path.join(self.folder, STATE), {
-            "settings": self.settings, "epochs": epoch + 1, "seconds": self.seconds(),
-            "stopped": bool(self.model.stop_training),  # early stopping ended the run
-            "early": {key: getattr(self.early, key) for key in MEMORY}})
-        for entry in os.scandir(self.folder):  # never glob: NAME may hold [ ] (set[1])
-            if entry.name.startswith("best-epoch-") and entry.path != best:
-                os.remove(entry.path)
-
-    def _best_path(self, epoch):
-        return os.path.join(self.folder, f"best-epoch-{epoch}.npz")  # Keras's 0-based epoch
-
-    def seconds(self):
-        return self.seconds_before + time.perf_counter() - self.started
-
-
-def log_history(config, epochs):
-    """finetune_log.csv cut to its first `epochs` epochs, as {metric: [a value an epoch]}. A kill
-    after CSVLogger wrote an epoch's row but before the backup held that epoch leaves a row that
-    the resumed run writes again."""
-    path = artifacts.path(config, artifacts.FINETUNE_LOG)
-    if not os.path.exists(path):
-        return {}
-    with files.open_regular(path, newline="",
-                            fix="remove it, then run `make finetune` again") as f:
-        header, *rows = csv.reader(f)
-    rows = [row for row in rows if len(row) == len(header) and int(row[0]) < epochs]  # whole rows
-    with files.replacing(path, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    return {key: [float(row[i]) for row in rows] for i, key in enumerate(header) if key != "epoch"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from pipeline import (
     images,
     lock,
     registry,
+    resume,
     train_head,
 )
 from pipeline.cache import FeatureStore
@@ -238,7 +239,7 @@ def test_a_backup_from_before_finetune_augment_keeps_the_augmentation_it_was_mad
     config = ready(finetune_epochs=2)
     with pytest.raises(Killed):
         finetune.run(config, callbacks=[KillAfter(epoch=0)])
-    state_path = os.path.join(artifacts.path(config, artifacts.FINETUNE_BACKUP), finetune.STATE)
+    state_path = os.path.join(artifacts.path(config, artifacts.FINETUNE_BACKUP), resume.STATE)
     with open(state_path) as f:
         state = json.load(f)
     del state["settings"]["finetune_augment"]
@@ -259,7 +260,7 @@ def test_early_stopping_remembers_its_best_epoch_across_a_restart(tmp_path):
     def run_until_killed(state, epochs):
         """The callbacks finetune builds (EarlyStopping, then the backup), through `epochs`."""
         early = keras.callbacks.EarlyStopping(patience=3, restore_best_weights=True)
-        backup = finetune.Backup(str(tmp_path), {}, state, early, started=0.0)
+        backup = resume.Backup(str(tmp_path), {}, state, early, started=0.0)
         for callback in (early, backup):
             callback.set_model(model)
             callback.on_train_begin()
@@ -270,7 +271,7 @@ def test_early_stopping_remembers_its_best_epoch_across_a_restart(tmp_path):
         return early
 
     run_until_killed(None, [(0, 0.5, 7.0), (1, 0.9, 1.0)])  # epoch 0 is the best
-    with open(tmp_path / finetune.STATE) as f:
+    with open(tmp_path / resume.STATE) as f:
         state = json.load(f)
     early = run_until_killed(state, [(2, 0.8, 2.0), (3, 0.9, 3.0)])  # no better than epoch 0's 0.5
     memory = {"wait": early.wait, "best": early.best, "best_epoch": early.best_epoch}
@@ -291,7 +292,7 @@ def test_a_kill_during_a_backup_resumes_from_the_last_whole_one(tmp_path, monkey
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
         model.compile(optimizer="rmsprop", loss="mse")
         early = keras.callbacks.EarlyStopping(patience=3, restore_best_weights=True)
-        backup = finetune.Backup(str(tmp_path), {}, state, early, started=0.0)
+        backup = resume.Backup(str(tmp_path), {}, state, early, started=0.0)
         model.fit(x, x[:, :1], validation_data=(x, x[:, :1]), initial_epoch=(state or {}).get(
             "epochs", 0), epochs=3, callbacks=[early, *before_backup, backup, *after_backup],
             verbose=0)
@@ -320,7 +321,7 @@ def test_a_kill_during_a_backup_resumes_from_the_last_whole_one(tmp_path, monkey
     with pytest.raises(Killed):
         fit(None, seed=0, before_backup=[killer])
     monkeypatch.undo()
-    with open(tmp_path / finetune.STATE) as f:
+    with open(tmp_path / resume.STATE) as f:
         state = json.load(f)
     assert state["epochs"] == 2
 
