@@ -41,7 +41,7 @@ import h5py
 import numpy as np
 
 from . import files
-from .config import UserError
+from .config import MAX_SIZE, MIN_SIZE, UserError
 from .index import Previous, Rows, SegmentIndex, runs
 
 MASTER = "features.h5"
@@ -564,6 +564,16 @@ def _damage(error):
 # Reading (every later stage)
 # --------------------------------------------------------------------------------------------
 
+def _identity_problem(identity):
+    """None for an identity whose image_size is a SIZE (config.MIN_SIZE..MAX_SIZE), else what
+    is wrong: 1500, read back from a cache, ended in a Keras traceback."""
+    size = identity.get("image_size") if isinstance(identity, dict) else None
+    if isinstance(size, int) and not isinstance(size, bool) and MIN_SIZE <= size <= MAX_SIZE:
+        return None
+    shown = repr(size if isinstance(identity, dict) else identity)[:40]
+    return f"its identity's image_size is {shown}, not an integer from {MIN_SIZE} to {MAX_SIZE}"
+
+
 def previous_files(features_dir):
     """path -> (size, mtime_ns, sha256) from the last run, so unchanged files are not re-hashed:
     an index.Previous (sorted columns, `get` like a dict)."""
@@ -589,11 +599,13 @@ def previous_unreadable(features_dir):
 
 def master_attribute(features_dir, key):
     """One attribute of features.h5, or None when there is no master or it is damaged: its whole
-    index is read through the checksums, so extract rewrites a damaged master even when
-    nothing else changed."""
+    index is read through the checksums (and its identity checked), so extract rewrites a
+    damaged master even when nothing else changed."""
     try:
         with open_master(os.path.join(features_dir, MASTER)) as f:
             _check_index(f)
+            if _identity_problem(_decode_attr(f.attrs.get("identity"))):
+                return None  # as damaged: extract rewrites it
             return _decode_attr(f.attrs[key])
     except DAMAGE:
         return None
@@ -637,6 +649,7 @@ class FeatureStore:
         self.splits = index["split"]
         self._paths = self._sha256 = self._split_digest = None
         self.attrs = {k: _decode_attr(v) for k, v in self.file.attrs.items()}
+        self._check_identity()
         self._views_by_row(index)
         # The last damage met while reading: a reader running inside another framework (tf.data
         # turns a generator's exception into its own) can raise this one line instead.
@@ -673,6 +686,14 @@ class FeatureStore:
         if damaged:
             raise UserError(f"{self.features_dir} has a damaged segment {damaged[0]}: run "
                             "`make extract` to recompute it")
+
+    def _check_identity(self):
+        """The identity every stage builds its backbone from (`_identity_problem`)."""
+        problem = _identity_problem(self.attrs.get("identity"))
+        if problem:
+            self.file.close()
+            raise UserError(f"{self.path} is damaged or not written by this pipeline ({problem}"
+                            "): run `make extract` to rebuild it")
 
     def _views_by_row(self, index):
         """AUGMENT=K: `views` = K and, per layer ("" for the features, "cut_" for the cut's
