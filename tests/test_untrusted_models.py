@@ -14,7 +14,18 @@ import pytest
 from conftest import make_image_folder
 from test_hostile_models import finishes, outside
 
-from pipeline import artifacts, cache, evaluate, extract, predict, registry, train_head
+from pipeline import (
+    artifacts,
+    batch,
+    cache,
+    evaluate,
+    export,
+    extract,
+    lock,
+    predict,
+    registry,
+    train_head,
+)
 from pipeline.config import UserError
 
 VICTIM = b"a file of the user's, outside features/ and models/\n"
@@ -164,3 +175,49 @@ def test_sniffing_never_blocks_on_a_fifo_that_stat_called_a_file(tmp_path, monke
     walked = dict(finishes(lambda: list(datasets.walk_files(folder)), [fifo], seconds=20))
     assert walked["horizontal/photo"] == "not a regular file (FIFO)"
     assert walked["horizontal/horizontal_00.jpg"] is None
+
+
+# --------------------------------------------------------------------------------------------
+# 6: the temporary files a kill -9 leaves in models/<NAME> and beside OUT
+# --------------------------------------------------------------------------------------------
+
+def test_a_writer_of_models_removes_the_temporaries_a_killed_one_left(trained, tmp_path):
+    folder = trained.models_dir
+    ours = [os.path.join(folder, name) for name in (
+        ".head_metrics.json.1a2b3c4d.tmp", ".logreg.npz.0badf00d.tmp",
+        ".head.keras.deadbeef.tmp.keras")]  # files.replacing_path's, for Keras
+    theirs = [os.path.join(folder, name) for name in (
+        "notes.tmp", ".head_metrics.json.tmp", ".predictions.csv.89abcdef.tmp")]  # the last:
+    for path in ours + theirs:                                      # predict's, lockless
+        with open(path, "wb") as f:
+            f.write(b"left by a kill -9")
+    link = os.path.join(folder, ".evaluation.json.fedcba98.tmp")
+    os.symlink(tmp_path / "victim.txt", link)
+    before = outside(trained, tmp_path)
+
+    result = evaluate.run(trained)  # a writer of models/<NAME>, as train-head, finetune, report
+
+    assert outside(trained, tmp_path) == before
+    assert [os.path.exists(p) for p in ours + theirs] == [False] * 3 + [True] * 3
+    assert os.path.islink(link)  # left, and never followed
+    assert set(result.accuracy) == {"logreg"}
+    assert set(lock.UNLOCKED) == {artifacts.PREDICTIONS, predict.SKIPPED, batch.STATE}
+
+
+def test_an_export_removes_only_its_own_temporaries_beside_out(trained, tmp_path):
+    out = tmp_path / "exports" / "tiny.h5"
+    out.parent.mkdir()
+    ours = out.parent / ".tiny.h5.1a2b3c4d.tmp"
+    theirs = [out.parent / ".other.h5.1a2b3c4d.tmp", out.parent / "notes.tmp"]
+    for path in [ours, *theirs]:
+        path.write_bytes(b"left by a kill -9")
+    before = outside(trained, tmp_path)
+
+    export.run(trained.replace(out=str(out)))
+
+    after = outside(trained, tmp_path)
+    assert after.keys() - before.keys() == {str(out)} and before.keys() - after.keys() == {
+        str(ours)}
+    assert all(after[path] == before[path] for path in before if path != str(ours))
+    with h5py.File(out, "r") as f:
+        assert len(f["label"]) == 20
