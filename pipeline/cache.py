@@ -511,10 +511,11 @@ def open_master(path):
 
 def _check_master(f, size):
     """ValueError unless every dataset of master `f` is its own (`_own_dataset`, but virtual
-    ones may be) and every virtual one reads only segment files of features/<NAME>
-    (`is_segment_name`), the datasets of one row each agree on their length, and the others
-    declare no more entries than the file's `size` bytes hold. Metadata only, no data read:
-    a master declaring 2^40 labels kept export looping for minutes."""
+    ones may be), every virtual one reads only the `features` of segment files of
+    features/<NAME> (`is_segment_name`), every other one declares no more entries than the
+    file's `size` bytes hold, and the datasets of one entry a row (SAME_ROWS) agree on their
+    length. Metadata only, no data read: a master declaring 2^40 labels kept export looping
+    for minutes."""
     lengths = {}
     for name in f:
         link = f.get(name, getlink=True)
@@ -530,6 +531,9 @@ def _check_master(f, size):
                 if not is_segment_name(source.file_name):
                     raise ValueError(f"{name} reads {source.file_name[:100]!r}, not a segment "
                                      "of its own folder")
+                if source.dset_name != "features":  # the one dataset a segment's check covers
+                    raise ValueError(f"{name} reads {source.dset_name[:100]!r} of a segment, "
+                                     "not its features")
         elif item.size * max(item.dtype.itemsize, 1) > size:  # a string's pointer is >= 8 bytes
             raise ValueError(f"{name} declares {item.size} entries, more than the file's {size} "
                              "bytes hold")
@@ -880,7 +884,7 @@ class FeatureStore:
         if len(self._open | touched) > MAX_OPEN_SEGMENTS:
             self.file.close()
             try:
-                self.file = h5py.File(self.path, "r")
+                self.file = open_master(self.path)
             except DAMAGE as error:
                 raise UserError(f"{self.path} is damaged ({_damage(error)}): run `make extract` "
                                 "to rebuild it") from None
