@@ -15,8 +15,15 @@ lost. A full disk is one line (files.NoSpace).
 Damage is detected, not trusted: segments store `features` and `sha256` in chunks checksummed by
 HDF5's Fletcher-32 filter, which fails the read of a chunk whose bytes changed, also through the
 master's virtual dataset. Every extract reads every segment through its checksums (`inventory`)
-and deletes a damaged one, so its images are computed again. Segments from before checksums
-have nothing to verify and stay usable.
+and deletes a damaged one, so its images are computed again.
+
+A shared cache is untrusted: a file is used only in the layout this module writes, so that no
+cache reads (or exports) bytes from outside features/<NAME>, and none declares more than its
+bytes hold. A segment's `features` and `sha256` are plain, chunked, Fletcher-32 datasets of its
+own (no external storage, no virtual dataset, no link to another file), of the identity's row
+shape and dtype; anything else is damage, deleted and computed again. So are segments from
+before checksums: nothing in them can be verified. A master's virtual datasets read only
+segments/<identity_id>/seg-*.h5 files of its own folder, and its datasets are its own.
 
 Paths are built from NAME and listed with os.scandir, never glob: the `[` and `]` that a NAME
 may hold are ordinary characters.
@@ -34,7 +41,7 @@ import h5py
 import numpy as np
 
 from . import files
-from .config import UserError
+from .config import MAX_SIZE, MIN_SIZE, UserError
 from .index import Previous, Rows, SegmentIndex, runs
 
 MASTER = "features.h5"
@@ -81,18 +88,20 @@ def segment_dir(features_dir, identity_id):
     return os.path.join(features_dir, "segments", identity_id)
 
 
-def inventory(features_dir, identity_id):
+def inventory(features_dir, identity_id, shape=None, dtype=None):
     """sha256 -> (segment path relative to features_dir, row, rows in that segment) for every
     complete segment of this identity, as an index.SegmentIndex (numpy columns, not a dict: a
     million rows). A later segment wins when two hold the same image.
 
     Every segment is read through its checksums. A damaged one (changed bytes, truncated, zeroed,
-    unreadable) is named, deleted (it is ours, and useless), and its images are left out of the
-    inventory so that extract computes them again."""
+    unreadable), or one not laid out as _write_segment writes it, with rows of another `shape`
+    or `dtype` than the identity's (when given) among them, is named, deleted (it is in our
+    folder, and useless), and its images are left out of the inventory so that extract computes
+    them again."""
     found = SegmentIndex()
     for path in _segment_paths(features_dir, identity_id):
         try:
-            shas = _verified_shas(path)
+            shas = _verified_shas(path, shape, dtype)
         except DAMAGE as error:
             if getattr(error, "errno", None) is not None:  # the OS refused (EACCES, EIO...):
                 raise UserError(f"{path} cannot be read ({os.strerror(error.errno)}): fix its "
@@ -366,7 +375,7 @@ def remove_unreferenced(features_dir, identity_id, referenced):
 def master_segments(features_dir):
     """The segments (relative paths) that features.h5 on disk uses; none when it is unreadable."""
     try:
-        with h5py.File(os.path.join(features_dir, MASTER), "r") as f:
+        with open_master(os.path.join(features_dir, MASTER)) as f:
             return set(f["segments"].asstr()[:])
     except DAMAGE:
         return set()
@@ -396,6 +405,18 @@ def _is_segment(name):
     return name.startswith("seg-") and name.endswith(".h5")
 
 
+def _own_file(features_dir, name):
+    """ValueError unless features_dir/<name> is a regular file reached through no link: a
+    link there would have HDF5 read a file outside the cache."""
+    path = features_dir
+    for part in name.split("/"):
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            raise ValueError(f"{os.path.relpath(path, features_dir)} is a link")
+    if not os.path.isfile(path):
+        raise ValueError("not a regular file")
+
+
 def _entries(folder):
     """The entries of one of the cache's own folders. A link there could lead the deletions
     of `remove_strays`, `inventory` and `remove_unreferenced` out of features/<NAME>."""
@@ -409,20 +430,127 @@ def _entries(folder):
         return []
 
 
-def _verified_shas(path):
-    """A segment's sha256 column, after reading every chunk of it through its checksum."""
+def _verified_shas(path, shape=None, dtype=None):
+    """A segment's sha256 column, after checking its layout (_segment_datasets) and reading
+    every chunk of it through its checksum."""
     with h5py.File(path, "r") as f:
-        shas = f["sha256"][:]  # bytes: index.SegmentIndex keeps them so
-        features = f["features"]
-        if len(features) != len(shas):
-            raise ValueError(f"{len(features)} feature rows for {len(shas)} hashes")
-        if features.fletcher32:  # segments from before checksums have nothing to verify
-            step = features.chunks[0] * max(1, READ_BLOCK // features.chunks[0])
-            buffer = np.empty((min(step, len(features)), *features.shape[1:]), features.dtype)
-            for start in range(0, len(features), step):
-                stop = min(start + step, len(features))
-                features.read_direct(buffer, np.s_[start:stop], np.s_[:stop - start])
+        features, shas = _segment_datasets(f, path, shape, dtype)
+        shas = shas[:]  # bytes: index.SegmentIndex keeps them so
+        step = features.chunks[0] * max(1, READ_BLOCK // features.chunks[0])
+        buffer = np.empty((min(step, len(features)), *features.shape[1:]), features.dtype)
+        for start in range(0, len(features), step):
+            stop = min(start + step, len(features))
+            features.read_direct(buffer, np.s_[start:stop], np.s_[:stop - start])
     return shas
+
+
+def _segment_datasets(f, path, shape=None, dtype=None):
+    """(features, sha256) of an open segment, without reading their data; ValueError (damage)
+    unless they are laid out as _write_segment writes them: plain datasets of the file's own,
+    chunked with Fletcher-32 and nothing else (a checksum-less segment, from before checksums
+    or not ours, cannot be verified), S64 hashes, float32 or float16 rows of `shape` and `dtype`
+    when given, and no more rows than the file's bytes hold (a reader allocates what a dataset
+    declares: 2^36 hashes asked for 4 TiB)."""
+    features, shas = _own_dataset(f, "features"), _own_dataset(f, "sha256")
+    for name, data in (("features", features), ("sha256", shas)):
+        if data.chunks is None or not data.fletcher32:
+            raise ValueError(f"{name} has no checksums")
+        if data.compression or data.shuffle or data.scaleoffset is not None:
+            raise ValueError(f"{name} is compressed")  # its size would tell nothing
+    if shas.ndim != 1 or shas.dtype != np.dtype("S64"):
+        raise ValueError(f"sha256 is {shas.dtype} {shas.shape}, not 64-byte hashes")
+    if (features.ndim != 4 or features.dtype not in (np.float32, np.float16)
+            or shape is not None and features.shape[1:] != tuple(shape)
+            or dtype is not None and features.dtype != np.dtype(dtype)):
+        wanted = f", not {np.dtype(dtype)} {tuple(shape)}" if shape is not None else ""
+        raise ValueError(f"rows of {features.dtype} {features.shape[1:]}{wanted}")
+    if len(features) != len(shas):
+        raise ValueError(f"{len(features)} feature rows for {len(shas)} hashes")
+    size = os.path.getsize(path)
+    if features.nbytes + shas.nbytes > size:  # uncompressed: every row is in the file
+        raise ValueError(f"declares {len(shas)} rows, more than its {size} bytes hold")
+    return features, shas
+
+
+def _own_dataset(f, name):
+    """f[name], a dataset stored in `f` itself, or ValueError: not a link (an ExternalLink reads
+    another file), not virtual, no external raw storage (both read other files' bytes)."""
+    link = f.get(name, getlink=True)
+    if link is None:
+        raise ValueError(f"no {name} dataset")
+    if not isinstance(link, h5py.HardLink):
+        raise ValueError(f"{name} is a link ({type(link).__name__})")
+    data = f[name]
+    if not isinstance(data, h5py.Dataset):
+        raise ValueError(f"{name} is not a dataset")
+    if data.is_virtual:
+        raise ValueError(f"{name} is a virtual dataset")
+    if data.external:
+        raise ValueError(f"{name} is stored in another file")
+    return data
+
+
+# Datasets of a master that hold one entry per row of the same thing: their lengths must agree.
+SAME_ROWS = (("label", "sha256", "split", "path", "file_size", "file_mtime_ns", "features",
+              "cut_features"),
+             VIEW_DATASETS, tuple(f"cut_{name}" for name in VIEW_DATASETS),
+             ("unreadable_sha256", "unreadable_reason"))
+
+
+def open_master(path):
+    """features.h5 open for reading, after `_check_master`; DAMAGE when it is not a master this
+    module could have written."""
+    f = h5py.File(path, "r")
+    try:
+        _check_master(f, os.path.getsize(path))
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _check_master(f, size):
+    """ValueError unless every dataset of master `f` is its own (`_own_dataset`, but virtual
+    ones may be), every virtual one reads only the `features` of segment files of
+    features/<NAME> (`is_segment_name`), every other one declares no more entries than the
+    file's `size` bytes hold, and the datasets of one entry a row (SAME_ROWS) agree on their
+    length. Metadata only, no data read: a master declaring 2^40 labels kept export looping
+    for minutes."""
+    lengths = {}
+    for name in f:
+        link = f.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise ValueError(f"{name} is a link ({type(link).__name__})")
+        item = f[name]
+        if not isinstance(item, h5py.Dataset):
+            raise ValueError(f"{name} is not a dataset")
+        if item.external:
+            raise ValueError(f"{name} is stored in another file")
+        if item.is_virtual:
+            for source in item.virtual_sources():
+                if not is_segment_name(source.file_name):
+                    raise ValueError(f"{name} reads {source.file_name[:100]!r}, not a segment "
+                                     "of its own folder")
+                if source.dset_name != "features":  # the one dataset a segment's check covers
+                    raise ValueError(f"{name} reads {source.dset_name[:100]!r} of a segment, "
+                                     "not its features")
+        elif item.size * max(item.dtype.itemsize, 1) > size:  # a string's pointer is >= 8 bytes
+            raise ValueError(f"{name} declares {item.size} entries, more than the file's {size} "
+                             "bytes hold")
+        lengths[name] = len(item) if item.shape else None
+    for group in SAME_ROWS:
+        found = {lengths[name] for name in group if name in lengths}
+        if len(found) > 1:
+            raise ValueError(f"{', '.join(n for n in group if n in lengths)} differ in length")
+
+
+def is_segment_name(name):
+    """Whether `name` (a virtual source's file, an entry of the master's `segments`) is a path
+    as write_master records it: segments/<identity_id>/seg-*.h5, relative to features/<NAME>,
+    so neither absolute nor with a `..` that would lead out of it."""
+    parts = name.split("/")
+    return (len(parts) == 3 and parts[0] == "segments" and _is_segment(parts[2])
+            and parts[1] not in ("", ".", "..") and "\\" not in name and "%" not in name)
 
 
 def _damage(error):
@@ -440,6 +568,16 @@ def _damage(error):
 # Reading (every later stage)
 # --------------------------------------------------------------------------------------------
 
+def _identity_problem(identity):
+    """None for an identity whose image_size is a SIZE (config.MIN_SIZE..MAX_SIZE), else what
+    is wrong: 1500, read back from a cache, ended in a Keras traceback."""
+    size = identity.get("image_size") if isinstance(identity, dict) else None
+    if isinstance(size, int) and not isinstance(size, bool) and MIN_SIZE <= size <= MAX_SIZE:
+        return None
+    shown = repr(size if isinstance(identity, dict) else identity)[:40]
+    return f"its identity's image_size is {shown}, not an integer from {MIN_SIZE} to {MAX_SIZE}"
+
+
 def previous_files(features_dir):
     """path -> (size, mtime_ns, sha256) from the last run, so unchanged files are not re-hashed:
     an index.Previous (sorted columns, `get` like a dict)."""
@@ -447,7 +585,7 @@ def previous_files(features_dir):
     if not os.path.exists(path):
         return Previous()
     try:
-        with h5py.File(path, "r") as f:
+        with open_master(path) as f:
             return Previous(f["path"].asstr()[:], f["file_size"][:], f["file_mtime_ns"][:],
                             f["sha256"][:])
     except DAMAGE:
@@ -457,7 +595,7 @@ def previous_files(features_dir):
 def previous_unreadable(features_dir):
     """{sha256: reason} of files that failed to decode in earlier runs."""
     try:
-        with h5py.File(os.path.join(features_dir, MASTER), "r") as f:
+        with open_master(os.path.join(features_dir, MASTER)) as f:
             return dict(zip(f["unreadable_sha256"].asstr()[:], f["unreadable_reason"].asstr()[:]))
     except DAMAGE:
         return {}
@@ -465,11 +603,13 @@ def previous_unreadable(features_dir):
 
 def master_attribute(features_dir, key):
     """One attribute of features.h5, or None when there is no master or it is damaged: its whole
-    index is read through the checksums, so extract rewrites a damaged master even when
-    nothing else changed."""
+    index is read through the checksums (and its identity checked), so extract rewrites a
+    damaged master even when nothing else changed."""
     try:
-        with h5py.File(os.path.join(features_dir, MASTER), "r") as f:
+        with open_master(os.path.join(features_dir, MASTER)) as f:
             _check_index(f)
+            if _identity_problem(_decode_attr(f.attrs.get("identity"))):
+                return None  # as damaged: extract rewrites it
             return _decode_attr(f.attrs[key])
     except DAMAGE:
         return None
@@ -491,7 +631,7 @@ class FeatureStore:
             raise UserError(f"no feature cache at {self.path}: run `make extract DATA=<folder>` "
                             "first")
         try:
-            self.file = h5py.File(self.path, "r")
+            self.file = open_master(self.path)
         except DAMAGE as error:
             raise UserError(f"{self.path} is damaged ({_damage(error)}): run `make extract` to "
                             "rebuild it") from None
@@ -511,24 +651,35 @@ class FeatureStore:
         self._open, self._sources = set(), {}
         self.labels = index["label"]
         self.splits = index["split"]
-        self._paths = self._sha256 = None
+        self._paths = self._sha256 = self._split_digest = None
         self.attrs = {k: _decode_attr(v) for k, v in self.file.attrs.items()}
+        self._check_identity()
         self._views_by_row(index)
         # The last damage met while reading: a reader running inside another framework (tf.data
         # turns a generator's exception into its own) can raise this one line instead.
         self.damage = None
 
     def _check_segments(self, segments):
-        """Every segment is there and opens: a missing one would read as NaN, a truncated or
-        zeroed one would fail in the middle of training."""
+        """Every segment (those listed and those the virtual datasets read) is there, a file of
+        features/<NAME>'s own, opens and is laid out as a segment: a missing one would read as
+        NaN, a truncated or zeroed one would fail in the middle of training, and a link or a
+        segment whose data lives in another file would be read from outside the cache."""
+        for name in FEATURE_DATASETS:
+            if name in self.file:
+                segments = [*segments, *(s.file_name for s in self.file[name].virtual_sources())]
         missing, damaged = [], []
-        for seg in segments:
+        for seg in sorted(set(segments)):
             path = os.path.join(self.features_dir, seg)
-            if not os.path.exists(path):
+            if not is_segment_name(seg):
+                damaged.append(f"{seg[:100]!r} (not a segment of this cache's own)")
+                continue
+            if not os.path.lexists(path):
                 missing.append(seg)
                 continue
             try:
-                h5py.File(path, "r").close()
+                _own_file(self.features_dir, seg)
+                with h5py.File(path, "r") as f:
+                    _segment_datasets(f, path)
             except DAMAGE as error:
                 damaged.append(f"{seg} ({_damage(error)})")
         if missing or damaged:
@@ -539,6 +690,14 @@ class FeatureStore:
         if damaged:
             raise UserError(f"{self.features_dir} has a damaged segment {damaged[0]}: run "
                             "`make extract` to recompute it")
+
+    def _check_identity(self):
+        """The identity every stage builds its backbone from (`_identity_problem`)."""
+        problem = _identity_problem(self.attrs.get("identity"))
+        if problem:
+            self.file.close()
+            raise UserError(f"{self.path} is damaged or not written by this pipeline ({problem}"
+                            "): run `make extract` to rebuild it")
 
     def _views_by_row(self, index):
         """AUGMENT=K: `views` = K and, per layer ("" for the features, "cut_" for the cut's
@@ -622,6 +781,23 @@ class FeatureStore:
         except DAMAGE as error:
             raise UserError(f"{self.path} is damaged ({_damage(error)}): run `make extract` to "
                             "rebuild it") from None
+
+    def split_digest(self):
+        """sha256 of every row's content hash with its split, in the order of the hashes (then
+        splits): the split a model trains on. train-head and finetune record it, and
+        registry.record refuses a model whose split is not the cache's, as after a re-extract
+        with another SPLIT the test rows would be half made of its training rows."""
+        if self._split_digest is None:
+            shas = np.asarray(self.sha256.tolist(), "S64")
+            splits = np.asarray(self.splits.tolist(), "S")
+            order = np.lexsort((splits, shas))
+            digest = hashlib.sha256()
+            for start in range(0, len(order), WRITE_ROWS):
+                part = order[start:start + WRITE_ROWS]
+                digest.update(b"".join(sha + b" " + split + b"\n" for sha, split in
+                                       zip(shas[part].tolist(), splits[part].tolist())))
+            self._split_digest = digest.hexdigest()
+        return self._split_digest
 
     @property
     def class_names(self):
@@ -708,7 +884,7 @@ class FeatureStore:
         if len(self._open | touched) > MAX_OPEN_SEGMENTS:
             self.file.close()
             try:
-                self.file = h5py.File(self.path, "r")
+                self.file = open_master(self.path)
             except DAMAGE as error:
                 raise UserError(f"{self.path} is damaged ({_damage(error)}): run `make extract` "
                                 "to rebuild it") from None
@@ -744,6 +920,28 @@ class FeatureStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_SPLIT_DIGESTS = {}  # (master path, its stat) -> split_digest: records() asks once a model
+
+
+def split_digest(features_dir):
+    """FeatureStore(features_dir).split_digest(), computed once for each version of the master
+    (a UserError naming `make extract` when there is no usable cache)."""
+    path = os.path.join(features_dir, MASTER)
+    try:
+        info = os.stat(path)
+        key = (os.path.abspath(path), info.st_ino, info.st_size, info.st_mtime_ns)
+    except OSError:
+        key = None
+    if key is None or key not in _SPLIT_DIGESTS:
+        with FeatureStore(features_dir) as store:
+            digest = store.split_digest()
+        if key is None:
+            return digest
+        _SPLIT_DIGESTS.clear()  # one cache at a time
+        _SPLIT_DIGESTS[key] = digest
+    return _SPLIT_DIGESTS[key]
 
 
 def block_plan(rows, size=READ_BLOCK, rng=None):

@@ -69,18 +69,34 @@ def not_regular_reason(path):
 # still found, and a text file named .jpg is reported instead of crashing a decoder.
 _MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"),
           (b"GIF89a", "gif"), (b"BM", "bmp"))
+MAGIC_BYTES = min(len(magic) for magic, _ in _MAGIC)  # no image file is shorter
 
 
 def sniff_format(path):
     """The image format named by a file's first bytes, or None (also for anything but a regular
-    file, which is never opened)."""
+    file, which is never opened).
+
+    Files are found by content, not only by extension, so a file without one is opened, and
+    IMAGES=/ walks /proc: only what stat says is a regular file holding bytes is opened (the
+    files of /proc report a size of 0, and a read of /proc/kmsg blocks), without blocking and
+    checked again once open (a FIFO put in its place after the stat would block the read)."""
     if not_regular_reason(path):
         return None
     try:
-        with open(path, "rb") as f:
-            head = f.read(12)
+        if os.stat(path).st_size < MAGIC_BYTES:
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size < MAGIC_BYTES:
+            return None
+        head = os.read(fd, 12)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
     return next((fmt for magic, fmt in _MAGIC if head.startswith(magic)), None)

@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from . import cache, lock
+from . import cache, files, lock
 from .config import Config, UserError
 
 
@@ -30,6 +30,9 @@ def run(config: Config) -> ExportResult:
                         "run `make extract DATA=<folder>` first")
     # as extract's lock: an extract replacing segments under a long export would end it
     with lock.exclusive(config.features_dir, "extract"):
+        # a killed export's temporary beside OUT; only OUT's own: the folder is the user's
+        files.remove_temporaries(os.path.dirname(os.path.abspath(out)),
+                                 names={os.path.basename(out)})
         rows = cache.export(config.features_dir, out)
     result = ExportResult(out, rows, os.path.getsize(out), time.perf_counter() - start)
     print(f"export {config.dataset_name}: {rows} rows -> {out} ({result.bytes / 1e6:.1f} MB), "

@@ -79,7 +79,10 @@ def _run(config, engine):
     with lock.exclusive(out, "extract"):
         cache.remove_strays(out)  # left by a killed run: no other run writes them now
         shas, sizes, mtimes = _hash_files(dataset, cache.previous_files(out), engine.sha256_of)
-        known = [cache.inventory(out, target.identity_id) for target in targets]
+        # rows of another shape or dtype than the identity's are damage, computed again
+        known = [cache.inventory(out, target.identity_id,
+                                 backbone.layer_shape(target.layer, config.size), target.dtype)
+                 for target in targets]
         unreadable = cache.previous_unreadable(out)
         previous_views = cache.master_attribute(out, "augment")
         computed = {"images": set(), "views": 0}  # what went through the backbone this run

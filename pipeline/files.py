@@ -40,6 +40,30 @@ def original_name(name):
     return None
 
 
+def temporary_of(name):
+    """The name that a temporary file of `temporary_name`, or of `replacing_path` (which adds
+    .keras), stands for; None for any other name."""
+    return original_name(name[:-len(".keras")] if name.endswith(TEMP_SUFFIX + ".keras")
+                         else name)
+
+
+def remove_temporaries(folder, names=None, keep=()):
+    """Delete the temporary files a killed writer left directly in `folder`: only our names
+    (`temporary_of`), of `names` when given and never of `keep`, and only regular files (a
+    link is left, never followed). Call it only while no writer of those names can be running
+    (lock.exclusive)."""
+    try:
+        with os.scandir(folder) as entries:
+            found = list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in found:
+        original = temporary_of(entry.name)
+        if (original and (names is None or original in names) and original not in keep
+                and entry.is_file(follow_symlinks=False)):
+            _remove(entry.path)
+
+
 def atomic_write(path, content):
     """Replace `path` by `content`: bytes (or a memoryview), or a function that writes into the
     open binary file it is given. On a full disk the temporary file is removed and NoSpace is

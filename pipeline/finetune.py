@@ -376,6 +376,7 @@ def _write_outputs(config, store, weights, model, head_record, backup, early, tr
               for name, s in scores.items()}
     metrics = {
         "identity": store.identity, "identity_id": backbone.identity_id(store.identity),
+        "split_digest": store.split_digest(),  # registry.record checks it
         "class_names": list(store.class_names), "config": config.to_dict(),
         "weights": weights.fingerprint, "weights_notice": weights.notice,
         "versions": backbone.library_versions(),  # the backend among them

@@ -94,12 +94,16 @@ def save_logreg(file, pipeline, metadata):
              metadata=np.array(json.dumps(metadata, sort_keys=True)))
 
 
-def load_logreg(file):
-    """(pipeline, metadata) from `save_logreg`'s file; predict_proba gives what the original did."""
+def load_logreg(file, features=None, classes=None):
+    """(pipeline, metadata) from `save_logreg`'s file; predict_proba gives what the original did.
+    Its arrays are numbers of the shapes a model of `features` inputs (a flattened feature map)
+    and `classes` classes has, when given, and agree with each other: else ValueError, instead
+    of a traceback from inside scikit-learn when the model is used."""
     with np.load(file, allow_pickle=False) as arrays:
         metadata = json.loads(str(arrays["metadata"]))
         if metadata.get("format") != LOGREG_FORMAT or metadata.get("estimator") not in ESTIMATORS:
             raise ValueError(f"not a {LOGREG_FORMAT} file")
+        _check_logreg_shapes(arrays, features, classes)
         scaler = StandardScaler()
         scaler.mean_, scaler.scale_, scaler.var_ = (arrays[k] for k in
                                                     ("scaler_mean", "scaler_scale", "scaler_var"))
@@ -108,3 +112,18 @@ def load_logreg(file):
             arrays[k] for k in ("coef", "intercept", "classes"))
     scaler.n_features_in_ = classifier.n_features_in_ = len(scaler.mean_)
     return make_pipeline(scaler, classifier), metadata
+
+
+def _check_logreg_shapes(arrays, features, classes):
+    coef = arrays["coef"]
+    if coef.ndim != 2:
+        raise ValueError(f"coef has shape {coef.shape}, not (outputs, features)")
+    features = coef.shape[1] if features is None else features
+    outputs = coef.shape[0] if classes is None else 1 if classes == 2 else classes
+    classes = len(arrays["classes"]) if classes is None else classes
+    for key, shape in (("coef", (outputs, features)), ("intercept", (outputs,)),
+                       ("classes", (classes,)), ("scaler_mean", (features,)),
+                       ("scaler_scale", (features,)), ("scaler_var", (features,))):
+        if arrays[key].shape != shape or arrays[key].dtype.kind not in "iuf":
+            raise ValueError(f"{key} is {arrays[key].dtype} of shape {arrays[key].shape}, not "
+                             f"numbers of shape {shape}")

@@ -7,10 +7,13 @@ import os
 import stat
 from contextlib import contextmanager
 
+from . import files
 from .config import UserError
 from .datasets import file_kind
 
 LOCK = ".lock"  # one per folder, whatever the stage: every writer of a folder excludes the others
+# written in models/<NAME> without its lock (predict, batch): their temporaries may be in flight
+UNLOCKED = ("predictions.csv", "predictions_skipped.csv", "batch_state.json")
 
 
 @contextmanager
@@ -19,7 +22,11 @@ def exclusive(folder, stage):
     evaluate, report: models/<NAME>). The OS drops the lock when its holder dies, even by
     kill -9, so a killed run never leaves a stale lock behind. The lock file is opened without
     following a link and must be a regular file: what lies in the folder is untrusted, and a
-    link there would have its target truncated."""
+    link there would have its target truncated.
+
+    Once held, the temporary files that a killed writer left in `folder` (files.temporary_name's)
+    are removed: no other writer can be making them now, and nothing else would ever remove
+    them. Those of the files written without the lock (UNLOCKED) are kept."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK)
     fd = _open(path)
@@ -33,6 +40,7 @@ def exclusive(folder, stage):
             raise UserError(f"another {other} (pid {pid}) is writing {folder}: wait for it "
                             "to finish, then run this again") from None
         lock.seek(0), lock.truncate(), lock.write(f"{os.getpid()} {stage}"), lock.flush()
+        files.remove_temporaries(folder, keep=UNLOCKED)
         yield
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import artifacts
-from .config import UserError
+from .config import MAX_SIZE, MIN_SIZE, UserError
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,9 @@ def record(config, name):
     # what is read back steers MODEL=auto and fills the report: checked, as a file anyone with
     # write access to models/<NAME> could have edited
     check = Checker(metrics_path, f"rerun `{kind.make}`")
-    check(metrics, "identity", dict)
+    # the side the images are resized to: 1500 ended in a Keras traceback
+    check.number(check(metrics, "identity", dict), "image_size", MIN_SIZE, MAX_SIZE,
+                 integer=True, where="identity.")
     check.texts(metrics, "class_names")
     check(metrics, "weights_notice", str, optional=True)
     where = f"models.{kind.entry}." if kind.entry else ""
@@ -93,9 +95,25 @@ def record(config, name):
     check.number(entry, "seconds", 0, optional=True, where=where)
     for key in ("epochs", "best_epoch", "views"):
         check.number(entry, key, 0, optional=True, integer=True, where=where)
+    _check_split(config, metrics, file_path, kind)
     return Record(name, metrics["identity"], list(metrics["class_names"]),
                   entry.get("validation", {}), entry.get("test", {}),
                   metrics.get("weights_notice", ""), entry["file_sha256"], entry)
+
+
+def _check_split(config, metrics, file_path, kind):
+    """Refuse a model trained on another split than the cache's (cache.split_digest): after a
+    re-extract with another SPLIT, its test rows were half made of the model's training rows
+    and evaluate reported accuracy 1.000. A model made before models recorded their split is
+    refused too: nothing tells that its test rows are unseen, and retraining costs minutes."""
+    from . import cache  # h5py, only when a model is read back
+    recorded = metrics.get("split_digest")
+    if recorded != cache.split_digest(config.features_dir):
+        why = ("records no split (made by an earlier version)" if recorded is None else
+               f"was trained on another split than {config.features_dir}'s")
+        fix = ("`make train-head`" if kind.make == "make train-head" else
+               "`make train-head`, then `make finetune`")
+        raise UserError(f"{file_path} {why}: its test rows may be training rows; rerun {fix}")
 
 
 class Checker:
@@ -164,10 +182,15 @@ def load(config, name):
     """The model, loaded so that no code in its file can run: logreg from plain arrays
     (allow_pickle=False), Keras files in safe mode (which refuses Lambda layers)."""
     file_path = path(config, name)
+    if name == "logreg":  # its arrays' shapes are checked against what its record says
+        from .backbone import feature_shape
+        made = record(config, name)
+        expected = (math.prod(feature_shape(made.identity["image_size"])),
+                    len(made.class_names))
     try:
         if name == "logreg":
             from .heads import load_logreg
-            return load_logreg(file_path)[0]
+            return load_logreg(file_path, *expected)[0]
         import keras
         return keras.saving.load_model(file_path, compile=False, safe_mode=True)
     except Exception as error:  # safe mode and object arrays: ValueError; a bad zip: others

@@ -58,6 +58,7 @@ def _train(config, callbacks, logreg_memory_mb):
         _check_views(config, store)  # before logreg's minutes: the dense head would refuse
         metrics_path = artifacts.path(config, artifacts.HEAD_METRICS)
         metrics = {"identity": store.identity, "identity_id": backbone.identity_id(store.identity),
+                   "split_digest": store.split_digest(),  # registry.record checks it
                    "class_names": list(store.class_names), "config": config.to_dict(),
                    "weights_notice": store.attrs.get("weights_notice", ""),
                    "versions": backbone.library_versions(),  # the backend among them
@@ -116,7 +117,8 @@ def _kept_models(metrics_path, store, head):
             return {}
     if not isinstance(old, dict) or not isinstance(old.get("models"), dict):
         return {}
-    if old.get("identity") != store.identity or old.get("class_names") != list(store.class_names):
+    if old.get("identity") != store.identity or old.get("class_names") != list(store.class_names) \
+            or old.get("split_digest") != store.split_digest():  # trained on another split
         return {}
     other = "logreg" if head == "dense" else "dense"
     return {other: old["models"][other]} if other in old.get("models", {}) else {}

@@ -186,7 +186,8 @@ def test_a_damaged_segment_is_refused_then_recomputed(tmp_path, make_config, mon
     assert code == 2 and "make extract" in one_line(out.err) and out.err.startswith("error: ")
     repaired = extract.run(config)
 
-    assert contents(tmp_path, [config.features_dir]) == outside
+    # train-head's lock file is in models/<NAME>, its own
+    assert contents(tmp_path, [config.features_dir, config.models_dir]) == outside
     assert (repaired.new, repaired.reused) == (victim_rows, 12 - victim_rows)
     assert_same_features(features_by_path(config.features_dir), clean)
     assert not os.path.exists(victim)
@@ -258,11 +259,14 @@ def test_a_segment_gone_while_reading_is_an_error_not_nan(image_folder, make_con
     assert contents(os.path.dirname(image_folder), [config.features_dir]) == outside
 
 
-def test_segments_without_checksums_stay_usable(image_folder, make_config, capsys):
-    config = make_config(image_folder)
+def test_segments_without_checksums_are_computed_again(image_folder, make_config, capsys):
+    """Nothing in a segment from before checksums can be verified, and a shared cache's could
+    hold anything: its images are computed again (they were reused as they were)."""
+    config = make_config(image_folder, finetune_from="images")
     extract.run(config)
     clean = features_by_path(config.features_dir)
-    for path in segment_files(config.features_dir):  # rewritten as before checksums existed
+    old = segment_files(config.features_dir)
+    for path in old:  # rewritten as before checksums existed
         with h5py.File(path, "r") as f:
             features, shas = f["features"][:], f["sha256"].asstr()[:]
         with h5py.File(path, "w") as f:
@@ -274,9 +278,13 @@ def test_segments_without_checksums_stay_usable(image_folder, make_config, capsy
     again = extract.run(config)
 
     assert contents(os.path.dirname(image_folder), [config.features_dir]) == outside
-    assert (again.new, again.reused) == (0, 12)
+    assert (again.new, again.reused) == (12, 0)
     assert_same_features(features_by_path(config.features_dir), clean)
-    assert "0 new, 12 reused" in one_line(capsys.readouterr().out)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:len(old)] == [f"{path} is damaged (features has no checksums): deleted; its "
+                                  "images will be computed again" for path in old]
+    assert "12 new, 0 reused" in printed[-1]
+    assert extract.run(config).new == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,7 +488,7 @@ def test_a_segment_the_os_cannot_read_is_kept_not_deleted(image_folder, make_con
     extract.run(config)
     before = segment_files(config.features_dir)
 
-    def refused(path):
+    def refused(path, *expected):
         raise PermissionError(13, "Permission denied", path)
     monkeypatch.setattr(cache, "_verified_shas", refused)
     capsys.readouterr()
