@@ -23,9 +23,9 @@ this way, 0.999 vs 0.996 with plain pooled vectors).
 - Label issues: out-of-fold probabilities of every row's given label from AUDIT_FOLDS-fold
   stratified cross-validation (sklearn cross_val_predict) of heads.py's logistic regression on
   the embedding, so no row is scored by a model that saw it. Confident learning: a row is a
-  candidate when another class is predicted with at least that class's threshold (the mean
-  probability of the class over the rows labelled with it); candidates are ranked by the given
-  label's probability, lowest first.
+  candidate when its given label's probability is below that class's threshold (the mean
+  probability of the class over the rows labelled with it) and another class is more likely;
+  candidates are ranked by the given label's probability, lowest first.
 - Outliers: an image's distance is 1 - its cosine similarity to the nearest training class
   centroid (in the embedding); images past the OUTLIER_PERCENTILE-th percentile of the
   validation rows' distances are unlike the training data. `make predict` uses the same measure.
@@ -173,9 +173,10 @@ def out_of_fold_probabilities(x, y, folds, seed=0, estimator=None):
 
 def label_issues(probabilities, y):
     """(candidate rows, most suspicious first; suggested class per row; per-class thresholds).
-    Confident learning: class k's threshold is the mean probability of k over rows labelled k;
-    a row is a candidate when its most likely other class reaches that class's threshold and
-    beats the given label. Ranked by the given label's probability, lowest first."""
+    Confident learning: class k's threshold is the mean probability of k over the rows labelled
+    k (what "confidently k" means for this model and class); a row is a candidate when the
+    probability of its given label is below its class's threshold and another class is more
+    likely. Ranked by the given label's probability, lowest first."""
     n, classes = probabilities.shape
     thresholds = np.array([probabilities[y == k, k].mean() if (y == k).any() else 1.0
                            for k in range(classes)])
@@ -184,7 +185,7 @@ def label_issues(probabilities, y):
     others[np.arange(n), y] = -1.0
     suggested = others.argmax(axis=1)
     best_other = others[np.arange(n), suggested]
-    candidate = (best_other >= thresholds[suggested]) & (best_other > given)
+    candidate = (given < thresholds[y]) & (best_other > given)
     rows = np.flatnonzero(candidate)
     rows = rows[np.lexsort((rows, given[rows]))]
     return rows, suggested, thresholds
