@@ -54,6 +54,7 @@ BLOCK = 2048             # rows per tile side: 2048 x 2048 float32 = 16 MB a til
 MAX_PAIRS = 100_000      # near-duplicate pairs kept at most, the most similar
 LOGREG_C = 0.1           # regularisation of the cross-validated logistic regression
 PICTURE_PAIRS, PICTURE_ISSUES, THUMBNAIL = 6, 6, 128
+SETTINGS = ("duplicate_threshold", "audit_folds", "outlier_percentile")  # recorded in audit.json
 
 
 @dataclass
@@ -262,6 +263,7 @@ def _audit(config):
         projected = project_rows(store, Embedding(store.shape()), rows)
         paths, shas, splits = store.paths, store.sha256, store.splits
         identity, identity_id = store.identity, store.attrs.get("identity_id", "")
+        digest = store.attrs.get("index_digest", "")
         root = store.image_root(config.data)
         model = outlier_model(store, config.outlier_percentile, projected)
     vectors = model.embedding.unit(projected)
@@ -306,7 +308,8 @@ def _audit(config):
     summary = {
         "rows": int(len(y)), "class_names": class_names,
         "rows_per_split": {s: int((splits == s).sum()) for s in ("train", "validation", "test")},
-        "identity": identity, "identity_id": identity_id,
+        "identity": identity, "identity_id": identity_id, "index_digest": digest,
+        "settings": {k: getattr(config, k) for k in SETTINGS + ("seed",)},
         "embedding": {"grid": list(model.embedding.cells), "dimensions": int(vectors.shape[1]),
                       "projection_seed": PROJECTION_SEED,
                       "measure": "cosine similarity of the flattened feature maps, centred on the "
@@ -349,6 +352,20 @@ def _audit(config):
           f"(leakage); {len(issues)} label-issue candidates; {len(unlike)} outliers (distance > "
           f"{model.threshold:.3f}); {time.perf_counter() - start:.1f} s; wrote {folder}")
     return result
+
+
+def current_summary(config):
+    """audit.json when it describes the cache as it is now (same rows, labels, splits, features)
+    with the same settings, else None: what `make batch` needs to skip an audit."""
+    from . import artifacts
+    summary = artifacts.json_or_empty(os.path.join(config.models_dir, FOLDER, SUMMARY))
+    if not summary or not os.path.exists(os.path.join(config.features_dir, cache.MASTER)):
+        return None
+    digest = cache.master_attribute(config.features_dir, "index_digest")
+    settings = {k: getattr(config, k) for k in SETTINGS + ("seed",)}
+    if digest and summary.get("index_digest") == digest and summary.get("settings") == settings:
+        return summary
+    return None
 
 
 def _check_auditable(store, y, class_names, folds):

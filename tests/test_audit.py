@@ -230,3 +230,22 @@ def test_a_cache_of_one_class_is_one_line(tmp_path, make_config, capsys, monkeyp
             self.labels = np.zeros_like(self.labels)
     monkeypatch.setattr(cache, "FeatureStore", OneClass)
     assert "one class only" in one_line_error(capsys, cli_args(config))
+
+
+def test_batch_audits_each_dataset_and_counts_leakage(tmp_path, make_config):
+    from pipeline import batch
+    first = make_image_folder(tmp_path / "first", per_class=6, seed=0)
+    # a lossless copy of one image under another name (its split is drawn by its own hash)
+    Image.open(os.path.join(first, "horizontal", "horizontal_00.jpg")).save(
+        os.path.join(first, "horizontal", "copy.png"), format="PNG")
+    config = make_config("unused", datasets=(first,), finetune=False, duplicate_threshold=0.97)
+    row = batch.run(config).rows[0]
+    assert row["status"] == "trained" and row["error"] == ""
+    assert row["near_duplicates"] >= 1 and row["label_issues"] != ""
+    assert row["leakage_pairs"] == audit.current_summary(
+        config.replace(data=first, name="first"))["near_duplicates"]["cross_split_pairs"]
+    assert float(row["audit_s"]) > 0
+    again = batch.run(config).rows[0]  # nothing changed: the audit is not run again
+    assert again["status"] == "unchanged" and again["audit_s"] == ""
+    assert again["near_duplicates"] == row["near_duplicates"]
+    assert "label issues" in open(batch.run(config).md_path).read()
