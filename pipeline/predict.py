@@ -12,7 +12,8 @@ predictions_skipped.csv.
 
 Each image is also scored against the training data with the audit's outlier measure
 (pipeline/audit.py): 1 - cosine similarity of its feature map to the nearest training class
-centroid, computed from the cache at predict time, so it always describes the current cache.
+centroid, from the cache (the audit's saved measure while the cache is unchanged, else computed
+from the cache at predict time), so it always describes the current cache.
 Past the OUTLIER_PERCENTILE-th percentile of the validation images' distances, the image is
 `unlike_training` (1): the model was never shown anything like it, so its probabilities say
 little. The fine-tuned model reads images, not feature maps, so for it the frozen backbone runs
@@ -185,20 +186,27 @@ def _predictor(config, model, record):
                 artifacts.require_same_identity(record.identity, store.identity,
                                                 registry.path(config, model))
             weights = backbone.weights_of_cache(config.weights, store.attrs)
-            outliers = audit.outlier_model(store, config.outlier_percentile)
             identity = store.identity
+            try:  # never a reason to withhold the predictions themselves
+                outliers = audit.load_outlier_model(config.models_dir, store,
+                                                    config.outlier_percentile)
+            except UserError as error:
+                warn(f"predictions without the unlike_training column: {error}")
+                outliers = None
     except UserError:
         if not takes_images:
             raise  # a model of feature maps needs the cache
         warn(f"no usable feature cache in {config.features_dir}: predictions without the "
              "unlike_training column (run `make extract` to have it)")
         return (lambda x: (predict(x), None)), size, None
+    if outliers is None and takes_images:
+        return (lambda x: (predict(x), None)), size, None
     # the frozen base with the weights the cache was built with: the features of new images
     features_of = backbone.feature_function(backbone.build_backbone_of(identity, weights))
 
     def predict_batch(x):
         features = features_of(x)
-        distance, _ = outliers.distance(features)
+        distance = outliers.distance(features)[0] if outliers else None
         return (predict(x) if takes_images else predict(features)), distance
     return predict_batch, size, outliers
 

@@ -249,3 +249,25 @@ def test_batch_audits_each_dataset_and_counts_leakage(tmp_path, make_config):
     assert again["status"] == "unchanged" and again["audit_s"] == ""
     assert again["near_duplicates"] == row["near_duplicates"]
     assert "label issues" in open(batch.run(config).md_path).read()
+
+
+def test_predict_reuses_the_audits_measure_while_the_cache_is_the_same(run, tmp_path,
+                                                                       monkeypatch):
+    models = tmp_path / "models"
+    shutil.copytree(os.path.dirname(run.models_dir), models)
+    config = run.replace(models_root=str(models))
+    audit.run(config)
+    with cache.FeatureStore(config.features_dir) as store:
+        computed = audit.outlier_model(store, config.outlier_percentile)
+        monkeypatch.setattr(audit, "outlier_model", lambda *a: pytest.fail("not reused"))
+        saved = audit.load_outlier_model(config.models_dir, store, config.outlier_percentile)
+        np.testing.assert_allclose(saved.centroids, computed.centroids, rtol=1e-6)
+        assert saved.threshold == pytest.approx(computed.threshold)
+        monkeypatch.undo()
+        # another percentile, or a file that is not ours: computed again, never trusted
+        other = audit.load_outlier_model(config.models_dir, store, 50.0)
+        assert other.threshold < computed.threshold
+        with open(os.path.join(config.models_dir, "audit", audit.OUTLIER_MODEL), "wb") as f:
+            f.write(b"not an npz")
+        again = audit.load_outlier_model(config.models_dir, store, config.outlier_percentile)
+        assert again.threshold == pytest.approx(computed.threshold)
