@@ -7,15 +7,15 @@ and writes models/<NAME>/audit/: near_duplicates.csv, label_issues.csv, outliers
 and audit.png (the top pairs and candidates, the only images opened, for display alone), and
 outlier_model.npz, the outlier measure that `make predict` reuses while the cache is unchanged.
 
-One embedding serves all three questions. Each feature map is flattened (first averaged down to
-at most GRID x GRID cells, so SIZE=150's 4x4 map stays whole), multiplied by a fixed Gaussian
-random matrix into DIMENSIONS numbers, centred on the training rows' mean and L2-normalised. The
-dot product of two such vectors estimates the cosine similarity of the centred, flattened maps
-(Johnson-Lindenstrauss), at 1/16 of the cost at SIZE=150. Flattened, not globally average-pooled:
-the map keeps where things are, so two photos of the same kind of scene differ while a resized,
-re-encoded copy does not; centred, because ReLU features all point into one orthant, where any two
-images score a cosine of 0.99 (bench/audit_planted.py: planted copies >= 0.96, other pairs <= 0.80
-this way, 0.999 vs 0.996 with plain pooled vectors).
+Near-duplicates are judged in an embedding that keeps the layout. Each feature map is flattened
+(first averaged down to at most GRID x GRID cells, so SIZE=150's 4x4 map stays whole), multiplied
+by a fixed Gaussian random matrix into DIMENSIONS numbers, centred on the training rows' mean and
+L2-normalised. The dot product of two such vectors estimates the cosine similarity of the centred,
+flattened maps (Johnson-Lindenstrauss), at 1/16 of the cost at SIZE=150. Flattened, not globally
+average-pooled: the map keeps where things are, so two photos of the same kind of scene differ
+while a resized, re-encoded copy does not; centred, because ReLU features all point into one
+orthant, where any two images score a cosine of 0.99 (bench/audit_planted.py: planted copies
+>= 0.96, other pairs <= 0.80 this way, 0.999 vs 0.996 with plain pooled vectors).
 
 - Near-duplicates: the n x n similarity matrix is never held: BLOCK x BLOCK tiles of it are
   computed one at a time and only the pairs at or above DUPLICATE_THRESHOLD are kept (at most
@@ -26,13 +26,17 @@ this way, 0.999 vs 0.996 with plain pooled vectors).
   the globally average-pooled feature maps (rows x 512), so no row is scored by a model that saw
   it. Pooled, not the embedding: a class is what is in the picture, not where, and so it ranked
   the 5 planted label errors of bench/audit_planted.py 3rd to 48th of 170, the embedding 7th to
-  144th. Confident learning: a row is a
-  candidate when its given label's probability is below that class's threshold (the mean
-  probability of the class over the rows labelled with it) and another class is more likely;
-  candidates are ranked by the given label's probability, lowest first.
-- Outliers: an image's distance is 1 - its cosine similarity to the nearest training class
-  centroid (in the embedding); images past the OUTLIER_PERCENTILE-th percentile of the
-  validation rows' distances are unlike the training data. `make predict` uses the same measure.
+  144th. Confident learning: a row is a candidate when its given label's probability is below
+  that class's threshold (the mean probability of the class over the rows labelled with it) and
+  another class is more likely; candidates are ranked by the given label's probability, lowest
+  first.
+- Outliers: an image's distance is 1 - the cosine similarity of its pooled features (globally
+  average-pooled, square-rooted, L2-normalised: `appearance`) to the nearest training class
+  centroid; images past the OUTLIER_PERCENTILE-th percentile of the validation rows' distances
+  are unlike the training data. `make predict` uses the same measure. Not the embedding: centred
+  on the mean, two classes' centroids point nearly opposite ways and every image is about as far
+  from both; uncentred, the pooled features flagged 20 of 20 drawings among cats and dogs and
+  1 of 20 new photos (the centred embedding: 6 and 2; docs/audit.md).
 """
 import csv
 import json
@@ -108,9 +112,6 @@ class Embedding:
         centred = projected - self.mean
         norms = np.linalg.norm(centred, axis=1, keepdims=True)
         return centred / np.maximum(norms, 1e-12)
-
-    def __call__(self, features):
-        return self.unit(self.project(features))
 
 
 def project_rows(store, embedding, rows, pooled=False):
@@ -218,39 +219,53 @@ def outlier_distance(vectors, present, centroids):
     return 1.0 - similarity[np.arange(len(vectors)), nearest], present[nearest]
 
 
+def appearance(pooled):
+    """Globally average-pooled features (n, channels) -> unit vectors of their square roots:
+    what is in the picture, wherever it is; the root keeps a few strong channels from
+    outweighing all the others (a Hellinger-style distance)."""
+    root = np.sqrt(np.maximum(np.asarray(pooled, np.float32), 0))
+    return root / np.maximum(np.linalg.norm(root, axis=1, keepdims=True), 1e-12)
+
+
 @dataclass
 class OutlierModel:
     """What predict needs to say "unlike the training data" of new feature maps."""
-    embedding: Embedding
     present: np.ndarray      # classes with training rows
-    centroids: np.ndarray    # their unit centroids
+    centroids: np.ndarray    # their unit centroids in `appearance` space
     threshold: float         # the validation rows' OUTLIER_PERCENTILE-th percentile
     calibrated_on: str       # "validation", or "train" when the cache has no validation rows
 
     def distance(self, features):
-        return outlier_distance(self.embedding(features), self.present, self.centroids)
+        """(distance, nearest class) of feature maps (n, h, w, c)."""
+        pooled = np.asarray(features, np.float32).mean(axis=(1, 2))
+        return outlier_distance(appearance(pooled), self.present, self.centroids)
 
 
-def outlier_model(store, percentile, projected=None):
-    """The outlier measure of a cache: the embedding's mean and the class centroids from the
-    training rows, the threshold from the validation rows. `projected` (all rows, projected)
-    saves reading the cache again."""
-    embedding = Embedding(store.shape())
+def pooled_rows(store, rows):
+    """The globally average-pooled features of `rows` (rows x channels), a block at a time."""
+    out = np.empty((len(rows), store.shape()[-1]), np.float32)
+    for start in range(0, len(rows), cache.READ_BLOCK):
+        chunk = rows[start:start + cache.READ_BLOCK]
+        out[start:start + len(chunk)] = store.read(chunk).mean(axis=(1, 2))
+    return out
+
+
+def outlier_model(store, percentile, pooled=None):
+    """The outlier measure of a cache: class centroids from the training rows, the threshold
+    from the validation rows. `pooled` (all rows, pooled) saves reading the cache again."""
     train, validation = store.rows("train"), store.rows("validation")
     calibrated_on = "validation" if len(validation) else "train"
     calibration = validation if len(validation) else train
     if not len(train):
         raise UserError(f"{store.path} has no training images: rerun `make extract` with a "
                         "train split")
-    if projected is None:
-        train_p, calibration_p = (project_rows(store, embedding, r) for r in (train, calibration))
+    if pooled is None:
+        train_v, calibration_v = (appearance(pooled_rows(store, r)) for r in (train, calibration))
     else:
-        train_p, calibration_p = projected[train], projected[calibration]
-    embedding.fit(train_p)
-    present, centroids = class_centroids(embedding.unit(train_p), store.labels[train],
-                                         len(store.class_names))
-    distance, _ = outlier_distance(embedding.unit(calibration_p), present, centroids)
-    return OutlierModel(embedding, present, centroids, float(np.percentile(distance, percentile)),
+        train_v, calibration_v = appearance(pooled[train]), appearance(pooled[calibration])
+    present, centroids = class_centroids(train_v, store.labels[train], len(store.class_names))
+    distance, _ = outlier_distance(calibration_v, present, centroids)
+    return OutlierModel(present, centroids, float(np.percentile(distance, percentile)),
                         calibrated_on)
 
 
@@ -260,7 +275,7 @@ def save_outlier_model(path, model, index_digest, feature_shape, percentile):
     metadata = {"index_digest": index_digest, "percentile": percentile,
                 "shape": list(feature_shape), "calibrated_on": model.calibrated_on}
     with files.replacing(path, "wb") as f:
-        np.savez(f, mean=model.embedding.mean, present=model.present, centroids=model.centroids,
+        np.savez(f, present=model.present, centroids=model.centroids,
                  threshold=np.float64(model.threshold),
                  metadata=np.array(json.dumps(metadata, sort_keys=True)))
 
@@ -273,21 +288,17 @@ def load_outlier_model(models_dir, store, percentile):
     try:
         with files.open_regular(path, "rb") as f, np.load(f, allow_pickle=False) as arrays:
             metadata = json.loads(str(arrays["metadata"]))
-            embedding = Embedding(store.shape())
-            mean, present, centroids = arrays["mean"], arrays["present"], arrays["centroids"]
+            present, centroids = arrays["present"], arrays["centroids"]
             threshold = float(arrays["threshold"])
         digest = store.attrs.get("index_digest")
-        d = embedding.projection.shape[1] if embedding.projection is not None else \
-            int(np.prod(embedding.cells)) * store.shape()[-1]
         if (digest and metadata.get("index_digest") == digest
                 and metadata.get("percentile") == percentile
                 and metadata.get("shape") == list(store.shape())
-                and mean.shape == (d,) and centroids.shape == (len(present), d)
-                and np.isfinite(centroids).all() and np.isfinite(mean).all()
+                and centroids.shape == (len(present), store.shape()[-1])
+                and np.isfinite(centroids).all()
                 and np.isin(present, np.arange(len(store.class_names))).all()
                 and np.isfinite(threshold)):
-            embedding.mean = mean.astype(np.float32)
-            return OutlierModel(embedding, present.astype(np.int64),
+            return OutlierModel(present.astype(np.int64),
                                 centroids.astype(np.float32), threshold,
                                 str(metadata.get("calibrated_on", "validation")))
     except (OSError, UserError, ValueError, KeyError, TypeError):
@@ -312,13 +323,14 @@ def _audit(config):
         class_names = list(store.class_names)
         _check_auditable(store, y, class_names, config.audit_folds)
         rows = np.arange(len(store))
-        projected, pooled = project_rows(store, Embedding(store.shape()), rows, pooled=True)
+        embedding = Embedding(store.shape())
+        projected, pooled = project_rows(store, embedding, rows, pooled=True)
         paths, shas, splits = store.paths, store.sha256, store.splits
         identity, identity_id = store.identity, store.attrs.get("identity_id", "")
         digest, shape = store.attrs.get("index_digest", ""), store.shape()
         root = store.image_root(config.data)
-        model = outlier_model(store, config.outlier_percentile, projected)
-    vectors = model.embedding.unit(projected)
+        model = outlier_model(store, config.outlier_percentile, pooled)
+    vectors = embedding.fit(projected[splits == "train"]).unit(projected)
     del projected
     timings = {"embed_s": time.perf_counter() - start}
 
@@ -335,7 +347,7 @@ def _audit(config):
     issues, suggested, class_thresholds = label_issues(probabilities, y)
     timings["label_issues_s"] = time.perf_counter() - tick
 
-    distance, nearest = outlier_distance(vectors, model.present, model.centroids)
+    distance, nearest = outlier_distance(appearance(pooled), model.present, model.centroids)
     unlike = np.flatnonzero(distance > model.threshold)
     unlike = unlike[np.argsort(-distance[unlike], kind="stable")]
 
@@ -364,7 +376,7 @@ def _audit(config):
         "rows_per_split": {s: int((splits == s).sum()) for s in ("train", "validation", "test")},
         "identity": identity, "identity_id": identity_id, "index_digest": digest,
         "settings": {k: getattr(config, k) for k in SETTINGS + ("seed",)},
-        "embedding": {"grid": list(model.embedding.cells), "dimensions": int(vectors.shape[1]),
+        "embedding": {"grid": list(embedding.cells), "dimensions": int(vectors.shape[1]),
                       "projection_seed": PROJECTION_SEED,
                       "measure": "cosine similarity of the flattened feature maps, centred on the "
                                  "training mean, estimated by a fixed random projection"},
@@ -386,7 +398,9 @@ def _audit(config):
         "outliers": {"rows": int(len(unlike)), "threshold": model.threshold,
                      "threshold_set_by": f"{config.outlier_percentile:g}th percentile of the "
                                          f"{model.calibrated_on} rows' distances",
-                     "measure": "1 - cosine similarity to the nearest training class centroid"},
+                     "measure": "1 - cosine similarity of the square-rooted, globally "
+                                "average-pooled features to the nearest training class "
+                                "centroid"},
         "seconds": {k: round(v, 3) for k, v in timings.items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
