@@ -23,7 +23,7 @@ SOURCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "
                       "train")
 COUNTS = {"train": 40, "validation": 20, "test": 20}  # per class
 COPIES, SWAPS = 10, 5
-THRESHOLDS = (0.99, 0.98, 0.97, 0.95, 0.93, 0.90, 0.85)
+THRESHOLDS = (0.99, 0.98, 0.97, 0.95, 0.93, 0.90, 0.85, 0.80, 0.75)
 
 
 def build(out):
