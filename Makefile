@@ -81,7 +81,7 @@ predict: $(STAMP) ## Predict new images: IMAGES=<dir or file> [NAME] [MODEL=auto
 audit: $(STAMP) ## Audit the cache (docs/audit.md): near-duplicates, leakage, label issues, outliers: [NAME] [DUPLICATE_THRESHOLD=0.9] [AUDIT_FOLDS=5]
 	$(CLI) audit $(ARGS)
 
-report: $(STAMP) ## Write models/<NAME>/report.md: metrics, curves, confusion matrices, mistakes
+report: $(STAMP) ## Write models/<NAME>/report.md (+ self-contained report.html): metrics, curves, calibration, mistakes, audit
 	$(CLI) report $(ARGS)
 
 export: $(STAMP) ## One HDF5 file that stands alone (features.h5 needs its segments): NAME=<name> OUT=<file.h5>

@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/audit_planted.py build OUT       # OUT/{train,validation,test}/<class>/*
     .venv/bin/python bench/audit_planted.py score MODELS_ROOT NAME  # after extract + audit
+    .venv/bin/python bench/audit_planted.py novel NEW               # images for make predict
+    .venv/bin/python bench/audit_planted.py flagged PREDICTIONS_CSV  # after make predict IMAGES=NEW
 
 `build` copies 40 + 40 train, 20 + 20 validation and 20 + 20 test photos of
 ../shared/data/cats_vs_dogs/train (read only), then plants:
@@ -11,6 +13,9 @@
 `score` reads models/NAME/audit/*.csv and prints, for several similarity thresholds, how many of
 the planted copies are found and how many other pairs come with them, and the rank of each planted
 label error in label_issues.csv.
+`novel` writes NEW/photos/: 10 + 10 cats_vs_dogs photos that are in no split, and NEW/drawings/:
+6 striped drawings (pipeline.demo_data), unlike anything trained on; `flagged` counts how many of
+each predict marked unlike_training.
 """
 import csv
 import os
@@ -80,6 +85,30 @@ def score(name, models_root="models"):
     print(f"planted label errors rank {ranks} of {len(issues)} rows in label_issues.csv")
 
 
+def novel(out):
+    import numpy as np
+
+    from pipeline.demo_data import striped_image
+    os.makedirs(os.path.join(out, "photos")), os.makedirs(os.path.join(out, "drawings"))
+    for c in sorted(os.listdir(SOURCE)):
+        for name in sorted(os.listdir(os.path.join(SOURCE, c)), key=_number)[500:510]:
+            shutil.copy(os.path.join(SOURCE, c, name), os.path.join(out, "photos", name))
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        striped_image(rng, vertical=i % 2 == 1, pixels=150).save(
+            os.path.join(out, "drawings", f"drawing_{i}.jpg"))
+    print(f"wrote {out}: 20 photos in no split, 6 drawings")
+
+
+def flagged(predictions):
+    with open(predictions, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for kind in ("photos", "drawings"):
+        mine = [r for r in rows if f"/{kind}/" in r["path"]]
+        print(f"{kind}: {sum(r['unlike_training'] == '1' for r in mine)} of {len(mine)} "
+              "flagged unlike_training")
+
+
 def _number(name):
     digits = "".join(ch for ch in name if ch.isdigit())
     return int(digits) if digits else 0
@@ -88,5 +117,9 @@ def _number(name):
 if __name__ == "__main__":
     if sys.argv[1] == "build":
         build(sys.argv[2])
+    elif sys.argv[1] == "novel":
+        novel(sys.argv[2])
+    elif sys.argv[1] == "flagged":
+        flagged(sys.argv[2])
     else:
         score(sys.argv[3], sys.argv[2])
