@@ -58,7 +58,7 @@ PICTURE = "audit.png"
 OUTLIER_MODEL = "outlier_model.npz"  # the measure predict reuses while the cache is the same
 GRID = 4                 # cells per side the map is averaged down to, at most, before flattening
 DIMENSIONS = 512         # of the random projection: the estimate's spread is ~(1 - cos^2)/sqrt(512)
-PROJECTION_SEED = 20240  # fixed: audit and predict must project alike
+PROJECTION_SEED = 20240  # fixed: every audit measures alike, so a threshold keeps its meaning
 BLOCK = 2048             # rows per tile side: 2048 x 2048 float32 = 16 MB a tile
 MAX_PAIRS = 100_000      # near-duplicate pairs kept at most, the most similar
 LOGREG_C = 0.1           # regularisation of the cross-validated logistic regression
