@@ -17,8 +17,7 @@ SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS BACKEND VERBOSE WEIGHTS SIZE BA
             STORAGE AUGMENT ENGINE RAY_ADDRESS WORKERS HEAD EPOCHS HIDDEN_UNITS DROPOUT HEAD_POOL \
             HEAD_LR PATIENCE C_GRID SEED UNFREEZE FINETUNE_FROM CUT_STORAGE FINETUNE_EPOCHS \
             FINETUNE_OPTIMIZER FINETUNE_AUGMENT LR FINETUNE_WARMUP FINETUNE_PATIENCE FRESH IMAGES \
-            MODEL OUT BATCH_FILE \
-            FINETUNE FORCE
+            MODEL OUT BATCH_FILE FINETUNE FORCE DUPLICATE_THRESHOLD AUDIT_FOLDS OUTLIER_PERCENTILE
 # Make exports command-line variables to every recipe's environment, and expands them to do so,
 # which would run a $(shell ...) typed into one: none of these needs to be in the environment.
 unexport $(SETTINGS) DATASETS
@@ -36,7 +35,7 @@ DATA_DEP = $(if $(strip $(DATA)),,$(DEMO_STAMP))
 RAY_DEP = $(if $(filter ray,$(strip $(ENGINE))),$(RAY_STAMP))
 
 .PHONY: help install install-ray demo-data extract train-head finetune evaluate predict report \
-        export demo batch reproduce bench test test-backends test-slow lint clean
+        audit export demo batch reproduce bench test test-backends test-slow lint clean
 
 help: ## List the targets and the settings
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -78,7 +77,10 @@ evaluate: $(STAMP) ## Test-split metrics and confusion matrices for every traine
 predict: $(STAMP) ## Predict new images: IMAGES=<dir or file> [NAME] [MODEL=auto|logreg|dense|finetuned]
 	$(CLI) predict $(ARGS)
 
-report: $(STAMP) ## Write models/<NAME>/report.md: metrics, curves, confusion matrices, mistakes
+audit: $(STAMP) ## Audit the cache (docs/audit.md): near-duplicates, leakage, label issues, outliers: [NAME] [DUPLICATE_THRESHOLD=0.9] [AUDIT_FOLDS=5]
+	$(CLI) audit $(ARGS)
+
+report: $(STAMP) ## Write models/<NAME>/report.md (+ self-contained report.html): metrics, curves, calibration, mistakes, audit
 	$(CLI) report $(ARGS)
 
 export: $(STAMP) ## One HDF5 file that stands alone (features.h5 needs its segments): NAME=<name> OUT=<file.h5>

@@ -16,6 +16,7 @@ STAGES = {
     "train-head": "train_head",
     "finetune": "finetune",
     "evaluate": "evaluate",
+    "audit": "audit",
     "predict": "predict",
     "report": "report",
     "export": "export",

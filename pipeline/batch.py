@@ -3,8 +3,11 @@
     make batch DATASETS="data/birds data/cars" [FINETUNE=0] [FORCE=1] [LABELS=labels.csv]
     make batch BATCH_FILE=datasets.txt       # one "folder [name] [labels.csv]" per line
 
-For each dataset: extract -> train-head -> finetune (unless FINETUNE=0) -> evaluate. A dataset that
-fails is recorded with its error and the batch goes on; the batch exits non-zero at the end.
+For each dataset: extract -> train-head -> finetune (unless FINETUNE=0) -> evaluate -> audit (the
+cache's near-duplicates, leakage and label issues: docs/audit.md). A dataset that fails is recorded
+with its error and the batch goes on; the batch exits non-zero at the end. An audit that cannot
+judge a dataset (a class smaller than AUDIT_FOLDS) is noted in its error column, but its models
+stand.
 Writes models/batch_summary.csv and models/batch_summary.md, one row per dataset.
 
 Reruns cost only what changed. Extract always runs first: on an unchanged folder it only stats the
@@ -13,6 +16,7 @@ models/<NAME>/batch_state.json says what the last successful batch run saw: the 
 digest (paths, labels, content hashes, splits and feature identity), the settings that shape the
 models, and the size and time of every model file. When all of it is the same, training, fine-tuning
 and evaluation are skipped and the summary shows the recorded metrics. FORCE=1 retrains anyway.
+The audit is skipped likewise when its audit.json describes the same cache and audit settings.
 Where images were added, extract computes only the new ones and the models are retrained.
 """
 import csv
@@ -22,24 +26,26 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import artifacts, cache, extract, files, labels, registry
+from . import artifacts, audit, cache, extract, files, labels, registry
 from .config import Config, UserError
 
 SUMMARY_CSV = "batch_summary.csv"   # in MODELS_ROOT, beside the datasets' folders
 SUMMARY_MD = "batch_summary.md"
 STATE = "batch_state.json"          # in models/<NAME>/
 # Settings that never change a dataset's models: the batch's own bookkeeping and prediction.
-NOT_MODEL_INPUTS = ("datasets", "batch_file", "force", "fresh", "images", "model", "out")
+NOT_MODEL_INPUTS = ("datasets", "batch_file", "force", "fresh", "images", "model", "out",
+                    *audit.SETTINGS)
 # The files whose (size, mtime) must be as recorded for a dataset to count as unchanged.
 TRACKED = sorted({file for kind in registry.KINDS.values() for file in (kind.file, kind.metrics)}
                 | {artifacts.EVALUATION})
-STAGES = ("extract", "train_head", "finetune", "evaluate")
+STAGES = ("extract", "train_head", "finetune", "evaluate", "audit")
+AUDIT_COLUMNS = ["near_duplicates", "leakage_pairs", "label_issues", "outliers"]
 MD_ERROR_CHARS = 300                # an error longer than this is cut in the markdown table
 COLUMNS = (["dataset", "data", "status", "classes", "class_names", "images", "skipped",
             "missing_files", "unlabelled", "new_images"]
            + [f"{stage}_s" for stage in STAGES] + ["total_s"]
            + [f"{m}_{split}_accuracy" for m in registry.NAMES for split in ("validation", "test")]
-           + ["error"])
+           + AUDIT_COLUMNS + ["error"])
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,7 @@ def run_one(config):
             artifacts.write_json(state_path, _state(config, ran))
             row["status"] = "trained"
         row.update(_metrics(config, include_finetuned=config.finetune))
+        _audit(config, row)
     except KeyboardInterrupt:
         raise
     except Exception as error:  # keep going: record it, the batch fails at the end
@@ -170,6 +177,23 @@ def _train_and_evaluate(config, row):
         ran.append("finetune")
     _timed(row, "evaluate", evaluate.run, config)
     return ran + ["evaluate"]
+
+
+def _audit(config, row):
+    """The audit's counts into the row: from audit.json when it is up to date, else by running
+    the audit. One it cannot make (too few images per class for the folds) is noted, not fatal."""
+    summary = audit.current_summary(config)
+    if summary is None:
+        try:
+            summary = _timed(row, "audit", audit.run, config).summary
+        except UserError as error:
+            row["error"] = f"audit skipped: {error}"
+            print(f"batch {config.dataset_name}: audit skipped: {error}", flush=True)
+            return
+    row.update(near_duplicates=summary["near_duplicates"]["pairs"],
+               leakage_pairs=summary["near_duplicates"]["cross_split_pairs"],
+               label_issues=summary["label_issues"]["candidates"],
+               outliers=summary["outliers"]["rows"])
 
 
 def _timed(row, stage, function, config):
@@ -242,8 +266,9 @@ def write_summary(result):
         writer.writerows(result.rows)
 
     header = ["dataset", "status", "classes", "images", "skipped (missing / unlabelled)", "new",
-              "extract s", "head s", "finetune s", "evaluate s", "total s",
-              "logreg val / test", "dense val / test", "fine-tuned val / test", "error"]
+              "extract s", "head s", "finetune s", "evaluate s", "audit s", "total s",
+              "logreg val / test", "dense val / test", "fine-tuned val / test",
+              "leakage pairs (near-duplicates)", "label issues", "error"]
     lines = [f"# Batch summary ({time.strftime('%Y-%m-%d %H:%M')})", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in result.rows:
@@ -255,12 +280,16 @@ def write_summary(result):
         cells += [_seconds(r[f"{s}_s"]) for s in STAGES] + [_seconds(r["total_s"])]
         cells += [f"{_accuracy(r[f'{m}_validation_accuracy'])} / "
                   f"{_accuracy(r[f'{m}_test_accuracy'])}" for m in registry.NAMES]
+        cells += [f"{r['leakage_pairs']} ({r['near_duplicates']})"
+                  if r["leakage_pairs"] != "" else "–", r["label_issues"]]
         cells.append(r["error"][:MD_ERROR_CHARS])  # in full in the CSV
         lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ")
                                         for c in cells) + " |")
     lines += ["", "Accuracies: validation from training, test from `make evaluate`. Status "
               "`unchanged`: nothing changed since the last batch run, so only extract's file "
-              "check ran. Skipped files are listed in features/<NAME>/skipped.csv.", ""]
+              "check ran. Skipped files are listed in features/<NAME>/skipped.csv. Leakage "
+              "pairs: near-duplicate images in different splits; label issues: likely "
+              "mislabelled images (both in models/<NAME>/audit/, docs/audit.md).", ""]
     with files.replacing(result.md_path, "w") as f:
         f.write("\n".join(lines))
 

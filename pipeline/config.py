@@ -124,6 +124,17 @@ class Config:
                                   "`make batch`")
     finetune: bool = setting(True, "0: `make batch` skips fine-tuning")
     force: bool = setting(False, "1: `make batch` retrains datasets that did not change")
+    # --- the audit of the cache (`make audit`, docs/audit.md) -----------------------------------
+    duplicate_threshold: float = setting(0.9, "audit: two different images whose feature maps' "
+                                              "cosine similarity is at least this are listed "
+                                              "as near-duplicates (0 to 1; re-encoded or "
+                                              "resized copies score ~0.95-1)")
+    audit_folds: int = setting(5, "audit: cross-validation folds for the out-of-fold label "
+                                  "probabilities (2 or more; every class needs this many images)")
+    outlier_percentile: float = setting(99.0, "audit and predict: an image is unlike the "
+                                              "training data past this percentile of the "
+                                              "validation images' distance to the nearest "
+                                              "training class")
     # --- where outputs go ------------------------------------------------------------------------
     features_root: str = setting("features", "the folder of every dataset's cache", make=False)
     models_root: str = setting("models", "the folder of every dataset's models", make=False)
@@ -164,6 +175,9 @@ class Config:
         _check_choice("ENGINE", self.engine, ("local", "ray"))
         _check_range("WORKERS", self.workers, 0, 100_000, "extraction actors, 0: automatic")
         _check_memory(self.size, self.batch_size)
+        _check_fraction("DUPLICATE_THRESHOLD", self.duplicate_threshold, 0, 1)
+        _check_range("AUDIT_FOLDS", self.audit_folds, 2, 100, "cross-validation folds")
+        _check_fraction("OUTLIER_PERCENTILE", self.outlier_percentile, 0, 100)
 
     def _check_name(self):
         name = self.dataset_name
@@ -232,6 +246,12 @@ def _check_rate(variable, value, example):
             not (math.isfinite(value) and 0 < value <= 1):
         raise UserError(f"{variable}={value!r} is not a learning rate: use a small positive "
                         f"number {example}")
+
+
+def _check_fraction(variable, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not (math.isfinite(value) and low <= value <= high):
+        raise UserError(f"{variable}={value!r} is out of range: use a number from {low} to {high}")
 
 
 def _check_choice(variable, value, choices):

@@ -19,6 +19,7 @@ from .config import Config, UserError, warn
 
 CONFUSION_PLOT = "confusion_{model}.png"
 MAX_MISCLASSIFIED = 100     # kept per model in evaluation.json (most confident mistakes first)
+CALIBRATION_BINS = 10       # equal-width confidence bins of the reliability diagram and ECE
 
 
 @dataclass
@@ -151,6 +152,7 @@ def score(probabilities, labels, class_names, paths):
     }
     if len(class_names) == 2 and len(set(labels.tolist())) == 2:
         out["roc_auc"] = float(metrics.roc_auc_score(labels, probabilities[:, 1]))
+    out["calibration"] = calibration(probabilities, labels)
     wrong = np.flatnonzero(predicted != labels)
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
     out["misclassified_count"] = int(len(wrong))
@@ -160,3 +162,26 @@ def score(probabilities, labels, class_names, paths):
          "probability": float(probabilities[i, predicted[i]])}
         for i in wrong[:MAX_MISCLASSIFIED]]
     return out
+
+
+def calibration(probabilities, labels, bins=CALIBRATION_BINS):
+    """How far the model's confidence is from its accuracy: the reliability curve of its top
+    label (sklearn.calibration.calibration_curve of "the predicted class is right" against the
+    probability given to it, equal-width bins), the expected calibration error (the bins' |
+    accuracy - confidence| weighted by their share of images) and the multiclass Brier score
+    (mean squared distance of the probabilities from the one-hot truth; 0 is perfect)."""
+    from sklearn.calibration import calibration_curve
+
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == labels).astype(int)
+    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=bins,
+                                                  strategy="uniform")
+    # the bins calibration_curve keeps (those with images), as it assigns them
+    counts = np.bincount(np.searchsorted(np.linspace(0, 1, bins + 1)[1:-1], confidence),
+                         minlength=bins)
+    counts = counts[counts > 0]
+    truth = np.eye(probabilities.shape[1])[labels]
+    return {"bins": bins, "accuracy": accuracy.tolist(), "confidence": mean_confidence.tolist(),
+            "counts": counts.tolist(),
+            "ece": float(np.sum(counts * np.abs(accuracy - mean_confidence)) / len(labels)),
+            "brier": float(np.mean(np.sum((probabilities - truth) ** 2, axis=1)))}

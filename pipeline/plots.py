@@ -99,3 +99,23 @@ def plot_misclassified_grid(pictures, path, title="", columns=5):
         fig.suptitle(title)
     _save(fig, path)
     return fig
+
+
+def plot_reliability(curves, path, title=""):
+    """A reliability diagram: for each (label, confidence per bin, accuracy per bin) in `curves`,
+    accuracy against mean confidence, with the diagonal a perfectly calibrated model follows."""
+    fig = Figure(figsize=(5.2, 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    for i, (label, confidence, accuracy) in enumerate(curves):
+        ax.plot(confidence, accuracy, "-", marker="o", color=f"C{i}", label=label)
+    ax.set_xlim(0, 1), ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left")
+    if title:
+        ax.set_title(title)
+    _save(fig, path)
+    return fig

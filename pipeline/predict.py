@@ -9,6 +9,15 @@ images never sit in memory. Files that do not decode, and the entries that datas
 refuses to read (FIFOs, links to folders, broken links, names that are not UTF-8), are listed in
 predictions_skipped.csv.
 `auto` picks the model with the best validation accuracy among those trained.
+
+Each image is also scored against the training data with the audit's outlier measure
+(pipeline/audit.py): 1 - cosine similarity of its feature map to the nearest training class
+centroid, from the cache (the audit's saved measure while the cache is unchanged, else computed
+from the cache at predict time), so it always describes the current cache.
+Past the OUTLIER_PERCENTILE-th percentile of the validation images' distances, the image is
+`unlike_training` (1): the model was never shown anything like it, so its probabilities say
+little. The fine-tuned model reads images, not feature maps, so for it the frozen backbone runs
+once more per batch; without a cache the two columns stay empty.
 """
 import csv
 import os
@@ -19,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, datasets, files, images, labels, registry
+from . import artifacts, audit, backbone, cache, datasets, files, images, labels, registry
 from .config import Config, UserError, warn
 
 PREFERENCE = {"finetuned": 2, "dense": 1, "logreg": 0}  # breaks ties in validation accuracy
@@ -34,6 +43,7 @@ class PredictResult:
     predicted: int       # images with a prediction
     skipped: int         # files that could not be read or decoded (predictions_skipped.csv)
     counts: dict         # class name -> images predicted as that class
+    unlike_training: int = 0  # images past the outlier threshold (None: not measured, no cache)
 
 
 def run(config: Config) -> PredictResult:
@@ -42,7 +52,7 @@ def run(config: Config) -> PredictResult:
     model = choose(config.model, records, config.models_dir)
     record = records[model]
     paths, ignored, unreadable = find_images(config.images)
-    predict_batch, size = _predictor(config, model, record)
+    predict_batch, size, outliers = _predictor(config, model, record)
     class_names = record.class_names
     print(f"predict {config.dataset_name}: {len(paths)} images with the {model} model "
           f"(validation accuracy {_fmt(record.validation.get('accuracy'))})"
@@ -53,19 +63,23 @@ def run(config: Config) -> PredictResult:
     out = artifacts.path(config, artifacts.PREDICTIONS)
     skipped_out = artifacts.path(config, SKIPPED)
     counts, shown, skipped = dict.fromkeys(class_names, 0), [], list(unreadable)
+    unlike = 0 if outliers else None
     with files.replacing(out, "w", newline="", encoding="utf-8") as f, \
             files.replacing(skipped_out, "w", newline="", encoding="utf-8") as g:
         writer, skip_writer = csv.writer(f), csv.writer(g)
         # text from a LABELS file or a file name, neutralised: people open these in spreadsheets
         safe = labels.spreadsheet_safe
-        writer.writerow(["path", "predicted"] + [f"p_{name}" for name in class_names])
+        writer.writerow(["path", "predicted"] + [f"p_{name}" for name in class_names]
+                        + ["distance_to_training", "unlike_training"])
         skip_writer.writerow(["path", "reason"])
         skip_writer.writerows([safe(path), reason] for path, reason in unreadable)
         progress = tqdm(total=len(paths), desc=f"predict ({model})", unit="img", smoothing=0.1)
         for (batch, reasons), first in zip(images.image_batches(paths, size, config.batch_size),
                                            range(0, len(paths), config.batch_size)):
             ok = np.array([not r for r in reasons])
-            probabilities = iter(predict_batch(batch[ok]) if ok.any() else [])
+            probabilities, distances = predict_batch(batch[ok]) if ok.any() else ([], None)
+            probabilities = iter(probabilities)
+            distances = iter(distances if distances is not None else [])
             for path, reason in zip(paths[first:first + len(reasons)], reasons):
                 if reason:
                     skip_writer.writerow([safe(path), reason])
@@ -75,7 +89,12 @@ def run(config: Config) -> PredictResult:
                 predicted = class_names[int(p.argmax())]
                 counts[predicted] += 1
                 # repr of the float: the CSV holds exactly what the model returned
-                writer.writerow([safe(path), safe(predicted)] + [float(x) for x in p])
+                distance = next(distances, None)
+                flag = [] if distance is None else [float(distance),
+                                                    int(distance > outliers.threshold)]
+                unlike = unlike + flag[1] if flag else unlike
+                writer.writerow([safe(path), safe(predicted)] + [float(x) for x in p]
+                                + (flag or ["", ""]))
                 if len(shown) < SHOW_ROWS:
                     shown.append((path, predicted, float(p.max())))
             progress.update(len(reasons))
@@ -83,8 +102,13 @@ def run(config: Config) -> PredictResult:
 
     predicted_total = sum(counts.values())
     _print_table(shown, predicted_total, counts, skipped, skipped_out)
+    if outliers:
+        print(f"unlike the training data: {unlike} of {predicted_total} images (distance to "
+              f"the nearest training class > {outliers.threshold:.3f}, the "
+              f"{config.outlier_percentile:g}th percentile of the {outliers.calibrated_on} "
+              "images; column unlike_training)")
     print(f"wrote {out} ({predicted_total} rows, {time.perf_counter() - start:.1f} s)")
-    return PredictResult(out, model, predicted_total, len(skipped), counts)
+    return PredictResult(out, model, predicted_total, len(skipped), counts, unlike)
 
 
 def trained_models(config, requested="auto"):
@@ -151,18 +175,40 @@ def find_images(target):
 
 
 def _predictor(config, model, record):
-    """(function: a batch of loaded images -> (n, classes) probabilities, image size)."""
+    """(function: a batch of loaded images -> ((n, classes) probabilities, (n,) distances to the
+    training data or None), image size, the audit.OutlierModel or None)."""
     size = int(record.identity["image_size"])
     predict = registry.predictor(config, model)
-    if registry.KINDS[model].takes == "images":
-        return predict, size
-    # a model of feature maps: the frozen base with the weights the cache was built with first
-    with cache.FeatureStore(config.features_dir) as store:
-        artifacts.require_same_identity(record.identity, store.identity,
-                                        registry.path(config, model))
-        weights = backbone.weights_of_cache(config.weights, store.attrs)
-    features_of = backbone.feature_function(backbone.build_backbone_of(record.identity, weights))
-    return (lambda x: predict(features_of(x))), size
+    takes_images = registry.KINDS[model].takes == "images"
+    try:
+        with cache.FeatureStore(config.features_dir) as store:
+            if not takes_images:
+                artifacts.require_same_identity(record.identity, store.identity,
+                                                registry.path(config, model))
+            weights = backbone.weights_of_cache(config.weights, store.attrs)
+            identity = store.identity
+            try:  # never a reason to withhold the predictions themselves
+                outliers = audit.load_outlier_model(config.models_dir, store,
+                                                    config.outlier_percentile)
+            except UserError as error:
+                warn(f"predictions without the unlike_training column: {error}")
+                outliers = None
+    except UserError:
+        if not takes_images:
+            raise  # a model of feature maps needs the cache
+        warn(f"no usable feature cache in {config.features_dir}: predictions without the "
+             "unlike_training column (run `make extract` to have it)")
+        return (lambda x: (predict(x), None)), size, None
+    if outliers is None and takes_images:
+        return (lambda x: (predict(x), None)), size, None
+    # the frozen base with the weights the cache was built with: the features of new images
+    features_of = backbone.feature_function(backbone.build_backbone_of(identity, weights))
+
+    def predict_batch(x):
+        features = features_of(x)
+        distance = outliers.distance(features)[0] if outliers else None
+        return (predict(x) if takes_images else predict(features)), distance
+    return predict_batch, size, outliers
 
 
 def _print_table(shown, total, counts, skipped, skipped_out):

@@ -5,10 +5,15 @@
 Reads what the earlier stages wrote (features/<NAME>/features.h5 and skipped.csv, the metrics
 JSONs, evaluation.json and their PNGs) and writes report.md beside the PNGs, linked relatively, so
 the folder can be moved or zipped as a whole. Sections: a warning when the weights were random,
-the models side by side, learning curves, confusion matrices, misclassified images, the dataset,
-and the cache identity and weights.
+the models side by side, learning curves, confusion matrices, calibration (reliability diagram,
+ECE, Brier), misclassified images, the dataset, the audit's findings (`make audit`) and the cache
+identity and weights. The same page is also written as report.html, one self-contained file to
+share: every picture inline as base64, rendered from the Markdown by `_html` (a renderer of
+exactly the subset written here, so no text from the files becomes markup).
 """
+import base64
 import csv
+import html
 import os
 import re
 import time
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import artifacts, cache, evaluate, files, lock, plots, registry
+from . import artifacts, audit, cache, evaluate, files, lock, plots, registry
 from .config import Config, UserError, warn
 from .registry import TITLES
 
@@ -26,6 +31,9 @@ GRID_IMAGES = 25         # most confident mistakes shown per model
 THUMBNAIL = 128          # pixels: display only
 SKIPPED_ROWS = 50        # skipped files listed in the report (all of them are in skipped.csv)
 SPLITS = ("train", "validation", "test")
+RELIABILITY_PLOT = "reliability.png"
+HTML = "report.html"
+AUDIT_ROWS = 10          # near-duplicate pairs and label-issue candidates listed in the report
 
 
 @dataclass
@@ -66,14 +74,20 @@ def _report(config):
     lines += _models_section(evaluation, trained)
     lines += _curves_section(config)
     lines += _confusion_section(evaluation)
+    lines += _calibration_section(config, evaluation)
     lines += _misclassified_section(config, evaluation)
     lines += _dataset_section(config, attrs, labels, splits)
+    lines += _audit_section(config, attrs)
     lines += _identity_section(attrs, notices)
 
     out = artifacts.path(config, artifacts.REPORT)
     with files.replacing(out, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"report {config.dataset_name}: wrote {out}")
+    page = artifacts.path(config, HTML)
+    with files.replacing(page, "w", encoding="utf-8") as f:
+        f.write(_html(lines, config.models_dir, f"Transfer-learning report: "
+                                                f"{config.dataset_name}"))
+    print(f"report {config.dataset_name}: wrote {out} and {page}")
     for notice in notices:
         warn(notice)
     return ReportResult(out, [line[3:] for line in lines if line.startswith("## ")], notices)
@@ -142,6 +156,109 @@ def _confusion_section(evaluation):
                          f"{int(row.get('support', 0))} |")
         lines.append("")
     return lines
+
+
+def _calibration_section(config, evaluation):
+    """Reliability diagram, ECE and Brier score per model, from evaluate's calibration entry."""
+    lines = ["## Calibration", "",
+             f"Whether a model's probabilities mean what they say, on the {evaluation.split} "
+             "split: in a reliability diagram a calibrated model follows the diagonal (of the "
+             "images it gives 0.8, 80% are right). ECE: the expected calibration error, the "
+             "bins' gap between accuracy and confidence weighted by their images; Brier: the mean "
+             "squared distance of the probabilities from the truth. Lower is better for both.",
+             "", "| model | ECE | Brier score | images |", "|---|---:|---:|---:|"]
+    curves, check = [], registry.Checker(evaluation.path, "run `make evaluate` again")
+    for model in registry.NAMES:
+        entry = evaluation.models.get(model, {}).get("calibration")
+        if entry is None:
+            continue
+        where = f"models.{model}.calibration."
+        if not isinstance(entry, dict):
+            check.refuse(where[:-1], entry, "an object")
+        ece = check.number(entry, "ece", 0, 1, where=where)
+        brier = check.number(entry, "brier", 0, 2, where=where)
+        series = [check(entry, key, list, where=where) for key in ("confidence", "accuracy",
+                                                                    "counts")]
+        for key, values in zip(("confidence", "accuracy", "counts"), series):
+            if len(values) != len(series[0]) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= (
+                        evaluation.images if key == "counts" else 1) for v in values):
+                check.refuse(where + key, values, "a list of numbers in range, one per bin")
+        curves.append((TITLES[model], series[0], series[1]))
+        lines.append(f"| {TITLES[model]} | {ece:.3f} | {brier:.3f} | {int(sum(series[2]))} |")
+    if not curves:
+        return lines[:2] + ["No calibration figures in evaluation.json: run `make evaluate` "
+                            "again.", ""]
+    plots.plot_reliability(curves, artifacts.path(config, RELIABILITY_PLOT),
+                           title=f"Reliability on the {evaluation.split} split")
+    return lines + ["", f"![reliability diagram]({RELIABILITY_PLOT})", ""]
+
+
+def _audit_section(config, attrs):
+    """The audit's counts, the top leakage pairs and label-issue candidates, and its picture,
+    when models/<NAME>/audit/ describes this cache."""
+    folder = os.path.join(config.models_dir, audit.FOLDER)
+    summary_path = os.path.join(folder, audit.SUMMARY)
+    lines = ["## Audit", ""]
+    summary = artifacts.json_or_empty(summary_path)
+    if not summary:
+        return lines + ["No audit of this cache yet: run `make audit` for near-duplicates, "
+                        "leakage between splits, likely label errors and outliers "
+                        "(docs/audit.md).", ""]
+    if summary.get("index_digest") != attrs.get("index_digest"):
+        return lines + ["The audit in " + _code(folder) + " was made on an earlier cache: run "
+                        "`make audit` again.", ""]
+    check = registry.Checker(summary_path, "run `make audit` again")
+    near = check(summary, "near_duplicates", dict)
+    issues = check(summary, "label_issues", dict)
+    outliers = check(summary, "outliers", dict)
+    pairs = check.number(near, "pairs", 0, integer=True, where="near_duplicates.")
+    cross = check.number(near, "cross_split_pairs", 0, integer=True, where="near_duplicates.")
+    threshold = check.number(near, "threshold", 0, 1, where="near_duplicates.")
+    candidates = check.number(issues, "candidates", 0, integer=True, where="label_issues.")
+    folds = check.number(issues, "folds", 2, integer=True, where="label_issues.")
+    unlike = check.number(outliers, "rows", 0, integer=True, where="outliers.")
+    distance = check.number(outliers, "threshold", -1, 3, where="outliers.")
+    lines += [f"From the cached features alone ({_code(folder)}, docs/audit.md).", "",
+              "| finding | count | how it was found |", "|---|---:|---|",
+              f"| near-duplicate pairs | {pairs} | cosine similarity of the feature maps ≥ "
+              f"{threshold:g} |",
+              f"| of which across splits (leakage) | {cross} | the two images are in different "
+              "splits |",
+              f"| label-issue candidates | {candidates} | out-of-fold probability of the given "
+              f"label below its class's threshold ({folds} folds) |",
+              f"| outliers | {unlike} | distance to the nearest training class > "
+              f"{distance:.3f} |", ""]
+    lines += _audit_table(os.path.join(folder, audit.NEAR_DUPLICATES), "Leakage: near-duplicates "
+                          "across splits", ["path_a", "split_a", "path_b", "split_b",
+                                            "similarity"], lambda row: row["cross_split"] == "1")
+    lines += _audit_table(os.path.join(folder, audit.LABEL_ISSUES), "Likely label errors",
+                          ["path", "split", "label", "suggested", "label_probability"])
+    if os.path.isfile(os.path.join(folder, audit.PICTURE)):
+        lines += [f"![audit: near-duplicate pairs and label-issue candidates]"
+                  f"({audit.FOLDER}/{audit.PICTURE})", ""]
+    return lines
+
+
+def _audit_table(path, title, columns, keep=lambda row: True):
+    """The first AUDIT_ROWS rows of one of the audit's CSVs that `keep`, as an inert table."""
+    rows = []
+    try:
+        with files.open_regular(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if all(isinstance(row.get(c), str) for c in columns) and keep(row):
+                    rows.append(row)
+                    if len(rows) == AUDIT_ROWS:
+                        break
+    except (OSError, UserError, csv.Error, UnicodeDecodeError):
+        return [f"### {title}", "", "(" + _code(path) + " could not be read: run `make audit` "
+                "again)", ""]
+    lines = [f"### {title}", ""]
+    if not rows:
+        return lines + ["None.", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    return lines + [""]
 
 
 def _misclassified_section(config, evaluation):
@@ -259,3 +376,105 @@ def _code(text):
     text = "".join(" " if not c.isprintable() else c for c in str(text))
     fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
     return f"{fence} {text} {fence}"
+
+
+# --- report.html: the same lines, rendered ---------------------------------------------------
+
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)]+)\)$")
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+          "padding:.2em .5em}img{max-width:100%}blockquote{background:#fee;padding:.5em 1em;"
+          "border-left:4px solid #c00}code{background:#f4f4f4}")
+
+
+def _html(lines, folder, title):
+    """The report's Markdown lines as one HTML page. Only what this module writes is rendered:
+    headings, paragraphs, tables, a picture alone on a line, `> ` warnings; inline, backslash
+    escapes, code spans and **bold**. Every other character is escaped, and every picture is
+    read (a regular file inside `folder` only) and inlined as a data: URI."""
+    body, paragraph, table = [], [], []
+
+    def flush():
+        if paragraph:
+            body.append("<p>" + " ".join(paragraph) + "</p>")
+            paragraph.clear()
+        if table:
+            head, *rest = table
+            body.append("<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in head)
+                        + "</tr></thead><tbody>" + "".join(
+                            "<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
+                            for row in rest) + "</tbody></table>")
+            table.clear()
+
+    for line in lines:
+        picture = _IMAGE.match(line)
+        if line.startswith("|"):
+            if paragraph:
+                flush()
+            if not re.fullmatch(r"\|(-*:?-*:?\|)+", line.replace(" ", "")):  # the rule under
+                table.append([_inline(c.strip()) for c in _cells(line)])   # the header
+            continue
+        if table:
+            flush()
+        if not line.strip():
+            flush()
+        elif line.startswith("#"):
+            flush()
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif picture:
+            flush()
+            body.append(f'<p><img alt="{html.escape(picture.group(1))}" '
+                        f'src="{_data_uri(folder, picture.group(2))}"></p>')
+        elif line.startswith("> "):
+            flush()
+            body.append(f"<blockquote>{_inline(line[2:])}</blockquote>")
+        else:
+            paragraph.append(_inline(line))
+    flush()
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def _cells(line):
+    """A table line's cells, split at the | that no backslash escapes."""
+    return re.split(r"(?<!\\)\|", line.strip()[1:-1])
+
+
+def _inline(text):
+    """Markdown inline text of this module as HTML: \\x is x, `code` and **bold**."""
+    out, i, bold = [], 0, False
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            out.append(html.escape(text[i + 1]))
+            i += 2
+        elif c == "`":
+            fence = re.match("`+", text[i:]).group(0)
+            end = text.find(fence, i + len(fence))
+            if end < 0:
+                out.append(html.escape(text[i:]))
+                break
+            out.append(f"<code>{html.escape(text[i + len(fence):end].strip())}</code>")
+            i = end + len(fence)
+        elif text.startswith("**", i):
+            out.append("</strong>" if bold else "<strong>")
+            bold, i = not bold, i + 2
+        else:
+            out.append(html.escape(c))
+            i += 1
+    return "".join(out) + ("</strong>" if bold else "")
+
+
+def _data_uri(folder, relative):
+    """A PNG of the report's folder as a data: URI; a missing one as an empty picture."""
+    path = os.path.normpath(os.path.join(folder, relative))
+    if os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) != \
+            os.path.abspath(folder):
+        return "data:,"
+    try:
+        with files.open_regular(path, "rb") as f:
+            return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+    except (OSError, UserError):
+        return "data:,"

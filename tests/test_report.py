@@ -1,19 +1,22 @@
 """The report: every section, links that resolve, the dataset summary, and the random-weights
 notice."""
+import base64
+import io
 import os
 import re
 import shutil
+from html.parser import HTMLParser
 
 import pytest
 from conftest import make_image_folder
 from PIL import Image
 from trained_run import shared_trained_run, tiny_config
 
-from pipeline import artifacts, backbone, cache, evaluate, extract, report, train_head
+from pipeline import artifacts, audit, backbone, cache, evaluate, extract, report, train_head
 from pipeline.config import UserError
 
-SECTIONS = ["Models", "Learning curves", "Confusion matrices", "Misclassified images", "Dataset",
-            "Cache identity and weights"]
+SECTIONS = ["Models", "Learning curves", "Confusion matrices", "Calibration",
+            "Misclassified images", "Dataset", "Audit", "Cache identity and weights"]
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +111,74 @@ def test_random_weights_notice_is_loud_and_skipped_files_are_listed(tmp_path, mo
     assert "### Skipped files: 1" in text and "| vertical/broken.jpg |" in text
     assert "No learning curves" in text  # logistic regression only: nothing trained with Keras
     assert result.sections == SECTIONS
+
+
+class Page(HTMLParser):
+    """Every tag opened is closed in order (void tags aside); collects headings and pictures."""
+    VOID = {"img", "meta", "br"}
+
+    def __init__(self):
+        super().__init__()
+        self.open, self.errors, self.images, self.headings, self._heading = [], [], [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        elif tag not in self.VOID:
+            self.open.append(tag)
+            if tag in ("h1", "h2", "h3"):
+                self._heading = [tag, ""]
+
+    def handle_endtag(self, tag):
+        if not self.open or self.open.pop() != tag:
+            self.errors.append(tag)
+        if self._heading and tag == self._heading[0]:
+            self.headings.append(tuple(self._heading))
+            self._heading = None
+
+    def handle_data(self, data):
+        if self._heading:
+            self._heading[1] += data
+
+
+def test_calibration_audit_and_a_self_contained_html_page(run, tmp_path):
+    config = copy_models(run, tmp_path)
+    text = open(report.run(config).path).read()
+    assert "No audit of this cache yet: run `make audit`" in text
+    audit.run(config)
+    result = report.run(config)
+    text = open(result.path).read()
+    assert result.sections == SECTIONS
+    evaluation = artifacts.read_json(artifacts.path(config, artifacts.EVALUATION), "")
+    for model, title in report.TITLES.items():  # ECE and Brier per model, from evaluate
+        calibration = evaluation["models"][model]["calibration"]
+        assert f"| {title} | {calibration['ece']:.3f} | {calibration['brier']:.3f} |" in text
+        assert 0 <= calibration["ece"] <= 1 and sum(calibration["counts"]) == evaluation["images"]
+    summary = artifacts.read_json(os.path.join(config.models_dir, "audit", "audit.json"), "")
+    assert (f"| near-duplicate pairs | {summary['near_duplicates']['pairs']} |") in text
+    assert (f"| label-issue candidates | {summary['label_issues']['candidates']} |") in text
+    links = linked_files(text)
+    assert {report.RELIABILITY_PLOT, "audit/audit.png"} <= set(links)
+
+    page = Page()
+    page.feed(open(artifacts.path(config, report.HTML), encoding="utf-8").read())
+    page.close()
+    assert page.errors == [] and page.open == []
+    assert [h for tag, h in page.headings if tag == "h2"] == SECTIONS
+    assert len(page.images) == len(links)  # every picture of report.md, each inline
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as png:
+            assert png.format == "PNG"
+    assert not re.search(r"""(src|href)=["'](?!data:)""", open(
+        artifacts.path(config, report.HTML), encoding="utf-8").read())
+
+
+def test_html_renders_untrusted_text_inert():
+    lines = ["# A `code` title", "", "| a | b |", "|---|---:|",
+             f"| {report._cell('<script>alert(1)</script>')} | {report._cell('x|y')} |", "",
+             "> **WARNING: w.** more", "", "![missing](nowhere.png)"]
+    page = report._html(lines, "/nonexistent", "t")
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<td>x|y</td>" in page and "<code>code</code>" in page
+    assert "<strong>WARNING: w.</strong>" in page and 'src="data:,"' in page
