@@ -60,11 +60,13 @@ def path(config, name):
     return artifacts.path(config, KINDS[name].file)
 
 
-def record(config, name):
+def record(config, name, same_split=True):
     """The record of model `name`, after checking that the file in models/<NAME> is the one
     that run saved (its sha256). An interrupted run leaves new files beside old ones: a file
     with no record, or with another file's record, is refused, so no stage ever scores one
-    run's model with another run's metrics."""
+    run's model with another run's metrics. same_split: also refuse a model trained on another
+    split than the cache's, for every stage that scores it on the cache's splits or trains on
+    from it; predict, which scores nothing, passes False."""
     kind, file_path = KINDS[name], path(config, name)
     if not os.path.exists(file_path):
         raise UserError(f"there is no {file_path}: run `{kind.make}`")
@@ -95,7 +97,8 @@ def record(config, name):
     check.number(entry, "seconds", 0, optional=True, where=where)
     for key in ("epochs", "best_epoch", "views"):
         check.number(entry, key, 0, optional=True, integer=True, where=where)
-    _check_split(config, metrics, file_path, kind)
+    if same_split:
+        _check_split(config, metrics, file_path, kind)
     return Record(name, metrics["identity"], list(metrics["class_names"]),
                   entry.get("validation", {}), entry.get("test", {}),
                   metrics.get("weights_notice", ""), entry["file_sha256"], entry)
@@ -160,14 +163,14 @@ class Checker:
         return value
 
 
-def records(config):
+def records(config, same_split=True):
     """({name: record} of the models present whose files their records describe, {name: the
-    one-line refusal of each other model file present}), in table order."""
+    one-line refusal of each other model file present}), in table order (same_split: `record`)."""
     found, refused = {}, {}
     for name in NAMES:
         if os.path.exists(path(config, name)):
             try:
-                found[name] = record(config, name)
+                found[name] = record(config, name, same_split)
             except UserError as refusal:
                 refused[name] = refusal
     legacy = artifacts.path(config, artifacts.LEGACY_LOGREG)
@@ -184,7 +187,7 @@ def load(config, name):
     file_path = path(config, name)
     if name == "logreg":  # its arrays' shapes are checked against what its record says
         from .backbone import feature_shape
-        made = record(config, name)
+        made = record(config, name, same_split=False)  # loading scores nothing
         expected = (math.prod(feature_shape(made.identity["image_size"])),
                     len(made.class_names))
     try:

@@ -105,7 +105,7 @@ def test_a_name_of_glob_characters_leaves_other_datasets_alone(tmp_path, make_co
 
 
 def test_only_our_own_temporary_files_are_cleaned_up(image_folder, make_config, capsys):
-    config = make_config(image_folder)
+    config = make_config(image_folder, finetune_from="images")  # the features' segments alone
     extract.run(config)
     folder = config.features_dir
     [segment] = segment_files(folder)
@@ -247,7 +247,7 @@ def test_a_damaged_master_is_refused_then_rebuilt(image_folder, make_config, cap
 
 
 def test_a_segment_gone_while_reading_is_an_error_not_nan(image_folder, make_config):
-    config = make_config(image_folder)
+    config = make_config(image_folder, finetune_from="images")
     extract.run(config)
     outside = contents(os.path.dirname(image_folder), [config.features_dir])
     with cache.FeatureStore(config.features_dir) as store:
@@ -301,7 +301,8 @@ LIMITED = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.S
 def extract_with_file_limit(config, limit):
     command = [sys.executable, "-c", LIMITED, str(limit), "extract", "--data", config.data,
                "--weights", "none", "--size", "32", "--batch-size", str(config.batch_size),
-               "--precision", config.precision, "--features-root", config.features_root]
+               "--precision", config.precision, "--finetune-from", config.finetune_from,
+               "--features-root", config.features_root]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TQDM_DISABLE": "1"})
 
@@ -329,7 +330,8 @@ def test_a_full_disk_while_writing_a_segment_is_one_line(tmp_path, make_config):
 
 
 def test_a_full_disk_while_compacting_keeps_the_small_segments(tmp_path, make_config):
-    config = make_config(make_image_folder(tmp_path / "data", per_class=20))
+    config = make_config(make_image_folder(tmp_path / "data", per_class=20),
+                         finetune_from="images")  # the features' segments alone
     clean = config.replace(name="clean")
     extract.run(clean)
     [merged] = segment_files(clean.features_dir)  # 40 rows in one segment
@@ -353,9 +355,9 @@ def test_a_full_disk_while_compacting_keeps_the_small_segments(tmp_path, make_co
 
 def test_compaction_merges_group_by_group(tmp_path, make_config, monkeypatch, capsys):
     root = make_image_folder(tmp_path / "data")
-    clean = make_config(root, name="clean")
+    clean = make_config(root, name="clean", finetune_from="images")
     extract.run(clean)
-    config = make_config(root)
+    config = make_config(root, finetune_from="images")
     monkeypatch.setattr(cache, "COMPACT_BELOW", 6)  # 3 segments of 4 rows -> 2 of 6, one split
     outside = contents(tmp_path, [config.features_dir])
     capsys.readouterr()
@@ -379,7 +381,7 @@ def test_compaction_builds_at_most_group_bytes_in_memory(tmp_path, make_config, 
     At SIZE=32 a row is 2 KiB, so a 4 KiB budget merges 12 one-row segments into 6 of 2, and a
     rerun leaves them be (segments of the capped size count as merged, not small)."""
     monkeypatch.setattr(cache, "GROUP_BYTES", 2 * 512 * 4)
-    config = make_config(make_image_folder(tmp_path / "data"), batch_size=1)
+    config = make_config(make_image_folder(tmp_path / "data"), batch_size=1, finetune_from="images")
     extract.run(config)
     sizes = []
     for path in segment_files(config.features_dir):

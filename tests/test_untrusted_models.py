@@ -68,6 +68,8 @@ def test_a_model_trained_on_another_split_is_refused(trained, tmp_path):
         evaluate.run(resplit)
     assert outside(resplit, tmp_path) == before
     assert not os.path.exists(artifacts.path(resplit, artifacts.EVALUATION))
+    # predicting new images scores nothing on the splits: the model still serves
+    assert predict.run(resplit.replace(images=resplit.data, model="logreg")).predicted > 0
     train_head.run(resplit)
     assert set(evaluate.run(resplit).accuracy) == {"logreg"}  # the run after is clean
 
