@@ -70,7 +70,7 @@ def phases(data, work, size, batch):
            ("finetune-cache", lambda: (finetune_cache.figures(
                config, root, work, _first_images), {})),
            ("finetune-cache-seeds", lambda: (finetune_cache.seeds(
-               config, root, FINETUNE_EPOCHS), {}))]
+               config, root, FINETUNE_EPOCHS, scores), {}))]
     if os.environ.get("BENCH_FLOAT16", "1") != "0":
         out.append(("float16-heads", lambda: (float16_heads(config), {})))
     return out

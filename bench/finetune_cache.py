@@ -96,12 +96,12 @@ def extract_costs(config, work, first_images):
     return out
 
 
-def seeds(config, root, finetune_epochs):
+def seeds(config, root, finetune_epochs, scores):
     """The fine-tuned model from the images (AUGMENT=0, fresh augmentation every epoch) and from
     the cache with BENCH_CUT_AUGMENTS views, each trained at SEEDS (head and fine-tuning; the
     cached views are SEED=0's, a function of the image alone): validation and test accuracy per
-    seed, their means and 95% t-intervals, and the mean paired gap cache - images."""
-    import accuracy  # bench/accuracy.py (which imports this module): the models scored one way
+    seed, their means and 95% t-intervals, and the mean paired gap cache - images. `scores`:
+    accuracy.scores, the three models scored one way."""
     out = {}
     runs = [("images", 0)] + [(f"cache{k}", k) for k in SEED_AUGMENTS]
     for k in sorted({k for _, k in runs}, reverse=True):
@@ -116,7 +116,7 @@ def seeds(config, root, finetune_epochs):
             train_head.run(run)
             tuned = finetune.run(run)
             assert tuned.source == ("images" if k == 0 else "cache"), tuned.source
-            scored = accuracy.scores(run, prefix="acc")
+            scored = scores(run, prefix="acc")
             with open(log, "a") as f:
                 f.write(json.dumps({"way": name, "seed": seed, "seconds": tuned.seconds,
                                     "best_epoch": tuned.best_epoch, **scored}) + "\n")

@@ -22,6 +22,10 @@ ACTIVATION_CHANNELS = 3 + 64 + 64
 # A dataset name becomes one folder under features/ and models/, typed in shells and Makefiles:
 # letters and digits of any script, then also space and _ . , - + = @ ~ ( ) [ ] { }. That rules
 # out separators, "." and "..", hidden folders, glob stars, quotes and control characters.
+# The choices of MODEL and BACKEND, here so that config imports no other module of the package:
+# registry.KINDS and runtime use them.
+MODEL_NAMES = ("logreg", "dense", "finetuned")
+BACKENDS = ("tensorflow", "jax", "torch")
 NAME_PATTERN = re.compile(r"\w[\w .,+=@~()\[\]{}-]{0,99}")
 
 
@@ -162,15 +166,13 @@ class Config:
         self.split_fractions  # noqa: B018 (parses SPLIT, raising on a bad one)
         _check_choice("HEAD", self.head, ("dense", "logreg", "both"))
         _check_choice("FINETUNE_OPTIMIZER", self.finetune_optimizer, ("adam", "rmsprop"))
-        from .registry import NAMES  # here: the registry's module imports this one
-        _check_choice("MODEL", self.model, ("auto", *NAMES))
+        _check_choice("MODEL", self.model, ("auto", *MODEL_NAMES))
         _check_choice("PRECISION", self.precision,
                       ("auto", "float32", "mixed_float16", "mixed_bfloat16"))
         _check_choice("STORAGE", self.storage, ("float32", "float16"))
         _check_choice("CUT_STORAGE", self.cut_storage, ("float32", "float16"))
         _check_choice("FINETUNE_FROM", self.finetune_from, ("cache", "images"))
         if self.backend:  # empty: KERAS_BACKEND, else tensorflow
-            from .runtime import BACKENDS  # here: runtime imports this module
             _check_choice("BACKEND", self.backend, BACKENDS)
         _check_choice("ENGINE", self.engine, ("local", "ray"))
         _check_range("WORKERS", self.workers, 0, 100_000, "extraction actors, 0: automatic")

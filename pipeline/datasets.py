@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from . import files, labels
 from .config import UserError
+from .files import file_kind  # noqa: F401 (read from here too: predict)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 SPLITS = ("train", "validation", "test")
@@ -43,13 +44,6 @@ def printable(name):
     """A name that any file or terminal can hold: undecodable bytes become \\xNN (caf\\xe9.jpg), so
     the user can still tell which file is meant."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def file_kind(mode):
-    """What a non-regular entry is, for reasons like "not a regular file (FIFO)"."""
-    kinds = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
-             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
-    return next((kind for test, kind in kinds if test(mode)), "special file")
 
 
 def not_regular_reason(path):

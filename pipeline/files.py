@@ -153,12 +153,18 @@ def open_regular(path, mode="r", fix="remove it, then run the same command again
     try:
         kind = os.fstat(fd).st_mode
         if not stat.S_ISREG(kind):
-            from .datasets import file_kind  # datasets writes through this module
             raise UserError(f"{path} is not a regular file ({file_kind(kind)}): {fix}")
         return os.fdopen(fd, mode, **open_args)
     except BaseException:
         os.close(fd)
         raise
+
+
+def file_kind(mode):
+    """What a non-regular entry is, for reasons like "not a regular file (FIFO)"."""
+    kinds = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+    return next((kind for test, kind in kinds if test(mode)), "special file")
 
 
 def is_full(error):

@@ -9,7 +9,6 @@ from contextlib import contextmanager
 
 from . import files
 from .config import UserError
-from .datasets import file_kind
 
 LOCK = ".lock"  # one per folder, whatever the stage: every writer of a folder excludes the others
 # written in models/<NAME> without its lock (predict, batch): their temporaries may be in flight
@@ -58,7 +57,7 @@ def _open(path):
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:  # a hard link: another file's name
         os.close(fd)
-        what = (f"not a regular file ({file_kind(info.st_mode)})" if not
+        what = (f"not a regular file ({files.file_kind(info.st_mode)})" if not
                 stat.S_ISREG(info.st_mode) else "a hard link to another file")
         raise UserError(f"{path} is {what}, not a lock file: remove it, then run this again")
     return fd

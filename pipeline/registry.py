@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import artifacts
-from .config import MAX_SIZE, MIN_SIZE, UserError
+from .config import MAX_SIZE, MIN_SIZE, MODEL_NAMES, UserError
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ KINDS = {kind.name: kind for kind in (  # in the order of every table
          "images", "make finetune"),
 )}
 NAMES = tuple(KINDS)
+assert NAMES == MODEL_NAMES, "config.MODEL_NAMES lists the kinds, in this order"
 TITLES = {name: kind.title for name, kind in KINDS.items()}
 
 

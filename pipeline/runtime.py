@@ -13,9 +13,8 @@ import importlib.util
 import os
 import sys
 
-from .config import UserError
+from .config import BACKENDS, UserError  # noqa: F401 (BACKENDS: read from here too)
 
-BACKENDS = ("tensorflow", "jax", "torch")
 DEFAULT_BACKEND = "tensorflow"
 INSTALL = {"tensorflow": "tensorflow", "jax": "jax[cpu] (or jax[cuda12] on a GPU)",
            "torch": "torch"}
