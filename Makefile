@@ -117,6 +117,7 @@ test: $(STAMP) $(BACKENDS_STAMP) ## Run the fast tests (CPU, tiny images; every 
 # keep CI short: the hostile-input, labels, reproduce and Ray tests, whose subject (files, CSVs,
 # the cache, the cluster) is the same on every backend.
 BACKEND_TESTS := tests/test_extract.py tests/test_train_head.py tests/test_finetune.py \
+                 tests/test_finetune_cache.py \
                  tests/test_evaluate.py tests/test_predict.py tests/test_report.py \
                  tests/test_batch.py tests/test_multiclass.py tests/test_images.py \
                  tests/test_input_pipeline.py tests/test_augment.py tests/test_quality.py \
