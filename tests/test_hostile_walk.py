@@ -512,9 +512,9 @@ SHADOW = b"root:$6$SECRETHASH:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
      r"LABELS file .*labels\.csv is not UTF-8 text \(it has the byte 0xff\): save it as UTF-8"),
     (_labels(SHADOW), r"labels\.csv has no column 'filename': its first line has 1 column\(s\) "
                       r"separated by ','; pass LABEL_COLUMNS="),
-    (_labels(b"filename,label\n" + b"a" * 200_000 + b",cat\n"),
-     r"LABELS file .*labels\.csv is not a readable CSV file \(field larger than field limit "
-     r"\(131072\)\): save it as CSV"),
+    (_labels(b"filename,label\n" + b"a" * 200_000 + b",cat\n"),  # refused by its line's length
+     r"LABELS file .*labels\.csv has a line longer than 65536 characters: it is not a labels "
+     r"CSV; pass LABELS=<csv"),
     (_labels_unreadable, r"LABELS file /proc/self/mem cannot be read \(Input/output error\): pass "
                          r"LABELS=<csv"),
 ], ids=["data_file", "data_fifo", "class_not_utf8", "labels_cp1252", "labels_utf16",

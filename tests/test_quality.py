@@ -150,7 +150,8 @@ def test_fine_tuning_augments_unless_finetune_augment_is_0(tuned_start, tmp_path
     # trained; with block5 training, augmented fine-tuning of a plain head beat plain fine-tuning
     # on cats_vs_dogs (+1.2 / +2.7 points: bench/QUALITY_NOTES.md, section f)
     config = tuned_start.replace(augment=augment, finetune_augment=finetune_augment,
-                                 finetune_epochs=1, models_root=str(tmp_path / "models"))
+                                 finetune_epochs=1, models_root=str(tmp_path / "models"),
+                                 finetune_from="images")  # the model on images, with its layers
     extract.run(config)
     train_head.run(config)
     built, build_model = [], finetune.build_model

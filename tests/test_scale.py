@@ -195,7 +195,7 @@ def test_a_reader_keeps_at_most_max_open_segments_open(tmp_path, monkeypatch):
         rows += [dict(path=f"a/{i}.jpg", label=i % 2, sha256=h, split="train", size=1,
                       mtime_ns=0, segment=segment, segment_row=i - 8 * s, segment_rows=8)
                  for i, h in zip(range(8 * s, 8 * s + 8), shas)]
-    attrs = {"class_names": ["a", "b"], "identity": {}, "identity_id": "id"}
+    attrs = {"class_names": ["a", "b"], "identity": {"image_size": 32}, "identity_id": "id"}
     cache.write_master(str(folder), rows, attrs, shape, np.float32, {})
     most = 0
     with cache.FeatureStore(str(folder)) as store:
