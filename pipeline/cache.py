@@ -946,12 +946,16 @@ def split_digest(features_dir):
 
 def block_plan(rows, size=READ_BLOCK, rng=None):
     """The row indices of each block of `size` of `rows`, read together. With a numpy
-    Generator, shuffled: a block is SHUFFLE_ROWS-row pieces from all over `rows`, in a shuffled
-    order, and its rows are shuffled. Rows are stored in extraction order, often one class after
-    another, and blocks of consecutive rows of one class made every epoch of the head end on a
-    swing to that class (on cats_vs_dogs, 2 blocks of 1024: 98% cats, then 100% dogs)."""
+    Generator, shuffled: a block is pieces of consecutive rows from all over `rows`, in a
+    shuffled order, and its rows are shuffled. Rows are stored in extraction order, often one
+    class after another, and blocks of consecutive rows of one class made every epoch of the head
+    end on a swing to that class (on cats_vs_dogs, 2 blocks of 1024: 98% cats, then 100% dogs).
+    A block holds READ_BLOCK // SHUFFLE_ROWS = 32 pieces whatever its size: SHUFFLE_ROWS rows
+    each in a block of READ_BLOCK, fewer in the smaller blocks of wide rows (the cut's), whose
+    few long pieces would otherwise give each block a class share of its own."""
     if rng is not None and len(rows):
-        pieces = [rows[i:i + SHUFFLE_ROWS] for i in range(0, len(rows), SHUFFLE_ROWS)]
+        piece = max(1, size * SHUFFLE_ROWS // READ_BLOCK)
+        pieces = [rows[i:i + piece] for i in range(0, len(rows), piece)]
         rows = np.concatenate([pieces[i] for i in rng.permutation(len(pieces))])
     plan = []
     for start in range(0, len(rows), size):
