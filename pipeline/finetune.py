@@ -107,8 +107,9 @@ def _finetune(config, start, extra_callbacks):
         done = state["epochs"] if state else 0
         early, backup, callbacks = resume.make_callbacks(config, settings, state, start,
                                                          extra_callbacks)
-        if source == "cache":
-            data["train"].start_at(done)  # each epoch's views, as in a run never interrupted
+        if source == "cache":  # each epoch's views, as in a run never interrupted
+            data["train"].start_at(done)
+            callbacks.insert(0, stream.FollowEpochs(data["train"]))
         # A run that early stopping ended stays ended; otherwise train up to EPOCHS (maybe 0 more)
         target = done if state and state["stopped"] else max(done, config.finetune_epochs)
         with on_error:

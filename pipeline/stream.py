@@ -66,9 +66,24 @@ class CachedFeatures(keras.utils.PyDataset):
         self._plan()
 
     def start_at(self, epoch):
-        """Continue at `epoch` (a resumed fine-tuning): the views and order that epoch has."""
+        """Read as epoch `epoch` does: its views and its order."""
         self.epoch = epoch
         self._plan()
+
+
+class FollowEpochs(keras.callbacks.Callback):
+    """Sets a CachedFeatures' epoch from fit's own count as each epoch begins, so that epoch e
+    reads epoch e's views and order on every backend and after a resume: JAX's trainer calls
+    the dataset's on_epoch_end once before the first epoch (after peeking at a batch to build
+    the model), which a dataset counting those calls took for an epoch."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        self.dataset = dataset
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.dataset.epoch != epoch:
+            self.dataset.start_at(epoch)
 
 
 @contextmanager

@@ -23,7 +23,19 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, files, heads, lock, logs, plots, runtime, views
+from . import (
+    artifacts,
+    backbone,
+    cache,
+    files,
+    heads,
+    lock,
+    logs,
+    plots,
+    runtime,
+    stream,
+    views,
+)
 from .config import Config, UserError, warn
 from .stream import CachedFeatures, one_line_on_damage
 
@@ -175,7 +187,8 @@ def train_dense(config, store, rows, callbacks=()):
                                          restore_best_weights=True)
     board = logs.tensorboard(config, "head")  # models/<NAME>/logs/head, None without a writer
     # Keras opens these two by name: a link planted there is removed first, never written through
-    callbacks = [stop, keras.callbacks.ModelCheckpoint(files.no_link(paths["checkpoint"])),
+    callbacks = [stream.FollowEpochs(train), stop,  # each epoch reads its own views and order
+                 keras.callbacks.ModelCheckpoint(files.no_link(paths["checkpoint"])),
                  keras.callbacks.CSVLogger(files.no_link(paths["log"])), *callbacks,
                  *([board] if board else [])]
     start = time.perf_counter()
