@@ -172,18 +172,24 @@ def training_source(config, store):
 # Inputs: the images the cache was built from, still the same
 # --------------------------------------------------------------------------------------------
 
+def splits_and_targets(config, store):
+    """({split: its rows}, every row's target): float targets of shape (n, 1) for the sigmoid
+    head, class indices for the softmax one, as in stage two."""
+    split = {s: store.rows(s) for s in datasets.SPLITS}
+    if not len(split["train"]) or not len(split["validation"]):
+        raise UserError(f"the cache of {config.dataset_name} has no train or no validation "
+                        "images: add images or change SPLIT, then " + RETRAIN)
+    targets = (store.labels.astype(np.float32)[:, None] if len(store.class_names) == 2
+               else store.labels.astype(np.int32))
+    return split, targets
+
+
 def make_datasets(config, store):
     """Image datasets of the cache's rows: "train" (shuffled), "validation", "test"
     (None when empty), and "step0": the first validation batch with its cached features."""
     size = store.identity["image_size"]  # SIZE belongs to the cache: images must match it
     paths = checked_image_paths(config, store)
-    split = {s: store.rows(s) for s in datasets.SPLITS}
-    if not len(split["train"]) or not len(split["validation"]):
-        raise UserError(f"the cache of {config.dataset_name} has no train or no validation "
-                        "images: add images or change SPLIT, then " + RETRAIN)
-    # as in stage two: float targets of shape (n, 1) for the sigmoid head, class indices else
-    targets = (store.labels.astype(np.float32)[:, None] if len(store.class_names) == 2
-               else store.labels.astype(np.int32))
+    split, targets = splits_and_targets(config, store)
 
     def dataset(rows, **kwargs):
         return images.labelled_dataset(paths[rows], targets[rows], size, config.batch_size,
@@ -200,12 +206,7 @@ def cached_datasets(config, store):
     each image is read as another cached view every epoch, views.epoch_reader), "validation" and
     "test" (plain; None when empty), and "step0": the first validation batch's activations with
     its cached features. No image is decoded and no layer below the cut runs."""
-    split = {s: store.rows(s) for s in datasets.SPLITS}
-    if not len(split["train"]) or not len(split["validation"]):
-        raise UserError(f"the cache of {config.dataset_name} has no train or no validation "
-                        "images: add images or change SPLIT, then " + RETRAIN)
-    targets = (store.labels.astype(np.float32)[:, None] if len(store.class_names) == 2
-               else store.labels.astype(np.int32))
+    split, targets = splits_and_targets(config, store)
     per_image = store.cut_views() if config.finetune_augment else 0
     read = views.epoch_reader(store, config.seed, "cut_", per_image)
 

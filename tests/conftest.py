@@ -3,6 +3,7 @@
 Everything runs on the CPU with 32-pixel images and WEIGHTS=none (deterministic random weights),
 so a whole stage takes a second or two.
 """
+import json
 import os
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests are CPU-only, also on a GPU machine
@@ -62,3 +63,12 @@ def tiny_weights_file(tmp_path_factory):
     keras.applications.VGG16(weights=None, include_top=False,
                              input_shape=(None, None, 3)).save_weights(path)
     return path
+
+
+def edit_json(path, change):
+    """Rewrite a JSON file through change(data): what a careless or hostile hand would do."""
+    with open(path) as f:
+        data = json.load(f)
+    change(data)
+    with open(path, "w") as f:
+        json.dump(data, f)

@@ -1,14 +1,13 @@
 """What lies inside models/<NAME> is untrusted: no stage writes, truncates or deletes through a
 link planted there, a second writer stops with one line, and what report and predict read back
 (evaluation.json, the metrics) is checked before it is used or shown."""
-import json
 import os
 import re
 import stat
 import threading
 
 import pytest
-from conftest import make_image_folder
+from conftest import edit_json, make_image_folder
 
 from pipeline import (
     artifacts,
@@ -201,14 +200,6 @@ def evaluated(extracted):
     train_head.run(config)
     evaluate.run(config)
     return config
-
-
-def edit_json(path, change):
-    with open(path) as f:
-        data = json.load(f)
-    change(data)
-    with open(path, "w") as f:
-        json.dump(data, f)
 
 
 def logreg_scores(config, change):

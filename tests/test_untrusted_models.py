@@ -11,7 +11,7 @@ import os
 import h5py
 import numpy as np
 import pytest
-from conftest import make_image_folder
+from conftest import edit_json, make_image_folder
 from test_hostile_models import finishes, outside
 
 from pipeline import (
@@ -40,14 +40,6 @@ def trained(tmp_path, make_config):
     train_head.run(config)
     (tmp_path / "victim.txt").write_bytes(VICTIM)
     return config
-
-
-def edit_json(path, change):
-    with open(path) as f:
-        data = json.load(f)
-    change(data)
-    with open(path, "w") as f:
-        json.dump(data, f)
 
 
 # --------------------------------------------------------------------------------------------
