@@ -98,21 +98,22 @@ def extract_costs(config, work, first_images):
 
 def seeds(config, root, finetune_epochs, scores):
     """The fine-tuned model from the images (AUGMENT=0, fresh augmentation every epoch) and from
-    the cache with BENCH_CUT_AUGMENTS views, each trained at SEEDS (head and fine-tuning; the
-    cached views are SEED=0's, a function of the image alone): validation and test accuracy per
-    seed, their means and 95% t-intervals, and the mean paired gap cache - images. `scores`:
-    accuracy.scores, the three models scored one way."""
+    the cache with BENCH_CUT_AUGMENTS views, each trained at SEEDS (head, fine-tuning and, from
+    the cache, the views: SEED is part of the augmentation's identity, so each seed's views are
+    extracted once): validation and test accuracy per seed, their means and 95% t-intervals,
+    and the mean paired gap cache - images. `scores`: accuracy.scores, the three models scored
+    one way."""
     out = {}
     runs = [("images", 0)] + [(f"cache{k}", k) for k in SEED_AUGMENTS]
     for k in sorted({k for _, k in runs}, reverse=True):
-        extract.run(config.replace(augment=k))  # every view cached once, before any training
+        extract.run(config.replace(augment=k))  # SEED=0's views, before any training
     log = os.path.join(root, "seeds.jsonl")  # each run as it ends: a cut-short phase keeps them
     for seed in SEEDS:  # seed by seed: every way has as many seeds as any other when cut short
         for name, k in runs:
             run = config.replace(augment=k, seed=seed, finetune_epochs=finetune_epochs,
                                  finetune_from="images" if k == 0 else "cache",
                                  models_root=os.path.join(root, f"models_{name}_seed{seed}"))
-            extract.run(run)  # AUGMENT=k's master: nothing to compute
+            extract.run(run)  # AUGMENT=k's master, with this seed's views (computed once)
             train_head.run(run)
             tuned = finetune.run(run)
             assert tuned.source == ("images" if k == 0 else "cache"), tuned.source
