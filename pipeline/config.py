@@ -70,9 +70,11 @@ class Config:
                                      "identity")
     storage: str = setting("float32", "float32 | float16: half the disk and read I/O, features "
                                       "rounded to ~3 digits; part of the cache identity")
-    augment: int = setting(0, "extract also caches AUGMENT augmented views of every training "
-                              "image (flips, rotations, zooms, shifts); train-head reads each "
-                              "image as another view every epoch. 0: plain features only")
+    # 5 by default: finetune then trains from the cache (docs/finetune-from-cache.md)
+    augment: int = setting(5, "extract also caches AUGMENT augmented views of every training "
+                               "image (flips, rotations, zooms, shifts); train-head and finetune "
+                               "read each image as another view every epoch. 0: plain features "
+                               "only (finetune then decodes and augments the images)")
     # --- where extract runs ----------------------------------------------------------------------
     engine: str = setting("local", "local (this process) | ray: hash and extract on a Ray cluster "
                                    "(pip install -r requirements-ray.txt; the Makefile does it)")

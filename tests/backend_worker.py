@@ -37,7 +37,7 @@ from pipeline.config import Config  # noqa: E402
 
 
 def stages(root, data, weights):
-    config = Config(data=data, name="tiny", weights=weights, size=32, batch_size=4,
+    config = Config(data=data, name="tiny", augment=0, weights=weights, size=32, batch_size=4,
                     split="40/30/30", epochs=2, finetune_epochs=1, seed=0, precision="float32",
                     features_root=os.path.join(root, "features"),
                     models_root=os.path.join(root, "models"), images=data)

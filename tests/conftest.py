@@ -46,8 +46,9 @@ def make_config(tmp_path):
     """Config(...) with outputs under tmp_path and tiny, fast settings; override any field."""
     def make(data, **changes):
         # precision: float32 on every machine (auto would pick bfloat16 on a bf16 CPU)
+        # augment=0: no views unless a test asks for them (AUGMENT=5 by default)
         defaults = dict(data=str(data), weights="none", size=32, batch_size=4, epochs=3,
-                        precision="float32",
+                        precision="float32", augment=0,
                         finetune_epochs=1, features_root=str(tmp_path / "features"),
                         models_root=str(tmp_path / "models"))
         return Config(**{**defaults, **changes})

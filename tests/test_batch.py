@@ -143,7 +143,7 @@ def test_a_failing_dataset_does_not_stop_the_others(tmp_path, capsys):
         ["failed", "trained", "failed"]  # ... but the good dataset ran, after the failure
     assert "does not exist" in rows["missing"]["error"]
     assert "1 class folder" in rows["lonely"]["error"]
-    good_config = Config(data=good, weights="none", size=32, batch_size=4, epochs=2,
+    good_config = Config(data=good, weights="none", augment=0, size=32, batch_size=4, epochs=2,
                          split="50/25/25", features_root=str(out / "features"),
                          models_root=str(out / "models"))
     assert summary_accuracies(rows["good"], ("logreg", "dense")) == \

@@ -202,7 +202,8 @@ def test_kill_9_then_rerun_equals_a_clean_run(tmp_path, make_config):
     config = make_config(root, batch_size=2, name="killed")
     command = [sys.executable, "-m", "pipeline", "extract", "--data", root, "--name", "killed",
                "--weights", "none", "--size", "32", "--batch-size", "2",
-               "--precision", config.precision, "--features-root", config.features_root]
+               "--precision", config.precision, "--augment", "0",
+               "--features-root", config.features_root]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     segments = os.path.join(config.features_dir, "segments")

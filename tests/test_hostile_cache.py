@@ -59,7 +59,7 @@ def one_line(text):
 
 
 def run_cli(capsys, *argv):
-    code = cli.main(list(argv))
+    code = cli.main([*argv, "--augment", "0"])  # as make_config's caches: no views
     return code, capsys.readouterr()
 
 
@@ -302,6 +302,7 @@ def extract_with_file_limit(config, limit):
     command = [sys.executable, "-c", LIMITED, str(limit), "extract", "--data", config.data,
                "--weights", "none", "--size", "32", "--batch-size", str(config.batch_size),
                "--precision", config.precision, "--finetune-from", config.finetune_from,
+               "--augment", str(config.augment),
                "--features-root", config.features_root]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TQDM_DISABLE": "1"})

@@ -18,7 +18,7 @@ from pipeline.config import Config
 def class_sorted(tmp_path):
     """A cache of 256 training rows stored one class after the other, as extract stores a
     DATA/train/cats, DATA/train/dogs dataset."""
-    config = Config(name="sorted", size=32, batch_size=32,
+    config = Config(name="sorted", augment=0, size=32, batch_size=32,
                     features_root=str(tmp_path / "features"), models_root=str(tmp_path / "models"))
     synthetic_cache(config.features_dir, [0] * 128 + [1] * 128, ["train"] * 256)
     return config
@@ -75,7 +75,7 @@ def event_files(folder):
 
 
 def test_train_head_writes_tensorboard_logs_under_tensorflow(tmp_path, capsys):
-    config = Config(name="logged", size=32, batch_size=16, epochs=2, head="dense",
+    config = Config(name="logged", augment=0, size=32, batch_size=16, epochs=2, head="dense",
                     features_root=str(tmp_path / "features"), models_root=str(tmp_path / "models"))
     synthetic_cache(config.features_dir, [i % 2 for i in range(60)],
                     ["train", "train", "validation"] * 20)
@@ -109,7 +109,8 @@ def tuned_start(tmp_path_factory):
     """A dataset with its cache and trained dense head (WEIGHTS=none, 32 px)."""
     root = tmp_path_factory.mktemp("tuned_start")
     data = make_image_folder(root / "data", per_class=8)
-    config = Config(data=data, weights="none", size=32, batch_size=4, split="50/25/25", epochs=2,
+    config = Config(data=data, augment=0, weights="none", size=32, batch_size=4, split="50/25/25",
+                    epochs=2,
                     head="dense", features_root=str(root / "features"),
                     models_root=str(root / "models"))
     extract.run(config)

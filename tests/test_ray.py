@@ -47,8 +47,8 @@ def data(tmp_path_factory):
 
 
 def config_of(data, features_root, **changes):
-    return Config(**{**dict(data=data, name="tiny", weights="none", size=32, batch_size=4,
-                            features_root=str(features_root)), **changes})
+    return Config(**{**dict(data=data, name="tiny", augment=0, weights="none", size=32,
+                            batch_size=4, features_root=str(features_root)), **changes})
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,8 @@ def test_a_killed_driver_resumes_from_every_segment_written(cluster, data, local
     driver = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "extract", "--data", data, "--name", "tiny",
          "--weights", "none", "--size", "32", "--batch-size", "4", "--engine", "ray",
-         "--workers", "1", "--ray-address", cluster, "--features-root", str(tmp_path)],
+         "--workers", "1", "--ray-address", cluster, "--augment", "0",
+         "--features-root", str(tmp_path)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while time.time() < deadline and driver.poll() is None and not segment_files(config):

@@ -56,7 +56,7 @@ def balanced(n, splits=("train",) * 6 + ("validation",) * 2 + ("test",) * 2):
 @pytest.fixture
 def synthetic_config(tmp_path):
     """A Config whose NAME points at a synthetic cache of 200 rows (120 train)."""
-    config = Config(name="synthetic", size=32, batch_size=16, epochs=3,
+    config = Config(name="synthetic", augment=0, size=32, batch_size=16, epochs=3,
                     features_root=str(tmp_path / "features"), models_root=str(tmp_path / "models"))
     synthetic_cache(config.features_dir, *balanced(200))
     return config
@@ -67,7 +67,7 @@ def demo_config(tmp_path_factory):
     """The demo data, 100 images per class at 64 pixels, extracted once with WEIGHTS=none."""
     root = tmp_path_factory.mktemp("demo")
     demo_data.generate(str(root / "data"), per_class=100, pixels=64)
-    config = Config(data=str(root / "data"), weights="none", size=64, split="70/30/0",
+    config = Config(data=str(root / "data"), augment=0, weights="none", size=64, split="70/30/0",
                     features_root=str(root / "features"), models_root=str(root / "models"))
     extract.run(config)
     return config
@@ -110,7 +110,7 @@ def test_saved_head_is_the_best_epoch_on_raw_features(tmp_path, monkeypatch, num
     """head.keras, its standardisation included, scores on raw features what the best epoch
     scored on validation (with XLA as without)."""
     monkeypatch.setattr(train_head, "XLA_MIN_ROWS", 0 if xla else 10**9)
-    config = Config(name="synthetic", head="dense", epochs=6, batch_size=16,
+    config = Config(name="synthetic", augment=0, head="dense", epochs=6, batch_size=16,
                     features_root=str(tmp_path / "features"), models_root=str(tmp_path / "models"))
     _, splits = balanced(200)
     synthetic_cache(config.features_dir, [i % num_classes for i in range(200)], splits,
@@ -135,7 +135,7 @@ def test_the_saved_head_keeps_its_weights_at_the_scale_it_trained_at(tmp_path):
     smaller, and RMSprop's fixed-size steps 100 times larger relative to them."""
     weights = []
     for factor in (1.0, 100.0):
-        config = Config(name=f"times{factor:g}", head="dense", epochs=2, batch_size=16,
+        config = Config(name=f"times{factor:g}", augment=0, head="dense", epochs=2, batch_size=16,
                         features_root=str(tmp_path / "features"),
                         models_root=str(tmp_path / "models"))
         synthetic_cache(config.features_dir, *balanced(200), factor=factor)
@@ -225,7 +225,7 @@ def test_one_head_keeps_the_other_models_entry_only_on_the_same_identity(synthet
 
 @pytest.mark.parametrize("num_classes", [2, 3])
 def test_logreg_out_of_core_when_the_features_do_not_fit(tmp_path, num_classes):
-    config = Config(name="big", head="logreg",
+    config = Config(name="big", augment=0, head="logreg",
                     features_root=str(tmp_path / "features"), models_root=str(tmp_path / "models"))
     labels, splits = balanced(300)
     labels = [i % num_classes for i in range(300)]
@@ -281,7 +281,8 @@ def test_errors_exit_non_zero_with_one_line(tmp_path, capsys, case, message):
     if case == "train-lacks-a-class":
         labels, splits = balanced(20)
         synthetic_cache(str(features), [int(s != "train") for s in splits], splits)
-    code = cli.main(["train-head", "--name", "bad", "--features-root", str(tmp_path / "features"),
+    code = cli.main(["train-head", "--name", "bad", "--augment", "0",
+                     "--features-root", str(tmp_path / "features"),
                      "--models-root", str(tmp_path / "models")])
     err = capsys.readouterr().err
     assert code != 0 and len(err.strip().splitlines()) == 1

@@ -10,7 +10,7 @@ from pipeline.config import Config
 
 def tiny_config(root, **changes):
     settings = dict(data=os.path.join(root, "data"), name="tiny", weights="none", size=32,
-                    batch_size=4, split="40/30/30", epochs=2, finetune_epochs=1, seed=0,
+                    augment=0, batch_size=4, split="40/30/30", epochs=2, finetune_epochs=1, seed=0,
                     precision="float32",  # the same on every machine (auto may pick bfloat16)
                     features_root=os.path.join(root, "features"),
                     models_root=os.path.join(root, "models"))
