@@ -3,37 +3,15 @@
 Everything runs on the CPU with 32-pixel images and WEIGHTS=none (deterministic random weights),
 so a whole stage takes a second or two.
 """
-import json
 import os
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests are CPU-only, also on a GPU machine
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import make_image_folder
 
 from pipeline.config import Config
-from pipeline.demo_data import striped_image
-
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cats_vs_dogs")
-
-
-def make_image_folder(root, classes=("horizontal", "vertical"), per_class=6, pixels=40, seed=0):
-    """root/<class>/<class>_NN.jpg: striped pictures whose stripe orientation depends on the
-    class (a third class, if asked for, gets a checkerboard-like mix of both)."""
-    rng = np.random.default_rng(seed)
-    for index, class_name in enumerate(classes):
-        folder = os.path.join(root, class_name)
-        os.makedirs(folder, exist_ok=True)
-        for i in range(per_class):
-            image = striped_image(rng, vertical=index % 2 == 1, pixels=pixels)
-            if index >= 2:  # more classes: distinguish by colour as well
-                array = np.asarray(image).copy()
-                array[..., index % 3] = 255 - array[..., index % 3]
-                image = Image.fromarray(array)
-            image.save(os.path.join(folder, f"{class_name}_{i:02d}.jpg"), quality=90)
-    return str(root)
 
 
 @pytest.fixture
@@ -64,12 +42,3 @@ def tiny_weights_file(tmp_path_factory):
     keras.applications.VGG16(weights=None, include_top=False,
                              input_shape=(None, None, 3)).save_weights(path)
     return path
-
-
-def edit_json(path, change):
-    """Rewrite a JSON file through change(data): what a careless or hostile hand would do."""
-    with open(path) as f:
-        data = json.load(f)
-    change(data)
-    with open(path, "w") as f:
-        json.dump(data, f)

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import make_image_folder
+from helpers import make_image_folder
 from PIL import Image
 from sklearn.base import BaseEstimator, ClassifierMixin
 from trained_run import shared_trained_run
@@ -142,7 +142,7 @@ def test_out_of_fold_no_row_is_scored_by_a_model_that_saw_it():
 
 def colour_folder(root, per_class=8):
     """root/{train,validation,test}/{red,blue}/*: noisy pictures whose tint is the class,
-    which even random weights tell apart (the stripes of conftest they do not, at 32 px)."""
+    which even random weights tell apart (make_image_folder's stripes they do not, at 32 px)."""
     rng = np.random.default_rng(0)
     for split in ("train", "validation", "test"):
         for k, name in enumerate(("red", "blue")):

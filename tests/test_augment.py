@@ -4,7 +4,7 @@ and read back by train-head as another view every epoch."""
 import keras
 import numpy as np
 import pytest
-from conftest import make_image_folder
+from helpers import make_image_folder
 
 from pipeline import augment, backbone, cache, export, extract, images, stream, train_head, views
 from pipeline.cache import FeatureStore

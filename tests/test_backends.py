@@ -79,7 +79,7 @@ def test_the_console_shows_no_framework_start_up_lines_unless_verbose(image_fold
 def here(tmp_path_factory):
     """Every stage under this process's backend, through the same worker code, in-process."""
     import backend_worker
-    from conftest import make_image_folder
+    from helpers import make_image_folder
     root = tmp_path_factory.mktemp("here")
     data = make_image_folder(root / "data", per_class=10)
     weights = str(root / "vgg16.weights.h5")

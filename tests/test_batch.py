@@ -4,7 +4,7 @@ import csv
 import os
 
 import pytest
-from conftest import make_image_folder
+from helpers import make_image_folder
 
 from pipeline import artifacts, batch, registry
 from pipeline.__main__ import main

@@ -98,7 +98,7 @@ def test_models_of_another_identity_are_refused(run, tmp_path):
 
 def test_validation_stands_in_without_a_test_split(tmp_path):
     config = tiny_config(str(tmp_path), split="50/50/0", head="logreg")
-    from conftest import make_image_folder
+    from helpers import make_image_folder
     make_image_folder(config.data, per_class=6)
     extract.run(config)
     train_head.run(config)

@@ -167,7 +167,7 @@ def test_bad_files_are_skipped_and_listed(image_folder, make_config):
 
 
 def test_a_class_with_only_bad_files_is_fatal(tmp_path, make_config):
-    from conftest import make_image_folder
+    from helpers import make_image_folder
     root = make_image_folder(tmp_path / "data", per_class=2)
     for name in os.listdir(os.path.join(root, "vertical")):
         open(os.path.join(root, "vertical", name), "wb").close()
@@ -197,7 +197,7 @@ def test_fatal_errors_exit_non_zero_with_one_line(image_folder, tmp_path, capsys
 
 
 def test_kill_9_then_rerun_equals_a_clean_run(tmp_path, make_config):
-    from conftest import make_image_folder
+    from helpers import make_image_folder
     root = make_image_folder(tmp_path / "data", per_class=20)
     config = make_config(root, batch_size=2, name="killed")
     command = [sys.executable, "-m", "pipeline", "extract", "--data", root, "--name", "killed",
@@ -239,7 +239,7 @@ def test_missing_segment_is_detected(image_folder, make_config):
 
 
 def test_every_class_gets_a_training_image(tmp_path, make_config):
-    from conftest import make_image_folder
+    from helpers import make_image_folder
     root = make_image_folder(tmp_path / "data", classes=("a", "b", "c", "d"), per_class=1)
     extract.run(make_config(root, split="10/45/45"))
     with cache.FeatureStore(make_config(root).features_dir) as store:

@@ -8,7 +8,7 @@ import shutil
 import keras
 import numpy as np
 import pytest
-from conftest import make_image_folder
+from helpers import make_image_folder
 from sklearn.metrics import log_loss
 
 from pipeline import __main__ as cli

@@ -9,7 +9,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import make_image_folder
+from helpers import make_image_folder
 
 from pipeline import augment, backbone, cache, extract, finetune, images, train_head, views
 from pipeline.cache import FeatureStore

@@ -11,7 +11,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import make_image_folder
+from helpers import make_image_folder
 from trained_run import make_trained_run
 
 from pipeline import __main__ as cli

@@ -14,7 +14,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from conftest import make_image_folder
+from helpers import make_image_folder
 
 from pipeline import __main__ as cli
 from pipeline import cache, extract, files

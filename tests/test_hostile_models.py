@@ -7,7 +7,7 @@ import stat
 import threading
 
 import pytest
-from conftest import edit_json, make_image_folder
+from helpers import edit_json, make_image_folder
 
 from pipeline import (
     artifacts,

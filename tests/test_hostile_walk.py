@@ -19,7 +19,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import make_image_folder
+from helpers import make_image_folder
 from keras.applications import vgg16
 from PIL import Image
 from trained_run import shared_trained_run

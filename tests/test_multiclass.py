@@ -4,7 +4,7 @@ import json
 
 import keras
 import numpy as np
-from conftest import make_image_folder
+from helpers import make_image_folder
 from PIL import Image
 
 from pipeline import artifacts, evaluate, extract, finetune, heads, plots, train_head

@@ -6,7 +6,7 @@ import re
 import keras
 import numpy as np
 import pytest
-from conftest import make_image_folder
+from helpers import make_image_folder
 from test_train_head import synthetic_cache
 
 from pipeline import backbone, cache, extract, finetune, images, logs, registry, stream, train_head

@@ -13,7 +13,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import make_image_folder
+from helpers import make_image_folder
 
 from pipeline import backbone, cache, extract, lock
 from pipeline.config import Config, UserError

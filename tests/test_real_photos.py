@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 
 from pipeline import cache, extract, registry, train_head
 

@@ -8,7 +8,7 @@ import shutil
 from html.parser import HTMLParser
 
 import pytest
-from conftest import make_image_folder
+from helpers import make_image_folder
 from PIL import Image
 from trained_run import shared_trained_run, tiny_config
 

@@ -7,7 +7,7 @@ import re
 import keras
 import numpy as np
 import pytest
-from conftest import make_image_folder
+from helpers import make_image_folder
 
 from pipeline import __main__ as cli
 from pipeline import (

@@ -23,7 +23,7 @@ ROW = (1, 1, 512)  # block5_pool at SIZE=32
 def cached(tmp_path, make_config):
     """12 tiny images extracted into one segment (no cut kept for fine-tuning); the clean
     features by path."""
-    from conftest import make_image_folder
+    from helpers import make_image_folder
     config = make_config(make_image_folder(tmp_path / "data"), name="tiny", finetune_from="images")
     extract.run(config)
     [segment] = segment_files(config.features_dir)

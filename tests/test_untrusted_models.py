@@ -11,7 +11,7 @@ import os
 import h5py
 import numpy as np
 import pytest
-from conftest import edit_json, make_image_folder
+from helpers import edit_json, make_image_folder
 from test_hostile_models import finishes, outside
 
 from pipeline import (

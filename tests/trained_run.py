@@ -2,7 +2,7 @@
 32-pixel images, WEIGHTS=none, extract -> train-head -> finetune, in seconds on a CPU."""
 import os
 
-from conftest import make_image_folder
+from helpers import make_image_folder
 
 from pipeline import extract, finetune, train_head
 from pipeline.config import Config
