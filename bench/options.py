@@ -1,4 +1,4 @@
-"""Figure 6 of `make bench`: the speed options of issue 7, each measured before and after.
+"""Figure 6 of `make bench`: the speed options, each measured before and after.
 
 TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it is imported, so every forward-pass variant
 and the naive Keras way run in a process of their own:
