@@ -43,12 +43,15 @@ help: ## List the targets and the settings
 	@echo; echo "Settings (VARIABLE=value; defaults in pipeline/config.py):"
 	@python3 -m pipeline.config
 
-install: $(STAMP) ## Create .venv with the pinned requirements
+install: $(STAMP) ## Create .venv with the pinned requirements, and `pipeline` importable anywhere
 
-$(STAMP): requirements.txt
+# The package itself goes in editable, without dependencies (the pins above are the set): bench/
+# scripts and any other folder then import `pipeline` with no sys.path edits. It takes a second.
+$(STAMP): requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q -e . --no-deps
 	touch $@
 
 install-ray: $(RAY_STAMP) ## Add Ray to .venv (requirements-ray.txt), for ENGINE=ray and its tests

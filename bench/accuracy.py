@@ -1,4 +1,4 @@
-"""The slow part of `make bench` (BENCH_ACCURACY=1): does every stage earn its keep (issue 15)?
+"""The slow part of `make bench` (BENCH_ACCURACY=1): does every stage earn its keep?
 Validation and test accuracy of the three models on the real cats_vs_dogs photos, the dense head
 on AUGMENT=0/5/10 caches, and the demo, all through the pipeline's own stages.
 
@@ -142,7 +142,7 @@ def augmented_heads(config, root):
 
 
 def float16_heads(config):
-    """STORAGE=float16 (issue 7: keep it only if it keeps accuracy): its own cache and heads."""
+    """STORAGE=float16 (kept only if it keeps accuracy): its own cache and heads."""
     half = config.replace(name="cats_vs_dogs_float16", storage="float16")
     extract.run(half)
     train_head.run(half)

@@ -10,9 +10,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from support import peak_rss_gb, write_synthetic_cache  # noqa: E402
+from support import peak_rss_gb, write_synthetic_cache
 
 
 def main(folder, rows=100_000, size=150):

@@ -33,7 +33,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SEED_ENV = dict(os.environ)  # the naive Keras way runs with TensorFlow's defaults, as the seed did
 

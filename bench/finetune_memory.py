@@ -112,7 +112,6 @@ def figures(work):
 
 
 def main(folder, batches):
-    sys.path.insert(0, ROOT)
     import keras
 
     from pipeline import finetune

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurement (issue 13) in one command, on a machine with an NVIDIA GPU and PyTorch and/or
+# The GPU measurement of every backend in one command, on a machine with an NVIDIA GPU and PyTorch and/or
 # JAX but no TensorFlow and no network (the project's lent H100), run from the repository root:
 #
 #   bash bench/gpu.sh prepare   # here, with the package registry: Keras's wheels -> .whl/,

@@ -1,4 +1,4 @@
-"""Figure 6 of `make bench`: the speed options of issue 7, each measured before and after.
+"""Figure 6 of `make bench`: the speed options, each measured before and after.
 
 TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it is imported, so every forward-pass variant
 and the naive Keras way run in a process of their own:
@@ -32,7 +32,6 @@ DECODE_IMAGES = 200           # photos for the decoding figures
 
 def forward(batch, xla, precision, size):
     """Images/s of the frozen base's compiled forward pass on one in-memory batch."""
-    sys.path.insert(0, ROOT)
     import numpy as np
 
     from pipeline import backbone
@@ -99,7 +98,6 @@ def has(module):
 
 def extract_folder(folder, full_decoding, size, batch, features_root, precision="auto"):
     """Images/s of extract.run on `folder` (WEIGHTS=none), with or without DCT-scaled decoding."""
-    sys.path.insert(0, ROOT)
     from pipeline import extract
     from pipeline.config import Config
     config = Config(data=folder, name=os.path.basename(folder), weights="none", size=size,

@@ -115,7 +115,6 @@ def ray_init_seconds():
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench  # the photo picker; bench.py's own settings (BENCH_N, BENCH_DATA)
     figures, details = run(bench.pick_images(bench.DATA, bench.N), bench.WORK)
     for key, value in {**figures, **details}.items():

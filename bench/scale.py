@@ -26,7 +26,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SCALE_ROOT = os.environ.get("SCALE_ROOT") or "/tmp/pipeline-scale"
 RESULTS = os.environ.get("SCALE_RESULTS") or os.path.join(ROOT, "bench", "scale.json")

@@ -156,12 +156,19 @@ def test_the_whole_experiment_on_a_tiny_archive(server, tmp_path, make_config, c
                            settings=dict(size=32, batch_size=4, epochs=2, finetune_epochs=1))
     assert result.data == str(tmp_path / "data" / "cats_and_dogs_filtered")
     assert set(result.results) == {"logreg", "dense", "finetuned"}
-    assert result.results["finetuned"]["article"] == 0.97
+    # Every model was measured on both splits; the article gives figures for two of them only.
+    for model, row in result.results.items():
+        assert 0 <= row["validation"] <= 1 and 0 <= row["test"] <= 1, (model, row)
+    assert [row["article"] for row in result.results.values()] == [None, 0.95, 0.97]
     saved = artifacts.read_json(result.path, "")
+    assert saved["results"] == result.results
     assert saved["config"]["size"] == 32 and saved["config"]["name"] == "cats_and_dogs_filtered"
     assert os.path.exists(os.path.join(os.path.dirname(result.path), artifacts.REPORT))
     out = capsys.readouterr().out
     assert "ours beside the article's" in out and "97.0%" in out and "95.0%" in out
+    for row in result.results.values():  # ours are printed beside the article's, on one line
+        line = next(line for line in out.splitlines() if line.strip().startswith(row["title"]))
+        assert f"{100 * row['validation']:.1f}%" in line and f"{100 * row['test']:.1f}%" in line
 
 
 def test_the_experiment_offline_stops_before_any_work(tmp_path, make_config):
