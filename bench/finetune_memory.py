@@ -51,8 +51,9 @@ def write_sparse_cache(folder):
         shape = backbone.layer_shape(target.layer, SIZE)
         for first in range(0, len(keys), PER_SEGMENT):
             part = keys[first:first + PER_SEGMENT]
-            segment = cache._write_segment(config.features_dir, target.identity_id, part, shape,
-                                           target.dtype, lambda dataset: None)
+            segment = cache.segments._write_segment(config.features_dir, target.identity_id,
+                                                    part, shape, target.dtype,
+                                                    lambda dataset: None)
             found.add_segment(segment, part)
     split = np.array([b"train"] * ROWS + [b"validation"] * HELD_OUT + [b"test"] * HELD_OUT)
     rows = index.Rows([], np.zeros(total, np.int32),

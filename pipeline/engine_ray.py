@@ -193,7 +193,7 @@ def segment_rows(images, workers, row_bytes):
     """Rows per segment, which is one Ray Data batch: cache.COMPACT_BELOW, so that compaction
     leaves the segments alone, or fewer when a segment would pass cache.GROUP_BYTES (an actor holds
     one in memory) or when fewer would leave a worker idle (two batches per worker at least)."""
-    largest = max(1, min(cache.COMPACT_BELOW, cache.GROUP_BYTES // row_bytes))
+    largest = cache.rows_per_segment(row_bytes)
     return max(1, min(largest, math.ceil(images / (2 * workers))))
 
 

@@ -5,6 +5,8 @@
 features/<NAME>/features.h5 reads its features from the segment files beside it (a virtual
 dataset), so a copy of it alone reads as NaN. The export holds the same index datasets and
 attributes with `features` as a real dataset, checksummed, written atomically: copy it anywhere.
+The HDF5 copying is cache.FeatureStore.write_standalone; what an export leaves out is decided
+here (LEFT_OUT).
 """
 import os
 import time
@@ -12,6 +14,10 @@ from dataclasses import dataclass
 
 from . import cache, files, lock
 from .config import Config, UserError
+
+# the cache's plumbing (which segments the master reads), the training views and fine-tuning's
+# activations: an exported file holds the index and the features
+LEFT_OUT = ("segments", *cache.VIEW_DATASETS, *cache.CUT_DATASETS)
 
 
 @dataclass
@@ -33,11 +39,19 @@ def run(config: Config) -> ExportResult:
         # a killed export's temporary beside OUT; only OUT's own: the folder is the user's
         files.remove_temporaries(os.path.dirname(os.path.abspath(out)),
                                  names={os.path.basename(out)})
-        rows = cache.export(config.features_dir, out)
+        rows = export(config.features_dir, out)
     result = ExportResult(out, rows, os.path.getsize(out), time.perf_counter() - start)
     print(f"export {config.dataset_name}: {rows} rows -> {out} ({result.bytes / 1e6:.1f} MB), "
           f"{result.seconds:.1f} s")
     return result
+
+
+def export(features_dir, out_path):
+    """Write features/<NAME> as one self-contained HDF5 file at out_path (atomically), streamed
+    a block of rows at a time. Returns the number of rows."""
+    with cache.FeatureStore(features_dir) as store:  # refuses a missing or damaged cache
+        files.atomic_write(out_path, lambda fileobj: store.write_standalone(fileobj, LEFT_OUT))
+        return len(store)
 
 
 def _checked_out(config):

@@ -3,7 +3,7 @@
 Every file of the feature cache is written through `atomic_write`: the bytes go to a temporary
 file in the same folder, are fsynced, and the temporary file is renamed over the final name. A
 reader therefore sees the old file or the new one, never half of one. The HDF5 files are built in
-memory first (cache.py), so the disk is only ever written by plain Python I/O here, where a full
+memory first (cache/), so the disk is only ever written by plain Python I/O here, where a full
 disk is an ordinary OSError: HDF5 writing straight into a file that cannot grow ended in a
 segmentation fault.
 """

@@ -299,7 +299,8 @@ def _fit_out_of_core(store, train_rows, num_classes, grid, seed):
                     unit="row", leave=False)
     for epoch in range(SGD_EPOCHS):  # every candidate sees each block, so one read serves all
         shuffled = np.random.default_rng([seed, epoch])
-        for indices, features in store.blocks(train_rows, rng=shuffled):
+        for indices in stream.block_plan(train_rows, cache.READ_BLOCK, shuffled):
+            features = store.read(indices)
             x = scaler.transform(features.reshape(len(features), -1), copy=False)
             for model in models:
                 model.partial_fit(x, store.labels[indices], classes=classes)

@@ -1,6 +1,7 @@
 """AUGMENT=K: augmented views of the training images in the feature cache, keyed by content,
 view number and the augmentation's identity, computed once, never for validation or test rows,
 and read back by train-head as another view every epoch."""
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -96,7 +97,8 @@ def test_views_are_computed_once_and_a_larger_augment_computes_only_new_ones(fol
 
 def test_views_of_a_run_cut_short_survive_a_run_with_a_smaller_augment(folder, make_config,
                                                                         monkeypatch):
-    monkeypatch.setattr(cache, "COMPACT_BELOW", 1)  # a segment a batch, as on a large dataset
+    # a segment a batch, as on a large dataset
+    monkeypatch.setattr(cache.segments, "COMPACT_BELOW", 1)
     config = make_config(folder, augment=3, **SETTINGS)
     extract.run(config.replace(augment=0))
     write_master = cache.write_master
@@ -144,7 +146,7 @@ def test_a_cache_without_views_reads_as_before_and_export_leaves_views_out(folde
     extract.run(config.replace(augment=1))
     out = str(tmp_path / "alone.h5")
     export.run(config.replace(out=out))
-    with FeatureStore(config.features_dir) as store, cache.h5py.File(out, "r") as alone:
+    with FeatureStore(config.features_dir) as store, h5py.File(out, "r") as alone:
         assert store.views == 1
         assert not set(cache.VIEW_DATASETS) & set(alone)
         np.testing.assert_array_equal(alone["features"][()], store.read(np.arange(len(store))))

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -163,7 +164,8 @@ def damage(path, how):
                                          ("zeroed", "zeroed or not an HDF5 file")])
 def test_a_damaged_segment_is_refused_then_recomputed(tmp_path, make_config, monkeypatch,
                                                       capsys, how, reason):
-    monkeypatch.setattr(cache, "COMPACT_BELOW", 1)  # keep one segment per batch of 4 images
+    # keep one segment per batch of 4 images
+    monkeypatch.setattr(cache.segments, "COMPACT_BELOW", 1)
     root = make_image_folder(tmp_path / "data")
     config = make_config(root)
     extract.run(config)
@@ -199,7 +201,7 @@ def test_a_damaged_segment_is_refused_then_recomputed(tmp_path, make_config, mon
 def test_a_damaged_test_row_stops_the_dense_head_in_one_line(tmp_path, make_config, monkeypatch,
                                                              capsys):
     """Damage only among the held-out rows surfaced inside Keras as a TensorFlow traceback."""
-    monkeypatch.setattr(cache, "COMPACT_BELOW", 1)  # one segment per image: batch_size=1
+    monkeypatch.setattr(cache.segments, "COMPACT_BELOW", 1)  # one segment per image: batch_size=1
     root = make_image_folder(tmp_path / "data")
     config = make_config(root, batch_size=1, split="50/25/25")
     extract.run(config)
@@ -359,7 +361,8 @@ def test_compaction_merges_group_by_group(tmp_path, make_config, monkeypatch, ca
     clean = make_config(root, name="clean", finetune_from="images")
     extract.run(clean)
     config = make_config(root, finetune_from="images")
-    monkeypatch.setattr(cache, "COMPACT_BELOW", 6)  # 3 segments of 4 rows -> 2 of 6, one split
+    # 3 segments of 4 rows -> 2 of 6, one split
+    monkeypatch.setattr(cache.segments, "COMPACT_BELOW", 6)
     outside = contents(tmp_path, [config.features_dir])
     capsys.readouterr()
 
@@ -381,7 +384,7 @@ def test_compaction_builds_at_most_group_bytes_in_memory(tmp_path, make_config, 
     """Groups were COMPACT_BELOW rows whatever a row weighed: 8 GiB in memory at SIZE=1024.
     At SIZE=32 a row is 2 KiB, so a 4 KiB budget merges 12 one-row segments into 6 of 2, and a
     rerun leaves them be (segments of the capped size count as merged, not small)."""
-    monkeypatch.setattr(cache, "GROUP_BYTES", 2 * 512 * 4)
+    monkeypatch.setattr(cache.segments, "GROUP_BYTES", 2 * 512 * 4)
     config = make_config(make_image_folder(tmp_path / "data"), batch_size=1, finetune_from="images")
     extract.run(config)
     sizes = []
@@ -475,8 +478,8 @@ def test_export_refuses(image_folder, make_config, tmp_path, capsys, out, messag
 def test_segments_written_in_the_same_instant_on_two_hosts_never_collide(tmp_path, monkeypatch):
     """seg-<time>-<pid>: two hosts (or containers) with the same pid, writing into one shared
     features folder within the clock's resolution, replaced each other's segment."""
-    monkeypatch.setattr(cache.time, "time_ns", lambda: 1_700_000_000_000_000_000)
-    monkeypatch.setattr(cache.os, "getpid", lambda: 42)
+    monkeypatch.setattr(time, "time_ns", lambda: 1_700_000_000_000_000_000)
+    monkeypatch.setattr(os, "getpid", lambda: 42)
     shape = (1, 1, 1, 512)
     first = cache.write_segment(str(tmp_path), "id", ["a" * 64], np.zeros(shape, np.float32))
     second = cache.write_segment(str(tmp_path), "id", ["b" * 64], np.ones(shape, np.float32))
@@ -493,7 +496,7 @@ def test_a_segment_the_os_cannot_read_is_kept_not_deleted(image_folder, make_con
 
     def refused(path, *expected):
         raise PermissionError(13, "Permission denied", path)
-    monkeypatch.setattr(cache, "_verified_shas", refused)
+    monkeypatch.setattr(cache.layout, "verified_shas", refused)
     capsys.readouterr()
     code, out = run_cli(capsys, "extract", "--data", image_folder, "--weights", "none",
                         "--size", "32", "--precision", config.precision,

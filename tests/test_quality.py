@@ -31,8 +31,8 @@ def test_shuffled_blocks_and_batches_mix_a_class_sorted_cache(class_sorted, monk
     with FeatureStore(class_sorted.features_dir) as store:
         rows = store.rows("train")
         for epoch in range(3):
-            order = np.concatenate([i for i, _ in store.blocks(rows, block,
-                                                               np.random.default_rng([0, epoch]))])
+            rng = np.random.default_rng([0, epoch])
+            order = np.concatenate(stream.block_plan(rows, block, rng))
             assert 0.3 < store.labels[order[:128]].mean() < 0.7  # the first half of the epoch
         monkeypatch.setattr(cache, "READ_BLOCK", block)  # train-head's blocks
         ds = stream.CachedFeatures(store, rows, store.labels.astype(np.float32)[:, None],
@@ -48,7 +48,7 @@ def test_small_blocks_of_wide_rows_mix_the_classes_as_large_ones_do(class_sorted
     with FeatureStore(class_sorted.features_dir) as store:
         rows = store.rows("train")
         for epoch in range(3):
-            for indices in cache.block_plan(rows, 96, np.random.default_rng([0, epoch])):
+            for indices in stream.block_plan(rows, 96, np.random.default_rng([0, epoch])):
                 assert 0.35 < store.labels[indices].mean() < 0.65  # 32-row pieces: 1/3, 2/3
 
 

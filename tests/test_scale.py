@@ -71,8 +71,8 @@ def test_master_is_streamed_in_bounded_pieces_with_the_same_content(tmp_path, mo
     def spy(path, content):
         written.append(content)
         return atomic_write(path, content)
-    monkeypatch.setattr(cache.files, "atomic_write", spy)
-    monkeypatch.setattr(cache, "WRITE_ROWS", 7)  # 8 pieces of 50 rows
+    monkeypatch.setattr(files, "atomic_write", spy)
+    monkeypatch.setattr(cache.master, "WRITE_ROWS", 7)  # 8 pieces of 50 rows
     cache.write_master(folder, rows, {"class_names": ["a", "b"]}, shape, np.float32, {})
     assert callable(written[0])  # streamed, not bytes built in memory
     in_order = sorted(rows, key=lambda r: (r["segment"], r["segment_row"], r["path"]))
@@ -185,7 +185,7 @@ def test_a_reader_keeps_at_most_max_open_segments_open(tmp_path, monkeypatch):
     """HDF5 keeps every segment it has read through the virtual dataset open, about 2 MB each:
     1.8 GB for train-head at 1M rows. FeatureStore closes and reopens the master before it
     would hold more than MAX_OPEN_SEGMENTS, and what it reads stays exact."""
-    monkeypatch.setattr(cache, "MAX_OPEN_SEGMENTS", 4)
+    monkeypatch.setattr(cache.store, "MAX_OPEN_SEGMENTS", 4)
     folder, shape = tmp_path / "many", (1, 1, 4)
     features = np.arange(160 * 4, dtype=np.float32).reshape(160, *shape)
     rows = []

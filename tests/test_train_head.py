@@ -30,7 +30,7 @@ IDENTITY = {"backbone": "synthetic", "weights": "synthetic", "image_size": 32, "
 
 def synthetic_cache(features_dir, labels, splits, shape=(1, 2, 4), class_names=("a", "b"),
                     identity=IDENTITY, seed=0, factor=1.0):
-    """features.h5 written through cache.py: Gaussian features whose first channel is shifted
+    """features.h5 written by the cache package: Gaussian features whose first channel is shifted
     by the class, so a linear model separates the classes well (all of them times `factor`)."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)

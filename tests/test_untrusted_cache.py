@@ -1,5 +1,5 @@
 """A shared features/<NAME> is untrusted: a segment or a master is used only in the layout
-cache.py writes, so that no cache reads (or exports) bytes from outside itself, and none
+pipeline/cache writes, so that no cache reads (or exports) bytes from outside itself, and none
 declares more than its bytes hold.
 
 Each test checks that the files outside features/<NAME> and models/<NAME> are unchanged, the
