@@ -58,7 +58,7 @@ def grow_gpu_memory():
 
 def versions():
     out = backbone.library_versions()
-    out["h5py"] = importlib.metadata.version("h5py")  # from the metadata: only cache.py imports it
+    out["h5py"] = importlib.metadata.version("h5py")  # metadata: only pipeline/cache imports it
     out["python"] = platform.python_version()
     return out
 
