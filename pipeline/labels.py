@@ -12,7 +12,8 @@ Steps 3 and 4 are reported as notes, since the CSV and the folder disagree, but 
 A row that names no file, a file with no row, or an empty label each become a line of
 features/<NAME>/skipped.csv, and their counts appear in the batch summary. Refused in one line:
 a line longer than MAX_LINE characters (the CSV is read a bounded line at a time), a row naming
-a path that leaves DATA (../x.jpg), and images given two different labels (all of them named).
+a path that leaves DATA (../x.jpg, or an absolute /etc/x.jpg), and images given two different
+labels (all of them named).
 Labels are class names as written (surrounding spaces stripped, Unicode NFC-normalised, so "café"
 typed either way is one class), so "golden retriever" is a class. Splits come from content
 hashes, as for DATA/<class>/ folders.
@@ -20,6 +21,7 @@ hashes, as for DATA/<class>/ folders.
 import csv
 import os
 import posixpath
+import re
 import unicodedata
 
 from .config import UserError
@@ -30,6 +32,7 @@ UNLABELLED = "image has no row in the labels CSV"
 NOTE_EXAMPLES = 5  # how many lenient matches to print as examples
 MAX_LINE = 65536  # characters in one line of the CSV: a file name and a label fit many times over
 CONFLICTS_SHOWN = 5  # images with two labels named in the refusal
+_DRIVE = re.compile(r"[A-Za-z]:/")  # C:/ (C:\\ once backslashes are slashes): absolute on Windows
 
 
 def resolve_labels_path(data, labels_csv):
@@ -131,10 +134,10 @@ def label_files(csv_path, label_columns, candidates):
         if not name:
             skipped_rows.append((f"<{where}>", "CSV row has an empty file name"))
             continue
-        if _leaves(name):
-            raise UserError(f"{csv_path} line {line} names {name!r}, a path that leaves DATA: "
-                            "name each image by its path relative to DATA (sub/cat1.jpg) or by "
-                            "its file name")
+        leaves = _leaves(name)
+        if leaves:
+            raise UserError(f"{csv_path} line {line} names {name!r}, {leaves}: name each image "
+                            "by its path relative to DATA (sub/cat1.jpg) or by its file name")
         path, problem, note = finder.find(name)
         if path is None:
             skipped_rows.append((name, f"{problem} ({where})"))
@@ -162,9 +165,14 @@ def label_files(csv_path, label_columns, candidates):
 
 
 def _leaves(name):
-    """Whether a file name from the CSV climbs out of DATA with .. (../../x/hostname)."""
-    path = posixpath.normpath(name.replace("\\", "/").lstrip("/"))
-    return path == ".." or path.startswith("../")
+    """How a file name from the CSV leaves DATA ("" when it stays inside): absolute
+    (/etc/hostname, C:\\x) or climbing with .. (../../x/hostname). Either would otherwise bind,
+    by its file name, to DATA's own file of that name."""
+    path = name.replace("\\", "/")
+    if path.startswith("/") or _DRIVE.match(path):
+        return "an absolute path"
+    path = posixpath.normpath(path)
+    return "a path that leaves DATA" if path == ".." or path.startswith("../") else ""
 
 
 class _Finder:

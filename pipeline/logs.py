@@ -16,7 +16,7 @@ import shutil
 
 import keras
 
-from . import artifacts
+from . import artifacts, files
 
 WRITER = ("tensorflow", "tensorboard")  # what keras.callbacks.TensorBoard writes through
 
@@ -34,6 +34,9 @@ def tensorboard(config, run, fresh=True):
         print(f"{run}: no TensorBoard logs in {folder}: Keras writes them through TensorFlow's "
               f"summary writer; `pip install {' '.join(missing)}` to have them")
         return None
+    # a link planted at logs/ or inside it would have the events written, and rmtree delete,
+    # elsewhere: removed, never followed, as for finetune_backup/
+    files.no_link_folder(os.path.dirname(folder))
     if fresh:
         shutil.rmtree(folder, ignore_errors=True)
     return keras.callbacks.TensorBoard(log_dir=folder)

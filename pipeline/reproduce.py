@@ -4,7 +4,8 @@
 
 1. download cats_and_dogs_filtered.zip (2000 training and 1000 validation images, the subset of
    the TensorFlow transfer-learning tutorial) into data/downloads/, resuming a broken download
-   with an HTTP Range request, unpack it into data/cats_and_dogs_filtered and check the counts;
+   with an HTTP Range request, unpack it into data/cats_and_dogs_filtered and check the counts
+   (the download and the unpacking are bounded: MAX_DOWNLOAD, MAX_UNPACKED, MAX_MEMBERS);
 2. get the ImageNet weights (Keras's own download and cache);
 3. extract -> train-head -> finetune -> evaluate -> report with the article's settings;
 4. print our accuracies beside the article's.
@@ -13,6 +14,7 @@ test split: "validation" and "test" below are two disjoint halves of the article
 """
 import http.client
 import os
+import posixpath
 import shutil
 import time
 import urllib.error
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from . import artifacts, backbone, datasets, registry
+from . import artifacts, backbone, datasets, files, registry
 from .config import FIELDS, Config, UserError, warn
 
 URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
@@ -40,6 +42,11 @@ RESULTS = "reproduce.json"
 RETRIES = 5
 TIMEOUT = 60          # seconds without a byte before a connection counts as broken
 CHUNK = 1 << 16
+# The archive is 65 MiB (68,606,236 bytes) and unpacks to about as much (JPEGs do not compress):
+# anything far bigger is not that file, and must not fill the disk before we notice.
+MAX_DOWNLOAD = 128 << 20   # bytes of the zip: twice the real one
+MAX_UNPACKED = 256 << 20   # bytes its files unpack to, all together: a zip bomb stops here
+MAX_MEMBERS = 10_000       # entries in the zip: the real one has 3,000 images and their folders
 
 
 @dataclass
@@ -106,6 +113,10 @@ def download(url, dest, retries=RETRIES, timeout=TIMEOUT, wait=2.0):
             if not os.path.exists(part):
                 break  # offline: retrying will not help
         except (http.client.HTTPException, OSError) as error:  # broken in the middle of the file
+            if files.is_full(error):  # retrying cannot help; the partial file is resumed later
+                raise files.NoSpace(f"no space left on the disk downloading {url} into {part}: "
+                                    "free some space, then rerun `make reproduce`, which "
+                                    "resumes the download") from None
             problem = f"{type(error).__name__}: {error}"
     raise UserError(f"could not download {url} ({problem or 'no network'}): `make reproduce` needs "
                     f"internet access; or download the file yourself to {dest} (a partial "
@@ -113,7 +124,8 @@ def download(url, dest, retries=RETRIES, timeout=TIMEOUT, wait=2.0):
 
 
 def _fetch(url, part, timeout):
-    """One request: append to `part` from where it ends. True when the file is complete."""
+    """One request: append to `part` from where it ends. True when the file is complete. More
+    than MAX_DOWNLOAD bytes in all, announced or sent, is refused and `part` deleted."""
     have = os.path.getsize(part) if os.path.exists(part) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -122,37 +134,126 @@ def _fetch(url, part, timeout):
             have = 0  # the server sent the whole file: start from zero
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
+        if have > MAX_DOWNLOAD or (total is not None and total > MAX_DOWNLOAD):
+            _too_big_download(url, part, total)  # refused before a byte is written
         with open(part, "ab" if have else "wb") as f, \
                 tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                      desc=f"download {os.path.basename(url)}") as progress:
-            while chunk := response.read(CHUNK):
+            done = have
+            # never more than the cap plus one byte: a body without Content-Length has no end
+            while chunk := response.read(min(CHUNK, MAX_DOWNLOAD + 1 - done)):
+                done += len(chunk)
+                if done > MAX_DOWNLOAD:
+                    break
                 f.write(chunk)
                 progress.update(len(chunk))
+    if done > MAX_DOWNLOAD:
+        _too_big_download(url, part, None)
     return total is None or os.path.getsize(part) == total
 
 
+def _too_big_download(url, part, total):
+    _remove(part)
+    size = f"announces {total:,} bytes" if total is not None else "sends more than that"
+    raise UserError(f"{url} is not the expected archive: it {size}, over the "
+                    f"{MAX_DOWNLOAD >> 20} MiB limit (MAX_DOWNLOAD in pipeline/reproduce.py) for "
+                    "a 65 MiB file; nothing was kept: check the URL, or download the file "
+                    "yourself and pass DATA=<its unpacked folder>")
+
+
+class _TooBig(Exception):
+    """The archive is over a limit: the reason, for the one line."""
+
+
 def unpack(zip_path, parent):
-    """Unpack into parent/ through a temporary folder, so a half-unpacked dataset never exists."""
+    """Unpack into parent/ through a temporary folder, so a half-unpacked dataset never exists.
+    Bounded: the members' count and declared sizes are checked first, the bytes really written
+    while they are, against MAX_MEMBERS and MAX_UNPACKED. On any failure (a damaged or oversized
+    archive, a full disk) the temporary folder is removed and one line says what to do."""
     tmp = os.path.join(parent, f".{FOLDER}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)  # a leftover of a killed run
     try:
+        if os.path.getsize(zip_path) > MAX_DOWNLOAD:  # a zip put there by hand, not downloaded
+            raise _TooBig(f"is {os.path.getsize(zip_path):,} bytes, over the "
+                          f"{MAX_DOWNLOAD >> 20} MiB limit (MAX_DOWNLOAD)")
         with zipfile.ZipFile(zip_path) as archive:
-            damaged = archive.testzip()
-            if damaged:
-                raise zipfile.BadZipFile(f"bad CRC for {damaged}")
-            archive.extractall(tmp)  # zipfile drops absolute paths and ".." in member names
-    except zipfile.BadZipFile as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.remove(zip_path)
-        raise UserError(f"{zip_path} is damaged ({error}) and was deleted: rerun `make reproduce` "
+            members = archive.infolist()
+            if len(members) > MAX_MEMBERS:
+                raise _TooBig(f"has {len(members):,} entries, over the limit of "
+                              f"{MAX_MEMBERS:,} (MAX_MEMBERS)")
+            declared = sum(m.file_size for m in members)
+            if declared > MAX_UNPACKED:
+                raise _TooBig(f"unpacks to {declared:,} bytes, over the "
+                              f"{MAX_UNPACKED >> 20} MiB limit (MAX_UNPACKED)")
+            os.makedirs(tmp)
+            _extract(archive, members, tmp)
+    except (zipfile.BadZipFile, _TooBig) as error:
+        _remove(tmp)
+        os.remove(zip_path)  # not the dataset: the next run downloads it afresh
+        what = "damaged" if isinstance(error, zipfile.BadZipFile) else "not the expected archive"
+        raise UserError(f"{zip_path} is {what} ({error}) and was deleted: rerun `make reproduce` "
                         "to download it again") from None
+    except OSError as error:  # the disk is full, or parent/ is not writable
+        _remove(tmp)
+        fix = (f"free about {MAX_UNPACKED >> 20} MiB there" if files.is_full(error)
+               else "fix that")
+        raise UserError(f"unpacking {zip_path} into {parent} failed ({error.strerror or error}); "
+                        f"nothing was kept: {fix}, then rerun `make reproduce`") from None
+    except BaseException:  # KeyboardInterrupt, say: still no half-unpacked folder
+        _remove(tmp)
+        raise
     inner = os.path.join(tmp, FOLDER)
     if not os.path.isdir(inner):
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise UserError(f"{zip_path} has no {FOLDER}/ folder: delete it and rerun `make reproduce`")
     os.replace(inner, os.path.join(parent, FOLDER))
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     return os.path.join(parent, FOLDER)
+
+
+def _extract(archive, members, into):
+    """Write the members under `into`, counting the bytes really written: zipfile already stops
+    each member at its declared size, but the total is checked here whatever a member claims.
+    A CRC mismatch surfaces as BadZipFile when a member's last bytes are read."""
+    written = 0
+    for member in members:
+        name = _member_path(member.filename)
+        target = os.path.join(into, *name.split("/"))
+        if member.is_dir():
+            os.makedirs(target, exist_ok=True)
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            out = open(target, "xb")  # x: an entry twice is refused, not overwritten
+        except FileExistsError:
+            raise zipfile.BadZipFile(f"two entries named {name!r}") from None
+        with archive.open(member) as source, out:
+            while chunk := source.read(CHUNK):
+                written += len(chunk)
+                if written > MAX_UNPACKED:
+                    raise _TooBig(f"unpacks to more than the {MAX_UNPACKED >> 20} MiB limit "
+                                  "(MAX_UNPACKED)")
+                out.write(chunk)
+
+
+def _member_path(name):
+    """A member's name as a path inside the unpacking folder, or BadZipFile: the real archive
+    has only relative names, so an absolute one or one climbing out with .. is refused."""
+    path = posixpath.normpath(name.replace("\\", "/"))
+    if path.startswith("/") or path == ".." or path.startswith("../"):
+        raise zipfile.BadZipFile(f"an entry named {name!r} would land outside the folder")
+    return path
+
+
+def _remove(path):
+    """Remove a file, a link (never followed) or a folder, if there is one."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def verify(folder, expected=EXPECTED):

@@ -1,21 +1,26 @@
 """What lies inside models/<NAME> is untrusted: no stage writes, truncates or deletes through a
 link planted there, a second writer stops with one line, and what report and predict read back
 (evaluation.json, the metrics) is checked before it is used or shown."""
+import importlib.util
 import os
 import re
+import shutil
 import stat
 import threading
 
+import keras
 import pytest
 from helpers import edit_json, make_image_folder
 
 from pipeline import (
     artifacts,
+    audit,
     evaluate,
     extract,
     files,
     finetune,
     lock,
+    logs,
     predict,
     registry,
     report,
@@ -35,6 +40,12 @@ def extracted(tmp_path, make_config):
     extract.run(config)
     (tmp_path / "victim.txt").write_bytes(VICTIM)
     return config
+
+
+def logs_written():
+    """Whether Keras writes TensorBoard logs here (logs.py): TensorFlow's backend and writer."""
+    return keras.backend.backend() == "tensorflow" and all(
+        importlib.util.find_spec(p) is not None for p in logs.WRITER)
 
 
 def outside(config, root):
@@ -134,19 +145,74 @@ def test_a_planted_lock_file_is_refused_and_its_target_kept(extracted, tmp_path,
     assert not os.path.exists(artifacts.path(config, artifacts.LOGREG))
 
 
-@pytest.mark.parametrize("name", [artifacts.FINETUNE_LOG, artifacts.FINETUNE_BACKUP])
+@pytest.mark.parametrize("name", [artifacts.FINETUNE_LOG, artifacts.FINETUNE_BACKUP,
+                                  artifacts.LOGS, "logs/finetune"])
 def test_finetune_writes_through_no_link_planted_in_models(extracted, tmp_path, name):
     config = extracted.replace(head="dense", finetune_epochs=1)
     train_head.run(config)
-    (tmp_path / "folder").mkdir()
-    (tmp_path / "folder" / "keep.txt").write_bytes(VICTIM)
+    target = outside_folder(tmp_path)
     planted = artifacts.path(config, name)
-    target = tmp_path / ("folder" if name == artifacts.FINETUNE_BACKUP else "victim.txt")
+    if os.path.isdir(planted):  # logs/: train-head made it
+        shutil.rmtree(planted)
+    if name == artifacts.FINETUNE_LOG:
+        target = tmp_path / "victim.txt"
     plant(planted, "symlink", str(target))
     before = outside(config, tmp_path)
     finetune.run(config)
     assert outside(config, tmp_path) == before  # nothing written, truncated or deleted there
     assert not os.path.islink(planted) and os.path.exists(planted)  # finetune's own now
+    if name.startswith(artifacts.LOGS) and logs_written():
+        assert event_files(os.path.join(config.models_dir, "logs", "finetune"))
+
+
+def outside_folder(tmp_path):
+    """A folder of the user's that a planted link points at, with files where a run would
+    write or delete (head/, finetune/, train/ as under models/<NAME>/logs/)."""
+    folder = tmp_path / "folder"
+    for sub in ("", "head", "finetune", "train", "head/train"):
+        (folder / sub).mkdir(exist_ok=True)
+        (folder / sub / "keep.txt").write_bytes(VICTIM)
+    return folder
+
+
+def event_files(folder):
+    return [os.path.join(f, n) for f, _, names in os.walk(folder) for n in names
+            if "tfevents" in n]
+
+
+@pytest.mark.skipif(not logs_written(), reason="TensorBoard logs need TensorFlow and tensorboard")
+@pytest.mark.parametrize("planted", ["logs", "logs/head", "logs/head/train"])
+def test_train_head_writes_no_tensorboard_log_through_a_link(extracted, tmp_path, planted):
+    """Keras's TensorBoard callback writes into models/<NAME>/logs/head/, which train-head empties
+    first: a link there, or at the logs folder, is replaced, never followed."""
+    config = extracted.replace(head="dense")
+    target = outside_folder(tmp_path)
+    plant(os.path.join(config.models_dir, planted), "symlink", str(target))
+    before = outside(config, tmp_path)
+    train_head.run(config)
+    assert outside(config, tmp_path) == before  # nothing written or deleted in the user's folder
+    head = os.path.join(config.models_dir, "logs", "head")
+    assert not any(os.path.islink(p) for p in (os.path.dirname(head), head, f"{head}/train"))
+    assert event_files(head)  # the logs are train-head's own, in models/<NAME>
+
+
+@pytest.mark.parametrize("planted", [audit.FOLDER] + [
+    f"{audit.FOLDER}/{name}" for name in (audit.SUMMARY, audit.NEAR_DUPLICATES, audit.LABEL_ISSUES,
+                                          audit.OUTLIERS, audit.OUTLIER_MODEL, audit.PICTURE)])
+def test_audit_writes_through_no_link_planted_in_models(extracted, tmp_path, planted):
+    """audit's folder, or one of its files, as a link: replaced by audit's own, target kept."""
+    target = outside_folder(tmp_path) if planted == audit.FOLDER else tmp_path / "victim.txt"
+    path = os.path.join(extracted.models_dir, planted)
+    plant(path, "symlink", str(target))
+    before = outside(extracted, tmp_path)
+    result = audit.run(extracted.replace(duplicate_threshold=0.5))  # some pairs, so a picture
+    assert outside(extracted, tmp_path) == before
+    assert not os.path.islink(result.folder)
+    for name in os.listdir(result.folder):
+        info = os.lstat(os.path.join(result.folder, name))
+        assert stat.S_ISREG(info.st_mode) and info.st_nlink == 1, name
+    assert not os.path.islink(path)  # audit's own folder or file now, or none (no picture)
+    assert result.summary["rows"] == 20
 
 
 def test_no_link_folder_removes_links_and_keeps_the_backup(tmp_path):

@@ -227,15 +227,26 @@ def test_a_huge_one_line_csv_is_refused_quickly_in_bounded_memory(tmp_path, head
     assert float(seconds) < 5 and int(peak_kb) < 200 * 1024  # far below the file's 300 MB
 
 
-def test_a_row_leaving_data_is_refused_in_one_line(tmp_path, make_config):
+@pytest.mark.parametrize("kind, name", [
+    ("climbs", "../../x/hostname.png"),
+    ("climbs", "sub/../../../x/hostname.png"),
+    ("absolute", "{outside}"),             # /tmp/.../x/hostname.png: an absolute path
+    ("absolute", "/etc/hostname.png"),
+    ("absolute", "\\x\\hostname.png"),     # \\x\\hostname.png: absolute on Windows
+    ("absolute", "C:\\x\\hostname.png"),
+])
+def test_a_row_leaving_data_is_refused_in_one_line(tmp_path, make_config, kind, name):
+    """A row naming a file outside DATA must not bind to DATA's file of the same name."""
     hostname = tmp_path / "x" / "hostname.png"  # outside DATA, and one of that name inside
     hostname.parent.mkdir()
     hostname.write_text("outside\n")
+    name = name.format(outside=hostname)
     config, before, now = run_extract(tmp_path, make_config, [
-        ("a1.png", "a"), ("a2.png", "a"), ("b1.png", "b"), ("../../x/hostname.png", "b")],
+        ("a1.png", "a"), ("a2.png", "a"), ("b1.png", "b"), (name, "b")],
         images=("a1.png", "a2.png", "b1.png", "hostname.png"))
-    with pytest.raises(UserError, match=r"^.*l.csv line 5 names '../../x/hostname.png', a path "
-                                        r"that leaves DATA: name each image by its path"):
+    what = "a path that leaves DATA" if kind == "climbs" else "an absolute path"
+    with pytest.raises(UserError, match=rf"^\S*l\.csv line 5 names {re.escape(repr(name))}, "
+                                        rf"{what}: name each image by its path relative to DATA"):
         extract.run(config)
     assert now() == before
     assert not os.path.exists(os.path.join(config.features_dir, "features.h5"))

@@ -2,9 +2,11 @@
 
 The server listens on 127.0.0.1 only, runs in a thread, serves one small zip that the test builds,
 and is shut down by the fixture (or by a timer, whatever happens to the test)."""
+import errno
 import http.server
 import io
 import os
+import re
 import socket
 import threading
 import zipfile
@@ -16,6 +18,7 @@ from PIL import Image
 from pipeline import artifacts, reproduce
 from pipeline.config import UserError
 
+FOLDER = reproduce.FOLDER
 TINY = {"train": {"cats": 3, "dogs": 3}, "validation": {"cats": 2, "dogs": 2}}
 
 
@@ -176,3 +179,143 @@ def test_the_experiment_offline_stops_before_any_work(tmp_path, make_config):
         reproduce.run(make_config("data/demo"), url=closed_port_url(), retry_wait=0,
                       downloads=str(tmp_path / "downloads"), data_parent=str(tmp_path / "data"))
     assert not os.path.exists(tmp_path / "features") and not os.path.exists(tmp_path / "data")
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded: the download, the unpacking, a full disk in the middle
+# --------------------------------------------------------------------------------------------
+
+class EndlessBody:
+    """A response of zeros without end (or announcing `length`), counting what is read."""
+
+    def __init__(self, length=None):
+        self.headers = {} if length is None else {"Content-Length": str(length)}
+        self.status, self.read_bytes = 200, 0
+
+    def read(self, n=-1):
+        assert n > 0, "a read without a size would never end"
+        self.read_bytes += n
+        return b"\0" * n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("length", [None, 10 << 20])
+def test_a_body_over_the_limit_is_refused_and_not_kept(tmp_path, monkeypatch, length):
+    """Without Content-Length the body is read up to the cap and no further; an announced size
+    over the cap is refused before a byte is read."""
+    monkeypatch.setattr(reproduce, "MAX_DOWNLOAD", 1 << 20)
+    body = EndlessBody(length)
+    monkeypatch.setattr(reproduce.urllib.request, "urlopen", lambda request, timeout: body)
+    dest = str(tmp_path / "x.zip")
+    said = "announces 10,485,760 bytes" if length else "sends more than that"
+    with pytest.raises(UserError, match=rf"^http://example.invalid/x.zip is not the expected "
+                                        rf"archive: it {said}, over the 1 MiB limit .*DATA="):
+        reproduce.download("http://example.invalid/x.zip", dest, wait=0)
+    assert body.read_bytes <= (1 << 20) + 1 if length is None else body.read_bytes == 0
+    assert not os.listdir(tmp_path)  # neither the zip nor a .part
+
+
+def zip_of_zeros(path, megabytes=4, members=1):
+    """A zip bomb in miniature: `megabytes` of zeros in `members` entries, deflated to ~4 KB
+    each per megabyte."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for i in range(members):
+            archive.writestr(f"cats_and_dogs_filtered/train/cats/zeros.{i}.jpg",
+                             b"\0" * (megabytes << 20))
+    return str(path)
+
+
+@pytest.mark.parametrize("limit, value, message", [
+    ("MAX_UNPACKED", 1 << 20, r"unpacks to 4,194,304 bytes, over the 1 MiB limit \(MAX_UNPACKED\)"),
+    ("MAX_MEMBERS", 3, r"has 4 entries, over the limit of 3 \(MAX_MEMBERS\)"),
+])
+def test_a_zip_bomb_is_refused_in_one_line_before_unpacking(tmp_path, monkeypatch, limit, value,
+                                                            message):
+    monkeypatch.setattr(reproduce, limit, value)
+    zip_path = zip_of_zeros(tmp_path / "bomb.zip", megabytes=1, members=4)
+    assert os.path.getsize(zip_path) < 100_000  # 4 MiB of zeros, a few KB zipped
+    written = []
+    monkeypatch.setattr(reproduce, "open", lambda *a, **k: written.append(a) or open(*a, **k),
+                        raising=False)
+    with pytest.raises(UserError, match=rf"^\S*bomb.zip is not the expected archive \({message}\) "
+                                        r"and was deleted: rerun `make reproduce`"):
+        reproduce.unpack(zip_path, str(tmp_path / "data"))
+    assert written == []  # refused from the zip's directory, before a byte is unpacked
+    assert not os.path.exists(tmp_path / "data")
+    assert not os.path.exists(zip_path)
+
+
+def test_members_larger_than_they_say_stop_at_the_limit_while_unpacking(tmp_path, monkeypatch):
+    """The sizes in the zip's directory are the archive's word: the bytes written are counted
+    too, whatever a member (or the library reading it) delivers."""
+    zip_path = tmp_path / "x.zip"
+    zip_path.write_bytes(build_zip())  # declares a few KB
+    monkeypatch.setattr(reproduce, "MAX_UNPACKED", 1 << 20)
+    monkeypatch.setattr(reproduce.zipfile.ZipFile, "open",
+                        lambda archive, member: io.BytesIO(b"\0" * (600 << 10)))
+    with pytest.raises(UserError, match=r"x.zip is not the expected archive \(unpacks to more "
+                                        r"than the 1 MiB limit \(MAX_UNPACKED\)\) and was deleted"):
+        reproduce.unpack(str(zip_path), str(tmp_path / "data"))
+    assert os.listdir(tmp_path / "data") == []  # the temporary folder too is gone
+    assert not os.path.exists(zip_path)
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a full disk: every write fails as the kernel says so."""
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_while_unpacking_leaves_nothing_and_is_one_line(server, tmp_path, monkeypatch):
+    dest = reproduce.download(server.url, str(tmp_path / "x.zip"), wait=0)
+    opened = []
+
+    def filling(path, mode="r", *args, **kwargs):  # the fourth file written finds the disk full
+        opened.append(path)
+        return FullDisk() if len(opened) == 4 else open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(reproduce, "open", filling, raising=False)
+    parent = tmp_path / "data"
+    with pytest.raises(UserError, match=r"^unpacking \S*x.zip into \S*data failed \(No space left "
+                                        r"on device\); nothing was kept: free about 256 MiB "
+                                        r"there, then rerun `make reproduce`$"):
+        reproduce.unpack(dest, str(parent))
+    assert len(opened) == 4  # it did fail in the middle
+    assert os.listdir(parent) == []  # no temporary folder, no half dataset
+    assert os.path.exists(dest)  # the download was fine: kept for the next run
+    monkeypatch.undo()
+    folder = reproduce.unpack(dest, str(parent))  # with room again: a clean result
+    assert reproduce.verify(folder, TINY) == folder and os.listdir(parent) == [FOLDER]
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "/tmp/evil.txt",
+                                  "cats_and_dogs_filtered/../../evil.txt"])
+def test_an_entry_outside_the_folder_is_refused(tmp_path, name):
+    zip_path = tmp_path / "x.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        archive.writestr("cats_and_dogs_filtered/a.jpg", b"a")
+        archive.writestr(name, b"evil")
+    with pytest.raises(UserError, match=rf"x.zip is damaged \(an entry named '{re.escape(name)}' "
+                                        r"would land outside the folder\) and was deleted"):
+        reproduce.unpack(str(zip_path), str(tmp_path / "data" / "in"))
+    assert os.listdir(tmp_path / "data" / "in") == []
+    assert sorted(os.listdir(tmp_path)) == ["data"] and os.listdir(tmp_path / "data") == ["in"]
+
+
+def test_a_full_disk_while_downloading_is_one_line_and_not_retried(tmp_path, monkeypatch):
+    body = EndlessBody(3 << 16)
+    monkeypatch.setattr(reproduce.urllib.request, "urlopen", lambda request, timeout: body)
+    monkeypatch.setattr(reproduce, "open", lambda *a, **k: FullDisk(), raising=False)
+    with pytest.raises(UserError, match=r"^no space left on the disk downloading \S+ into "
+                                        r"\S*x.zip.part: free some space, then rerun"):
+        reproduce.download("http://example.invalid/x.zip", str(tmp_path / "x.zip"), wait=0)
+    assert body.read_bytes == 1 << 16  # one chunk, one try: a full disk is not a broken link
