@@ -36,8 +36,9 @@ _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:
           "margin-top:2em}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid "
           "#ccc;padding:.25em .6em}th{background:#f0f3f7}tbody tr:nth-child(even){background:"
           "#fafafa}.n{text-align:right;font-variant-numeric:tabular-nums}"
-          "img{max-width:100%}.fig{display:inline-block;vertical-align:top;margin:.5em 1.5em .5em 0}"
-          "table{display:inline-table;vertical-align:top}h3{margin-top:1.5em}blockquote{background:#fee;padding:.5em 1em;"
+          "img{max-width:100%}.fig{display:inline-block;vertical-align:top;"
+          "margin:.5em 1.5em .5em 0}table{display:inline-table;vertical-align:top}"
+          "h3{margin-top:1.5em}blockquote{background:#fee;padding:.5em 1em;"
           "border-left:4px solid #c00}code{background:#f4f4f4}")
 
 
