@@ -35,7 +35,7 @@ def curves(probabilities, labels, class_names):
         entry["roc_auc"][class_names[k]], entry["average_precision"][class_names[k]] = auc, ap
         fpr, tpr, _ = metrics.roc_curve(truth, score)
         precision, recall, _ = metrics.precision_recall_curve(truth, score)
-        drawn.append((class_names[k], fpr, tpr, auc, recall, precision, ap))
+        drawn.append((class_names[k], fpr, tpr, auc, recall, precision, ap, k))
     for key, macro in (("roc_auc", "macro_roc_auc"), ("average_precision",
                                                       "macro_average_precision")):
         values = [v for v in entry[key].values() if v is not None]

@@ -136,14 +136,14 @@ def plot_reliability(curves, path=None, title=""):
 
 def plot_roc_pr(curves, path=None, title=""):
     """ROC (left) and precision-recall (right) curves side by side. `curves`: (label, fpr, tpr,
-    auc, recall, precision, average precision), one per class (one-vs-rest), or one for two
-    classes. Chance is the diagonal on the left."""
+    auc, recall, precision, average precision[, class index for the colour]), one per class
+    (one-vs-rest), or one for two classes. Chance is the diagonal on the left."""
     fig = Figure(figsize=(10, 4.0), layout="constrained")
     FigureCanvasAgg(fig)
     roc, pr = fig.subplots(1, 2)
     roc.plot([0, 1], [0, 1], ":", color="grey", label="chance")
-    for i, (label, fpr, tpr, auc, recall, precision, ap) in enumerate(curves):
-        color = f"C{i % 10}"
+    for i, (label, fpr, tpr, auc, recall, precision, ap, *index) in enumerate(curves):
+        color = f"C{(index[0] if index else i) % 10}"  # a class's colour, as in the projection
         roc.plot(fpr, tpr, color=color, label=f"{label} (AUC {auc:.3f})")
         pr.plot(recall, precision, drawstyle="steps-post", color=color,  # as sklearn draws it
                 label=f"{label} (AP {ap:.3f})")
@@ -152,7 +152,7 @@ def plot_roc_pr(curves, path=None, title=""):
         ax.set_xlim(-0.01, 1.01), ax.set_ylim(-0.01, 1.02)
         ax.set_xlabel(x), ax.set_ylabel(y), ax.set_title(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", loc="lower right" if ax is roc else "lower left")
+        ax.legend(fontsize="small", loc="lower right" if ax is roc else "best")
     if title:
         fig.suptitle(title)
     _save(fig, path)
