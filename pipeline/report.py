@@ -3,13 +3,17 @@
     python -m pipeline report [--name NAME]
 
 Reads what the earlier stages wrote (features/<NAME>/features.h5 and skipped.csv, the metrics
-JSONs, evaluation.json and their PNGs) and writes report.md beside the PNGs, linked relatively, so
-the folder can be moved or zipped as a whole. Sections: a warning when the weights were random,
-the models side by side, learning curves, confusion matrices, calibration (reliability diagram,
-ECE, Brier), misclassified images, the dataset, the audit's findings (`make audit`) and the cache
-identity and weights. The same page is also written as report.html, one self-contained file to
-share: every picture inline as base64, rendered from the Markdown by `_html` (a renderer of
-exactly the subset written here, so no text from the files becomes markup).
+JSONs, evaluation.json and the pictures it names) and writes report.md beside the PNGs, linked
+relatively, so the folder can be moved or zipped as a whole. Sections: a warning when the weights
+were random, the models side by side, learning curves, confusion matrices, the most-confused
+pairs, ROC and precision-recall curves, calibration (reliability diagram, ECE, Brier),
+misclassified images, the feature projection, the dataset, the audit's findings (`make audit`),
+the stage times and the cache identity and weights. It lays out what evaluate computed
+(sections.py); a picture is shown only when evaluation.json names it by its hash (hashed.py).
+The same page is also written as report.html, one self-contained file to share: every picture
+inline as base64, rendered from the Markdown by markdown.page (a renderer of exactly the subset
+written here, so no text from the files becomes markup). report's own pictures are written
+first under their hash, report.md and report.html last, so a kill leaves no mixed page.
 """
 import csv
 import os
