@@ -39,15 +39,18 @@ _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:
           "img{max-width:100%}.fig{display:inline-block;vertical-align:top;"
           "margin:.5em 1.5em .5em 0}table{display:inline-table;vertical-align:top}"
           "h3{margin-top:1.5em}blockquote{background:#fee;padding:.5em 1em;"
-          "border-left:4px solid #c00}code{background:#f4f4f4}")
+          "border-left:4px solid #c00}code{background:#f4f4f4}.toc{background:#f6f8fa;"
+          "padding:.6em 1em;border-radius:4px;line-height:1.8}.toc a{color:#0550ae;"
+          "text-decoration:none}")
 
 
 def page(lines, folder, title):
     """The report's Markdown lines as one HTML page. Only what this module writes is rendered:
     headings, paragraphs, tables, a picture alone on a line, `> ` warnings; inline, backslash
     escapes, code spans and **bold**. Every other character is escaped, and every picture is
-    read (a regular file inside `folder` only) and inlined as a data: URI."""
-    body, paragraph, table, aligns = [], [], [], []
+    read (a regular file inside `folder` only) and inlined as a data: URI. The "## " sections
+    are listed under the title, each linked within the page (href="#s<N>", nothing outside)."""
+    body, paragraph, table, aligns, sections = [], [], [], [], []
 
     def flush():
         if paragraph:
@@ -84,7 +87,12 @@ def page(lines, folder, title):
         elif line.startswith("#"):
             flush()
             level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+            text = _inline(line[level:].strip())
+            if level == 2:  # listed in the contents, linked within the page
+                sections.append(text)
+                body.append(f'<h2 id="s{len(sections)}">{text}</h2>')
+            else:
+                body.append(f"<h{level}>{text}</h{level}>")
         elif picture:
             flush()
             body.append(f'<p class="fig"><img alt="{html.escape(picture.group(1))}" '
@@ -95,6 +103,9 @@ def page(lines, folder, title):
         else:
             paragraph.append(_inline(line))
     flush()
+    if sections:  # the contents, under the title: a long page, read in any order
+        body.insert(1, '<nav class="toc">' + " · ".join(
+            f'<a href="#s{i}">{text}</a>' for i, text in enumerate(sections, 1)) + "</nav>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")

@@ -119,14 +119,18 @@ def test_random_weights_notice_is_loud_and_skipped_files_are_listed(tmp_path, mo
 
 
 class Page(HTMLParser):
-    """Every tag opened is closed in order (void tags aside); collects headings and pictures."""
+    """Every tag opened is closed in order (void tags aside); collects headings, pictures and
+    links."""
     VOID = {"img", "meta", "br"}
 
     def __init__(self):
         super().__init__()
         self.open, self.errors, self.images, self.headings, self._heading = [], [], [], [], None
+        self.links = []
 
     def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self.links.append(dict(attrs)["href"])
         if tag == "img":
             self.images.append(dict(attrs)["src"])
         elif tag not in self.VOID:
@@ -185,12 +189,13 @@ def test_calibration_audit_and_a_self_contained_html_page(run, tmp_path):
     page.close()
     assert page.errors == [] and page.open == []
     assert [h for tag, h in page.headings if tag == "h2"] == SECTIONS
+    assert page.links == [f"#s{i}" for i in range(1, len(SECTIONS) + 1)]  # the contents
     assert len(page.images) == len(links)  # every picture of report.md, each inline
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as png:
             assert png.format == "PNG"
-    assert not re.search(r"""(src|href)=["'](?!data:)""", open(
+    assert not re.search(r"""(src|href)=["'](?!data:|#s\d+["'])""", open(
         artifacts.path(config, report.HTML), encoding="utf-8").read())
 
 
