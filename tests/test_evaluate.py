@@ -167,3 +167,14 @@ def test_confusion_matrix_figure_grows_with_the_classes(tmp_path, classes):
     assert (width > 15) == (classes == 40) and height > 4
     with Image.open(path) as png:
         assert png.format == "PNG"
+
+
+def test_the_projection_reads_a_fixed_sample_that_keeps_every_mistake(run):
+    with cache.FeatureStore(run.features_dir) as store:
+        marked = store.rows("test")[:3]
+        entry, points, labels, mask = insight.projection(store, marked, seed=0, cap=8)
+        again = insight.projection(store, marked, seed=0, cap=8)[1]
+        assert labels.shape == (8,) and set(labels.tolist()) <= {0, 1}
+    assert entry["rows"] == 8 and entry["of"] == 20 and entry["marked"] == mask.sum() == 3
+    assert points.shape == (8, 2) and len(entry["explained_variance"]) == 2
+    np.testing.assert_array_equal(points, again)  # the same seed, the same rows and points

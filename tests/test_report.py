@@ -8,11 +8,22 @@ import shutil
 from html.parser import HTMLParser
 
 import pytest
-from conftest import make_image_folder
+from conftest import edit_json, make_image_folder
 from PIL import Image
 from trained_run import shared_trained_run, tiny_config
 
-from pipeline import artifacts, audit, backbone, cache, evaluate, extract, report, train_head
+from pipeline import (
+    artifacts,
+    audit,
+    backbone,
+    cache,
+    evaluate,
+    extract,
+    hashed,
+    plots,
+    report,
+    train_head,
+)
 from pipeline.config import UserError
 
 SECTIONS = ["Models", "Learning curves", "Confusion matrices", "Most-confused class pairs",
@@ -219,7 +230,7 @@ def test_a_killed_evaluate_leaves_no_mixed_report(run, tmp_path):
     config = copy_models(run, tmp_path)
     evaluation = artifacts.read_json(artifacts.path(config, artifacts.EVALUATION), "")
     named = evaluation["models"]["logreg"]["confusion_matrix_png"]["file"]
-    from pipeline import hashed, plots  # what a killed evaluate wrote: a new, different matrix
+    # what a killed evaluate wrote: a new, different matrix
     new = hashed.write(config.models_dir, "confusion_logreg", plots.png_bytes(
         plots.plot_confusion_matrix([[9, 0], [0, 9]], ["horizontal", "vertical"])))["file"]
     assert new != named
@@ -266,3 +277,19 @@ def test_stale_pictures_are_removed_in_the_folder_only_never_through_a_link(run,
     assert os.path.islink(planted) and outside.read_bytes() == b"a user's file"
     assert all(os.path.exists(artifacts.path(config, link)) for link in picture_links(config)
                if link.startswith(("reliability-", "misclassified_")))  # report's: kept
+
+
+@pytest.mark.parametrize("change, key", [
+    (lambda e: e["stage_times"][0].update(seconds="2.5"), r"stage_times\[0\]\.seconds"),
+    (lambda e: e["projection"].update(rows=10**9), r"projection\.of"),
+    (lambda e: e["projection"].update(model="<script>"), r"projection\.model"),
+    (lambda e: e["models"]["dense"]["curves"].update(macro_roc_auc=1.5),
+     r"models\.dense\.curves\.macro_roc_auc"),
+    (lambda e: e["models"]["logreg"].update(confused_pairs=[{"a": "x", "b": "vertical"}]),
+     r"models\.logreg\.confused_pairs\[0\]\.a"),
+])
+def test_the_new_sections_refuse_a_damaged_evaluation_in_one_line(run, tmp_path, change, key):
+    config = copy_models(run, tmp_path)
+    edit_json(artifacts.path(config, artifacts.EVALUATION), change)
+    with pytest.raises(UserError, match=key + r" is .*: run `make evaluate` again"):
+        report.run(config)
