@@ -293,3 +293,17 @@ def test_the_new_sections_refuse_a_damaged_evaluation_in_one_line(run, tmp_path,
     edit_json(artifacts.path(config, artifacts.EVALUATION), change)
     with pytest.raises(UserError, match=key + r" is .*: run `make evaluate` again"):
         report.run(config)
+
+
+def test_a_killed_report_leaves_its_last_page_whole_and_the_next_one_tidies(run, tmp_path):
+    config = copy_models(run, tmp_path)
+    report.run(config)
+    page = open(artifacts.path(config, report.HTML), encoding="utf-8").read()
+    # killed after drawing a new reliability diagram, before report.md and report.html
+    leftover = hashed.write(config.models_dir, "reliability", plots.png_bytes(
+        plots.plot_reliability([("x", [0.5], [0.5])])))["file"]
+    assert leftover not in picture_links(config)  # the last page names only its own pictures
+    assert all(os.path.exists(artifacts.path(config, link)) for link in picture_links(config))
+    assert open(artifacts.path(config, report.HTML), encoding="utf-8").read() == page
+    report.run(config)
+    assert not os.path.exists(artifacts.path(config, leftover))
