@@ -4,8 +4,11 @@
 
 The test split is used, or validation where the cache has no test rows. The feature-based models
 read the cached features of those rows; the fine-tuned model reads the images themselves through
-images.labelled_dataset (no augmentation). Writes models/<NAME>/evaluation.json and one
-confusion-matrix PNG per model.
+images.labelled_dataset (no augmentation). Writes models/<NAME>/evaluation.json, with what the
+report lays out (ROC and precision-recall figures, the most-confused pairs, a PCA projection of
+the cached features, each stage's time), and the pictures it names. The pictures are written
+first, each under a name holding its hash (hashed.py); evaluation.json is written last and is
+the commit point: a kill before it leaves the previous evaluation.json naming its own pictures.
 """
 import os
 import time
@@ -14,10 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn import metrics
 
-from . import artifacts, cache, images, lock, plots, registry
+from . import artifacts, cache, hashed, images, insight, lock, plots, registry
 from .config import Config, UserError, warn
 
-CONFUSION_PLOT = "confusion_{model}.png"
+LEGACY_CONFUSION_PLOT = "confusion_{model}.png"   # before pictures were named by their hash
+# the stems of evaluate's pictures (hashed.py): <stem>-<hash>.png, named in evaluation.json
+PICTURES = {"projection", *(f"{kind}_{model}" for kind in ("confusion", "curves")
+                            for model in registry.NAMES)}
 MAX_MISCLASSIFIED = 100     # kept per model in evaluation.json (most confident mistakes first)
 CALIBRATION_BINS = 10       # equal-width confidence bins of the reliability diagram and ECE
 
@@ -46,7 +52,7 @@ def _evaluate(config):
                             "SPLIT with a non-zero validation share, then rerun `make extract`")
         labels = store.labels[rows]
         class_names = store.class_names
-        present, refusals = usable_models(config, store)
+        present, refusals, trained = usable_models(config, store)
         if not present:
             raise refusals[0] if refusals else UserError(
                 f"no trained model in {config.models_dir}: run `make train-head` (and `make "
@@ -58,26 +64,43 @@ def _evaluate(config):
             else:
                 scored[model] = _feature_probabilities(config, model, store, rows)
         paths, attrs, root = store.paths[rows], store.attrs, store.image_root(config.data)
+        train_rows = len(store.rows("train"))
+        best = max(scored, key=lambda k: np.mean(scored[k].argmax(axis=1) == labels))
+        projected = insight.projection(store, rows[scored[best].argmax(axis=1) != labels],
+                                       config.seed)
 
     report = {"identity": attrs["identity"], "identity_id": attrs["identity_id"],
               "class_names": class_names, "split": split, "images": int(len(rows)),
               "data_root": root,
               "weights_notice": attrs.get("weights_notice", ""), "config": config.to_dict(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": {}}
+    pictures = []  # every picture evaluation.json names: the others are a killed run's
     for model, probabilities in scored.items():
-        report["models"][model] = score(probabilities, labels, class_names, paths)
-        png = CONFUSION_PLOT.format(model=model)
-        plots.plot_confusion_matrix(np.asarray(report["models"][model]["confusion_matrix"]),
-                                    class_names, artifacts.path(config, png),
-                                    title=f"{registry.TITLES[model]} on {split} "
-                                          f"({len(rows)} images)")
-        report["models"][model]["confusion_matrix_png"] = png
-    for model in set(registry.NAMES) - set(scored):  # a plot of a model that is gone would mislead
-        stale = artifacts.path(config, CONFUSION_PLOT.format(model=model))
-        if os.path.exists(stale):
-            os.remove(stale)
+        report["models"][model] = m = score(probabilities, labels, class_names, paths)
+        m["curves"], drawn = insight.curves(probabilities, labels, class_names)
+        m["confused_pairs"] = insight.confused_pairs(m["confusion_matrix"], class_names)
+        on = f"{registry.TITLES[model]} on {split} ({len(rows)} images)"
+        m["confusion_matrix_png"] = _picture(config, pictures, f"confusion_{model}",
+                                             plots.plot_confusion_matrix(
+                                                 m["confusion_matrix"], class_names, title=on))
+        if drawn:
+            m["curves"]["png"] = _picture(config, pictures, f"curves_{model}",
+                                          plots.plot_roc_pr(drawn, title=on))
+    entry, points, point_labels, marked = projected
+    entry.update(model=best, png=_picture(
+        config, pictures, "projection", png=insight.projection_png(
+            points, point_labels, class_names, marked, registry.TITLES[best], split, entry)))
+    report["projection"] = entry
+    report["stage_times"] = insight.stage_times(attrs, trained, train_rows,
+                                                time.perf_counter() - start,
+                                                len(rows) * len(scored))
     out = artifacts.path(config, artifacts.EVALUATION)
-    artifacts.write_json(out, report)
+    artifacts.write_json(out, report)  # the commit point: it names this run's pictures
+    hashed.remove_stale(config.models_dir, PICTURES, pictures)
+    for model in registry.NAMES:  # the fixed names of earlier versions would mislead
+        legacy = artifacts.path(config, LEGACY_CONFUSION_PLOT.format(model=model))
+        if os.path.isfile(legacy) and not os.path.islink(legacy):
+            os.remove(legacy)
 
     print(f"evaluate {config.dataset_name} on the {split} split ({len(rows)} images, "
           f"{time.perf_counter() - start:.1f} s):")
@@ -92,8 +115,8 @@ def _evaluate(config):
 
 def usable_models(config, store):
     """(the models in models/<NAME> made for this cache, in table order; the refusals of the
-    others). A file left by an interrupted run, or made on other features or for other classes,
-    is named on one line and skipped."""
+    others; the records of the usable ones). A file left by an interrupted run, or made on
+    other features or for other classes, is named on one line and skipped."""
     found, refused = registry.records(config)
     usable, refusals = [], list(refused.values())
     for model, record in found.items():
@@ -110,7 +133,15 @@ def usable_models(config, store):
     if usable:
         for refusal in refusals:
             warn(f"not evaluated: {refusal}")
-    return usable, refusals
+    return usable, refusals, {model: found[model] for model in usable}
+
+
+def _picture(config, pictures, stem, figure=None, png=None):
+    """Write a figure (or PNG bytes) under its content's name; returns its record."""
+    record = hashed.write(config.models_dir, stem, png if png is not None
+                          else plots.png_bytes(figure))
+    pictures.append(record)
+    return record
 
 
 def _feature_probabilities(config, model, store, rows):

@@ -3,8 +3,10 @@
 Figures are built with `matplotlib.figure.Figure` and an Agg canvas rather than pyplot, so no
 global figure state is kept between calls and no display is ever needed.
 """
+import io
 import os
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -53,13 +55,23 @@ def plot_history(histories, path, title=""):
 
 
 def _save(fig, path):
-    """Atomically, like every other output: a reader never sees half a PNG."""
+    """Atomically, like every other output: a reader never sees half a PNG. No path: the caller
+    takes the picture with `png_bytes` (hashed.write names it by its content)."""
+    if path is None:
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with files.replacing(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
 
 
-def plot_confusion_matrix(matrix, class_names, path, title=""):
+def png_bytes(fig):
+    """The figure as PNG bytes, for hashed.write."""
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=100)
+    return out.getvalue()
+
+
+def plot_confusion_matrix(matrix, class_names, path=None, title=""):
     """A confusion-matrix PNG that stays readable from 2 to dozens of classes: the figure grows
     with the number of classes (each cell stays ~0.35 inch, 25 points), so the labels keep a
     legible size, and the counts are written into the cells while they fit."""
@@ -83,7 +95,7 @@ def plot_confusion_matrix(matrix, class_names, path, title=""):
     return fig
 
 
-def plot_misclassified_grid(pictures, path, title="", columns=5):
+def plot_misclassified_grid(pictures, path=None, title="", columns=5):
     """A grid of pictures with a caption each; `pictures` is a list of (RGB array or PIL image,
     caption). For display only: the caller opens the original files, never model input."""
     rows = max(1, -(-len(pictures) // columns))
@@ -101,7 +113,7 @@ def plot_misclassified_grid(pictures, path, title="", columns=5):
     return fig
 
 
-def plot_reliability(curves, path, title=""):
+def plot_reliability(curves, path=None, title=""):
     """A reliability diagram: for each (label, confidence per bin, accuracy per bin) in `curves`,
     accuracy against mean confidence, with the diagonal a perfectly calibrated model follows."""
     fig = Figure(figsize=(5.2, 5.0), layout="constrained")
@@ -109,7 +121,8 @@ def plot_reliability(curves, path, title=""):
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
     for i, (label, confidence, accuracy) in enumerate(curves):
-        ax.plot(confidence, accuracy, "-", marker="o", color=f"C{i}", label=label)
+        ax.plot(confidence, accuracy, ("-", "--", "-.", ":")[i % 4],  # coinciding curves show
+                marker="osD^v"[i % 5], markersize=8 - 1.5 * min(i, 3), color=f"C{i}", label=label)
     ax.set_xlim(0, 1), ax.set_ylim(0, 1.02)
     ax.set_xlabel("confidence (probability of the predicted class)")
     ax.set_ylabel("accuracy")
@@ -117,5 +130,59 @@ def plot_reliability(curves, path, title=""):
     ax.legend(fontsize="small", loc="upper left")
     if title:
         ax.set_title(title)
+    _save(fig, path)
+    return fig
+
+
+def plot_roc_pr(curves, path=None, title=""):
+    """ROC (left) and precision-recall (right) curves side by side. `curves`: (label, fpr, tpr,
+    auc, recall, precision, average precision[, class index for the colour]), one per class
+    (one-vs-rest), or one for two classes. Chance is the diagonal on the left."""
+    fig = Figure(figsize=(10, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    roc, pr = fig.subplots(1, 2)
+    roc.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    for i, (label, fpr, tpr, auc, recall, precision, ap, *index) in enumerate(curves):
+        color = f"C{(index[0] if index else i) % 10}"  # a class's colour, as in the projection
+        roc.plot(fpr, tpr, color=color, label=f"{label} (AUC {auc:.3f})")
+        pr.plot(recall, precision, drawstyle="steps-post", color=color,  # as sklearn draws it
+                label=f"{label} (AP {ap:.3f})")
+    for ax, (x, y, name) in zip((roc, pr), (("false positive rate", "true positive rate", "ROC"),
+                                          ("recall", "precision", "Precision-recall"))):
+        ax.set_xlim(-0.01, 1.01), ax.set_ylim(-0.01, 1.02)
+        ax.set_xlabel(x), ax.set_ylabel(y), ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="lower right" if ax is roc else "best")
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+    return fig
+
+
+def plot_projection(points, labels, class_names, mistakes, path=None, title="", note=""):
+    """A 2-D scatter of `points` ((n, 2)), one colour per class, with the rows where `mistakes`
+    is true circled in black. Up to 20 classes get their own colour and legend entry."""
+    fig = Figure(figsize=(8.5, 6.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    points, labels, mistakes = np.asarray(points), np.asarray(labels), np.asarray(mistakes, bool)
+    palette = "tab10" if len(class_names) <= 10 else "tab20"
+    colours = matplotlib.colormaps[palette]
+    for label, name in enumerate(class_names):
+        here = labels == label
+        if here.any():
+            ax.scatter(points[here, 0], points[here, 1], s=14, alpha=0.7,
+                       color=colours(label % colours.N),
+                       label=name if len(class_names) <= 20 else None)
+    if mistakes.any():
+        ax.scatter(points[mistakes, 0], points[mistakes, 1], s=70, facecolors="none",
+                   edgecolors="black", linewidths=1.3, label=f"misclassified ({mistakes.sum()})")
+    ax.set_xlabel("first principal component"), ax.set_ylabel("second principal component")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if title:
+        ax.set_title(title)
+    if note:
+        fig.supxlabel(note, fontsize="small")
     _save(fig, path)
     return fig

@@ -226,6 +226,8 @@ class Evaluation:
     data_root: str            # where the scored images are, for the report's pictures
     weights_notice: str
     models: dict              # name -> accuracy, loss, roc_auc, confusion matrix, mistakes...
+    projection: object = None   # unchecked here: the report's sections check what they show
+    stage_times: object = None
 
 
 def evaluation(config, required=True):
@@ -252,7 +254,8 @@ def evaluation(config, required=True):
             check.refuse("models", name, f"one of {', '.join(NAMES)}")
         _check_scores(check, scores, class_names, f"models.{name}.")
     return Evaluation(file_path, e["split"], int(e["images"]), list(class_names),
-                      e["identity"], e.get("data_root", ""), e.get("weights_notice", ""), models)
+                      e["identity"], e.get("data_root", ""), e.get("weights_notice", ""), models,
+                      e.get("projection"), e.get("stage_times"))
 
 
 def _check_scores(check, scores, class_names, where):

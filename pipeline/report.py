@@ -3,35 +3,37 @@
     python -m pipeline report [--name NAME]
 
 Reads what the earlier stages wrote (features/<NAME>/features.h5 and skipped.csv, the metrics
-JSONs, evaluation.json and their PNGs) and writes report.md beside the PNGs, linked relatively, so
-the folder can be moved or zipped as a whole. Sections: a warning when the weights were random,
-the models side by side, learning curves, confusion matrices, calibration (reliability diagram,
-ECE, Brier), misclassified images, the dataset, the audit's findings (`make audit`) and the cache
-identity and weights. The same page is also written as report.html, one self-contained file to
-share: every picture inline as base64, rendered from the Markdown by `_html` (a renderer of
-exactly the subset written here, so no text from the files becomes markup).
+JSONs, evaluation.json and the pictures it names) and writes report.md beside the PNGs, linked
+relatively, so the folder can be moved or zipped as a whole. Sections: a warning when the weights
+were random, the models side by side, learning curves, confusion matrices, the most-confused
+pairs, ROC and precision-recall curves, calibration (reliability diagram, ECE, Brier),
+misclassified images, the feature projection, the dataset, the audit's findings (`make audit`),
+the stage times and the cache identity and weights. It lays out what evaluate computed
+(sections.py); a picture is shown only when evaluation.json names it by its hash (hashed.py).
+The same page is also written as report.html, one self-contained file to share: every picture
+inline as base64, rendered from the Markdown by markdown.page (a renderer of exactly the subset
+written here, so no text from the files becomes markup). report's own pictures are written
+first under their hash, report.md and report.html last, so a kill leaves no mixed page.
 """
-import base64
 import csv
-import html
 import os
-import re
 import time
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import artifacts, audit, cache, evaluate, files, lock, plots, registry
+from . import artifacts, audit, cache, files, hashed, lock, markdown, plots, registry, sections
 from .config import Config, UserError, warn
 from .registry import TITLES
 
-MISCLASSIFIED_PLOT = "misclassified_{model}.png"
+# the stems of report's own pictures (hashed.py), and the fixed names of earlier versions
+PICTURES = {"reliability", *(f"misclassified_{model}" for model in registry.NAMES)}
+LEGACY_PICTURES = ("reliability.png", *(f"misclassified_{m}.png" for m in registry.NAMES))
 GRID_IMAGES = 25         # most confident mistakes shown per model
 THUMBNAIL = 128          # pixels: display only
 SKIPPED_ROWS = 50        # skipped files listed in the report (all of them are in skipped.csv)
 SPLITS = ("train", "validation", "test")
-RELIABILITY_PLOT = "reliability.png"
 HTML = "report.html"
 AUDIT_ROWS = 10          # near-duplicate pairs and label-issue candidates listed in the report
 
@@ -71,22 +73,34 @@ def _report(config):
                   "show that the pipeline runs.", ""]
     lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {_code(config.models_dir)} and "
               f"{_code(config.features_dir)}.", ""]
+    folder, drawn = config.models_dir, []  # drawn: the pictures this report names
     lines += _models_section(evaluation, trained)
     lines += _curves_section(config)
-    lines += _confusion_section(evaluation)
-    lines += _calibration_section(config, evaluation)
-    lines += _misclassified_section(config, evaluation)
+    lines += _confusion_section(folder, evaluation)
+    lines += sections.confused_section(evaluation)
+    lines += sections.curves_section(folder, evaluation)
+    lines += _calibration_section(folder, evaluation, drawn)
+    lines += _misclassified_section(folder, evaluation, drawn)
+    lines += sections.projection_section(folder, evaluation, evaluation.projection)
     lines += _dataset_section(config, attrs, labels, splits)
     lines += _audit_section(config, attrs)
+    lines += sections.times_section(evaluation, evaluation.stage_times)
     lines += _identity_section(attrs, notices)
 
+    # report.md and report.html last, each whole or not at all: a kill before leaves the old
+    # ones, naming their own pictures (hashed.py); only then are the pictures they no longer
+    # name removed
     out = artifacts.path(config, artifacts.REPORT)
     with files.replacing(out, "w") as f:
         f.write("\n".join(lines) + "\n")
     page = artifacts.path(config, HTML)
     with files.replacing(page, "w", encoding="utf-8") as f:
-        f.write(_html(lines, config.models_dir, f"Transfer-learning report: "
-                                                f"{config.dataset_name}"))
+        f.write(_html(lines, folder, f"Transfer-learning report: {config.dataset_name}"))
+    hashed.remove_stale(folder, PICTURES, drawn)
+    for name in LEGACY_PICTURES:
+        legacy = os.path.join(folder, name)
+        if os.path.isfile(legacy) and not os.path.islink(legacy):
+            os.remove(legacy)
     print(f"report {config.dataset_name}: wrote {out} and {page}")
     for notice in notices:
         warn(notice)
@@ -137,17 +151,18 @@ def _curves_section(config):
     return lines
 
 
-def _confusion_section(evaluation):
+def _confusion_section(folder, evaluation):
     lines = ["## Confusion matrices", "",
              f"Rows are the true class, columns the predicted one ({evaluation.split} split).", ""]
     for model in registry.NAMES:
         if model not in evaluation.models:
             continue
         m = evaluation.models[model]
-        png = evaluate.CONFUSION_PLOT.format(model=model)  # the name evaluate gives it, not the
-        lines += [f"### {TITLES[model].capitalize()}", "",  # file's: that is only text
-                  f"![confusion matrix, {TITLES[model]}]({png})", "",
-                  "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+        lines += [f"### {TITLES[model].capitalize()}", ""]
+        lines += sections.picture(folder, m.get("confusion_matrix_png"),
+                                  f"confusion matrix, {TITLES[model]}",
+                                  f"confusion matrix ({TITLES[model]})")
+        lines += ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
         per_class = m["classification_report"]
         for name in evaluation.class_names + ["macro avg", "weighted avg"]:
             row = per_class.get(name, {})
@@ -158,7 +173,7 @@ def _confusion_section(evaluation):
     return lines
 
 
-def _calibration_section(config, evaluation):
+def _calibration_section(folder, evaluation, drawn):
     """Reliability diagram, ECE and Brier score per model, from evaluate's calibration entry."""
     lines = ["## Calibration", "",
              f"Whether a model's probabilities mean what they say, on the {evaluation.split} "
@@ -189,9 +204,9 @@ def _calibration_section(config, evaluation):
     if not curves:
         return lines[:2] + ["No calibration figures in evaluation.json: run `make evaluate` "
                             "again.", ""]
-    plots.plot_reliability(curves, artifacts.path(config, RELIABILITY_PLOT),
-                           title=f"Reliability on the {evaluation.split} split")
-    return lines + ["", f"![reliability diagram]({RELIABILITY_PLOT})", ""]
+    drawn.append(hashed.write(folder, "reliability", plots.png_bytes(plots.plot_reliability(
+        curves, title=f"Reliability on the {evaluation.split} split"))))
+    return lines + ["", f"![reliability diagram]({drawn[-1]['file']})", ""]
 
 
 def _audit_section(config, attrs):
@@ -261,7 +276,7 @@ def _audit_table(path, title, columns, keep=lambda row: True):
     return lines + [""]
 
 
-def _misclassified_section(config, evaluation):
+def _misclassified_section(folder, evaluation, drawn):
     lines = ["## Misclassified images", "",
              f"The most confident mistakes on the {evaluation.split} split, with the true and "
              "the predicted class and the probability given to the prediction.", ""]
@@ -271,11 +286,10 @@ def _misclassified_section(config, evaluation):
         m = evaluation.models[model]
         lines += [f"### {TITLES[model].capitalize()}: {m['misclassified_count']} of "
                   f"{evaluation.images} wrong", ""]
-        png = MISCLASSIFIED_PLOT.format(model=model)
-        shown = _misclassified_grid(evaluation, m["misclassified"][:GRID_IMAGES],
-                                    artifacts.path(config, png), TITLES[model])
+        shown = _misclassified_grid(evaluation, m["misclassified"][:GRID_IMAGES], TITLES[model])
         if shown:
-            lines += [f"![misclassified, {TITLES[model]}]({png})", ""]
+            drawn.append(hashed.write(folder, f"misclassified_{model}", shown))
+            lines += [f"![misclassified, {TITLES[model]}]({drawn[-1]['file']})", ""]
         elif m["misclassified_count"]:
             lines += [f"(the images under {_code(evaluation.data_root)} could not be opened)", ""]
         else:
@@ -283,8 +297,8 @@ def _misclassified_section(config, evaluation):
     return lines
 
 
-def _misclassified_grid(evaluation, mistakes, png, title):
-    """Draw the grid; returns how many pictures it shows."""
+def _misclassified_grid(evaluation, mistakes, title):
+    """The grid as PNG bytes; None when no picture could be opened."""
     pictures = []
     for mistake in mistakes:
         try:
@@ -301,9 +315,10 @@ def _misclassified_grid(evaluation, mistakes, png, title):
         name = name if len(name) <= 22 else name[:19] + "..."
         pictures.append((picture, f"true: {mistake['true']}\npredicted: {mistake['predicted']} "
                                   f"({mistake['probability']:.2f})\n{name}"))
-    if pictures:
-        plots.plot_misclassified_grid(pictures, png, title=f"{title}: most confident mistakes")
-    return len(pictures)
+    if not pictures:
+        return None
+    return plots.png_bytes(plots.plot_misclassified_grid(
+        pictures, title=f"{title}: most confident mistakes"))
 
 
 def _dataset_section(config, attrs, labels, splits):
@@ -360,121 +375,4 @@ def _num(value, digits=3):
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
 
 
-# Markdown's and HTML's active characters, each escaped with a backslash: text read from files
-# (class names, paths, notices) can open no tag, link, picture, code span or table cell
-_ESCAPES = str.maketrans({c: "\\" + c for c in "\\`*_[]<>|&!#"})
-
-
-def _cell(text):
-    """Untrusted text as inert Markdown on one line, also inside a table cell."""
-    return "".join(" " if not c.isprintable() else c for c in str(text)).translate(_ESCAPES)
-
-
-def _code(text):
-    """Untrusted text as one code span: a fence of more backticks than the text holds in a row,
-    so no backtick inside can end it (Markdown shows a code span's text as is)."""
-    text = "".join(" " if not c.isprintable() else c for c in str(text))
-    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
-    return f"{fence} {text} {fence}"
-
-
-# --- report.html: the same lines, rendered ---------------------------------------------------
-
-_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)]+)\)$")
-_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-          "padding:.2em .5em}img{max-width:100%}blockquote{background:#fee;padding:.5em 1em;"
-          "border-left:4px solid #c00}code{background:#f4f4f4}")
-
-
-def _html(lines, folder, title):
-    """The report's Markdown lines as one HTML page. Only what this module writes is rendered:
-    headings, paragraphs, tables, a picture alone on a line, `> ` warnings; inline, backslash
-    escapes, code spans and **bold**. Every other character is escaped, and every picture is
-    read (a regular file inside `folder` only) and inlined as a data: URI."""
-    body, paragraph, table = [], [], []
-
-    def flush():
-        if paragraph:
-            body.append("<p>" + " ".join(paragraph) + "</p>")
-            paragraph.clear()
-        if table:
-            head, *rest = table
-            body.append("<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in head)
-                        + "</tr></thead><tbody>" + "".join(
-                            "<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
-                            for row in rest) + "</tbody></table>")
-            table.clear()
-
-    for line in lines:
-        picture = _IMAGE.match(line)
-        if line.startswith("|"):
-            if paragraph:
-                flush()
-            if not re.fullmatch(r"\|(-*:?-*:?\|)+", line.replace(" ", "")):  # the rule under
-                table.append([_inline(c.strip()) for c in _cells(line)])   # the header
-            continue
-        if table:
-            flush()
-        if not line.strip():
-            flush()
-        elif line.startswith("#"):
-            flush()
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
-        elif picture:
-            flush()
-            body.append(f'<p><img alt="{html.escape(picture.group(1))}" '
-                        f'src="{_data_uri(folder, picture.group(2))}"></p>')
-        elif line.startswith("> "):
-            flush()
-            body.append(f"<blockquote>{_inline(line[2:])}</blockquote>")
-        else:
-            paragraph.append(_inline(line))
-    flush()
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
-
-
-def _cells(line):
-    """A table line's cells, split at the | that no backslash escapes."""
-    return re.split(r"(?<!\\)\|", line.strip()[1:-1])
-
-
-def _inline(text):
-    """Markdown inline text of this module as HTML: \\x is x, `code` and **bold**."""
-    out, i, bold = [], 0, False
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text):
-            out.append(html.escape(text[i + 1]))
-            i += 2
-        elif c == "`":
-            fence = re.match("`+", text[i:]).group(0)
-            end = text.find(fence, i + len(fence))
-            if end < 0:
-                out.append(html.escape(text[i:]))
-                break
-            out.append(f"<code>{html.escape(text[i + len(fence):end].strip())}</code>")
-            i = end + len(fence)
-        elif text.startswith("**", i):
-            out.append("</strong>" if bold else "<strong>")
-            bold, i = not bold, i + 2
-        else:
-            out.append(html.escape(c))
-            i += 1
-    return "".join(out) + ("</strong>" if bold else "")
-
-
-def _data_uri(folder, relative):
-    """A PNG of the report's folder as a data: URI; a missing one as an empty picture."""
-    path = os.path.normpath(os.path.join(folder, relative))
-    if os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) != \
-            os.path.abspath(folder):
-        return "data:,"
-    try:
-        with files.open_regular(path, "rb") as f:
-            return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
-    except (OSError, UserError):
-        return "data:,"
+_cell, _code, _html = markdown.cell, markdown.code, markdown.page  # the names tests know

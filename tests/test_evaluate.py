@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 from trained_run import shared_trained_run, tiny_config
 
-from pipeline import artifacts, cache, evaluate, extract, heads, images, plots, train_head
+from pipeline import artifacts, cache, evaluate, extract, heads, images, insight, plots, train_head
 from pipeline.config import UserError
 
 
@@ -62,7 +62,7 @@ def test_every_model_is_scored_on_the_test_split(run):
             assert "precision" in m["classification_report_text"]
             assert m["misclassified_count"] == len(m["misclassified"]) == \
                 np.sum(predicted != labels)
-            with Image.open(artifacts.path(run, m["confusion_matrix_png"])) as png:
+            with Image.open(artifacts.path(run, m["confusion_matrix_png"]["file"])) as png:
                 assert png.format == "PNG" and png.size[0] > 200
     assert report["identity"] == extract_identity(run)
     assert report["data_root"] == os.path.abspath(run.data)
@@ -79,7 +79,8 @@ def test_missing_models_are_left_out(run, tmp_path):
     os.remove(artifacts.path(config, artifacts.LOGREG))
     report = artifacts.read_json(evaluate.run(config).path, "")
     assert set(report["models"]) == {"dense"}
-    assert not os.path.exists(artifacts.path(config, "confusion_finetuned.png"))
+    assert not [name for name in os.listdir(config.models_dir)  # a gone model's pictures
+                if name.startswith(("confusion_finetuned", "curves_logreg"))]
 
 
 def test_no_model_at_all_names_train_head(image_folder, make_config):
@@ -124,6 +125,38 @@ def test_score_multiclass_and_the_most_confident_mistakes_first():
     assert m["classification_report"]["c"]["recall"] == 0.5
 
 
+@pytest.mark.parametrize("classes", [2, 3])
+def test_roc_and_precision_recall_are_one_vs_rest_beyond_two_classes(classes):
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % classes
+    probabilities = rng.dirichlet(np.ones(classes), 30)
+    probabilities[np.arange(30), labels] += 0.5  # mostly right
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    names = ["a", "b", "c"][:classes]
+    entry, drawn = insight.curves(probabilities, labels, names)
+    positives = names[1:] if classes == 2 else names  # two classes: the second is positive
+    assert list(entry["roc_auc"]) == [c for c in names if c in positives] and \
+        len(drawn) == len(positives)
+    for k, name in enumerate(names):
+        if name in positives:
+            truth = labels == k
+            assert entry["roc_auc"][name] == pytest.approx(
+                roc_auc_score(truth, probabilities[:, k]))
+            assert entry["average_precision"][name] == pytest.approx(
+                average_precision_score(truth, probabilities[:, k]))
+    assert entry["macro_roc_auc"] == pytest.approx(np.mean(list(entry["roc_auc"].values())))
+
+
+def test_the_most_confused_pairs_count_both_directions():
+    matrix = [[5, 3, 0], [1, 4, 0], [0, 2, 6]]
+    pairs = insight.confused_pairs(matrix, ["a", "b", "c"])
+    assert [(p["a"], p["b"], p["a_as_b"], p["b_as_a"], p["total"]) for p in pairs] == \
+        [("a", "b", 3, 1, 4), ("b", "c", 0, 2, 2)]  # a-c: never confused, not listed
+    assert pairs[0]["share"] == pytest.approx(4 / 13)
+    two = insight.confused_pairs([[3, 1], [2, 4]], ["x", "y"])
+    assert two == [{"a": "x", "b": "y", "a_as_b": 1, "b_as_a": 2, "total": 3, "share": 0.3}]
+
+
 @pytest.mark.parametrize("classes", [2, 40])
 def test_confusion_matrix_figure_grows_with_the_classes(tmp_path, classes):
     names = [f"class_{i:02d}" for i in range(classes)]
@@ -134,3 +167,14 @@ def test_confusion_matrix_figure_grows_with_the_classes(tmp_path, classes):
     assert (width > 15) == (classes == 40) and height > 4
     with Image.open(path) as png:
         assert png.format == "PNG"
+
+
+def test_the_projection_reads_a_fixed_sample_that_keeps_every_mistake(run):
+    with cache.FeatureStore(run.features_dir) as store:
+        marked = store.rows("test")[:3]
+        entry, points, labels, mask = insight.projection(store, marked, seed=0, cap=8)
+        again = insight.projection(store, marked, seed=0, cap=8)[1]
+        assert labels.shape == (8,) and set(labels.tolist()) <= {0, 1}
+    assert entry["rows"] == 8 and entry["of"] == 20 and entry["marked"] == mask.sum() == 3
+    assert points.shape == (8, 2) and len(entry["explained_variance"]) == 2
+    np.testing.assert_array_equal(points, again)  # the same seed, the same rows and points

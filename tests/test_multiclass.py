@@ -4,10 +4,12 @@ import json
 
 import keras
 import numpy as np
+import pytest
 from helpers import make_image_folder
 from PIL import Image
 
 from pipeline import artifacts, evaluate, extract, finetune, heads, plots, train_head
+from pipeline import report as report_stage
 from pipeline.cache import FeatureStore
 
 CLASSES = ("cat", "dog", "golden retriever")
@@ -15,7 +17,7 @@ CLASSES = ("cat", "dog", "golden retriever")
 
 def test_three_classes_end_to_end(tmp_path, make_config):
     data = make_image_folder(tmp_path / "data", classes=CLASSES, per_class=6)
-    config = make_config(data)
+    config = make_config(data, split="34/33/33")  # a few test images of each class
     assert extract.run(config).rows == 18
     train_head.run(config)
     finetune.run(config)
@@ -45,9 +47,22 @@ def test_three_classes_end_to_end(tmp_path, make_config):
         matrix = np.asarray(scores["confusion_matrix"])
         assert matrix.shape == (3, 3) and matrix.sum() == report["images"]
         assert scores["roc_auc"] is None  # binary only
-        png = artifacts.path(config, scores["confusion_matrix_png"])
+        png = artifacts.path(config, scores["confusion_matrix_png"]["file"])
         with Image.open(png) as image:
             assert image.format == "PNG"
+        # one-vs-rest: a curve, an AUC and an average precision per class
+        curves = scores["curves"]
+        assert set(curves["roc_auc"]) == set(curves["average_precision"]) == set(CLASSES)
+        present = [v for v in curves["roc_auc"].values() if v is not None]  # classes in the split
+        assert all(0 <= v <= 1 for v in present)
+        assert curves["macro_roc_auc"] == (pytest.approx(np.mean(present)) if present else None)
+        assert len(scores["confused_pairs"]) <= 3  # of the three pairs, those with mistakes
+    result = report_stage.run(config)  # a curves picture per model, each inline
+    text = open(result.path).read()
+    assert "One-vs-rest: each class against all the others" in text
+    assert "ROC and precision-recall curves" in result.sections
+    for model in report["models"]:  # every class in the test split has a curve
+        assert f"![ROC and precision-recall, {report_stage.TITLES[model]}](curves_{model}-" in text
 
 
 def test_dozens_of_classes_with_few_images_each(tmp_path, make_config):
@@ -67,7 +82,7 @@ def test_dozens_of_classes_with_few_images_each(tmp_path, make_config):
     scores = report["models"]["dense"]
     assert np.asarray(scores["confusion_matrix"]).shape == (30, 30)
     assert set(classes) <= set(scores["classification_report"])
-    png = artifacts.path(config, scores["confusion_matrix_png"])
+    png = artifacts.path(config, scores["confusion_matrix_png"]["file"])
     two = plots.plot_confusion_matrix([[1, 0], [0, 1]], ["a", "b"], str(tmp_path / "two.png"))
     with Image.open(png) as image:  # the figure grows with the class count, so labels fit
         assert image.size[0] > two.get_size_inches()[0] * two.dpi * 1.5

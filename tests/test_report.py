@@ -8,15 +8,28 @@ import shutil
 from html.parser import HTMLParser
 
 import pytest
-from helpers import make_image_folder
+from helpers import edit_json, make_image_folder
 from PIL import Image
 from trained_run import shared_trained_run, tiny_config
 
-from pipeline import artifacts, audit, backbone, cache, evaluate, extract, report, train_head
+from pipeline import (
+    artifacts,
+    audit,
+    backbone,
+    cache,
+    evaluate,
+    extract,
+    hashed,
+    plots,
+    report,
+    train_head,
+)
 from pipeline.config import UserError
 
-SECTIONS = ["Models", "Learning curves", "Confusion matrices", "Calibration",
-            "Misclassified images", "Dataset", "Audit", "Cache identity and weights"]
+SECTIONS = ["Models", "Learning curves", "Confusion matrices", "Most-confused class pairs",
+            "ROC and precision-recall curves", "Calibration", "Misclassified images",
+            "Feature projection", "Dataset", "Audit", "Stage times", "Cache identity and weights"]
+HASHED = r"-[0-9a-f]{16}\.png"  # a picture's name: its stem, then its content's hash
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +50,10 @@ def test_every_section_is_present_and_every_link_resolves(run):
     assert [line[3:] for line in text.splitlines() if line.startswith("## ")] == SECTIONS
     assert "WARNING" not in text
     links = linked_files(text)
-    assert {"head_history.png", "finetune_history.png", "confusion_logreg.png",
-            "confusion_dense.png", "confusion_finetuned.png"} <= set(links)
+    assert {"head_history.png", "finetune_history.png"} <= set(links)
+    for stem in ("confusion_logreg", "confusion_dense", "confusion_finetuned", "curves_logreg",
+                 "curves_dense", "curves_finetuned", "projection", "reliability"):
+        assert [link for link in links if re.fullmatch(stem + HASHED, link)], stem
     for link in links:  # relative to report.md, and real PNGs
         with Image.open(os.path.join(run.models_dir, link)) as png:
             assert png.format == "PNG"
@@ -70,9 +85,10 @@ def test_misclassified_grid_shows_the_mistakes(run, tmp_path):
     evaluation["models"]["dense"].update(misclassified=wrong, misclassified_count=7)
     artifacts.write_json(path, evaluation)
     text = open(report.run(config).path).read()
-    assert "### Dense head: 7 of" in text and \
-        "![misclassified, dense head](misclassified_dense.png)" in text
-    with Image.open(artifacts.path(config, "misclassified_dense.png")) as png:
+    assert "### Dense head: 7 of" in text
+    png = re.search(r"!\[misclassified, dense head\]\((misclassified_dense" + HASHED + r")\)",
+                    text).group(1)
+    with Image.open(artifacts.path(config, png)) as png:
         assert png.format == "PNG" and png.size[1] >= 500  # 7 pictures: two rows of five
 
 
@@ -114,14 +130,18 @@ def test_random_weights_notice_is_loud_and_skipped_files_are_listed(tmp_path, mo
 
 
 class Page(HTMLParser):
-    """Every tag opened is closed in order (void tags aside); collects headings and pictures."""
+    """Every tag opened is closed in order (void tags aside); collects headings, pictures and
+    links."""
     VOID = {"img", "meta", "br"}
 
     def __init__(self):
         super().__init__()
         self.open, self.errors, self.images, self.headings, self._heading = [], [], [], [], None
+        self.links = []
 
     def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self.links.append(dict(attrs)["href"])
         if tag == "img":
             self.images.append(dict(attrs)["src"])
         elif tag not in self.VOID:
@@ -158,19 +178,35 @@ def test_calibration_audit_and_a_self_contained_html_page(run, tmp_path):
     assert (f"| near-duplicate pairs | {summary['near_duplicates']['pairs']} |") in text
     assert (f"| label-issue candidates | {summary['label_issues']['candidates']} |") in text
     links = linked_files(text)
-    assert {report.RELIABILITY_PLOT, "audit/audit.png"} <= set(links)
+    assert "audit/audit.png" in links
+    for model, title in report.TITLES.items():  # the new sections, from evaluation.json
+        m = evaluation["models"][model]
+        assert f"| {title} | {m['curves']['macro_roc_auc']:.3f} |" in text
+        assert f"![ROC and precision-recall, {title}]({m['curves']['png']['file']})" in text
+        pair = m["confused_pairs"][0] if m["confused_pairs"] else None
+        assert (f"| {title} | {pair['a']} | {pair['b']} | {pair['a_as_b']} | {pair['b_as_a']} |"
+                if pair else f"| {title} | no mistakes |") in text
+    projection = evaluation["projection"]
+    assert projection["rows"] == projection["of"] == 20  # the tiny cache: every row
+    assert f"![PCA of the cached features]({projection['png']['file']})" in text
+    stages = [t["stage"] for t in evaluation["stage_times"]]
+    assert stages == ["extract", "train-head (logistic regression)", "train-head (dense head)",
+                      "finetune", "evaluate"]
+    for stage in stages:
+        assert re.search(rf"\| {re.escape(stage)} \| [\d,.]+ \| [\d,]+ \| [\d,.]+ \|", text)
 
     page = Page()
     page.feed(open(artifacts.path(config, report.HTML), encoding="utf-8").read())
     page.close()
     assert page.errors == [] and page.open == []
     assert [h for tag, h in page.headings if tag == "h2"] == SECTIONS
+    assert page.links == [f"#s{i}" for i in range(1, len(SECTIONS) + 1)]  # the contents
     assert len(page.images) == len(links)  # every picture of report.md, each inline
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as png:
             assert png.format == "PNG"
-    assert not re.search(r"""(src|href)=["'](?!data:)""", open(
+    assert not re.search(r"""(src|href)=["'](?!data:|#s\d+["'])""", open(
         artifacts.path(config, report.HTML), encoding="utf-8").read())
 
 
@@ -180,5 +216,94 @@ def test_html_renders_untrusted_text_inert():
              "> **WARNING: w.** more", "", "![missing](nowhere.png)"]
     page = report._html(lines, "/nonexistent", "t")
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "<td>x|y</td>" in page and "<code>code</code>" in page
+    assert "<td class=\"n\">x|y</td>" in page and "<code>code</code>" in page  # "---:": right
     assert "<strong>WARNING: w.</strong>" in page and 'src="data:,"' in page
+
+
+def picture_links(config):
+    return linked_files(open(artifacts.path(config, artifacts.REPORT)).read())
+
+
+def test_a_killed_evaluate_leaves_no_mixed_report(run, tmp_path):
+    """evaluate killed after its new pictures, before evaluation.json: the report shows the
+    pictures the old evaluation.json names, never the new ones beside them."""
+    config = copy_models(run, tmp_path)
+    evaluation = artifacts.read_json(artifacts.path(config, artifacts.EVALUATION), "")
+    named = evaluation["models"]["logreg"]["confusion_matrix_png"]["file"]
+    # what a killed evaluate wrote: a new, different matrix
+    new = hashed.write(config.models_dir, "confusion_logreg", plots.png_bytes(
+        plots.plot_confusion_matrix([[9, 0], [0, 9]], ["horizontal", "vertical"])))["file"]
+    assert new != named
+    report.run(config)
+    links = picture_links(config)
+    assert named in links and new not in links
+    evaluate.run(config)  # the next evaluate commits, then removes what no JSON names
+    assert not os.path.exists(artifacts.path(config, new))
+
+
+@pytest.mark.parametrize("damage, why", [("remove", "missing"),
+                                         ("rewrite", "changed since it was recorded")])
+def test_a_picture_missing_or_stale_is_left_out_in_one_line(run, tmp_path, damage, why, capsys):
+    """A picture evaluation.json names, gone or rewritten since (an older writer killed
+    midway), is left out with one line: never shown beside numbers it does not match."""
+    config = copy_models(run, tmp_path)
+    evaluation = artifacts.read_json(artifacts.path(config, artifacts.EVALUATION), "")
+    path = artifacts.path(config, evaluation["projection"]["png"]["file"])
+    if damage == "remove":
+        os.remove(path)
+    else:
+        shutil.copyfile(artifacts.path(config, artifacts.HEAD_HISTORY_PLOT), path)
+    text = open(report.run(config).path).read()
+    assert f"(The feature projection picture is {why}, so it is left out: run `make " \
+           "evaluate` again.)" in text
+    assert os.path.basename(path) not in linked_files(text)
+    assert f"the feature projection picture is {why}" in capsys.readouterr().out
+    page = Page()
+    page.feed(open(artifacts.path(config, report.HTML), encoding="utf-8").read())
+    assert len(page.images) == len(linked_files(text))
+
+
+def test_stale_pictures_are_removed_in_the_folder_only_never_through_a_link(run, tmp_path):
+    config = copy_models(run, tmp_path)
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"a user's file")
+    planted = artifacts.path(config, "reliability-" + "0" * 16 + ".png")
+    os.symlink(outside, planted)
+    leftover = artifacts.path(config, "curves_dense-" + "1" * 16 + ".png")  # a killed run's
+    shutil.copyfile(artifacts.path(config, artifacts.HEAD_HISTORY_PLOT), leftover)
+    report.run(config)
+    evaluate.run(config)
+    assert not os.path.exists(leftover)  # evaluate's own stem, named by no JSON: removed
+    assert os.path.islink(planted) and outside.read_bytes() == b"a user's file"
+    assert all(os.path.exists(artifacts.path(config, link)) for link in picture_links(config)
+               if link.startswith(("reliability-", "misclassified_")))  # report's: kept
+
+
+@pytest.mark.parametrize("change, key", [
+    (lambda e: e["stage_times"][0].update(seconds="2.5"), r"stage_times\[0\]\.seconds"),
+    (lambda e: e["projection"].update(rows=10**9), r"projection\.of"),
+    (lambda e: e["projection"].update(model="<script>"), r"projection\.model"),
+    (lambda e: e["models"]["dense"]["curves"].update(macro_roc_auc=1.5),
+     r"models\.dense\.curves\.macro_roc_auc"),
+    (lambda e: e["models"]["logreg"].update(confused_pairs=[{"a": "x", "b": "vertical"}]),
+     r"models\.logreg\.confused_pairs\[0\]\.a"),
+])
+def test_the_new_sections_refuse_a_damaged_evaluation_in_one_line(run, tmp_path, change, key):
+    config = copy_models(run, tmp_path)
+    edit_json(artifacts.path(config, artifacts.EVALUATION), change)
+    with pytest.raises(UserError, match=key + r" is .*: run `make evaluate` again"):
+        report.run(config)
+
+
+def test_a_killed_report_leaves_its_last_page_whole_and_the_next_one_tidies(run, tmp_path):
+    config = copy_models(run, tmp_path)
+    report.run(config)
+    page = open(artifacts.path(config, report.HTML), encoding="utf-8").read()
+    # killed after drawing a new reliability diagram, before report.md and report.html
+    leftover = hashed.write(config.models_dir, "reliability", plots.png_bytes(
+        plots.plot_reliability([("x", [0.5], [0.5])])))["file"]
+    assert leftover not in picture_links(config)  # the last page names only its own pictures
+    assert all(os.path.exists(artifacts.path(config, link)) for link in picture_links(config))
+    assert open(artifacts.path(config, report.HTML), encoding="utf-8").read() == page
+    report.run(config)
+    assert not os.path.exists(artifacts.path(config, leftover))
