@@ -119,13 +119,10 @@ def resolve_storage(storage):
 
 
 def feature_identity(weights, size, precision="float32", storage="float32"):
-    """Everything that changes the numbers in a feature map. Features are reused only when all of
-    it is equal; `identity_id` names the folder that holds them."""
-    identity = {"backbone": BACKBONE_ID, "weights": weights.fingerprint, "image_size": int(size),
-                "preprocess": PREPROCESS_ID, "precision": precision}
-    if storage != "float32":  # float32 is the original format: caches made before STORAGE keep
-        identity["storage"] = storage  # their identity_id, so none of their work is redone
-    return identity
+    """Everything that changes the numbers in a feature map, as caches record it (a dict):
+    `FeatureIdentity.of(...).as_dict()`. Features are reused only when all of it is equal;
+    `identity_id` names the folder that holds them."""
+    return FeatureIdentity.of(weights, size, precision, storage).as_dict()
 
 
 @dataclass(frozen=True)
@@ -144,6 +141,7 @@ class FeatureIdentity:
 
     @classmethod
     def of(cls, weights, size, precision="float32", storage="float32"):
+        """The identity of the features `weights` make at SIZE (extract's, before any cut)."""
         return cls(BACKBONE_ID, weights.fingerprint, int(size), PREPROCESS_ID, precision, storage)
 
     @classmethod
@@ -204,13 +202,6 @@ class FeatureIdentity:
         return replace(self, layer=layer, storage=storage)
 
 
-def cut_identity(identity, layer, storage):
-    """The identity of the activations of `layer` (the cut that fine-tuning from the cache starts
-    at) by the same backbone as `identity`'s features, kept in `storage`."""
-    same = {k: v for k, v in identity.items() if k != "storage"}
-    return {**same, **({"storage": storage} if storage != "float32" else {}), "layer": layer}
-
-
 def first_trainable(unfreeze):
     """The position in LAYERS of the lowest layer that UNFREEZE trains: a block name ("block5")
     or a count of top convolutional layers; len(LAYERS) when nothing in the base trains."""
@@ -232,11 +223,6 @@ def cut_layer(unfreeze):
     then the images themselves are the input."""
     first = first_trainable(unfreeze)
     return LAYERS[first - 1] if first > 0 else None
-
-
-def storage_dtype(identity):
-    """The dtype a cache stores its features in (they are always read back as float32)."""
-    return STORAGE_DTYPES[identity.get("storage", "float32")]
 
 
 def identity_id(identity):
@@ -267,9 +253,9 @@ def build_backbone(weights, size=None, precision="float32"):
 
 
 def build_backbone_of(identity, weights):
-    """The backbone that made a cache's features (its size and precision), to compose with a head
-    or to compute features of new images that the cache's heads will read."""
-    return build_backbone(weights, identity["image_size"], identity.get("precision", "float32"))
+    """The backbone that made a cache's features (a FeatureIdentity: its size and precision), to
+    compose with a head or to compute features of new images that the cache's heads will read."""
+    return build_backbone(weights, identity.image_size, identity.precision)
 
 
 def _random_init(model, seed=0):

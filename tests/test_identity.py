@@ -48,7 +48,7 @@ def test_made_and_cut_identities_match_the_records():
     cut = made.cut("block4_pool", "float16")
     assert cut.id == "029cda1331fd63ef"
     assert made.cut("block4_pool", "float32").id == "e004d5231bff81ff"
-    assert cut.as_dict() == backbone.cut_identity(made.as_dict(), "block4_pool", "float16")
+    assert cut.as_dict() == PINNED[5][0]
 
 
 def test_defaults_dtype_and_shape():
@@ -77,3 +77,22 @@ def test_read_refuses_a_missing_key_or_no_dict():
     for bad in (raw, ["not", "a", "dict"], None):
         with pytest.raises(UserError, match="not a feature identity"):
             FeatureIdentity.read(bad)
+
+
+@pytest.mark.parametrize("recorded, ok", [
+    (PINNED[5][0], True),                                          # the features' own cut
+    ({**PINNED[5][0], "weights": "b" * 64}, False),                # another backbone's
+    ({**PINNED[5][0], "layer": "block3_pool"}, False),             # another layer
+    ({**PINNED[5][0], "image_size": "224"}, False)])               # not an identity at all
+def test_fine_tuning_uses_only_a_cut_of_the_features_own_backbone(recorded, ok):
+    from types import SimpleNamespace
+
+    from pipeline import finetune
+    config = SimpleNamespace(finetune_from="cache", unfreeze="block5", finetune_augment=0)
+    store = SimpleNamespace(cut={"layer": "block4_pool", "identity": recorded}, path="x.h5",
+                            identity=backbone.feature_identity(FILE, 224))
+    if ok:
+        assert finetune.training_source(config, store) == "cache"
+    else:
+        with pytest.raises(UserError, match="another backbone"):
+            finetune.training_source(config, store)
