@@ -39,7 +39,7 @@ def write_sparse_cache(folder):
     from pipeline import augment, backbone, cache, datasets, extract, index, views
     config = config_of(folder)
     weights = backbone.resolve_weights("none")
-    identity = backbone.feature_identity(weights, SIZE)
+    identity = backbone.FeatureIdentity.of(weights, SIZE)
     targets, cut = extract.cached_layers(config, identity)
     total = ROWS + 2 * HELD_OUT
     shas = [hashlib.sha256(f"synthetic-{i}".encode()).hexdigest() for i in range(total)]
@@ -71,8 +71,7 @@ def write_sparse_cache(folder):
                               backbone.layer_shape(cut["layer"], SIZE), targets[1].dtype)
     dataset = datasets.Dataset(root=folder, layout="folders", class_names=["c", "d"], files=[],
                                skipped=[])
-    attrs = extract.cache_attributes(config, dataset, weights, identity,
-                                     backbone.identity_id(identity), rows, view_rows, cut,
+    attrs = extract.cache_attributes(config, dataset, weights, identity, rows, view_rows, cut,
                                      cut_rows)
     cache.write_master(config.features_dir, rows, attrs, backbone.feature_shape(SIZE),
                        np.float32, {}, view_rows, cut_rows)

@@ -70,8 +70,8 @@ def write_synthetic_cache(folder, rows, size, seed=0):
     config = Config(data=folder, name="synthetic", weights="none", size=size,
                     features_root=os.path.join(folder, "features"))
     weights = backbone.resolve_weights("none")
-    identity = backbone.feature_identity(weights, size)
-    identity_id = backbone.identity_id(identity)
+    identity = backbone.FeatureIdentity.of(weights, size)
+    identity_id = identity.id
     shape = backbone.feature_shape(size)
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((len(CLASSES), *shape), dtype=np.float32)
@@ -90,7 +90,7 @@ def write_synthetic_cache(folder, rows, size, seed=0):
                 for row, (i, label, sha) in enumerate(zip(index, labels, shas))]
     dataset = datasets.Dataset(root=folder, layout="folders", class_names=CLASSES, files=[],
                              skipped=[])
-    attrs = extract.cache_attributes(config, dataset, weights, identity, identity_id, out)
+    attrs = extract.cache_attributes(config, dataset, weights, identity, out)
     cache.write_master(config.features_dir, out, attrs, shape, np.float32, {})
     return config.features_dir
 

@@ -2,13 +2,14 @@
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import keras
 import numpy as np
 
 from . import runtime
 from .artifacts import file_sha256
+from .cache.master import identity_problem
 from .config import UserError, warn
 from .images import PREPROCESS_ID
 
@@ -118,20 +119,87 @@ def resolve_storage(storage):
 
 
 def feature_identity(weights, size, precision="float32", storage="float32"):
-    """Everything that changes the numbers in a feature map. Features are reused only when all of
-    it is equal; `identity_id` names the folder that holds them."""
-    identity = {"backbone": BACKBONE_ID, "weights": weights.fingerprint, "image_size": int(size),
-                "preprocess": PREPROCESS_ID, "precision": precision}
-    if storage != "float32":  # float32 is the original format: caches made before STORAGE keep
-        identity["storage"] = storage  # their identity_id, so none of their work is redone
-    return identity
+    """Everything that changes the numbers in a feature map, as caches record it (a dict):
+    `FeatureIdentity.of(...).as_dict()`. Features are reused only when all of it is equal;
+    `identity_id` names the folder that holds them."""
+    return FeatureIdentity.of(weights, size, precision, storage).as_dict()
 
 
-def cut_identity(identity, layer, storage):
-    """The identity of the activations of `layer` (the cut that fine-tuning from the cache starts
-    at) by the same backbone as `identity`'s features, kept in `storage`."""
-    same = {k: v for k, v in identity.items() if k != "storage"}
-    return {**same, **({"storage": storage} if storage != "float32" else {}), "layer": layer}
+@dataclass(frozen=True)
+class FeatureIdentity:
+    """Everything that changes the numbers a cache keeps: the features (layer None) or the
+    activations of the cut `layer`. `read` is the one place a recorded identity's keys are read;
+    `as_dict` gives back exactly that record, so `id` is its `identity_id` byte for byte."""
+    backbone: str
+    weights: str            # the weights' fingerprint
+    image_size: int
+    preprocess: str
+    precision: str = "float32"
+    storage: str = "float32"
+    layer: str | None = None      # a cut's layer; None for the base's output, the features
+    precision_recorded: bool = True  # False: made before PRECISION (float32), no "precision" key
+
+    @classmethod
+    def of(cls, weights, size, precision="float32", storage="float32"):
+        """The identity of the features `weights` make at SIZE (extract's, before any cut)."""
+        return cls(BACKBONE_ID, weights.fingerprint, int(size), PREPROCESS_ID, precision, storage)
+
+    @classmethod
+    def read(cls, raw):
+        """The identity recorded as `raw` (a cache's attribute, a model's JSON). Missing storage
+        and precision mean float32 (caches made before STORAGE and PRECISION). Refuses anything
+        no version of this pipeline wrote, so that `as_dict() == raw`."""
+        problem = identity_problem(raw)
+        if problem is None:
+            strings = ("backbone", "weights", "preprocess", "precision", "storage")
+            bad = [k for k in strings if k in raw and not isinstance(raw[k], str)]
+            bad += sorted(set(raw) - {*strings, "image_size", "layer"})
+            missing = sorted({"backbone", "weights", "preprocess"} - set(raw))
+            if missing or bad:
+                problem = f"its identity has {'no ' + missing[0] if missing else repr(bad[0])}"
+            elif raw.get("storage", "float32") not in STORAGE_DTYPES:
+                problem = f"its identity's storage is {raw['storage']!r:.40}"
+            elif raw.get("storage") == "float32":
+                problem = "its identity records storage float32, which none ever did"
+            elif "layer" in raw and raw["layer"] not in LAYERS:
+                problem = f"its identity's layer is {raw['layer']!r:.40}"
+        if problem:
+            raise UserError(f"not a feature identity of this pipeline: {problem}")
+        return cls(raw["backbone"], raw["weights"], raw["image_size"], raw["preprocess"],
+                   raw.get("precision", "float32"), raw.get("storage", "float32"),
+                   raw.get("layer"), "precision" in raw)
+
+    def as_dict(self):
+        """The identity as caches and models record it (JSON): storage only when not float32,
+        layer only for a cut, precision unless it was made before PRECISION."""
+        identity = {"backbone": self.backbone, "weights": self.weights,
+                    "image_size": self.image_size, "preprocess": self.preprocess}
+        if self.precision_recorded:
+            identity["precision"] = self.precision
+        if self.storage != "float32":
+            identity["storage"] = self.storage
+        if self.layer is not None:
+            identity["layer"] = self.layer
+        return identity
+
+    @property
+    def id(self):
+        """The name of the folder its segments are kept in (`identity_id`)."""
+        return identity_id(self.as_dict())
+
+    @property
+    def dtype(self):
+        """The dtype the cache stores its rows in (they are always read back as float32)."""
+        return STORAGE_DTYPES[self.storage]
+
+    @property
+    def feature_shape(self):
+        """The shape of one image's row: the features, or the cut layer's activations."""
+        return layer_shape(self.layer or OUTPUT_LAYER, self.image_size)
+
+    def cut(self, layer, storage):
+        """The identity of the activations of `layer` by the same backbone, kept in `storage`."""
+        return replace(self, layer=layer, storage=storage)
 
 
 def first_trainable(unfreeze):
@@ -155,11 +223,6 @@ def cut_layer(unfreeze):
     then the images themselves are the input."""
     first = first_trainable(unfreeze)
     return LAYERS[first - 1] if first > 0 else None
-
-
-def storage_dtype(identity):
-    """The dtype a cache stores its features in (they are always read back as float32)."""
-    return STORAGE_DTYPES[identity.get("storage", "float32")]
 
 
 def identity_id(identity):
@@ -190,9 +253,9 @@ def build_backbone(weights, size=None, precision="float32"):
 
 
 def build_backbone_of(identity, weights):
-    """The backbone that made a cache's features (its size and precision), to compose with a head
-    or to compute features of new images that the cache's heads will read."""
-    return build_backbone(weights, identity["image_size"], identity.get("precision", "float32"))
+    """The backbone that made a cache's features (a FeatureIdentity: its size and precision), to
+    compose with a head or to compute features of new images that the cache's heads will read."""
+    return build_backbone(weights, identity.image_size, identity.precision)
 
 
 def _random_init(model, seed=0):

@@ -125,7 +125,7 @@ class RayEngine:
         from . import backbone
         workers, cpus, gpus = self._plan()
         inputs = sum(len(job.inputs) for job in jobs)
-        row_bytes = max(int(np.prod(backbone.layer_shape(t.layer, identity["image_size"])))
+        row_bytes = max(int(np.prod(backbone.layer_shape(t.layer, identity.image_size)))
                         * np.dtype(t.dtype).itemsize for t in targets)
         per_input = segment_rows(inputs, workers, row_bytes)
         # a Ray batch is whole images, about per_input rows (an image brings all its views)
@@ -137,7 +137,7 @@ class RayEngine:
             Extractor, batch_size=per_batch, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus, num_gpus=gpus,
             fn_constructor_kwargs=dict(
-                features_dir=os.path.abspath(config.features_dir), identity=identity,
+                features_dir=os.path.abspath(config.features_dir), identity=identity.as_dict(),
                 targets=[vars(t) for t in targets], weights=vars(weights), seed=config.seed,
                 batch_size=config.batch_size, threads=cpus),
             runtime_env=self.runtime_env)  # a killed actor is restarted, its batch retried
@@ -241,14 +241,14 @@ class Extractor:
 
     def __init__(self, features_dir, identity, targets, weights, seed, batch_size, threads):
         _limit_threads(threads)  # before the framework runs its first operation
-        from . import featurize
+        from . import backbone, featurize
         if not os.path.isdir(features_dir):
             raise UserError(f"a Ray worker on {os.uname().nodename} cannot see {features_dir}: "
                             "features/ and DATA must be on a file system every node shares")
         self.features_dir = features_dir
         self.featurizer = featurize.Featurizer(
-            _weights_here(weights), identity, [featurize.Target(**t) for t in targets], seed,
-            batch_size, threads)
+            _weights_here(weights), backbone.FeatureIdentity.read(identity),
+            [featurize.Target(**t) for t in targets], seed, batch_size, threads)
 
     def __call__(self, batch):
         from . import featurize

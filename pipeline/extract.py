@@ -71,8 +71,7 @@ def _run(config, engine):
     weights = backbone.resolve_weights(config.weights)
     precision = engine.resolve_precision(config.precision)
     storage = backbone.resolve_storage(config.storage)
-    identity = backbone.feature_identity(weights, config.size, precision, storage)
-    identity_id = backbone.identity_id(identity)
+    identity = backbone.FeatureIdentity.of(weights, config.size, precision, storage)
     targets, cut = cached_layers(config, identity)
     out = config.features_dir
 
@@ -116,16 +115,16 @@ def _run(config, engine):
                                           views.records(wanted_views, known[1]),
                                           backbone.layer_shape(cut["layer"], config.size),
                                           targets[1].dtype)
-        attrs = cache_attributes(config, dataset, weights, identity, identity_id, rows, view_rows,
-                                 cut, cut_rows)
+        attrs = cache_attributes(config, dataset, weights, identity, rows, view_rows, cut,
+                                 cut_rows)
         # what the report's stage times read: the time and the images this run computed
         attrs["extract_timing"] = {"seconds": round(time.perf_counter() - start, 3),
                                    "images": len(computed["images"])}
         changed = attrs["index_digest"] != cache.master_attribute(out, "index_digest")
         if changed:
             referenced = set(cache.write_master(
-                out, rows, attrs, backbone.feature_shape(config.size),
-                backbone.storage_dtype(identity), unreadable, view_rows, cut_rows))
+                out, rows, attrs, identity.feature_shape, identity.dtype, unreadable, view_rows,
+                cut_rows))
             for target in targets:
                 cache.remove_unreferenced(out, target.identity_id, referenced)
         datasets.write_skipped_csv(os.path.join(out, "skipped.csv"), skipped)
@@ -134,7 +133,7 @@ def _run(config, engine):
     result = ExtractResult(
         features_path=os.path.join(out, cache.MASTER), rows=len(rows),
         new=len(computed["images"]), reused=len(rows) - int(new_images.sum()),
-        skipped=len(skipped), seconds=time.perf_counter() - start, identity=identity,
+        skipped=len(skipped), seconds=time.perf_counter() - start, identity=identity.as_dict(),
         changed=changed, views=sum(v["view"] <= config.augment for v in view_rows),
         new_views=computed["views"], cut=cut["layer"] if cut else "")
     augmented = (f", {result.views} augmented views ({result.new_views} new)" if config.augment
@@ -167,14 +166,12 @@ def cached_layers(config, identity):
     """The featurize.Targets extract keeps: the base's output, and with FINETUNE_FROM=cache the
     cut that fine-tuning starts from (UNFREEZE's input); and the cut's description for
     features.h5 (None without one)."""
-    targets = [featurize.Target(backbone.OUTPUT_LAYER, backbone.identity_id(identity),
-                                identity.get("storage", "float32"))]
+    targets = [featurize.Target(backbone.OUTPUT_LAYER, identity.id, identity.storage)]
     layer = backbone.cut_layer(config.unfreeze) if config.finetune_from == "cache" else None
     if not layer:  # FINETUNE_FROM=images, or UNFREEZE trains every layer: no activations to keep
         return targets, None
-    cut_identity = backbone.cut_identity(identity, layer, config.cut_storage)
-    cut = {"layer": layer, "identity": cut_identity,
-           "identity_id": backbone.identity_id(cut_identity)}
+    cut_identity = identity.cut(layer, config.cut_storage)
+    cut = {"layer": layer, "identity": cut_identity.as_dict(), "identity_id": cut_identity.id}
     return targets + [featurize.Target(layer, cut["identity_id"], config.cut_storage)], cut
 
 
@@ -263,26 +260,27 @@ def _give_every_class_a_training_image(rows):
     rows.split = np.array(rows.split.tolist(), "S")  # as wide as its longest split, as before
 
 
-def cache_attributes(config, dataset, weights, identity, identity_id, rows, view_rows=(),
-                     cut=None, cut_rows=None):
-    """The attributes of features.h5: the identity, the config, the index digest, versions, and
+def cache_attributes(config, dataset, weights, identity, rows, view_rows=(), cut=None,
+                     cut_rows=None):
+    """The attributes of features.h5: the identity (a backbone.FeatureIdentity, recorded as its
+    dict), the config, the index digest, versions, and
     the cut's identity (`cut`) when it keeps activations for fine-tuning."""
     # What the index says, including where each row's features live: equal digests mean there is
     # nothing to rewrite, and later stages (make batch) use it to know that nothing changed.
     cached = max((v["view"] for v in view_rows), default=0)
     augment = {"augment": views.attributes(config, cached)} if cached else {}
-    digest = _index_digest(index.Rows.of(rows), [identity, dataset.class_names]
+    digest = _index_digest(index.Rows.of(rows), [identity.as_dict(), dataset.class_names]
                            + [[v["key"], v["segment"], v["segment_row"]] for v in view_rows]
                            + list(augment.values())  # nothing, without views: as before
                            + ([cut, cut_rows.digest()] if cut else []))
     return {**augment, **({"cut": cut} if cut else {}),
         "class_names": dataset.class_names,
-        "backbone": identity["backbone"],
-        "weights": identity["weights"],
-        "image_size": identity["image_size"],
-        "preprocess": identity["preprocess"],
-        "identity": identity,
-        "identity_id": identity_id,
+        "backbone": identity.backbone,
+        "weights": identity.weights,
+        "image_size": identity.image_size,
+        "preprocess": identity.preprocess,
+        "identity": identity.as_dict(),
+        "identity_id": identity.id,
         "index_digest": digest,
         "weights_spec": weights.spec,
         "weights_path": weights.path,

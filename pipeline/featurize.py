@@ -83,11 +83,11 @@ class Featurizer:
     """The frozen base, built once with one output per target, and the augmentation."""
 
     def __init__(self, weights, identity, targets, seed, batch_size, threads=None):
-        base = backbone.build_backbone(weights, identity["image_size"], identity["precision"])
+        base = backbone.build_backbone_of(identity, weights)  # a backbone.FeatureIdentity
         # one pass, every target: the cut's activations are on the way to the base's output
         model = keras.Model(base.input, [base.get_layer(t.layer).output for t in targets])
         self.forward = backbone.feature_function(model)
-        self.targets, self.size, self.seed = list(targets), identity["image_size"], seed
+        self.targets, self.size, self.seed = list(targets), identity.image_size, seed
         self.augmentation = augment.augmentation(seed)
         self.batch_size, self.threads = batch_size, threads
         self.unreadable = {}  # sha256 -> why its image did not decode, after `batches`

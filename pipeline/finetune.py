@@ -160,9 +160,12 @@ def training_source(config, store):
         print(f"finetune {config.dataset_name}: from the images, as {why} "
               "(FINETUNE_FROM=images chooses the images without this line)")
         return "images"
-    expected = backbone.cut_identity(store.identity, layer, cut["identity"].get("storage",
-                                                                                "float32"))
-    if cut["identity"] != expected:
+    try:
+        made = backbone.FeatureIdentity.read(cut["identity"])
+    except UserError:
+        made = None
+    features = backbone.FeatureIdentity.read(store.identity)
+    if made is None or made != features.cut(layer, made.storage):
         raise UserError(f"{store.path}'s {layer} activations were made by another backbone than "
                         f"its features: {RETRAIN}")
     return "cache"
@@ -187,7 +190,8 @@ def splits_and_targets(config, store):
 def make_datasets(config, store):
     """Image datasets of the cache's rows: "train" (shuffled), "validation", "test"
     (None when empty), and "step0": the first validation batch with its cached features."""
-    size = store.identity["image_size"]  # SIZE belongs to the cache: images must match it
+    # SIZE belongs to the cache: images must match it
+    size = backbone.FeatureIdentity.read(store.identity).image_size
     paths = checked_image_paths(config, store)
     split, targets = splits_and_targets(config, store)
 
@@ -258,7 +262,7 @@ def build_model(config, weights, head, store, augmented=True):
     against 0.831 / 0.824, validation / test), with no epoch below the head
     (bench/QUALITY_NOTES.md, section f)."""
     layers = augment.augmentation(config.seed) if augmented else None
-    model, base = compose(weights, head, store.identity, layers)
+    model, base = compose(weights, head, backbone.FeatureIdentity.read(store.identity), layers)
     trainable = set_trainable(base, config.unfreeze)
     # Recompile after changing `trainable`: fit uses the trainable set the model was compiled with.
     compile_for_training(model, config, store)
@@ -270,7 +274,7 @@ def build_model_on_cut(config, weights, head, store):
     above the cut and the head, and trains; `whole` is image -> probabilities, the frozen layers
     below the cut included. They share every layer above the cut, so `whole` holds what `model`
     learns, and is what finetuned.keras saves."""
-    whole, base = compose(weights, head, store.identity)
+    whole, base = compose(weights, head, backbone.FeatureIdentity.read(store.identity))
     trainable = set_trainable(base, config.unfreeze)
     cut = base.get_layer(store.cut["layer"])
     if tuple(cut.output.shape[1:]) != tuple(store.shape("cut_features")):
@@ -326,9 +330,10 @@ def warmup(config, steps_per_epoch):
 def compose(weights, head, identity, augment_layers=None):
     """image (after load_image) -> probabilities: `augment_layers` (active in training only, as
     in the keras-io transfer-learning guide: seeded, on the GPU with the model, the same on every
-    backend), the cache's backbone, then the trained head."""
+    backend), the cache's backbone (`identity`, a backbone.FeatureIdentity), then the trained
+    head."""
     base = backbone.build_backbone_of(identity, weights)
-    size = identity["image_size"]
+    size = identity.image_size
     inputs = keras.Input((size, size, 3), name="image")
     images_in = augment_layers(inputs) if augment_layers is not None else inputs
     # training=False keeps the base in inference mode even while it trains (the keras-io recipe

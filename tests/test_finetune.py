@@ -137,7 +137,8 @@ def test_at_step_zero_the_composed_model_equals_the_head_on_cached_features(read
         rows = np.arange(len(store))
         features, labels = store.read(rows), store.labels[rows]
         paths = [os.path.join(config.data, p) for p in store.paths[rows]]
-        weights, identity = backbone.weights_of_cache("", store.attrs), store.identity
+        weights = backbone.weights_of_cache("", store.attrs)
+        identity = backbone.FeatureIdentity.read(store.identity)
     head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD), compile=False)
     model, _ = finetune.compose(weights, head, identity)
     batches = images.labelled_dataset(paths, labels, 32, batch_size=5)
