@@ -234,7 +234,7 @@ def _metrics(config, include_finetuned):
     """Classes, and validation and test accuracy per model, from the files the stages wrote."""
     out = {}
     evaluation = registry.evaluation(config, required=False)
-    trained, _ = registry.records(config)
+    trained, _ = registry.usable(config)
     names = evaluation.class_names if evaluation else []
     out.update(classes=len(names), class_names="; ".join(names))
     for model, record in trained.items():

@@ -52,13 +52,15 @@ def _evaluate(config):
                             "SPLIT with a non-zero validation share, then rerun `make extract`")
         labels = store.labels[rows]
         class_names = store.class_names
-        present, refusals, trained = usable_models(config, store)
-        if not present:
-            raise refusals[0] if refusals else UserError(
+        trained, refused = registry.usable(config, store)
+        if not trained:
+            raise next(iter(refused.values()), UserError(
                 f"no trained model in {config.models_dir}: run `make train-head` (and `make "
-                "finetune`) first")
+                "finetune`) first"))
+        for refusal in refused.values():  # a model left by an interrupted run, or made for
+            warn(f"not evaluated: {refusal}")  # other features or classes: skipped, not fatal
         scored = {}
-        for model in present:
+        for model in trained:
             if registry.KINDS[model].takes == "images":
                 scored[model] = _image_probabilities(config, model, store, rows, labels)
             else:
@@ -111,29 +113,6 @@ def _evaluate(config):
         warn(report["weights_notice"])
     print(f"wrote {out}")
     return EvaluateResult(out, split, {k: v["accuracy"] for k, v in report["models"].items()})
-
-
-def usable_models(config, store):
-    """(the models in models/<NAME> made for this cache, in table order; the refusals of the
-    others; the records of the usable ones). A file left by an interrupted run, or made on
-    other features or for other classes, is named on one line and skipped."""
-    found, refused = registry.records(config)
-    usable, refusals = [], list(refused.values())
-    for model, record in found.items():
-        what = registry.path(config, model)
-        try:
-            artifacts.require_same_identity(record.identity, store.identity, what)
-            if record.class_names != list(store.class_names):
-                raise UserError(f"{what} was trained for classes {record.class_names}, the cache "
-                                f"has {list(store.class_names)}: retrain it with `make "
-                                "train-head` (and `make finetune`)")
-            usable.append(model)
-        except UserError as refusal:
-            refusals.append(refusal)
-    if usable:
-        for refusal in refusals:
-            warn(f"not evaluated: {refusal}")
-    return usable, refusals, {model: found[model] for model in usable}
 
 
 def _picture(config, pictures, stem, figure=None, png=None):

@@ -115,7 +115,7 @@ def trained_models(config, requested="auto"):
     """{model: registry.Record} of the models in models/<NAME>/ that their own runs' metrics
     describe; nothing is loaded here. A file that an interrupted or older run left is refused
     when asked for by name, and passed over with one line by MODEL=auto."""
-    found, refused = registry.records(config, same_split=False)  # it scores nothing
+    found, refused = registry.usable(config, same_split=False)  # it scores nothing
     if requested in refused:
         raise refused[requested]
     for refusal in refused.values():

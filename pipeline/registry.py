@@ -182,6 +182,30 @@ def records(config, same_split=True):
     return found, refused
 
 
+def usable(config, store=None, same_split=True):
+    """({name: record} of the models in models/<NAME> that can be used, in table order; {name:
+    the one-line refusal of each other model file present}). The one answer evaluate, report,
+    predict and batch share. A model is usable when its file is the one its record describes
+    (`records`), and, given the cache's `store`, when it was made on that cache's features and
+    for its classes. same_split=False for a caller that scores nothing (predict)."""
+    found, refused = records(config, same_split)
+    if store is None:
+        return found, refused
+    usable_now = {}
+    for name, made in found.items():
+        what = path(config, name)
+        try:
+            artifacts.require_same_identity(made.identity, store.identity, what)
+            if made.class_names != list(store.class_names):
+                raise UserError(f"{what} was trained for classes {made.class_names}, the cache "
+                                f"has {list(store.class_names)}: retrain it with `make "
+                                "train-head` (and `make finetune`)")
+            usable_now[name] = made
+        except UserError as refusal:
+            refused[name] = refusal
+    return usable_now, {name: refused[name] for name in NAMES if name in refused}
+
+
 def load(config, name):
     """The model, loaded so that no code in its file can run: logreg from plain arrays
     (allow_pickle=False), Keras files in safe mode (which refuses Lambda layers)."""

@@ -57,11 +57,11 @@ def run(config: Config) -> ReportResult:
 def _report(config):
     evaluation = registry.evaluation(config)
     _refuse_stale(config, evaluation.path)
-    trained, _ = registry.records(config)
     with cache.FeatureStore(config.features_dir) as store:
         if evaluation.identity != store.identity:
             raise UserError(f"{evaluation.path} was made on another feature cache: run "
                             "`make evaluate` again")
+        trained, _ = registry.usable(config, store)
         attrs, labels, splits = store.attrs, store.labels, store.splits
     notices = sorted({n for n in [attrs.get("weights_notice"), evaluation.weights_notice]
                       + [r.weights_notice for r in trained.values()] if n})
