@@ -1,5 +1,5 @@
 """`make bench`, ENGINE=ray against ENGINE=local (bench.py runs it when Ray is installed;
-BENCH_RAY=0 skips it). Alone: `.venv/bin/python bench/ray_bench.py` (BENCH_N photos, 600).
+BENCH_RAY=0 skips it). Alone: `BENCH_ONLY="ENGINE=ray against local" make bench`.
 
 Every run is `python -m pipeline extract` in a fresh process on a fresh cache, WEIGHTS=none,
 SIZE=150, PRECISION=float32, the photos warm in the page cache:
@@ -113,9 +113,3 @@ def ray_init_seconds():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
-
-if __name__ == "__main__":
-    import bench  # the photo picker; bench.py's own settings (BENCH_N, BENCH_DATA)
-    figures, details = run(bench.pick_images(bench.DATA, bench.N), bench.WORK)
-    for key, value in {**figures, **details}.items():
-        print(f"{key}: {value}")
