@@ -31,7 +31,7 @@ orthant, where any two images score a cosine of 0.99 (bench/audit_planted.py: pl
   another class is more likely; candidates are ranked by the given label's probability, lowest
   first.
 - Outliers: an image's distance is 1 - the cosine similarity of its pooled features (globally
-  average-pooled, square-rooted, L2-normalised: `appearance`) to the nearest training class
+  average-pooled, square-rooted, L2-normalised: `outliers.appearance`) to the nearest training class
   centroid; images past the OUTLIER_PERCENTILE-th percentile of the validation rows' distances
   are unlike the training data. `make predict` uses the same measure. Not the embedding: centred
   on the mean, two classes' centroids point nearly opposite ways and every image is about as far
@@ -46,16 +46,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cache, files, heads, labels, lock, plots
+from . import cache, files, heads, labels, lock, outliers, plots
 from .config import Config, UserError
 
-FOLDER = "audit"                      # in models/<NAME>/
+FOLDER = outliers.FOLDER              # models/<NAME>/audit/
 NEAR_DUPLICATES = "near_duplicates.csv"
 LABEL_ISSUES = "label_issues.csv"
 OUTLIERS = "outliers.csv"
 SUMMARY = "audit.json"
 PICTURE = "audit.png"
-OUTLIER_MODEL = "outlier_model.npz"  # the measure predict reuses while the cache is the same
+OUTLIER_MODEL = outliers.FILE        # the measure predict reuses while the cache is the same
 GRID = 4                 # cells per side the map is averaged down to, at most, before flattening
 DIMENSIONS = 512         # of the random projection: the estimate's spread is ~(1 - cos^2)/sqrt(512)
 PROJECTION_SEED = 20240  # fixed: every audit measures alike, so a threshold keeps its meaning
@@ -204,108 +204,6 @@ def label_issues(probabilities, y):
     return rows, suggested, thresholds
 
 
-def class_centroids(vectors, y, classes):
-    """(classes present, their unit mean vectors) of the training rows."""
-    present = [k for k in range(classes) if (y == k).any()]
-    centroids = np.stack([vectors[y == k].mean(axis=0) for k in present])
-    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    return np.array(present), centroids
-
-
-def outlier_distance(vectors, present, centroids):
-    """(1 - cosine similarity to the nearest centroid, that centroid's class) per row."""
-    similarity = vectors @ centroids.T
-    nearest = similarity.argmax(axis=1)
-    return 1.0 - similarity[np.arange(len(vectors)), nearest], present[nearest]
-
-
-def appearance(pooled):
-    """Globally average-pooled features (n, channels) -> unit vectors of their square roots:
-    what is in the picture, wherever it is; the root keeps a few strong channels from
-    outweighing all the others (a Hellinger-style distance)."""
-    root = np.sqrt(np.maximum(np.asarray(pooled, np.float32), 0))
-    return root / np.maximum(np.linalg.norm(root, axis=1, keepdims=True), 1e-12)
-
-
-@dataclass
-class OutlierModel:
-    """What predict needs to say "unlike the training data" of new feature maps."""
-    present: np.ndarray      # classes with training rows
-    centroids: np.ndarray    # their unit centroids in `appearance` space
-    threshold: float         # the validation rows' OUTLIER_PERCENTILE-th percentile
-    calibrated_on: str       # "validation", or "train" when the cache has no validation rows
-
-    def distance(self, features):
-        """(distance, nearest class) of feature maps (n, h, w, c)."""
-        pooled = np.asarray(features, np.float32).mean(axis=(1, 2))
-        return outlier_distance(appearance(pooled), self.present, self.centroids)
-
-
-def pooled_rows(store, rows):
-    """The globally average-pooled features of `rows` (rows x channels), a block at a time."""
-    out = np.empty((len(rows), store.shape()[-1]), np.float32)
-    for start in range(0, len(rows), cache.READ_BLOCK):
-        chunk = rows[start:start + cache.READ_BLOCK]
-        out[start:start + len(chunk)] = store.read(chunk).mean(axis=(1, 2))
-    return out
-
-
-def outlier_model(store, percentile, pooled=None):
-    """The outlier measure of a cache: class centroids from the training rows, the threshold
-    from the validation rows. `pooled` (all rows, pooled) saves reading the cache again."""
-    train, validation = store.rows("train"), store.rows("validation")
-    calibrated_on = "validation" if len(validation) else "train"
-    calibration = validation if len(validation) else train
-    if not len(train):
-        raise UserError(f"{store.path} has no training images: rerun `make extract` with a "
-                        "train split")
-    if pooled is None:
-        train_v, calibration_v = (appearance(pooled_rows(store, r)) for r in (train, calibration))
-    else:
-        train_v, calibration_v = appearance(pooled[train]), appearance(pooled[calibration])
-    present, centroids = class_centroids(train_v, store.labels[train], len(store.class_names))
-    distance, _ = outlier_distance(calibration_v, present, centroids)
-    return OutlierModel(present, centroids, float(np.percentile(distance, percentile)),
-                        calibrated_on)
-
-
-def save_outlier_model(path, model, index_digest, feature_shape, percentile):
-    """The measure's arrays and what they were made from (the cache's index digest and feature
-    shape, OUTLIER_PERCENTILE), as .npz read back without pickle."""
-    metadata = {"index_digest": index_digest, "percentile": percentile,
-                "shape": list(feature_shape), "calibrated_on": model.calibrated_on}
-    with files.replacing(path, "wb") as f:
-        np.savez(f, present=model.present, centroids=model.centroids,
-                 threshold=np.float64(model.threshold),
-                 metadata=np.array(json.dumps(metadata, sort_keys=True)))
-
-
-def load_outlier_model(models_dir, store, percentile):
-    """The audit's saved measure when it was made on this very cache (its index digest) with
-    this OUTLIER_PERCENTILE, else one computed from the cache now (one read of the training
-    and validation rows: about 40 s at 100k images)."""
-    path = os.path.join(models_dir, FOLDER, OUTLIER_MODEL)
-    try:
-        with files.open_regular(path, "rb") as f, np.load(f, allow_pickle=False) as arrays:
-            metadata = json.loads(str(arrays["metadata"]))
-            present, centroids = arrays["present"], arrays["centroids"]
-            threshold = float(arrays["threshold"])
-        digest = store.attrs.get("index_digest")
-        if (digest and metadata.get("index_digest") == digest
-                and metadata.get("percentile") == percentile
-                and metadata.get("shape") == list(store.shape())
-                and centroids.shape == (len(present), store.shape()[-1])
-                and np.isfinite(centroids).all()
-                and np.isin(present, np.arange(len(store.class_names))).all()
-                and np.isfinite(threshold)):
-            return OutlierModel(present.astype(np.int64),
-                                centroids.astype(np.float32), threshold,
-                                str(metadata.get("calibrated_on", "validation")))
-    except (OSError, UserError, ValueError, KeyError, TypeError):
-        pass  # none, another cache's, or not ours: computed below
-    return outlier_model(store, percentile)
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +227,7 @@ def _audit(config):
         identity, identity_id = store.identity, store.attrs.get("identity_id", "")
         digest, shape = store.attrs.get("index_digest", ""), store.shape()
         root = store.image_root(config.data)
-        model = outlier_model(store, config.outlier_percentile, pooled)
+        model = outliers.outlier_model(store, config.outlier_percentile, pooled)
     vectors = embedding.fit(projected[splits == "train"]).unit(projected)
     del projected
     timings = {"embed_s": time.perf_counter() - start}
@@ -347,7 +245,8 @@ def _audit(config):
     issues, suggested, class_thresholds = label_issues(probabilities, y)
     timings["label_issues_s"] = time.perf_counter() - tick
 
-    distance, nearest = outlier_distance(appearance(pooled), model.present, model.centroids)
+    distance, nearest = outliers.outlier_distance(outliers.appearance(pooled), model.present,
+                                                  model.centroids)
     unlike = np.flatnonzero(distance > model.threshold)
     unlike = unlike[np.argsort(-distance[unlike], kind="stable")]
 
@@ -369,7 +268,7 @@ def _audit(config):
                ([safe(paths[r]), splits[r], safe(class_names[y[r]]),
                  safe(class_names[nearest[r]]), round(float(distance[r]), 6)] for r in unlike))
 
-    save_outlier_model(os.path.join(folder, OUTLIER_MODEL), model, digest, shape,
+    outliers.save_outlier_model(os.path.join(folder, OUTLIER_MODEL), model, digest, shape,
                        config.outlier_percentile)
     summary = {
         "rows": int(len(y)), "class_names": class_names,

@@ -47,17 +47,21 @@ def temporary_of(name):
                          else name)
 
 
+def entries(folder):
+    """The entries directly in `folder` (os.DirEntry, links not followed); [] when it is gone."""
+    try:
+        with os.scandir(folder) as found:
+            return list(found)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def remove_temporaries(folder, names=None, keep=()):
     """Delete the temporary files a killed writer left directly in `folder`: only our names
     (`temporary_of`), of `names` when given and never of `keep`, and only regular files (a
     link is left, never followed). Call it only while no writer of those names can be running
     (lock.exclusive)."""
-    try:
-        with os.scandir(folder) as entries:
-            found = list(entries)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for entry in found:
+    for entry in entries(folder):
         original = temporary_of(entry.name)
         if (original and (names is None or original in names) and original not in keep
                 and entry.is_file(follow_symlinks=False)):

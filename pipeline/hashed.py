@@ -54,12 +54,7 @@ def remove_stale(folder, stems, keep):
     committed): only names of this module's form, only regular files, never what a link points
     at (a link there is left alone). Call it after the JSON naming `keep` is in place."""
     keep = {r["file"] for r in keep if isinstance(r, dict)}
-    try:
-        with os.scandir(folder) as entries:
-            found = list(entries)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for entry in found:
+    for entry in files.entries(folder):
         match = _NAME.fullmatch(entry.name)
         if (match and match.group(1) in stems and entry.name not in keep
                 and entry.is_file(follow_symlinks=False)):

@@ -11,7 +11,7 @@ predictions_skipped.csv.
 `auto` picks the model with the best validation accuracy among those trained.
 
 Each image is also scored against the training data with the audit's outlier measure
-(pipeline/audit.py): 1 - cosine similarity of its feature map to the nearest training class
+(pipeline/outliers.py): 1 - cosine similarity of its feature map to the nearest training class
 centroid, from the cache (the audit's saved measure while the cache is unchanged, else computed
 from the cache at predict time), so it always describes the current cache.
 Past the OUTLIER_PERCENTILE-th percentile of the validation images' distances, the image is
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, audit, backbone, cache, datasets, files, images, labels, registry
+from . import artifacts, backbone, cache, datasets, files, images, labels, outliers, registry
 from .config import Config, UserError, warn
 
 PREFERENCE = {"finetuned": 2, "dense": 1, "logreg": 0}  # breaks ties in validation accuracy
@@ -52,7 +52,7 @@ def run(config: Config) -> PredictResult:
     model = choose(config.model, records, config.models_dir)
     record = records[model]
     paths, ignored, unreadable = find_images(config.images)
-    predict_batch, size, outliers = _predictor(config, model, record)
+    predict_batch, size, measure = _predictor(config, model, record)
     class_names = record.class_names
     print(f"predict {config.dataset_name}: {len(paths)} images with the {model} model "
           f"(validation accuracy {_fmt(record.validation.get('accuracy'))})"
@@ -63,7 +63,7 @@ def run(config: Config) -> PredictResult:
     out = artifacts.path(config, artifacts.PREDICTIONS)
     skipped_out = artifacts.path(config, SKIPPED)
     counts, shown, skipped = dict.fromkeys(class_names, 0), [], list(unreadable)
-    unlike = 0 if outliers else None
+    unlike = 0 if measure else None
     with files.replacing(out, "w", newline="", encoding="utf-8") as f, \
             files.replacing(skipped_out, "w", newline="", encoding="utf-8") as g:
         writer, skip_writer = csv.writer(f), csv.writer(g)
@@ -91,7 +91,7 @@ def run(config: Config) -> PredictResult:
                 # repr of the float: the CSV holds exactly what the model returned
                 distance = next(distances, None)
                 flag = [] if distance is None else [float(distance),
-                                                    int(distance > outliers.threshold)]
+                                                    int(distance > measure.threshold)]
                 unlike = unlike + flag[1] if flag else unlike
                 writer.writerow([safe(path), safe(predicted)] + [float(x) for x in p]
                                 + (flag or ["", ""]))
@@ -102,10 +102,10 @@ def run(config: Config) -> PredictResult:
 
     predicted_total = sum(counts.values())
     _print_table(shown, predicted_total, counts, skipped, skipped_out)
-    if outliers:
+    if measure:
         print(f"unlike the training data: {unlike} of {predicted_total} images (distance to "
-              f"the nearest training class > {outliers.threshold:.3f}, the "
-              f"{config.outlier_percentile:g}th percentile of the {outliers.calibrated_on} "
+              f"the nearest training class > {measure.threshold:.3f}, the "
+              f"{config.outlier_percentile:g}th percentile of the {measure.calibrated_on} "
               "images; column unlike_training)")
     print(f"wrote {out} ({predicted_total} rows, {time.perf_counter() - start:.1f} s)")
     return PredictResult(out, model, predicted_total, len(skipped), counts, unlike)
@@ -176,7 +176,7 @@ def find_images(target):
 
 def _predictor(config, model, record):
     """(function: a batch of loaded images -> ((n, classes) probabilities, (n,) distances to the
-    training data or None), image size, the audit.OutlierModel or None)."""
+    training data or None), image size, the outliers.OutlierModel or None)."""
     size = int(record.identity["image_size"])
     predict = registry.predictor(config, model)
     takes_images = registry.KINDS[model].takes == "images"
@@ -188,27 +188,27 @@ def _predictor(config, model, record):
             weights = backbone.weights_of_cache(config.weights, store.attrs)
             identity = backbone.FeatureIdentity.read(store.identity)
             try:  # never a reason to withhold the predictions themselves
-                outliers = audit.load_outlier_model(config.models_dir, store,
-                                                    config.outlier_percentile)
+                measure = outliers.load_outlier_model(config.models_dir, store,
+                                                   config.outlier_percentile)
             except UserError as error:
                 warn(f"predictions without the unlike_training column: {error}")
-                outliers = None
+                measure = None
     except UserError:
         if not takes_images:
             raise  # a model of feature maps needs the cache
         warn(f"no usable feature cache in {config.features_dir}: predictions without the "
              "unlike_training column (run `make extract` to have it)")
         return (lambda x: (predict(x), None)), size, None
-    if outliers is None and takes_images:
+    if measure is None and takes_images:
         return (lambda x: (predict(x), None)), size, None
     # the frozen base with the weights the cache was built with: the features of new images
     features_of = backbone.feature_function(backbone.build_backbone_of(identity, weights))
 
     def predict_batch(x):
         features = features_of(x)
-        distance = outliers.distance(features)[0] if outliers else None
+        distance = measure.distance(features)[0] if measure else None
         return (predict(x) if takes_images else predict(features)), distance
-    return predict_batch, size, outliers
+    return predict_batch, size, measure
 
 
 def _print_table(shown, total, counts, skipped, skipped_out):

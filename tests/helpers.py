@@ -2,6 +2,7 @@
 the shared real photos, and a hand that edits JSON."""
 import json
 import os
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -35,3 +36,25 @@ def edit_json(path, change):
     change(data)
     with open(path, "w") as f:
         json.dump(data, f)
+
+
+def prepare_trained(root, **settings):
+    """A cache of 12 striped images and a trained head under root (data/, features/, models/):
+    what a module-scoped fixture makes once for its tests to copy (`private_copy`)."""
+    from pipeline import extract, train_head
+    from pipeline.config import Config
+    data = make_image_folder(root / "data", per_class=6)
+    config = Config(data=data, weights="none", size=32, batch_size=4, precision="float32",
+                    features_root=str(root / "features"), models_root=str(root / "models"),
+                    **settings)
+    extract.run(config)
+    train_head.run(config)
+    return root
+
+
+def private_copy(prepared, tmp_path):
+    """tmp_path/{data,features,models}: a test's own copy of `prepare_trained`'s folders (copy2
+    keeps mtimes, so the cache sees the same files); returns the data folder."""
+    for folder in ("data", "features", "models"):
+        shutil.copytree(prepared / folder, tmp_path / folder)
+    return tmp_path / "data"

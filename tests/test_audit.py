@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.base import BaseEstimator, ClassifierMixin
 from trained_run import shared_trained_run
 
-from pipeline import audit, cache, extract, predict
+from pipeline import audit, cache, extract, outliers, predict
 from pipeline.__main__ import main
 from pipeline.config import UserError
 
@@ -258,16 +258,16 @@ def test_predict_reuses_the_audits_measure_while_the_cache_is_the_same(run, tmp_
     config = run.replace(models_root=str(models))
     audit.run(config)
     with cache.FeatureStore(config.features_dir) as store:
-        computed = audit.outlier_model(store, config.outlier_percentile)
-        monkeypatch.setattr(audit, "outlier_model", lambda *a: pytest.fail("not reused"))
-        saved = audit.load_outlier_model(config.models_dir, store, config.outlier_percentile)
+        computed = outliers.outlier_model(store, config.outlier_percentile)
+        monkeypatch.setattr(outliers, "outlier_model", lambda *a: pytest.fail("not reused"))
+        saved = outliers.load_outlier_model(config.models_dir, store, config.outlier_percentile)
         np.testing.assert_allclose(saved.centroids, computed.centroids, rtol=1e-6)
         assert saved.threshold == pytest.approx(computed.threshold)
         monkeypatch.undo()
         # another percentile, or a file that is not ours: computed again, never trusted
-        other = audit.load_outlier_model(config.models_dir, store, 50.0)
+        other = outliers.load_outlier_model(config.models_dir, store, 50.0)
         assert other.threshold < computed.threshold
         with open(os.path.join(config.models_dir, "audit", audit.OUTLIER_MODEL), "wb") as f:
             f.write(b"not an npz")
-        again = audit.load_outlier_model(config.models_dir, store, config.outlier_percentile)
+        again = outliers.load_outlier_model(config.models_dir, store, config.outlier_percentile)
         assert again.threshold == pytest.approx(computed.threshold)

@@ -8,7 +8,7 @@ import shutil
 import keras
 import numpy as np
 import pytest
-from helpers import make_image_folder
+from helpers import make_image_folder, prepare_trained, private_copy
 from sklearn.metrics import log_loss
 
 from pipeline import __main__ as cli
@@ -25,7 +25,7 @@ from pipeline import (
     train_head,
 )
 from pipeline.cache import FeatureStore
-from pipeline.config import Config, UserError
+from pipeline.config import UserError
 
 # 12 images: about 6 train, 3 validation, 3 test; no cached views: fine-tuning from the images
 SETTINGS = dict(split="50/25/25", epochs=2, augment=0)
@@ -34,22 +34,14 @@ SETTINGS = dict(split="50/25/25", epochs=2, augment=0)
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A dataset with its cache and trained head, made once; each test works on a copy."""
-    root = tmp_path_factory.mktemp("prepared")
-    data = make_image_folder(root / "data", per_class=6)
-    config = Config(data=data, weights="none", size=32, batch_size=4,
-                             features_root=str(root / "features"),
-                             models_root=str(root / "models"), **SETTINGS)
-    extract.run(config)
-    train_head.run(config)
-    return root
+    return prepare_trained(tmp_path_factory.mktemp("prepared"), **SETTINGS)
 
 
 @pytest.fixture
 def ready(prepared, tmp_path, make_config):
     """make_config(**changes) for a private copy of `prepared`: cache and head in place."""
-    for folder in ("data", "features", "models"):
-        shutil.copytree(prepared / folder, tmp_path / folder)  # copy2: mtimes are kept
-    return lambda **changes: make_config(tmp_path / "data", **{**SETTINGS, **changes})
+    data = private_copy(prepared, tmp_path)
+    return lambda **changes: make_config(data, **{**SETTINGS, **changes})
 
 
 def weights_by_layer(model):

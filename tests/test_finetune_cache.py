@@ -9,9 +9,9 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from helpers import make_image_folder
+from helpers import make_image_folder, prepare_trained, private_copy
 
-from pipeline import augment, backbone, cache, extract, finetune, images, train_head, views
+from pipeline import augment, backbone, cache, extract, finetune, images, views
 from pipeline.cache import FeatureStore
 
 SETTINGS = dict(split="50/25/25", epochs=2, augment=2)  # 12 images: ~6 train, 3 val, 3 test
@@ -20,23 +20,14 @@ SETTINGS = dict(split="50/25/25", epochs=2, augment=2)  # 12 images: ~6 train, 3
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A cache with the block4_pool activations and 2 views, and a trained head; made once."""
-    from pipeline.config import Config
-    root = tmp_path_factory.mktemp("cut")
-    data = make_image_folder(root / "data", per_class=6)
-    config = Config(data=data, weights="none", size=32, batch_size=4, precision="float32",
-                    features_root=str(root / "features"), models_root=str(root / "models"),
-                    **SETTINGS)
-    extract.run(config)
-    train_head.run(config)
-    return root
+    return prepare_trained(tmp_path_factory.mktemp("cut"), **SETTINGS)
 
 
 @pytest.fixture
 def ready(prepared, tmp_path, make_config):
     """make_config(**changes) for a private copy of `prepared`."""
-    for folder in ("data", "features", "models"):
-        shutil.copytree(prepared / folder, tmp_path / folder)
-    return lambda **changes: make_config(tmp_path / "data", **{**SETTINGS, **changes})
+    data = private_copy(prepared, tmp_path)
+    return lambda **changes: make_config(data, **{**SETTINGS, **changes})
 
 
 def segments_of(config, identity_id):
