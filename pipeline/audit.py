@@ -30,13 +30,8 @@ orthant, where any two images score a cosine of 0.99 (bench/audit_planted.py: pl
   that class's threshold (the mean probability of the class over the rows labelled with it) and
   another class is more likely; candidates are ranked by the given label's probability, lowest
   first.
-- Outliers: an image's distance is 1 - the cosine similarity of its pooled features (globally
-  average-pooled, square-rooted, L2-normalised: `outliers.appearance`) to the nearest training class
-  centroid; images past the OUTLIER_PERCENTILE-th percentile of the validation rows' distances
-  are unlike the training data. `make predict` uses the same measure. Not the embedding: centred
-  on the mean, two classes' centroids point nearly opposite ways and every image is about as far
-  from both; uncentred, the pooled features flagged 20 of 20 drawings among cats and dogs and
-  1 of 20 new photos (the centred embedding: 6 and 2; docs/audit.md).
+- Outliers: distance to the nearest training class centroid, past the OUTLIER_PERCENTILE-th
+  percentile of validation's (`pipeline/outliers.py` says which distance and why; predict too).
 """
 import csv
 import json
@@ -130,9 +125,7 @@ def project_rows(store, embedding, rows, pooled=False):
     return (out, pool) if pooled else out
 
 
-# ---------------------------------------------------------------------------------------------
-# The three questions, on arrays
-# ---------------------------------------------------------------------------------------------
+# --- Near-duplicates and label issues, on arrays ----------------------------------------------
 
 def near_duplicates(vectors, threshold, block=BLOCK, max_pairs=MAX_PAIRS):
     """(i, j, similarity) of every pair i < j with vectors[i] . vectors[j] >= threshold, most
@@ -204,9 +197,7 @@ def label_issues(probabilities, y):
     return rows, suggested, thresholds
 
 
-# ---------------------------------------------------------------------------------------------
-# The stage
-# ---------------------------------------------------------------------------------------------
+# --- The stage --------------------------------------------------------------------------------
 
 def run(config: Config) -> AuditResult:
     """Audit the cache, holding models/<NAME>'s lock (every writer of that folder does)."""

@@ -171,9 +171,7 @@ def training_source(config, store):
     return "cache"
 
 
-# --------------------------------------------------------------------------------------------
-# Inputs: the images the cache was built from, still the same
-# --------------------------------------------------------------------------------------------
+# --- Inputs: the images the cache was built from, still the same ------------------------------
 
 def splits_and_targets(config, store):
     """({split: its rows}, every row's target): float targets of shape (n, 1) for the sigmoid
@@ -246,9 +244,7 @@ def checked_image_paths(config, store):
     return np.asarray(out, dtype=object)
 
 
-# --------------------------------------------------------------------------------------------
-# The model: backbone + trained head, and what trains
-# --------------------------------------------------------------------------------------------
+# --- The model: backbone + trained head, and what trains --------------------------------------
 
 def build_model(config, weights, head, store, augmented=True):
     """The cache's backbone + the trained head (after the augmentation if `augmented`:
@@ -369,9 +365,7 @@ def check_composition(model, head, image_batches, features):
     return composed, cached
 
 
-# --------------------------------------------------------------------------------------------
-# Outputs
-# --------------------------------------------------------------------------------------------
+# --- Outputs ----------------------------------------------------------------------------------
 
 def _write_outputs(config, store, weights, model, head_record, backup, early, trainable,
                    done, scores, history, source):
