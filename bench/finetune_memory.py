@@ -51,9 +51,9 @@ def write_sparse_cache(folder):
         shape = backbone.layer_shape(target.layer, SIZE)
         for first in range(0, len(keys), PER_SEGMENT):
             part = keys[first:first + PER_SEGMENT]
-            segment = cache.segments._write_segment(config.features_dir, target.identity_id,
-                                                    part, shape, target.dtype,
-                                                    lambda dataset: None)
+            segment = cache.write_segment_filled(config.features_dir, target.identity_id,
+                                                 part, shape, target.dtype,
+                                                 lambda dataset: None)
             found.add_segment(segment, part)
     split = np.array([b"train"] * ROWS + [b"validation"] * HELD_OUT + [b"test"] * HELD_OUT)
     rows = index.Rows([], np.zeros(total, np.int32),
@@ -63,7 +63,7 @@ def write_sparse_cache(folder):
                       size=np.zeros(total, np.int64), mtime_ns=np.zeros(total, np.int64),
                       segment_row=np.zeros(total, np.int64),
                       segment_rows=np.zeros(total, np.int64))
-    extract._place(rows, known[0])
+    rows.place(known[0])
     wanted = [(augment.view_key(shas[i], augment_id, v), shas[i], v, "")
               for v in range(1, VIEWS + 1) for i in range(ROWS)]
     view_rows = views.records(wanted, known[0])

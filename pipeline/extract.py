@@ -109,7 +109,7 @@ def _run(config, engine):
             [rows.sha256, index.as_keys([v[0] for v in wanted_views])])
         known = [cache.compact(out, target.identity_id, found.only(keep))
                  for target, found in zip(targets, known)]
-        _place(rows, known[0])
+        rows.place(known[0])
         view_rows = views.records(wanted_views, known[0])
         cut_rows = cut and cache.Layer.of(cut["layer"], known[1], rows.sha256,
                                           views.records(wanted_views, known[1]),
@@ -226,17 +226,6 @@ def _rows(dataset, fractions, shas, sizes, mtimes, good):
                       label=np.array([dataset.files[i].label for i in at.tolist()], np.int64),
                       sha256=shas[at], split=splits, size=sizes[at], mtime_ns=mtimes[at],
                       segment_row=np.zeros(n, np.int64), segment_rows=np.zeros(n, np.int64))
-
-
-def _place(rows, known):
-    """Where each row's features are, from the (compacted) index."""
-    at = known.find(rows.sha256)
-    if (at < 0).any():
-        raise KeyError(rows.sha256[at < 0][0].decode())
-    rows.segments = list(known.segments)
-    rows.segment = known.segment[at]
-    rows.segment_row = known.row[at].astype(np.int64)
-    rows.segment_rows = known.rows_of_segments()[rows.segment]
 
 
 def _check_every_class_has_an_image(dataset, rows):

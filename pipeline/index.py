@@ -190,6 +190,16 @@ class Rows:
     def __len__(self):
         return len(self.label)
 
+    def place(self, known):
+        """Point every row at where its features are in `known` (a compacted SegmentIndex)."""
+        at = known.find(self.sha256)
+        if (at < 0).any():
+            raise KeyError(self.sha256[at < 0][0].decode())
+        self.segments = list(known.segments)
+        self.segment = known.segment[at]
+        self.segment_row = known.row[at].astype(np.int64)
+        self.segment_rows = known.rows_of_segments()[self.segment]
+
     def segment_names(self):
         """Per row, its segment's name (an object array)."""
         return np.array(self.segments + [None], dtype=object)[:-1][self.segment]

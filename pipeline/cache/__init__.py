@@ -23,7 +23,7 @@ The modules, in the order they build on each other:
 
     layout     names, constants, and the checks that a segment or master is laid out as ours
     master     features.h5: write_master, and the readers extract uses (previous_files...)
-    segments   write_segment, inventory, compact, remove_strays, remove_unreferenced
+    segments   write_segment(_filled), inventory, compact, remove_strays, remove_unreferenced
     store      FeatureStore, the read-only view every later stage reads, and split_digest
 
 Callers use the names below, `from pipeline import cache; cache.FeatureStore(...)`. They are
@@ -60,6 +60,7 @@ from .segments import (
     remove_unreferenced,
     rows_per_segment,
     write_segment,
+    write_segment_filled,
 )
 from .store import MAX_OPEN_SEGMENTS, READ_BLOCK, READ_GAP, FeatureStore, split_digest
 
@@ -70,4 +71,5 @@ __all__ = [
     "master_segments", "open_master", "previous_files", "previous_unreadable", "remove_strays",
     "remove_unreferenced", "rows_per_segment", "segment_dir", "split_digest", "write_master",
     "write_segment",
+    "write_segment_filled",
 ]

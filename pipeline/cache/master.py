@@ -109,7 +109,7 @@ def write_master(features_dir, rows, attrs, feature_shape, dtype, unreadable, vi
             f["features"].attrs["note"] = (
                 "virtual: read from the segments/ folder beside this file; copied alone it "
                 "reads as NaN. `make export` writes a file that stands alone")
-            # checksummed like the segments (fixed-length strings: see segments._write_segment);
+            # checksummed like the segments (fixed-length strings: see write_segment_filled);
             # only the paths stay variable-length, as their length has no bound
             for name, column, kind in (("label", rows.label, np.int64),
                                        ("sha256", rows.sha256, "S64"),

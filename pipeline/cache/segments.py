@@ -88,13 +88,14 @@ def write_segment(features_dir, identity_id, shas, features):
 
     def fill(dataset):
         dataset[...] = features
-    return _write_segment(features_dir, identity_id, shas, features.shape[1:], features.dtype,
-                          fill)
+    return write_segment_filled(features_dir, identity_id, shas, features.shape[1:],
+                                features.dtype, fill)
 
 
-def _write_segment(features_dir, identity_id, shas, shape, dtype, fill):
-    """Build a segment of len(shas) rows in memory, `fill(features dataset)` writing its rows,
-    then write it whole. Returns its path relative to features_dir."""
+def write_segment_filled(features_dir, identity_id, shas, shape, dtype, fill):
+    """Build a segment of len(shas) rows in memory, `fill(features dataset)` writing its rows
+    (compaction copies from other segments; a synthetic bench cache writes none), then write
+    it whole. Returns its path relative to features_dir."""
     folder = segment_dir(features_dir, identity_id)
     os.makedirs(folder, exist_ok=True)
     # The time orders segments (a later one wins, `inventory`); 64 random bits, not the pid,
@@ -149,9 +150,9 @@ def compact(features_dir, identity_id, known):
         edges = [0, *(np.flatnonzero(numbers[1:] != numbers[:-1]) + 1).tolist(), len(group)]
         sources = [(int(numbers[a]), known.row[group[a:b]]) for a, b in zip(edges, edges[1:])]
         try:
-            merged = _write_segment(features_dir, identity_id, known.keys[group],
-                                    *_merge(features_dir, [(known.segments[n], rows)
-                                                           for n, rows in sources]))
+            merged = write_segment_filled(features_dir, identity_id, known.keys[group],
+                                          *_merge(features_dir, [(known.segments[n], rows)
+                                                                 for n, rows in sources]))
         except files.NoSpace:
             print(f"no space left on the disk to merge the small segments of {features_dir}: "
                   "they stay as they are (the cache works; they are merged on a later run)")
