@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - the message is the point
 
 HASH_FILES_PER_TASK = 1000
 RETRIES = 3              # of a hashing task whose worker died
-# Environment the workers need from the driver's: the Keras backend (issue 13's BACKEND), the
+# Environment the workers need from the driver's: the Keras backend (BACKEND), the
 # oneDNN choice that features are reproduced with, quiet logs, and the one test hook.
 KILL_ONCE = "PIPELINE_TEST_KILL_WORKER_ONCE"
 FORWARDED_ENV = ("KERAS_BACKEND", "KERAS_HOME", "TF_ENABLE_ONEDNN_OPTS", "TF_CPP_MIN_LOG_LEVEL",

@@ -1,4 +1,4 @@
-"""Issue 11, the cache layer: hostile and careless input. NAMEs that look like glob patterns,
+"""The cache layer: hostile and careless input. NAMEs that look like glob patterns,
 damaged segments and masters, a full disk, and features.h5 copied without its segments.
 
 Each test checks three things: files outside features/<NAME> are left alone, the outcome, and

@@ -1,4 +1,4 @@
-"""Issue 11, hostile and careless input: the directory walk, names that are not UTF-8, images over
+"""Hostile and careless input: the directory walk, names that are not UTF-8, images over
 the pixel budget, and one-line errors for a DATA that is a file and for unreadable LABELS files.
 
 Every test checks three things: nothing outside features/<NAME> and models/<NAME> changed

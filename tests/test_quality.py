@@ -1,4 +1,4 @@
-"""Issue 15: the fixes that make each stage earn its keep, one small deterministic test each
+"""The fixes that make each stage earn its keep, one small deterministic test each
 (bench/QUALITY_NOTES.md has the experiments behind them)."""
 import os
 import re

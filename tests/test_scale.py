@@ -1,4 +1,4 @@
-"""Issue 14, a million images: the cache's index is held as numpy columns, not one Python object
+"""A million images: the cache's index is held as numpy columns, not one Python object
 per row, and features.h5 is streamed to disk in bounded pieces, with the same content as
 before. (Seconds and peak memory are measured by bench/scale.py, not here.)"""
 import hashlib
