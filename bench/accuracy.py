@@ -56,8 +56,9 @@ SPLITS = ("validation", "test")
 def phases(data, work, size, batch):
     """bench.py's accuracy phases, in order, each returning (figures, details): the three models
     (AUGMENT=0), the head and logreg on BENCH_RESPLITS re-splits of their cache, the demo, the
-    dense heads on AUGMENT=K views, the three models with AUGMENT=5, and STORAGE=float16
-    (BENCH_FLOAT16=0 leaves it out). bench.py writes results.json after each one."""
+    dense heads on AUGMENT=K views, the three models with AUGMENT=5, fine-tuning from the cache
+    (bench/finetune_cache.py: costs, seeds, end to end) and STORAGE=float16 (BENCH_FLOAT16=0
+    leaves it out). bench.py writes results.json after each one."""
     config, root = config_for(data, work, size, batch)
     weights = config.weights
     details = {"accuracy_weights": weights, "accuracy_images_per_folder": PER_FOLDER or "all",
@@ -70,7 +71,8 @@ def phases(data, work, size, batch):
            ("finetune-cache", lambda: (finetune_cache.figures(
                config, root, work, _first_images), {})),
            ("finetune-cache-seeds", lambda: (finetune_cache.seeds(
-               config, root, FINETUNE_EPOCHS, scores), {}))]
+               config, root, FINETUNE_EPOCHS, scores), {})),
+           ("finetune-e2e", lambda: (finetune_cache.end_to_end(config, root, scores), {}))]
     if os.environ.get("BENCH_FLOAT16", "1") != "0":
         out.append(("float16-heads", lambda: (float16_heads(config), {})))
     return out

@@ -136,6 +136,13 @@ FROM_THE_CACHE = [
     *seeds_rows("images", "from the images"),
     *seeds_rows("cache5", "from the cache, AUGMENT=5"),
     *seeds_rows("cache10", "from the cache, AUGMENT=10"),
+    *[(f"e2e_{way}_{key}", f"empty cache -> finetuned.keras, {what}: {item}", "", None)
+      for way, what in (("cache10", "AUGMENT=10 from the cache"), ("images", "from the images"))
+      for key, item in (("seconds", "wall clock (s)"), ("epochs", "epochs run"),
+                        ("finetuned", "fine-tuned, validation"),
+                        ("finetuned_test", "fine-tuned, test"))],
+    ("e2e_cache10_seconds_vs_images", "  wall clock, cache / images", "<= 1",
+     lambda v: v <= 1),
     ("finetune_cache_peak_rss_gb", f"finetune from the cache, peak RSS, {SYNTH_ROWS:,} rows, "
      "K=2 (GB)", "<= 2", (lambda v: v <= 2) if SYNTH_ROWS == 100_000 else None),
 ]
@@ -252,6 +259,8 @@ def main():
 
 
 def derive(r):
+    if "e2e_cache10_seconds" in r and "e2e_images_seconds" in r:
+        r["e2e_cache10_seconds_vs_images"] = r["e2e_cache10_seconds"] / r["e2e_images_seconds"]
     if "extract_ips" in r and "model_only_ips" in r:
         r["ratio_vs_model_only"] = r["extract_ips"] / r["model_only_ips"]
     if "extract_ips" in r and "naive_keras_ips" in r:

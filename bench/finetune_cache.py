@@ -6,6 +6,8 @@
     BENCH_FINETUNE_EPOCHS=5  fine-tuning epochs from the cache (as accuracy.py's)
     BENCH_CUT_SEEDS=0,1,2    phase `finetune-cache-seeds`: the seeds each way is trained at
     BENCH_CUT_AUGMENTS=5,10  ... and the views per image of the ways from the cache
+    BENCH_E2E_AUGMENT=10     phase `finetune-e2e`: the views per image of the way from the cache
+    BENCH_E2E_EPOCHS=10      ... and the fine-tuning epochs of both ways (FINETUNE_EPOCHS)
 
 Figures, each pair measured in this one run:
 - cut_extract_seconds_{none,float16,float32}: a fresh extract of BENCH_CUT_N images per folder
@@ -15,7 +17,8 @@ Figures, each pair measured in this one run:
 - finetune_epoch_seconds_{cache,images}: one fine-tuning epoch of all cats_vs_dogs, from the same
   head with the same settings, whole (training pass and validation) and its training pass alone.
 Phase `finetune-cache-seeds` (`seeds`): accuracy from the images and from the cache at K views,
-over seeds, with intervals.
+over seeds, with intervals. Phase `finetune-e2e` (`end_to_end`): the wall clock from an empty
+cache to finetuned.keras, each stage timed, both ways in one run.
 """
 import json
 import os
@@ -31,6 +34,8 @@ CUT_N = int(os.environ.get("BENCH_CUT_N") or 50)
 CUT_AUGMENT = int(os.environ.get("BENCH_CUT_AUGMENT") or 5)
 SEEDS = [int(s) for s in (os.environ.get("BENCH_CUT_SEEDS") or "0,1,2").split(",") if s]
 SEED_AUGMENTS = [int(k) for k in (os.environ.get("BENCH_CUT_AUGMENTS") or "5,10").split(",") if k]
+E2E_AUGMENT = int(os.environ.get("BENCH_E2E_AUGMENT") or 10)
+E2E_EPOCHS = int(os.environ.get("BENCH_E2E_EPOCHS") or 10)
 
 
 class EpochWall(keras.callbacks.Callback):
@@ -137,6 +142,37 @@ def seeds(config, root, finetune_epochs, scores):
                 out[f"seeds_{name}_minus_images{suffix}_mean"], out[
                     f"seeds_{name}_minus_images{suffix}_ci95"] = _mean_interval(gaps)
     extract.run(config)  # back to AUGMENT=0
+    return out
+
+
+def end_to_end(config, root, scores):
+    """From an empty cache to finetuned.keras, SEED=0, E2E_EPOCHS of fine-tuning (early stopping
+    as configured): extract with E2E_AUGMENT views and the cut + train-head + fine-tuning from
+    the cache, against extract with no views + train-head + fine-tuning from the images. Each
+    stage's seconds (e2e_<way>_<stage>_seconds), the epochs run and both models' accuracy."""
+    out = {}
+    for way, changes in ((f"cache{E2E_AUGMENT}", dict(augment=E2E_AUGMENT, finetune_from="cache")),
+                         ("images", dict(augment=0, finetune_from="images"))):
+        folder = os.path.join(root, f"e2e_{way}")
+        shutil.rmtree(folder, ignore_errors=True)  # empty: every stage computes everything
+        run = config.replace(features_root=os.path.join(folder, "features"),
+                             models_root=os.path.join(folder, "models"), seed=0,
+                             finetune_epochs=E2E_EPOCHS, **changes)
+        seconds = {}
+        for stage, module in (("extract", extract), ("train_head", train_head),
+                              ("finetune", finetune)):
+            start = time.perf_counter()
+            result = module.run(run)
+            seconds[stage] = time.perf_counter() - start
+        assert result.source == changes["finetune_from"], result.source
+        name = f"e2e_{way}"
+        out.update({f"{name}_{stage}_seconds": s for stage, s in seconds.items()})
+        out[f"{name}_seconds"] = sum(seconds.values())
+        out[f"{name}_epochs"], out[f"{name}_best_epoch"] = result.epochs, result.best_epoch
+        scored = scores(run, prefix="acc")
+        for model in ("dense", "finetuned"):
+            for suffix in ("", "_test"):
+                out[f"{name}_{model}{suffix}"] = scored[f"acc_{model}{suffix}"]
     return out
 
 
