@@ -35,7 +35,7 @@ DATA_DEP = $(if $(strip $(DATA)),,$(DEMO_STAMP))
 RAY_DEP = $(if $(filter ray,$(strip $(ENGINE))),$(RAY_STAMP))
 
 .PHONY: help install install-ray demo-data extract train-head finetune evaluate predict report \
-        audit export demo batch reproduce bench test test-backends test-slow lint clean
+        audit export demo batch reproduce bench test coverage test-ray test-backends test-slow lint clean
 
 help: ## List the targets and the settings
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -113,8 +113,20 @@ $(BACKENDS_STAMP): requirements-backends.txt | $(STAMP)
 	$(PYTHON) -m pip install -q -r requirements-backends.txt
 	touch $@
 
-test: $(STAMP) $(BACKENDS_STAMP) ## Run the fast tests (CPU, tiny images; every stage also under JAX)
-	$(PYTHON) -m pytest -q
+# The suite runs on every core (pytest-xdist; at most 4 workers, as each holds TensorFlow). Each
+# test file stays on one worker (loadscope), so a module's shared fixture is built once.
+TEST_WORKERS ?= auto
+PARALLEL := -n $(TEST_WORKERS) --maxprocesses 4 --dist loadscope
+test: $(STAMP) ## Run the fast tests (CPU, tiny images, in parallel); CI adds test-backends
+	$(PYTHON) -m pytest -q $(PARALLEL)
+
+# CI's suites in one process tree: the fast tests, the Ray ones and the cross-backend ones (whose
+# other backend runs in a subprocess, which coverage does not follow)
+coverage: $(STAMP) ## Line coverage of pipeline/ by CI's tests (pytest-cov)
+	$(PYTHON) -m pytest -q $(PARALLEL) -m "not slow" --cov=pipeline --cov-report=term
+
+test-ray: $(STAMP) $(RAY_STAMP) ## ENGINE=ray's tests on a local Ray cluster (installs Ray first)
+	$(PYTHON) -m pytest -q -m ray tests/test_ray.py
 
 # Under JAX: the tests of every stage end to end, the loader and the input pipeline. Left out, to
 # keep CI short: the hostile-input, labels, reproduce and Ray tests, whose subject (files, CSVs,
@@ -125,11 +137,13 @@ BACKEND_TESTS := tests/test_extract.py tests/test_train_head.py tests/test_finet
                  tests/test_batch.py tests/test_multiclass.py tests/test_images.py \
                  tests/test_input_pipeline.py tests/test_augment.py tests/test_quality.py \
                  tests/test_backends.py
+# The cross-backend tests run from each side: TensorFlow's files read by JAX, then JAX's by TF.
 test-backends: $(STAMP) $(BACKENDS_STAMP) ## Every stage's tests again, with JAX as the Keras backend
-	KERAS_BACKEND=jax $(PYTHON) -m pytest -q $(BACKEND_TESTS)
+	$(PYTHON) -m pytest -q -m cross_backend tests/test_backends.py
+	KERAS_BACKEND=jax $(PYTHON) -m pytest -q $(PARALLEL) -m "not slow" $(BACKEND_TESTS)
 
 test-slow: $(STAMP) ## Also run the slow tests on ../shared/data/cats_vs_dogs
-	$(PYTHON) -m pytest -q -m "slow or not slow"
+	$(PYTHON) -m pytest -q $(PARALLEL) -m "slow or not slow"
 
 lint: $(STAMP) ## Check the code with ruff (pinned in requirements.txt; CI runs it)
 	$(PYTHON) -m ruff check .

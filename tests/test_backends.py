@@ -106,24 +106,28 @@ def there(request, here, tmp_path_factory):
         return json.load(f), dict(np.load(root / "worker.npz"))
 
 
+@pytest.mark.cross_backend
 def test_every_stage_runs_without_tensorflow_unless_it_is_the_backend(there):
     info, _ = there
     assert info["versions"]["backend"] == info["backend"]  # recorded in the cache
     assert info["tensorflow_imported"] == (info["backend"] == "tensorflow")
 
 
+@pytest.mark.cross_backend
 def test_features_agree_across_backends_within_round_off(here, there):
     mine, theirs = here[3]["features"], there[1]["features"]
     gap = np.abs(mine - theirs).max() / np.abs(mine).max()
     assert gap <= BACKEND_TOLERANCE
 
 
+@pytest.mark.cross_backend
 def test_a_model_saved_under_one_backend_predicts_the_same_under_another(here, there):
     mine, theirs = here[3], there[1]
     for model in ("dense", "finetuned"):  # this backend's files, scored by the other backend
         np.testing.assert_allclose(theirs[f"other_{model}"], mine[f"own_{model}"], atol=1e-4)
 
 
+@pytest.mark.cross_backend
 def test_augmentation_is_seeded_on_every_backend(here, there):
     for views in (here[3]["augmented"], there[1]["augmented"]):
         first, second, same_seed = views

@@ -18,6 +18,9 @@ from helpers import make_image_folder
 from pipeline import backbone, cache, extract, lock
 from pipeline.config import Config, UserError
 
+# `make test-ray`, one after another: a cluster takes the cores it is given, so these run apart
+# from the parallel `make test`
+pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray", reason="ENGINE=ray needs Ray: `make install-ray` "
                                         "(requirements-ray.txt; CI installs it)")
 from pipeline import engine_ray  # noqa: E402  (imports Ray)
