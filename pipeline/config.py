@@ -116,7 +116,8 @@ class Config:
                               "adjusted, not wiped out (the article's RMSprop: 1e-5)")
     finetune_warmup: int = setting(1, "fine-tuning epochs over which the learning rate rises "
                                       "from 0 to LR (0: LR from the first step)")
-    finetune_patience: int = setting(3, "fine-tuning epochs without a lower validation loss "
+    # 5, not 3: the validation loss swings for an epoch or two (docs/finetune-from-cache.md)
+    finetune_patience: int = setting(5, "fine-tuning epochs without a lower validation loss "
                                         "before stopping")
     fresh: bool = setting(False, "1: ignore an interrupted fine-tuning's backup and start over")
     # --- prediction and export -------------------------------------------------------------------
