@@ -117,7 +117,7 @@ $(BACKENDS_STAMP): requirements-backends.txt | $(STAMP)
 # test file stays on one worker (loadscope), so a module's shared fixture is built once.
 TEST_WORKERS ?= auto
 PARALLEL := -n $(TEST_WORKERS) --maxprocesses 4 --dist loadscope
-test: $(STAMP) ## Run the fast tests (CPU, tiny images, in parallel); CI adds test-backends
+test: $(STAMP) ## Run the fast tests (CPU, tiny images, in parallel); CI adds test-ray and test-backends
 	$(PYTHON) -m pytest -q $(PARALLEL)
 
 # CI's suites in one process tree: the fast tests, the Ray ones and the cross-backend ones (whose
