@@ -143,7 +143,7 @@ test-backends: $(STAMP) $(BACKENDS_STAMP) ## Every stage's tests again, with JAX
 	KERAS_BACKEND=jax $(PYTHON) -m pytest -q $(PARALLEL) -m "not slow" $(BACKEND_TESTS)
 
 test-slow: $(STAMP) ## Also run the slow tests on ../shared/data/cats_vs_dogs
-	$(PYTHON) -m pytest -q $(PARALLEL) -m "slow or not slow"
+	$(PYTHON) -m pytest -q $(PARALLEL) -m "not cross_backend and not ray"
 
 lint: $(STAMP) ## Check the code with ruff (pinned in requirements.txt; CI runs it)
 	$(PYTHON) -m ruff check .
