@@ -9,9 +9,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests are CPU-only, also on
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest
-from helpers import make_image_folder
-
-from pipeline.config import Config
+from helpers import make_image_folder, prepared_copy, tiny_config
 
 
 @pytest.fixture
@@ -22,15 +20,15 @@ def image_folder(tmp_path):
 @pytest.fixture
 def make_config(tmp_path):
     """Config(...) with outputs under tmp_path and tiny, fast settings; override any field."""
-    def make(data, **changes):
-        # precision: float32 on every machine (auto would pick bfloat16 on a bf16 CPU)
-        # augment=0: no views unless a test asks for them (AUGMENT=5 by default)
-        defaults = dict(data=str(data), weights="none", size=32, batch_size=4, epochs=3,
-                        precision="float32", augment=0,
-                        finetune_epochs=1, features_root=str(tmp_path / "features"),
-                        models_root=str(tmp_path / "models"))
-        return Config(**{**defaults, **changes})
-    return make
+    return lambda data, **changes: tiny_config(str(tmp_path), data, **changes)
+
+
+@pytest.fixture
+def prepared(tmp_path_factory, tmp_path):
+    """prepared(stages, per_class=6, **settings): the Config of this test's own copy of the
+    stages' output, which they made once (`helpers.prepared_copy`)."""
+    return lambda stages, **settings: prepared_copy(tmp_path_factory, tmp_path, stages,
+                                                    **settings)
 
 
 @pytest.fixture(scope="session")

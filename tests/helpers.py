@@ -38,23 +38,35 @@ def edit_json(path, change):
         json.dump(data, f)
 
 
-def prepare_trained(root, **settings):
-    """A cache of 12 striped images and a trained head under root (data/, features/, models/):
-    what a module-scoped fixture makes once for its tests to copy (`private_copy`)."""
-    from pipeline import extract, train_head
+def tiny_config(root, data, **changes):
+    """Config(...) with outputs under root and tiny, fast settings; override any field."""
     from pipeline.config import Config
-    data = make_image_folder(root / "data", per_class=6)
-    config = Config(data=data, weights="none", size=32, batch_size=4, precision="float32",
-                    features_root=str(root / "features"), models_root=str(root / "models"),
-                    **settings)
-    extract.run(config)
-    train_head.run(config)
-    return root
+    # precision: float32 on every machine (auto would pick bfloat16 on a bf16 CPU)
+    # augment=0: no views unless a test asks for them (AUGMENT=5 by default)
+    defaults = dict(data=str(data), weights="none", size=32, batch_size=4, epochs=3,
+                    precision="float32", augment=0, finetune_epochs=1,
+                    features_root=os.path.join(root, "features"),
+                    models_root=os.path.join(root, "models"))
+    return Config(**{**defaults, **changes})
 
 
-def private_copy(prepared, tmp_path):
-    """tmp_path/{data,features,models}: a test's own copy of `prepare_trained`'s folders (copy2
-    keeps mtimes, so the cache sees the same files); returns the data folder."""
+_PREPARED = {}  # (stages, per_class, settings) -> the folder they were run in, once a session
+
+
+def prepared_copy(tmp_path_factory, tmp_path, stages, per_class=6, **settings):
+    """The Config of a private copy under tmp_path of `stages` run on a striped image folder:
+    the stages run once a session (per xdist worker) for these arguments, and each test gets
+    its own copy of data/, features/ and models/ (copy2 keeps mtimes: the cache sees the same
+    files), so it may change or break anything in it."""
+    key = (tuple(stages), per_class, tuple(sorted(settings.items())))
+    if key not in _PREPARED:
+        root = tmp_path_factory.mktemp("prepared")
+        config = tiny_config(str(root), make_image_folder(root / "data", per_class=per_class),
+                             **settings)
+        for stage in stages:
+            stage(config)
+        _PREPARED[key] = root
     for folder in ("data", "features", "models"):
-        shutil.copytree(prepared / folder, tmp_path / folder)
-    return tmp_path / "data"
+        if (_PREPARED[key] / folder).exists():  # models/: not before train-head
+            shutil.copytree(_PREPARED[key] / folder, tmp_path / folder, symlinks=True)
+    return tiny_config(str(tmp_path), tmp_path / "data", **settings)

@@ -8,7 +8,7 @@ import shutil
 import keras
 import numpy as np
 import pytest
-from helpers import make_image_folder, prepare_trained, private_copy
+from helpers import make_image_folder
 from sklearn.metrics import log_loss
 
 from pipeline import __main__ as cli
@@ -31,17 +31,10 @@ from pipeline.config import UserError
 SETTINGS = dict(split="50/25/25", epochs=2, augment=0)
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """A dataset with its cache and trained head, made once; each test works on a copy."""
-    return prepare_trained(tmp_path_factory.mktemp("prepared"), **SETTINGS)
-
-
 @pytest.fixture
-def ready(prepared, tmp_path, make_config):
-    """make_config(**changes) for a private copy of `prepared`: cache and head in place."""
-    data = private_copy(prepared, tmp_path)
-    return lambda **changes: make_config(data, **{**SETTINGS, **changes})
+def ready(prepared):
+    """config.replace(**changes) on this test's own copy of a cache and trained head."""
+    return prepared((extract.run, train_head.run), **SETTINGS).replace
 
 
 def weights_by_layer(model):

@@ -9,25 +9,18 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from helpers import make_image_folder, prepare_trained, private_copy
+from helpers import make_image_folder
 
-from pipeline import augment, backbone, cache, extract, finetune, images, views
+from pipeline import augment, backbone, cache, extract, finetune, images, train_head, views
 from pipeline.cache import FeatureStore
 
 SETTINGS = dict(split="50/25/25", epochs=2, augment=2)  # 12 images: ~6 train, 3 val, 3 test
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """A cache with the block4_pool activations and 2 views, and a trained head; made once."""
-    return prepare_trained(tmp_path_factory.mktemp("cut"), **SETTINGS)
-
-
 @pytest.fixture
-def ready(prepared, tmp_path, make_config):
-    """make_config(**changes) for a private copy of `prepared`."""
-    data = private_copy(prepared, tmp_path)
-    return lambda **changes: make_config(data, **{**SETTINGS, **changes})
+def ready(prepared):
+    """config.replace(**changes) on this test's own copy of a cache and trained head."""
+    return prepared((extract.run, train_head.run), **SETTINGS).replace
 
 
 def segments_of(config, identity_id):

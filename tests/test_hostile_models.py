@@ -10,7 +10,7 @@ import threading
 
 import keras
 import pytest
-from helpers import edit_json, make_image_folder
+from helpers import edit_json
 
 from pipeline import (
     artifacts,
@@ -31,15 +31,14 @@ from pipeline.config import UserError
 VICTIM = b"a file of the user's, outside features/ and models/\n"
 
 
+TINY = dict(per_class=10, split="40/30/30", epochs=1, name="tiny")  # 20 images: 8/6/6
+
+
 @pytest.fixture
-def extracted(tmp_path, make_config):
-    """A small extracted dataset (10 images a class, WEIGHTS=none, SIZE=32), a victim file
-    beside it, and a function listing everything outside features/<NAME> and models/<NAME>."""
-    config = make_config(make_image_folder(tmp_path / "data", per_class=10), split="40/30/30",
-                         epochs=1, name="tiny")
-    extract.run(config)
+def extracted(prepared, tmp_path):
+    """A small extracted dataset (WEIGHTS=none, SIZE=32) and a victim file beside it."""
     (tmp_path / "victim.txt").write_bytes(VICTIM)
-    return config
+    return prepared((extract.run,), **TINY)
 
 
 def logs_written():
@@ -145,23 +144,27 @@ def test_a_planted_lock_file_is_refused_and_its_target_kept(extracted, tmp_path,
     assert not os.path.exists(artifacts.path(config, artifacts.LOGREG))
 
 
-@pytest.mark.parametrize("name", [artifacts.FINETUNE_LOG, artifacts.FINETUNE_BACKUP,
-                                  artifacts.LOGS, "logs/finetune"])
-def test_finetune_writes_through_no_link_planted_in_models(extracted, tmp_path, name):
-    config = extracted.replace(head="dense", finetune_epochs=1)
-    train_head.run(config)
+@pytest.mark.parametrize("names", [(artifacts.FINETUNE_LOG, artifacts.FINETUNE_BACKUP,
+                                    "logs/finetune"), (artifacts.LOGS,)],
+                         ids=["files", "logs folder"])
+def test_finetune_writes_through_no_link_planted_in_models(prepared, tmp_path, names):
+    """Links at the files and folders that fine-tuning writes, all at once (a run each costs
+    seconds): each is replaced by finetune's own, and what it points at is kept."""
+    (tmp_path / "victim.txt").write_bytes(VICTIM)
+    config = prepared((extract.run, train_head.run), head="dense", **TINY)
     target = outside_folder(tmp_path)
-    planted = artifacts.path(config, name)
-    if os.path.isdir(planted):  # logs/: train-head made it
-        shutil.rmtree(planted)
-    if name == artifacts.FINETUNE_LOG:
-        target = tmp_path / "victim.txt"
-    plant(planted, "symlink", str(target))
+    planted = [artifacts.path(config, name) for name in names]
+    for name, path in zip(names, planted):
+        if os.path.isdir(path):  # logs/: train-head made it
+            shutil.rmtree(path)
+        plant(path, "symlink", str(tmp_path / "victim.txt" if name == artifacts.FINETUNE_LOG
+                                   else target))
     before = outside(config, tmp_path)
     finetune.run(config)
     assert outside(config, tmp_path) == before  # nothing written, truncated or deleted there
-    assert not os.path.islink(planted) and os.path.exists(planted)  # finetune's own now
-    if name.startswith(artifacts.LOGS) and logs_written():
+    for path in planted:
+        assert not os.path.islink(path) and os.path.exists(path), path  # finetune's own now
+    if logs_written():
         assert event_files(os.path.join(config.models_dir, "logs", "finetune"))
 
 
@@ -261,11 +264,10 @@ def test_train_head_waits_for_no_other_writer_of_models(extracted, tmp_path, hol
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def evaluated(extracted):
-    config = extracted.replace(head="logreg")
-    train_head.run(config)
-    evaluate.run(config)
-    return config
+def evaluated(prepared, tmp_path):
+    """`extracted` with a logistic regression trained and evaluated."""
+    (tmp_path / "victim.txt").write_bytes(VICTIM)
+    return prepared((extract.run, train_head.run, evaluate.run), head="logreg", **TINY)
 
 
 def logreg_scores(config, change):

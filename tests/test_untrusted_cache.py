@@ -20,12 +20,10 @@ ROW = (1, 1, 512)  # block5_pool at SIZE=32
 
 
 @pytest.fixture
-def cached(tmp_path, make_config):
+def cached(prepared):
     """12 tiny images extracted into one segment (no cut kept for fine-tuning); the clean
     features by path."""
-    from helpers import make_image_folder
-    config = make_config(make_image_folder(tmp_path / "data"), name="tiny", finetune_from="images")
-    extract.run(config)
+    config = prepared((extract.run,), name="tiny", finetune_from="images")
     [segment] = segment_files(config.features_dir)
     return config, segment, features_by_path(config.features_dir)
 

@@ -32,14 +32,11 @@ VICTIM = b"a file of the user's, outside features/ and models/\n"
 
 
 @pytest.fixture
-def trained(tmp_path, make_config):
+def trained(prepared, tmp_path):
     """10 tiny images a class extracted (SPLIT=40/30/30), logreg trained on them, a victim."""
-    config = make_config(make_image_folder(tmp_path / "data", per_class=10), split="40/30/30",
-                         epochs=1, name="tiny", head="logreg", finetune_from="images")
-    extract.run(config)
-    train_head.run(config)
     (tmp_path / "victim.txt").write_bytes(VICTIM)
-    return config
+    return prepared((extract.run, train_head.run), per_class=10, split="40/30/30", epochs=1,
+                    name="tiny", head="logreg", finetune_from="images")
 
 
 # --------------------------------------------------------------------------------------------
