@@ -1,5 +1,7 @@
 """Helpers the tests import (conftest.py holds only fixtures): tiny deterministic image folders,
-the shared real photos, and a hand that edits JSON."""
+the shared real photos, a hand that edits JSON, and stages run once for the whole test run."""
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -50,23 +52,41 @@ def tiny_config(root, data, **changes):
     return Config(**{**defaults, **changes})
 
 
-_PREPARED = {}  # (stages, per_class, settings) -> the folder they were run in, once a session
+def built_once(tmp_path_factory, key, build):
+    """The folder in which build(folder) ran once for this whole pytest run, xdist's workers
+    included (the first builds it under a lock, the others wait, then read it). Nobody may
+    change it: copy it first (`copy_folders`)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this run's folder, which its workers share
+    root = base / f"built-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    with open(f"{root}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released when the file closes
+        if not (root / ".built").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed halfway
+            root.mkdir()
+            build(root)
+            (root / ".built").touch()
+    return root
+
+
+def copy_folders(source, dest, folders=("data", "features", "models")):
+    """dest/<folder> for those of `folders` that source has (copy2 keeps mtimes, so the cache
+    sees the same files)."""
+    for folder in folders:
+        if (source / folder).exists():  # models/: not before train-head
+            shutil.copytree(source / folder, dest / folder, symlinks=True)
 
 
 def prepared_copy(tmp_path_factory, tmp_path, stages, per_class=6, **settings):
-    """The Config of a private copy under tmp_path of `stages` run on a striped image folder:
-    the stages run once a session (per xdist worker) for these arguments, and each test gets
-    its own copy of data/, features/ and models/ (copy2 keeps mtimes: the cache sees the same
-    files), so it may change or break anything in it."""
-    key = (tuple(stages), per_class, tuple(sorted(settings.items())))
-    if key not in _PREPARED:
-        root = tmp_path_factory.mktemp("prepared")
+    """The Config of tmp_path's own copy of `stages` run on a striped image folder: they run once
+    for these arguments (`built_once`), and each test may change or break its copy."""
+    def build(root):
         config = tiny_config(str(root), make_image_folder(root / "data", per_class=per_class),
                              **settings)
         for stage in stages:
             stage(config)
-        _PREPARED[key] = root
-    for folder in ("data", "features", "models"):
-        if (_PREPARED[key] / folder).exists():  # models/: not before train-head
-            shutil.copytree(_PREPARED[key] / folder, tmp_path / folder, symlinks=True)
+    names = [f"{stage.__module__}.{stage.__qualname__}" for stage in stages]
+    copy_folders(built_once(tmp_path_factory, repr((names, per_class, sorted(settings.items()))),
+                            build), tmp_path)
     return tiny_config(str(tmp_path), tmp_path / "data", **settings)

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 from helpers import make_image_folder
-from trained_run import make_trained_run
+from trained_run import trained_run_copy
 
 from pipeline import __main__ as cli
 from pipeline import artifacts, evaluate, predict, train_head
@@ -157,7 +157,7 @@ class _RunsCode:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return make_trained_run(tmp_path_factory.mktemp("hostile"))
+    return trained_run_copy(tmp_path_factory, tmp_path_factory.mktemp("hostile"))
 
 
 def copy_of(config, tmp_path):

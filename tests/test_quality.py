@@ -168,11 +168,15 @@ def test_fine_tuning_augments_unless_finetune_augment_is_0(tuned_start, tmp_path
     train_head.run(config)
     built, build_model = [], finetune.build_model
 
-    def spy(*args, **kwargs):  # keeps the model finetune.run trains
+    class Built(Exception):
+        pass
+
+    def spy(*args, **kwargs):  # keeps the model finetune.run would train, and stops it there
         built.append(build_model(*args, **kwargs))
-        return built[-1]
+        raise Built
     monkeypatch.setattr(finetune, "build_model", spy)
-    finetune.run(config)
+    with pytest.raises(Built):
+        finetune.run(config)
     model = built[0][0]
     with FeatureStore(config.features_dir) as store:
         first = store.rows("train")[:4]

@@ -2,7 +2,7 @@
 32-pixel images, WEIGHTS=none, extract -> train-head -> finetune, in seconds on a CPU."""
 import os
 
-from helpers import make_image_folder
+from helpers import built_once, copy_folders, make_image_folder
 
 from pipeline import extract, finetune, train_head
 from pipeline.config import Config
@@ -31,9 +31,17 @@ def make_trained_run(root, per_class=10, **changes):
 _SHARED = {}
 
 
+def trained_run_copy(tmp_path_factory, root):
+    """The Config of a copy under root of one trained run, made once for the whole pytest run."""
+    pristine = built_once(tmp_path_factory, "trained_run", make_trained_run)
+    copy_folders(pristine, root)
+    return tiny_config(str(root))
+
+
 def shared_trained_run(tmp_path_factory):
     """One trained run for the whole test session, shared by the evaluate, predict and report
-    tests. Treat it as read-only: a test that changes models or features works on a copy."""
+    tests (a copy per xdist worker). Treat it as read-only: a test that changes models or
+    features works on a copy."""
     if "config" not in _SHARED:
-        _SHARED["config"] = make_trained_run(tmp_path_factory.mktemp("trained"))
+        _SHARED["config"] = trained_run_copy(tmp_path_factory, tmp_path_factory.mktemp("trained"))
     return _SHARED["config"]
