@@ -231,11 +231,13 @@ def test_a_cache_without_the_activations_says_how_to_cache_them_and_uses_the_ima
 
 
 def test_fine_tuning_with_augmentation_but_no_cached_views_uses_the_images(ready, capsys):
+    # the choice alone: runs from either source are the tests above
     config = ready(augment=0)
     extract.run(config)
-    assert finetune.run(config).source == "images"
-    assert "`make extract AUGMENT=5`" in capsys.readouterr().out
-    assert finetune.run(config.replace(finetune_augment=False, fresh=True)).source == "cache"
+    with FeatureStore(config.features_dir) as store:
+        assert finetune.training_source(config, store) == "images"
+        assert "`make extract AUGMENT=5`" in capsys.readouterr().out
+        assert finetune.training_source(config.replace(finetune_augment=False), store) == "cache"
 
 
 def test_epoch_reader_reads_the_cut_views(ready):
