@@ -203,7 +203,7 @@ def scores(config, finetuned=True, prefix="acc", intervals=False):
             rows = store.rows(split)
             labels, features = store.labels[rows], store.read(rows)
             paths = [os.path.join(store.image_root(config.data), p) for p in store.paths[rows]]
-            size = backbone.FeatureIdentity.read(store.identity).image_size
+            size = store.feature_identity.image_size
         predicted = {model: registry.predictor(config, model)(features).argmax(1)
                      for model in ("logreg", "dense")}
         if finetuned:

@@ -39,7 +39,7 @@ def write_sparse_cache(folder):
     from pipeline import augment, backbone, cache, datasets, extract, index, views
     config = config_of(folder)
     weights = backbone.resolve_weights("none")
-    identity = backbone.FeatureIdentity.of(weights, SIZE)
+    identity = backbone.identity_of(weights, SIZE)
     targets, cut = extract.cached_layers(config, identity)
     total = ROWS + 2 * HELD_OUT
     shas = [hashlib.sha256(f"synthetic-{i}".encode()).hexdigest() for i in range(total)]

@@ -70,7 +70,7 @@ def write_synthetic_cache(folder, rows, size, seed=0):
     config = Config(data=folder, name="synthetic", weights="none", size=size,
                     features_root=os.path.join(folder, "features"))
     weights = backbone.resolve_weights("none")
-    identity = backbone.FeatureIdentity.of(weights, size)
+    identity = backbone.identity_of(weights, size)
     identity_id = identity.id
     shape = backbone.feature_shape(size)
     rng = np.random.default_rng(seed)

@@ -1,30 +1,31 @@
-"""The frozen VGG16 convolutional base, its weights, and the identity of the features it makes."""
-import hashlib
-import json
+"""The frozen VGG16 convolutional base and its weights; it makes the identity of its features
+(identity.py, whose names it also offers to its users)."""
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 
 from . import runtime
 from .artifacts import file_sha256
-from .cache.master import identity_problem
 from .config import UserError, warn
+from .identity import (  # noqa: F401 - the identity's names, where the backbone's users look
+    BACKBONE_ID,
+    LAYERS,
+    OUTPUT_LAYER,
+    STORAGE_DTYPES,
+    FeatureIdentity,
+    identity_id,
+    layer_shape,
+)
 from .images import PREPROCESS_ID
 
-BACKBONE_ID = "keras.applications.VGG16(include_top=False)"
 IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
                 + IMAGENET_FILE)
 IMAGENET_MD5 = "6d6bbae143d832006294945121d1f1fc"  # the hash Keras itself checks
 RANDOM_FINGERPRINT = "random-init:glorot-uniform:numpy-seed-0:v1"
-STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}  # STORAGE: how features are kept
 RANDOM_NOTICE = "weights are random: accuracy is not meaningful"
-# VGG16's layers above its input, bottom to top: UNFREEZE and the cached cut are named in them.
-LAYERS = tuple(f"block{b}_{kind}" for b, convs in enumerate((2, 2, 3, 3, 3), 1)
-               for kind in [f"conv{i}" for i in range(1, convs + 1)] + ["pool"])
-OUTPUT_LAYER = LAYERS[-1]  # the base's output: the features every head reads
 
 
 @dataclass(frozen=True)
@@ -118,88 +119,17 @@ def resolve_storage(storage):
     return storage
 
 
+def identity_of(weights, size, precision="float32", storage="float32"):
+    """The FeatureIdentity of the features `weights` make at SIZE (extract's, before any cut)."""
+    return FeatureIdentity(BACKBONE_ID, weights.fingerprint, int(size), PREPROCESS_ID, precision,
+                           storage)
+
+
 def feature_identity(weights, size, precision="float32", storage="float32"):
     """Everything that changes the numbers in a feature map, as caches record it (a dict):
-    `FeatureIdentity.of(...).as_dict()`. Features are reused only when all of it is equal;
+    `identity_of(...).as_dict()`. Features are reused only when all of it is equal;
     `identity_id` names the folder that holds them."""
-    return FeatureIdentity.of(weights, size, precision, storage).as_dict()
-
-
-@dataclass(frozen=True)
-class FeatureIdentity:
-    """Everything that changes the numbers a cache keeps: the features (layer None) or the
-    activations of the cut `layer`. `read` is the one place a recorded identity's keys are read;
-    `as_dict` gives back exactly that record, so `id` is its `identity_id` byte for byte."""
-    backbone: str
-    weights: str            # the weights' fingerprint
-    image_size: int
-    preprocess: str
-    precision: str = "float32"
-    storage: str = "float32"
-    layer: str | None = None      # a cut's layer; None for the base's output, the features
-    precision_recorded: bool = True  # False: made before PRECISION (float32), no "precision" key
-
-    @classmethod
-    def of(cls, weights, size, precision="float32", storage="float32"):
-        """The identity of the features `weights` make at SIZE (extract's, before any cut)."""
-        return cls(BACKBONE_ID, weights.fingerprint, int(size), PREPROCESS_ID, precision, storage)
-
-    @classmethod
-    def read(cls, raw):
-        """The identity recorded as `raw` (a cache's attribute, a model's JSON). Missing storage
-        and precision mean float32 (caches made before STORAGE and PRECISION). Refuses anything
-        no version of this pipeline wrote, so that `as_dict() == raw`."""
-        problem = identity_problem(raw)
-        if problem is None:
-            strings = ("backbone", "weights", "preprocess", "precision", "storage")
-            bad = [k for k in strings if k in raw and not isinstance(raw[k], str)]
-            bad += sorted(set(raw) - {*strings, "image_size", "layer"})
-            missing = sorted({"backbone", "weights", "preprocess"} - set(raw))
-            if missing or bad:
-                problem = f"its identity has {'no ' + missing[0] if missing else repr(bad[0])}"
-            elif raw.get("storage", "float32") not in STORAGE_DTYPES:
-                problem = f"its identity's storage is {raw['storage']!r:.40}"
-            elif raw.get("storage") == "float32":
-                problem = "its identity records storage float32, which none ever did"
-            elif "layer" in raw and raw["layer"] not in LAYERS:
-                problem = f"its identity's layer is {raw['layer']!r:.40}"
-        if problem:
-            raise UserError(f"not a feature identity of this pipeline: {problem}")
-        return cls(raw["backbone"], raw["weights"], raw["image_size"], raw["preprocess"],
-                   raw.get("precision", "float32"), raw.get("storage", "float32"),
-                   raw.get("layer"), "precision" in raw)
-
-    def as_dict(self):
-        """The identity as caches and models record it (JSON): storage only when not float32,
-        layer only for a cut, precision unless it was made before PRECISION."""
-        identity = {"backbone": self.backbone, "weights": self.weights,
-                    "image_size": self.image_size, "preprocess": self.preprocess}
-        if self.precision_recorded:
-            identity["precision"] = self.precision
-        if self.storage != "float32":
-            identity["storage"] = self.storage
-        if self.layer is not None:
-            identity["layer"] = self.layer
-        return identity
-
-    @property
-    def id(self):
-        """The name of the folder its segments are kept in (`identity_id`)."""
-        return identity_id(self.as_dict())
-
-    @property
-    def dtype(self):
-        """The dtype the cache stores its rows in (they are always read back as float32)."""
-        return STORAGE_DTYPES[self.storage]
-
-    @property
-    def feature_shape(self):
-        """The shape of one image's row: the features, or the cut layer's activations."""
-        return layer_shape(self.layer or OUTPUT_LAYER, self.image_size)
-
-    def cut(self, layer, storage):
-        """The identity of the activations of `layer` by the same backbone, kept in `storage`."""
-        return replace(self, layer=layer, storage=storage)
+    return identity_of(weights, size, precision, storage).as_dict()
 
 
 def first_trainable(unfreeze):
@@ -223,10 +153,6 @@ def cut_layer(unfreeze):
     then the images themselves are the input."""
     first = first_trainable(unfreeze)
     return LAYERS[first - 1] if first > 0 else None
-
-
-def identity_id(identity):
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_backbone(weights, size=None, precision="float32"):
@@ -309,13 +235,3 @@ def library_versions():
 
 def feature_shape(size):
     return layer_shape(OUTPUT_LAYER, size)
-
-
-def layer_shape(layer, size):
-    """The shape of one image's output of VGG16's `layer` at SIZE: each block's convolutions
-    keep the side, its pooling halves it (rounding down)."""
-    block, kind = int(layer[len("block")]), layer.split("_")[1]
-    side = size
-    for _ in range(block if kind == "pool" else block - 1):
-        side //= 2
-    return (side, side, (64, 128, 256, 512, 512)[block - 1])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn import metrics
 
-from . import artifacts, backbone, cache, hashed, images, insight, lock, plots, registry
+from . import artifacts, cache, hashed, images, insight, lock, plots, registry
 from .config import Config, UserError, warn
 
 LEGACY_CONFUSION_PLOT = "confusion_{model}.png"   # before pictures were named by their hash
@@ -137,7 +137,7 @@ def _image_probabilities(config, model, store, rows, labels):
         raise UserError(f"{missing[0]} (and {len(missing) - 1} more) no longer exist: pass the "
                         "DATA folder the cache was extracted from")
     predict = registry.predictor(config, model)
-    size = backbone.FeatureIdentity.read(store.identity).image_size
+    size = store.feature_identity.image_size
     dataset = images.labelled_dataset(paths, labels, size, config.batch_size)
     return np.concatenate([predict(batch) for batch, _ in dataset])  # a changed image: one line
 

@@ -71,7 +71,7 @@ def _run(config, engine):
     weights = backbone.resolve_weights(config.weights)
     precision = engine.resolve_precision(config.precision)
     storage = backbone.resolve_storage(config.storage)
-    identity = backbone.FeatureIdentity.of(weights, config.size, precision, storage)
+    identity = backbone.identity_of(weights, config.size, precision, storage)
     targets, cut = cached_layers(config, identity)
     out = config.features_dir
 

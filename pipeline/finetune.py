@@ -164,7 +164,7 @@ def training_source(config, store):
         made = backbone.FeatureIdentity.read(cut["identity"])
     except UserError:
         made = None
-    features = backbone.FeatureIdentity.read(store.identity)
+    features = store.feature_identity
     if made is None or made != features.cut(layer, made.storage):
         raise UserError(f"{store.path}'s {layer} activations were made by another backbone than "
                         f"its features: {RETRAIN}")
@@ -189,7 +189,7 @@ def make_datasets(config, store):
     """Image datasets of the cache's rows: "train" (shuffled), "validation", "test"
     (None when empty), and "step0": the first validation batch with its cached features."""
     # SIZE belongs to the cache: images must match it
-    size = backbone.FeatureIdentity.read(store.identity).image_size
+    size = store.feature_identity.image_size
     paths = checked_image_paths(config, store)
     split, targets = splits_and_targets(config, store)
 
@@ -258,7 +258,7 @@ def build_model(config, weights, head, store, augmented=True):
     against 0.831 / 0.824, validation / test), with no epoch below the head
     (bench/QUALITY_NOTES.md, section f)."""
     layers = augment.augmentation(config.seed) if augmented else None
-    model, base = compose(weights, head, backbone.FeatureIdentity.read(store.identity), layers)
+    model, base = compose(weights, head, store.feature_identity, layers)
     trainable = set_trainable(base, config.unfreeze)
     # Recompile after changing `trainable`: fit uses the trainable set the model was compiled with.
     compile_for_training(model, config, store)
@@ -270,7 +270,7 @@ def build_model_on_cut(config, weights, head, store):
     above the cut and the head, and trains; `whole` is image -> probabilities, the frozen layers
     below the cut included. They share every layer above the cut, so `whole` holds what `model`
     learns, and is what finetuned.keras saves."""
-    whole, base = compose(weights, head, backbone.FeatureIdentity.read(store.identity))
+    whole, base = compose(weights, head, store.feature_identity)
     trainable = set_trainable(base, config.unfreeze)
     cut = base.get_layer(store.cut["layer"])
     if tuple(cut.output.shape[1:]) != tuple(store.shape("cut_features")):

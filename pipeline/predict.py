@@ -186,7 +186,7 @@ def _predictor(config, model, record):
                 artifacts.require_same_identity(record.identity, store.identity,
                                                 registry.path(config, model))
             weights = backbone.weights_of_cache(config.weights, store.attrs)
-            identity = backbone.FeatureIdentity.read(store.identity)
+            identity = store.feature_identity
             try:  # never a reason to withhold the predictions themselves
                 measure = outliers.load_outlier_model(config.models_dir, store,
                                                    config.outlier_percentile)

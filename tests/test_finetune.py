@@ -123,7 +123,7 @@ def test_at_step_zero_the_composed_model_equals_the_head_on_cached_features(read
         features, labels = store.read(rows), store.labels[rows]
         paths = [os.path.join(config.data, p) for p in store.paths[rows]]
         weights = backbone.weights_of_cache("", store.attrs)
-        identity = backbone.FeatureIdentity.read(store.identity)
+        identity = store.feature_identity
     head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD), compile=False)
     model, _ = finetune.compose(weights, head, identity)
     batches = images.labelled_dataset(paths, labels, 32, batch_size=5)

@@ -41,7 +41,7 @@ def test_identity_id_is_pinned(raw, expected):
 
 
 def test_made_and_cut_identities_match_the_records():
-    made = FeatureIdentity.of(FILE, 224, "float32", "float16")
+    made = backbone.identity_of(FILE, 224, "float32", "float16")
     assert made.as_dict() == backbone.feature_identity(FILE, 224, "float32", "float16")
     assert made.id == backbone.identity_id(backbone.feature_identity(FILE, 224, "float32",
                                                                      "float16"))
@@ -90,7 +90,7 @@ def test_fine_tuning_uses_only_a_cut_of_the_features_own_backbone(recorded, ok):
     from pipeline import finetune
     config = SimpleNamespace(finetune_from="cache", unfreeze="block5", finetune_augment=0)
     store = SimpleNamespace(cut={"layer": "block4_pool", "identity": recorded}, path="x.h5",
-                            identity=backbone.feature_identity(FILE, 224))
+                            feature_identity=backbone.identity_of(FILE, 224))
     if ok:
         assert finetune.training_source(config, store) == "cache"
     else:

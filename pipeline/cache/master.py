@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from .. import files
-from ..config import MAX_SIZE, MIN_SIZE
+from ..identity import identity_problem
 from ..index import Previous, Rows, runs
 from .layout import DAMAGE, FEATURE_DATASETS, MASTER, STR, checksummed, open_master
 
@@ -186,16 +186,6 @@ def master_segments(features_dir):
             return set(f["segments"].asstr()[:])
     except DAMAGE:
         return set()
-
-
-def identity_problem(identity):
-    """None for an identity whose image_size is a SIZE (config.MIN_SIZE..MAX_SIZE), else what
-    is wrong: 1500, read back from a cache, ended in a Keras traceback."""
-    size = identity.get("image_size") if isinstance(identity, dict) else None
-    if isinstance(size, int) and not isinstance(size, bool) and MIN_SIZE <= size <= MAX_SIZE:
-        return None
-    shown = repr(size if isinstance(identity, dict) else identity)[:40]
-    return f"its identity's image_size is {shown}, not an integer from {MIN_SIZE} to {MAX_SIZE}"
 
 
 def previous_files(features_dir):

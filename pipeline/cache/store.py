@@ -23,9 +23,10 @@ import h5py
 import numpy as np
 
 from ..config import UserError
+from ..identity import FeatureIdentity, identity_problem
 from . import layout
 from .layout import CUT_DATASETS, DAMAGE, FEATURE_DATASETS, MASTER, VIEW_DATASETS, open_master
-from .master import WRITE_ROWS, check_index, decode_attr, identity_problem, read_index
+from .master import WRITE_ROWS, check_index, decode_attr, read_index
 
 READ_BLOCK = 1024         # rows per contiguous read from the virtual dataset
 READ_GAP = 16             # unwanted rows a read may span rather than start another
@@ -225,7 +226,13 @@ class FeatureStore:
 
     @property
     def identity(self):
+        """The identity as the cache records it (a dict: what models record and compare)."""
         return self.attrs["identity"]
+
+    @property
+    def feature_identity(self):
+        """The identity read as a FeatureIdentity: its image size, precision, shape, dtype."""
+        return FeatureIdentity.read(self.identity)
 
     def __len__(self):
         return len(self.labels)
