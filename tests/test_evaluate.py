@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
-from trained_run import shared_trained_run, tiny_config
+from trained_run import run_config, shared_trained_run
 
 from pipeline import artifacts, cache, evaluate, extract, heads, images, insight, plots, train_head
 from pipeline.config import UserError
@@ -98,7 +98,7 @@ def test_models_of_another_identity_are_refused(run, tmp_path):
 
 
 def test_validation_stands_in_without_a_test_split(tmp_path):
-    config = tiny_config(str(tmp_path), split="50/50/0", head="logreg")
+    config = run_config(str(tmp_path), split="50/50/0", head="logreg")
     from helpers import make_image_folder
     make_image_folder(config.data, per_class=6)
     extract.run(config)

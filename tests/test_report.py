@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 from helpers import edit_json, make_image_folder
 from PIL import Image
-from trained_run import shared_trained_run, tiny_config
+from trained_run import run_config, shared_trained_run
 
 from pipeline import (
     artifacts,
@@ -112,7 +112,7 @@ def test_random_weights_notice_is_loud_and_skipped_files_are_listed(tmp_path, mo
     def offline():
         raise UserError("could not download the ImageNet VGG16 weights (offline)")
     monkeypatch.setattr(backbone, "_imagenet_file", offline)
-    config = tiny_config(str(tmp_path), weights="auto", head="logreg")
+    config = run_config(str(tmp_path), weights="auto", head="logreg")
     make_image_folder(config.data, per_class=8)
     (tmp_path / "data" / "vertical" / "broken.jpg").write_bytes(b"not a picture")
     extract.run(config)

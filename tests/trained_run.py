@@ -2,25 +2,22 @@
 32-pixel images, WEIGHTS=none, extract -> train-head -> finetune, in seconds on a CPU."""
 import os
 
-from helpers import built_once, copy_folders, make_image_folder
+from helpers import built_once, copy_folders, make_image_folder, tiny_config
 
 from pipeline import extract, finetune, train_head
-from pipeline.config import Config
 
 
-def tiny_config(root, **changes):
-    settings = dict(data=os.path.join(root, "data"), name="tiny", weights="none", size=32,
-                    augment=0, batch_size=4, split="40/30/30", epochs=2, finetune_epochs=1, seed=0,
-                    precision="float32",  # the same on every machine (auto may pick bfloat16)
-                    features_root=os.path.join(root, "features"),
-                    models_root=os.path.join(root, "models"))
-    return Config(**{**settings, **changes})
+def run_config(root, **changes):
+    """The trained run's Config under root (data/, features/, models/): the tests' tiny settings
+    (`helpers.tiny_config`), with a name, a split that keeps both classes in each, 2 epochs."""
+    settings = dict(name="tiny", split="40/30/30", epochs=2, seed=0)
+    return tiny_config(root, os.path.join(root, "data"), **{**settings, **changes})
 
 
 def make_trained_run(root, per_class=10, **changes):
     """The Config of a finished extract -> train-head -> finetune run under `root` (with these
     20 images the splits hold 5 train, 8 validation and 7 test images, both classes in each)."""
-    config = tiny_config(str(root), **changes)
+    config = run_config(str(root), **changes)
     make_image_folder(config.data, per_class=per_class)
     extract.run(config)
     train_head.run(config)
@@ -35,7 +32,7 @@ def trained_run_copy(tmp_path_factory, root):
     """The Config of a copy under root of one trained run, made once for the whole pytest run."""
     pristine = built_once(tmp_path_factory, "trained_run", make_trained_run)
     copy_folders(pristine, root)
-    return tiny_config(str(root))
+    return run_config(str(root))
 
 
 def shared_trained_run(tmp_path_factory):
