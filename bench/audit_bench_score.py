@@ -9,6 +9,7 @@ import numpy as np
 from pipeline import outliers
 from pipeline.analysis import label_issues as li
 from pipeline.analysis import near_duplicates as nd
+from pipeline.config import Config
 
 NOISE = (0.05, 0.10, 0.20)
 RANKS = (10, 50, 100)
@@ -17,6 +18,11 @@ RANKS = (10, 50, 100)
 def _unit(x):
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _root_unit(pooled):
+    """The former outlier measure's vectors: square-rooted pooled maps, unit length."""
+    return _unit(np.sqrt(np.maximum(pooled, 0)))
 
 
 # --- near-duplicate candidates: maps (n, h, w, c), train mask -> unit vectors -----------------
@@ -119,13 +125,17 @@ def _confident_joint_rule(p, y):
 
 FEATURES = {"pooled": lambda maps: maps.mean(axis=(1, 2)),
             "flattened": lambda maps: maps.reshape(len(maps), -1),
-            "regional GeM": li.label_features}
+            "regional GeM": nd.regional_gem,
+            "square-rooted, flattened, projected": li.label_features}
 LABEL_METHODS = {
     "before: pooled, below-mean rule": ("pooled", _below_mean_rule),
     "pooled, confident joint": ("pooled", _confident_joint_rule),
     "flattened, below-mean rule": ("flattened", _below_mean_rule),
-    "regional GeM, below-mean rule": ("regional GeM", _below_mean_rule),
-    "regional GeM, confident joint (shipped)": ("regional GeM", _confident_joint_rule),
+    "regional GeM, confident joint": ("regional GeM", _confident_joint_rule),
+    "square-rooted, flattened, projected, below-mean rule": (
+        "square-rooted, flattened, projected", _below_mean_rule),
+    "square-rooted, flattened, projected, confident joint (shipped)": (
+        "square-rooted, flattened, projected", _confident_joint_rule),
 }
 
 
@@ -181,18 +191,17 @@ def ood_scores(data, part, percentile=99):
         d = distance_of(new)
         return {k: float((d[data["kind"][new] == k] > threshold).mean()) for k in kinds}
 
-    before_present, before_centroids = outliers.class_centroids(
-        outliers.appearance(pooled[train]), y, 2)
+    centroids = _unit(np.stack([_root_unit(pooled[train][y == k]).mean(0)
+                                for k in (0, 1)]))
     out["before: nearest class centroid, square-rooted pooled"] = rates(
-        lambda r: outliers.outlier_distance(outliers.appearance(pooled[r]), before_present,
-                                            before_centroids)[0])
-    reference = outliers.appearance(pooled[train])
+        lambda r: 1 - (_root_unit(pooled[r]) @ centroids.T).max(axis=1))
+    reference = _root_unit(pooled[train])
 
     def knn(vectors_of, ref, k):
         return lambda r: 1 - np.sort(vectors_of(r) @ ref.T, axis=1)[:, -k]
     for k in (1, 5, 10):
         out[f"kNN k={k}, square-rooted pooled"] = rates(
-            knn(lambda r: outliers.appearance(pooled[r]), reference, k))
+            knn(lambda r: _root_unit(pooled[r]), reference, k))
     mean = pooled[train].mean(0)
     centred = pooled[train] - mean
     cov = centred.T @ centred / len(train)
@@ -216,7 +225,7 @@ def score(path, part):
         data = {k: f[k] for k in f.files}
     label = "choose" if part == 0 else "report"
     print(f"part: {label} ({(data['kind'][data['part'] == part] == 'original').sum()} originals)")
-    threshold = nd.DEFAULT_THRESHOLD
+    threshold = Config.__dataclass_fields__["duplicate_threshold"].default
     scores = near_duplicate_scores(data, part, threshold)
     for name, edits in scores.items():
         print(f"\nnear-duplicates, {name}, at {threshold:g}: precision recall r@10 r@50 r@100")

@@ -150,8 +150,7 @@ def _label_issues(cached, folds, seed):
 
 def _outliers(cached):
     """(rows past the outlier threshold, farthest first; distance; nearest class) of every row."""
-    distance, nearest = cached.outlier_model.distance_of_pooled(
-        cached.pooled, rows=np.arange(len(cached.pooled)))
+    distance, nearest = cached.outlier_model.distance_of_pooled(cached.pooled)
     unlike = np.flatnonzero(distance > cached.outlier_model.threshold)
     return unlike[np.argsort(-distance[unlike], kind="stable")], distance, nearest
 

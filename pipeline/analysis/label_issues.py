@@ -3,8 +3,9 @@ different labels.
 
 Every row's class probabilities come from the one fold model that did not train on it
 (StratifiedKFold, `out_of_fold_probabilities`), a logistic regression behind a StandardScaler on
-`label_features`: the regional GeM descriptor of the map (near_duplicates.regional_gem), which
-keeps what is in the picture wherever it is. Then the confident joint (Northcutt et al.,
+`label_features`: the square-rooted, flattened map, randomly projected to LABEL_DIMENSIONS
+numbers (chosen over pooled maps and regional descriptors on the benchmark's choose-part,
+docs/audit.md). Then the confident joint (Northcutt et al.,
 "Confident learning"): class k's threshold is the mean probability of k over the rows labelled
 k; a row labelled i counts as confidently j when p_j reaches j's threshold (the most probable
 such j); a row is a candidate when that j is not i. Candidates are ranked by the probability of
@@ -20,13 +21,34 @@ import numpy as np
 from .. import heads
 
 LOGREG_C = 0.1           # regularisation of the cross-validated logistic regression
+GRID = 4                 # cells per side the map is averaged down to, at most
+LABEL_DIMENSIONS = 1024  # of the fixed random projection of the flattened map
+PROJECTION_SEED = 20240  # fixed: every audit's label model reads the same projection
 WEAK_ACCURACY = 0.85     # out-of-fold accuracy under which the candidates are called weak
 
 
 def label_features(maps):
-    """(n, h, w, c) feature maps -> (n, c): what the label model reads."""
-    from .near_duplicates import regional_gem
-    return regional_gem(maps)
+    """(n, h, w, c) feature maps -> (n, LABEL_DIMENSIONS): what the label model reads. The map
+    (averaged down to at most GRID x GRID cells) square-rooted, flattened and multiplied by a
+    fixed Gaussian matrix: where things are and what they are, in bounded memory."""
+    maps = np.asarray(maps, np.float32)
+    h, w, c = maps.shape[1:]
+    cells = (min(h, GRID), min(w, GRID))
+    if (h, w) != cells:  # average blocks of cells down to the grid
+        rows = np.array_split(np.arange(h), cells[0])
+        cols = np.array_split(np.arange(w), cells[1])
+        maps = np.stack([np.stack([maps[:, r][:, :, k].mean(axis=(1, 2)) for k in cols], axis=1)
+                         for r in rows], axis=1)
+    flat = np.sqrt(np.maximum(maps, 0)).reshape(len(maps), -1)
+    if flat.shape[1] <= LABEL_DIMENSIONS:
+        return flat
+    return flat @ _projection(flat.shape[1])
+
+
+def _projection(inputs):
+    rng = np.random.default_rng(PROJECTION_SEED)
+    return (rng.standard_normal((inputs, LABEL_DIMENSIONS), dtype=np.float32)
+            / np.float32(np.sqrt(LABEL_DIMENSIONS)))
 
 
 def out_of_fold_probabilities(x, y, folds, seed=0, estimator=None):

@@ -22,7 +22,6 @@ import numpy as np
 
 GEM_POWER = 3.0
 WINDOW = 0.75            # side of the corner windows, as a share of the map's side
-DEFAULT_THRESHOLD = 0.8  # chosen on the benchmark's choose-part (docs/audit.md)
 BLOCK = 2048             # rows per tile side: 2048 x 2048 float32 = 16 MB a tile
 MAX_PAIRS = 100_000      # pairs kept at most, the most similar
 
