@@ -30,24 +30,13 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from . import (
-    artifacts,
-    augment,
-    backbone,
-    cache,
-    datasets,
-    files,
-    heads,
-    images,
-    lock,
-    plots,
-    registry,
-    resume,
-    runtime,
-    stream,
-    views,
-)
+from . import cache
+from .cache import batches, views
 from .config import Config, UserError, warn
+from .data import augment, datasets, images
+from .fs import artifacts, files, lock
+from .model import backbone, heads, registry, resume, runtime
+from .reporting import plots
 
 MATCH_ATOL = 1e-2  # step 0, composed vs head on cached features: loose enough for GPU TF32 math,
                    # far below what other images, weights or preprocessing would change
@@ -91,7 +80,7 @@ def _finetune(config, start, extra_callbacks):
         if source == "cache":  # the layers above the cut, on its cached activations
             data = cached_datasets(config, store)
             model, whole, trainable = build_model_on_cut(config, weights, head, store)
-            on_error = stream.one_line_on_damage(store)
+            on_error = batches.one_line_on_damage(store)
         else:  # the whole model on decoded (augmented) images
             data = make_datasets(config, store)
             model, trainable = build_model(config, weights, head, store,
@@ -109,7 +98,7 @@ def _finetune(config, start, extra_callbacks):
                                                          extra_callbacks)
         if source == "cache":  # each epoch's views, as in a run never interrupted
             data["train"].start_at(done)
-            callbacks.insert(0, stream.FollowEpochs(data["train"]))
+            callbacks.insert(0, batches.FollowEpochs(data["train"]))
         # A run that early stopping ended stays ended; otherwise train up to EPOCHS (maybe 0 more)
         target = done if state and state["stopped"] else max(done, config.finetune_epochs)
         with on_error:
@@ -213,7 +202,7 @@ def cached_datasets(config, store):
     read = views.epoch_reader(store, config.seed, "cut_", per_image)
 
     def dataset(rows, **kwargs):
-        return stream.CachedFeatures(store, rows, targets, config.batch_size,
+        return batches.CachedFeatures(store, rows, targets, config.batch_size,
                                      dataset="cut_features", **kwargs) if len(rows) else None
 
     first = split["validation"][:config.batch_size]

@@ -23,9 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import artifacts, audit, cache, files, hashed, lock, markdown, plots, registry, sections
+from . import audit, cache
 from .config import Config, UserError, warn
-from .registry import TITLES
+from .fs import artifacts, files, lock
+from .model import registry
+from .model.registry import TITLES
+from .reporting import markdown, pictures, plots, sections
 
 # the stems of report's own pictures (hashed.py), and the fixed names of earlier versions
 PICTURES = {"reliability", *(f"misclassified_{model}" for model in registry.NAMES)}
@@ -96,7 +99,7 @@ def _report(config):
     page = artifacts.path(config, HTML)
     with files.replacing(page, "w", encoding="utf-8") as f:
         f.write(_html(lines, folder, f"Transfer-learning report: {config.dataset_name}"))
-    hashed.remove_stale(folder, PICTURES, drawn)
+    pictures.remove_stale(folder, PICTURES, drawn)
     for name in LEGACY_PICTURES:
         legacy = os.path.join(folder, name)
         if os.path.isfile(legacy) and not os.path.islink(legacy):
@@ -204,7 +207,7 @@ def _calibration_section(folder, evaluation, drawn):
     if not curves:
         return lines[:2] + ["No calibration figures in evaluation.json: run `make evaluate` "
                             "again.", ""]
-    drawn.append(hashed.write(folder, "reliability", plots.png_bytes(plots.plot_reliability(
+    drawn.append(pictures.write(folder, "reliability", plots.png_bytes(plots.plot_reliability(
         curves, title=f"Reliability on the {evaluation.split} split"))))
     return lines + ["", f"![reliability diagram]({drawn[-1]['file']})", ""]
 
@@ -288,7 +291,7 @@ def _misclassified_section(folder, evaluation, drawn):
                   f"{evaluation.images} wrong", ""]
         shown = _misclassified_grid(evaluation, m["misclassified"][:GRID_IMAGES], TITLES[model])
         if shown:
-            drawn.append(hashed.write(folder, f"misclassified_{model}", shown))
+            drawn.append(pictures.write(folder, f"misclassified_{model}", shown))
             lines += [f"![misclassified, {TITLES[model]}]({drawn[-1]['file']})", ""]
         elif m["misclassified_count"]:
             lines += [f"(the images under {_code(evaluation.data_root)} could not be opened)", ""]

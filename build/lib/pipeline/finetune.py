@@ -1,0 +1,388 @@
+"""Stage three: fine-tune the top of VGG16 together with the stage-two dense head.
+
+    python -m pipeline finetune [--name NAME] [--unfreeze block5|N] [--finetune-epochs 10]
+                                [--lr 1e-4] [--finetune-from cache|images] [--fresh 1]
+
+Fine-tuning starts from the trained head, never a random one: a random head sends large errors back
+through the base and destroys what the base learned. Every epoch is backed up, so a killed run
+continues where it stopped; FRESH=1 starts again from the head.
+
+The layers below UNFREEZE are frozen, so they give the same output for the same input every
+epoch. With FINETUNE_FROM=cache (the default), extract has cached that output, the *cut*
+(block4_pool for UNFREEZE=block5), for every image and every AUGMENT view: fine-tuning trains the
+layers above the cut and the head on those activations, reading each training image as another
+cached view every epoch, as train-head does. It decodes no image and runs no frozen layer, so it
+needs only features/<NAME>/. FINETUNE_FROM=images (or a cache without the cut) decodes and
+augments the images every epoch and runs the whole base. Either way finetuned.keras is the whole
+model, image -> probabilities.
+
+    -> models/<NAME>/finetuned.keras (image -> probabilities), finetune_metrics.json,
+       finetune_history.png, finetune_log.csv (a row an epoch: the history, also across resumes);
+       for resuming: finetune_backup/
+"""
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+from tqdm import tqdm
+
+from . import cache
+from .cache import batches, views
+from .config import Config, UserError, warn
+from .data import augment, datasets, images
+from .fs import artifacts, files, lock
+from .model import backbone, heads, registry, resume, runtime
+from .reporting import plots
+
+MATCH_ATOL = 1e-2  # step 0, composed vs head on cached features: loose enough for GPU TF32 math,
+                   # far below what other images, weights or preprocessing would change
+RETRAIN = "run `make extract` then `make train-head`"
+
+
+@dataclass
+class FinetuneResult:
+    model_path: str
+    metrics_path: str
+    plot_path: str
+    validation: dict          # {"accuracy", "loss"} of the restored best weights
+    test: dict                # the same on the test split ({} when there is none)
+    epochs: int               # epochs trained in total, over every resumed run
+    best_epoch: int           # 1-based
+    resumed_from_epoch: int   # epochs already done when this run started (0 = fresh)
+    trainable_layers: list
+    seconds: float
+    source: str = "images"    # what it trained on: "cache" (the cut's activations) or "images"
+
+
+def run(config: Config, *, callbacks=()) -> FinetuneResult:
+    """Fine-tune from the cache (or the images: `training_source`), resuming an interrupted run.
+    `callbacks` join Keras's fit after the backup (the tests' kill switches)."""
+    start = time.perf_counter()
+    # Two fine-tunes of one dataset would overwrite each other's backups: one at a time. (Other
+    # stages write models/<NAME> too, so strays are left alone; each file is replaced atomically.)
+    with lock.exclusive(config.models_dir, "finetune"):
+        return _finetune(config, start, callbacks)
+
+
+def _finetune(config, start, extra_callbacks):
+    runtime.set_seed(config.seed)
+    with cache.FeatureStore(config.features_dir) as store:           # "no cache" refused here
+        head_record = registry.record(config, "dense")  # train-head's last head, or refused
+        weights = backbone.weights_of_cache(config.weights, store.attrs)
+        artifacts.require_same_identity(head_record.identity, store.identity,
+                                        registry.path(config, "dense"))
+        head = registry.load(config, "dense")
+        source = training_source(config, store)
+        if source == "cache":  # the layers above the cut, on its cached activations
+            data = cached_datasets(config, store)
+            model, whole, trainable = build_model_on_cut(config, weights, head, store)
+            on_error = batches.one_line_on_damage(store)
+        else:  # the whole model on decoded (augmented) images
+            data = make_datasets(config, store)
+            model, trainable = build_model(config, weights, head, store,
+                                           augmented=config.finetune_augment)
+            whole, on_error = model, images.one_line_on_change(
+                data["train"], data["validation"], data["test"], data["step0"][0])
+        settings = {"identity_id": backbone.identity_id(store.identity), "lr": config.lr,
+                    "optimizer": config.finetune_optimizer, "unfreeze": config.unfreeze,
+                    "finetune_augment": config.finetune_augment, "finetune_from": source,
+                    "head_sha256": head_record.file_sha256}
+        # backups from before FINETUNE_AUGMENT augmented exactly when the head had seen views
+        state = resume.resume_state(config, settings, head_record.get("views", 0) > 0)
+        done = state["epochs"] if state else 0
+        early, backup, callbacks = resume.make_callbacks(config, settings, state, start,
+                                                         extra_callbacks)
+        if source == "cache":  # each epoch's views, as in a run never interrupted
+            data["train"].start_at(done)
+            callbacks.insert(0, batches.FollowEpochs(data["train"]))
+        # A run that early stopping ended stays ended; otherwise train up to EPOCHS (maybe 0 more)
+        target = done if state and state["stopped"] else max(done, config.finetune_epochs)
+        with on_error:
+            if state is None:  # a resumed model is no longer the head's: nothing to compare
+                check_composition(model, head, *data["step0"])
+                # the head itself is "epoch 0", to beat: see Backup.on_train_begin
+                backup.start = model.evaluate(data["validation"], verbose=0,
+                                              return_dict=True)["loss"]
+            model.fit(data["train"], validation_data=data["validation"], initial_epoch=done,
+                      epochs=target, callbacks=callbacks,
+                      shuffle=False,  # the dataset shuffles itself, seeded
+                      verbose=1 if sys.stdout.isatty() else 2)  # logs: a line an epoch
+            # EarlyStopping.on_train_end has put the best epoch's weights back (also after a
+            # resume); `whole` shares them
+            scores = {name: model.evaluate(data[name], return_dict=True, verbose=0)
+                      if data[name] else {} for name in ("validation", "test")}
+    history = resume.log_history(config, target)
+    result = _write_outputs(config, store, weights, whole, head_record, backup, early,
+                            trainable, done, scores, history, source)
+    if result.epochs and not result.best_epoch:
+        print(f"finetune {config.dataset_name}: no epoch beat the head's validation loss: "
+              "finetuned.keras is the head on the base, unchanged")
+    print(f"finetune {config.dataset_name}: {result.epochs} epochs (best {result.best_epoch}) "
+          f"from the {source}, validation accuracy {result.validation['accuracy']:.3f}, "
+          f"{result.seconds:.1f} s -> {result.model_path}")
+    if weights.notice:
+        warn(weights.notice)
+    return result
+
+
+def training_source(config, store):
+    """"cache" when the cache holds what FINETUNE_FROM=cache trains on: the activations at
+    UNFREEZE's cut and, with FINETUNE_AUGMENT, their augmented views. Otherwise "images", after
+    one line that says how to cache them."""
+    if config.finetune_from == "images":
+        return "images"
+    layer, cut = backbone.cut_layer(config.unfreeze), store.cut
+    why = None
+    if layer is None:
+        why = f"UNFREEZE={config.unfreeze} trains every layer: its input is the image"
+    elif not cut or cut["layer"] != layer:
+        why = (f"the cache holds no {layer} activations: `make extract UNFREEZE="
+               f"{config.unfreeze}` caches them")
+    elif config.finetune_augment and not store.cut_views():
+        why = (f"the cache holds no augmented views of {layer}: `make extract AUGMENT=5` caches "
+               "them (FINETUNE_AUGMENT=0: the plain activations)")
+    if why:
+        print(f"finetune {config.dataset_name}: from the images, as {why} "
+              "(FINETUNE_FROM=images chooses the images without this line)")
+        return "images"
+    try:
+        made = backbone.FeatureIdentity.read(cut["identity"])
+    except UserError:
+        made = None
+    features = store.feature_identity
+    if made is None or made != features.cut(layer, made.storage):
+        raise UserError(f"{store.path}'s {layer} activations were made by another backbone than "
+                        f"its features: {RETRAIN}")
+    return "cache"
+
+
+# --- Inputs: the images the cache was built from, still the same ------------------------------
+
+def splits_and_targets(config, store):
+    """({split: its rows}, every row's target): float targets of shape (n, 1) for the sigmoid
+    head, class indices for the softmax one, as in stage two."""
+    split = {s: store.rows(s) for s in datasets.SPLITS}
+    if not len(split["train"]) or not len(split["validation"]):
+        raise UserError(f"the cache of {config.dataset_name} has no train or no validation "
+                        "images: add images or change SPLIT, then " + RETRAIN)
+    targets = (store.labels.astype(np.float32)[:, None] if len(store.class_names) == 2
+               else store.labels.astype(np.int32))
+    return split, targets
+
+
+def make_datasets(config, store):
+    """Image datasets of the cache's rows: "train" (shuffled), "validation", "test"
+    (None when empty), and "step0": the first validation batch with its cached features."""
+    # SIZE belongs to the cache: images must match it
+    size = store.feature_identity.image_size
+    paths = checked_image_paths(config, store)
+    split, targets = splits_and_targets(config, store)
+
+    def dataset(rows, **kwargs):
+        return images.labelled_dataset(paths[rows], targets[rows], size, config.batch_size,
+                                       **kwargs) if len(rows) else None
+
+    first = split["validation"][:config.batch_size]
+    return {"train": dataset(split["train"], shuffle_seed=config.seed),
+            "validation": dataset(split["validation"]), "test": dataset(split["test"]),
+            "step0": (dataset(first), store.read(first))}
+
+
+def cached_datasets(config, store):
+    """The cut's cached activations as Keras datasets: "train" (shuffled; with FINETUNE_AUGMENT
+    each image is read as another cached view every epoch, views.epoch_reader), "validation" and
+    "test" (plain; None when empty), and "step0": the first validation batch's activations with
+    its cached features. No image is decoded and no layer below the cut runs."""
+    split, targets = splits_and_targets(config, store)
+    per_image = store.cut_views() if config.finetune_augment else 0
+    read = views.epoch_reader(store, config.seed, "cut_", per_image)
+
+    def dataset(rows, **kwargs):
+        return batches.CachedFeatures(store, rows, targets, config.batch_size,
+                                     dataset="cut_features", **kwargs) if len(rows) else None
+
+    first = split["validation"][:config.batch_size]
+    return {"train": dataset(split["train"], seed=config.seed, read=read),
+            "validation": dataset(split["validation"]), "test": dataset(split["test"]),
+            "step0": (store.read(first, "cut_features"), store.read(first))}
+
+
+def checked_image_paths(config, store):
+    """The path of every cached row, after checking the file still has the cached content.
+    A file whose size and mtime are those extract recorded is trusted; any other is re-hashed."""
+    root = store.image_root(config.data)
+    recorded = cache.previous_files(config.features_dir)
+    out = []
+    for rel, sha in tqdm(list(zip(store.paths, store.sha256)), desc="checking DATA", unit="file",
+                         leave=False, disable=len(store.paths) < 2000):
+        full = os.path.join(root, rel)
+        if not os.path.isfile(full):
+            raise UserError(f"DATA no longer matches the cache: {full} is gone; pass the "
+                            f"DATA the cache was made from, or {RETRAIN}")
+        stat = os.stat(full)
+        size, mtime_ns, _ = recorded.get(rel, (None, None, None))
+        if ((stat.st_size, stat.st_mtime_ns) != (size, mtime_ns)
+                and artifacts.file_sha256(full) != sha):
+            raise UserError(f"DATA no longer matches the cache: {full} changed since `make "
+                            f"extract`; {RETRAIN}")
+        out.append(full)
+    return np.asarray(out, dtype=object)
+
+
+# --- The model: backbone + trained head, and what trains --------------------------------------
+
+def build_model(config, weights, head, store, augmented=True):
+    """The cache's backbone + the trained head (after the augmentation if `augmented`:
+    FINETUNE_AUGMENT), compiled with UNFREEZE's layers and the head trainable. Returns (model,
+    names of the base's layers that train).
+
+    The augmentation is on by default, also for a head trained on plain features. Round 2 turned
+    it off for those (such a head scores 0.73 on augmented training images, 0.96 on plain ones),
+    from a replica in which block5 never trained; with block5 training (Adam, LR=1e-4), fine-
+    tuning on augmented images beat fine-tuning on plain ones on cats_vs_dogs (0.843 / 0.851
+    against 0.831 / 0.824, validation / test), with no epoch below the head
+    (bench/QUALITY_NOTES.md, section f)."""
+    layers = augment.augmentation(config.seed) if augmented else None
+    model, base = compose(weights, head, store.feature_identity, layers)
+    trainable = set_trainable(base, config.unfreeze)
+    # Recompile after changing `trainable`: fit uses the trainable set the model was compiled with.
+    compile_for_training(model, config, store)
+    return model, trainable
+
+
+def build_model_on_cut(config, weights, head, store):
+    """(model, whole, trainable): `model` maps the cut's activations through the base's layers
+    above the cut and the head, and trains; `whole` is image -> probabilities, the frozen layers
+    below the cut included. They share every layer above the cut, so `whole` holds what `model`
+    learns, and is what finetuned.keras saves."""
+    whole, base = compose(weights, head, store.feature_identity)
+    trainable = set_trainable(base, config.unfreeze)
+    cut = base.get_layer(store.cut["layer"])
+    if tuple(cut.output.shape[1:]) != tuple(store.shape("cut_features")):
+        raise UserError(f"{store.path}'s {cut.name} activations are {store.shape('cut_features')}"
+                        f", not {tuple(cut.output.shape[1:])}: {RETRAIN}")
+    x = inputs = keras.Input(cut.output.shape[1:], name=cut.name)
+    for layer in base.layers[base.layers.index(cut) + 1:]:
+        x = layer(x)
+    model = keras.Model(inputs, head(x), name="finetune_on_cut")
+    compile_for_training(model, config, store)
+    return model, whole, trainable
+
+
+def compile_for_training(model, config, store):
+    """The optimizer (make_optimizer), the loss and accuracy. XLA only under JAX, which has no
+    other way to compile: under TensorFlow on the CPU, XLA ran block5's training steps on
+    cached activations 1.8x slower (15.4 against 27.7 rows/s), as it ran extraction 12% slower
+    (backbone.feature_function); Keras's "auto" would have chosen it for that model."""
+    steps = math.ceil(len(store.rows("train")) / config.batch_size)
+    model.compile(optimizer=make_optimizer(config, steps),
+                  loss=heads.loss_for(len(store.class_names)), metrics=["accuracy"],
+                  jit_compile=runtime.backend() == "jax")
+
+
+def make_optimizer(config, steps_per_epoch):
+    """Adam at LR=1e-4 by default, where the article used RMSprop at 1e-5. On cats_vs_dogs
+    (bench/QUALITY_NOTES.md, section e) RMSprop at 1e-5 moved block5 too little to matter in 4
+    epochs (+0.6 points), and RMSprop at 3e-5 or 1e-4 first lost 2-5 points of validation
+    accuracy in epoch 1; Adam at 1e-4 gained in every epoch up to its best (+5.4 in 3), its
+    momentum averaging the noisy per-weight steps RMSprop takes."""
+    rate = warmup(config, steps_per_epoch)
+    if config.finetune_optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(rate)
+    return keras.optimizers.Adam(rate)
+
+
+def warmup(config, steps_per_epoch):
+    """The learning rate: from 0 up to LR over FINETUNE_WARMUP epochs, then LR.
+
+    Adaptive optimizers' first steps move every trainable weight by about LR in the sign of its
+    gradient, all at once (RMSprop's, whose accumulator starts at 0, by ~LR/sqrt(1 - rho) = 3.2 x
+    LR). On cats_vs_dogs one such step flipped the head's predictions (256 validation images of
+    one class: 0.76 accuracy -> 0.04), with or without Dropout; with the warm-up the same step
+    leaves them at 0.76 (bench/QUALITY_NOTES.md). CosineDecay with alpha=1 decays nothing: it is
+    Keras's own warm-up, saved and restored with the optimizer."""
+    if not config.finetune_warmup:
+        return config.lr
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=1, alpha=1.0, warmup_target=config.lr,
+        warmup_steps=max(1, config.finetune_warmup * steps_per_epoch))
+
+
+def compose(weights, head, identity, augment_layers=None):
+    """image (after load_image) -> probabilities: `augment_layers` (active in training only, as
+    in the keras-io transfer-learning guide: seeded, on the GPU with the model, the same on every
+    backend), the cache's backbone (`identity`, a backbone.FeatureIdentity), then the trained
+    head."""
+    base = backbone.build_backbone_of(identity, weights)
+    size = identity.image_size
+    inputs = keras.Input((size, size, 3), name="image")
+    images_in = augment_layers(inputs) if augment_layers is not None else inputs
+    # training=False keeps the base in inference mode even while it trains (the keras-io recipe
+    # for bases with BatchNormalization; VGG16 has none, so it changes nothing but is safe).
+    features = base(images_in, training=False)
+    head.trainable = True
+    outputs = head(features)  # the head's Dropout is active during fit, as in stage two
+    return keras.Model(inputs, outputs, name="finetuned"), base
+
+
+def set_trainable(base, unfreeze):
+    """Freeze every layer below UNFREEZE: a block name ("block5") or a count of top conv layers
+    (backbone.first_trainable). Returns the names of the base's layers that train."""
+    first = backbone.first_trainable(unfreeze)
+    base.trainable = True
+    for layer in base.layers:
+        layer.trainable = (layer.name in backbone.LAYERS
+                           and backbone.LAYERS.index(layer.name) >= first)
+    return [layer.name for layer in base.layers if layer.trainable and layer.weights]
+
+
+def check_composition(model, head, image_batches, features):
+    """Before any training step the composed model must predict what the head predicts on the
+    cached features of the same images (or, from the cache, the model on the cut's activations
+    of those images); otherwise the cache and the images disagree.
+    Returns (composed predictions, head predictions)."""
+    composed = model.predict(image_batches, verbose=0)
+    cached = head.predict(features, verbose=0)
+    gap = float(np.max(np.abs(composed - cached))) if len(features) else 0.0
+    if not gap <= MATCH_ATOL:
+        raise UserError(f"the backbone + head predict differently (by {gap:.2g}) from the head on "
+                        f"the cached features of the same images: the cache is stale; {RETRAIN}")
+    return composed, cached
+
+
+# --- Outputs ----------------------------------------------------------------------------------
+
+def _write_outputs(config, store, weights, model, head_record, backup, early, trainable,
+                   done, scores, history, source):
+    model_path = artifacts.path(config, artifacts.FINETUNED)
+    with files.replacing_path(model_path) as temporary:  # a kill leaves the last one whole
+        model.save(temporary)
+    epochs = len(history.get("loss", []))
+    scores = {name: {"accuracy": float(s["accuracy"]), "loss": float(s["loss"])} if s else {}
+              for name, s in scores.items()}
+    metrics = {
+        "identity": store.identity, "identity_id": backbone.identity_id(store.identity),
+        "split_digest": store.split_digest(),  # registry.record checks it
+        "class_names": list(store.class_names), "config": config.to_dict(),
+        "weights": weights.fingerprint, "weights_notice": weights.notice,
+        "versions": backbone.library_versions(),  # the backend among them
+        "unfreeze": config.unfreeze, "trainable_layers": trainable, "finetune_from": source,
+        "validation": scores["validation"], "test": scores["test"], "epochs": epochs,
+        "best_epoch": int(early.best_epoch) + 1 if epochs else 0, "seconds": backup.seconds(),
+        "history": history, "resumed_from_epoch": done,
+        "file_sha256": artifacts.file_sha256(model_path),  # ties the file to these metrics
+    }
+    metrics_path = artifacts.path(config, artifacts.FINETUNE_METRICS)
+    artifacts.write_json(metrics_path, metrics)
+    plot_path = artifacts.path(config, artifacts.FINETUNE_HISTORY_PLOT)
+    plots.plot_history([("head", head_record.get("history", {})),
+                        ("fine-tune", history)], plot_path,
+                       f"{config.dataset_name}: dense head, then fine-tuning from "
+                       f"{config.unfreeze}")
+    return FinetuneResult(model_path, metrics_path, plot_path, metrics["validation"],
+                          metrics["test"], epochs, metrics["best_epoch"], done, trainable,
+                          metrics["seconds"], source)
