@@ -56,7 +56,7 @@ def plot_history(histories, path, title=""):
 
 def _save(fig, path):
     """Atomically, like every other output: a reader never sees half a PNG. No path: the caller
-    takes the picture with `png_bytes` (hashed.write names it by its content)."""
+    takes the picture with `png_bytes` (pictures.write names it by its content)."""
     if path is None:
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -65,7 +65,7 @@ def _save(fig, path):
 
 
 def png_bytes(fig):
-    """The figure as PNG bytes, for hashed.write."""
+    """The figure as PNG bytes, for pictures.write."""
     out = io.BytesIO()
     fig.savefig(out, format="png", dpi=100)
     return out.getvalue()
