@@ -6,9 +6,9 @@ import time
 
 import numpy as np
 
-from pipeline import outliers
 from pipeline.analysis import label_issues as li
 from pipeline.analysis import near_duplicates as nd
+from pipeline.analysis import outliers
 from pipeline.config import Config
 
 NOISE = (0.05, 0.10, 0.20)

@@ -1,19 +1,20 @@
 """Know the data from the cache: near-duplicates and leakage, likely label errors, outliers.
 
-    python -m pipeline audit [--name NAME] [--duplicate-threshold 0.8] [--audit-folds 5]
+    python -m pipeline audit [--name NAME] [--duplicate-threshold 0.6] [--audit-folds 5]
 
 Reads features/<NAME>/features.h5 only (no image is decoded, no backbone runs for the figures)
 and writes models/<NAME>/audit/. The measures are pipeline/analysis's: near-duplicates by a
 whitened regional descriptor of the feature maps (analysis/near_duplicates.py), label issues by
 confident learning on out-of-fold probabilities plus identical files under different labels
-(analysis/label_issues.py), outliers by the distance to the training rows (outliers.py).
+(analysis/label_issues.py), outliers by the distance to the training rows (analysis/outliers.py).
 
 The outputs are one commit: near_duplicates, label_issues and outliers (CSV) and the picture
-are written first under names holding their content's hash (hashed.py: near_duplicates-<hash>.csv
-...), then audit.json, which names them, is written last. A kill before it leaves the previous
-audit.json naming its own files; readers take a file only through `output` (named in audit.json,
-with the recorded hash). outlier_model.npz, which predict reuses, records the cache it was made
-on and is checked against the cache itself (outliers.load_outlier_model).
+are written first under names holding their content's hash (reporting/pictures.py:
+near_duplicates-<hash>.csv ...), then audit.json, which names them, is written last. A kill
+before it leaves the previous audit.json naming its own files; readers take a file only through
+`output` (named in audit.json, with the recorded hash). outlier_model.npz, which predict
+reuses, records the cache it was made on and is checked against the cache itself
+(analysis/outliers.load_outlier_model).
 """
 import csv
 import io
@@ -24,15 +25,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cache, files, hashed, labels, lock, outliers, plots
+from . import cache
 from .analysis import label_issues as label_analysis
 from .analysis import near_duplicates as duplicate_analysis
+from .analysis import outliers
 from .config import Config, UserError, warn
+from .data import labels
+from .fs import files, lock
+from .reporting import pictures, plots
 
 FOLDER = outliers.FOLDER              # models/<NAME>/audit/
 SUMMARY = "audit.json"
 OUTLIER_MODEL = outliers.FILE         # the measure predict reuses while the cache is the same
-# content-hashed outputs (hashed.py), named in audit.json under "outputs"
+# content-hashed outputs (reporting/pictures.py), named in audit.json under "outputs"
 NEAR_DUPLICATES, LABEL_ISSUES, OUTLIERS, PICTURE = ("near_duplicates", "label_issues",
                                                     "outliers", "audit")
 OUTPUTS = (NEAR_DUPLICATES, LABEL_ISSUES, OUTLIERS, PICTURE)
@@ -180,10 +185,10 @@ def _write_outputs(folder, cached, pairs, issues, unlike):
                    ([safe(paths[r]), splits[r], safe(names[y[r]]), safe(names[unlike[2][r]]),
                      round(float(unlike[1][r]), 6)] for r in unlike[0])),
     }
-    records = {key: hashed.write(folder, key, _csv_bytes(*table), "csv")
+    records = {key: pictures.write(folder, key, _csv_bytes(*table), "csv")
                for key, table in tables.items()}
     png = _picture(cached, pairs, issues, unlike)
-    records[PICTURE] = hashed.write(folder, PICTURE, png) if png is not None else None
+    records[PICTURE] = pictures.write(folder, PICTURE, png) if png is not None else None
     return records
 
 
@@ -242,7 +247,7 @@ def _commit(folder, summary, records):
     with files.replacing(os.path.join(folder, SUMMARY), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
         f.write("\n")
-    hashed.remove_stale(folder, OUTPUTS, list(records.values()))
+    pictures.remove_stale(folder, OUTPUTS, list(records.values()))
     for name in LEGACY:  # a link there goes too (its target stays): nothing reads these names
         legacy = os.path.join(folder, name)
         if os.path.islink(legacy) or os.path.isfile(legacy):
@@ -253,7 +258,7 @@ def output(folder, summary, key):
     """The bytes of the output `key` (NEAR_DUPLICATES, ...) that `summary` (audit.json, read
     back, untrusted) names, or (None, why) when it is missing or not what was recorded."""
     records = summary.get("outputs") if isinstance(summary, dict) else None
-    return hashed.verified(folder, records.get(key) if isinstance(records, dict) else None)
+    return pictures.verified(folder, records.get(key) if isinstance(records, dict) else None)
 
 
 def output_rows(folder, summary, key):
@@ -281,7 +286,7 @@ def _print(config, result, outlier_threshold, issues, seconds):
 def current_summary(config):
     """audit.json when it describes the cache as it is now (same rows, labels, splits, features)
     with the same settings, else None: what `make batch` needs to skip an audit."""
-    from . import artifacts
+    from .fs import artifacts
     summary = artifacts.json_or_empty(os.path.join(config.models_dir, FOLDER, SUMMARY))
     if not summary or not os.path.exists(os.path.join(config.features_dir, cache.MASTER)):
         return None
@@ -326,30 +331,30 @@ def _picture(cached, pairs, issues, unlike):
     thumbnails; no figure above depends on them."""
     paths, splits, names, y, root = (cached.paths, cached.splits, cached.class_names, cached.y,
                                      cached.root)
-    kinds, pictures = [], []
+    kinds, cells = [], []
 
     def new_row():
-        if len(pictures) % PICTURE_COLUMNS:
-            pictures.extend([(np.ones((2, 2, 3)), "")] *
-                            (PICTURE_COLUMNS - len(pictures) % PICTURE_COLUMNS))
+        if len(cells) % PICTURE_COLUMNS:
+            cells.extend([(np.ones((2, 2, 3)), "")] *
+                            (PICTURE_COLUMNS - len(cells) % PICTURE_COLUMNS))
     shown = list(zip(pairs["i"], pairs["j"], pairs["similarity"]))[:PICTURE_ROWS // 2]
     for rank, (a, b, s) in enumerate(shown, 1):
         for r in (a, b):
-            pictures.append((_thumbnail(root, paths[r]),
+            cells.append((_thumbnail(root, paths[r]),
                              f"pair {rank}: {s:.3f}\n{splits[r]}: {_short(paths[r])}"))
     if shown:
         kinds.append("near-duplicate pairs (by twos)")
     new_row()
     for rank, (r, s) in enumerate(zip(issues["rows"][:PICTURE_ROWS],
                                       issues["suggested"][:PICTURE_ROWS]), 1):
-        pictures.append((_thumbnail(root, paths[r]),
+        cells.append((_thumbnail(root, paths[r]),
                          f"issue {rank}: {names[y[r]]} -> {names[s]}\n"
                          f"p(label) {issues['given'][r]:.3f}  {_short(paths[r])}"))
     if len(issues["rows"]):
         kinds.append("label-issue candidates")
     new_row()
     for rank, r in enumerate(unlike[0][:PICTURE_ROWS], 1):
-        pictures.append((_thumbnail(root, paths[r]),
+        cells.append((_thumbnail(root, paths[r]),
                          f"outlier {rank}: {unlike[1][r]:.3f}\n{splits[r]}: {_short(paths[r])}"))
     if len(unlike[0]):
         kinds.append("outliers")
@@ -357,7 +362,7 @@ def _picture(cached, pairs, issues, unlike):
         return None
     title = ", ".join(kinds)
     return plots.png_bytes(plots.plot_misclassified_grid(
-        pictures, columns=PICTURE_COLUMNS, title=title[0].upper() + title[1:]))
+        cells, columns=PICTURE_COLUMNS, title=title[0].upper() + title[1:]))
 
 
 def _thumbnail(root, relative):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import heads
+from ..model import heads
 
 LOGREG_C = 0.1           # regularisation of the cross-validated logistic regression
 GRID = 4                 # cells per side the map is averaged down to, at most

@@ -12,7 +12,7 @@ import os
 import stat
 from contextlib import contextmanager
 
-from .config import UserError
+from ..config import UserError
 
 # "The disk is full" in its three forms: no space, over quota, over the file-size limit
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
