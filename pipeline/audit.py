@@ -142,8 +142,7 @@ def _near_duplicates(cached, threshold):
 
 def _label_issues(cached, folds, seed):
     """Identical files under different labels first, then the confident-learning candidates."""
-    probabilities = label_analysis.out_of_fold_probabilities(cached.descriptors, cached.y, folds,
-                                                             seed)
+    probabilities = label_analysis.out_of_fold_probabilities(cached.pooled, cached.y, folds, seed)
     found = label_analysis.label_issues(probabilities, cached.y)
     conflicts, conflict_suggested = label_analysis.conflicting_copies(cached.shas, cached.y)
     rows, suggested = label_analysis.merge(conflicts, conflict_suggested, found)
@@ -218,7 +217,7 @@ def _summary(config, cached, pairs, issues, unlike, records, timings):
             "candidates": int(len(issues["rows"])), "folds": config.audit_folds,
             "identical_files_with_different_labels": issues["conflicts"],
             "model": f"StandardScaler + LogisticRegression(C={label_analysis.LOGREG_C}) on the "
-                     "regional GeM descriptors, out of fold; confident joint",
+                     "globally average-pooled features, out of fold; confident joint",
             "class_thresholds": {names[k]: float(t) for k, t in enumerate(found.thresholds)},
             "confident_joint": found.joint.tolist(),
             "threshold_set_by": "per class: mean out-of-fold probability of the class over the "
