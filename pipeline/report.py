@@ -240,7 +240,7 @@ def _audit_section(config, attrs):
     folds = check.number(issues, "folds", 2, integer=True, where="label_issues.")
     accuracy = check.number(issues, "out_of_fold_accuracy", 0, 1, where="label_issues.")
     unlike = check.number(outliers, "rows", 0, integer=True, where="outliers.")
-    distance = check.number(outliers, "threshold", -1, 3, where="outliers.")
+    distance = check.number(outliers, "threshold", 0, 1e9, where="outliers.")
     lines += [f"From the cached features alone ({_code(folder)}, docs/audit.md).", "",
               "| finding | count | how it was found |", "|---|---:|---|",
               f"| near-duplicate pairs | {pairs} | similarity of the feature maps' descriptors "
