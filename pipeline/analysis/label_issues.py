@@ -3,15 +3,16 @@ different labels.
 
 Every row's class probabilities come from the one fold model that did not train on it
 (StratifiedKFold, `out_of_fold_probabilities`), a logistic regression behind a StandardScaler on
-the globally average-pooled maps (on the benchmark's choose-part the flattened
-map, its square root and regional descriptors found no more planted errors, docs/audit.md, and
-the pooled rows are in memory already). Then confident learning (Northcutt et al.): class k's threshold is the mean probability of k over the rows labelled
-k. A row is a candidate when the probability of its given label is below its class's threshold
-and another class is more likely; candidates are ranked by that probability, lowest first. The
-confident joint (given label x the most probable class whose threshold the row reaches) counts
-how many rows of each class look confidently like each other one: its off-diagonal estimates the
-label errors, and is reported. Filtering the candidates by it (cleanlab's default) found no more
-planted errors on the benchmark's choose-part and fewer in all, so it only informs.
+the globally average-pooled maps (on the benchmark's choose-part the flattened map, its square
+root and regional descriptors found no more planted errors, docs/audit.md, and the pooled rows
+are in memory already). Then confident learning (Northcutt et al.): class k's threshold is the
+mean probability of k over the rows labelled k. A row is a candidate when the probability of its
+given label is below its class's threshold and another class is more likely; candidates are
+ranked by that probability, lowest first. The confident joint (given label x the most probable
+class whose threshold the row reaches) counts how many rows of each class look confidently like
+each other one: its off-diagonal estimates the label errors, and is reported. Filtering the
+candidates by it (cleanlab's default) found no more planted errors on the benchmark's
+choose-part and fewer in all, so it only informs.
 
 `conflicting_copies`: rows whose file (content hash) is also cached under another label. No
 model is needed to know that one of the two labels is wrong; they rank before every candidate.

@@ -38,15 +38,20 @@ def _unit(x):
 
 def regional_gem(maps):
     """(n, h, w, c) -> (n, c): the sum of the L2-normalised GeM of the whole map and of its four
-    corner windows (the whole map alone when it is one cell)."""
-    maps = np.asarray(maps, np.float32)
-    h, w = maps.shape[1:3]
-    total = _unit(gem(maps))
+    corner windows (the whole map alone when it is one cell). The power is taken once and each
+    region averages it."""
+    powered = np.maximum(np.asarray(maps, np.float32), 0) ** np.float32(GEM_POWER)
+    h, w = powered.shape[1:3]
+
+    def region(top, left, rows, cols):
+        mean = powered[:, top:top + rows, left:left + cols].mean(axis=(1, 2))
+        return _unit(mean ** np.float32(1.0 / GEM_POWER))
+    total = region(0, 0, h, w)
     if h > 1 or w > 1:
         wh, ww = max(1, round(WINDOW * h)), max(1, round(WINDOW * w))
         for top in (0, h - wh):
             for left in (0, w - ww):
-                total = total + _unit(gem(maps[:, top:top + wh, left:left + ww]))
+                total = total + region(top, left, wh, ww)
     return total
 
 

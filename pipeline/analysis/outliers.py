@@ -57,8 +57,8 @@ class OutlierModel:
         for start in range(0, len(pooled), block):
             x = appearance(pooled[start:start + block])
             centred = x - self.mean
-            distance[start:start + len(x)] = np.sqrt(np.maximum(
-                np.einsum("ij,jk,ik->i", centred, self.precision, centred), 0))
+            distance[start:start + len(x)] = np.sqrt(np.maximum(  # matrix products: BLAS
+                ((centred @ self.precision) * centred).sum(axis=1), 0))
             gaps = ((x[:, None, :] - self.class_means[None]) ** 2).sum(axis=2)
             nearest[start:start + len(x)] = self.present[gaps.argmin(axis=1)]
         return distance, nearest
