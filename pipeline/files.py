@@ -65,7 +65,7 @@ def remove_temporaries(folder, names=None, keep=()):
         original = temporary_of(entry.name)
         if (original and (names is None or original in names) and original not in keep
                 and entry.is_file(follow_symlinks=False)):
-            _remove(entry.path)
+            remove_file(entry.path)
 
 
 def atomic_write(path, content):
@@ -102,7 +102,7 @@ def replacing_path(path):
         yield temp
         os.replace(temp, path)
     except BaseException as error:
-        _remove(temp)
+        remove_file(temp)
         if is_full(error):
             raise NoSpace(f"no space left on the disk writing {path}: free some space, then run "
                           "the same command again; everything finished so far is kept") from None
@@ -182,7 +182,8 @@ def is_full(error):
     return False
 
 
-def _remove(path):
+def remove_file(path):
+    """Remove the name `path` (a link itself, never its target); nothing when it is gone."""
     try:
         os.remove(path)
     except FileNotFoundError:

@@ -33,6 +33,17 @@ READ_GAP = 16             # unwanted rows a read may span rather than start anot
 MAX_OPEN_SEGMENTS = 64    # segment files a FeatureStore keeps open at most (see _touch)
 
 
+def _positions(keys, chosen, wanted):
+    """For each of `wanted`, the position in `keys` of an entry marked `chosen` with that key,
+    -1 where there is none."""
+    positions = np.flatnonzero(chosen)
+    order = np.argsort(keys[positions], kind="stable")
+    ordered = keys[positions][order]
+    at = np.minimum(np.searchsorted(ordered, wanted), max(len(ordered) - 1, 0))
+    found = (ordered[at] == wanted) if len(ordered) else np.zeros(len(wanted), bool)
+    return np.where(found, positions[order][at] if len(ordered) else -1, -1)
+
+
 def _damaged(path, error):
     """The one line for a master that fails to open or read."""
     return UserError(f"{path} is damaged ({layout.describe(error)}): run `make extract` to "
@@ -123,8 +134,10 @@ class FeatureStore:
 
     def _views_by_row(self, index):
         """AUGMENT=K: `views` = K and, per layer ("" for the features, "cut_" for the cut's
-        activations), row and view 1..K, the position of that view in `<layer>view_features`
-        (-1: none, as for validation and test rows); K = 0 without views."""
+        activations), training row and view 1..K, the position of that view in
+        `<layer>view_features` (-1: none, as for validation and test rows); K = 0 without views.
+        Views are keyed by content: every training row of one sha256 (copies of one image)
+        reads the same views."""
         self.views, self.view_features, self._view_at = 0, None, {}
         if "view_features" not in self.file:
             return
@@ -132,16 +145,17 @@ class FeatureStore:
         # AUGMENT of the last extract; views beyond it (of an earlier, larger AUGMENT) are kept
         # in the file but not read
         self.views = int(self.attrs.get("augment", {}).get("views", 0))
-        row_of = {sha: row for row, sha in enumerate(self.sha256)}
+        train = self.rows("train")
+        train_shas = np.asarray(self.sha256[train].tolist(), "S64")
         for layer in ("", "cut_"):
             if f"{layer}view_features" not in self.file:
                 continue
             at_of = self._view_at[layer] = np.full((len(self.labels), self.views + 1), -1,
                                                    np.int64)
-            for at, (sha, view) in enumerate(zip(index[f"{layer}view_sha256"],
-                                                 index[f"{layer}view_index"])):
-                if sha in row_of and 0 < view <= self.views:
-                    at_of[row_of[sha], view] = at
+            view_shas = np.asarray(index[f"{layer}view_sha256"], "S64")
+            view_numbers = np.asarray(index[f"{layer}view_index"])
+            for view in range(1, self.views + 1):
+                at_of[train, view] = _positions(view_shas, view_numbers == view, train_shas)
 
     @property
     def cut(self):
