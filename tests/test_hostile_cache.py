@@ -7,6 +7,7 @@ the one line the user reads.
 import errno
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from helpers import make_image_folder
 
 from pipeline import __main__ as cli
-from pipeline import cache, extract, files
+from pipeline import cache, evaluate, extract, files, predict, train_head
 from pipeline.config import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -217,6 +218,37 @@ def test_a_damaged_test_row_stops_the_dense_head_in_one_line(tmp_path, make_conf
                         "--models-root", config.models_root)
     assert code == 2 and out.err.startswith("error: ")
     assert "damaged segment" in one_line(out.err) and "make extract" in out.err
+
+
+def test_features_not_finite_behind_valid_checksums_are_refused_then_recomputed(prepared,
+                                                                                capsys):
+    """NaN or inf written into a segment through HDF5, which recomputes the checksums: every
+    stage that reads the rows refuses in one line naming the segment, and extract computes
+    them again rather than calling them reused."""
+    config = prepared((extract.run, train_head.run), head="logreg", epochs=1,
+                      finetune_from="images")
+    [victim] = segment_files(config.features_dir)
+    with h5py.File(victim, "r+") as f:
+        rows = len(f["sha256"])
+        # one value a row, never the first one: NaN in even rows, inf in odd ones
+        f["features"][:, -1, -1, -1] = np.where(np.arange(rows) % 2, np.inf, np.nan)
+    line = (f"^{config.features_dir} has a damaged segment segments/.*{os.path.basename(victim)}"
+            " \\(NaN or inf among its features, row \\d+\\): run `make extract` to recompute it$")
+    for stage in (train_head.run, lambda c: train_head.run(c.replace(head="dense")),
+                  evaluate.run):
+        with pytest.raises(UserError, match=line):
+            stage(config)
+    capsys.readouterr()
+    predicted = predict.run(config.replace(images=config.data))  # the model itself is sound
+    warned = [x for x in capsys.readouterr().out.splitlines() if x.startswith("!!!")]
+    assert len(warned) == 1 and re.search(line[1:], warned[0])
+    assert predicted.unlike_training is None
+
+    repaired = extract.run(config)
+    assert (repaired.new, repaired.reused) == (rows, 0)
+    assert f"{victim} is damaged (NaN or inf among its features): deleted" in \
+        capsys.readouterr().out
+    assert "logreg" in train_head.run(config).paths
 
 
 @pytest.mark.parametrize("how, reason", [("changed bytes", "checksum mismatch"),

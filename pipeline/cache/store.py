@@ -9,8 +9,9 @@ The row index (labels, splits) is then held in memory, `paths` and `sha256` load
 use; features never are. `read` reads any rows through the virtual dataset in few contiguous
 reads (at most READ_BLOCK rows, never spanning more than READ_GAP unwanted ones), `blocks`
 streams consecutive blocks of rows, so a cache larger than memory streams. A chunk whose bytes
-changed fails its Fletcher-32 checksum and a lost segment reads as NaN: both are a UserError
-naming the segment (`damage` keeps it for readers inside another framework's threads).
+changed fails its Fletcher-32 checksum, a lost segment reads as NaN and a value that is not
+finite was written by no extract: each is a UserError naming the segment (`damage` keeps it for
+readers inside another framework's threads).
 
 HDF5 keeps every segment file read through a virtual dataset open, about 2 MB each; the store
 reopens the master before it would hold more than MAX_OPEN_SEGMENTS (`_touch`).
@@ -299,15 +300,25 @@ class FeatureStore:
                                         f"({layout.describe(error)}): run `make extract` to "
                                         "recompute it")
                 raise self.damage from None
-            # NaN is the virtual dataset's fill for a missing source (extract refuses NaN
-            # features), and fills whole rows: the first value of each row tells
-            if np.isnan(block.reshape(len(block), -1)[:, 0]).any():
-                self.damage = UserError(f"{self.features_dir} lost a segment"
-                                        f"{self._culprit(start, stop, source)} (rows {start}-"
-                                        f"{stop - 1} read as NaN): run `make extract` to "
-                                        "recompute it")
+            if not np.isfinite(block).all():  # extract writes none: the cache is damaged
+                self.damage = self._not_finite(block, start, stop, source)
                 raise self.damage
         return block
+
+    def _not_finite(self, block, start, stop, source):
+        """The one line for rows start:stop holding a value that is not finite. NaN is the
+        virtual dataset's fill for a missing source, which fills whole rows; any other NaN or
+        inf was written into a segment (HDF5 recomputes the checksums of what it writes),
+        which the next extract deletes and computes again (layout.verified_shas)."""
+        rows = block.reshape(len(block), -1)
+        bad = ~np.isfinite(rows).all(axis=1)
+        culprit = self._culprit(start, stop, source)
+        if np.isnan(rows[bad]).all():
+            what = f"lost a segment{culprit} (rows {start}-{stop - 1} read as NaN)"
+        else:
+            first = start + int(np.argmax(bad))
+            what = f"has a damaged segment{culprit} ({layout.NOT_FINITE}, row {first})"
+        return UserError(f"{self.features_dir} {what}: run `make extract` to recompute it")
 
     def _touch(self, dataset, start, stop):
         """HDF5 keeps every segment file it has read through the virtual dataset open, each with
