@@ -352,9 +352,11 @@ def test_a_full_disk_while_writing_a_segment_is_one_line(tmp_path, make_config):
     assert done.returncode == 2, done.stderr  # not a traceback (1) nor a segfault (-11)
     assert not any(s in done.stderr for s in ("Traceback", "Fatal Python error", "Segmentation"))
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: no space left on the disk writing ")
-    assert errors[0].endswith(": free some space, then run the same command again; everything "
-                              "finished so far is kept")
+    # `ulimit -f` (EFBIG), named as such: freeing space would not help
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: over the file-size limit (`ulimit -f`) writing ")
+    assert errors[0].endswith(": raise it (`ulimit -f unlimited`), then run the same command "
+                              "again; everything finished so far is kept")
     assert [n for _, _, names in os.walk(config.features_dir) for n in names
             if n.endswith(".tmp")] == []
     resumed = extract.run(config)
@@ -376,8 +378,8 @@ def test_a_full_disk_while_compacting_keeps_the_small_segments(tmp_path, make_co
 
     assert contents(tmp_path, [config.features_dir]) == outside
     assert done.returncode == 0, done.stderr
-    notice = [line for line in done.stdout.splitlines() if "no space" in line]
-    assert notice == [f"no space left on the disk to merge the small segments of "
+    notice = [line for line in done.stdout.splitlines() if "merge the small" in line]
+    assert notice == [f"over the file-size limit (`ulimit -f`) to merge the small segments of "
                       f"{config.features_dir}: they stay as they are (the cache works; they are "
                       "merged on a later run)"]
     assert len(segment_files(config.features_dir)) == 10  # one per batch of 4
