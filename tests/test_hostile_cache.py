@@ -293,6 +293,40 @@ def test_a_segment_gone_while_reading_is_an_error_not_nan(image_folder, make_con
     assert contents(os.path.dirname(image_folder), [config.features_dir]) == outside
 
 
+@pytest.mark.parametrize("max_open", [1, 64])  # 1: the reader reopens the master as it reads
+def test_a_compaction_under_a_running_reader_is_read_through(tmp_path, make_config, monkeypatch,
+                                                            max_open):
+    """A re-extract that only merges segments replaces the master and deletes the segments a
+    running stage was reading: it reads on, the same features and views; a re-extract with
+    other images is refused in one line."""
+    monkeypatch.setattr(cache.segments, "COMPACT_BELOW", 1)  # one segment per batch of 4
+    monkeypatch.setattr(cache.store, "MAX_OPEN_SEGMENTS", max_open)
+    root = make_image_folder(tmp_path / "data")
+    config = make_config(root, augment=1, finetune_from="images")
+    extract.run(config)
+    with cache.FeatureStore(config.features_dir) as store:
+        train, rows = store.rows("train"), np.arange(len(store))
+        clean = store.read(rows), store.read_views(train, np.ones(len(train), int))
+    with cache.FeatureStore(config.features_dir) as store:
+        store.read([0])  # a stage under way, one segment open
+        monkeypatch.setattr(cache.segments, "COMPACT_BELOW", 4096)
+        extract.run(config)
+        assert len(segment_files(config.features_dir)) == 1  # the segments it read are gone
+        np.testing.assert_array_equal(store.read(rows), clean[0])
+        np.testing.assert_array_equal(store.read_views(train, np.ones(len(train), int)),
+                                      clean[1])
+    with cache.FeatureStore(config.features_dir) as store:
+        store.read([0])
+        make_image_folder(tmp_path / "more", per_class=1, seed=3)
+        shutil.copy(tmp_path / "more" / "horizontal" / "horizontal_00.jpg",
+                    os.path.join(root, "horizontal", "added.jpg"))
+        extract.run(config)  # one more row, all merged anew: our rows are not the master's
+        with pytest.raises(UserError, match=f"^{config.features_dir}/features.h5 was replaced "
+                                            "while this stage read it, by a `make extract` with "
+                                            "other images or settings: run the same command"):
+            store.read(rows)
+
+
 def test_segments_without_checksums_are_computed_again(image_folder, make_config, capsys):
     """Nothing in a segment from before checksums can be verified, and a shared cache's could
     hold anything: its images are computed again (they were reused as they were)."""
