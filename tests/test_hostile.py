@@ -128,6 +128,20 @@ def test_make_runs_no_command_hidden_in_a_variable(tmp_path):
     assert snapshot(ROOT, leave_out={os.path.join(ROOT, ".git")}) == before
 
 
+def test_a_stage_without_data_makes_no_demo_data_and_names_data_and_name(tmp_path, capsys):
+    """`make train-head NAME=x` generated 300 demo pictures in data/demo: only `make demo` and
+    `make demo-data` write demo data; a bare stage reads NAME's cache or says what it needs."""
+    demo = f"DEMO={tmp_path / 'demo'}"  # a demo folder not generated yet
+    for stage in ("extract", "train-head", "finetune"):
+        assert "demo-data" not in make_in_repo(stage, "NAME=x", demo, dry_run=True).stdout
+    assert "demo-data" in make_in_repo("demo-data", demo, dry_run=True).stdout
+    code = cli.main(["train-head", "--name", "x", "--features-root", str(tmp_path / "f"),
+                     "--models-root", str(tmp_path / "m")])
+    assert code == 2 and capsys.readouterr().err.startswith(
+        f"error: no feature cache at {tmp_path / 'f' / 'x' / 'features.h5'}: run `make extract "
+        "DATA=<folder> NAME=x` first")
+
+
 @pytest.mark.parametrize("variable, option, value", [
     ("DATA", "--data", "my photos/2023 trip"),
     ("NAME", "--name", "trip[2023]"),
