@@ -26,8 +26,11 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import artifacts, audit, cache, extract, files, labels, registry
+from . import audit, cache, extract
 from .config import Config, UserError
+from .data import labels
+from .fs import artifacts, files
+from .model import registry
 
 SUMMARY_CSV = "batch_summary.csv"   # in MODELS_ROOT, beside the datasets' folders
 SUMMARY_MD = "batch_summary.md"

@@ -19,8 +19,9 @@ import pytest
 from helpers import make_image_folder
 
 from pipeline import __main__ as cli
-from pipeline import cache, evaluate, extract, files, predict, train_head
+from pipeline import cache, evaluate, extract, predict, train_head
 from pipeline.config import UserError
+from pipeline.fs import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

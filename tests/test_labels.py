@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import datasets, extract, labels
+from pipeline import extract
 from pipeline.cache import FeatureStore
 from pipeline.config import UserError
+from pipeline.data import datasets, labels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -28,9 +28,9 @@ import h5py
 import numpy as np
 
 from ..config import UserError
-from ..identity import FeatureIdentity, identity_problem
 from . import checks, layout, places
 from .checks import MasterReplaced, SegmentLost, damaged_master
+from .identity import FeatureIdentity, identity_problem
 from .layout import DAMAGE, MASTER, open_master
 from .master import WRITE_ROWS, decode_attr, read_index
 

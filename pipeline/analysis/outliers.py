@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cache, files
-from .config import UserError
+from .. import cache
+from ..config import UserError
+from ..fs import files
 
 FOLDER = "audit"             # models/<NAME>/audit/, written by `make audit`
 FILE = "outlier_model.npz"   # in FOLDER: the measure predict reuses while the cache is the same

@@ -79,7 +79,7 @@ def sgd_logistic_regression(C, n_samples, seed=0):
 
 # The fitted arrays of a logreg pipeline, saved as .npz and read back with allow_pickle=False:
 # unlike a joblib (pickle) file, loading it can never run code, whoever put it in models/<NAME>.
-LOGREG_FORMAT = "pipeline.heads logreg npz v1"
+LOGREG_FORMAT = "pipeline.heads logreg npz v1"  # a file format: the name predates model/heads.py
 ESTIMATORS = {"LogisticRegression": logistic_regression,
               "SGDClassifier": lambda: SGDClassifier(loss="log_loss")}
 

@@ -24,7 +24,7 @@ import posixpath
 import re
 import unicodedata
 
-from .config import UserError
+from ..config import UserError
 
 # The reasons written to skipped.csv; `make batch` counts rows by these prefixes.
 MISSING_FILE = "CSV row names no file in DATA"

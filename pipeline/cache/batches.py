@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import keras
 import numpy as np
 
-from . import cache
+from .. import cache
 
 BLOCK_BYTES = 64 * 2**20  # float32 bytes of one block read; two are in memory at a time
 SHUFFLE_ROWS = 32         # rows that stay together in a shuffled block of cache.READ_BLOCK rows

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .config import MAX_SIZE, MIN_SIZE, UserError
+from ..config import MAX_SIZE, MIN_SIZE, UserError
 
 BACKBONE_ID = "keras.applications.VGG16(include_top=False)"
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}  # STORAGE: how features are kept

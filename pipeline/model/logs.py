@@ -16,7 +16,7 @@ import shutil
 
 import keras
 
-from . import artifacts, files
+from ..fs import artifacts, files
 
 WRITER = ("tensorflow", "tensorboard")  # what keras.callbacks.TensorBoard writes through
 

@@ -14,8 +14,9 @@ import time
 import keras
 import numpy as np
 
-from . import artifacts, files, logs
-from .config import UserError
+from ..config import UserError
+from ..fs import artifacts, files
+from . import logs
 
 STATE = "state.json"  # in finetune_backup/: settings, epochs done, EarlyStopping's memory
 MEMORY = ("wait", "best", "best_epoch")   # what EarlyStopping needs, besides its best weights

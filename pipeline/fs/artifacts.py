@@ -7,8 +7,8 @@ import hashlib
 import json
 import os
 
+from ..config import UserError
 from . import files
-from .config import UserError
 
 HEAD = "head.keras"                       # dense head: feature map -> probabilities
 HEAD_CHECKPOINT = "head_checkpoint.keras"

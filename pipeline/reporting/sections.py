@@ -3,18 +3,19 @@ precision-recall curves, the most-confused pairs, the feature projection and the
 
 Imports no stage. Everything comes from evaluation.json, which is untrusted: each value is
 checked (registry.Checker) before it is shown, text is escaped (markdown.cell), and a picture is
-shown only when evaluation.json names it and its content has the recorded hash (hashed.verified).
+shown only when evaluation.json names it and its content has the recorded hash (pictures.verified).
 """
-from . import hashed, registry
-from .config import warn
+from ..config import warn
+from ..model import registry
+from ..model.registry import TITLES
+from . import pictures
 from .markdown import cell
-from .registry import TITLES
 
 
 def picture(folder, record, alt, what, fix="run `make evaluate` again"):
     """The Markdown of a picture that `record` names, or one line saying it is left out: a
     picture missing, changed or not named is never combined with numbers it does not show."""
-    data, why = hashed.verified(folder, record)
+    data, why = pictures.verified(folder, record)
     if data is not None:
         return [f"![{alt}]({record['file']})", ""]
     warn(f"the {what} picture is {why}: left out of the report; {fix}")

@@ -6,10 +6,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from . import runtime
-from .artifacts import file_sha256
-from .config import UserError, warn
-from .identity import (  # noqa: F401 - the identity's names, where the backbone's users look
+from ..cache.identity import (  # noqa: F401 - the identity's names, where the backbone's users look
     BACKBONE_ID,
     LAYERS,
     OUTPUT_LAYER,
@@ -18,7 +15,10 @@ from .identity import (  # noqa: F401 - the identity's names, where the backbone
     identity_id,
     layer_shape,
 )
-from .images import PREPROCESS_ID
+from ..config import UserError, warn
+from ..data.images import PREPROCESS_ID
+from ..fs.artifacts import file_sha256
+from . import runtime
 
 IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"

@@ -6,11 +6,11 @@ to-do list, compaction and features.h5. This module does the work that grows wit
 
 * `sha256_of`: files the last run did not see are hashed in Ray tasks, HASH_FILES_PER_TASK each;
 * `resolve_precision`: PRECISION=auto as a worker resolves it, on the device it extracts on;
-* `compute`: extract's jobs (pipeline.featurize: an image and the rows it lacks) go through Ray
-  Data, `from_items` -> `map_batches` on a pool of `Extractor` actors. Each builds the featurizer
-  once (the same code as ENGINE=local: the same numbers), writes one segment per target and batch
-  of thousands of rows straight into features/<NAME>/segments/, and returns only (key, target,
-  segment, row, rows, reason): activations never pass through the object store.
+* `compute`: extract's jobs (pipeline.engines.featurize: an image and the rows it lacks) go
+  through Ray Data, `from_items` -> `map_batches` on a pool of `Extractor` actors. Each builds the
+  featurizer once (the same code as ENGINE=local: the same numbers), writes one segment per target
+  and batch of thousands of rows straight into features/<NAME>/segments/, and returns only (key,
+  target, segment, row, rows, reason): activations never pass through the object store.
 
 Every node must see DATA, features/<NAME>/ and the weights file at the same paths (a shared file
 system); the code reaches the workers through `runtime_env` (py_modules).
@@ -33,8 +33,9 @@ import signal
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, cache
-from .config import UserError
+from .. import cache
+from ..config import UserError
+from ..fs import artifacts
 
 try:
     import ray
@@ -92,7 +93,7 @@ class RayEngine:
 
     def resolve_precision(self, precision):
         if precision != "auto":
-            from . import backbone
+            from ..model import backbone
             return backbone.resolve_precision(precision)  # a fixed choice: no device involved
         *_, gpus = self._plan()
         probe = ray.remote(_precision_here).options(num_cpus=1, num_gpus=gpus,
@@ -122,7 +123,7 @@ class RayEngine:
         """extract's local compute on the cluster: updates `known` (one index per target) in
         place with one (segment, row, rows) per row computed and returns {sha: reason} for the
         images that could not be decoded."""
-        from . import backbone
+        from ..model import backbone
         workers, cpus, gpus = self._plan()
         inputs = sum(len(job.inputs) for job in jobs)
         row_bytes = max(int(np.prod(backbone.layer_shape(t.layer, identity.image_size)))
@@ -230,18 +231,18 @@ def _sha256_many(paths):
 
 
 def _precision_here(precision):
-    from . import backbone
+    from ..model import backbone
     return backbone.resolve_precision(precision)
 
 
 class Extractor:
-    """One Ray Data actor: the featurizer (pipeline.featurize) built once; each call turns a batch
-    of jobs into one segment per target and returns where each row went, or why its image could
-    not be decoded."""
-
+    """One Ray Data actor: the featurizer (pipeline.engines.featurize) built once; each call turns
+    a batch of jobs into one segment per target and returns where each row went, or why its image
+    could not be decoded."""
     def __init__(self, features_dir, identity, targets, weights, seed, batch_size, threads):
         _limit_threads(threads)  # before the framework runs its first operation
-        from . import backbone, featurize
+        from ..model import backbone
+        from . import featurize
         if not os.path.isdir(features_dir):
             raise UserError(f"a Ray worker on {os.uname().nodename} cannot see {features_dir}: "
                             "features/ and DATA must be on a file system every node shares")
@@ -305,7 +306,7 @@ def _limit_threads(threads):
 
 def _weights_here(fields):
     """The driver's weights on this node: a worker on another node has its own Keras cache."""
-    from . import backbone
+    from ..model import backbone
     weights = backbone.Weights(**fields)
     if not weights.path or os.path.isfile(weights.path):
         return weights

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .config import Config
+from ..config import Config
 
 CLASSES = ("horizontal", "vertical")
 PER_CLASS = 150

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import artifacts
-from .config import MAX_SIZE, MIN_SIZE, MODEL_NAMES, UserError
+from ..config import MAX_SIZE, MIN_SIZE, MODEL_NAMES, UserError
+from ..fs import artifacts
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def _check_split(config, metrics, file_path, kind):
     re-extract with another SPLIT, its test rows were half made of the model's training rows
     and evaluate reported accuracy 1.000. A model made before models recorded their split is
     refused too: nothing tells that its test rows are unseen, and retraining costs minutes."""
-    from . import cache  # h5py, only when a model is read back
+    from .. import cache  # h5py, only when a model is read back
     recorded = metrics.get("split_digest")
     if recorded != cache.split_digest(config.features_dir):
         why = ("records no split (made by an earlier version)" if recorded is None else

@@ -13,7 +13,7 @@ import importlib.util
 import os
 import sys
 
-from .config import BACKENDS, UserError  # noqa: F401 (BACKENDS: read from here too)
+from ..config import BACKENDS, UserError  # noqa: F401 (BACKENDS: read from here too)
 
 DEFAULT_BACKEND = "tensorflow"
 INSTALL = {"tensorflow": "tensorflow", "jax": "jax[cpu] (or jax[cuda12] on a GPU)",

@@ -15,7 +15,7 @@ import numpy as np
 from keras.applications import vgg16
 from PIL import Image, ImageOps
 
-from .config import UserError
+from ..config import UserError
 from .datasets import not_regular_reason
 
 # Part of the cache identity: change it whenever load_image would produce different numbers.

@@ -13,9 +13,10 @@ import os
 import stat
 from dataclasses import dataclass
 
-from . import files, labels
-from .config import UserError
-from .files import file_kind  # noqa: F401 (read from here too: predict)
+from ..config import UserError
+from ..fs import files
+from ..fs.files import file_kind  # noqa: F401 (read from here too: predict)
+from . import labels
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 SPLITS = ("train", "validation", "test")

@@ -9,8 +9,8 @@ import html
 import os
 import re
 
-from . import files
-from .config import UserError
+from ..config import UserError
+from ..fs import files
 
 # Markdown's and HTML's active characters, each escaped with a backslash: text read from files
 # (class names, paths, notices) can open no tag, link, picture, code span or table cell

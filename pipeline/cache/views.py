@@ -1,18 +1,20 @@
 """Augmented views in the feature cache (`make extract AUGMENT=K`) and reading them back.
 
-extract caches K augmented views (pipeline.augment) of every training image beside its plain
+extract caches K augmented views (pipeline.data.augment) of every training image beside its plain
 features (and beside the cut's activations, for fine-tuning from the cache), in the same
-content-keyed segments, computed by pipeline.featurize: a view's key is augment.view_key(image
-sha256, augmentation identity, view number). An unchanged rerun finds every key and computes
-nothing; a larger K computes only the views it lacks; another augmentation (or SEED) has other
-keys and never reuses a view. Validation and test images get no views: they are always scored plain.
+content-keyed segments, computed by pipeline.engines.featurize: a view's key is
+augment.view_key(image sha256, augmentation identity, view number). An unchanged rerun finds every
+key and computes nothing; a larger K computes only the views it lacks; another augmentation (or
+SEED) has other keys and never reuses a view. Validation and test images get no views: they are
+always scored plain.
 Views belong to a content, not to a row: copies of one image (rows of one sha256) share one set,
 computed and cached once, and the store hands it to every training row of that content.
 train-head reads each training image as another view every epoch (`epoch_reader`).
 """
 import numpy as np
 
-from . import augment, index
+from ..data import augment
+from . import index
 
 
 def attributes(config, cached):

@@ -7,8 +7,8 @@ import os
 import stat
 from contextlib import contextmanager
 
+from ..config import UserError
 from . import files
-from .config import UserError
 
 LOCK = ".lock"  # one per folder, whatever the stage: every writer of a folder excludes the others
 # written in models/<NAME> without its lock (predict, batch): their temporaries may be in flight

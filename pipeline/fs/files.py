@@ -12,7 +12,7 @@ import os
 import stat
 from contextlib import contextmanager
 
-from .config import UserError
+from ..config import UserError
 
 # "The disk is full" in its three forms, each in its own words and with its own fix: a limit
 # set by `ulimit -f` is no lack of space, and freeing space would not help

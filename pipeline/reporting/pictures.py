@@ -12,8 +12,8 @@ import hashlib
 import os
 import re
 
-from . import files
-from .config import UserError
+from ..config import UserError
+from ..fs import files
 
 _NAME = re.compile(r"([a-z][a-z0-9_]*)-([0-9a-f]{16})\.png")
 
