@@ -1,8 +1,11 @@
 """Figures written next to the models: PNG files drawn with matplotlib's Agg backend.
 
 Figures are built with `matplotlib.figure.Figure` and an Agg canvas rather than pyplot, so no
-global figure state is kept between calls and no display is ever needed.
+global figure state is kept between calls and no display is ever needed. Every function here
+builds and draws under escape.plain_plot_text: class and file names are drawn as they are,
+never read as mathtext or TeX.
 """
+import functools
 import io
 import os
 
@@ -12,10 +15,22 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from . import files
+from .escape import plain_plot_text
 
 PANELS = (("accuracy", "Accuracy"), ("loss", "Loss"))
 
 
+def _plain_text(function):
+    """`function` run under escape.plain_plot_text: the text it creates, and the tick labels
+    drawn when it saves, are shown literally."""
+    @functools.wraps(function)
+    def plain(*args, **kwargs):
+        with plain_plot_text():
+            return function(*args, **kwargs)
+    return plain
+
+
+@_plain_text
 def plot_history(histories, path, title=""):
     """Training (solid) vs validation (dashed) accuracy and loss per epoch, in two panels.
 
@@ -64,6 +79,7 @@ def _save(fig, path):
         fig.savefig(f, format="png", dpi=100)
 
 
+@_plain_text
 def png_bytes(fig):
     """The figure as PNG bytes, for hashed.write."""
     out = io.BytesIO()
@@ -71,6 +87,7 @@ def png_bytes(fig):
     return out.getvalue()
 
 
+@_plain_text
 def plot_confusion_matrix(matrix, class_names, path=None, title=""):
     """A confusion-matrix PNG that stays readable from 2 to dozens of classes: the figure grows
     with the number of classes (each cell stays ~0.35 inch, 25 points), so the labels keep a
@@ -95,6 +112,7 @@ def plot_confusion_matrix(matrix, class_names, path=None, title=""):
     return fig
 
 
+@_plain_text
 def plot_misclassified_grid(pictures, path=None, title="", columns=5):
     """A grid of pictures with a caption each; `pictures` is a list of (RGB array or PIL image,
     caption). For display only: the caller opens the original files, never model input."""
@@ -113,6 +131,7 @@ def plot_misclassified_grid(pictures, path=None, title="", columns=5):
     return fig
 
 
+@_plain_text
 def plot_reliability(curves, path=None, title=""):
     """A reliability diagram: for each (label, confidence per bin, accuracy per bin) in `curves`,
     accuracy against mean confidence, with the diagonal a perfectly calibrated model follows."""
@@ -134,6 +153,7 @@ def plot_reliability(curves, path=None, title=""):
     return fig
 
 
+@_plain_text
 def plot_roc_pr(curves, path=None, title=""):
     """ROC (left) and precision-recall (right) curves side by side. `curves`: (label, fpr, tpr,
     auc, recall, precision, average precision[, class index for the colour]), one per class
@@ -159,6 +179,7 @@ def plot_roc_pr(curves, path=None, title=""):
     return fig
 
 
+@_plain_text
 def plot_projection(points, labels, class_names, mistakes, path=None, title="", note=""):
     """A 2-D scatter of `points` ((n, 2)), one colour per class, with the rows where `mistakes`
     is true circled in black. Up to 20 classes get their own colour and legend entry."""

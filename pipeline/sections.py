@@ -2,12 +2,13 @@
 precision-recall curves, the most-confused pairs, the feature projection and the stage times.
 
 Imports no stage. Everything comes from evaluation.json, which is untrusted: each value is
-checked (registry.Checker) before it is shown, text is escaped (markdown.cell), and a picture is
-shown only when evaluation.json names it and its content has the recorded hash (hashed.verified).
+checked (registry.Checker) before it is shown, text is escaped (escape.markdown_text), and a
+picture is shown only when evaluation.json names it and its content has the recorded hash
+(hashed.verified).
 """
 from . import hashed, registry
 from .config import warn
-from .markdown import cell
+from .escape import markdown_text as cell
 from .registry import TITLES
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import datasets, extract, labels
+from pipeline import datasets, escape, extract, labels
 from pipeline.cache import FeatureStore
 from pipeline.config import UserError
 
@@ -291,4 +291,4 @@ def test_a_label_like_a_formula_is_written_as_text_in_predictions(tmp_path, make
         rows = list(csv.reader(f))
     assert {row[1] for row in rows[1:]} <= {"'=HYPERLINK(\"http://x\")", "'@SUM(1)"}
     assert len(rows) == 13 and not any(cell[:1] in "=+-@" for row in rows for cell in row[:2])
-    assert labels.spreadsheet_safe("-1") == "'-1" and labels.spreadsheet_safe("a-b") == "a-b"
+    assert escape.csv_cell("-1") == "'-1" and escape.csv_cell("a-b") == "a-b"
