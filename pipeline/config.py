@@ -26,7 +26,11 @@ ACTIVATION_CHANNELS = 3 + 64 + 64
 # registry.KINDS and runtime use them.
 MODEL_NAMES = ("logreg", "dense", "finetuned")
 BACKENDS = ("tensorflow", "jax", "torch")
-NAME_PATTERN = re.compile(r"\w[\w .,+=@~()\[\]{}-]{0,99}")
+NAME_PUNCTUATION = " _.,-+=@~()[]{}"  # beside letters and digits, after the first character
+NAME_LENGTH = 100
+NAME_PATTERN = re.compile(rf"\w[\w{re.escape(NAME_PUNCTUATION)}]{{0,{NAME_LENGTH - 1}}}")
+NAME_RULE = (f"up to {NAME_LENGTH} letters, digits and {' '.join(NAME_PUNCTUATION[1:])} or "
+             "spaces, starting with a letter, digit or _")
 
 
 class UserError(Exception):
@@ -35,8 +39,10 @@ class UserError(Exception):
 
 def warn(message):
     """A notice that must not be missed (random weights, a model passed over): one line that
-    stands out from progress and results, on stdout beside the results it qualifies."""
-    print(f"!!! {message}", flush=True)
+    stands out from progress and results, on stdout beside the results it qualifies. It names
+    files, classes and notices read back from files: shown through escape.terminal_text."""
+    from .escape import terminal_text  # when called: config is the base, escape a layer above
+    print(f"!!! {terminal_text(message)}", flush=True)
 
 
 def setting(default, help, make=True):
@@ -189,7 +195,7 @@ class Config:
         if not NAME_PATTERN.fullmatch(name):
             given = f"NAME={self.name!r}" if self.name else f"DATA={self.data!r} (its folder name)"
             raise UserError(f"{given} is not a dataset name: it names one folder in features/ and "
-                            "models/: pass NAME=<letters, digits, - _ . and no '/'>")
+                            f"models/: pass NAME=<{NAME_RULE}>")
 
     @property
     def dataset_name(self) -> str:
