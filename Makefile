@@ -62,7 +62,7 @@ $(RAY_STAMP): requirements-ray.txt | $(STAMP)
 
 demo-data: $(DEMO_STAMP) ## Generate the embedded two-class demo images in data/demo (offline)
 
-$(DEMO_STAMP): pipeline/demo_data.py | $(STAMP)
+$(DEMO_STAMP): pipeline/data/demo.py | $(STAMP)
 	$(CLI) demo-data --data $(DEMO)
 
 extract: $(STAMP) $(DATA_DEP) $(RAY_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150] [AUGMENT=5]

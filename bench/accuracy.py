@@ -27,19 +27,11 @@ import numpy as np
 import resplit  # bench/resplit.py: the heads on re-splits of the cache
 import support  # bench/support.py: EpochTimer
 
-from pipeline import (
-    augment,
-    backbone,
-    cache,
-    demo_data,
-    extract,
-    finetune,
-    heads,
-    images,
-    registry,
-    train_head,
-)
+from pipeline import cache, extract, finetune, train_head
 from pipeline.config import Config
+from pipeline.data import augment, images
+from pipeline.data import demo as demo_data
+from pipeline.model import backbone, heads, registry
 
 FINETUNE_EPOCHS = int(os.environ.get("BENCH_FINETUNE_EPOCHS") or 5)
 PER_FOLDER = int(os.environ.get("BENCH_ACCURACY_N") or 0)

@@ -14,7 +14,7 @@
 the planted copies are found and how many other pairs come with them, and the rank of each planted
 label error in label_issues.csv.
 `novel` writes NEW/photos/: 10 + 10 cats_vs_dogs photos that are in no split, and NEW/drawings/:
-6 striped drawings (pipeline.demo_data), unlike anything trained on; `flagged` counts how many of
+6 striped drawings (pipeline.data.demo), unlike anything trained on; `flagged` counts how many of
 each predict marked unlike_training.
 """
 import csv
@@ -88,7 +88,7 @@ def score(name, models_root="models"):
 def novel(out):
     import numpy as np
 
-    from pipeline.demo_data import striped_image
+    from pipeline.data.demo import striped_image
     os.makedirs(os.path.join(out, "photos")), os.makedirs(os.path.join(out, "drawings"))
     for c in sorted(os.listdir(SOURCE)):
         for name in sorted(os.listdir(os.path.join(SOURCE, c)), key=_number)[500:510]:

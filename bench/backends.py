@@ -18,7 +18,9 @@ import time
 import numpy as np
 import options
 
-from pipeline import cache, images, runtime, train_head
+from pipeline import cache, train_head
+from pipeline.data import images
+from pipeline.model import runtime
 
 IMAGES = 200  # photos per backend and precision (a minute or two each on 2 cores)
 

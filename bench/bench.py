@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SEED_ENV = dict(os.environ)  # the naive Keras way runs with TensorFlow's defaults, as the seed did
 
-from pipeline import runtime  # noqa: E402  first: sets TF_ENABLE_ONEDNN_OPTS, then the backend
+from pipeline.model import runtime  # noqa: E402  first: sets TF_ENABLE_ONEDNN_OPTS, then the backend  # noqa: E402
 
 BACKEND = runtime.start(os.environ.get("BACKEND", ""))  # before anything imports Keras
 
@@ -48,8 +48,11 @@ import numpy as np  # noqa: E402
 import options  # noqa: E402  (bench/options.py: figure 6, and the naive Keras way)
 import support  # noqa: E402  (bench/support.py: the synthetic cache, the machine)
 
-from pipeline import artifacts, backbone, cache, extract, heads, images, train_head  # noqa: E402
+from pipeline import cache, extract, train_head  # noqa: E402
 from pipeline.config import Config  # noqa: E402
+from pipeline.data import images  # noqa: E402
+from pipeline.fs import artifacts  # noqa: E402
+from pipeline.model import backbone, heads  # noqa: E402
 
 N = int(os.environ.get("BENCH_N") or 600)
 SYNTH_ROWS = int(os.environ.get("BENCH_SYNTH_ROWS") or 100_000)

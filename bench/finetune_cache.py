@@ -28,7 +28,8 @@ import time
 import keras
 import support  # bench/support.py: EpochTimer
 
-from pipeline import backbone, cache, extract, finetune, train_head
+from pipeline import cache, extract, finetune, train_head
+from pipeline.model import backbone
 
 CUT_N = int(os.environ.get("BENCH_CUT_N") or 50)
 CUT_AUGMENT = int(os.environ.get("BENCH_CUT_AUGMENT") or 5)

@@ -36,7 +36,10 @@ def write_sparse_cache(folder):
     views of each training row, the features and the block4_pool cut, chunks never written."""
     import numpy as np
 
-    from pipeline import augment, backbone, cache, datasets, extract, index, views
+    from pipeline import cache, extract
+    from pipeline.cache import index, views
+    from pipeline.data import augment, datasets
+    from pipeline.model import backbone
     config = config_of(folder)
     weights = backbone.resolve_weights("none")
     identity = backbone.identity_of(weights, SIZE)

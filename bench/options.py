@@ -34,7 +34,7 @@ def forward(batch, xla, precision, size):
     """Images/s of the frozen base's compiled forward pass on one in-memory batch."""
     import numpy as np
 
-    from pipeline import backbone
+    from pipeline.model import backbone
     base = backbone.build_backbone(backbone.resolve_weights("none"), size, precision)
     run = backbone.feature_function(base, jit_compile=xla)  # extract's forward pass
     x = np.random.default_rng(0).uniform(-120, 150, (batch, size, size, 3)).astype(np.float32)
@@ -161,7 +161,7 @@ def decoding(paths, size, extract_ips):
     `extract_ips(paths, name)` times an extraction of `paths` (name: "full" or "draft")."""
     import numpy as np
 
-    from pipeline import images
+    from pipeline.data import images
     paths = paths[:DECODE_IMAGES]
     out = {}
     for name, mode in (("full", full_jpeg_decoding), ("draft", nullcontext)):

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from pipeline import runtime
+from pipeline.model import runtime
 
 runtime.start(os.environ.get("BACKEND", ""))  # before Keras is imported (as bench.py does)
 

@@ -32,7 +32,7 @@ RESULTS = os.environ.get("SCALE_RESULTS") or os.path.join(ROOT, "bench", "scale.
 ONLY = os.environ.get("SCALE_STEPS")  # e.g. "first extract,rerun,open": the others not run
 SIZE, STORAGE, LOCAL_SEGMENT_ROWS = 150, "float16", 32
 CLASSES = ("cats", "dogs")
-PHASES = [("datasets", "discover"), ("extract", "_hash_files"), ("cache", "previous_files"),
+PHASES = [("data.datasets", "discover"), ("extract", "_hash_files"), ("cache", "previous_files"),
           ("cache", "inventory"), ("cache", "compact"), ("cache", "write_master"),
           ("cache", "remove_unreferenced")]
 
@@ -60,7 +60,8 @@ def make_cache(root, n):
     """The files and the 32-row segments extract would have written for them."""
     import numpy as np
 
-    from pipeline import backbone, cache
+    from pipeline import cache
+    from pipeline.model import backbone
     identity = backbone.feature_identity(backbone.resolve_weights("none"), SIZE, "float32",
                                          STORAGE)
     features_dir = config(root).features_dir

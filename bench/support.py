@@ -11,8 +11,10 @@ import time
 import keras
 import numpy as np
 
-from pipeline import backbone, cache, datasets, extract, runtime
+from pipeline import cache, extract
 from pipeline.config import Config
+from pipeline.data import datasets
+from pipeline.model import backbone, runtime
 
 CHUNK = 4096  # rows per segment: at COMPACT_BELOW, so extract never merges them
 CLASSES = ["cats", "dogs"]

@@ -7,12 +7,12 @@ import argparse
 import importlib
 import sys
 
-from . import runtime
 from .config import FIELDS, Config, UserError, help_text
-from .escape import terminal_text
+from .fs.escape import terminal_text
+from .model import runtime
 
 STAGES = {
-    "demo-data": "demo_data",
+    "demo-data": "data.demo",
     "extract": "extract",
     "train-head": "train_head",
     "finetune": "finetune",

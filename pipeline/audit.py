@@ -31,7 +31,8 @@ orthant, where any two images score a cosine of 0.99 (bench/audit_planted.py: pl
   another class is more likely; candidates are ranked by the given label's probability, lowest
   first.
 - Outliers: distance to the nearest training class centroid, past the OUTLIER_PERCENTILE-th
-  percentile of validation's (`pipeline/outliers.py` says which distance and why; predict too).
+  percentile of validation's (`pipeline/analysis/outliers.py` says which distance and why;
+  predict too).
 """
 import csv
 import json
@@ -41,9 +42,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cache, escape, files, heads, lock, outliers, plots
+from . import cache
+from .analysis import outliers
 from .config import Config, UserError
-from .thumbnails import short_name, thumbnail
+from .fs import escape, files, lock
+from .model import heads
+from .reporting import plots
+from .reporting.thumbnails import short_name, thumbnail
 
 FOLDER = outliers.FOLDER              # models/<NAME>/audit/
 NEAR_DUPLICATES = "near_duplicates.csv"
@@ -316,7 +321,7 @@ def _audit(config):
 def current_summary(config):
     """audit.json when it describes the cache as it is now (same rows, labels, splits, features)
     with the same settings, else None: what `make batch` needs to skip an audit."""
-    from . import artifacts
+    from .fs import artifacts
     summary = artifacts.json_or_empty(os.path.join(config.models_dir, FOLDER, SUMMARY))
     if not summary or not os.path.exists(os.path.join(config.features_dir, cache.MASTER)):
         return None

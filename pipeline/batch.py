@@ -25,9 +25,12 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import artifacts, audit, cache, extract, files, labels, registry
+from . import audit, cache, extract
 from .config import Config, UserError
-from .escape import csv_dicts, csv_writer, markdown_text, terminal_text
+from .data import labels
+from .fs import artifacts, files
+from .fs.escape import csv_dicts, csv_writer, markdown_text, terminal_text
+from .model import registry
 
 SUMMARY_CSV = "batch_summary.csv"   # in MODELS_ROOT, beside the datasets' folders
 SUMMARY_MD = "batch_summary.md"

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 MIN_SIZE, MAX_SIZE = 32, 1024  # VGG16 needs 32 px for one 1x1 feature map; it was trained at 224
@@ -41,8 +42,29 @@ def warn(message):
     """A notice that must not be missed (random weights, a model passed over): one line that
     stands out from progress and results, on stdout beside the results it qualifies. It names
     files, classes and notices read back from files: shown through escape.terminal_text."""
-    from .escape import terminal_text  # when called: config is the base, escape a layer above
     print(f"!!! {terminal_text(message)}", flush=True)
+
+
+# Bidirectional controls reorder what a terminal shows (a name can display as another)
+_BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def terminal_text(text):
+    """Text for one printed line: control characters (ESC, BEL, C1, newlines, ...), bidi controls
+    and lone surrogates (bytes of a name that is not UTF-8) are shown as \\x1b, \\u202e, \\xe9...,
+    so no OSC or CSI sequence (clipboard writes, window titles, cursor moves) reaches the terminal
+    and the user can still tell which file is meant. The terminal's escaping function
+    (escape.terminal_text), here because `warn` prints through it."""
+    return "".join(_terminal_char(c) for c in str(text))
+
+
+def _terminal_char(c):
+    if 0xDC80 <= ord(c) <= 0xDCFF:  # a byte that was not UTF-8, as os.fsdecode keeps it
+        return f"\\x{ord(c) - 0xDC00:02x}"
+    if unicodedata.category(c) in ("Cc", "Cs") or c in _BIDI:
+        return c.encode("unicode_escape").decode("ascii") if ord(c) < 0xD800 else \
+            f"\\u{ord(c):04x}"
+    return c
 
 
 def setting(default, help, make=True):

@@ -6,8 +6,8 @@ The test split is used, or validation where the cache has no test rows. The feat
 read the cached features of those rows; the fine-tuned model reads the images themselves through
 images.labelled_dataset (no augmentation). Writes models/<NAME>/evaluation.json, with what the
 report lays out (ROC and precision-recall figures, the most-confused pairs, a PCA projection of
-the cached features, each stage's time), and the pictures it names. The pictures are written
-first, each under a name holding its hash (hashed.py); evaluation.json is written last and is
+the cached features, each stage's time), and the pictures it names. The pictures are written first,
+each under a name holding its hash (reporting/pictures.py); evaluation.json is written last and is
 the commit point: a kill before it leaves the previous evaluation.json naming its own pictures.
 """
 import os
@@ -17,11 +17,16 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn import metrics
 
-from . import artifacts, cache, hashed, images, insight, lock, plots, registry
+from . import cache
 from .config import Config, UserError, warn
+from .data import images
+from .fs import artifacts, lock
+from .model import registry
+from .reporting import diagnostics, pictures, plots
 
 LEGACY_CONFUSION_PLOT = "confusion_{model}.png"   # before pictures were named by their hash
-# the stems of evaluate's pictures (hashed.py): <stem>-<hash>.png, named in evaluation.json
+# the stems of evaluate's pictures (reporting/pictures.py): <stem>-<hash>.png, named in
+# evaluation.json
 PICTURES = {"projection", *(f"{kind}_{model}" for kind in ("confusion", "curves")
                             for model in registry.NAMES)}
 MAX_MISCLASSIFIED = 100     # kept per model in evaluation.json (most confident mistakes first)
@@ -68,7 +73,7 @@ def _evaluate(config):
         paths, attrs, root = store.paths[rows], store.attrs, store.image_root(config.data)
         train_rows = len(store.rows("train"))
         best = max(scored, key=lambda k: np.mean(scored[k].argmax(axis=1) == labels))
-        projected = insight.projection(store, rows[scored[best].argmax(axis=1) != labels],
+        projected = diagnostics.projection(store, rows[scored[best].argmax(axis=1) != labels],
                                        config.seed)
 
     report = {"identity": attrs["identity"], "identity_id": attrs["identity_id"],
@@ -76,29 +81,29 @@ def _evaluate(config):
               "data_root": root,
               "weights_notice": attrs.get("weights_notice", ""), "config": config.to_dict(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": {}}
-    pictures = []  # every picture evaluation.json names: the others are a killed run's
+    named = []  # every picture evaluation.json names: the others are a killed run's
     for model, probabilities in scored.items():
         report["models"][model] = m = score(probabilities, labels, class_names, paths)
-        m["curves"], drawn = insight.curves(probabilities, labels, class_names)
-        m["confused_pairs"] = insight.confused_pairs(m["confusion_matrix"], class_names)
+        m["curves"], drawn = diagnostics.curves(probabilities, labels, class_names)
+        m["confused_pairs"] = diagnostics.confused_pairs(m["confusion_matrix"], class_names)
         on = f"{registry.TITLES[model]} on {split} ({len(rows)} images)"
-        m["confusion_matrix_png"] = _picture(config, pictures, f"confusion_{model}",
+        m["confusion_matrix_png"] = _picture(config, named, f"confusion_{model}",
                                              plots.plot_confusion_matrix(
                                                  m["confusion_matrix"], class_names, title=on))
         if drawn:
-            m["curves"]["png"] = _picture(config, pictures, f"curves_{model}",
+            m["curves"]["png"] = _picture(config, named, f"curves_{model}",
                                           plots.plot_roc_pr(drawn, title=on))
     entry, points, point_labels, marked = projected
     entry.update(model=best, png=_picture(
-        config, pictures, "projection", png=insight.projection_png(
+        config, named, "projection", png=diagnostics.projection_png(
             points, point_labels, class_names, marked, registry.TITLES[best], split, entry)))
     report["projection"] = entry
-    report["stage_times"] = insight.stage_times(attrs, trained, train_rows,
+    report["stage_times"] = diagnostics.stage_times(attrs, trained, train_rows,
                                                 time.perf_counter() - start,
                                                 len(rows) * len(scored))
     out = artifacts.path(config, artifacts.EVALUATION)
     artifacts.write_json(out, report)  # the commit point: it names this run's pictures
-    hashed.remove_stale(config.models_dir, PICTURES, pictures)
+    pictures.remove_stale(config.models_dir, PICTURES, named)
     for model in registry.NAMES:  # the fixed names of earlier versions would mislead
         legacy = artifacts.path(config, LEGACY_CONFUSION_PLOT.format(model=model))
         if os.path.isfile(legacy) and not os.path.islink(legacy):
@@ -115,11 +120,11 @@ def _evaluate(config):
     return EvaluateResult(out, split, {k: v["accuracy"] for k, v in report["models"].items()})
 
 
-def _picture(config, pictures, stem, figure=None, png=None):
+def _picture(config, named, stem, figure=None, png=None):
     """Write a figure (or PNG bytes) under its content's name; returns its record."""
-    record = hashed.write(config.models_dir, stem, png if png is not None
+    record = pictures.write(config.models_dir, stem, png if png is not None
                           else plots.png_bytes(figure))
-    pictures.append(record)
+    named.append(record)
     return record
 
 

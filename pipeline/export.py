@@ -12,8 +12,9 @@ import os
 import time
 from dataclasses import dataclass
 
-from . import cache, files, lock
+from . import cache
 from .config import Config, UserError
+from .fs import files, lock
 
 # the cache's plumbing (which segments the master reads), the training views and fine-tuning's
 # activations: an exported file holds the index and the features

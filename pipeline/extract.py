@@ -15,8 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, datasets, featurize, index, lock, views
+from . import cache
+from .cache import index, views
 from .config import Config, UserError, warn
+from .data import datasets
+from .engines import featurize
+from .fs import artifacts, lock
+from .model import backbone
 
 HASH_AT_ONCE = 65536  # files handed to the engine's sha256_of at a time
 
@@ -44,10 +49,12 @@ def run(config: Config) -> ExtractResult:
 @contextlib.contextmanager
 def _engine(config):
     """Where PRECISION=auto is decided, files are hashed and features computed: this process
-    (ENGINE=local), or a Ray cluster (ENGINE=ray, pipeline/engine_ray.py)."""
+    (ENGINE=local), or a Ray cluster (ENGINE=ray, pipeline/engines/ray_engine.py)."""
     if config.engine == "ray":
-        from . import engine_ray  # Ray is an optional dependency: imported only when asked for
-        with engine_ray.RayEngine(config) as engine:
+        from .engines import (
+            ray_engine,  # Ray is an optional dependency: imported only when asked for
+        )
+        with ray_engine.RayEngine(config) as engine:
             yield engine
     else:
         yield types.SimpleNamespace(resolve_precision=backbone.resolve_precision,

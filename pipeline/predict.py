@@ -11,9 +11,9 @@ predictions_skipped.csv.
 `auto` picks the model with the best validation accuracy among those trained.
 
 Each image is also scored against the training data with the audit's outlier measure
-(pipeline/outliers.py): 1 - cosine similarity of its feature map to the nearest training class
-centroid, from the cache (the audit's saved measure while the cache is unchanged, else computed
-from the cache at predict time), so it always describes the current cache.
+(pipeline/analysis/outliers.py): 1 - cosine similarity of its feature map to the nearest training
+class centroid, from the cache (the audit's saved measure while the cache is unchanged, else
+computed from the cache at predict time), so it always describes the current cache.
 Past the OUTLIER_PERCENTILE-th percentile of the validation images' distances, the image is
 `unlike_training` (1): the model was never shown anything like it, so its probabilities say
 little. The fine-tuned model reads images, not feature maps, so for it the frozen backbone runs
@@ -27,9 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from . import artifacts, backbone, cache, datasets, escape, files, images, outliers, registry
+from . import cache
+from .analysis import outliers
 from .config import Config, UserError, warn
-from .escape import terminal_text
+from .data import datasets, images
+from .fs import artifacts, escape, files
+from .fs.escape import terminal_text
+from .model import backbone, registry
 
 PREFERENCE = {"finetuned": 2, "dense": 1, "logreg": 0}  # breaks ties in validation accuracy
 SKIPPED = "predictions_skipped.csv"

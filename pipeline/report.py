@@ -9,7 +9,8 @@ were random, the models side by side, learning curves, confusion matrices, the m
 pairs, ROC and precision-recall curves, calibration (reliability diagram, ECE, Brier),
 misclassified images, the feature projection, the dataset, the audit's findings (`make audit`),
 the stage times and the cache identity and weights. It lays out what evaluate computed
-(sections.py); a picture is shown only when evaluation.json names it by its hash (hashed.py).
+(sections.py); a picture is shown only when evaluation.json names it by its hash
+(reporting/pictures.py).
 The same page is also written as report.html, one self-contained file to share: every picture
 inline as base64, rendered from the Markdown by markdown.page (a renderer of exactly the subset
 written here, so no text from the files becomes markup). report's own pictures are written
@@ -22,13 +23,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import artifacts, audit, cache, files, hashed, lock, markdown, plots, registry, sections
+from . import audit, cache
 from .config import Config, UserError, warn
-from .escape import csv_dicts, markdown_code, markdown_text
-from .registry import TITLES
-from .thumbnails import short_name, thumbnail
+from .fs import artifacts, files, lock
+from .fs.escape import csv_dicts, markdown_code, markdown_text
+from .model import registry
+from .model.registry import TITLES
+from .reporting import markdown, pictures, plots, sections
+from .reporting.thumbnails import short_name, thumbnail
 
-# the stems of report's own pictures (hashed.py), and the fixed names of earlier versions
+# the stems of report's own pictures (reporting/pictures.py), and the fixed names of earlier
+# versions
 PICTURES = {"reliability", *(f"misclassified_{model}" for model in registry.NAMES)}
 LEGACY_PICTURES = ("reliability.png", *(f"misclassified_{m}.png" for m in registry.NAMES))
 GRID_IMAGES = 25         # most confident mistakes shown per model
@@ -88,15 +93,15 @@ def _report(config):
     lines += _identity_section(attrs, notices)
 
     # report.md and report.html last, each whole or not at all: a kill before leaves the old
-    # ones, naming their own pictures (hashed.py); only then are the pictures they no longer
-    # name removed
+    # ones, naming their own pictures (reporting/pictures.py); only then are the pictures they
+    # no longer name removed
     out = artifacts.path(config, artifacts.REPORT)
     with files.replacing(out, "w") as f:
         f.write("\n".join(lines) + "\n")
     page = artifacts.path(config, HTML)
     with files.replacing(page, "w", encoding="utf-8") as f:
         f.write(_html(lines, folder, f"Transfer-learning report: {config.dataset_name}"))
-    hashed.remove_stale(folder, PICTURES, drawn)
+    pictures.remove_stale(folder, PICTURES, drawn)
     for name in LEGACY_PICTURES:
         legacy = os.path.join(folder, name)
         if os.path.isfile(legacy) and not os.path.islink(legacy):
@@ -204,7 +209,7 @@ def _calibration_section(folder, evaluation, drawn):
     if not curves:
         return lines[:2] + ["No calibration figures in evaluation.json: run `make evaluate` "
                             "again.", ""]
-    drawn.append(hashed.write(folder, "reliability", plots.png_bytes(plots.plot_reliability(
+    drawn.append(pictures.write(folder, "reliability", plots.png_bytes(plots.plot_reliability(
         curves, title=f"Reliability on the {evaluation.split} split"))))
     return lines + ["", f"![reliability diagram]({drawn[-1]['file']})", ""]
 
@@ -288,7 +293,7 @@ def _misclassified_section(folder, evaluation, drawn):
                   f"{evaluation.images} wrong", ""]
         shown = _misclassified_grid(evaluation, m["misclassified"][:GRID_IMAGES], TITLES[model])
         if shown:
-            drawn.append(hashed.write(folder, f"misclassified_{model}", shown))
+            drawn.append(pictures.write(folder, f"misclassified_{model}", shown))
             lines += [f"![misclassified, {TITLES[model]}]({drawn[-1]['file']})", ""]
         elif m["misclassified_count"]:
             lines += [f"(the images under {_code(evaluation.data_root)} could not be opened)", ""]

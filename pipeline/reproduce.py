@@ -24,8 +24,10 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from . import artifacts, backbone, datasets, files, registry
 from .config import FIELDS, Config, UserError, warn
+from .data import datasets
+from .fs import artifacts, files
+from .model import backbone, registry
 
 URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
 DOWNLOADS = "data/downloads"

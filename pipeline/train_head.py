@@ -23,21 +23,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from . import (
-    artifacts,
-    backbone,
-    cache,
-    files,
-    heads,
-    lock,
-    logs,
-    plots,
-    runtime,
-    stream,
-    views,
-)
+from . import cache
+from .cache import batches, views
+from .cache.batches import CachedFeatures, one_line_on_damage
 from .config import Config, UserError, warn
-from .stream import CachedFeatures, one_line_on_damage
+from .fs import artifacts, files, lock
+from .model import backbone, heads, logs, runtime
+from .reporting import plots
 
 STANDARDIZE = True           # False: train on raw feature maps, as the article does
 LOGREG_MEMORY_MB = 256       # train features up to this size are fitted in memory, else SGD
@@ -187,7 +179,7 @@ def train_dense(config, store, rows, callbacks=()):
                                          restore_best_weights=True)
     board = logs.tensorboard(config, "head")  # models/<NAME>/logs/head, None without a writer
     # Keras opens these two by name: a link planted there is removed first, never written through
-    callbacks = [stream.FollowEpochs(train), stop,  # each epoch reads its own views and order
+    callbacks = [batches.FollowEpochs(train), stop,  # each epoch reads its own views and order
                  keras.callbacks.ModelCheckpoint(files.no_link(paths["checkpoint"])),
                  keras.callbacks.CSVLogger(files.no_link(paths["log"])), *callbacks,
                  *([board] if board else [])]
@@ -299,7 +291,7 @@ def _fit_out_of_core(store, train_rows, num_classes, grid, seed):
                     unit="row", leave=False)
     for epoch in range(SGD_EPOCHS):  # every candidate sees each block, so one read serves all
         shuffled = np.random.default_rng([seed, epoch])
-        for indices in stream.block_plan(train_rows, cache.READ_BLOCK, shuffled):
+        for indices in batches.block_plan(train_rows, cache.READ_BLOCK, shuffled):
             features = store.read(indices)
             x = scaler.transform(features.reshape(len(features), -1), copy=False)
             for model in models:

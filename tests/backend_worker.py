@@ -13,27 +13,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import runtime  # noqa: E402
+from pipeline.model import runtime  # noqa: E402
 
 runtime.start()  # KERAS_BACKEND, quietly
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline import (  # noqa: E402
-    augment,
-    batch,
-    cache,
-    evaluate,
-    extract,
-    finetune,
-    images,
-    predict,
-    registry,
-    report,
-    train_head,
-)
+from pipeline import batch, cache, evaluate, extract, finetune, predict, report, train_head  # noqa: E402
 from pipeline.config import Config  # noqa: E402
+from pipeline.data import augment, images  # noqa: E402
+from pipeline.model import registry  # noqa: E402
 
 
 def stages(root, data, weights):

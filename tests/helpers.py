@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from pipeline.demo_data import striped_image
+from pipeline.data.demo import striped_image
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cats_vs_dogs")
 

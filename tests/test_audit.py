@@ -11,8 +11,9 @@ from PIL import Image
 from sklearn.base import BaseEstimator, ClassifierMixin
 from trained_run import shared_trained_run
 
-from pipeline import audit, cache, extract, outliers, predict
+from pipeline import audit, cache, extract, predict
 from pipeline.__main__ import main
+from pipeline.analysis import outliers
 from pipeline.config import UserError
 
 

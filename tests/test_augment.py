@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from helpers import make_image_folder
 
-from pipeline import augment, backbone, cache, export, extract, images, stream, train_head, views
-from pipeline.cache import FeatureStore
+from pipeline import cache, export, extract, train_head
+from pipeline.cache import FeatureStore, batches, views
 from pipeline.config import Config, UserError
+from pipeline.data import augment, images
+from pipeline.model import backbone
 
 SETTINGS = dict(split="50/25/25", epochs=2)  # 12 images: about 6 train, 3 validation, 3 test
 
@@ -164,7 +166,7 @@ def test_train_head_reads_a_view_of_each_training_image_every_epoch(folder, make
         every = {v: store.read_views(rows, [v] * len(rows)) for v in range(3)}
         read = views.epoch_reader(store, config.seed)
         targets = np.arange(len(store))  # a row's target is its index
-        ds = stream.CachedFeatures(store, rows, targets, 4, seed=0, read=read)
+        ds = batches.CachedFeatures(store, rows, targets, 4, seed=0, read=read)
         for epoch in range(3):
             expected = augment.epoch_views(rows, 2, config.seed, epoch, len(store))
             for x, y in ds:

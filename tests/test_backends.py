@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import runtime
 from pipeline.config import Config, UserError
+from pipeline.model import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "backend_worker.py")

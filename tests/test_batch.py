@@ -6,9 +6,11 @@ import os
 import pytest
 from helpers import make_image_folder
 
-from pipeline import artifacts, batch, registry
+from pipeline import batch
 from pipeline.__main__ import main
 from pipeline.config import Config, UserError
+from pipeline.fs import artifacts
+from pipeline.model import registry
 
 
 def summary_rows(result):

@@ -14,19 +14,10 @@ from helpers import edit_json, make_image_folder
 from markdown_it import MarkdownIt
 from PIL import Image
 
-from pipeline import (
-    artifacts,
-    audit,
-    batch,
-    escape,
-    evaluate,
-    extract,
-    predict,
-    report,
-    thumbnails,
-    train_head,
-)
+from pipeline import audit, batch, evaluate, extract, predict, report, train_head
 from pipeline.config import NAME_PATTERN, UserError
+from pipeline.fs import artifacts, escape
+from pipeline.reporting import thumbnails
 
 MARKDOWN_PAYLOADS = ['"><svg onload=alert(2)>', "![pic](http:evil.example)",
                      "a[click](evil.html)", "<img src=x onerror=alert(1)>", "x|y`z`**b**",

@@ -9,8 +9,12 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 from trained_run import run_config, shared_trained_run
 
-from pipeline import artifacts, cache, evaluate, extract, heads, images, insight, plots, train_head
+from pipeline import cache, evaluate, extract, train_head
 from pipeline.config import UserError
+from pipeline.data import images
+from pipeline.fs import artifacts
+from pipeline.model import heads
+from pipeline.reporting import diagnostics, plots
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +137,7 @@ def test_roc_and_precision_recall_are_one_vs_rest_beyond_two_classes(classes):
     probabilities[np.arange(30), labels] += 0.5  # mostly right
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     names = ["a", "b", "c"][:classes]
-    entry, drawn = insight.curves(probabilities, labels, names)
+    entry, drawn = diagnostics.curves(probabilities, labels, names)
     positives = names[1:] if classes == 2 else names  # two classes: the second is positive
     assert list(entry["roc_auc"]) == [c for c in names if c in positives] and \
         len(drawn) == len(positives)
@@ -149,11 +153,11 @@ def test_roc_and_precision_recall_are_one_vs_rest_beyond_two_classes(classes):
 
 def test_the_most_confused_pairs_count_both_directions():
     matrix = [[5, 3, 0], [1, 4, 0], [0, 2, 6]]
-    pairs = insight.confused_pairs(matrix, ["a", "b", "c"])
+    pairs = diagnostics.confused_pairs(matrix, ["a", "b", "c"])
     assert [(p["a"], p["b"], p["a_as_b"], p["b_as_a"], p["total"]) for p in pairs] == \
         [("a", "b", 3, 1, 4), ("b", "c", 0, 2, 2)]  # a-c: never confused, not listed
     assert pairs[0]["share"] == pytest.approx(4 / 13)
-    two = insight.confused_pairs([[3, 1], [2, 4]], ["x", "y"])
+    two = diagnostics.confused_pairs([[3, 1], [2, 4]], ["x", "y"])
     assert two == [{"a": "x", "b": "y", "a_as_b": 1, "b_as_a": 2, "total": 3, "share": 0.3}]
 
 
@@ -172,8 +176,8 @@ def test_confusion_matrix_figure_grows_with_the_classes(tmp_path, classes):
 def test_the_projection_reads_a_fixed_sample_that_keeps_every_mistake(run):
     with cache.FeatureStore(run.features_dir) as store:
         marked = store.rows("test")[:3]
-        entry, points, labels, mask = insight.projection(store, marked, seed=0, cap=8)
-        again = insight.projection(store, marked, seed=0, cap=8)[1]
+        entry, points, labels, mask = diagnostics.projection(store, marked, seed=0, cap=8)
+        again = diagnostics.projection(store, marked, seed=0, cap=8)[1]
         assert labels.shape == (8,) and set(labels.tolist()) <= {0, 1}
     assert entry["rows"] == 8 and entry["of"] == 20 and entry["marked"] == mask.sum() == 3
     assert points.shape == (8, 2) and len(entry["explained_variance"]) == 2

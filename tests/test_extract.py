@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 from pipeline import __main__ as cli
-from pipeline import backbone, cache, extract, images, lock, runtime
+from pipeline import cache, extract
 from pipeline.config import UserError
+from pipeline.data import images
+from pipeline.fs import lock
+from pipeline.model import backbone, runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,20 +12,12 @@ from helpers import make_image_folder
 from sklearn.metrics import log_loss
 
 from pipeline import __main__ as cli
-from pipeline import (
-    artifacts,
-    backbone,
-    demo_data,
-    extract,
-    finetune,
-    images,
-    lock,
-    registry,
-    resume,
-    train_head,
-)
+from pipeline import extract, finetune, train_head
 from pipeline.cache import FeatureStore
 from pipeline.config import UserError
+from pipeline.data import demo, images
+from pipeline.fs import artifacts, lock
+from pipeline.model import backbone, registry, resume
 
 # 12 images: about 6 train, 3 validation, 3 test; no cached views: fine-tuning from the images
 SETTINGS = dict(split="50/25/25", epochs=2, augment=0)
@@ -78,7 +70,7 @@ class KillAfter(keras.callbacks.Callback):
 
 def test_one_epoch_on_the_demo_data_through_the_cli(tmp_path, make_config, capsys):
     data = str(tmp_path / "demo")
-    demo_data.generate(data, per_class=12)
+    demo.generate(data, per_class=12)
     config = make_config(data, name="demo", split="60/20/20")
     extract.run(config)
     train_head.run(config)
@@ -96,7 +88,7 @@ def test_one_epoch_on_the_demo_data_through_the_cli(tmp_path, make_config, capsy
         paths = [os.path.join(data, p) for p in store.paths[rows]]
         labels = store.labels[rows]
     assert metrics["weights"] == backbone.RANDOM_FINGERPRINT
-    assert metrics["class_names"] == list(demo_data.CLASSES)
+    assert metrics["class_names"] == list(demo.CLASSES)
     head_loss = registry.record(config, "dense").validation["loss"]
     beat_the_head = metrics["history"]["val_loss"][0] < head_loss  # else the head is kept: 0
     assert (metrics["epochs"], metrics["best_epoch"], metrics["resumed_from_epoch"]) == \

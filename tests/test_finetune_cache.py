@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from helpers import make_image_folder
 
-from pipeline import augment, backbone, cache, extract, finetune, images, train_head, views
-from pipeline.cache import FeatureStore
+from pipeline import cache, extract, finetune, train_head
+from pipeline.cache import FeatureStore, views
+from pipeline.data import augment, images
+from pipeline.model import backbone
 
 SETTINGS = dict(split="50/25/25", epochs=2, augment=2)  # 12 images: ~6 train, 3 val, 3 test
 

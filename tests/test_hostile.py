@@ -15,8 +15,9 @@ from helpers import make_image_folder
 from trained_run import trained_run_copy
 
 from pipeline import __main__ as cli
-from pipeline import artifacts, evaluate, predict, train_head
+from pipeline import evaluate, predict, train_head
 from pipeline.config import UserError
+from pipeline.fs import artifacts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

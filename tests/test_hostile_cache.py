@@ -18,8 +18,9 @@ import pytest
 from helpers import make_image_folder
 
 from pipeline import __main__ as cli
-from pipeline import cache, extract, files
+from pipeline import cache, extract
 from pipeline.config import UserError
+from pipeline.fs import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

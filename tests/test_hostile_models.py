@@ -12,21 +12,10 @@ import keras
 import pytest
 from helpers import edit_json
 
-from pipeline import (
-    artifacts,
-    audit,
-    evaluate,
-    extract,
-    files,
-    finetune,
-    lock,
-    logs,
-    predict,
-    registry,
-    report,
-    train_head,
-)
+from pipeline import audit, evaluate, extract, finetune, predict, report, train_head
 from pipeline.config import UserError
+from pipeline.fs import artifacts, files, lock
+from pipeline.model import logs, registry
 
 VICTIM = b"a file of the user's, outside features/ and models/\n"
 

@@ -25,8 +25,9 @@ from PIL import Image
 from trained_run import shared_trained_run
 
 from pipeline import __main__ as cli
-from pipeline import extract, images, predict
+from pipeline import extract, predict
 from pipeline.config import UserError
+from pipeline.data import images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET = "budget of 67 MP (8192x8192) per image: downscale it"

@@ -4,9 +4,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline import backbone
-from pipeline.backbone import RANDOM_FINGERPRINT, FeatureIdentity, Weights
 from pipeline.config import UserError
+from pipeline.model import backbone
+from pipeline.model.backbone import RANDOM_FINGERPRINT, FeatureIdentity, Weights
 
 RANDOM = Weights("none", "", RANDOM_FINGERPRINT)
 FILE = Weights("imagenet", "/x", "a" * 64)

@@ -7,8 +7,8 @@ import pytest
 from keras.applications import vgg16
 from PIL import Image
 
-from pipeline import datasets, images
 from pipeline.config import UserError
+from pipeline.data import datasets, images
 
 
 def save(img, path, **kwargs):

@@ -6,8 +6,8 @@ import threading
 import numpy as np
 import pytest
 
-from pipeline import images
 from pipeline.config import UserError
+from pipeline.data import images
 
 
 @pytest.fixture

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import datasets, escape, extract, labels
+from pipeline import extract
 from pipeline.cache import FeatureStore
 from pipeline.config import UserError
+from pipeline.data import datasets, labels
+from pipeline.fs import escape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

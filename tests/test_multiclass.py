@@ -8,9 +8,12 @@ import pytest
 from helpers import make_image_folder
 from PIL import Image
 
-from pipeline import artifacts, evaluate, extract, finetune, heads, plots, train_head
+from pipeline import evaluate, extract, finetune, train_head
 from pipeline import report as report_stage
 from pipeline.cache import FeatureStore
+from pipeline.fs import artifacts
+from pipeline.model import heads
+from pipeline.reporting import plots
 
 CLASSES = ("cat", "dog", "golden retriever")
 

@@ -9,8 +9,11 @@ import pytest
 from trained_run import shared_trained_run
 
 from pipeline import __main__ as cli
-from pipeline import artifacts, backbone, heads, images, predict
+from pipeline import predict
 from pipeline.config import UserError
+from pipeline.data import images
+from pipeline.fs import artifacts
+from pipeline.model import backbone, heads
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,11 @@ import pytest
 from helpers import make_image_folder
 from test_train_head import synthetic_cache
 
-from pipeline import backbone, cache, extract, finetune, images, logs, registry, stream, train_head
-from pipeline.cache import FeatureStore
+from pipeline import cache, extract, finetune, train_head
+from pipeline.cache import FeatureStore, batches
 from pipeline.config import Config
+from pipeline.data import images
+from pipeline.model import backbone, logs, registry
 
 
 @pytest.fixture
@@ -32,23 +34,23 @@ def test_shuffled_blocks_and_batches_mix_a_class_sorted_cache(class_sorted, monk
         rows = store.rows("train")
         for epoch in range(3):
             rng = np.random.default_rng([0, epoch])
-            order = np.concatenate(stream.block_plan(rows, block, rng))
+            order = np.concatenate(batches.block_plan(rows, block, rng))
             assert 0.3 < store.labels[order[:128]].mean() < 0.7  # the first half of the epoch
         monkeypatch.setattr(cache, "READ_BLOCK", block)  # train-head's blocks
-        ds = stream.CachedFeatures(store, rows, store.labels.astype(np.float32)[:, None],
+        ds = batches.CachedFeatures(store, rows, store.labels.astype(np.float32)[:, None],
                                        32, seed=0)
         batch_means = [y.mean() for _, y in ds]
     assert min(batch_means) > 0.05 and max(batch_means) < 0.95
 
 
 def test_small_blocks_of_wide_rows_mix_the_classes_as_large_ones_do(class_sorted):
-    # Fine-tuning from the cache reads blocks of 384 rows of 9x9x512 (stream.BLOCK_BYTES): of
+    # Fine-tuning from the cache reads blocks of 384 rows of 9x9x512 (batches.BLOCK_BYTES): of
     # 32-row pieces, each block was 12 pieces and had a class share of its own (epoch 5 of
     # cats_vs_dogs collapsed, train accuracy 0.80 -> 0.69). Blocks keep 32 pieces at any size.
     with FeatureStore(class_sorted.features_dir) as store:
         rows = store.rows("train")
         for epoch in range(3):
-            for indices in stream.block_plan(rows, 96, np.random.default_rng([0, epoch])):
+            for indices in batches.block_plan(rows, 96, np.random.default_rng([0, epoch])):
                 assert 0.35 < store.labels[indices].mean() < 0.65  # 32-row pieces: 1/3, 2/3
 
 

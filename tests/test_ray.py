@@ -15,15 +15,17 @@ import numpy as np
 import pytest
 from helpers import make_image_folder
 
-from pipeline import backbone, cache, extract, lock
+from pipeline import cache, extract
 from pipeline.config import Config, UserError
+from pipeline.fs import lock
+from pipeline.model import backbone
 
 # `make test-ray`, one after another: a cluster takes the cores it is given, so these run apart
 # from the parallel `make test`
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray", reason="ENGINE=ray needs Ray: `make install-ray` "
                                         "(requirements-ray.txt; CI installs it)")
-from pipeline import engine_ray  # noqa: E402  (imports Ray)
+from pipeline.engines import ray_engine  # noqa: E402  (imports Ray)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD = {"horizontal/empty.jpg": b"", "vertical/text.png": b"this is not a picture"}
@@ -33,7 +35,7 @@ BAD = {"horizontal/empty.jpg": b"", "vertical/text.png": b"this is not a picture
 def cluster():
     """One local cluster of 2 CPUs for the module, joined the way a user joins one from Python:
     runs in this process find it initialised and leave it running."""
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env=engine_ray.job_runtime_env(),
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env=ray_engine.job_runtime_env(),
              log_to_driver=False, logging_level=logging.WARNING)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -90,7 +92,7 @@ def segment_files(config):
     ([{"CPU": 16, "GPU": 4}, {"CPU": 32, "GPU": 4}], 2, (2, 4, 1)),
 ])
 def test_workers_are_planned_from_the_cluster(nodes, workers, plan):
-    assert engine_ray.plan_workers(nodes, workers) == plan
+    assert ray_engine.plan_workers(nodes, workers) == plan
 
 
 @pytest.mark.parametrize("nodes, workers, message", [
@@ -100,7 +102,7 @@ def test_workers_are_planned_from_the_cluster(nodes, workers, plan):
 ])
 def test_impossible_workers_are_refused(nodes, workers, message):
     with pytest.raises(UserError, match=message):
-        engine_ray.plan_workers(nodes, workers)
+        ray_engine.plan_workers(nodes, workers)
 
 
 @pytest.mark.parametrize("images, workers, row_bytes, rows", [
@@ -109,7 +111,7 @@ def test_impossible_workers_are_refused(nodes, workers, message):
     (1_000_000, 8, 2 * 2**20, 64),     # SIZE=1024 float32: capped by cache.GROUP_BYTES
 ])
 def test_segments_hold_thousands_of_rows_within_the_memory_cap(images, workers, row_bytes, rows):
-    assert engine_ray.segment_rows(images, workers, row_bytes) == rows
+    assert ray_engine.segment_rows(images, workers, row_bytes) == rows
 
 
 def test_ray_gives_the_local_engines_features_and_skipped_files(cluster, data, local_features,
@@ -158,7 +160,7 @@ def test_ray_computes_the_views_and_the_cut_bit_for_bit_as_the_local_engine(clus
 def test_a_worker_killed_after_writing_its_segment_leaves_no_duplicate(
         cluster, data, local_features, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
-    monkeypatch.setenv(engine_ray.KILL_ONCE, str(marker))
+    monkeypatch.setenv(ray_engine.KILL_ONCE, str(marker))
     config = config_of(data, tmp_path, engine="ray", workers=1)
     result = extract.run(config)
     assert marker.exists()  # an actor did die by SIGKILL, after writing a segment

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from helpers import SHARED_DATA
 
-from pipeline import cache, extract, registry, train_head
+from pipeline import cache, extract, train_head
+from pipeline.model import registry
 
 pytestmark = pytest.mark.slow
 

@@ -12,19 +12,11 @@ from helpers import edit_json, make_image_folder
 from PIL import Image
 from trained_run import run_config, shared_trained_run
 
-from pipeline import (
-    artifacts,
-    audit,
-    backbone,
-    cache,
-    evaluate,
-    extract,
-    hashed,
-    plots,
-    report,
-    train_head,
-)
+from pipeline import audit, cache, evaluate, extract, report, train_head
 from pipeline.config import UserError
+from pipeline.fs import artifacts
+from pipeline.model import backbone
+from pipeline.reporting import pictures, plots
 
 SECTIONS = ["Models", "Learning curves", "Confusion matrices", "Most-confused class pairs",
             "ROC and precision-recall curves", "Calibration", "Misclassified images",
@@ -231,7 +223,7 @@ def test_a_killed_evaluate_leaves_no_mixed_report(run, tmp_path):
     evaluation = artifacts.read_json(artifacts.path(config, artifacts.EVALUATION), "")
     named = evaluation["models"]["logreg"]["confusion_matrix_png"]["file"]
     # what a killed evaluate wrote: a new, different matrix
-    new = hashed.write(config.models_dir, "confusion_logreg", plots.png_bytes(
+    new = pictures.write(config.models_dir, "confusion_logreg", plots.png_bytes(
         plots.plot_confusion_matrix([[9, 0], [0, 9]], ["horizontal", "vertical"])))["file"]
     assert new != named
     report.run(config)
@@ -300,7 +292,7 @@ def test_a_killed_report_leaves_its_last_page_whole_and_the_next_one_tidies(run,
     report.run(config)
     page = open(artifacts.path(config, report.HTML), encoding="utf-8").read()
     # killed after drawing a new reliability diagram, before report.md and report.html
-    leftover = hashed.write(config.models_dir, "reliability", plots.png_bytes(
+    leftover = pictures.write(config.models_dir, "reliability", plots.png_bytes(
         plots.plot_reliability([("x", [0.5], [0.5])])))["file"]
     assert leftover not in picture_links(config)  # the last page names only its own pictures
     assert all(os.path.exists(artifacts.path(config, link)) for link in picture_links(config))

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import artifacts, reproduce
+from pipeline import reproduce
 from pipeline.config import UserError
+from pipeline.fs import artifacts
 
 FOLDER = reproduce.FOLDER
 TINY = {"train": {"cats": 3, "dogs": 3}, "validation": {"cats": 2, "dogs": 2}}

@@ -8,8 +8,11 @@ import os
 import h5py
 import numpy as np
 
-from pipeline import cache, datasets, extract, files, index, views
+from pipeline import cache, extract
+from pipeline.cache import index, views
 from pipeline.config import Config
+from pipeline.data import datasets
+from pipeline.fs import files
 
 
 def sha(i):

@@ -10,20 +10,13 @@ import pytest
 from helpers import make_image_folder
 
 from pipeline import __main__ as cli
-from pipeline import (
-    artifacts,
-    backbone,
-    cache,
-    demo_data,
-    extract,
-    heads,
-    images,
-    plots,
-    stream,
-    train_head,
-)
-from pipeline.cache import FeatureStore
+from pipeline import cache, extract, train_head
+from pipeline.cache import FeatureStore, batches
 from pipeline.config import Config
+from pipeline.data import demo, images
+from pipeline.fs import artifacts
+from pipeline.model import backbone, heads
+from pipeline.reporting import plots
 
 IDENTITY = {"backbone": "synthetic", "weights": "synthetic", "image_size": 32, "preprocess": "none"}
 
@@ -66,7 +59,7 @@ def synthetic_config(tmp_path):
 def demo_config(tmp_path_factory):
     """The demo data, 100 images per class at 64 pixels, extracted once with WEIGHTS=none."""
     root = tmp_path_factory.mktemp("demo")
-    demo_data.generate(str(root / "data"), per_class=100, pixels=64)
+    demo.generate(str(root / "data"), per_class=100, pixels=64)
     config = Config(data=str(root / "data"), augment=0, weights="none", size=64, split="70/30/0",
                     features_root=str(root / "features"), models_root=str(root / "models"))
     extract.run(config)
@@ -238,7 +231,7 @@ def test_streaming_visits_every_row_once_per_epoch_in_a_seeded_order(synthetic_c
         rows = store.rows("train")
         targets = np.arange(len(store))  # a row's target is its index: shows the order
         def epochs(seed, n=2):
-            ds = stream.CachedFeatures(store, rows, targets, batch_size=5, seed=seed)
+            ds = batches.CachedFeatures(store, rows, targets, batch_size=5, seed=seed)
             out = []
             for _ in range(n):  # as Keras's fit does: the batches, then on_epoch_end
                 out.append(list(ds))
@@ -312,7 +305,7 @@ def test_streaming_keeps_at_most_two_blocks_in_memory(synthetic_config, monkeypa
     monkeypatch.setattr(cache, "READ_BLOCK", 10)  # 12 blocks of 10 from the 120 train rows
     with FeatureStore(synthetic_config.features_dir) as store:
         targets = np.arange(len(store))
-        ds = stream.CachedFeatures(store, store.rows("train"), targets, batch_size=5,
+        ds = batches.CachedFeatures(store, store.rows("train"), targets, batch_size=5,
                                        seed=0)
         held = []
         for index in range(len(ds)):

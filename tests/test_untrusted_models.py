@@ -14,19 +14,10 @@ import pytest
 from helpers import edit_json, make_image_folder
 from test_hostile_models import finishes, outside
 
-from pipeline import (
-    artifacts,
-    batch,
-    cache,
-    evaluate,
-    export,
-    extract,
-    lock,
-    predict,
-    registry,
-    train_head,
-)
+from pipeline import batch, cache, evaluate, export, extract, predict, train_head
 from pipeline.config import UserError
+from pipeline.fs import artifacts, lock
+from pipeline.model import registry
 
 VICTIM = b"a file of the user's, outside features/ and models/\n"
 
@@ -158,7 +149,7 @@ def test_sniffing_never_blocks_on_a_fifo_that_stat_called_a_file(tmp_path, monke
     os.mkfifo(fifo)
     empty = os.path.join(folder, "horizontal", "empty")
     open(empty, "wb").close()
-    from pipeline import datasets
+    from pipeline.data import datasets
     monkeypatch.setattr(datasets, "not_regular_reason", lambda path: None)  # the race, lost
 
     assert finishes(lambda: datasets.sniff_format(fifo), [fifo], seconds=20) is None

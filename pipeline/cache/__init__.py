@@ -26,6 +26,15 @@ The modules, in the order they build on each other:
     segments   write_segment(_filled), inventory, compact, remove_strays, remove_unreferenced
     store      FeatureStore, the read-only view every later stage reads, and split_digest
 
+and beside them, imported by their own names (`from pipeline.cache import views`):
+
+    identity   FeatureIdentity: what a row was computed with (backbone, weights, size...)
+    index      the index of rows as numpy columns
+    views      augmented views of each training image, and reading them back
+    batches    cached rows streamed into Keras as (features, target) batches
+
+Imports pipeline.config, fs and data; never a model, analysis, engines, reporting or a stage.
+
 Callers use the names below, `from pipeline import cache; cache.FeatureStore(...)`. They are
 bound here when the package is imported: a test that changes a setting the package reads itself
 (COMPACT_BELOW, WRITE_ROWS, MAX_OPEN_SEGMENTS...) patches it where it is defined

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from .. import files
-from ..identity import identity_problem
-from ..index import Previous, Rows, runs
+from ..fs import files
+from .identity import identity_problem
+from .index import Previous, Rows, runs
 from .layout import DAMAGE, FEATURE_DATASETS, MASTER, STR, checksummed, open_master
 
 WRITE_ROWS = 65536        # rows of the master's index written (or checked) at a time

@@ -22,10 +22,10 @@ import time
 import h5py
 import numpy as np
 
-from .. import files
 from ..config import UserError
-from ..index import SegmentIndex
+from ..fs import files
 from . import layout
+from .index import SegmentIndex
 from .layout import MASTER, segment_dir
 from .master import master_segments
 

@@ -23,8 +23,8 @@ import h5py
 import numpy as np
 
 from ..config import UserError
-from ..identity import FeatureIdentity, identity_problem
 from . import layout
+from .identity import FeatureIdentity, identity_problem
 from .layout import CUT_DATASETS, DAMAGE, FEATURE_DATASETS, MASTER, VIEW_DATASETS, open_master
 from .master import WRITE_ROWS, check_index, decode_attr, read_index
 

@@ -1,0 +1,164 @@
+"""The one path from image files to cached rows, on both engines.
+
+    Job (one image, and the rows it lacks) -> decoded once (images.image_batches) -> its plain
+    input and its augmented views (augment.augment_views) -> one forward pass of the frozen base
+    that returns every cached layer -> rows checked finite, in each layer's storage dtype
+
+A *target* is one layer whose output the cache keeps, under an identity of its own: the base's
+output (`block5_pool`, the features train-head reads) and, for fine-tuning from the cache, the
+input of the lowest trainable layer (the *cut*: `block4_pool` for UNFREEZE=block5). A row's key is
+the image's sha256 for its plain input and augment.view_key(...) for its view k. A job lists, for
+each of its inputs, the targets that lack that key, so a rerun computes nothing, a larger AUGMENT
+computes only the new views, and a new cut computes only what it lacks. An image is decoded once
+for its plain input and all its views.
+
+ENGINE=local writes one segment per batch and target (`compute_here`); ENGINE=ray's actors
+(ray_engine.Extractor) collect a Ray batch into one segment per target. Both run
+`Featurizer.batches`, so both write the same numbers.
+"""
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+from tqdm import tqdm
+
+from .. import cache
+from ..config import UserError
+from ..data import augment, images
+from ..model import backbone
+
+
+@dataclass(frozen=True)
+class Target:
+    """One cached layer: its name in VGG16, the identity_id its segments are kept under, and
+    the dtype they store (float32 | float16)."""
+    layer: str
+    identity_id: str
+    storage: str
+
+    @property
+    def dtype(self):
+        return backbone.STORAGE_DTYPES[self.storage]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to decode (`path`, content `sha256`) and its inputs still to compute:
+    ((view, key, needs), ...), view 0 being the plain image and `needs` the numbers of the
+    targets that lack that key."""
+    sha256: str
+    path: str
+    inputs: tuple
+
+
+@dataclass
+class Batch:
+    """Rows of one forward pass: input i has key keys[i], is wanted by the targets needs[i], and
+    its activations at target t are outputs[t][i]."""
+    keys: list
+    needs: list
+    outputs: list
+
+    def rows_for(self, target):
+        """(keys, activations) of the rows that target number `target` lacks."""
+        wanted = [i for i, needs in enumerate(self.needs) if target in needs]
+        return [self.keys[i] for i in wanted], self.outputs[target][wanted]
+
+
+def plan(candidates, targets_known):
+    """Jobs for `candidates` [(key, image sha256, view, full path)], each input listing the
+    targets whose index (targets_known: one index.SegmentIndex per target) lacks its key; inputs
+    no target lacks are left out, and so are images with nothing left to compute."""
+    if not candidates:
+        return []
+    keys = [key for key, _, _, _ in candidates]
+    missing = np.stack([known.find(keys) < 0 for known in targets_known])  # (targets, inputs)
+    jobs = {}
+    for at in np.flatnonzero(missing.any(axis=0)).tolist():
+        key, sha, view, path = candidates[at]
+        needs = tuple(np.flatnonzero(missing[:, at]).tolist())
+        jobs.setdefault(sha, (path, []))[1].append((view, key, needs))
+    return [Job(sha, path, tuple(inputs)) for sha, (path, inputs) in jobs.items()]
+
+
+class Featurizer:
+    """The frozen base, built once with one output per target, and the augmentation."""
+
+    def __init__(self, weights, identity, targets, seed, batch_size, threads=None):
+        base = backbone.build_backbone_of(identity, weights)  # a backbone.FeatureIdentity
+        # one pass, every target: the cut's activations are on the way to the base's output
+        model = keras.Model(base.input, [base.get_layer(t.layer).output for t in targets])
+        self.forward = backbone.feature_function(model)
+        self.targets, self.size, self.seed = list(targets), identity.image_size, seed
+        self.augmentation = augment.augmentation(seed)
+        self.batch_size, self.threads = batch_size, threads
+        self.unreadable = {}  # sha256 -> why its image did not decode, after `batches`
+
+    def batches(self, jobs, progress=None):
+        """Batch after Batch of at most BATCH_SIZE inputs for `jobs`, each image decoded once
+        for all its inputs; images that fail to decode go to `self.unreadable`. `progress`
+        (a tqdm bar) advances by each job's inputs."""
+        pending = []  # (decoded image, sha256, view, key, needs, path)
+        paths = [job.path for job in jobs]
+        decoded = images.image_batches(paths, self.size, self.batch_size, self.threads)
+        # the decoder leads the zip, so its iterator runs to its natural end
+        for (batch, reasons), first in zip(decoded, range(0, len(jobs), self.batch_size)):
+            for job, image, reason in zip(jobs[first:first + len(reasons)], batch, reasons):
+                if reason:
+                    self.unreadable[job.sha256] = reason
+                    if progress is not None:
+                        progress.update(len(job.inputs))
+                    continue
+                pending += [(image, job.sha256, view, key, needs, job.path)
+                            for view, key, needs in job.inputs]
+            while len(pending) >= self.batch_size:
+                yield self._forward(pending[:self.batch_size], progress)
+                pending = pending[self.batch_size:]
+        if pending:
+            yield self._forward(pending, progress)
+
+    def _forward(self, items, progress):
+        x = np.stack([image for image, *_ in items])
+        views = np.array([view for _, _, view, *_ in items])
+        augmented = np.flatnonzero(views > 0)
+        if len(augmented):  # a view is a function of its image, key and seed alone
+            x[augmented] = augment.augment_views(
+                x[augmented], [items[i][1] for i in augmented], views[augmented].tolist(),
+                self.seed, self.augmentation)
+        outputs = self.forward(x)
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        rows = []
+        for target, out in zip(self.targets, outputs):
+            out = out.astype(target.dtype, copy=False)
+            check_finite(out, target, items[0][5], len(items))
+            rows.append(out)
+        if progress is not None:
+            progress.update(len(items))
+        return Batch([key for _, _, _, key, _, _ in items], [needs for *_, needs, _ in items],
+                     rows)
+
+
+def check_finite(rows, target, first_path, batch_rows):
+    """Refuse rows out of the storage dtype's range: a cache must never hold inf or NaN."""
+    if not np.isfinite(rows).all():
+        variable = "STORAGE" if target.layer == backbone.OUTPUT_LAYER else "CUT_STORAGE"
+        raise UserError(f"{target.layer} of {first_path} (batch of {batch_rows}) is not finite"
+                        f"{' in float16' * (rows.dtype == np.float16)}: the WEIGHTS give values "
+                        f"out of range; use {variable}=float32 and PRECISION=float32")
+
+
+def compute_here(featurizer, jobs, features_dir, targets_known, description):
+    """ENGINE=local: run `jobs` through `featurizer`, one atomic segment per batch and target.
+    Updates targets_known (key -> segment, row, rows, per target) in place and returns
+    {sha256: reason} for the images that could not be decoded."""
+    total = sum(len(job.inputs) for job in jobs)
+    # closed also on an error, so that the error line does not land on the bar's line
+    with tqdm(total=total, desc=description, unit="row", smoothing=0.1) as progress:
+        for batch in featurizer.batches(jobs, progress):
+            for number, target in enumerate(featurizer.targets):
+                keys, rows = batch.rows_for(number)
+                if keys:
+                    segment = cache.write_segment(features_dir, target.identity_id, keys, rows)
+                    targets_known[number].update(
+                        {key: (segment, row, len(keys)) for row, key in enumerate(keys)})
+    return featurizer.unreadable
