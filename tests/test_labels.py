@@ -211,7 +211,7 @@ def test_a_huge_one_line_csv_is_refused_quickly_in_bounded_memory(tmp_path, head
         f.truncate(300 * 2**20)
     child = (
         "import sys, time\n"
-        "from pipeline import labels\n"
+        "from pipeline.data import labels\n"
         "from pipeline.config import UserError\n"
         "start = time.perf_counter()\n"
         "try:\n"
