@@ -30,9 +30,9 @@ from .analysis import label_issues as label_analysis
 from .analysis import near_duplicates as duplicate_analysis
 from .analysis import outliers
 from .config import Config, UserError, warn
-from .data import labels
-from .fs import files, lock
+from .fs import escape, files, lock
 from .reporting import pictures, plots
+from .reporting.thumbnails import short_name, thumbnail
 
 FOLDER = outliers.FOLDER              # models/<NAME>/audit/
 SUMMARY = "audit.json"
@@ -42,7 +42,7 @@ NEAR_DUPLICATES, LABEL_ISSUES, OUTLIERS, PICTURE = ("near_duplicates", "label_is
                                                     "outliers", "audit")
 OUTPUTS = (NEAR_DUPLICATES, LABEL_ISSUES, OUTLIERS, PICTURE)
 LEGACY = ("near_duplicates.csv", "label_issues.csv", "outliers.csv", "audit.png")
-PICTURE_COLUMNS, THUMBNAIL = 6, 128
+PICTURE_COLUMNS = 6
 SETTINGS = ("duplicate_threshold", "audit_folds", "outlier_percentile")  # recorded in audit.json
 
 
@@ -161,7 +161,7 @@ def _outliers(cached):
 
 def _csv_bytes(header, rows):
     out = io.StringIO(newline="")
-    writer = csv.writer(out)
+    writer = escape.csv_writer(out)  # every text cell spreadsheet-safe
     writer.writerow(header)
     writer.writerows(rows)
     return out.getvalue().encode("utf-8")
@@ -169,19 +169,18 @@ def _csv_bytes(header, rows):
 
 def _write_outputs(folder, cached, pairs, issues, unlike):
     """The CSVs and the picture under their content's names; {output: record}."""
-    safe, paths, splits, names, y = (labels.spreadsheet_safe, cached.paths, cached.splits,
-                                     cached.class_names, cached.y)
+    paths, splits, names, y = cached.paths, cached.splits, cached.class_names, cached.y
     tables = {
         NEAR_DUPLICATES: (["path_a", "split_a", "path_b", "split_b", "similarity", "cross_split"],
-                          ([safe(paths[a]), splits[a], safe(paths[b]), splits[b],
+                          ([paths[a], splits[a], paths[b], splits[b],
                             round(float(s), 6), int(c)] for a, b, s, c in
                            zip(pairs["i"], pairs["j"], pairs["similarity"], pairs["cross"]))),
         LABEL_ISSUES: (["path", "split", "label", "suggested", "label_probability"],
-                       ([safe(paths[r]), splits[r], safe(names[y[r]]), safe(names[s]),
+                       ([paths[r], splits[r], names[y[r]], names[s],
                          round(float(issues["given"][r]), 6)]
                         for r, s in zip(issues["rows"], issues["suggested"]))),
         OUTLIERS: (["path", "split", "label", "nearest_class", "distance"],
-                   ([safe(paths[r]), splits[r], safe(names[y[r]]), safe(names[unlike[2][r]]),
+                   ([paths[r], splits[r], names[y[r]], names[unlike[2][r]],
                      round(float(unlike[1][r]), 6)] for r in unlike[0])),
     }
     records = {key: pictures.write(folder, key, _csv_bytes(*table), "csv")
@@ -266,7 +265,7 @@ def output_rows(folder, summary, key):
     if data is None:
         return None, why
     try:
-        return list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))), ""
+        return list(escape.csv_dicts(io.StringIO(data.decode("utf-8"), newline=""))), ""
     except (UnicodeDecodeError, csv.Error):
         return None, "not a CSV"
 
@@ -339,22 +338,22 @@ def _picture(cached, pairs, issues, unlike):
     shown = list(zip(pairs["i"], pairs["j"], pairs["similarity"]))[:PICTURE_ROWS // 2]
     for rank, (a, b, s) in enumerate(shown, 1):
         for r in (a, b):
-            cells.append((_thumbnail(root, paths[r]),
-                             f"pair {rank}: {s:.3f}\n{splits[r]}: {_short(paths[r])}"))
+            cells.append((thumbnail(os.path.join(root, paths[r]))[0],
+                             f"pair {rank}: {s:.3f}\n{splits[r]}: {short_name(paths[r])}"))
     if shown:
         kinds.append("near-duplicate pairs (by twos)")
     new_row()
     for rank, (r, s) in enumerate(zip(issues["rows"][:PICTURE_ROWS],
                                       issues["suggested"][:PICTURE_ROWS]), 1):
-        cells.append((_thumbnail(root, paths[r]),
+        cells.append((thumbnail(os.path.join(root, paths[r]))[0],
                          f"issue {rank}: {names[y[r]]} -> {names[s]}\n"
-                         f"p(label) {issues['given'][r]:.3f}  {_short(paths[r])}"))
+                         f"p(label) {issues['given'][r]:.3f}  {short_name(paths[r])}"))
     if len(issues["rows"]):
         kinds.append("label-issue candidates")
     new_row()
     for rank, r in enumerate(unlike[0][:PICTURE_ROWS], 1):
-        cells.append((_thumbnail(root, paths[r]),
-                         f"outlier {rank}: {unlike[1][r]:.3f}\n{splits[r]}: {_short(paths[r])}"))
+        cells.append((thumbnail(os.path.join(root, paths[r]))[0], f"outlier {rank}: "
+                      f"{unlike[1][r]:.3f}\n{splits[r]}: {short_name(paths[r])}"))
     if len(unlike[0]):
         kinds.append("outliers")
     if not kinds:
@@ -362,19 +361,3 @@ def _picture(cached, pairs, issues, unlike):
     title = ", ".join(kinds)
     return plots.png_bytes(plots.plot_misclassified_grid(
         cells, columns=PICTURE_COLUMNS, title=title[0].upper() + title[1:]))
-
-
-def _thumbnail(root, relative):
-    from PIL import Image, ImageOps
-    try:  # a regular file only: a FIFO would hang the audit
-        with files.open_regular(os.path.join(root, relative), "rb") as f, Image.open(f) as img:
-            picture = ImageOps.exif_transpose(img).convert("RGB")
-            picture.thumbnail((THUMBNAIL, THUMBNAIL))
-            return picture
-    except (OSError, UserError):
-        return np.full((THUMBNAIL, THUMBNAIL, 3), 0.5)  # moved since extract: a grey square
-
-
-def _short(path, width=24):
-    name = os.path.basename(str(path))
-    return name if len(name) <= width else name[:width - 3] + "..."
