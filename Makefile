@@ -18,6 +18,14 @@ SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS BACKEND VERBOSE WEIGHTS SIZE BA
             HEAD_LR PATIENCE C_GRID SEED UNFREEZE FINETUNE_FROM CUT_STORAGE FINETUNE_EPOCHS \
             FINETUNE_OPTIMIZER FINETUNE_AUGMENT LR FINETUNE_WARMUP FINETUNE_PATIENCE FRESH IMAGES \
             MODEL OUT BATCH_FILE FINETUNE FORCE DUPLICATE_THRESHOLD AUDIT_FOLDS OUTLIER_PERCENTILE
+# A command-line variable that is neither a setting nor one of the Makefile's own would be ignored
+# without a word (AUGMNT=3 ran with AUGMENT's default): it stops make, naming the nearest setting.
+MAKE_OWN := DATASETS TEST_WORKERS KERAS_BACKEND BENCH_%
+COMMAND_LINE := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
+UNKNOWN := $(filter-out $(SETTINGS) $(MAKE_OWN),$(COMMAND_LINE))
+ifneq ($(strip $(UNKNOWN)),)
+$(error $(shell python3 -m pipeline.config --unknown $(UNKNOWN)))
+endif
 # Make exports command-line variables to every recipe's environment, and expands them to do so,
 # which would run a $(shell ...) typed into one: none of these needs to be in the environment.
 unexport $(SETTINGS) DATASETS
@@ -28,7 +36,8 @@ quote = '$(subst ','\'',$(1))'
 option = --$(shell echo $(1) | tr A-Z_ a-z-)
 ARGS = $(foreach v,$(SETTINGS),$(if $(strip $(value $(v))),$(call option,$(v))=$(call quote,$(value $(v))))) \
        $(if $(strip $(value DATASETS)),--datasets $(foreach d,$(value DATASETS),$(call quote,$(d))))
-CLI  = $(PYTHON) -m pipeline
+# FROM_MAKE: the CLI's refusals then name Make variables (FINETUNE_EPOCHS=two, not --finetune-epochs)
+CLI  = PIPELINE_FROM_MAKE=1 $(PYTHON) -m pipeline
 # With no DATA, stages run on the embedded demo data (generated on first use).
 DATA_DEP = $(if $(strip $(DATA)),,$(DEMO_STAMP))
 # ENGINE=ray installs Ray (requirements-ray.txt, optional) into .venv on first use.

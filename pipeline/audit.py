@@ -44,9 +44,10 @@ import numpy as np
 
 from . import cache
 from .analysis import outliers
+from .cache import settings
 from .config import Config, UserError
 from .data import labels
-from .fs import files, lock
+from .fs import files
 from .model import heads
 from .reporting import plots
 
@@ -207,8 +208,7 @@ def label_issues(probabilities, y):
 
 def run(config: Config) -> AuditResult:
     """Audit the cache, holding models/<NAME>'s lock (every writer of that folder does)."""
-    with lock.exclusive(config.models_dir, "audit"):
-        return _audit(config)
+    return settings.run(config, "audit", _audit, config.models_dir)
 
 
 def _audit(config):

@@ -31,10 +31,10 @@ import numpy as np
 from tqdm import tqdm
 
 from . import cache
-from .cache import batches, views
+from .cache import batches, settings, views
 from .config import Config, UserError, warn
 from .data import augment, datasets, images
-from .fs import artifacts, files, lock
+from .fs import artifacts, files
 from .model import backbone, heads, registry, resume, runtime
 from .reporting import plots
 
@@ -64,8 +64,8 @@ def run(config: Config, *, callbacks=()) -> FinetuneResult:
     start = time.perf_counter()
     # Two fine-tunes of one dataset would overwrite each other's backups: one at a time. (Other
     # stages write models/<NAME> too, so strays are left alone; each file is replaced atomically.)
-    with lock.exclusive(config.models_dir, "finetune"):
-        return _finetune(config, start, callbacks)
+    return settings.run(config, "finetune",
+                        lambda resolved: _finetune(resolved, start, callbacks), config.models_dir)
 
 
 def _finetune(config, start, extra_callbacks):

@@ -24,8 +24,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from . import audit, cache
+from .cache import settings
 from .config import Config, UserError, warn
-from .fs import artifacts, files, lock
+from .fs import artifacts, files
 from .model import registry
 from .model.registry import TITLES
 from .reporting import markdown, pictures, plots, sections
@@ -53,8 +54,7 @@ def run(config: Config) -> ReportResult:
     reads meanwhile). Everything read back is untrusted: evaluation.json and the metrics are
     checked by registry, pictures are opened only if regular files, and text from the files
     is escaped into inert Markdown (`_cell`, `_code`)."""
-    with lock.exclusive(config.models_dir, "report"):
-        return _report(config)
+    return settings.run(config, "report", _report, config.models_dir)
 
 
 def _report(config):
