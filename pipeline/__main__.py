@@ -69,6 +69,7 @@ class _Parser(argparse.ArgumentParser):
         if option and from_make():
             name = option[1].replace("-", "_")
             default = FIELDS[name].metadata["default"] if name in FIELDS else ""
+            default = int(default) if isinstance(default, bool) else default
             example = f": use e.g. {name.upper()}={default}" if default not in ("", ()) else ""
             self.exit(2, f"error: {name.upper()}={option[2]}{example}\n")
         if option:

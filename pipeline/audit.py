@@ -272,6 +272,7 @@ def _audit(config):
         "rows_per_split": {s: int((splits == s).sum()) for s in ("train", "validation", "test")},
         "identity": identity, "identity_id": identity_id, "index_digest": digest,
         "settings": {k: getattr(config, k) for k in SETTINGS + ("seed",)},
+        "dataset_settings": settings.record_of(config),  # those the cache was made with
         "embedding": {"grid": list(embedding.cells), "dimensions": int(vectors.shape[1]),
                       "projection_seed": PROJECTION_SEED,
                       "measure": "cosine similarity of the flattened feature maps, centred on the "

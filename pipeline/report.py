@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 
 from . import audit, cache
 from .cache import settings
-from .config import Config, UserError, warn
+from .config import RECORDED, Config, UserError, warn
 from .fs import artifacts, files
 from .model import registry
 from .model.registry import TITLES
@@ -86,6 +86,7 @@ def _report(config):
     lines += _misclassified_section(folder, evaluation, drawn)
     lines += sections.projection_section(folder, evaluation, evaluation.projection)
     lines += _dataset_section(config, attrs, labels, splits)
+    lines += sections.settings_section({name.upper(): getattr(config, name) for name in RECORDED})
     lines += _audit_section(config, attrs)
     lines += sections.times_section(evaluation, evaluation.stage_times)
     lines += _identity_section(attrs, notices)
