@@ -18,14 +18,6 @@ SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS BACKEND VERBOSE WEIGHTS SIZE BA
             HEAD_LR PATIENCE C_GRID SEED UNFREEZE FINETUNE_FROM CUT_STORAGE FINETUNE_EPOCHS \
             FINETUNE_OPTIMIZER FINETUNE_AUGMENT LR FINETUNE_WARMUP FINETUNE_PATIENCE FRESH IMAGES \
             MODEL OUT BATCH_FILE FINETUNE FORCE DUPLICATE_THRESHOLD AUDIT_FOLDS OUTLIER_PERCENTILE
-# A command-line variable that is neither a setting nor one of the Makefile's own would be ignored
-# without a word (AUGMNT=3 ran with AUGMENT's default): it stops make, naming the nearest setting.
-MAKE_OWN := DATASETS TEST_WORKERS KERAS_BACKEND BENCH_%
-COMMAND_LINE := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
-UNKNOWN := $(filter-out $(SETTINGS) $(MAKE_OWN),$(COMMAND_LINE))
-ifneq ($(strip $(UNKNOWN)),)
-$(error $(shell python3 -m pipeline.config --unknown $(UNKNOWN)))
-endif
 # Make exports command-line variables to every recipe's environment, and expands them to do so,
 # which would run a $(shell ...) typed into one: none of these needs to be in the environment.
 unexport $(SETTINGS) DATASETS
@@ -34,6 +26,16 @@ unexport $(SETTINGS) DATASETS
 # --option=VALUE keeps even LR=-1 a value, to be refused as such.
 quote = '$(subst ','\'',$(1))'
 option = --$(shell echo $(1) | tr A-Z_ a-z-)
+# A command-line variable that is neither a setting nor one of the Makefile's own would be ignored
+# without a word (AUGMNT=3 ran with AUGMENT's default): it stops make, naming the nearest setting.
+# BENCH_* and KERAS_BACKEND reach bench/ and the tests through the environment.
+MAKE_OWN := DATASETS TEST_WORKERS KERAS_BACKEND BENCH_% VENV PYTHON STAMP RAY_STAMP \
+            BACKENDS_STAMP DEMO DEMO_STAMP
+COMMAND_LINE := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
+UNKNOWN := $(filter-out $(SETTINGS) $(MAKE_OWN),$(COMMAND_LINE))
+ifneq ($(strip $(UNKNOWN)),)
+$(error $(shell python3 -m pipeline.config --unknown $(foreach v,$(UNKNOWN),$(call quote,$(v)))))
+endif
 ARGS = $(foreach v,$(SETTINGS),$(if $(strip $(value $(v))),$(call option,$(v))=$(call quote,$(value $(v))))) \
        $(if $(strip $(value DATASETS)),--datasets $(foreach d,$(value DATASETS),$(call quote,$(d))))
 # FROM_MAKE: the CLI's refusals then name Make variables (FINETUNE_EPOCHS=two, not --finetune-epochs)

@@ -147,7 +147,7 @@ def test_a_cache_without_views_reads_as_before_and_export_leaves_views_out(folde
         assert store.views == 0 and views.epoch_reader(store, 0) is None
     extract.run(config.replace(augment=1))
     out = str(tmp_path / "alone.h5")
-    export.run(config.replace(out=out))
+    export.run(config.replace(out=out, augment=None))  # AUGMENT=0 now contradicts the cache
     with FeatureStore(config.features_dir) as store, h5py.File(out, "r") as alone:
         assert store.views == 1
         assert not set(cache.VIEW_DATASETS) & set(alone)

@@ -7,13 +7,12 @@ import shutil
 import subprocess
 
 import pytest
+from helpers import make_image_folder, tiny_config
 
 from pipeline import __main__ as cli
 from pipeline import evaluate, extract, finetune, train_head
 from pipeline.cache import settings
 from pipeline.config import RECORDED, Config, UserError, describe
-
-from helpers import make_image_folder, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD = {"data": "/photos/pets", "labels": "", "label_columns": "filename,label",
@@ -90,6 +89,16 @@ def test_a_record_of_the_wrong_type_is_refused_by_later_stages_and_ignored_by_ex
                                         r"SIZE='64', not a int\): run `make extract NAME=pets`"):
         settings.resolve(Config(name="pets"), bad, "train-head")
     assert settings.resolve(Config(name="pets"), bad, "extract").size == 150
+
+
+def test_a_cache_made_before_the_record_is_read_from_what_it_holds():
+    """A cache without `settings` (older, or built by hand as bench's synthetic one): the views
+    it holds, not its config's AUGMENT=5 default, which train-head refused against 0 views."""
+    values = settings._values({"config": {"augment": 5, "size": 64, "weights": ""},
+                               "weights_spec": "none", "data_root": "/d"})
+    assert (values["augment"], values["size"], values["weights"], values["data"]) == \
+        (0, 64, "none", "/d")
+    assert settings._values({"augment": {"views": 2}, "settings": {"size": 32}})["augment"] == 2
 
 
 def test_a_config_not_told_holds_none_yet_validates_and_lists_its_defaults():

@@ -66,17 +66,25 @@ def read(features_dir):
     try:
         with open_master(path) as f:
             attrs = {key: decode_attr(f.attrs[key]) for key in
-                     ("settings", "config", "weights_spec", "data_root") if key in f.attrs}
+                     ("settings", "config", "weights_spec", "data_root", "augment")
+                     if key in f.attrs}
             paths = tuple(f["path"].asstr()[:PATHS_SEEN]) if "path" in f else ()
     except DAMAGE:
         return None
-    values = attrs.get("settings")
-    if values is None and isinstance(attrs.get("config"), dict):
-        # made before caches recorded their settings: the config extract ran with
-        values = {name: attrs["config"].get(name) for name in RECORDED}
-        values.update(weights=attrs.get("weights_spec") or values.get("weights"),
-                      data=attrs.get("data_root") or values.get("data"))
-    return _checked(values if isinstance(values, dict) else {}, features_dir, paths)
+    return _checked(_values(attrs), features_dir, paths)
+
+
+def _values(attrs):
+    """The recorded settings; for a cache made before caches recorded them (or by hand), what
+    its other attributes say: the views it holds, the folder and weights it read, its config."""
+    def mapping(value):
+        return value if isinstance(value, dict) else {}
+    views = mapping(attrs.get("augment")).get("views", 0)
+    known = {**mapping(attrs.get("config")), "augment": views,
+             "weights": attrs.get("weights_spec"), "data": attrs.get("data_root")}
+    known = {name: value for name, value in known.items() if value not in (None, "")}
+    recorded = {k: v for k, v in mapping(attrs.get("settings")).items() if v is not None}
+    return {**known, **recorded}
 
 
 def _checked(values, where, paths):
