@@ -11,16 +11,12 @@ import argparse
 import importlib
 import os
 import re
-import shlex
 import sys
 
-from .config import FIELDS, Config, UserError, help_text
+from .config import FIELDS, Config, UserError, help_text, hints_about, with_name
 from .model import runtime
 
 FROM_MAKE = "PIPELINE_FROM_MAKE"  # set by the Makefile for the CLI runs of its recipes
-# the make targets that act on one dataset, so that a hint to run one needs its NAME
-NAMED_TARGETS = ("extract", "train-head", "finetune", "evaluate", "predict", "audit", "report",
-                 "export")
 WHAT = {int: "a whole number", float: "a number", str: "text"}
 
 STAGES = {
@@ -94,17 +90,6 @@ def parser():
     return p
 
 
-def with_name(message, name):
-    """`message` with NAME=<name> in every hint to run a make target that acts on one dataset
-    and does not name it yet: "run `make train-head`" -> "run `make train-head NAME=pets`"."""
-    def named(hint):
-        target, rest = hint[1], hint[2]
-        if target not in NAMED_TARGETS or "NAME=" in rest or not name:
-            return hint[0]
-        return f"`make {target} NAME={shlex.quote(name)}{rest}`"
-    return re.sub(r"`make ([a-z-]+)([^`]*)`", named, message)
-
-
 def _dataset_name(args):
     """The dataset a refusal is about, also when Config refused the settings themselves."""
     data = args.get("data") or FIELDS["data"].metadata["default"]
@@ -116,6 +101,7 @@ def main(argv=None):
     stage = args.pop("stage")
     try:
         config = Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()})
+        hints_about(config.dataset_name)  # the warnings' hints name it too
         runtime.start(config.backend, config.verbose)  # before any stage imports Keras
         importlib.import_module(f"pipeline.{STAGES[stage]}").run(config)
     except UserError as error:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 
@@ -43,7 +44,29 @@ class UserError(Exception):
 def warn(message):
     """A notice that must not be missed (random weights, a model passed over): one line that
     stands out from progress and results, on stdout beside the results it qualifies."""
-    print(f"!!! {message}", flush=True)
+    print(f"!!! {with_name(message, _HINTS_ABOUT[0])}", flush=True)
+
+
+# the make targets that act on one dataset, so that a hint to run one needs its NAME
+NAMED_TARGETS = ("extract", "train-head", "finetune", "evaluate", "predict", "audit", "report",
+                 "export")
+_HINTS_ABOUT = [""]  # the dataset of the CLI's run (hints_about), for warn's hints
+
+
+def hints_about(name):
+    """Name the dataset that the CLI's run is about: warn's hints carry its NAME= from now on."""
+    _HINTS_ABOUT[0] = name
+
+
+def with_name(message, name):
+    """`message` with NAME=<name> in every hint to run a make target that acts on one dataset
+    and does not name it yet: "run `make train-head`" -> "run `make train-head NAME=pets`"."""
+    def named(hint):
+        target, rest = hint[1], hint[2]
+        if target not in NAMED_TARGETS or "NAME=" in rest or not name:
+            return hint[0]
+        return f"`make {target} NAME={shlex.quote(name)}{rest}`"
+    return re.sub(r"`make ([a-z-]+)([^`]*)`", named, message)
 
 
 def setting(default, help, make=True):

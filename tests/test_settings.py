@@ -12,7 +12,7 @@ from helpers import make_image_folder, tiny_config
 from pipeline import __main__ as cli
 from pipeline import evaluate, extract, finetune, train_head
 from pipeline.cache import settings
-from pipeline.config import RECORDED, Config, UserError, describe
+from pipeline.config import RECORDED, Config, UserError, describe, warn, with_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD = {"data": "/photos/pets", "labels": "", "label_columns": "filename,label",
@@ -156,8 +156,18 @@ def test_a_bad_value_is_named_as_the_user_typed_it(monkeypatch, capsys, option, 
     ("`make install` and `make evaluate`", "`make install` and `make evaluate NAME=pets`"),
 ])
 def test_every_hint_carries_the_dataset_name(message, expected):
-    assert cli.with_name(message, "pets") == expected
-    assert cli.with_name("`make report`", "my pets") == "`make report NAME='my pets'`"
+    assert with_name(message, "pets") == expected
+    assert with_name("`make report`", "my pets") == "`make report NAME='my pets'`"
+
+
+def test_a_warning_names_the_dataset_of_the_run_in_its_hint(monkeypatch, capsys):
+    from pipeline import config
+    monkeypatch.setattr(config, "_HINTS_ABOUT", [""])
+    warn("run `make evaluate` again")
+    config.hints_about("pets")
+    warn("run `make evaluate` again")
+    assert capsys.readouterr().out == ("!!! run `make evaluate` again\n"
+                                       "!!! run `make evaluate NAME=pets` again\n")
 
 
 def test_a_refusal_from_the_cli_names_the_dataset_in_its_hint(tmp_path, capsys):
