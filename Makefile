@@ -40,8 +40,9 @@ ARGS = $(foreach v,$(SETTINGS),$(if $(strip $(value $(v))),$(call option,$(v))=$
        $(if $(strip $(value DATASETS)),--datasets $(foreach d,$(value DATASETS),$(call quote,$(d))))
 # FROM_MAKE: the CLI's refusals then name Make variables (FINETUNE_EPOCHS=two, not --finetune-epochs)
 CLI  = PIPELINE_FROM_MAKE=1 $(PYTHON) -m pipeline
-# With no DATA, stages run on the embedded demo data (generated on first use).
-DATA_DEP = $(if $(strip $(DATA)),,$(DEMO_STAMP))
+# With no DATA and no NAME (or NAME=demo), stages run on the embedded demo data (generated on
+# first use); with a NAME, they take the DATA its cache recorded.
+DATA_DEP = $(if $(strip $(DATA)),,$(if $(filter-out demo,$(strip $(NAME))),,$(DEMO_STAMP)))
 # ENGINE=ray installs Ray (requirements-ray.txt, optional) into .venv on first use.
 RAY_DEP = $(if $(filter ray,$(strip $(ENGINE))),$(RAY_STAMP))
 

@@ -131,6 +131,7 @@ def test_make_passes_its_settings_and_its_own_variables():
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert "PIPELINE_FROM_MAKE=1" in done.stdout and "--epochs='3'" in done.stdout
+    assert "demo-data" not in done.stdout  # NAME's cache knows its DATA: no demo images made
 
 
 @pytest.mark.parametrize("option, from_make, expected", [
