@@ -150,16 +150,21 @@ def _run(config, engine):
         skipped=len(skipped), seconds=time.perf_counter() - start, identity=identity.as_dict(),
         changed=changed, views=sum(v["view"] <= config.augment for v in view_rows),
         new_views=computed["views"], cut=cut["layer"] if cut else "")
+    _print_summary(config, result, weights)
+    return result
+
+
+def _print_summary(config, result, weights):
+    """One line of what extract did; skipped.csv is named only when it lists something."""
     augmented = (f", {result.views} augmented views ({result.new_views} new)" if config.augment
                  else "")
-    at_cut = f", {result.cut} activations for finetune" if cut else ""
-    skipped_note = (f", {result.skipped} skipped (see {out}/skipped.csv)" if result.skipped
-                    else "")
+    at_cut = f", {result.cut} activations for finetune" if result.cut else ""
+    skipped = (f", {result.skipped} skipped (see {config.features_dir}/skipped.csv)"
+               if result.skipped else "")
     print(f"extract {config.dataset_name}: {result.rows} rows, {result.new} new, {result.reused} "
-          f"reused{skipped_note}{augmented}{at_cut}, {result.seconds:.1f} s")
+          f"reused{skipped}{augmented}{at_cut}, {result.seconds:.1f} s")
     if weights.notice:
         warn(weights.notice)
-    return result
 
 
 def _plan(config, dataset, columns, unreadable, previous_views, known):

@@ -215,3 +215,10 @@ def test_extract_again_keeps_the_record_and_follows_a_data_folder_that_moved(tmp
     assert result.new == 0 and result.changed  # the record changed, no feature was computed
     kept = settings.read(not_told.features_dir).values
     assert (kept["data"], kept["augment"], kept["size"]) == (moved, 1, 32)
+
+
+def test_extract_names_skipped_csv_only_when_it_skipped_something(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "pets", per_class=3)
+    (tmp_path / "pets" / "horizontal" / "broken.jpg").write_bytes(b"not a picture")
+    extract.run(tiny_config(str(tmp_path), data))
+    assert ", 1 skipped (see " in capsys.readouterr().out

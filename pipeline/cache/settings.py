@@ -49,9 +49,10 @@ def record_of(config) -> dict:
 
 
 def normalized(name, value):
-    """A setting's value as recorded and compared: paths absolute, so that a cache records which
-    folder it read whatever the working directory was."""
-    is_path = name in ("data", "labels") or (name == "weights" and value not in WEIGHTS_KEYWORDS)
+    """A setting's value as recorded and compared: DATA and a WEIGHTS file absolute, so that a
+    cache records what it read whatever the working directory was. (LABELS stays as given: a
+    relative one is looked for inside DATA first, data.labels.resolve_labels_path.)"""
+    is_path = name == "data" or (name == "weights" and value not in WEIGHTS_KEYWORDS)
     if is_path and isinstance(value, str) and value:
         return os.path.abspath(value)
     return value
