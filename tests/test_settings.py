@@ -86,7 +86,8 @@ def test_a_data_folder_that_holds_the_cached_images_is_the_same_dataset(tmp_path
 def test_a_record_of_the_wrong_type_is_refused_by_later_stages_and_ignored_by_extract():
     bad = settings._checked({**RECORD, "size": "64"}, "features/pets", ())
     with pytest.raises(UserError, match=r"^features/pets/features.h5 cannot be used \(it records "
-                                        r"SIZE='64', not a int\): run `make extract NAME=pets`"):
+                                        r"SIZE='64', not a whole number\): "
+                                        r"run `make extract NAME=pets`"):
         settings.resolve(Config(name="pets"), bad, "train-head")
     assert settings.resolve(Config(name="pets"), bad, "extract").size == 150
 

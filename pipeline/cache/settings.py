@@ -27,6 +27,7 @@ from .master import decode_attr
 
 WEIGHTS_KEYWORDS = ("imagenet", "none", "auto")
 PATHS_SEEN = 100  # cached paths read to recognise a DATA that moved
+KIND = {int: "a whole number", str: "text"}  # the types of the recorded settings
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def _checked(values, where, paths):
         wanted = FIELDS[name].type
         if isinstance(value, bool) or not isinstance(value, wanted):
             return Record({}, where, paths, problem=f"it records {name.upper()}={value!r}, "
-                                                    f"not a {wanted.__name__}")
+                                                    f"not {KIND[wanted]}")
         kept[name] = value
     return Record(kept, where, paths)
 
