@@ -111,6 +111,8 @@ def main(argv=None):
         print("interrupted: everything finished so far is kept; run the same command to resume",
               file=sys.stderr)
         return 130
+    finally:
+        hints_about("")  # a caller in this process (the tests) warns about no dataset of ours
     return 0
 
 

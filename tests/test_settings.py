@@ -176,6 +176,8 @@ def test_a_refusal_from_the_cli_names_the_dataset_in_its_hint(tmp_path, capsys):
     code = cli.main(["evaluate", "--name", "pets", "--features-root", str(tmp_path / "f"),
                      "--models-root", str(tmp_path / "m")])
     assert code == 2 and "`make extract NAME=pets DATA=<folder>`" in capsys.readouterr().err
+    warn("run `make evaluate` again")  # after the run, warnings are about no dataset of its
+    assert capsys.readouterr().out == "!!! run `make evaluate` again\n"
 
 
 # --------------------------------------------------------------------------------------------
