@@ -40,9 +40,6 @@ ARGS = $(foreach v,$(SETTINGS),$(if $(strip $(value $(v))),$(call option,$(v))=$
        $(if $(strip $(value DATASETS)),--datasets $(foreach d,$(value DATASETS),$(call quote,$(d))))
 # FROM_MAKE: the CLI's refusals then name Make variables (FINETUNE_EPOCHS=two, not --finetune-epochs)
 CLI  = PIPELINE_FROM_MAKE=1 $(PYTHON) -m pipeline
-# With no DATA and no NAME (or NAME=demo), stages run on the embedded demo data (generated on
-# first use); with a NAME, they take the DATA its cache recorded.
-DATA_DEP = $(if $(strip $(DATA)),,$(if $(filter-out demo,$(strip $(NAME))),,$(DEMO_STAMP)))
 # ENGINE=ray installs Ray (requirements-ray.txt, optional) into .venv on first use.
 RAY_DEP = $(if $(filter ray,$(strip $(ENGINE))),$(RAY_STAMP))
 
@@ -72,18 +69,20 @@ $(RAY_STAMP): requirements-ray.txt | $(STAMP)
 	$(PYTHON) -m pip install -q -r requirements-ray.txt
 	touch $@
 
+# Demo images are written only when asked for (demo-data, demo): a stage without DATA reads the
+# cache that extract made for NAME, or says which DATA= and NAME= it needs.
 demo-data: $(DEMO_STAMP) ## Generate the embedded two-class demo images in data/demo (offline)
 
 $(DEMO_STAMP): pipeline/data/demo.py | $(STAMP)
 	$(CLI) demo-data --data $(DEMO)
 
-extract: $(STAMP) $(DATA_DEP) $(RAY_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150] [AUGMENT=5]
+extract: $(STAMP) $(RAY_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150] [AUGMENT=5]
 	$(CLI) extract $(ARGS)
 
-train-head: $(STAMP) $(DATA_DEP) ## Train heads on the cache: [NAME] [HEAD=dense|logreg|both] [EPOCHS=30] [SEED=0]
+train-head: $(STAMP) ## Train heads on the cache: [NAME] [HEAD=dense|logreg|both] [EPOCHS=30] [SEED=0]
 	$(CLI) train-head $(ARGS)
 
-finetune: $(STAMP) $(DATA_DEP) ## Fine-tune block5 + head on the cached block4 activations (or images): [NAME] [UNFREEZE=block5] [FINETUNE_EPOCHS=10] [LR=1e-4] [FINETUNE_FROM=cache] [FRESH=0]
+finetune: $(STAMP) ## Fine-tune block5 + head on the cached block4 activations (or images): [NAME] [UNFREEZE=block5] [FINETUNE_EPOCHS=10] [LR=1e-4] [FINETUNE_FROM=cache] [FRESH=0]
 	$(CLI) finetune $(ARGS)
 
 evaluate: $(STAMP) ## Test-split metrics and confusion matrices for every trained model: [NAME]

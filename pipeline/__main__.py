@@ -14,6 +14,7 @@ import re
 import sys
 
 from .config import FIELDS, Config, UserError, help_text, hints_about, with_name
+from .fs.escape import terminal_text
 from .model import runtime
 
 FROM_MAKE = "PIPELINE_FROM_MAKE"  # set by the Makefile for the CLI runs of its recipes
@@ -67,10 +68,10 @@ class _Parser(argparse.ArgumentParser):
             default = FIELDS[name].metadata["default"] if name in FIELDS else ""
             default = int(default) if isinstance(default, bool) else default
             example = f": use e.g. {name.upper()}={default}" if default not in ("", ()) else ""
-            self.exit(2, f"error: {name.upper()}={option[2]}{example}\n")
+            self.exit(2, f"error: {terminal_text(f'{name.upper()}={option[2]}{example}')}\n")
         if option:
             message = f"--{option[1]} {option[2]}"
-        self.exit(2, f"error: {message}: see `python -m pipeline --help`\n")
+        self.exit(2, f"error: {terminal_text(message)}: see `python -m pipeline --help`\n")
 
 
 def parser():
@@ -105,7 +106,9 @@ def main(argv=None):
         runtime.start(config.backend, config.verbose)  # before any stage imports Keras
         importlib.import_module(f"pipeline.{STAGES[stage]}").run(config)
     except UserError as error:
-        print(f"error: {with_name(str(error), _dataset_name(args))}", file=sys.stderr)
+        # the message names files and classes, which may hold terminal escape sequences
+        print(f"error: {terminal_text(with_name(str(error), _dataset_name(args)))}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: everything finished so far is kept; run the same command to resume",

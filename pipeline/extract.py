@@ -24,6 +24,7 @@ from .fs import artifacts
 from .model import backbone
 
 HASH_AT_ONCE = 65536  # files handed to the engine's sha256_of at a time
+CONFLICTS = "label_conflicts.csv"  # rows whose content is also filed under another class
 
 
 @dataclass
@@ -142,6 +143,8 @@ def _run(config, engine):
         for target in targets:
             cache.remove_unreferenced(out, target.identity_id, referenced)
     datasets.write_skipped_csv(os.path.join(out, "skipped.csv"), skipped)
+    conflicts = label_conflicts(rows, dataset.class_names)
+    datasets.write_label_conflicts_csv(os.path.join(out, CONFLICTS), conflicts)
 
     new_images = np.isin(rows.sha256, index.as_keys(list(computed["images"])))
     result = ExtractResult(
@@ -151,6 +154,8 @@ def _run(config, engine):
         changed=changed, views=sum(v["view"] <= config.augment for v in view_rows),
         new_views=computed["views"], cut=cut["layer"] if cut else "")
     _print_summary(config, result, weights)
+    if conflicts:
+        _warn_conflicts(config, conflicts)
     return result
 
 
@@ -165,6 +170,25 @@ def _print_summary(config, result, weights):
           f"reused{skipped}{augmented}{at_cut}, {result.seconds:.1f} s")
     if weights.notice:
         warn(weights.notice)
+
+
+def label_conflicts(rows, class_names):
+    """[(sha256, class, path)] of every row whose content (sha256) also has a row of another
+    class: the same picture taught as two classes."""
+    pairs = np.unique(np.rec.fromarrays([rows.sha256, rows.label]))  # (content, label) once
+    shas, counts = np.unique(pairs.f0, return_counts=True)
+    torn = np.isin(rows.sha256, shas[counts > 1])
+    return [(rows.sha256[at].decode(), class_names[rows.label[at]], rows.path[at])
+            for at in np.flatnonzero(torn).tolist()]
+
+
+def _warn_conflicts(config, conflicts):
+    contents = len({sha for sha, _, _ in conflicts})
+    classes = sorted({class_name for _, class_name, _ in conflicts})
+    shown = ", ".join(repr(c) for c in classes[:5]) + (", ..." if len(classes) > 5 else "")
+    warn(f"extract {config.dataset_name}: {contents} image content(s) appear under more than one "
+         f"class ({shown}): each copy teaches a different answer; the files are listed in "
+         f"{os.path.join(config.features_dir, CONFLICTS)}")
 
 
 def _plan(config, dataset, columns, unreadable, previous_views, known):

@@ -173,9 +173,11 @@ def test_a_warning_names_the_dataset_of_the_run_in_its_hint(monkeypatch, capsys)
 
 
 def test_a_refusal_from_the_cli_names_the_dataset_in_its_hint(tmp_path, capsys):
-    code = cli.main(["evaluate", "--name", "pets", "--features-root", str(tmp_path / "f"),
+    (tmp_path / "f" / "pets").mkdir(parents=True)
+    (tmp_path / "f" / "pets" / "features.h5").write_bytes(b"junk")  # the store names no NAME
+    code = cli.main(["train-head", "--name", "pets", "--features-root", str(tmp_path / "f"),
                      "--models-root", str(tmp_path / "m")])
-    assert code == 2 and "`make extract NAME=pets DATA=<folder>`" in capsys.readouterr().err
+    assert code == 2 and "run `make extract NAME=pets` to rebuild it" in capsys.readouterr().err
     warn("run `make evaluate` again")  # after the run, warnings are about no dataset of its
     assert capsys.readouterr().out == "!!! run `make evaluate` again\n"
 
