@@ -227,3 +227,14 @@ def test_extract_names_skipped_csv_only_when_it_skipped_something(tmp_path, caps
     (tmp_path / "pets" / "horizontal" / "broken.jpg").write_bytes(b"not a picture")
     extract.run(tiny_config(str(tmp_path), data))
     assert ", 1 skipped (see " in capsys.readouterr().out
+
+
+def test_batch_summary_states_each_datasets_settings(tmp_path):
+    from pipeline import batch
+    row = {**dict.fromkeys(batch.COLUMNS, ""), "dataset": "pets", "data": "/photos/pets",
+           "status": "trained", "settings": "SIZE=64 AUGMENT=2 WEIGHTS=none"}
+    result = batch.BatchResult([row], str(tmp_path / "summary.csv"), str(tmp_path / "summary.md"))
+    batch.write_summary(result)
+    assert "- pets: DATA=/photos/pets SIZE=64 AUGMENT=2 WEIGHTS=none" in \
+        (tmp_path / "summary.md").read_text()
+    assert "SIZE=64 AUGMENT=2 WEIGHTS=none" in (tmp_path / "summary.csv").read_text()
