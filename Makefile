@@ -26,9 +26,20 @@ unexport $(SETTINGS) DATASETS
 # --option=VALUE keeps even LR=-1 a value, to be refused as such.
 quote = '$(subst ','\'',$(1))'
 option = --$(shell echo $(1) | tr A-Z_ a-z-)
+# A command-line variable that is neither a setting nor one of the Makefile's own would be ignored
+# without a word (AUGMNT=3 ran with AUGMENT's default): it stops make, naming the nearest setting.
+# BENCH_* and KERAS_BACKEND reach bench/ and the tests through the environment.
+MAKE_OWN := DATASETS TEST_WORKERS KERAS_BACKEND BENCH_% VENV PYTHON STAMP RAY_STAMP \
+            BACKENDS_STAMP DEMO DEMO_STAMP
+COMMAND_LINE := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
+UNKNOWN := $(filter-out $(SETTINGS) $(MAKE_OWN),$(COMMAND_LINE))
+ifneq ($(strip $(UNKNOWN)),)
+$(error $(shell python3 -m pipeline.config --unknown $(foreach v,$(UNKNOWN),$(call quote,$(v)))))
+endif
 ARGS = $(foreach v,$(SETTINGS),$(if $(strip $(value $(v))),$(call option,$(v))=$(call quote,$(value $(v))))) \
        $(if $(strip $(value DATASETS)),--datasets $(foreach d,$(value DATASETS),$(call quote,$(d))))
-CLI  = $(PYTHON) -m pipeline
+# FROM_MAKE: the CLI's refusals then name Make variables (FINETUNE_EPOCHS=two, not --finetune-epochs)
+CLI  = PIPELINE_FROM_MAKE=1 $(PYTHON) -m pipeline
 # ENGINE=ray installs Ray (requirements-ray.txt, optional) into .venv on first use.
 RAY_DEP = $(if $(filter ray,$(strip $(ENGINE))),$(RAY_STAMP))
 

@@ -29,8 +29,9 @@ from . import cache
 from .analysis import label_issues as label_analysis
 from .analysis import near_duplicates as duplicate_analysis
 from .analysis import outliers
+from .cache import settings
 from .config import Config, UserError, warn
-from .fs import escape, files, lock
+from .fs import escape, files
 from .reporting import pictures, plots
 from .reporting.thumbnails import short_name, thumbnail
 
@@ -74,8 +75,7 @@ class Cached:
 
 def run(config: Config) -> AuditResult:
     """Audit the cache, holding models/<NAME>'s lock (every writer of that folder does)."""
-    with lock.exclusive(config.models_dir, "audit"):
-        return _audit(config)
+    return settings.run(config, "audit", _audit, config.models_dir)
 
 
 def _audit(config):
@@ -200,6 +200,7 @@ def _summary(config, cached, pairs, issues, unlike, records, timings):
         "identity": cached.attrs["identity"], "identity_id": cached.attrs["identity_id"],
         "index_digest": cached.attrs["index_digest"],
         "settings": {k: getattr(config, k) for k in SETTINGS + ("seed",)},
+        "dataset_settings": settings.record_of(config),  # those the cache was made with
         "outputs": records,
         "near_duplicates": {
             "threshold": config.duplicate_threshold,
@@ -289,8 +290,8 @@ def current_summary(config):
     if not summary or not os.path.exists(os.path.join(config.features_dir, cache.MASTER)):
         return None
     digest = cache.master_attribute(config.features_dir, "index_digest")
-    settings = {k: getattr(config, k) for k in SETTINGS + ("seed",)}
-    if digest and summary.get("index_digest") == digest and summary.get("settings") == settings:
+    wanted = {k: getattr(config, k) for k in SETTINGS + ("seed",)}
+    if digest and summary.get("index_digest") == digest and summary.get("settings") == wanted:
         return summary
     return None
 

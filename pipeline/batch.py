@@ -26,7 +26,8 @@ import traceback
 from dataclasses import dataclass
 
 from . import audit, cache, extract
-from .config import Config, UserError
+from .cache import settings
+from .config import RECORDED, Config, UserError
 from .data import labels
 from .fs import artifacts, files
 from .fs.escape import csv_dicts, csv_writer, markdown_text, terminal_text
@@ -44,7 +45,7 @@ TRACKED = sorted({file for kind in registry.KINDS.values() for file in (kind.fil
 STAGES = ("extract", "train_head", "finetune", "evaluate", "audit")
 AUDIT_COLUMNS = ["near_duplicates", "leakage_pairs", "label_issues", "outliers"]
 MD_ERROR_CHARS = 300                # an error longer than this is cut in the markdown table
-COLUMNS = (["dataset", "data", "status", "classes", "class_names", "images", "skipped",
+COLUMNS = (["dataset", "data", "settings", "status", "classes", "class_names", "images", "skipped",
             "missing_files", "unlabelled", "new_images"]
            + [f"{stage}_s" for stage in STAGES] + ["total_s"]
            + [f"{m}_{split}_accuracy" for m in registry.NAMES for split in ("validation", "test")]
@@ -139,6 +140,10 @@ def run_one(config):
     start = time.perf_counter()
     try:
         ex = _timed(row, "extract", extract.run, config)
+        # the dataset's settings as extract recorded them: what every later stage uses
+        config = settings.resolve(config, settings.read(config.features_dir), "batch")
+        row.update(data=config.data, settings=" ".join(
+            f"{name.upper()}={getattr(config, name)}" for name in RECORDED if name != "data"))
         row.update(images=ex.rows, skipped=ex.skipped, new_images=ex.new, **_skip_counts(config))
         state_path = artifacts.path(config, STATE)
         previous = _read_state(state_path)
@@ -216,10 +221,10 @@ def _state(config, models_ran):
         if os.path.exists(path):
             stat = os.stat(path)
             tracked[name] = [stat.st_size, stat.st_mtime_ns]
-    settings = {k: v for k, v in config.to_dict().items() if k not in NOT_MODEL_INPUTS}
-    settings["data"] = os.path.abspath(config.data)
+    used = {k: v for k, v in config.to_dict().items() if k not in NOT_MODEL_INPUTS}
+    used["data"] = os.path.abspath(config.data)
     return {"index_digest": cache.master_attribute(config.features_dir, "index_digest"),
-            "settings": settings, "models_ran": list(models_ran), "files": tracked}
+            "settings": used, "models_ran": list(models_ran), "files": tracked}
 
 
 def _read_state(path):
@@ -295,7 +300,11 @@ def write_summary(result):
               "`unchanged`: nothing changed since the last batch run, so only extract's file "
               "check ran. Skipped files are listed in features/<NAME>/skipped.csv. Leakage "
               "pairs: near-duplicate images in different splits; label issues: likely "
-              "mislabelled images (both in models/<NAME>/audit/, docs/audit.md).", ""]
+              "mislabelled images (both in models/<NAME>/audit/, docs/audit.md).", "",
+              "Settings of each dataset, as its cache recorded them:", ""]
+    lines += [f"- {markdown_text(r['dataset'])}: DATA={markdown_text(r['data'])} "
+              f"{markdown_text(r['settings'])}" for r in result.rows if r["settings"]]
+    lines.append("")
     with files.replacing(result.md_path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 

@@ -4,12 +4,20 @@ Each field of `Config` is one setting: the Makefile variable of the same name in
 NAME, SIZE, ...) and the CLI option `--data`, `--name`, `--size`, ... (`__main__.py`). Its help
 text, below, is what `python -m pipeline --help` and `make help` print. A variable left empty
 keeps the default written here. Every run saves the whole config with what it made.
+
+The settings that define a dataset and its rows (`recorded`: DATA, SIZE, AUGMENT, ...) are None
+in a Config until pipeline.cache.settings.resolve fills them at a stage's start: with the value
+the cache recorded when extract made it, else the default written here. None is how a stage
+tells "not told" from "told the default".
 """
 import dataclasses
+import difflib
 import json
 import math
 import os
 import re
+import shlex
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -42,7 +50,7 @@ def warn(message):
     """A notice that must not be missed (random weights, a model passed over): one line that
     stands out from progress and results, on stdout beside the results it qualifies. It names
     files, classes and notices read back from files: shown through escape.terminal_text."""
-    print(f"!!! {terminal_text(message)}", flush=True)
+    print(f"!!! {terminal_text(with_name(message, _HINTS_ABOUT[0]))}", flush=True)
 
 
 # Bidirectional controls reorder what a terminal shows (a name can display as another)
@@ -67,42 +75,70 @@ def _terminal_char(c):
     return c
 
 
+# the make targets that act on one dataset, so that a hint to run one needs its NAME
+NAMED_TARGETS = ("extract", "train-head", "finetune", "evaluate", "predict", "audit", "report",
+                 "export")
+_HINTS_ABOUT = [""]  # the dataset of the CLI's run (hints_about), for warn's hints
+
+
+def hints_about(name):
+    """Name the dataset that the CLI's run is about: warn's hints carry its NAME= from now on."""
+    _HINTS_ABOUT[0] = name
+
+
+def with_name(message, name):
+    """`message` with NAME=<name> in every hint to run a make target that acts on one dataset
+    and does not name it yet: "run `make train-head`" -> "run `make train-head NAME=pets`"."""
+    def named(hint):
+        target, rest = hint[1], hint[2]
+        if target not in NAMED_TARGETS or "NAME=" in rest or not name:
+            return hint[0]
+        return f"`make {target} NAME={shlex.quote(name)}{rest}`"
+    return re.sub(r"`make ([a-z-]+)([^`]*)`", named, message)
+
+
 def setting(default, help, make=True):
     """A field with its help text; make=False: a CLI option only, no Makefile variable."""
-    return field(default=default, metadata={"help": help, "make": make})
+    return field(default=default, metadata={"help": help, "make": make, "default": default})
+
+
+def recorded(default, help):
+    """A setting that extract records in the cache and later stages take from it: None (not
+    told) until resolved; `default` applies where the cache records none."""
+    return field(default=None, metadata={"help": help, "make": True, "default": default,
+                                         "recorded": True})
 
 
 @dataclass(frozen=True)
 class Config:
     # --- dataset -------------------------------------------------------------------------------
-    data: str = setting("data/demo", "the images: DATA/<class>/* or "
-                                     "DATA/{train,validation,test}/<class>/*")
+    data: str = recorded("data/demo", "the images: DATA/<class>/* or "
+                                      "DATA/{train,validation,test}/<class>/*")
     name: str = setting("", "the dataset's folder in features/ and models/; default: the name of "
                             "DATA's folder")
-    split: str = setting("80/10/10", "train/validation/test percentages, by content hash "
-                                     "(DATA/<class>/ layout)")
-    labels: str = setting("", "a CSV of file name and label, for a flat folder of images")
-    label_columns: str = setting("filename,label", "the labels CSV's file-name and label columns")
+    split: str = recorded("80/10/10", "train/validation/test percentages, by content hash "
+                                      "(DATA/<class>/ layout)")
+    labels: str = recorded("", "a CSV of file name and label, for a flat folder of images")
+    label_columns: str = recorded("filename,label", "the labels CSV's file-name and label columns")
     # --- what runs it ---------------------------------------------------------------------------
     backend: str = setting("", "the Keras backend: tensorflow | jax | torch; empty: KERAS_BACKEND, "
                                "else tensorflow")
     verbose: bool = setting(False, "1: also show the frameworks' own start-up and log lines")
     # --- the backbone and the cache's identity --------------------------------------------------
-    weights: str = setting("", "imagenet | none | auto (demo only) | <file.h5>; empty: imagenet "
-                               "for extract, the cache's own weights afterwards")
-    size: int = setting(150, "images are resized to SIZE x SIZE pixels (32 to 1024)")
+    weights: str = recorded("imagenet", "imagenet | none | auto (demo only) | <file.h5>")
+    size: int = recorded(150, "images are resized to SIZE x SIZE pixels (32 to 1024)")
     batch_size: int = setting(32, "images (or feature maps) per step")
-    precision: str = setting("auto", "auto (mixed_float16 on a GPU, mixed_bfloat16 on a CPU with "
-                                     "native bfloat16 where the backend uses it, else float32) | "
-                                     "float32 | mixed_float16 | mixed_bfloat16; part of the cache "
-                                     "identity")
-    storage: str = setting("float32", "float32 | float16: half the disk and read I/O, features "
-                                      "rounded to ~3 digits; part of the cache identity")
+    precision: str = recorded("auto", "auto (mixed_float16 on a GPU, mixed_bfloat16 on a CPU with "
+                                      "native bfloat16 where the backend uses it, else float32) | "
+                                      "float32 | mixed_float16 | mixed_bfloat16; part of the cache "
+                                      "identity")
+    storage: str = recorded("float32", "float32 | float16: half the disk and read I/O, features "
+                                       "rounded to ~3 digits; part of the cache identity")
     # 5 by default: finetune then trains from the cache (docs/finetune-from-cache.md)
-    augment: int = setting(5, "extract also caches AUGMENT augmented views of every training "
-                               "image (flips, rotations, zooms, shifts); train-head and finetune "
-                               "read each image as another view every epoch. 0: plain features "
-                               "only (finetune then decodes and augments the images)")
+    augment: int = recorded(5, "extract also caches AUGMENT augmented views of every training "
+                                "image (flips, rotations, zooms, shifts); train-head and finetune "
+                                "read each image as another view every epoch. 0: plain features "
+                                "only (finetune then decodes and augments the images)")
     # --- where extract runs ----------------------------------------------------------------------
     engine: str = setting("local", "local (this process) | ray: hash and extract on a Ray cluster "
                                    "(pip install -r requirements-ray.txt; the Makefile does it)")
@@ -179,12 +215,13 @@ class Config:
         """Refuse a bad setting here, with one line naming the fix, before any work starts:
         a deep traceback or a run that trains on nonsense (LR=-1) helps nobody."""
         self._check_name()
-        _check_range("SIZE", self.size, MIN_SIZE, MAX_SIZE, "the images' side in pixels")
+        told = self.told_or_default  # a recorded setting not told: its default, which is valid
+        _check_range("SIZE", told("size"), MIN_SIZE, MAX_SIZE, "the images' side in pixels")
         _check_range("BATCH_SIZE", self.batch_size, 1, MAX_BATCH, "images per step")
         _check_range("EPOCHS", self.epochs, 1, 100_000, "head epochs")
         _check_range("FINETUNE_EPOCHS", self.finetune_epochs, 1, 100_000, "fine-tuning epochs")
         _check_range("SEED", self.seed, 0, 2**32 - 1, "a non-negative integer")
-        _check_range("AUGMENT", self.augment, 0, 1000, "augmented views per training image")
+        _check_range("AUGMENT", told("augment"), 0, 1000, "augmented views per training image")
         _check_range("HIDDEN_UNITS", self.hidden_units, 1, 65_536, "units")
         _check_range("HEAD_POOL", self.head_pool, 1, 32, "cells averaged per side")
         _check_range("PATIENCE", self.patience, 1, 100_000, "epochs")
@@ -199,16 +236,16 @@ class Config:
         _check_choice("HEAD", self.head, ("dense", "logreg", "both"))
         _check_choice("FINETUNE_OPTIMIZER", self.finetune_optimizer, ("adam", "rmsprop"))
         _check_choice("MODEL", self.model, ("auto", *MODEL_NAMES))
-        _check_choice("PRECISION", self.precision,
+        _check_choice("PRECISION", told("precision"),
                       ("auto", "float32", "mixed_float16", "mixed_bfloat16"))
-        _check_choice("STORAGE", self.storage, ("float32", "float16"))
+        _check_choice("STORAGE", told("storage"), ("float32", "float16"))
         _check_choice("CUT_STORAGE", self.cut_storage, ("float32", "float16"))
         _check_choice("FINETUNE_FROM", self.finetune_from, ("cache", "images"))
         if self.backend:  # empty: KERAS_BACKEND, else tensorflow
             _check_choice("BACKEND", self.backend, BACKENDS)
         _check_choice("ENGINE", self.engine, ("local", "ray"))
         _check_range("WORKERS", self.workers, 0, 100_000, "extraction actors, 0: automatic")
-        _check_memory(self.size, self.batch_size)
+        _check_memory(told("size"), self.batch_size)
         _check_fraction("DUPLICATE_THRESHOLD", self.duplicate_threshold, 0, 1)
         _check_range("AUDIT_FOLDS", self.audit_folds, 2, 100, "cross-validation folds")
         _check_fraction("OUTLIER_PERCENTILE", self.outlier_percentile, 0, 100)
@@ -220,9 +257,14 @@ class Config:
             raise UserError(f"{given} is not a dataset name: it names one folder in features/ and "
                             f"models/: pass NAME=<{NAME_RULE}>")
 
+    def told_or_default(self, name):
+        """A recorded setting's value: as told, else its default (before `resolve`)."""
+        value = getattr(self, name)
+        return FIELDS[name].metadata["default"] if value is None else value
+
     @property
     def dataset_name(self) -> str:
-        return self.name or os.path.basename(os.path.normpath(self.data))
+        return self.name or os.path.basename(os.path.normpath(self.told_or_default("data")))
 
     @property
     def features_dir(self) -> str:
@@ -235,13 +277,14 @@ class Config:
     @property
     def split_fractions(self) -> tuple:
         """"80/10/10" -> (0.8, 0.1, 0.1)."""
+        split = self.told_or_default("split")
         try:
-            parts = [float(p) for p in self.split.split("/")]
-        except ValueError:
+            parts = [float(p) for p in split.split("/")]
+        except (ValueError, AttributeError):
             parts = []
         if (len(parts) != 3 or not all(map(math.isfinite, parts)) or min(parts) < 0
                 or parts[0] == 0 or parts[1] == 0):
-            raise UserError(f"SPLIT={self.split!r} is not train/validation/test percentages with "
+            raise UserError(f"SPLIT={split!r} is not train/validation/test percentages with "
                             "a train and a validation share (validation picks the best epoch): "
                             "use e.g. SPLIT=80/10/10 or 80/20/0")
         total = sum(parts)
@@ -311,12 +354,16 @@ def _check_memory(size, batch):
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 MAKE_VARIABLES = {name: f for name, f in FIELDS.items() if f.metadata["make"]}
+RECORDED = tuple(name for name, f in FIELDS.items() if f.metadata.get("recorded"))
 
 
 def help_text(f):
     """A setting's help, with its default when it has one (a flag's as 0 or 1)."""
-    default = int(f.default) if isinstance(f.default, bool) else f.default
-    return f.metadata["help"] + (f" (default {default})" if default not in ("", ()) else "")
+    default = f.metadata["default"]
+    default = int(default) if isinstance(default, bool) else default
+    text = f.metadata["help"] + (f" (default {default})" if default not in ("", ()) else "")
+    return text + ("; after extract, as the cache recorded it" if f.metadata.get("recorded")
+                   else "")
 
 
 def describe():
@@ -324,5 +371,20 @@ def describe():
     return "\n".join(f"  {name.upper():<18} {help_text(f)}" for name, f in MAKE_VARIABLES.items())
 
 
-if __name__ == "__main__":  # `make help` runs this with any Python 3: it needs no package
-    print(describe())
+def unknown_variables(names):
+    """The line that refuses Make variables that are no setting (`names`, as typed on the make
+    command line), suggesting the nearest setting of each."""
+    parts = []
+    for name in names:
+        nearest = difflib.get_close_matches(name.upper(), [v.upper() for v in MAKE_VARIABLES], 1,
+                                            0.6)
+        parts.append(f"{name}" + (f" (did you mean {nearest[0]}?)" if nearest else ""))
+    return (f"unknown variable {', '.join(parts)}: not a setting, so nothing was run; "
+            "`make help` lists the settings")
+
+
+if __name__ == "__main__":  # make runs this with any Python 3: it needs no package
+    if sys.argv[1:2] == ["--unknown"]:  # the Makefile's check of its command line
+        print(unknown_variables(sys.argv[2:]))
+    else:  # make help
+        print(describe())

@@ -18,9 +18,10 @@ import numpy as np
 from sklearn import metrics
 
 from . import cache
+from .cache import settings
 from .config import Config, UserError, warn
 from .data import images
-from .fs import artifacts, lock
+from .fs import artifacts
 from .model import registry
 from .reporting import diagnostics, pictures, plots
 
@@ -43,8 +44,7 @@ class EvaluateResult:
 def run(config: Config) -> EvaluateResult:
     """Score every usable model, holding models/<NAME>'s lock: a train-head or finetune meanwhile
     would replace a model between its scoring and its record."""
-    with lock.exclusive(config.models_dir, "evaluate"):
-        return _evaluate(config)
+    return settings.run(config, "evaluate", _evaluate, config.models_dir)
 
 
 def _evaluate(config):

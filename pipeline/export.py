@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass
 
 from . import cache
+from .cache import settings
 from .config import Config, UserError
-from .fs import files, lock
+from .fs import files
 
 # the cache's plumbing (which segments the master reads), the training views and fine-tuning's
 # activations: an exported file holds the index and the features
@@ -36,15 +37,18 @@ def run(config: Config) -> ExportResult:
         raise UserError(f"no feature cache at {os.path.join(config.features_dir, cache.MASTER)}: "
                         "run `make extract DATA=<folder>` first")
     # as extract's lock: an extract replacing segments under a long export would end it
-    with lock.exclusive(config.features_dir, "extract"):
-        # a killed export's temporary beside OUT; only OUT's own: the folder is the user's
-        files.remove_temporaries(os.path.dirname(os.path.abspath(out)),
-                                 names={os.path.basename(out)})
-        rows = export(config.features_dir, out)
+    rows = settings.run(config, "export", lambda resolved: _export_locked(resolved, out),
+                        config.features_dir, holder="extract")
     result = ExportResult(out, rows, os.path.getsize(out), time.perf_counter() - start)
     print(f"export {config.dataset_name}: {rows} rows -> {out} ({result.bytes / 1e6:.1f} MB), "
           f"{result.seconds:.1f} s")
     return result
+
+
+def _export_locked(config, out):
+    # a killed export's temporary beside OUT; only OUT's own: the folder is the user's
+    files.remove_temporaries(os.path.dirname(os.path.abspath(out)), names={os.path.basename(out)})
+    return export(config.features_dir, out)
 
 
 def export(features_dir, out_path):

@@ -16,11 +16,11 @@ import numpy as np
 from tqdm import tqdm
 
 from . import cache
-from .cache import index, views
+from .cache import index, settings, views
 from .config import Config, UserError, warn
 from .data import datasets
 from .engines import featurize
-from .fs import artifacts, lock
+from .fs import artifacts
 from .model import backbone
 
 HASH_AT_ONCE = 65536  # files handed to the engine's sha256_of at a time
@@ -43,6 +43,12 @@ class ExtractResult:
 
 
 def run(config: Config) -> ExtractResult:
+    """Cache the features of DATA, holding features/<NAME>'s lock; a setting not told keeps the
+    value the cache recorded (cache.settings)."""
+    return settings.run(config, "extract", _run_on_engine, config.features_dir)
+
+
+def _run_on_engine(config):
     with _engine(config) as engine:  # a Ray cluster this run started stops here, also on failure
         return _run(config, engine)
 
@@ -83,61 +89,62 @@ def _run(config, engine):
     targets, cut = cached_layers(config, identity)
     out = config.features_dir
 
-    with lock.exclusive(out, "extract"):
-        cache.remove_strays(out)  # left by a killed run: no other run writes them now
-        shas, sizes, mtimes = _hash_files(dataset, cache.previous_files(out), engine.sha256_of)
-        # rows of another shape or dtype than the identity's are damage, computed again
-        known = [cache.inventory(out, target.identity_id,
-                                 backbone.layer_shape(target.layer, config.size), target.dtype)
-                 for target in targets]
-        unreadable = cache.previous_unreadable(out)
-        previous_views = cache.master_attribute(out, "augment")
-        computed = {"images": set(), "views": 0}  # what went through the backbone this run
-        # Until nothing is missing: a second round computes only the views of an image that
-        # became its class's training image because the one before it did not decode.
-        while True:
-            rows, wanted_views, jobs = _plan(config, dataset, (shas, sizes, mtimes), unreadable,
-                                             previous_views, known)
-            if not jobs:
-                break
-            newly_unreadable = engine.compute(config, weights, identity, targets, jobs, known)
-            unreadable.update(newly_unreadable)
-            for job in (job for job in jobs if job.sha256 not in newly_unreadable):
-                computed["images"].update(job.sha256 for view, _, _ in job.inputs if not view)
-                computed["views"] += sum(view > 0 for view, _, _ in job.inputs)
-        skipped = list(dataset.skipped)
-        if unreadable:
-            bad = np.isin(shas, index.as_keys(list(unreadable)))
-            skipped += [(dataset.files[at].path, unreadable[shas[at].decode()])
-                        for at in np.flatnonzero(bad).tolist()]
-        del shas, sizes, mtimes
-        _check_every_class_has_an_image(dataset, rows)
+    cache.remove_strays(out)  # left by a killed run: no other run writes them now
+    shas, sizes, mtimes = _hash_files(dataset, cache.previous_files(out), engine.sha256_of)
+    # rows of another shape or dtype than the identity's are damage, computed again
+    known = [cache.inventory(out, target.identity_id,
+                             backbone.layer_shape(target.layer, config.size), target.dtype)
+             for target in targets]
+    unreadable = cache.previous_unreadable(out)
+    previous_views = cache.master_attribute(out, "augment")
+    computed = {"images": set(), "views": 0}  # what went through the backbone this run
+    # Until nothing is missing: a second round computes only the views of an image that
+    # became its class's training image because the one before it did not decode.
+    while True:
+        rows, wanted_views, jobs = _plan(config, dataset, (shas, sizes, mtimes), unreadable,
+                                         previous_views, known)
+        if not jobs:
+            break
+        newly_unreadable = engine.compute(config, weights, identity, targets, jobs, known)
+        unreadable.update(newly_unreadable)
+        for job in (job for job in jobs if job.sha256 not in newly_unreadable):
+            computed["images"].update(job.sha256 for view, _, _ in job.inputs if not view)
+            computed["views"] += sum(view > 0 for view, _, _ in job.inputs)
+    skipped = list(dataset.skipped)
+    if unreadable:
+        bad = np.isin(shas, index.as_keys(list(unreadable)))
+        skipped += [(dataset.files[at].path, unreadable[shas[at].decode()])
+                    for at in np.flatnonzero(bad).tolist()]
+    del shas, sizes, mtimes
+    _check_every_class_has_an_image(dataset, rows)
 
-        keep = rows.sha256 if not wanted_views else np.concatenate(
-            [rows.sha256, index.as_keys([v[0] for v in wanted_views])])
-        known = [cache.compact(out, target.identity_id, found.only(keep))
-                 for target, found in zip(targets, known)]
-        rows.place(known[0])
-        view_rows = views.records(wanted_views, known[0])
-        cut_rows = cut and cache.Layer.of(cut["layer"], known[1], rows.sha256,
-                                          views.records(wanted_views, known[1]),
-                                          backbone.layer_shape(cut["layer"], config.size),
-                                          targets[1].dtype)
-        attrs = cache_attributes(config, dataset, weights, identity, rows, view_rows, cut,
-                                 cut_rows)
-        # what the report's stage times read: the time and the images this run computed
-        attrs["extract_timing"] = {"seconds": round(time.perf_counter() - start, 3),
-                                   "images": len(computed["images"])}
-        changed = attrs["index_digest"] != cache.master_attribute(out, "index_digest")
-        if changed:
-            referenced = set(cache.write_master(
-                out, rows, attrs, identity.feature_shape, identity.dtype, unreadable, view_rows,
-                cut_rows))
-            for target in targets:
-                cache.remove_unreferenced(out, target.identity_id, referenced)
-        datasets.write_skipped_csv(os.path.join(out, "skipped.csv"), skipped)
-        conflicts = label_conflicts(rows, dataset.class_names)
-        datasets.write_label_conflicts_csv(os.path.join(out, CONFLICTS), conflicts)
+    keep = rows.sha256 if not wanted_views else np.concatenate(
+        [rows.sha256, index.as_keys([v[0] for v in wanted_views])])
+    known = [cache.compact(out, target.identity_id, found.only(keep))
+             for target, found in zip(targets, known)]
+    rows.place(known[0])
+    view_rows = views.records(wanted_views, known[0])
+    cut_rows = cut and cache.Layer.of(cut["layer"], known[1], rows.sha256,
+                                      views.records(wanted_views, known[1]),
+                                      backbone.layer_shape(cut["layer"], config.size),
+                                      targets[1].dtype)
+    attrs = cache_attributes(config, dataset, weights, identity, rows, view_rows, cut,
+                             cut_rows)
+    # what the report's stage times read: the time and the images this run computed
+    attrs["extract_timing"] = {"seconds": round(time.perf_counter() - start, 3),
+                               "images": len(computed["images"])}
+    previous = settings.read(out)  # a DATA that moved changes the record, not the rows
+    changed = (attrs["index_digest"] != cache.master_attribute(out, "index_digest")
+               or previous is None or previous.values != attrs["settings"])
+    if changed:
+        referenced = set(cache.write_master(
+            out, rows, attrs, identity.feature_shape, identity.dtype, unreadable, view_rows,
+            cut_rows))
+        for target in targets:
+            cache.remove_unreferenced(out, target.identity_id, referenced)
+    datasets.write_skipped_csv(os.path.join(out, "skipped.csv"), skipped)
+    conflicts = label_conflicts(rows, dataset.class_names)
+    datasets.write_label_conflicts_csv(os.path.join(out, CONFLICTS), conflicts)
 
     new_images = np.isin(rows.sha256, index.as_keys(list(computed["images"])))
     result = ExtractResult(
@@ -146,17 +153,23 @@ def _run(config, engine):
         skipped=len(skipped), seconds=time.perf_counter() - start, identity=identity.as_dict(),
         changed=changed, views=sum(v["view"] <= config.augment for v in view_rows),
         new_views=computed["views"], cut=cut["layer"] if cut else "")
-    augmented = (f", {result.views} augmented views ({result.new_views} new)" if config.augment
-                 else "")
-    at_cut = f", {result.cut} activations for finetune" if cut else ""
-    print(f"extract {config.dataset_name}: {result.rows} rows, {result.new} new, {result.reused} "
-          f"reused, {result.skipped} skipped (see {out}/skipped.csv){augmented}{at_cut}, "
-          f"{result.seconds:.1f} s")
+    _print_summary(config, result, weights)
     if conflicts:
         _warn_conflicts(config, conflicts)
+    return result
+
+
+def _print_summary(config, result, weights):
+    """One line of what extract did; skipped.csv is named only when it lists something."""
+    augmented = (f", {result.views} augmented views ({result.new_views} new)" if config.augment
+                 else "")
+    at_cut = f", {result.cut} activations for finetune" if result.cut else ""
+    skipped = (f", {result.skipped} skipped (see {config.features_dir}/skipped.csv)"
+               if result.skipped else "")
+    print(f"extract {config.dataset_name}: {result.rows} rows, {result.new} new, {result.reused} "
+          f"reused{skipped}{augmented}{at_cut}, {result.seconds:.1f} s")
     if weights.notice:
         warn(weights.notice)
-    return result
 
 
 def label_conflicts(rows, class_names):
@@ -308,6 +321,7 @@ def cache_attributes(config, dataset, weights, identity, rows, view_rows=(), cut
         "data_root": os.path.abspath(dataset.root),
         "layout": dataset.layout,
         "config": config.to_dict(),
+        "settings": settings.record_of(config),  # what later stages take when not told
         "versions": backbone.library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

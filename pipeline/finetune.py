@@ -31,10 +31,10 @@ import numpy as np
 from tqdm import tqdm
 
 from . import cache
-from .cache import batches, views
+from .cache import batches, settings, views
 from .config import Config, UserError, warn
 from .data import augment, datasets, images
-from .fs import artifacts, files, lock
+from .fs import artifacts, files
 from .model import backbone, heads, registry, resume, runtime
 from .reporting import plots
 
@@ -64,8 +64,8 @@ def run(config: Config, *, callbacks=()) -> FinetuneResult:
     start = time.perf_counter()
     # Two fine-tunes of one dataset would overwrite each other's backups: one at a time. (Other
     # stages write models/<NAME> too, so strays are left alone; each file is replaced atomically.)
-    with lock.exclusive(config.models_dir, "finetune"):
-        return _finetune(config, start, callbacks)
+    return settings.run(config, "finetune",
+                        lambda resolved: _finetune(resolved, start, callbacks), config.models_dir)
 
 
 def _finetune(config, start, extra_callbacks):
@@ -87,14 +87,14 @@ def _finetune(config, start, extra_callbacks):
                                            augmented=config.finetune_augment)
             whole, on_error = model, images.one_line_on_change(
                 data["train"], data["validation"], data["test"], data["step0"][0])
-        settings = {"identity_id": backbone.identity_id(store.identity), "lr": config.lr,
-                    "optimizer": config.finetune_optimizer, "unfreeze": config.unfreeze,
-                    "finetune_augment": config.finetune_augment, "finetune_from": source,
-                    "head_sha256": head_record.file_sha256}
+        resumable = {"identity_id": backbone.identity_id(store.identity), "lr": config.lr,
+                     "optimizer": config.finetune_optimizer, "unfreeze": config.unfreeze,
+                     "finetune_augment": config.finetune_augment, "finetune_from": source,
+                     "head_sha256": head_record.file_sha256}
         # backups from before FINETUNE_AUGMENT augmented exactly when the head had seen views
-        state = resume.resume_state(config, settings, head_record.get("views", 0) > 0)
+        state = resume.resume_state(config, resumable, head_record.get("views", 0) > 0)
         done = state["epochs"] if state else 0
-        early, backup, callbacks = resume.make_callbacks(config, settings, state, start,
+        early, backup, callbacks = resume.make_callbacks(config, resumable, state, start,
                                                          extra_callbacks)
         if source == "cache":  # each epoch's views, as in a run never interrupted
             data["train"].start_at(done)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import cache
 from .analysis import outliers
+from .cache import settings
 from .config import Config, UserError, warn
 from .data import datasets, images
 from .fs import artifacts, escape, files
@@ -51,6 +52,11 @@ class PredictResult:
 
 
 def run(config: Config) -> PredictResult:
+    """Classify IMAGES with MODEL; it writes only files made without a lock (lock.UNLOCKED)."""
+    return settings.run(config, "predict", _predict, None)
+
+
+def _predict(config):
     start = time.perf_counter()
     records = trained_models(config, config.model)
     model = choose(config.model, records, config.models_dir)

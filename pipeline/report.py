@@ -24,8 +24,9 @@ import numpy as np
 
 from . import audit, cache
 from .analysis import label_issues
-from .config import Config, UserError, warn
-from .fs import artifacts, files, lock
+from .cache import settings
+from .config import RECORDED, Config, UserError, warn
+from .fs import artifacts, files
 from .fs.escape import csv_dicts, markdown_code, markdown_text
 from .model import registry
 from .model.registry import TITLES
@@ -55,8 +56,7 @@ def run(config: Config) -> ReportResult:
     reads meanwhile). Everything read back is untrusted: evaluation.json and the metrics are
     checked by registry, pictures are opened only if regular files, and text from the files
     is escaped into inert Markdown (`_cell`, `_code`)."""
-    with lock.exclusive(config.models_dir, "report"):
-        return _report(config)
+    return settings.run(config, "report", _report, config.models_dir)
 
 
 def _report(config):
@@ -88,6 +88,7 @@ def _report(config):
     lines += _misclassified_section(folder, evaluation, drawn)
     lines += sections.projection_section(folder, evaluation, evaluation.projection)
     lines += _dataset_section(config, attrs, labels, splits)
+    lines += sections.settings_section({name.upper(): getattr(config, name) for name in RECORDED})
     lines += _audit_section(config, attrs)
     lines += sections.times_section(evaluation, evaluation.stage_times)
     lines += _identity_section(attrs, notices)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from .config import FIELDS, Config, UserError, warn
+from .config import Config, UserError, warn
 from .data import datasets
 from .fs import artifacts, files
 from .model import backbone, registry
@@ -63,7 +63,7 @@ def run(config: Config, *, url=URL, downloads=DOWNLOADS, data_parent=DATA_PARENT
     """The article's experiment. The keywords point it elsewhere (the tests' tiny archive on a
     local server): where to download from and to, the expected image counts, and `settings`
     that replace the article's SETTINGS."""
-    if config.data != FIELDS["data"].default:  # DATA names a copy the user already has
+    if config.data is not None:  # DATA names a copy the user already has
         folder = config.data
     else:
         folder = os.path.join(data_parent, FOLDER)

@@ -24,10 +24,10 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from . import cache
-from .cache import batches, views
+from .cache import batches, settings, views
 from .cache.batches import CachedFeatures, one_line_on_damage
 from .config import Config, UserError, warn
-from .fs import artifacts, files, lock
+from .fs import artifacts, files
 from .model import backbone, heads, logs, runtime
 from .reporting import plots
 
@@ -49,8 +49,9 @@ def run(config: Config, *, callbacks=(), logreg_memory_mb=LOGREG_MEMORY_MB) -> T
     bench times epochs with one); past `logreg_memory_mb` of training features, logreg is fitted
     out of core. Holds models/<NAME>'s lock: two train-heads (or one beside a finetune, an
     evaluate or a report) would each save a model the other's metrics do not describe."""
-    with lock.exclusive(config.models_dir, "train-head"):
-        return _train(config, callbacks, logreg_memory_mb)
+    return settings.run(config, "train-head",
+                        lambda resolved: _train(resolved, callbacks, logreg_memory_mb),
+                        config.models_dir)
 
 
 def _train(config, callbacks, logreg_memory_mb):

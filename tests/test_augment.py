@@ -147,7 +147,7 @@ def test_a_cache_without_views_reads_as_before_and_export_leaves_views_out(folde
         assert store.views == 0 and views.epoch_reader(store, 0) is None
     extract.run(config.replace(augment=1))
     out = str(tmp_path / "alone.h5")
-    export.run(config.replace(out=out))
+    export.run(config.replace(out=out, augment=None))  # AUGMENT=0 now contradicts the cache
     with FeatureStore(config.features_dir) as store, h5py.File(out, "r") as alone:
         assert store.views == 1
         assert not set(cache.VIEW_DATASETS) & set(alone)
@@ -178,18 +178,19 @@ def test_train_head_reads_a_view_of_each_training_image_every_epoch(folder, make
     assert result.metrics["models"]["dense"]["views"] == 2
 
 
-@pytest.mark.parametrize("extracted, asked", [(1, 2), (2, 1)])
+@pytest.mark.parametrize("extracted, asked", [(1, 2), (2, 1), (1, 0)])
 def test_train_head_with_other_views_than_the_cache_holds_is_refused_naming_extract(
         folder, make_config, extracted, asked):
     """It trained on the cache's views without a word: AUGMENT=2 on a cache with 1 view (or a
-    plain one) looked as if it had worked. AUGMENT=0 takes what the cache holds."""
+    plain one) looked as if it had worked. AUGMENT not told takes what the cache holds."""
     config = make_config(folder, augment=extracted, **SETTINGS)
     extract.run(config)
-    with pytest.raises(UserError, match=rf"AUGMENT={asked} .* holds {extracted} augmented view.* "
-                                        rf"`make extract AUGMENT={asked}`"):
-        train_head.run(config.replace(augment=asked, head="dense"))
-    train_head.run(config.replace(augment=asked, head="logreg"))  # logreg reads no views
-    dense = train_head.run(config.replace(augment=0, head="dense")).metrics["models"]["dense"]
+    for head in ("dense", "logreg"):
+        with pytest.raises(UserError, match=rf"AUGMENT={asked} but .* was extracted with "
+                                            rf"AUGMENT={extracted}: run `make extract NAME=\S+ "
+                                            rf"AUGMENT={asked}` first, or leave AUGMENT out"):
+            train_head.run(config.replace(augment=asked, head=head))
+    dense = train_head.run(config.replace(augment=None, head="dense")).metrics["models"]["dense"]
     assert dense["views"] == extracted
 
 

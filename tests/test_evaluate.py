@@ -97,8 +97,10 @@ def test_no_model_at_all_names_train_head(image_folder, make_config):
 def test_models_of_another_identity_are_refused(run, tmp_path):
     config = copy_run(run, tmp_path)
     extract.run(config.replace(size=64))  # the cache now holds 64-pixel features
+    with pytest.raises(UserError, match="^SIZE=32 but .* was extracted with SIZE=64"):
+        evaluate.run(config)  # told the size the models were made at
     with pytest.raises(UserError, match="another identity .*image_size"):
-        evaluate.run(config)
+        evaluate.run(config.replace(size=None))
 
 
 def test_validation_stands_in_without_a_test_split(tmp_path):

@@ -372,7 +372,8 @@ def test_data_that_no_longer_matches_the_cache_is_refused(ready, change, message
 
 def test_other_weights_or_a_head_of_another_identity_are_refused(ready, tiny_weights_file):
     config = ready()
-    with pytest.raises(UserError, match="not the weights the cache was built with"):
+    with pytest.raises(UserError, match=r"^WEIGHTS=\S+ but .* was extracted with WEIGHTS=none: "
+                                        r"run `make extract NAME=\S+ WEIGHTS="):
         finetune.run(config.replace(weights=tiny_weights_file))
 
     metrics_path = artifacts.path(config, artifacts.HEAD_METRICS)

@@ -72,6 +72,8 @@ def test_the_cut_is_in_the_key_and_a_new_cut_computes_only_itself(ready):
 
 def test_an_unchanged_rerun_computes_nothing_and_a_larger_augment_only_new_views(ready):
     config = ready()
+    moved = extract.run(config)  # this copy's DATA, where the cache recorded the folder copied
+    assert (moved.new, moved.new_views, moved.changed) == (0, 0, True)
     again = extract.run(config)
     assert (again.new, again.new_views, again.changed) == (0, 0, False)
     more = extract.run(config.replace(augment=3))

@@ -83,7 +83,7 @@ def test_a_data_folder_without_a_usable_name_asks_for_one(tmp_path):
     (["--batch-size", "-3"], r"BATCH_SIZE=-3 is out of range"),
     (["--lr", "0"], r"LR=0.0 is not a learning rate: use a small positive number"),
     (["--lr=-1e-5"], r"LR=-1e-05 is not a learning rate"),
-    (["--size", "big"], r"argument --size: invalid int value: 'big'"),
+    (["--size", "big"], r"--size 'big' is not a whole number: see `python -m pipeline --help`"),
     (["--lr", "nan"], r"LR=nan is not a learning rate"),
     (["--split", "100/0/0"], r"SPLIT='100/0/0' is not .* with a train and a validation share"),
     (["--split", "80/20"], r"SPLIT='80/20' is not train/validation/test percentages"),

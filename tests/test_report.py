@@ -21,7 +21,8 @@ from pipeline.reporting import pictures, plots
 
 SECTIONS = ["Models", "Learning curves", "Confusion matrices", "Most-confused class pairs",
             "ROC and precision-recall curves", "Calibration", "Misclassified images",
-            "Feature projection", "Dataset", "Audit", "Stage times", "Cache identity and weights"]
+            "Feature projection", "Dataset", "Settings", "Audit", "Stage times",
+            "Cache identity and weights"]
 HASHED = r"-[0-9a-f]{16}\.png"  # a picture's name: its stem, then its content's hash
 
 

@@ -154,7 +154,7 @@ def test_wrong_counts_and_damaged_zips_are_refused(server, tmp_path):
 
 
 def test_the_whole_experiment_on_a_tiny_archive(server, tmp_path, make_config, capsys):
-    config = make_config("data/demo")  # DATA left at its default: download
+    config = make_config("data/demo").replace(data=None)  # DATA not told: download
     result = reproduce.run(config, url=server.url, downloads=str(tmp_path / "downloads"),
                            data_parent=str(tmp_path / "data"), expected=TINY, retry_wait=0,
                            settings=dict(size=32, batch_size=4, epochs=2, finetune_epochs=1))
@@ -177,8 +177,9 @@ def test_the_whole_experiment_on_a_tiny_archive(server, tmp_path, make_config, c
 
 def test_the_experiment_offline_stops_before_any_work(tmp_path, make_config):
     with pytest.raises(UserError, match="needs internet access"):
-        reproduce.run(make_config("data/demo"), url=closed_port_url(), retry_wait=0,
-                      downloads=str(tmp_path / "downloads"), data_parent=str(tmp_path / "data"))
+        reproduce.run(make_config("data/demo").replace(data=None), url=closed_port_url(),
+                      retry_wait=0, downloads=str(tmp_path / "downloads"),
+                      data_parent=str(tmp_path / "data"))
     assert not os.path.exists(tmp_path / "features") and not os.path.exists(tmp_path / "data")
 
 

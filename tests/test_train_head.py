@@ -186,7 +186,9 @@ def test_metrics_and_logreg_bundle_carry_the_cache_identity(synthetic_config):
         metrics = json.load(f)
     assert metrics["identity"] == IDENTITY and metrics["class_names"] == ["a", "b"]
     assert metrics["identity_id"] == backbone.identity_id(IDENTITY)
-    assert metrics["config"] == json.loads(synthetic_config.to_json())
+    told = {k: v for k, v in json.loads(synthetic_config.to_json()).items() if v is not None}
+    assert told.items() <= metrics["config"].items()  # as told, and what it was not told filled
+    assert None not in metrics["config"].values()      # in from the cache (cache.settings)
     for name in ("dense", "logreg"):
         assert set(metrics["models"][name]["validation"]) == {"accuracy", "loss"}
         assert set(metrics["models"][name]["test"]) == {"accuracy", "loss"}
@@ -194,7 +196,7 @@ def test_metrics_and_logreg_bundle_carry_the_cache_identity(synthetic_config):
     assert dense["epochs"] == len(dense["history"]["loss"]) and 1 <= dense["best_epoch"] <= 3
     logreg, saved = heads.load_logreg(result.paths["logreg"])
     assert saved["identity"] == IDENTITY and saved["class_names"] == ["a", "b"]
-    assert saved["config"] == json.loads(synthetic_config.to_json())
+    assert saved["config"] == metrics["config"]
     assert logreg.predict_proba(np.zeros((3, 8), np.float32)).shape == (3, 2)
     for name in ("dense", "logreg"):  # each file is tied to its own metrics by its sha256
         assert metrics["models"][name]["file_sha256"] == artifacts.file_sha256(result.paths[name])
@@ -258,9 +260,9 @@ def test_streaming_visits_every_row_once_per_epoch_in_a_seeded_order(synthetic_c
 
 @pytest.mark.parametrize("case, message", [
     ("missing", r"no feature cache at .*run `make extract"),
-    ("no-train", r"no rows in the train split.*rerun `make extract`"),
-    ("one-class", r"has only one class \['a'\].*rerun `make extract`"),
-    ("train-lacks-a-class", r"no images of class\(es\) \['b'\].*rerun `make extract`"),
+    ("no-train", r"no rows in the train split.*rerun `make extract NAME=bad`"),
+    ("one-class", r"has only one class \['a'\].*rerun `make extract NAME=bad`"),
+    ("train-lacks-a-class", r"no images of class\(es\) \['b'\].*rerun `make extract NAME=bad`"),
 ])
 def test_errors_exit_non_zero_with_one_line(tmp_path, capsys, case, message):
     features = tmp_path / "features" / "bad"

@@ -33,6 +33,7 @@ and beside them, imported by their own names (`from pipeline.cache import views`
     identity   FeatureIdentity: what a row was computed with (backbone, weights, size...)
     index      the index of rows as numpy columns
     views      augmented views of each training image, and reading them back
+    settings   the settings a cache remembers, and every stage's start (lock, resolve, run)
     batches    cached rows streamed into Keras as (features, target) batches
 
 Imports pipeline.config, fs and data; never a model, analysis, engines, reporting or a stage.

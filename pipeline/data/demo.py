@@ -63,7 +63,7 @@ def generate(folder, per_class=PER_CLASS, seed=SEED, pixels=PIXELS):
 
 
 def run(config: Config) -> DemoDataResult:
-    folder = config.data
+    folder = config.told_or_default("data")
     # the Makefile's target: written last, so only when complete
     stamp = os.path.join(folder, STAMP)
     if os.path.exists(stamp):

@@ -67,10 +67,12 @@ def resolve_weights(spec):
 def weights_of_cache(spec, cache_attrs):
     """The weights for a stage that builds on an existing cache (finetune, predict on images).
 
-    Without WEIGHTS, those the cache was built with; with WEIGHTS, they must be the same weights.
+    Without WEIGHTS, or with the WEIGHTS the cache was built with (its record: a stage not told
+    WEIGHTS is given those), the weights it was built with; with other WEIGHTS, they must be the
+    same weights.
     """
     recorded, where = cache_attrs["weights"], cache_attrs.get("weights_path", "")
-    if spec:
+    if spec and spec != cache_attrs.get("weights_spec") and os.path.abspath(spec) != where:
         weights = resolve_weights(spec)
     elif recorded == RANDOM_FINGERPRINT:
         weights = Weights(cache_attrs.get("weights_spec", "none"), "", RANDOM_FINGERPRINT,
@@ -79,7 +81,7 @@ def weights_of_cache(spec, cache_attrs):
         weights = Weights(cache_attrs.get("weights_spec", where), where, file_sha256(where))
     else:
         raise UserError(f"the cache was built with weights {where!r}, which no longer exist: "
-                        "put the file back or pass WEIGHTS=<the same weights file>")
+                        "put the file back, or run `make extract WEIGHTS=<where it is now>`")
     if weights.fingerprint != recorded:
         raise UserError(f"WEIGHTS={spec or where} (fingerprint {weights.fingerprint[:16]}) are not "
                         f"the weights the cache was built with ({recorded[:16]}): pass "

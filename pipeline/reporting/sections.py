@@ -146,3 +146,12 @@ def _models(evaluation):
 
 def _num(value, digits=3):
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def settings_section(values):
+    """The settings the cache was made with ({VARIABLE: value}), which every stage used."""
+    lines = ["## Settings", "",
+             "The dataset's settings, as `make extract` recorded them in the cache; every later "
+             "stage used them.", "", "| setting | value |", "|---|---|"]
+    return lines + [f"| {name} | {cell(str(value)) if value != '' else '–'} |"
+                    for name, value in values.items()] + [""]
