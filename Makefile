@@ -105,7 +105,7 @@ batch: $(STAMP) $(RAY_DEP) ## Run every stage on many datasets: DATASETS="dirA d
 reproduce: $(STAMP) $(RAY_DEP) ## The article's cats-vs-dogs experiment (needs internet: data + ImageNet weights)
 	$(CLI) reproduce $(ARGS)
 
-bench: $(STAMP) ## Performance figures -> bench/results.json [BENCH_N=..] [BENCH_ACCURACY=1]
+bench: $(STAMP) ## Performance figures -> bench/results.json [BENCH_N=..] [BENCH_ACCURACY=1] [BENCH_SMOKE=1: every phase, tiny, for CI]
 	$(PYTHON) bench/bench.py
 
 BACKENDS_STAMP := $(VENV)/.backends
