@@ -226,6 +226,8 @@ def test_a_killed_run_continues_at_the_next_epoch(ready):
         finetune.run(config.replace(finetune_optimizer="rmsprop"))
     with pytest.raises(UserError, match="FINETUNE_AUGMENT=1 .*FRESH=1"):  # other layers
         finetune.run(config.replace(finetune_augment=False))
+    with pytest.raises(UserError, match="CLASS_WEIGHT=(none|auto): .*FRESH=1"):  # another loss
+        finetune.run(config.replace(class_weight="balanced"))
 
     config = config.replace(finetune_epochs=1)
     fresh = Recorder()
