@@ -12,6 +12,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
+from ..config import terminal_text
+
 CLASS_WEIGHT_RATIO = 1.5  # CLASS_WEIGHT=auto weighs the classes past this largest/smallest ratio
 
 
@@ -95,14 +97,15 @@ def class_weights(setting, train_labels, class_names):
 
 
 def describe_weighting(record):
-    """One line on what heads.class_weights' `record` weighed, for the console."""
-    counts = ", ".join(f"{name} {n}" for name, n in record["train_images"].items())
+    """One line on what class_weights' `record` weighed, for the console (class names are
+    someone else's text: made inert for the terminal)."""
+    counts = ", ".join(f"{terminal_text(name)} {n}" for name, n in record["train_images"].items())
     if record["weights"] is None:
         why = ("CLASS_WEIGHT=none" if record["setting"] == "none" else
                f"CLASS_WEIGHT=auto, the largest class has at most {CLASS_WEIGHT_RATIO:g}x "
                "the images of the smallest")
         return f"classes not weighted ({why}; training images: {counts})"
-    weights = ", ".join(f"{name} {w:.3g}" for name, w in record["weights"].items())
+    weights = ", ".join(f"{terminal_text(name)} {w:.3g}" for name, w in record["weights"].items())
     return (f"classes weighted (CLASS_WEIGHT={record['setting']}; training images: {counts}; "
             f"weights: {weights})")
 
