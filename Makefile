@@ -15,7 +15,7 @@ DEMO_STAMP := $(DEMO)/.generated
 # (several folders) is passed apart; FEATURES_ROOT and MODELS_ROOT stay features/ and models/.
 SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS BACKEND VERBOSE WEIGHTS SIZE BATCH_SIZE PRECISION \
             STORAGE AUGMENT ENGINE RAY_ADDRESS WORKERS HEAD EPOCHS HIDDEN_UNITS DROPOUT HEAD_POOL \
-            HEAD_LR PATIENCE C_GRID SEED UNFREEZE FINETUNE_FROM CUT_STORAGE FINETUNE_EPOCHS \
+            HEAD_LR PATIENCE C_GRID SEED CLASS_WEIGHT UNFREEZE FINETUNE_FROM CUT_STORAGE FINETUNE_EPOCHS \
             FINETUNE_OPTIMIZER FINETUNE_AUGMENT LR FINETUNE_WARMUP FINETUNE_PATIENCE FRESH IMAGES \
             MODEL OUT BATCH_FILE FINETUNE FORCE DUPLICATE_THRESHOLD AUDIT_FOLDS OUTLIER_PERCENTILE
 # Make exports command-line variables to every recipe's environment, and expands them to do so,
@@ -116,7 +116,7 @@ batch: $(STAMP) $(RAY_DEP) ## Run every stage on many datasets: DATASETS="dirA d
 reproduce: $(STAMP) $(RAY_DEP) ## The article's cats-vs-dogs experiment (needs internet: data + ImageNet weights)
 	$(CLI) reproduce $(ARGS)
 
-bench: $(STAMP) ## Performance figures -> bench/results.json [BENCH_N=..] [BENCH_ACCURACY=1]
+bench: $(STAMP) ## Performance figures -> bench/results.json [BENCH_N=..] [BENCH_ACCURACY=1] [BENCH_SMOKE=1: every phase, tiny, for CI]
 	$(PYTHON) bench/bench.py
 
 BACKENDS_STAMP := $(VENV)/.backends

@@ -3,7 +3,8 @@ cache of BENCH_SYNTH_ROWS training rows (default 100,000), each with AUGMENT=2 v
 
 The cache is laid out exactly as extract writes it (segments of the features and of the
 block4_pool cut, views, features.h5), but its segments' chunks are never written: HDF5 reads an
-unwritten chunk as zeros, so 100,000 x 3 rows of 9x9x512 take a few MB of disk instead of 25 GB,
+unwritten chunk as zeros, so 100,000 x 3 rows of 9x9x512 take a few MB of disk instead of 25 GB
+(each segment file is lengthened with a hole to the bytes its rows declare, as the cache checks),
 while every read still goes through the master's virtual datasets. Fine-tuning computes on zeros
 at full cost; memory, not accuracy, is measured. A process of its own fine-tunes for
 BENCH_FINETUNE_BATCHES batches (a whole epoch of 100,000 rows takes about 40 minutes on 2 cores)
@@ -17,10 +18,11 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = int(os.environ.get("BENCH_SYNTH_ROWS") or 100_000)
-BATCHES = int(os.environ.get("BENCH_FINETUNE_BATCHES") or 100)
-HELD_OUT = 1000  # validation and test rows each: what each epoch scores, kept small
-SIZE, VIEWS, PER_SEGMENT = 150, 2, 4096
+SMOKE = os.environ.get("BENCH_SMOKE", "") not in ("", "0")  # bench.py's: every phase, tiny
+ROWS = int(os.environ.get("BENCH_SYNTH_ROWS") or (64 if SMOKE else 100_000))
+BATCHES = int(os.environ.get("BENCH_FINETUNE_BATCHES") or (1 if SMOKE else 100))
+HELD_OUT = 16 if SMOKE else 1000  # validation and test rows each: what each epoch scores
+SIZE, VIEWS, PER_SEGMENT = 64 if SMOKE else 150, 2, 4096
 
 
 def config_of(folder):
@@ -57,6 +59,8 @@ def write_sparse_cache(folder):
             segment = cache.write_segment_filled(config.features_dir, target.identity_id,
                                                  part, shape, target.dtype,
                                                  lambda dataset: None)
+            declared = len(part) * (int(np.prod(shape)) * np.dtype(target.dtype).itemsize + 64)
+            pad_sparsely(os.path.join(config.features_dir, segment), declared)
             found.add_segment(segment, part)
     split = np.array([b"train"] * ROWS + [b"validation"] * HELD_OUT + [b"test"] * HELD_OUT)
     rows = index.Rows([], np.zeros(total, np.int32),
@@ -79,6 +83,14 @@ def write_sparse_cache(folder):
     cache.write_master(config.features_dir, rows, attrs, backbone.feature_shape(SIZE),
                        np.float32, {}, view_rows, cut_rows)
     return config
+
+
+def pad_sparsely(path, size):
+    """Lengthen the file at `path` to `size` bytes with a hole (no disk blocks on Linux file
+    systems): the cache refuses a segment that declares more rows than its bytes could hold,
+    and these rows are never written. HDF5 ignores bytes past its end of file."""
+    if os.path.getsize(path) < size:
+        os.truncate(path, size)
 
 
 def peak_rss_gb(folder, batches, log):

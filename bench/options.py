@@ -22,7 +22,8 @@ import time
 from contextlib import contextmanager, nullcontext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FORWARD_IMAGES = 160          # timed images per forward variant, after one warm-up batch
+SMOKE = os.environ.get("BENCH_SMOKE", "") not in ("", "0")  # bench.py's: every phase, tiny
+FORWARD_IMAGES = 16 if SMOKE else 160  # timed images per forward variant, after a warm-up batch
 DECODE_IMAGES = 200           # photos for the decoding figures
 
 
@@ -127,11 +128,14 @@ def in_process(args, env, log):
 def forward_variants(env, log, size, gpu, cpu_flags):
     """{variant: img/s}. eigen = TensorFlow's default kernels on an AVX2 CPU, onednn = ours."""
     variants = {"eigen_b32": (0, 32, 0, "float32")}
-    variants.update({f"onednn_b{b}": (1, b, 0, "float32") for b in (8, 16, 32, 64)})
+    # BENCH_SMOKE: one batch size, as the others run the same code (each variant is a process)
+    variants.update({f"onednn_b{b}": (1, b, 0, "float32") for b in
+                     ((8,) if SMOKE else (8, 16, 32, 64))})
     variants["onednn_xla_b32"] = (1, 32, 1, "float32")
     if gpu:
         variants["onednn_mixed_float16_b32"] = (1, 32, 0, "mixed_float16")
-        variants["onednn_mixed_float16_b64"] = (1, 64, 0, "mixed_float16")
+        if not SMOKE:
+            variants["onednn_mixed_float16_b64"] = (1, 64, 0, "mixed_float16")
     if gpu or {"avx512_bf16", "amx_bf16"} & cpu_flags:  # no bf16 arithmetic on plain AVX2
         variants["onednn_mixed_bfloat16_b32"] = (1, 32, 0, "mixed_bfloat16")
     out = {}

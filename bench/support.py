@@ -17,6 +17,8 @@ from pipeline.data import datasets
 from pipeline.model import backbone, runtime
 
 CHUNK = 4096  # rows per segment: at COMPACT_BELOW, so extract never merges them
+# the settings that the synthetic cache was written with, for every stage run on it
+SYNTHETIC_ARGS = ["--augment", "0"]
 CLASSES = ["cats", "dogs"]
 
 
@@ -68,8 +70,9 @@ def versions():
 def write_synthetic_cache(folder, rows, size, seed=0):
     """folder/features/synthetic/: a cache exactly as extract writes it (segments + features.h5,
     WEIGHTS=none identity), with `rows` feature maps drawn from two ReLU'd Gaussian clusters, one
-    per class, so a head has something to learn. Split 80/10/10 by row number."""
-    config = Config(data=folder, name="synthetic", weights="none", size=size,
+    per class, so a head has something to learn. Split 80/10/10 by row number. It holds no
+    augmented views: train-head reads it with AUGMENT=0 (SYNTHETIC_ARGS)."""
+    config = Config(data=folder, name="synthetic", weights="none", size=size, augment=0,
                     features_root=os.path.join(folder, "features"))
     weights = backbone.resolve_weights("none")
     identity = backbone.identity_of(weights, size)

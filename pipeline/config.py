@@ -159,6 +159,12 @@ class Config:
     c_grid: str = setting("1e-4,1e-3,1e-2,1e-1,1", "logreg's inverse regularisation strengths, "
                                                    "one chosen on the validation split")
     seed: int = setting(0, "one seed for initialisation, dropout, shuffles and augmentation")
+    class_weight: str = setting("auto", "auto | balanced | none: weigh each class's training "
+                                        "images by images / (classes x its images), so that a "
+                                        "small class counts as much as a large one, in the "
+                                        "dense head, logreg and fine-tuning; auto: only when "
+                                        "the largest class has over 1.5x the images of the "
+                                        "smallest")
     # --- stage three: fine-tuning ----------------------------------------------------------------
     unfreeze: str = setting("block5", "the lowest layers that train: a block (block5) or a count "
                                       "of top convolutional layers")
@@ -234,6 +240,7 @@ class Config:
         self.c_values  # noqa: B018 (parses C_GRID, raising on a bad one)
         self.split_fractions  # noqa: B018 (parses SPLIT, raising on a bad one)
         _check_choice("HEAD", self.head, ("dense", "logreg", "both"))
+        _check_choice("CLASS_WEIGHT", self.class_weight, ("auto", "balanced", "none"))
         _check_choice("FINETUNE_OPTIMIZER", self.finetune_optimizer, ("adam", "rmsprop"))
         _check_choice("MODEL", self.model, ("auto", *MODEL_NAMES))
         _check_choice("PRECISION", told("precision"),

@@ -72,6 +72,7 @@ def _evaluate(config):
                 scored[model] = _feature_probabilities(config, model, store, rows)
         paths, attrs, root = store.paths[rows], store.attrs, store.image_root(config.data)
         train_rows = len(store.rows("train"))
+        small = diagnostics.small_splits(store.labels, store.splits, class_names)
         best = max(scored, key=lambda k: np.mean(scored[k].argmax(axis=1) == labels))
         projected = diagnostics.projection(store, rows[scored[best].argmax(axis=1) != labels],
                                        config.seed)
@@ -80,10 +81,12 @@ def _evaluate(config):
               "class_names": class_names, "split": split, "images": int(len(rows)),
               "data_root": root,
               "weights_notice": attrs.get("weights_notice", ""), "config": config.to_dict(),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": {}}
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "small_sample": small,
+              "models": {}}
     named = []  # every picture evaluation.json names: the others are a killed run's
     for model, probabilities in scored.items():
         report["models"][model] = m = score(probabilities, labels, class_names, paths)
+        m["accuracy_ci95"] = list(diagnostics.accuracy_interval(m["accuracy"], len(rows)))
         m["curves"], drawn = diagnostics.curves(probabilities, labels, class_names)
         m["confused_pairs"] = diagnostics.confused_pairs(m["confusion_matrix"], class_names)
         on = f"{registry.TITLES[model]} on {split} ({len(rows)} images)"
@@ -113,7 +116,11 @@ def _evaluate(config):
           f"{time.perf_counter() - start:.1f} s):")
     for model, m in report["models"].items():
         auc = f", ROC AUC {m['roc_auc']:.3f}" if m.get("roc_auc") is not None else ""
-        print(f"  {registry.TITLES[model]:<20} accuracy {m['accuracy']:.3f}{auc}")
+        low, high = m["accuracy_ci95"]
+        print(f"  {registry.TITLES[model]:<20} accuracy {m['accuracy']:.3f} (95% interval "
+              f"{low:.3f}-{high:.3f}){auc}")
+    for line in small:
+        warn(line)
     if report["weights_notice"]:
         warn(report["weights_notice"])
     print(f"wrote {out}")

@@ -87,10 +87,14 @@ def _finetune(config, start, extra_callbacks):
                                            augmented=config.finetune_augment)
             whole, on_error = model, images.one_line_on_change(
                 data["train"], data["validation"], data["test"], data["step0"][0])
+        class_weight, weighting = heads.class_weights(
+            config.class_weight, store.labels[store.rows("train")], list(store.class_names))
         resumable = {"identity_id": backbone.identity_id(store.identity), "lr": config.lr,
                      "optimizer": config.finetune_optimizer, "unfreeze": config.unfreeze,
                      "finetune_augment": config.finetune_augment, "finetune_from": source,
-                     "head_sha256": head_record.file_sha256}
+                     "head_sha256": head_record.file_sha256,
+                     # what was weighed, not the word: auto on balanced classes weighs nothing
+                     "class_weight": config.class_weight if class_weight else "none"}
         # backups from before FINETUNE_AUGMENT augmented exactly when the head had seen views
         state = resume.resume_state(config, resumable, head_record.get("views", 0) > 0)
         done = state["epochs"] if state else 0
@@ -104,25 +108,29 @@ def _finetune(config, start, extra_callbacks):
         with on_error:
             if state is None:  # a resumed model is no longer the head's: nothing to compare
                 check_composition(model, head, *data["step0"])
-                # the head itself is "epoch 0", to beat: see Backup.on_train_begin
-                backup.start = model.evaluate(data["validation"], verbose=0,
-                                              return_dict=True)["loss"]
+            # before fit restores a backup, the model is the head on the base: the "epoch 0"
+            # that an epoch must beat (Backup.on_train_begin), and the last line compares with
+            head_scores = model.evaluate(data["validation"], verbose=0, return_dict=True)
+            backup.start = None if state else head_scores["loss"]
             model.fit(data["train"], validation_data=data["validation"], initial_epoch=done,
-                      epochs=target, callbacks=callbacks,
+                      epochs=target, callbacks=callbacks, class_weight=class_weight,
                       shuffle=False,  # the dataset shuffles itself, seeded
                       verbose=1 if sys.stdout.isatty() else 2)  # logs: a line an epoch
             # EarlyStopping.on_train_end has put the best epoch's weights back (also after a
             # resume); `whole` shares them
             scores = {name: model.evaluate(data[name], return_dict=True, verbose=0)
                       if data[name] else {} for name in ("validation", "test")}
-    history = resume.log_history(config, target)
-    result = _write_outputs(config, store, weights, whole, head_record, backup, early,
-                            trainable, done, scores, history, source)
-    if result.epochs and not result.best_epoch:
-        print(f"finetune {config.dataset_name}: no epoch beat the head's validation loss: "
-              "finetuned.keras is the head on the base, unchanged")
-    print(f"finetune {config.dataset_name}: {result.epochs} epochs (best {result.best_epoch}) "
-          f"from the {source}, validation accuracy {result.validation['accuracy']:.3f}, "
+        history = resume.log_history(config, target)
+        head_scores = {key: float(head_scores[key]) for key in ("accuracy", "loss")}
+        # while the store is open: the metrics read its split (split_digest)
+        result = _write_outputs(config, store, weights, whole, head_record, backup, early,
+                                trainable, done, scores, history, source,
+                                {"head_validation": head_scores, "class_weight": weighting})
+    if weighting["weights"]:
+        print(f"finetune {config.dataset_name}: {heads.describe_weighting(weighting)}")
+    kept = resume.outcome(head_scores, history, result.best_epoch, result.validation)
+    epochs = f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}"
+    print(f"finetune {config.dataset_name}: {kept}; {epochs} from the {source}, "
           f"{result.seconds:.1f} s -> {result.model_path}")
     if weights.notice:
         warn(weights.notice)
@@ -352,7 +360,7 @@ def check_composition(model, head, image_batches, features):
 # --- Outputs ----------------------------------------------------------------------------------
 
 def _write_outputs(config, store, weights, model, head_record, backup, early, trainable,
-                   done, scores, history, source):
+                   done, scores, history, source, records):
     model_path, metrics_path, plot_path = (artifacts.path(config, name) for name in (
         artifacts.FINETUNED, artifacts.FINETUNE_METRICS, artifacts.FINETUNE_HISTORY_PLOT))
     epochs = len(history.get("loss", []))
@@ -373,6 +381,7 @@ def _write_outputs(config, store, weights, model, head_record, backup, early, tr
             "best_epoch": int(early.best_epoch) + 1 if epochs else 0, "seconds": backup.seconds(),
             "history": history, "resumed_from_epoch": done,
             "file_sha256": artifacts.file_sha256(temporary[model_path]),  # ties file, metrics
+            **records,  # the head's validation scores, the class weights
         }
         plots.plot_history([("head", head_record.get("history", {})), ("fine-tune", history)],
                            temporary[plot_path], f"{config.dataset_name}: dense head, then "

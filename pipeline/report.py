@@ -30,7 +30,7 @@ from .fs import artifacts, files
 from .fs.escape import csv_dicts, markdown_code, markdown_text
 from .model import registry
 from .model.registry import TITLES
-from .reporting import markdown, pictures, plots, sections
+from .reporting import diagnostics, markdown, pictures, plots, sections
 from .reporting.thumbnails import short_name, thumbnail
 
 # the stems of report's own pictures (reporting/pictures.py), and the fixed names of earlier
@@ -78,6 +78,8 @@ def _report(config):
                   "show that the pipeline runs.", ""]
     lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {_code(config.models_dir)} and "
               f"{_code(config.features_dir)}.", ""]
+    small = diagnostics.small_splits(labels, splits, attrs["class_names"])
+    lines += [line for warning in small for line in (f"> **Small sample:** {_cell(warning)}.", "")]
     folder, drawn = config.models_dir, []  # drawn: the pictures this report names
     lines += _models_section(evaluation, trained)
     lines += _curves_section(config)
@@ -108,7 +110,7 @@ def _report(config):
         if os.path.isfile(legacy) and not os.path.islink(legacy):
             os.remove(legacy)
     print(f"report {config.dataset_name}: wrote {out} and {page}")
-    for notice in notices:
+    for notice in notices + small:
         warn(notice)
     return ReportResult(out, [line[3:] for line in lines if line.startswith("## ")], notices)
 
@@ -129,17 +131,20 @@ def _models_section(evaluation, trained):
              f"Validation accuracy is measured while training; {split} accuracy by `make evaluate` "
              f"on {evaluation.images} held-out images"
              + (" (there is no test split, so validation stands in for it)." if split != "test"
-                else "."), "",
-             f"| model | validation accuracy | {split} accuracy | {split} loss | ROC AUC "
-             "| training seconds | epochs (best) |",
+                else ".") + " In brackets, its 95% interval (Wilson score): the fewer the "
+             "images, the wider it is.", "",
+             f"| model | validation accuracy | {split} accuracy (95% interval) | {split} loss "
+             "| ROC AUC | training seconds | epochs (best) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for model in registry.NAMES:
         if model not in evaluation.models or model not in trained:
             continue
         m, t = evaluation.models[model], trained[model]
         epochs = f"{t.get('epochs')} ({t.get('best_epoch', '-')})" if t.get("epochs") else "-"
+        low, high = diagnostics.accuracy_interval(m["accuracy"], evaluation.images)
         lines.append(f"| {TITLES[model]} | {_num(t.validation.get('accuracy'))} "
-                     f"| {_num(m['accuracy'])} | {_num(m['loss'])} | {_num(m.get('roc_auc'))} "
+                     f"| {_num(m['accuracy'])} ({low:.3f}-{high:.3f}) | {_num(m['loss'])} "
+                     f"| {_num(m.get('roc_auc'))} "
                      f"| {_num(t.get('seconds'), 1)} | {epochs} |")
     return lines + [""]
 

@@ -184,6 +184,7 @@ def train_dense(config, store, rows, callbacks, out):
     # sigmoid head: float targets of shape (n, 1); softmax head: integer class indices
     targets = (store.labels.astype(np.float32)[:, None] if len(names) == 2
                else store.labels.astype(np.int32))
+    weights, weighting = class_weights(config, store, rows)
     # with AUGMENT views in the cache, each epoch reads every training image as another view
     train = CachedFeatures(store, rows["train"], targets, config.batch_size, seed=config.seed,
                            read=views.epoch_reader(store, config.seed))
@@ -213,7 +214,8 @@ def train_dense(config, store, rows, callbacks, out):
     start = time.perf_counter()
     with one_line_on_damage(store):
         history = trainer.fit(train, validation_data=validation, epochs=config.epochs,
-                              callbacks=callbacks, shuffle=False,  # the dataset shuffles
+                              callbacks=callbacks, class_weight=weights,  # validation: unweighted
+                              shuffle=False,  # the dataset shuffles
                               verbose=1 if sys.stdout.isatty() else 2).history  # a line an epoch
     seconds = time.perf_counter() - start
 
@@ -229,6 +231,7 @@ def train_dense(config, store, rows, callbacks, out):
     entry.update(file_sha256=artifacts.file_sha256(out["dense"]),
                  epochs=len(history["loss"]), best_epoch=int(stop.best_epoch) + 1,  # 1-based
                  views=int(store.views),  # augmented views per training image it read
+                 class_weight=weighting,
                  seconds=seconds, history={k: [float(v) for v in history[k]] for k in
                                            ("accuracy", "val_accuracy", "loss", "val_loss")})
     notice = store.attrs.get("weights_notice", "")
@@ -236,6 +239,12 @@ def train_dense(config, store, rows, callbacks, out):
                        f"{config.dataset_name}: dense head on cached features"
                        + (f" ({notice})" if notice else ""))
     return entry
+
+
+def class_weights(config, store, rows):
+    """heads.class_weights of CLASS_WEIGHT on the training rows: (weights for the fit, record)."""
+    return heads.class_weights(config.class_weight, store.labels[rows["train"]],
+                               list(store.class_names))
 
 
 def _compiled(model, num_classes, learning_rate, xla=False):
@@ -264,7 +273,8 @@ def train_logreg(config, store, rows, memory_mb, out):
     start = time.perf_counter()
     fit = _fit_in_memory if in_memory else _fit_out_of_core
     grid = config.c_values  # one candidate per C, the one with the lowest validation loss kept
-    candidates = fit(store, rows["train"], len(store.class_names), grid, config.seed)
+    weights, weighting = class_weights(config, store, rows)
+    candidates = fit(store, rows["train"], len(store.class_names), grid, config.seed, weights)
     scores = _evaluate_pipelines(store, rows["validation"], candidates)
     best = min(range(len(grid)), key=lambda i: (scores[i]["loss"], -scores[i]["accuracy"]))
     model = candidates[best]
@@ -274,6 +284,7 @@ def train_logreg(config, store, rows, memory_mb, out):
     if len(rows["test"]):
         entry["test"] = _evaluate_pipelines(store, rows["test"], [model])[0]
     entry.update(C=grid[best], seconds=seconds, solver="lbfgs" if in_memory else "sgd",
+                 class_weight=weighting,
                  validation_by_C={str(c): s for c, s in zip(grid, scores)})
     metadata = {"class_names": list(store.class_names), "identity": store.identity,
                 "config": config.to_dict()}
@@ -282,7 +293,7 @@ def train_logreg(config, store, rows, memory_mb, out):
     return entry
 
 
-def _fit_in_memory(store, train_rows, num_classes, grid, seed):
+def _fit_in_memory(store, train_rows, num_classes, grid, seed, class_weight=None):
     # The training features are held once, standardised in place; the scaler's statistics are
     # gathered block by block, as its fit on the whole array would make a float64 copy of it.
     x = np.empty((len(train_rows), int(np.prod(store.features.shape[1:]))), np.float32)
@@ -299,15 +310,17 @@ def _fit_in_memory(store, train_rows, num_classes, grid, seed):
     for C in tqdm(grid, desc="logreg (one fit per C)", leave=False):
         with warnings.catch_warnings():  # a weakly regularised fit may stop at max_iter: fine
             warnings.simplefilter("ignore", ConvergenceWarning)
-            candidates.append(make_pipeline(scaler, heads.logistic_regression(C, seed).fit(x, y)))
+            model = heads.logistic_regression(C, seed, class_weight).fit(x, y)
+            candidates.append(make_pipeline(scaler, model))
     return candidates
 
 
-def _fit_out_of_core(store, train_rows, num_classes, grid, seed):
+def _fit_out_of_core(store, train_rows, num_classes, grid, seed, class_weight=None):
     scaler = StandardScaler()
     for _, features in store.blocks(train_rows):
         scaler.partial_fit(features.reshape(len(features), -1))
-    models = [heads.sgd_logistic_regression(C, len(train_rows), seed) for C in grid]
+    models = [heads.sgd_logistic_regression(C, len(train_rows), seed, class_weight)
+              for C in grid]
     classes = np.arange(num_classes)
     progress = tqdm(total=SGD_EPOCHS * len(train_rows), desc="logreg (SGD, out of core)",
                     unit="row", leave=False)
@@ -349,5 +362,9 @@ def _print_summary(config, result):
             parts.append(f"{name} val acc {entry['validation']['accuracy']:.3f} ({detail}, "
                          f"{entry['seconds']:.1f} s)")
     print(f"train-head {config.dataset_name}: {'; '.join(parts)} -> {result.paths['metrics']}")
+    weighting = next((entry["class_weight"] for name, entry in result.metrics["models"].items()
+                      if config.head in (name, "both")), None)
+    if weighting:
+        print(f"train-head {config.dataset_name}: {heads.describe_weighting(weighting)}")
     if result.metrics["weights_notice"]:
         warn(result.metrics["weights_notice"])

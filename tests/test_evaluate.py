@@ -45,9 +45,21 @@ def expected_probabilities(config, model, store, rows):
     return heads.class_probabilities(network.predict(batch, verbose=0))
 
 
-def test_every_model_is_scored_on_the_test_split(run):
+def test_every_model_is_scored_on_the_test_split(run, capsys):
     result = evaluate.run(run)
     report = artifacts.read_json(result.path, "")
+    # 5 train, 8 validation, 7 test images: every split is small, and says so with the classes
+    out = capsys.readouterr().out
+    assert [line.split(" split")[0] for line in report["small_sample"]] == \
+        ["the train", "the validation", "the test"]
+    for line in report["small_sample"]:
+        assert "fewer than 30 images" in line and "horizontal" in line and f"!!! {line}" in out
+    for m in report["models"].values():  # the 95% interval of each accuracy
+        low, high = m["accuracy_ci95"]
+        assert (low, high) == pytest.approx(diagnostics.wilson_interval(
+            round(m["accuracy"] * report["images"]), report["images"]))
+        assert low <= m["accuracy"] <= high and high - low > 0.3  # 7 images: wide
+        assert f"accuracy {m['accuracy']:.3f} (95% interval {low:.3f}-{high:.3f})" in out
     assert result.split == report["split"] == "test"
     assert set(report["models"]) == {"logreg", "dense", "finetuned"}
     with cache.FeatureStore(run.features_dir) as store:
@@ -184,3 +196,26 @@ def test_the_projection_reads_a_fixed_sample_that_keeps_every_mistake(run):
     assert entry["rows"] == 8 and entry["of"] == 20 and entry["marked"] == mask.sum() == 3
     assert points.shape == (8, 2) and len(entry["explained_variance"]) == 2
     np.testing.assert_array_equal(points, again)  # the same seed, the same rows and points
+
+
+def test_the_wilson_interval_stays_in_range_and_matches_known_values():
+    assert diagnostics.wilson_interval(6, 8) == pytest.approx((0.4093, 0.9285), abs=1e-4)
+    assert diagnostics.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert diagnostics.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert diagnostics.wilson_interval(0, 0) == (0.0, 1.0)
+    low, high = diagnostics.wilson_interval(780, 1000)  # many images: narrow, around 0.78
+    assert 0.75 < low < 0.78 < high < 0.81
+
+
+def test_a_split_is_small_below_30_images_of_a_class():
+    labels = [0] * 40 + [1] * 29 + [0] * 30 + [1] * 30
+    splits = ["train"] * 69 + ["test"] * 60
+    assert diagnostics.small_splits(labels, splits, ["cats", "dogs"]) == [
+        "the train split has fewer than 30 images of a class (dogs 29): its accuracy is "
+        "uncertain by several points, see the 95% interval"]
+
+
+def test_ties_are_equal_accuracies_at_the_shown_precision():
+    accuracies = {"logreg": 0.75, "dense": 0.7500001, "finetuned": 0.625}
+    assert diagnostics.tied_with(accuracies, "logreg") == ["dense"]
+    assert diagnostics.tied_with({**accuracies, "dense": 0.7494}, "logreg") == []  # 0.749

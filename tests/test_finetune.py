@@ -90,9 +90,16 @@ def test_one_epoch_on_the_demo_data_through_the_cli(tmp_path, make_config, capsy
     assert metrics["weights"] == backbone.RANDOM_FINGERPRINT
     assert metrics["class_names"] == list(demo.CLASSES)
     head_loss = registry.record(config, "dense").validation["loss"]
+    assert metrics["head_validation"]["loss"] == pytest.approx(head_loss, rel=1e-4)
     beat_the_head = metrics["history"]["val_loss"][0] < head_loss  # else the head is kept: 0
     assert (metrics["epochs"], metrics["best_epoch"], metrics["resumed_from_epoch"]) == \
         (1, int(beat_the_head), 0)
+    # the last line: both losses compared, which way it went, what was kept
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    epoch_loss = f"{metrics['history']['val_loss'][0]:.3f}"
+    assert f"{head_loss:.3f}" in last and epoch_loss in last and "epoch 1 of 1" in last
+    assert ("fell" in last and "kept epoch 1" in last) if beat_the_head else \
+        ("validation loss rose" in last or "did not fall" in last) and "kept the head" in last
     assert metrics["trainable_layers"] == ["block5_conv1", "block5_conv2", "block5_conv3"]
     assert sorted(metrics["history"]) == ["accuracy", "loss", "val_accuracy", "val_loss"]
     assert read_log(config) == [0]
@@ -106,6 +113,24 @@ def test_one_epoch_on_the_demo_data_through_the_cli(tmp_path, make_config, capsy
         np.mean((probabilities[:, 0] > 0.5) == labels), abs=1e-6)
     assert metrics["test"]["loss"] == pytest.approx(
         log_loss(labels, probabilities[:, 0], labels=[0, 1]), rel=1e-3)
+
+
+HISTORY = {"val_loss": [0.52, 0.47, 0.49], "val_accuracy": [0.6, 0.7, 0.65]}
+
+
+def test_the_last_line_says_the_loss_fell_and_which_epoch_was_kept():
+    line = resume.outcome({"loss": 0.5, "accuracy": 0.583}, HISTORY, 2, {"accuracy": 0.7})
+    assert line == ("validation loss fell from 0.500 (the head) to 0.470 (epoch 2 of 3, the "
+                    "lowest): kept epoch 2, validation accuracy 0.583 -> 0.700")
+
+
+def test_the_last_line_says_the_loss_rose_and_the_head_was_kept_whatever_the_accuracy():
+    line = resume.outcome({"loss": 0.45, "accuracy": 0.583}, HISTORY, 0, {"accuracy": 0.583})
+    assert line == ("validation loss rose: no epoch went below the head's 0.450 (the lowest, "
+                    "epoch 2 of 3: 0.470, validation accuracy 0.700 against the head's 0.583): "
+                    "kept the head, unchanged")
+    line = resume.outcome({"loss": 0.47, "accuracy": 0.6}, HISTORY, 0, {"accuracy": 0.6})
+    assert line.startswith("validation loss did not fall: no epoch went below the head's 0.470")
 
 
 def test_at_step_zero_the_composed_model_equals_the_head_on_cached_features(ready):
@@ -201,6 +226,8 @@ def test_a_killed_run_continues_at_the_next_epoch(ready):
         finetune.run(config.replace(finetune_optimizer="rmsprop"))
     with pytest.raises(UserError, match="FINETUNE_AUGMENT=1 .*FRESH=1"):  # other layers
         finetune.run(config.replace(finetune_augment=False))
+    with pytest.raises(UserError, match="CLASS_WEIGHT=(none|auto): .*FRESH=1"):  # another loss
+        finetune.run(config.replace(class_weight="balanced"))
 
     config = config.replace(finetune_epochs=1)
     fresh = Recorder()

@@ -2,6 +2,7 @@
 for every row and AUGMENT view, under a key and identity of their own; finetune trains the layers
 above the cut on them, a new view each epoch, without DATA; finetuned.keras is still the whole
 image -> probabilities model."""
+import json
 import os
 import shutil
 
@@ -185,6 +186,18 @@ def test_fine_tuning_from_the_cache_needs_no_images_and_saves_the_whole_model(re
     # and the recorded validation accuracy is the saved model's on the images
     assert result.validation["accuracy"] == pytest.approx(
         np.mean((on_images[:, 0] > 0.5) == labels), abs=1e-6)
+
+
+def test_fine_tuning_on_the_plain_activations_records_the_caches_split(prepared):
+    """A cache without views (AUGMENT=0) and FINETUNE_AUGMENT=0: nothing had read the rows'
+    hashes before the metrics asked for the split's digest; they must be read while the cache is
+    open."""
+    settings = {**SETTINGS, "augment": 0}
+    config = prepared((extract.run, train_head.run), **settings).replace(finetune_augment=False)
+    result = finetune.run(config)
+    assert result.source == "cache" and result.epochs == 1
+    with open(result.metrics_path) as f:
+        assert json.load(f)["split_digest"] == cache.split_digest(config.features_dir)
 
 
 def test_a_killed_fine_tuning_resumes_at_the_next_epoch_and_its_views(ready, monkeypatch):

@@ -16,8 +16,8 @@ from trained_run import run_config, shared_trained_run
 from pipeline import audit, cache, evaluate, extract, report, train_head
 from pipeline.config import UserError
 from pipeline.fs import artifacts, files
-from pipeline.model import backbone
-from pipeline.reporting import pictures, plots
+from pipeline.model import backbone, registry
+from pipeline.reporting import pictures, plots, sections
 
 SECTIONS = ["Models", "Learning curves", "Confusion matrices", "Most-confused class pairs",
             "ROC and precision-recall curves", "Calibration", "Misclassified images",
@@ -54,7 +54,11 @@ def test_every_section_is_present_and_every_link_resolves(run):
     evaluation = artifacts.read_json(artifacts.path(run, artifacts.EVALUATION), "")
     for model, title in report.TITLES.items():  # the models table has one row per model
         row = next(line for line in text.splitlines() if line.startswith(f"| {title} |"))
-        assert f"{evaluation['models'][model]['accuracy']:.3f}" in row
+        low, high = evaluation["models"][model]["accuracy_ci95"]
+        assert f"{evaluation['models'][model]['accuracy']:.3f} ({low:.3f}-{high:.3f})" in row
+    # the tiny run's splits hold fewer than 30 images of each class: said at the top
+    assert [line for line in text.splitlines() if line.startswith("> **Small sample:**")] == \
+        [f"> **Small sample:** {line}." for line in evaluation["small_sample"]]
     for mistakes in (m["misclassified_count"] for m in evaluation["models"].values()):
         assert (f"{mistakes} of {evaluation['images']} wrong") in text
 
@@ -324,3 +328,20 @@ def test_a_full_disk_writing_the_report_keeps_both_old_pages(run, tmp_path, monk
         report.run(config)
     assert [(os.stat(page).st_ino, open(page, "rb").read()) for page in pages] == before
     assert not [name for name in os.listdir(config.models_dir) if files.temporary_of(name)]
+
+
+@pytest.mark.parametrize("accuracies, caption", [
+    ({"logreg": 0.75, "dense": 0.75, "finetuned": 0.75},
+     "the logistic regression (tied for the most accurate with the dense head and the fine-tuned, "
+     "all at accuracy 0.750: the first of them is shown) gets wrong"),
+    ({"logreg": 0.75, "dense": 0.625, "finetuned": 0.5},
+     "the logistic regression (the most accurate model) gets wrong"),
+])
+def test_the_projection_caption_calls_a_tie_a_tie(tmp_path, accuracies, caption):
+    evaluation = registry.Evaluation(str(tmp_path / "evaluation.json"), "test", 8, ["a", "b"],
+                                     {}, "", "", {m: {"accuracy": a}
+                                                  for m, a in accuracies.items()})
+    projection = {"rows": 8, "of": 8, "marked": 2, "model": "logreg",
+                  "explained_variance": [0.5, 0.2]}
+    text = " ".join(sections.projection_section(str(tmp_path), evaluation, projection))
+    assert caption in text

@@ -156,6 +156,8 @@ class FeatureStore:
         return self._sha256
 
     def _load(self, name):
+        if not self.file:  # h5py's error for a closed file would read as damage
+            raise RuntimeError(f"{self.path} read after its FeatureStore was closed")
         try:
             with self._lock:
                 return read_index(self.file, (name,))[name]

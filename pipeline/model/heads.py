@@ -10,6 +10,11 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.class_weight import compute_class_weight
+
+from ..config import terminal_text
+
+CLASS_WEIGHT_RATIO = 1.5  # CLASS_WEIGHT=auto weighs the classes past this largest/smallest ratio
 
 
 def build_dense_head(feature_shape, num_classes, hidden_units, dropout, pool=1, name="head",
@@ -65,16 +70,58 @@ def class_probabilities(outputs):
     return outputs
 
 
-def logistic_regression(C=1.0, seed=0):
-    """The in-memory classifier of the logreg baseline (lbfgs; keeps float32 features float32)."""
-    return LogisticRegression(C=C, max_iter=1000, random_state=seed)
+def class_weights(setting, train_labels, class_names):
+    """(weights, record) for CLASS_WEIGHT=`setting` and the training rows' labels. weights:
+    {class index: weight} as Keras's fit and scikit-learn take it, or None to weigh nothing.
+    "balanced" always weighs, "none" never, "auto" when the largest class has more than
+    CLASS_WEIGHT_RATIO times the images of the smallest. A class's weight is
+    images / (classes x its images) (scikit-learn's "balanced"), so the weighted classes count
+    alike and the weights average 1 over the images. record: what the metrics keep, the
+    setting, each class's training images and weight (null when nothing was weighed)."""
+    labels = np.asarray(train_labels).astype(np.int64)
+    counts = np.bincount(labels, minlength=len(class_names))
+    present = np.flatnonzero(counts)
+    weigh = setting == "balanced" or (
+        setting == "auto" and len(present) and counts.max() > CLASS_WEIGHT_RATIO
+        * counts[present].min())
+    weights = None
+    if weigh:  # a class absent from training keeps weight 1: it has no loss to weigh
+        balanced = compute_class_weight("balanced", classes=present, y=labels)
+        weights = {int(c): 1.0 for c in range(len(class_names))}
+        weights.update({int(c): float(w) for c, w in zip(present, balanced)})
+    record = {"setting": setting,
+              "train_images": {name: int(n) for name, n in zip(class_names, counts)},
+              "weights": None if weights is None else
+              {name: weights[c] for c, name in enumerate(class_names)}}
+    return weights, record
 
 
-def sgd_logistic_regression(C, n_samples, seed=0):
+def describe_weighting(record):
+    """One line on what class_weights' `record` weighed, for the console (class names are
+    someone else's text: made inert for the terminal)."""
+    counts = ", ".join(f"{terminal_text(name)} {n}" for name, n in record["train_images"].items())
+    if record["weights"] is None:
+        why = ("CLASS_WEIGHT=none" if record["setting"] == "none" else
+               f"CLASS_WEIGHT=auto, the largest class has at most {CLASS_WEIGHT_RATIO:g}x "
+               "the images of the smallest")
+        return f"classes not weighted ({why}; training images: {counts})"
+    weights = ", ".join(f"{terminal_text(name)} {w:.3g}" for name, w in record["weights"].items())
+    return (f"classes weighted (CLASS_WEIGHT={record['setting']}; training images: {counts}; "
+            f"weights: {weights})")
+
+
+def logistic_regression(C=1.0, seed=0, class_weight=None):
+    """The in-memory classifier of the logreg baseline (lbfgs; keeps float32 features float32).
+    class_weight: {class index: weight} (class_weights), or None."""
+    return LogisticRegression(C=C, max_iter=1000, random_state=seed, class_weight=class_weight)
+
+
+def sgd_logistic_regression(C, n_samples, seed=0, class_weight=None):
     """The same model fitted out of core, one block at a time with partial_fit. SGD minimises
     mean(loss) + alpha/2 |w|^2 and LogisticRegression C * sum(loss) + 1/2 |w|^2: equal when
-    alpha = 1 / (C * n_samples), so one C grid serves both."""
-    return SGDClassifier(loss="log_loss", alpha=1.0 / (C * n_samples), random_state=seed)
+    alpha = 1 / (C * n_samples), so one C grid serves both. class_weight as above."""
+    return SGDClassifier(loss="log_loss", alpha=1.0 / (C * n_samples), random_state=seed,
+                         class_weight=class_weight)
 
 
 # The fitted arrays of a logreg pipeline, saved as .npz and read back with allow_pickle=False:

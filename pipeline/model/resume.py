@@ -24,8 +24,8 @@ MEMORY = ("wait", "best", "best_epoch")   # what EarlyStopping needs, besides it
 
 def resume_state(config, settings, augmented_before_the_setting=False):
     """The backup's state to continue from, or None to start from the head (removing the backup
-    of the earlier run). Settings a backup predates take the value they had then: RMSprop, and
-    `augmented_before_the_setting` for FINETUNE_AUGMENT."""
+    of the earlier run). Settings a backup predates take the value they had then: RMSprop,
+    `augmented_before_the_setting` for FINETUNE_AUGMENT, no class weights for CLASS_WEIGHT."""
     # a link planted at (or in) the backup would have its target read, copied over or deleted
     folder = files.no_link_folder(artifacts.path(config, artifacts.FINETUNE_BACKUP))
     state = {} if config.fresh else artifacts.json_or_empty(os.path.join(folder, STATE))
@@ -38,11 +38,13 @@ def resume_state(config, settings, augmented_before_the_setting=False):
                          "FINETUNE_OPTIMIZER": old.get("optimizer", "rmsprop"),
                          "FINETUNE_AUGMENT": int(old.get("finetune_augment",
                                                          augmented_before_the_setting)),
-                         "FINETUNE_FROM": old.get("finetune_from", "images")}
+                         "FINETUNE_FROM": old.get("finetune_from", "images"),
+                         "CLASS_WEIGHT": old.get("class_weight", "none")}
     asked = {"UNFREEZE": settings["unfreeze"], "LR": settings["lr"],
              "FINETUNE_OPTIMIZER": settings["optimizer"],
              "FINETUNE_AUGMENT": int(settings["finetune_augment"]),
-             "FINETUNE_FROM": settings["finetune_from"]}
+             "FINETUNE_FROM": settings["finetune_from"],
+             "CLASS_WEIGHT": settings["class_weight"]}
     if made_with and made_with != asked:
         # another model or optimizer: the augmentation's layers hold their random generators'
         # state, so even FINETUNE_AUGMENT changes what the backup must restore
@@ -56,6 +58,28 @@ def resume_state(config, settings, augmented_before_the_setting=False):
         return state
     shutil.rmtree(folder, ignore_errors=True)
     return None
+
+
+def outcome(head, history, best_epoch, kept):
+    """What early stopping compared and kept: the validation loss of the head (`head`, before
+    any step) and of the epoch with the lowest one (`history`: a value per epoch), which way it
+    went, and which weights finetuned.keras holds (`best_epoch`, 1-based, 0 for the head) with
+    their validation scores (`kept`). One line, for the end of a fine-tuning."""
+    losses, accuracies = history.get("val_loss", []), history.get("val_accuracy", [])
+    if not losses:
+        return "no epoch trained: kept the head, unchanged"
+    lowest = int(np.argmin(losses))
+    if best_epoch:  # early stopping's best: the lowest validation loss, below the head's
+        return (f"validation loss fell from {head['loss']:.3f} (the head) to "
+                f"{losses[best_epoch - 1]:.3f} (epoch {best_epoch} of {len(losses)}, the "
+                f"lowest): kept epoch "
+                f"{best_epoch}, validation accuracy {head['accuracy']:.3f} -> "
+                f"{kept['accuracy']:.3f}")
+    went = "rose" if losses[lowest] > head["loss"] else "did not fall"  # equal: the head kept
+    return (f"validation loss {went}: no epoch went below the head's {head['loss']:.3f} (the "
+            f"lowest, epoch {lowest + 1} of {len(losses)}: {losses[lowest]:.3f}, validation "
+            f"accuracy {accuracies[lowest]:.3f} against the head's {head['accuracy']:.3f}): "
+            "kept the head, unchanged")
 
 
 def make_callbacks(config, settings, state, started, extra=()):

@@ -1,9 +1,12 @@
 """What evaluate computes for the report beyond the scores: ROC and precision-recall curves, the
-most-confused class pairs, a 2-D projection of the cached features, and each stage's time.
+most-confused class pairs, a 2-D projection of the cached features, each stage's time, and how
+sure an accuracy is: its 95% interval and the splits too small to trust.
 
 Shared by evaluate only; it imports no stage. The figures are drawn here and returned as PNG
 bytes, for evaluate to write under hashed names (reporting/pictures.py) and name in evaluation.json.
 """
+import math
+
 import numpy as np
 from sklearn import metrics
 
@@ -13,6 +16,49 @@ CURVE_CLASSES = 10       # one-vs-rest curves drawn per figure: the classes with
 CONFUSED_PAIRS = 5       # pairs listed per model
 PROJECTION_ROWS = 2000   # rows of the cache read for the projection, at most (a fixed-seed sample)
 PROJECTION_BLOCK = 256   # rows read at a time, each block averaged over positions before keeping
+Z95 = 1.959964           # the standard normal's 97.5% quantile: two-sided 95% intervals
+SMALL_CLASS = 30         # fewer images of a class in a split than this: its figures are rough
+
+
+def wilson_interval(correct, total, z=Z95):
+    """The 95% Wilson score interval (low, high) of a proportion of `correct` out of `total`:
+    unlike p +/- z sqrt(p(1-p)/n) it stays inside [0, 1] and is not zero-wide at 0 or 1 of
+    `total`. (0, 1) when total is 0."""
+    if total <= 0:
+        return 0.0, 1.0
+    p, z2 = correct / total, z * z
+    centre = (p + z2 / (2 * total)) / (1 + z2 / total)
+    half = z / (1 + z2 / total) * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_interval(accuracy, images):
+    """wilson_interval of an accuracy measured on `images` images."""
+    return wilson_interval(round(accuracy * images), images)
+
+
+def small_splits(labels, splits, class_names, minimum=SMALL_CLASS):
+    """One warning line per split (train, validation, test: those with images) where a class has
+    fewer than `minimum` images, naming each such class and its count."""
+    lines = []
+    for split in ("train", "validation", "test"):
+        counts = np.bincount(np.asarray(labels)[np.asarray(splits) == split],
+                             minlength=len(class_names))
+        if counts.sum() == 0:
+            continue
+        few = [f"{name} {int(n)}" for name, n in zip(class_names, counts) if n < minimum]
+        if few:
+            lines.append(f"the {split} split has fewer than {minimum} images of "
+                         f"{'a class' if len(few) == 1 else 'some classes'} ({', '.join(few)}): "
+                         "its accuracy is uncertain by several points, see the 95% interval")
+    return lines
+
+
+def tied_with(accuracies, best, digits=3):
+    """The models other than `best` whose accuracy equals best's at `digits` decimals (as the
+    tables show them), in the order of `accuracies` ({model: accuracy})."""
+    shown = f"{accuracies[best]:.{digits}f}"
+    return [m for m, a in accuracies.items() if m != best and f"{a:.{digits}f}" == shown]
 
 
 def curves(probabilities, labels, class_names):

@@ -10,7 +10,7 @@ from ..config import warn
 from ..fs.escape import markdown_text as cell
 from ..model import registry
 from ..model.registry import TITLES
-from . import pictures
+from . import diagnostics, pictures
 
 
 def picture(folder, record, alt, what, fix="run `make evaluate` again"):
@@ -112,8 +112,8 @@ def projection_section(folder, evaluation, projection):
     lines += [f"The cached feature maps (averaged over positions) of {sample}, projected on "
               f"their first two principal components (PCA, {sum(variance):.0%} of the variance), "
               f"one colour per class. Circled: the {marked} {evaluation.split} images the "
-              f"{TITLES[model]} (the most accurate model) gets wrong. Classes that overlap here "
-              "are hard for a head on these features.", ""]
+              f"{TITLES[model]} ({_most_accurate(evaluation, model)}) gets wrong. Classes that "
+              "overlap here are hard for a head on these features.", ""]
     return lines + picture(folder, projection.get("png"), "PCA of the cached features",
                            "feature projection")
 
@@ -137,6 +137,20 @@ def times_section(evaluation, times):
         rate = f"{images / seconds:,.1f}" if seconds > 0 and images else "-"
         lines.append(f"| {cell(stage)} | {seconds:,.1f} | {images:,} | {rate} |")
     return lines + [""]
+
+
+def _most_accurate(evaluation, model):
+    """"the most accurate model", or the tie it is one of (diagnostics.tied_with): equal
+    accuracies at the precision the report shows."""
+    accuracies = {m: scores["accuracy"] for m, scores in _models(evaluation)}
+    if model not in accuracies:
+        return "the most accurate model"
+    tied = diagnostics.tied_with(accuracies, model)
+    if not tied:
+        return "the most accurate model"
+    others = " and the ".join(TITLES[m] for m in tied)
+    return (f"tied for the most accurate with the {others}, all at accuracy "
+            f"{accuracies[model]:.3f}: the first of them is shown")
 
 
 def _models(evaluation):
