@@ -204,8 +204,11 @@ def cut_layer(config, identity):
     there, and at UNFREEZE=0 it is the features themselves); None otherwise."""
     if config.finetune_from != "cache":
         return None
-    layer = backbone.unfreeze_cut(identity, config.unfreeze)
-    return None if layer == identity.output_layer else layer
+    entry = identity.entry
+    layer = entry.cut_of(config.unfreeze)
+    if layer is None or entry.position(layer) >= entry.position(identity.output_layer):
+        return None
+    return layer
 
 
 def _candidates(root, rows, wanted_views, augment):

@@ -141,12 +141,13 @@ def unfreeze_cut(identity, unfreeze):
     is the image). Refused in one line when UNFREEZE's stage is not below FEATURE_LAYER's, as the
     base then ends before it."""
     entry = identity.entry
-    layer = entry.cut_of(unfreeze)
-    top = identity.output_layer
-    if layer is not None and entry.position(layer) > entry.position(top):
-        raise UserError(f"UNFREEZE={unfreeze} trains layers above FEATURE_LAYER's "
-                        f"({top}), where the base ends: pass a lower UNFREEZE, or an empty "
-                        "FEATURE_LAYER (the top of the base)")
+    layer, top = entry.cut_of(unfreeze), identity.output_layer
+    if layer == entry.top.output:  # UNFREEZE=0: nothing trains, wherever the base ends
+        return top
+    if layer is not None and entry.position(layer) >= entry.position(top):
+        raise UserError(f"UNFREEZE={entry.unfreeze_stage(unfreeze)} trains layers above "
+                        f"FEATURE_LAYER's output ({top}), where the base ends: pass a lower "
+                        "UNFREEZE, or an empty FEATURE_LAYER (the top of the base)")
     return layer
 
 
@@ -174,8 +175,9 @@ def build_backbone(weights, size=None, precision="float32", entry=None):
         try:
             base.load_weights(weights.path)
         except Exception as error:
+            reason = " ".join(str(error).split())[:160]  # Keras's message spans lines
             raise UserError(f"WEIGHTS file {weights.path!r} does not fit BACKBONE={entry.name} "
-                            f"({type(error).__name__}: {str(error)[:160]}); pass a file saved "
+                            f"({type(error).__name__}: {reason}); pass a file saved "
                             f"from keras.applications.{entry.constructor}(include_top=False), "
                             "or the BACKBONE it was saved from") from None
     else:
