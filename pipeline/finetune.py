@@ -140,8 +140,7 @@ def training_source(config, store):
     identity, cut = store.feature_identity, store.cut
     layer, entry = backbone.unfreeze_cut(identity, config.unfreeze), identity.entry
     unfreeze = entry.unfreeze_stage(config.unfreeze)
-    # the cache's backbone, named when it is not the default, so the command makes this cache
-    named = f"BACKBONE={entry.name} " if entry.name != backbones.DEFAULT else ""
+    named = f"BACKBONE={entry.name} " if entry.name != backbones.DEFAULT else ""  # this cache's
     why = None
     if layer == identity.output_layer:
         why = f"UNFREEZE={unfreeze} trains no layer of the base"
@@ -202,7 +201,7 @@ def make_datasets(config, store):
 
 def cached_datasets(config, store):
     """The cut's cached activations as Keras datasets: "train" (shuffled; with FINETUNE_AUGMENT
-    each image is read as another cached view every epoch, views.epoch_reader), "validation" and
+    each image is read as another cached view every epoch, views.epoch_reader), "validation",
     "test" (plain; None when empty), and "step0": the first validation batch's activations with
     its cached features. No image is decoded and no layer below the cut runs."""
     split, targets = splits_and_targets(config, store)
@@ -246,13 +245,8 @@ def checked_image_paths(config, store):
 def build_model(config, weights, head, store, augmented=True):
     """The cache's backbone + the trained head (after the augmentation if `augmented`:
     FINETUNE_AUGMENT), compiled with UNFREEZE's layers and the head trainable. Returns (model,
-    names of the base's layers that train).
-
-    The augmentation is on by default, also for a head trained on plain features. Round 2 turned
-    it off for those (such a head scores 0.73 on augmented training images, 0.96 on plain ones),
-    from a replica in which block5 never trained; with block5 training (Adam, LR=1e-4), fine-
-    tuning on augmented images beat fine-tuning on plain ones on cats_vs_dogs (0.843 / 0.851
-    against 0.831 / 0.824, validation / test), with no epoch below the head
+    names of the base's layers that train). The augmentation is on by default, also for a head
+    trained on plain features: on cats_vs_dogs it beat plain images with VGG16's block5 training
     (bench/QUALITY_NOTES.md, section f)."""
     layers = augment.augmentation(config.seed) if augmented else None
     model, base = compose(weights, head, store.feature_identity, layers)
@@ -277,9 +271,7 @@ def build_model_on_cut(config, weights, head, store):
     # single tensor that everything above depends on, so this holds every layer that trains
     above = keras.Model(cut.output, base.output, name="above_cut")
     inputs = keras.Input(cut.output.shape[1:], name=cut.name)
-    # training=False: BatchNormalization layers that train keep their moving statistics and run
-    # in inference mode, as the Keras transfer-learning guide prescribes; in training mode the
-    # small batches' statistics would wreck what the pretrained layers learned
+    # inference mode, as in `compose` (BatchNormalization: see set_trainable)
     model = keras.Model(inputs, head(above(inputs, training=False)), name="finetune_on_cut")
     compile_for_training(model, config, store)
     return model, whole, trainable
@@ -287,9 +279,8 @@ def build_model_on_cut(config, weights, head, store):
 
 def compile_for_training(model, config, store):
     """The optimizer (make_optimizer), the loss and accuracy. XLA only under JAX, which has no
-    other way to compile: under TensorFlow on the CPU, XLA ran block5's training steps on
-    cached activations 1.8x slower (15.4 against 27.7 rows/s), as it ran extraction 12% slower
-    (backbone.feature_function); Keras's "auto" would have chosen it for that model."""
+    other way to compile: under TensorFlow on the CPU, XLA ran VGG16's block5 training steps on
+    cached activations 1.8x slower, where Keras's "auto" would have chosen it."""
     steps = math.ceil(len(store.rows("train")) / config.batch_size)
     model.compile(optimizer=make_optimizer(config, steps),
                   loss=heads.loss_for(len(store.class_names)), metrics=["accuracy"],
@@ -297,11 +288,9 @@ def compile_for_training(model, config, store):
 
 
 def make_optimizer(config, steps_per_epoch):
-    """Adam at LR=1e-4 by default, where the article used RMSprop at 1e-5. On cats_vs_dogs
-    (bench/QUALITY_NOTES.md, section e) RMSprop at 1e-5 moved block5 too little to matter in 4
-    epochs (+0.6 points), and RMSprop at 3e-5 or 1e-4 first lost 2-5 points of validation
-    accuracy in epoch 1; Adam at 1e-4 gained in every epoch up to its best (+5.4 in 3), its
-    momentum averaging the noisy per-weight steps RMSprop takes."""
+    """Adam at LR=1e-4 by default, where the article used RMSprop at 1e-5: on cats_vs_dogs
+    RMSprop moved VGG16's block5 too little at 1e-5 and lost accuracy at first above it, Adam at
+    1e-4 gained every epoch up to its best (bench/QUALITY_NOTES.md, section e)."""
     rate = warmup(config, steps_per_epoch)
     if config.finetune_optimizer == "rmsprop":
         return keras.optimizers.RMSprop(rate)
@@ -333,8 +322,8 @@ def compose(weights, head, identity, augment_layers=None):
     size = identity.image_size
     inputs = keras.Input((size, size, 3), name="image")
     images_in = augment_layers(inputs) if augment_layers is not None else inputs
-    # training=False keeps the base in inference mode even while it trains: its
-    # BatchNormalization layers use their moving statistics (see build_model_on_cut)
+    # training=False: the base in inference mode, as the Keras guide writes it (its
+    # BatchNormalization layers also stay frozen: see set_trainable)
     features = base(images_in, training=False)
     head.trainable = True
     outputs = head(features)  # the head's Dropout is active during fit, as in stage two
@@ -343,8 +332,8 @@ def compose(weights, head, identity, augment_layers=None):
 
 def set_trainable(base, unfreeze, identity):
     """Freeze every layer of `base` (the backbone of `identity`, a FeatureIdentity) up to
-    UNFREEZE's cut (backbone.unfreeze_cut): a stage name or, for a plain chain, a count of top
-    conv layers. Returns the names of the base's layers that train."""
+    UNFREEZE's cut (backbone.unfreeze_cut, a stage or, for a plain chain, a count of top conv
+    layers), and every BatchNormalization. Returns the names of the base's layers that train."""
     cut = backbone.unfreeze_cut(identity, unfreeze)
     # the layers are in topological order, and the cut is a single tensor that every layer
     # above depends on: exactly the layers after it train
@@ -353,7 +342,12 @@ def set_trainable(base, unfreeze, identity):
              else names.index(cut) + 1)
     base.trainable = True
     for at, layer in enumerate(base.layers):
-        layer.trainable = at >= first and not isinstance(layer, keras.layers.InputLayer)
+        # BatchNormalization stays frozen, which in Keras 3 also keeps it in inference mode (the
+        # Keras transfer-learning guide's rule): batch statistics of small fine-tuning batches
+        # would overwrite the moving ones the pretrained layers rely on. A call's training=False
+        # alone does not hold: the training step's training=True reaches the nested base
+        layer.trainable = at >= first and not isinstance(
+            layer, (keras.layers.InputLayer, keras.layers.BatchNormalization))
     return [layer.name for layer in base.layers if layer.trainable and layer.weights]
 
 

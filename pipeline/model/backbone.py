@@ -223,7 +223,7 @@ def feature_function(base, jit_compile=None):
     the backend's own compiler (tf.function, jax.jit; PyTorch runs eagerly) once per batch
     shape, so a batch smaller than the largest so far (a run's last one, or one with unreadable
     files taken out) is padded to it: one compilation per run, where JAX would otherwise compile
-    VGG16 again for every new size. jit_compile=None: XLA only under JAX, which has no other way
+    the base again for every new size. jit_compile=None: XLA only under JAX, which has no other way
     to compile; under TensorFlow XLA was 12% slower on the CPU (`make bench`, figure 6)."""
     if jit_compile is None:
         jit_compile = runtime.backend() == "jax"
