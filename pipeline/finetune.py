@@ -9,13 +9,12 @@ continues where it stopped; FRESH=1 starts again from the head.
 
 The layers below UNFREEZE are frozen, so they give the same output for the same input every
 epoch. With FINETUNE_FROM=cache (the default), extract has cached that output, the *cut* (the
-output of the stage below UNFREEZE's: block4_pool for vgg16's block5, data/backbones.py), for
-every image and every AUGMENT view: fine-tuning trains the
-layers above the cut and the head on those activations, reading each training image as another
-cached view every epoch, as train-head does. It decodes no image and runs no frozen layer, so it
-needs only features/<NAME>/. FINETUNE_FROM=images (or a cache without the cut) decodes and
-augments the images every epoch and runs the whole base. Either way finetuned.keras is the whole
-model, image -> probabilities.
+output of the stage below UNFREEZE's, data/backbones.py), for every image and AUGMENT view:
+fine-tuning trains the layers above the cut and the head on those activations, reading each
+training image as another cached view every epoch, as train-head does. It decodes no image and
+runs no frozen layer, so it needs only features/<NAME>/. FINETUNE_FROM=images (or a cache without
+the cut) decodes and augments the images every epoch and runs the whole base. Either way
+finetuned.keras is the whole model, image -> probabilities.
 
     -> models/<NAME>/finetuned.keras (image -> probabilities), finetune_metrics.json,
        finetune_history.png, finetune_log.csv (a row an epoch: the history, also across resumes);
@@ -245,9 +244,11 @@ def checked_image_paths(config, store):
 def build_model(config, weights, head, store, augmented=True):
     """The cache's backbone + the trained head (after the augmentation if `augmented`:
     FINETUNE_AUGMENT), compiled with UNFREEZE's layers and the head trainable. Returns (model,
-    names of the base's layers that train). The augmentation is on by default, also for a head
-    trained on plain features: on cats_vs_dogs it beat plain images with VGG16's block5 training
-    (bench/QUALITY_NOTES.md, section f)."""
+    names of the base's layers that train).
+
+    The augmentation is on by default, also for a head trained on plain features: with the top
+    block training, augmented images fine-tune better than plain ones, and no epoch falls below
+    the head (the measurements: bench/QUALITY_NOTES.md, section f)."""
     layers = augment.augmentation(config.seed) if augmented else None
     model, base = compose(weights, head, store.feature_identity, layers)
     trainable = set_trainable(base, config.unfreeze, store.feature_identity)
@@ -267,8 +268,7 @@ def build_model_on_cut(config, weights, head, store):
     if tuple(cut.output.shape[1:]) != tuple(store.shape("cut_features")):
         raise UserError(f"{store.path}'s {cut.name} activations are {store.shape('cut_features')}"
                         f", not {tuple(cut.output.shape[1:])}: {RETRAIN}")
-    # the base's layers above the cut, as one model from the cut's output: a stage output is a
-    # single tensor that everything above depends on, so this holds every layer that trains
+    # a stage output is a single tensor all layers above depend on: this holds all that trains
     above = keras.Model(cut.output, base.output, name="above_cut")
     inputs = keras.Input(cut.output.shape[1:], name=cut.name)
     # inference mode, as in `compose` (BatchNormalization: see set_trainable)
@@ -279,8 +279,9 @@ def build_model_on_cut(config, weights, head, store):
 
 def compile_for_training(model, config, store):
     """The optimizer (make_optimizer), the loss and accuracy. XLA only under JAX, which has no
-    other way to compile: under TensorFlow on the CPU, XLA ran VGG16's block5 training steps on
-    cached activations 1.8x slower, where Keras's "auto" would have chosen it."""
+    other way to compile: under TensorFlow on the CPU, XLA runs the top block's training steps
+    on cached activations slower, as it runs extraction (docs/finetune-from-cache.md), and
+    Keras's "auto" would have chosen it for that model."""
     steps = math.ceil(len(store.rows("train")) / config.batch_size)
     model.compile(optimizer=make_optimizer(config, steps),
                   loss=heads.loss_for(len(store.class_names)), metrics=["accuracy"],
@@ -288,9 +289,10 @@ def compile_for_training(model, config, store):
 
 
 def make_optimizer(config, steps_per_epoch):
-    """Adam at LR=1e-4 by default, where the article used RMSprop at 1e-5: on cats_vs_dogs
-    RMSprop moved VGG16's block5 too little at 1e-5 and lost accuracy at first above it, Adam at
-    1e-4 gained every epoch up to its best (bench/QUALITY_NOTES.md, section e)."""
+    """Adam at LR=1e-4 by default, where the article used RMSprop at 1e-5: RMSprop at 1e-5
+    moves the top block too little to matter, and at higher rates first loses accuracy, while
+    Adam's momentum averages the noisy per-weight steps RMSprop takes (bench/QUALITY_NOTES.md,
+    section e)."""
     rate = warmup(config, steps_per_epoch)
     if config.finetune_optimizer == "rmsprop":
         return keras.optimizers.RMSprop(rate)
@@ -302,10 +304,9 @@ def warmup(config, steps_per_epoch):
 
     Adaptive optimizers' first steps move every trainable weight by about LR in the sign of its
     gradient, all at once (RMSprop's, whose accumulator starts at 0, by ~LR/sqrt(1 - rho) = 3.2 x
-    LR). On cats_vs_dogs one such step flipped the head's predictions (256 validation images of
-    one class: 0.76 accuracy -> 0.04), with or without Dropout; with the warm-up the same step
-    leaves them at 0.76 (bench/QUALITY_NOTES.md). CosineDecay with alpha=1 decays nothing: it is
-    Keras's own warm-up, saved and restored with the optimizer."""
+    LR): one such step can flip a trained head's predictions, which the warm-up prevents
+    (bench/QUALITY_NOTES.md). CosineDecay with alpha=1 decays nothing: it is Keras's own
+    warm-up, saved and restored with the optimizer."""
     if not config.finetune_warmup:
         return config.lr
     return keras.optimizers.schedules.CosineDecay(
@@ -342,10 +343,9 @@ def set_trainable(base, unfreeze, identity):
              else names.index(cut) + 1)
     base.trainable = True
     for at, layer in enumerate(base.layers):
-        # BatchNormalization stays frozen, which in Keras 3 also keeps it in inference mode (the
-        # Keras transfer-learning guide's rule): batch statistics of small fine-tuning batches
-        # would overwrite the moving ones the pretrained layers rely on. A call's training=False
-        # alone does not hold: the training step's training=True reaches the nested base
+        # BatchNormalization stays frozen, which in Keras 3 keeps it in inference mode (the Keras
+        # transfer-learning guide's rule): small batches' statistics would overwrite the moving
+        # ones the pretrained layers rely on; a call's training=False alone did not hold them
         layer.trainable = at >= first and not isinstance(
             layer, (keras.layers.InputLayer, keras.layers.BatchNormalization))
     return [layer.name for layer in base.layers if layer.trainable and layer.weights]

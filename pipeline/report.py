@@ -9,7 +9,8 @@ were random, the models side by side, learning curves, confusion matrices, the m
 pairs, ROC and precision-recall curves, calibration (reliability diagram, ECE, Brier),
 misclassified images, the feature projection, the dataset, the audit's findings (`make audit`),
 the stage times and the cache identity and weights. It lays out what evaluate computed
-(sections.py); a picture is shown only when evaluation.json names it by its hash (hashed.py).
+(sections.py); a picture is shown only when evaluation.json names it by its hash
+(reporting/pictures.py).
 The same page is also written as report.html, one self-contained file to share: every picture
 inline as base64, rendered from the Markdown by markdown.page (a renderer of exactly the subset
 written here, so no text from the files becomes markup). report's own pictures are written
@@ -30,7 +31,8 @@ from .model import registry
 from .model.registry import TITLES
 from .reporting import markdown, pictures, plots, sections
 
-# the stems of report's own pictures (hashed.py), and the fixed names of earlier versions
+# the stems of report's own pictures (reporting/pictures.py), and the fixed names of earlier
+# versions
 PICTURES = {"reliability", *(f"misclassified_{model}" for model in registry.NAMES)}
 LEGACY_PICTURES = ("reliability.png", *(f"misclassified_{m}.png" for m in registry.NAMES))
 GRID_IMAGES = 25         # most confident mistakes shown per model
@@ -92,8 +94,8 @@ def _report(config):
     lines += _identity_section(attrs, notices)
 
     # report.md and report.html last, each whole or not at all: a kill before leaves the old
-    # ones, naming their own pictures (hashed.py); only then are the pictures they no longer
-    # name removed
+    # ones, naming their own pictures (reporting/pictures.py); only then are the pictures they
+    # no longer name removed
     out = artifacts.path(config, artifacts.REPORT)
     with files.replacing(out, "w") as f:
         f.write("\n".join(lines) + "\n")
