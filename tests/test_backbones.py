@@ -197,3 +197,15 @@ def test_a_batch_file_names_each_datasets_backbone(tmp_path):
     listing.write_text('data/b b "" vgg61\n')
     with pytest.raises(UserError, match="BACKBONE='vgg61' is not one of"):
         batch.jobs_of(Config(batch_file=str(listing)))
+
+
+def test_weights_named_for_a_cache_are_those_of_its_backbone(tmp_path, monkeypatch):
+    """WEIGHTS=imagenet on a later stage means the ImageNet file of the cache's backbone."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    asked = []
+    monkeypatch.setattr(keras.utils, "get_file", lambda name, *a, **k: asked.append(name) or 1 / 0)
+    attrs = {"weights": backbone.RANDOM_FINGERPRINT,
+             "backbone": backbones.get("mobilenetv3large").identity}
+    with pytest.raises(UserError, match="ImageNet MobileNetV3Large weights"):
+        backbone.weights_of_cache("imagenet", attrs)
+    assert asked == [backbones.get("mobilenetv3large").weights_file]

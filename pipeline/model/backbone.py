@@ -65,8 +65,8 @@ def weights_of_cache(spec, cache_attrs):
     Without WEIGHTS, those the cache was built with; with WEIGHTS, they must be the same weights.
     """
     recorded, where = cache_attrs["weights"], cache_attrs.get("weights_path", "")
-    if spec:
-        weights = resolve_weights(spec)
+    if spec:  # WEIGHTS=imagenet: the ImageNet file of the cache's own backbone
+        weights = resolve_weights(spec, backbones.of_identity(cache_attrs.get("backbone")))
     elif recorded == RANDOM_FINGERPRINT:
         weights = Weights(cache_attrs.get("weights_spec", "none"), "", RANDOM_FINGERPRINT,
                           notice=cache_attrs.get("weights_notice", ""))
