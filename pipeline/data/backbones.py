@@ -177,12 +177,13 @@ TABLE = {entry.name: entry for entry in (
         "convnext_tiny_notop.h5", f"{KERAS_WEIGHTS}convnext/convnext_tiny_notop.h5",
         "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1",
         "keras.convnext: inside the model (include_preprocessing)"),
-    # stages by resolution: blocks 0 | 1-2 | 3-5 | 6-11 | 12-14 and the 960-channel conv
+    # stages by resolution: blocks 0 | 1-2 | 3-5 | 6-11 | 12-14 and the 960-channel conv (its
+    # padding is computed from the input size, which the pipeline always builds it with)
     Backbone("mobilenetv3large", "MobileNetV3Large", _stages(
-        ("stage1", "expanded_conv_add", 16, "c"), ("stage2", "expanded_conv_2_add", 24, "cf"),
-        ("stage3", "expanded_conv_5_add", 40, "cff"),
-        ("stage4", "expanded_conv_11_add", 112, "cfff"),
-        ("stage5", "mobilenetv3large_output", 960, "cffff")),
+        ("stage1", "expanded_conv_add", 16, "c"), ("stage2", "expanded_conv_2_add", 24, "cc"),
+        ("stage3", "expanded_conv_5_add", 40, "ccc"),
+        ("stage4", "expanded_conv_11_add", 112, "cccc"),
+        ("stage5", "mobilenetv3large_output", 960, "ccccc")),
         "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
         f"{KERAS_WEIGHTS}mobilenet_v3/weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
         "07fb09a5933dd0c8eaafa16978110389",

@@ -95,6 +95,10 @@ class Featurizer:
         # one pass, every target: the cut's activations are on the way to the features
         model = keras.Model(base.input,
                             [backbone.layer_output(base, entry, t.layer) for t in targets])
+        for target, out in zip(targets, model.outputs):  # rows must be what the cache declares
+            if target.shape and tuple(out.shape[1:]) != tuple(target.shape):
+                raise ValueError(f"{entry.name}'s {target.layer} is {tuple(out.shape[1:])} at "
+                                 f"SIZE={identity.image_size}, not the table's {target.shape}")
         self.forward = backbone.feature_function(model)
         self.preprocess = entry.preprocess
         self.targets, self.size, self.seed = list(targets), identity.image_size, seed
