@@ -369,32 +369,32 @@ def check_composition(model, head, image_batches, features):
 
 def _write_outputs(config, store, weights, model, head_record, backup, early, trainable,
                    done, scores, history, source):
-    model_path = artifacts.path(config, artifacts.FINETUNED)
-    with files.replacing_path(model_path) as temporary:  # a kill leaves the last one whole
-        model.save(temporary)
-    epochs = len(history.get("loss", []))
+    model_path, metrics_path, plot_path = (artifacts.path(config, name) for name in (
+        artifacts.FINETUNED, artifacts.FINETUNE_METRICS, artifacts.FINETUNE_HISTORY_PLOT))
+    epochs, unfreeze = len(history.get("loss", [])), \
+        store.feature_identity.entry.unfreeze_stage(config.unfreeze)
     scores = {name: {"accuracy": float(s["accuracy"]), "loss": float(s["loss"])} if s else {}
               for name, s in scores.items()}
-    metrics = {
-        "identity": store.identity, "identity_id": backbone.identity_id(store.identity),
-        "split_digest": store.split_digest(),  # registry.record checks it
-        "class_names": list(store.class_names), "config": config.to_dict(),
-        "weights": weights.fingerprint, "weights_notice": weights.notice,
-        "versions": backbone.library_versions(),  # the backend among them
-        "unfreeze": store.feature_identity.entry.unfreeze_stage(config.unfreeze),
-        "trainable_layers": trainable, "finetune_from": source,
-        "validation": scores["validation"], "test": scores["test"], "epochs": epochs,
-        "best_epoch": int(early.best_epoch) + 1 if epochs else 0, "seconds": backup.seconds(),
-        "history": history, "resumed_from_epoch": done,
-        "file_sha256": artifacts.file_sha256(model_path),  # ties the file to these metrics
-    }
-    metrics_path = artifacts.path(config, artifacts.FINETUNE_METRICS)
-    artifacts.write_json(metrics_path, metrics)
-    plot_path = artifacts.path(config, artifacts.FINETUNE_HISTORY_PLOT)
-    plots.plot_history([("head", head_record.get("history", {})),
-                        ("fine-tune", history)], plot_path,
-                       f"{config.dataset_name}: dense head, then fine-tuning from "
-                       f"{metrics['unfreeze']}")
+    # one commit, finetune_metrics.json (naming the model by its sha256) last: a failure
+    # anywhere leaves the three old files as they were
+    with files.replacing_together([model_path, plot_path, metrics_path]) as temporary:
+        model.save(temporary[model_path])
+        metrics = {
+            "identity": store.identity, "identity_id": backbone.identity_id(store.identity),
+            "split_digest": store.split_digest(),  # registry.record checks it
+            "class_names": list(store.class_names), "config": config.to_dict(),
+            "weights": weights.fingerprint, "weights_notice": weights.notice,
+            "versions": backbone.library_versions(),  # the backend among them
+            "unfreeze": unfreeze, "trainable_layers": trainable, "finetune_from": source,
+            "validation": scores["validation"], "test": scores["test"], "epochs": epochs,
+            "best_epoch": int(early.best_epoch) + 1 if epochs else 0, "seconds": backup.seconds(),
+            "history": history, "resumed_from_epoch": done,
+            "file_sha256": artifacts.file_sha256(temporary[model_path]),  # ties file, metrics
+        }
+        plots.plot_history([("head", head_record.get("history", {})), ("fine-tune", history)],
+                           temporary[plot_path], f"{config.dataset_name}: dense head, then "
+                           f"fine-tuning from {unfreeze}")
+        artifacts.write_json(temporary[metrics_path], metrics)
     return FinetuneResult(model_path, metrics_path, plot_path, metrics["validation"],
                           metrics["test"], epochs, metrics["best_epoch"], done, trainable,
                           metrics["seconds"], source)

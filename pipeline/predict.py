@@ -19,7 +19,6 @@ Past the OUTLIER_PERCENTILE-th percentile of the validation images' distances, t
 little. The fine-tuned model reads images, not feature maps, so for it the frozen backbone runs
 once more per batch; without a cache the two columns stay empty.
 """
-import csv
 import os
 import stat
 import time
@@ -31,8 +30,9 @@ from tqdm import tqdm
 from . import cache
 from .analysis import outliers
 from .config import Config, UserError, warn
-from .data import datasets, images, labels
-from .fs import artifacts, files
+from .data import datasets, images
+from .fs import artifacts, escape, files
+from .fs.escape import terminal_text
 from .model import backbone, registry
 
 PREFERENCE = {"finetuned": 2, "dense": 1, "logreg": 0}  # breaks ties in validation accuracy
@@ -72,13 +72,12 @@ def run(config: Config) -> PredictResult:
     unlike = 0 if measure else None
     with files.replacing(out, "w", newline="", encoding="utf-8") as f, \
             files.replacing(skipped_out, "w", newline="", encoding="utf-8") as g:
-        writer, skip_writer = csv.writer(f), csv.writer(g)
         # text from a LABELS file or a file name, neutralised: people open these in spreadsheets
-        safe = labels.spreadsheet_safe
+        writer, skip_writer = escape.csv_writer(f), escape.csv_writer(g)
         writer.writerow(["path", "predicted"] + [f"p_{name}" for name in class_names]
                         + ["distance_to_training", "unlike_training"])
         skip_writer.writerow(["path", "reason"])
-        skip_writer.writerows([safe(path), reason] for path, reason in unreadable)
+        skip_writer.writerows([path, reason] for path, reason in unreadable)
         progress = tqdm(total=len(paths), desc=f"predict ({model})", unit="img", smoothing=0.1)
         decoded = images.image_batches(paths, size, config.batch_size, preprocess=preprocess)
         for (batch, reasons), first in zip(decoded, range(0, len(paths), config.batch_size)):
@@ -88,7 +87,7 @@ def run(config: Config) -> PredictResult:
             distances = iter(distances if distances is not None else [])
             for path, reason in zip(paths[first:first + len(reasons)], reasons):
                 if reason:
-                    skip_writer.writerow([safe(path), reason])
+                    skip_writer.writerow([path, reason])
                     skipped.append((path, reason))
                     continue
                 p = next(probabilities)
@@ -99,7 +98,7 @@ def run(config: Config) -> PredictResult:
                 flag = [] if distance is None else [float(distance),
                                                     int(distance > measure.threshold)]
                 unlike = unlike + flag[1] if flag else unlike
-                writer.writerow([safe(path), safe(predicted)] + [float(x) for x in p]
+                writer.writerow([path, predicted] + [float(x) for x in p]
                                 + (flag or ["", ""]))
                 if len(shown) < SHOW_ROWS:
                     shown.append((path, predicted, float(p.max())))
@@ -218,6 +217,9 @@ def _predictor(config, model, record):
 
 
 def _print_table(shown, total, counts, skipped, skipped_out):
+    """The first predictions, the counts per class and the first skipped files, for the
+    terminal: every file and class name through escape.terminal_text."""
+    shown = [(terminal_text(path), terminal_text(predicted), p) for path, predicted, p in shown]
     if shown:
         width = min(max(len(p) for p, _, _ in shown), 60)
         print(f"\n{'image':<{width}}  {'predicted':<16} probability")
@@ -226,12 +228,12 @@ def _print_table(shown, total, counts, skipped, skipped_out):
             print(f"{name:<{width}}  {predicted:<16} {probability:.3f}")
         if total > len(shown):
             print(f"... and {total - len(shown)} more")
-    print("\npredicted: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    print("\npredicted: " + ", ".join(f"{terminal_text(name)} {n}" for name, n in counts.items()))
     if skipped:
         print(f"skipped {len(skipped)} file(s) that cannot be read or decoded (all in "
               f"{skipped_out}):")
         for path, reason in skipped[:5]:
-            print(f"  {path}: {reason}")
+            print(f"  {terminal_text(path)}: {terminal_text(reason)}")
 
 
 def _or(value, default=-1.0):

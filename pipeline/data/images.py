@@ -66,6 +66,16 @@ def load_image(path, size, preprocess=DEFAULT_PREPROCESS):
     ImageRefused, before reading any pixel, for anything but a regular file and for an image over
     MAX_PIXELS once the JPEG scaling is applied.
     """
+    with decode(path, size) as img:
+        array = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.float32)
+    return preprocess(array)
+
+
+def decode(path, size):
+    """Steps 1 to 3 of load_image: `path` as an RGB PIL image, upright, decoded at no less than
+    `size` pixels a side where the format allows less (a JPEG's DCT scaling). Raises as
+    load_image does. The one decoder: load_image builds model input on it, and thumbnails for
+    display (thumbnails.py) are cut from it, so neither meets a file the other would refuse."""
     problem = not_regular_reason(path)
     if problem:
         raise ImageRefused(problem)
@@ -87,11 +97,7 @@ def load_image(path, size, preprocess=DEFAULT_PREPROCESS):
         if width * height > MAX_PIXELS:
             raise ImageRefused(f"image of {width}x{height} pixels ({width * height / 1e6:.0f} MP) "
                                f"is over the {_budget()} per image: downscale it")
-        img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
-        img = img.resize((size, size), Image.BILINEAR)
-        array = np.asarray(img, dtype=np.float32)
-    return preprocess(array)
+        return _to_rgb(ImageOps.exif_transpose(img))
 
 
 def _budget():

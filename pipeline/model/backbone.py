@@ -250,3 +250,8 @@ def library_versions():
             "keras": keras.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
             "scikit-learn": sklearn.__version__}
 
+
+
+def feature_shape(size, entry=None):
+    """The shape of one image's features at SIZE: the top of `entry` (None: the default)."""
+    return (entry or backbones.get(None)).top.shape(size)

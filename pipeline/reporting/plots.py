@@ -1,7 +1,9 @@
 """Figures written next to the models: PNG files drawn with matplotlib's Agg backend.
 
 Figures are built with `matplotlib.figure.Figure` and an Agg canvas rather than pyplot, so no
-global figure state is kept between calls and no display is ever needed.
+global figure state is kept between calls and no display is ever needed. Every figure is built,
+saved and turned into PNG bytes under escape.plain_plot_text: class and file names are drawn as
+they are, never read as mathtext or TeX.
 """
 import contextlib
 import io
@@ -13,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..fs import files
+from ..fs.escape import plain_plot_text
 
 PANELS = (("accuracy", "Accuracy"), ("loss", "Loss"))
 
@@ -21,14 +24,16 @@ PANELS = (("accuracy", "Accuracy"), ("loss", "Loss"))
 def _figure(path, size, title="", grid=(1, 1)):
     """A figure of `grid` (rows, columns) axes, yielded as (figure, the one axes or a flat array
     of them). On leaving, the title goes above the one axes, or above the whole grid, and the
-    figure is saved to `path` (None: the caller takes the picture with `png_bytes`)."""
-    fig = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(*grid, squeeze=False)
-    yield fig, (axes[0, 0] if axes.size == 1 else axes.ravel())
-    if title:
-        (axes[0, 0].set_title if axes.size == 1 else fig.suptitle)(title)
-    _save(fig, path)
+    figure is saved to `path` (None: the caller takes the picture with `png_bytes`). Its text is
+    drawn literally (escape.plain_plot_text)."""
+    with plain_plot_text():
+        fig = Figure(figsize=size, layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(*grid, squeeze=False)
+        yield fig, (axes[0, 0] if axes.size == 1 else axes.ravel())
+        if title:
+            (axes[0, 0].set_title if axes.size == 1 else fig.suptitle)(title)
+        _save(fig, path)
 
 
 def plot_history(histories, path, title=""):
@@ -81,7 +86,8 @@ def _save(fig, path):
 def png_bytes(fig):
     """The figure as PNG bytes, for pictures.write."""
     out = io.BytesIO()
-    fig.savefig(out, format="png", dpi=100)
+    with plain_plot_text():  # tick labels are made now, as the figure is drawn
+        fig.savefig(out, format="png", dpi=100)
     return out.getvalue()
 
 
