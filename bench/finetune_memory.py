@@ -53,7 +53,7 @@ def write_sparse_cache(folder):
                    for v in range(1, VIEWS + 1) for i in range(ROWS)]
     known = [index.SegmentIndex() for _ in targets]
     for target, found in zip(targets, known):
-        shape = backbone.layer_shape(target.layer, SIZE)
+        shape = target.shape
         for first in range(0, len(keys), PER_SEGMENT):
             part = keys[first:first + PER_SEGMENT]
             segment = cache.write_segment_filled(config.features_dir, target.identity_id,
@@ -75,12 +75,12 @@ def write_sparse_cache(folder):
               for v in range(1, VIEWS + 1) for i in range(ROWS)]
     view_rows = views.records(wanted, known[0])
     cut_rows = cache.Layer.of(cut["layer"], known[1], rows.sha256, views.records(wanted, known[1]),
-                              backbone.layer_shape(cut["layer"], SIZE), targets[1].dtype)
+                              targets[1].shape, targets[1].dtype)
     dataset = datasets.Dataset(root=folder, layout="folders", class_names=["c", "d"], files=[],
                                skipped=[])
     attrs = extract.cache_attributes(config, dataset, weights, identity, rows, view_rows, cut,
                                      cut_rows)
-    cache.write_master(config.features_dir, rows, attrs, backbone.feature_shape(SIZE),
+    cache.write_master(config.features_dir, rows, attrs, identity.feature_shape,
                        np.float32, {}, view_rows, cut_rows)
     return config
 

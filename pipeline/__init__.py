@@ -1,4 +1,4 @@
-"""Transfer learning for image classification on cached VGG16 features.
+"""Transfer learning for image classification on cached features of a frozen backbone.
 
 Stages (each a module with `run(config)`): extract -> train_head -> finetune -> evaluate,
 plus predict, report, batch and demo. See README.md.

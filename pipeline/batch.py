@@ -1,7 +1,7 @@
 """Every stage on many datasets, rerunning only what changed.
 
     make batch DATASETS="data/birds data/cars" [FINETUNE=0] [FORCE=1] [LABELS=labels.csv]
-    make batch BATCH_FILE=datasets.txt       # one "folder [name] [labels.csv]" per line
+    make batch BATCH_FILE=datasets.txt       # one "folder [name] [labels.csv] [backbone]" a line
 
 For each dataset: extract -> train-head -> finetune (unless FINETUNE=0) -> evaluate -> audit (the
 cache's near-duplicates, leakage and label issues: docs/audit.md). A dataset that fails is recorded
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from . import audit, cache, extract
 from .cache import settings
 from .config import RECORDED, Config, UserError
-from .data import labels
+from .data import backbones, labels
 from .fs import artifacts, files
 from .fs.escape import csv_dicts, csv_writer, markdown_text, terminal_text
 from .model import registry
@@ -45,7 +45,8 @@ TRACKED = sorted({file for kind in registry.KINDS.values() for file in (kind.fil
 STAGES = ("extract", "train_head", "finetune", "evaluate", "audit")
 AUDIT_COLUMNS = ["near_duplicates", "leakage_pairs", "label_issues", "outliers"]
 MD_ERROR_CHARS = 300                # an error longer than this is cut in the markdown table
-COLUMNS = (["dataset", "data", "settings", "status", "classes", "class_names", "images", "skipped",
+COLUMNS = (["dataset", "data", "backbone", "settings", "status", "classes", "class_names",
+            "images", "skipped",
             "missing_files", "unlabelled", "new_images"]
            + [f"{stage}_s" for stage in STAGES] + ["total_s"]
            + [f"{m}_{split}_accuracy" for m in registry.NAMES for split in ("validation", "test")]
@@ -57,6 +58,7 @@ class Job:
     data: str
     name: str
     labels: str = ""
+    backbone: str = ""  # BACKBONE for this dataset; empty: the batch's own
 
 
 @dataclass
@@ -86,7 +88,8 @@ def run(config: Config) -> BatchResult:
         print(f"\n=== batch {number}/{len(jobs)}: {job.name} ({terminal_text(job.data)})",
               flush=True)
         result.rows.append(run_one(config.replace(data=job.data, name=job.name,
-                                                  labels=job.labels)))
+                                                  labels=job.labels,
+                                                  backbone=job.backbone or config.backbone)))
         write_summary(result)  # after every dataset: an interrupted batch keeps what it did
 
     counts = {s: sum(r["status"] == s for r in result.rows) for s in ("trained", "unchanged",
@@ -101,7 +104,8 @@ def run(config: Config) -> BatchResult:
 
 
 def jobs_of(config):
-    """The datasets of DATASETS, then those of BATCH_FILE ("folder [name] [labels]" per line)."""
+    """The datasets of DATASETS, then those of BATCH_FILE ("folder [name] [labels] [backbone]"
+    per line; "" skips a field)."""
     jobs = [Job(folder, _basename(folder), config.labels) for folder in config.datasets]
     if config.batch_file:
         if not os.path.isfile(config.batch_file):
@@ -112,11 +116,15 @@ def jobs_of(config):
                 fields = shlex.split(line, comments=True)  # "quoted folder names" work
                 if not fields:
                     continue
-                if len(fields) > 3:
+                if len(fields) > 4:
                     raise UserError(f"{config.batch_file} line {number} has {len(fields)} fields: "
-                                    "write `folder [name] [labels.csv]`, quoting names with spaces")
-                folder, name, labels_csv = fields + [""] * (3 - len(fields))
-                jobs.append(Job(folder, name or _basename(folder), labels_csv or config.labels))
+                                    "write `folder [name] [labels.csv] [backbone]`, quoting names "
+                                    "with spaces (\"\" for a field left empty)")
+                folder, name, labels_csv, backbone = fields + [""] * (4 - len(fields))
+                if backbone:
+                    backbones.get(backbone)  # one line for a misspelt one, before any work
+                jobs.append(Job(folder, name or _basename(folder), labels_csv or config.labels,
+                                backbone))
     if not jobs:
         raise UserError("nothing to do: pass DATASETS=\"dirA dirB\" or BATCH_FILE=<file>")
     seen = {}
@@ -136,13 +144,13 @@ def _basename(folder):
 def run_one(config):
     """One dataset through every stage; returns its summary row, with any error in it."""
     row = dict.fromkeys(COLUMNS, "")
-    row.update(dataset=config.dataset_name, data=config.data)
+    row.update(dataset=config.dataset_name, data=config.data, backbone=config.backbone)
     start = time.perf_counter()
     try:
         ex = _timed(row, "extract", extract.run, config)
         # the dataset's settings as extract recorded them: what every later stage uses
         config = settings.resolve(config, settings.read(config.features_dir), "batch")
-        row.update(data=config.data, settings=" ".join(
+        row.update(data=config.data, backbone=config.backbone, settings=" ".join(
             f"{name.upper()}={getattr(config, name)}" for name in RECORDED if name != "data"))
         row.update(images=ex.rows, skipped=ex.skipped, new_images=ex.new, **_skip_counts(config))
         state_path = artifacts.path(config, STATE)
@@ -277,7 +285,8 @@ def write_summary(result):
         writer.writeheader()
         writer.writerows(result.rows)
 
-    header = ["dataset", "status", "classes", "images", "skipped (missing / unlabelled)", "new",
+    header = ["dataset", "backbone", "status", "classes", "images",
+              "skipped (missing / unlabelled)", "new",
               "extract s", "head s", "finetune s", "evaluate s", "audit s", "total s",
               "logreg val / test", "dense val / test", "fine-tuned val / test",
               "leakage pairs (near-duplicates)", "label issues", "error"]
@@ -286,7 +295,8 @@ def write_summary(result):
     for r in result.rows:
         classes = r["class_names"].split("; ") if r["class_names"] else []
         shown = ", ".join(classes[:4]) + (f", … (+{len(classes) - 4})" if len(classes) > 4 else "")
-        cells = [r["dataset"], r["status"], f"{r['classes']}: {shown}" if classes else "",
+        cells = [r["dataset"], r["backbone"], r["status"],
+                 f"{r['classes']}: {shown}" if classes else "",
                  r["images"], f"{r['skipped']} ({r['missing_files']} / {r['unlabelled']})"
                  if r["skipped"] != "" else "", r["new_images"]]
         cells += [_seconds(r[f"{s}_s"]) for s in STAGES] + [_seconds(r["total_s"])]

@@ -21,10 +21,12 @@ import sys
 import unicodedata
 from dataclasses import dataclass, field
 
-MIN_SIZE, MAX_SIZE = 32, 1024  # VGG16 needs 32 px for one 1x1 feature map; it was trained at 224
+MIN_SIZE, MAX_SIZE = 32, 1024  # every backbone halves the side 5 times: 32 px give a 1x1 map
 MAX_BATCH = 1024
-# SIZE x SIZE x BATCH_SIZE must leave room: VGG16's first block holds the input and two 64-channel
-# float32 maps per image at once (ACTIVATION_CHANNELS), the peak of a forward pass. Past this
+# SIZE x SIZE x BATCH_SIZE must leave room: the default backbone's first block holds the input and
+# two 64-channel
+# float32 maps per image at once (ACTIVATION_CHANNELS), the peak of a forward pass (the other
+# backbones downsample sooner, and peak lower). Past this
 # share of the machine's memory, a run would end in the kernel's out-of-memory killer, unheard.
 MEMORY_SHARE = 0.5
 ACTIVATION_CHANNELS = 3 + 64 + 64
@@ -125,6 +127,12 @@ class Config:
                                "else tensorflow")
     verbose: bool = setting(False, "1: also show the frameworks' own start-up and log lines")
     # --- the backbone and the cache's identity --------------------------------------------------
+    backbone: str = recorded("vgg16", "the frozen base, from keras.applications: vgg16 | vgg19 | "
+                                      "resnet50v2 | efficientnetv2b0 | efficientnetv2s | "
+                                      "convnexttiny | mobilenetv3large (docs/backbones.md); part "
+                                      "of the cache identity")
+    feature_layer: str = recorded("", "the stage of BACKBONE whose output the heads train on "
+                                      "(e.g. block4); empty: the top of the base")
     weights: str = recorded("imagenet", "imagenet | none | auto (demo only) | <file.h5>")
     size: int = recorded(150, "images are resized to SIZE x SIZE pixels (32 to 1024)")
     batch_size: int = setting(32, "images (or feature maps) per step")
@@ -166,8 +174,10 @@ class Config:
                                         "the largest class has over 1.5x the images of the "
                                         "smallest")
     # --- stage three: fine-tuning ----------------------------------------------------------------
-    unfreeze: str = setting("block5", "the lowest layers that train: a block (block5) or a count "
-                                      "of top convolutional layers")
+    unfreeze: str = setting("", "the lowest stage of BACKBONE that fine-tuning trains (block5 of "
+                                "vgg16, conv5 of resnet50v2...; a plain chain such as vgg16 also "
+                                "takes a count of top convolutional layers; 0: none); empty: "
+                                "its top stage")
     finetune_from: str = setting("cache", "cache: extract also caches the activations that "
                                           "fine-tuning starts from (the input of UNFREEZE's "
                                           "lowest layer, for every AUGMENT view) and finetune "
@@ -354,8 +364,8 @@ def _check_memory(size, batch):
     if needed > available:
         fits = max(1, int(available // per_image))
         raise UserError(f"SIZE={size} with BATCH_SIZE={batch} needs about "
-                        f"{needed / 2**30:.1f} GB for VGG16's activations, more than half of "
-                        "this machine's memory: use "
+                        f"{needed / 2**30:.1f} GB for the backbone's activations, more than half "
+                        "of this machine's memory: use "
                         f"BATCH_SIZE={fits} or less, or a smaller SIZE")
 
 

@@ -149,8 +149,9 @@ def _image_probabilities(config, model, store, rows, labels):
         raise UserError(f"{missing[0]} (and {len(missing) - 1} more) no longer exist: pass the "
                         "DATA folder the cache was extracted from")
     predict = registry.predictor(config, model)
-    size = store.feature_identity.image_size
-    dataset = images.labelled_dataset(paths, labels, size, config.batch_size)
+    identity = store.feature_identity
+    dataset = images.labelled_dataset(paths, labels, identity.image_size, config.batch_size,
+                                      preprocess=identity.entry.preprocess)
     return np.concatenate([predict(batch) for batch, _ in dataset])  # a changed image: one line
 
 

@@ -1,6 +1,8 @@
-"""Stage one: every image once through the frozen VGG16 base, its feature map cached by content.
+"""Stage one: every image once through the frozen base (BACKBONE), its feature map cached by
+content.
 
-    python -m pipeline extract --data DIR [--name NAME] [--weights imagenet|none|FILE] [--size 150]
+    python -m pipeline extract --data DIR [--name NAME] [--backbone vgg16] [--weights imagenet|
+                               none|FILE] [--size 150] [--feature-layer STAGE]
 
 Only images whose content (sha256) is not yet cached under the current identity are computed.
 """
@@ -18,8 +20,9 @@ from tqdm import tqdm
 from . import cache
 from .cache import index, settings, views
 from .config import Config, UserError, warn
-from .data import datasets
+from .data import backbones, datasets
 from .engines import featurize
+from .engines.featurize import CUT, FEATURES
 from .fs import artifacts
 from .model import backbone
 
@@ -82,34 +85,23 @@ def _sha256_here(paths):
 def _run(config, engine):
     start = time.perf_counter()
     dataset = datasets.discover(config.data, config.labels, config.label_columns)
-    weights = backbone.resolve_weights(config.weights)
+    entry = backbones.get(config.backbone)
+    weights = backbone.resolve_weights(config.weights, entry)
     precision = engine.resolve_precision(config.precision)
     storage = backbone.resolve_storage(config.storage)
-    identity = backbone.identity_of(weights, config.size, precision, storage)
+    identity = backbone.identity_of(weights, config.size, precision, storage, entry,
+                                    config.feature_layer)
     targets, cut = cached_layers(config, identity)
     out = config.features_dir
 
     cache.remove_strays(out)  # left by a killed run: no other run writes them now
     shas, sizes, mtimes = _hash_files(dataset, cache.previous_files(out), engine.sha256_of)
     # rows of another shape or dtype than the identity's are damage, computed again
-    known = [cache.inventory(out, target.identity_id,
-                             backbone.layer_shape(target.layer, config.size), target.dtype)
-             for target in targets]
+    known = {t.role: cache.inventory(out, t.identity_id, t.shape, t.dtype) for t in targets}
     unreadable = cache.previous_unreadable(out)
-    previous_views = cache.master_attribute(out, "augment")
-    computed = {"images": set(), "views": 0}  # what went through the backbone this run
-    # Until nothing is missing: a second round computes only the views of an image that
-    # became its class's training image because the one before it did not decode.
-    while True:
-        rows, wanted_views, jobs = _plan(config, dataset, (shas, sizes, mtimes), unreadable,
-                                         previous_views, known)
-        if not jobs:
-            break
-        newly_unreadable = engine.compute(config, weights, identity, targets, jobs, known)
-        unreadable.update(newly_unreadable)
-        for job in (job for job in jobs if job.sha256 not in newly_unreadable):
-            computed["images"].update(job.sha256 for view, _, _ in job.inputs if not view)
-            computed["views"] += sum(view > 0 for view, _, _ in job.inputs)
+    rows, wanted_views, computed = _compute_missing(
+        config, engine, dataset, (shas, sizes, mtimes), unreadable, weights, identity,
+        targets, known)
     skipped = list(dataset.skipped)
     if unreadable:
         bad = np.isin(shas, index.as_keys(list(unreadable)))
@@ -120,14 +112,13 @@ def _run(config, engine):
 
     keep = rows.sha256 if not wanted_views else np.concatenate(
         [rows.sha256, index.as_keys([v[0] for v in wanted_views])])
-    known = [cache.compact(out, target.identity_id, found.only(keep))
-             for target, found in zip(targets, known)]
-    rows.place(known[0])
-    view_rows = views.records(wanted_views, known[0])
-    cut_rows = cut and cache.Layer.of(cut["layer"], known[1], rows.sha256,
-                                      views.records(wanted_views, known[1]),
-                                      backbone.layer_shape(cut["layer"], config.size),
-                                      targets[1].dtype)
+    placed = {t.role: cache.compact(out, t.identity_id, known[t.role].only(keep))
+              for t in targets}
+    layers = {t.role: cache.Layer.of(t.layer, placed[t.role], rows.sha256,
+                                     views.records(wanted_views, placed[t.role]), t.shape,
+                                     t.dtype) for t in targets}
+    rows.place(placed[FEATURES])
+    view_rows, cut_rows = layers[FEATURES].views, layers.get(CUT)
     attrs = cache_attributes(config, dataset, weights, identity, rows, view_rows, cut,
                              cut_rows)
     # what the report's stage times read: the time and the images this run computed
@@ -166,10 +157,31 @@ def _print_summary(config, result, weights):
     at_cut = f", {result.cut} activations for finetune" if result.cut else ""
     skipped = (f", {result.skipped} skipped (see {config.features_dir}/skipped.csv)"
                if result.skipped else "")
-    print(f"extract {config.dataset_name}: {result.rows} rows, {result.new} new, {result.reused} "
-          f"reused{skipped}{augmented}{at_cut}, {result.seconds:.1f} s")
+    print(f"extract {config.dataset_name} ({config.backbone}): {result.rows} rows, {result.new} "
+          f"new, {result.reused} reused{skipped}{augmented}{at_cut}, {result.seconds:.1f} s")
     if weights.notice:
         warn(weights.notice)
+
+
+def _compute_missing(config, engine, dataset, columns, unreadable, weights, identity, targets,
+                     known):
+    """Compute what the layers' indexes `known` ({role: index}) lack, until nothing is missing:
+    a second round computes only the views of an image that became its class's training image
+    because the one before it did not decode. Returns (rows, the views they keep, what went
+    through the backbone: {"images": sha256s, "views": count}); `unreadable` grows in place."""
+    previous_views = cache.master_attribute(config.features_dir, "augment")
+    computed = {"images": set(), "views": 0}
+    while True:
+        rows, wanted_views, jobs = _plan(config, dataset, columns, unreadable, previous_views,
+                                         known)
+        if not jobs:
+            return rows, wanted_views, computed
+        newly_unreadable = engine.compute(config, weights, identity, targets, jobs,
+                                          [known[t.role] for t in targets])
+        unreadable.update(newly_unreadable)
+        for job in (job for job in jobs if job.sha256 not in newly_unreadable):
+            computed["images"].update(job.sha256 for view, _, _ in job.inputs if not view)
+            computed["views"] += sum(view > 0 for view, _, _ in job.inputs)
 
 
 def label_conflicts(rows, class_names):
@@ -201,22 +213,39 @@ def _plan(config, dataset, columns, unreadable, previous_views, known):
     if dataset.layout != "splits":
         _give_every_class_a_training_image(rows)
     # AUGMENT=K: K augmented views of each training image, keyed like images (views.py)
-    wanted_views = views.wanted(config, rows, previous_views, known[0])
+    wanted_views = views.wanted(config, rows, previous_views, known[FEATURES])
     candidates = _candidates(dataset.root, rows, wanted_views, config.augment)
-    return rows, wanted_views, featurize.plan(candidates, known)
+    return rows, wanted_views, featurize.plan(candidates, list(known.values()))
 
 
 def cached_layers(config, identity):
-    """The featurize.Targets extract keeps: the base's output, and with FINETUNE_FROM=cache the
-    cut that fine-tuning starts from (UNFREEZE's input); and the cut's description for
+    """The featurize.Targets extract keeps, by role: FEATURES, FEATURE_LAYER's output (the
+    base's by default), and with FINETUNE_FROM=cache CUT, the cut fine-tuning starts from
+    (UNFREEZE's input) when it lies below FEATURE_LAYER; and the cut's description for
     features.h5 (None without one)."""
-    targets = [featurize.Target(backbone.OUTPUT_LAYER, identity.id, identity.storage)]
-    layer = backbone.cut_layer(config.unfreeze) if config.finetune_from == "cache" else None
+    size = identity.image_size
+    targets = [featurize.Target(identity.output_layer, identity.id, identity.storage, FEATURES,
+                                identity.feature_shape)]
+    layer = cut_layer(config, identity)
     if not layer:  # FINETUNE_FROM=images, or UNFREEZE trains every layer: no activations to keep
         return targets, None
     cut_identity = identity.cut(layer, config.cut_storage)
     cut = {"layer": layer, "identity": cut_identity.as_dict(), "identity_id": cut_identity.id}
-    return targets + [featurize.Target(layer, cut["identity_id"], config.cut_storage)], cut
+    return targets + [featurize.Target(layer, cut["identity_id"], config.cut_storage, CUT,
+                                       identity.entry.layer_shape(layer, size))], cut
+
+
+def cut_layer(config, identity):
+    """The layer extract caches for FINETUNE_FROM=cache: UNFREEZE's input, if it lies below the
+    features' layer (the heads' input: with FEATURE_LAYER at it, nothing is left to fine-tune
+    there, and at UNFREEZE=0 it is the features themselves); None otherwise."""
+    if config.finetune_from != "cache":
+        return None
+    entry = identity.entry
+    layer = entry.cut_of(config.unfreeze)
+    if layer is None or entry.position(layer) >= entry.position(identity.output_layer):
+        return None
+    return layer
 
 
 def _candidates(root, rows, wanted_views, augment):
@@ -258,8 +287,8 @@ def _hash_files(dataset, previous, sha256_of):
 
 
 def _rows(dataset, fractions, shas, sizes, mtimes, good):
-    """The master's rows (index.Rows) of the files marked `good`, their places to be filled in
-    by `_place`."""
+    """The master's rows (index.Rows) of the files marked `good`, their places in the segments
+    to be filled in by Rows.place once the features are computed and compacted."""
     at = np.flatnonzero(good)
     paths = np.empty(len(at), dtype=object)
     paths[:] = [dataset.files[i].path for i in at.tolist()]

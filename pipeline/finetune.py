@@ -1,6 +1,6 @@
-"""Stage three: fine-tune the top of VGG16 together with the stage-two dense head.
+"""Stage three: fine-tune the top of the backbone together with the stage-two dense head.
 
-    python -m pipeline finetune [--name NAME] [--unfreeze block5|N] [--finetune-epochs 10]
+    python -m pipeline finetune [--name NAME] [--unfreeze STAGE|N] [--finetune-epochs 10]
                                 [--lr 1e-4] [--finetune-from cache|images] [--fresh 1]
 
 Fine-tuning starts from the trained head, never a random one: a random head sends large errors back
@@ -8,13 +8,13 @@ through the base and destroys what the base learned. Every epoch is backed up, s
 continues where it stopped; FRESH=1 starts again from the head.
 
 The layers below UNFREEZE are frozen, so they give the same output for the same input every
-epoch. With FINETUNE_FROM=cache (the default), extract has cached that output, the *cut*
-(block4_pool for UNFREEZE=block5), for every image and every AUGMENT view: fine-tuning trains the
-layers above the cut and the head on those activations, reading each training image as another
-cached view every epoch, as train-head does. It decodes no image and runs no frozen layer, so it
-needs only features/<NAME>/. FINETUNE_FROM=images (or a cache without the cut) decodes and
-augments the images every epoch and runs the whole base. Either way finetuned.keras is the whole
-model, image -> probabilities.
+epoch. With FINETUNE_FROM=cache (the default), extract has cached that output, the *cut* (the
+output of the stage below UNFREEZE's, data/backbones.py), for every image and AUGMENT view:
+fine-tuning trains the layers above the cut and the head on those activations, reading each
+training image as another cached view every epoch, as train-head does. It decodes no image and
+runs no frozen layer, so it needs only features/<NAME>/. FINETUNE_FROM=images (or a cache without
+the cut) decodes and augments the images every epoch and runs the whole base. Either way
+finetuned.keras is the whole model, image -> probabilities.
 
     -> models/<NAME>/finetuned.keras (image -> probabilities), finetune_metrics.json,
        finetune_history.png, finetune_log.csv (a row an epoch: the history, also across resumes);
@@ -33,7 +33,7 @@ from tqdm import tqdm
 from . import cache
 from .cache import batches, settings, views
 from .config import Config, UserError, warn
-from .data import augment, datasets, images
+from .data import augment, backbones, datasets, images
 from .fs import artifacts, files
 from .model import backbone, heads, registry, resume, runtime
 from .reporting import plots
@@ -89,8 +89,9 @@ def _finetune(config, start, extra_callbacks):
                 data["train"], data["validation"], data["test"], data["step0"][0])
         class_weight, weighting = heads.class_weights(
             config.class_weight, store.labels[store.rows("train")], list(store.class_names))
+        unfreeze = store.feature_identity.entry.unfreeze_stage(config.unfreeze)
         resumable = {"identity_id": backbone.identity_id(store.identity), "lr": config.lr,
-                     "optimizer": config.finetune_optimizer, "unfreeze": config.unfreeze,
+                     "optimizer": config.finetune_optimizer, "unfreeze": unfreeze,
                      "finetune_augment": config.finetune_augment, "finetune_from": source,
                      "head_sha256": head_record.file_sha256,
                      # what was weighed, not the word: auto on balanced classes weighs nothing
@@ -143,13 +144,18 @@ def training_source(config, store):
     one line that says how to cache them."""
     if config.finetune_from == "images":
         return "images"
-    layer, cut = backbone.cut_layer(config.unfreeze), store.cut
+    identity, cut = store.feature_identity, store.cut
+    layer, entry = backbone.unfreeze_cut(identity, config.unfreeze), identity.entry
+    unfreeze = entry.unfreeze_stage(config.unfreeze)
+    named = f"BACKBONE={entry.name} " if entry.name != backbones.DEFAULT else ""  # this cache's
     why = None
-    if layer is None:
-        why = f"UNFREEZE={config.unfreeze} trains every layer: its input is the image"
+    if layer == identity.output_layer:
+        why = f"UNFREEZE={unfreeze} trains no layer of the base"
+    elif layer is None:
+        why = f"UNFREEZE={unfreeze} trains every layer: its input is the image"
     elif not cut or cut["layer"] != layer:
-        why = (f"the cache holds no {layer} activations: `make extract UNFREEZE="
-               f"{config.unfreeze}` caches them")
+        why = (f"the cache holds no {layer} activations: `make extract {named}UNFREEZE="
+               f"{unfreeze}` caches them")
     elif config.finetune_augment and not store.cut_views():
         why = (f"the cache holds no augmented views of {layer}: `make extract AUGMENT=5` caches "
                "them (FINETUNE_AUGMENT=0: the plain activations)")
@@ -185,14 +191,14 @@ def splits_and_targets(config, store):
 def make_datasets(config, store):
     """Image datasets of the cache's rows: "train" (shuffled), "validation", "test"
     (None when empty), and "step0": the first validation batch with its cached features."""
-    # SIZE belongs to the cache: images must match it
-    size = store.feature_identity.image_size
+    # SIZE and the preprocessing belong to the cache: images must match them
+    size, preprocess = store.feature_identity.image_size, store.feature_identity.entry.preprocess
     paths = checked_image_paths(config, store)
     split, targets = splits_and_targets(config, store)
 
     def dataset(rows, **kwargs):
         return images.labelled_dataset(paths[rows], targets[rows], size, config.batch_size,
-                                       **kwargs) if len(rows) else None
+                                       preprocess=preprocess, **kwargs) if len(rows) else None
 
     first = split["validation"][:config.batch_size]
     return {"train": dataset(split["train"], shuffle_seed=config.seed),
@@ -202,7 +208,7 @@ def make_datasets(config, store):
 
 def cached_datasets(config, store):
     """The cut's cached activations as Keras datasets: "train" (shuffled; with FINETUNE_AUGMENT
-    each image is read as another cached view every epoch, views.epoch_reader), "validation" and
+    each image is read as another cached view every epoch, views.epoch_reader), "validation",
     "test" (plain; None when empty), and "step0": the first validation batch's activations with
     its cached features. No image is decoded and no layer below the cut runs."""
     split, targets = splits_and_targets(config, store)
@@ -253,7 +259,7 @@ def build_model(config, weights, head, store, augmented=True):
     the head (the measurements: bench/QUALITY_NOTES.md, section f)."""
     layers = augment.augmentation(config.seed) if augmented else None
     model, base = compose(weights, head, store.feature_identity, layers)
-    trainable = set_trainable(base, config.unfreeze)
+    trainable = set_trainable(base, config.unfreeze, store.feature_identity)
     # Recompile after changing `trainable`: fit uses the trainable set the model was compiled with.
     compile_for_training(model, config, store)
     return model, trainable
@@ -265,15 +271,16 @@ def build_model_on_cut(config, weights, head, store):
     below the cut included. They share every layer above the cut, so `whole` holds what `model`
     learns, and is what finetuned.keras saves."""
     whole, base = compose(weights, head, store.feature_identity)
-    trainable = set_trainable(base, config.unfreeze)
+    trainable = set_trainable(base, config.unfreeze, store.feature_identity)
     cut = base.get_layer(store.cut["layer"])
     if tuple(cut.output.shape[1:]) != tuple(store.shape("cut_features")):
         raise UserError(f"{store.path}'s {cut.name} activations are {store.shape('cut_features')}"
                         f", not {tuple(cut.output.shape[1:])}: {RETRAIN}")
-    x = inputs = keras.Input(cut.output.shape[1:], name=cut.name)
-    for layer in base.layers[base.layers.index(cut) + 1:]:
-        x = layer(x)
-    model = keras.Model(inputs, head(x), name="finetune_on_cut")
+    # a stage output is a single tensor all layers above depend on: this holds all that trains
+    above = keras.Model(cut.output, base.output, name="above_cut")
+    inputs = keras.Input(cut.output.shape[1:], name=cut.name)
+    # inference mode, as in `compose` (BatchNormalization: see set_trainable)
+    model = keras.Model(inputs, head(above(inputs, training=False)), name="finetune_on_cut")
     compile_for_training(model, config, store)
     return model, whole, trainable
 
@@ -324,22 +331,31 @@ def compose(weights, head, identity, augment_layers=None):
     size = identity.image_size
     inputs = keras.Input((size, size, 3), name="image")
     images_in = augment_layers(inputs) if augment_layers is not None else inputs
-    # training=False keeps the base in inference mode even while it trains (the keras-io recipe
-    # for bases with BatchNormalization; VGG16 has none, so it changes nothing but is safe).
+    # training=False: the base in inference mode, as the Keras guide writes it (its
+    # BatchNormalization layers also stay frozen: see set_trainable)
     features = base(images_in, training=False)
     head.trainable = True
     outputs = head(features)  # the head's Dropout is active during fit, as in stage two
     return keras.Model(inputs, outputs, name="finetuned"), base
 
 
-def set_trainable(base, unfreeze):
-    """Freeze every layer below UNFREEZE: a block name ("block5") or a count of top conv layers
-    (backbone.first_trainable). Returns the names of the base's layers that train."""
-    first = backbone.first_trainable(unfreeze)
+def set_trainable(base, unfreeze, identity):
+    """Freeze every layer of `base` (the backbone of `identity`, a FeatureIdentity) up to
+    UNFREEZE's cut (backbone.unfreeze_cut, a stage or, for a plain chain, a count of top conv
+    layers), and every BatchNormalization. Returns the names of the base's layers that train."""
+    cut = backbone.unfreeze_cut(identity, unfreeze)
+    # the layers are in topological order, and the cut is a single tensor that every layer
+    # above depends on: exactly the layers after it train
+    names = [layer.name for layer in base.layers]
+    first = (0 if cut is None else len(names) if cut == identity.output_layer
+             else names.index(cut) + 1)
     base.trainable = True
-    for layer in base.layers:
-        layer.trainable = (layer.name in backbone.LAYERS
-                           and backbone.LAYERS.index(layer.name) >= first)
+    for at, layer in enumerate(base.layers):
+        # BatchNormalization stays frozen, which in Keras 3 keeps it in inference mode (the Keras
+        # transfer-learning guide's rule): small batches' statistics would overwrite the moving
+        # ones the pretrained layers rely on; a call's training=False alone did not hold them
+        layer.trainable = at >= first and not isinstance(
+            layer, (keras.layers.InputLayer, keras.layers.BatchNormalization))
     return [layer.name for layer in base.layers if layer.trainable and layer.weights]
 
 
@@ -363,7 +379,8 @@ def _write_outputs(config, store, weights, model, head_record, backup, early, tr
                    done, scores, history, source, records):
     model_path, metrics_path, plot_path = (artifacts.path(config, name) for name in (
         artifacts.FINETUNED, artifacts.FINETUNE_METRICS, artifacts.FINETUNE_HISTORY_PLOT))
-    epochs = len(history.get("loss", []))
+    epochs, unfreeze = len(history.get("loss", [])), \
+        store.feature_identity.entry.unfreeze_stage(config.unfreeze)
     scores = {name: {"accuracy": float(s["accuracy"]), "loss": float(s["loss"])} if s else {}
               for name, s in scores.items()}
     # one commit, finetune_metrics.json (naming the model by its sha256) last: a failure
@@ -376,7 +393,7 @@ def _write_outputs(config, store, weights, model, head_record, backup, early, tr
             "class_names": list(store.class_names), "config": config.to_dict(),
             "weights": weights.fingerprint, "weights_notice": weights.notice,
             "versions": backbone.library_versions(),  # the backend among them
-            "unfreeze": config.unfreeze, "trainable_layers": trainable, "finetune_from": source,
+            "unfreeze": unfreeze, "trainable_layers": trainable, "finetune_from": source,
             "validation": scores["validation"], "test": scores["test"], "epochs": epochs,
             "best_epoch": int(early.best_epoch) + 1 if epochs else 0, "seconds": backup.seconds(),
             "history": history, "resumed_from_epoch": done,
@@ -385,7 +402,7 @@ def _write_outputs(config, store, weights, model, head_record, backup, early, tr
         }
         plots.plot_history([("head", head_record.get("history", {})), ("fine-tune", history)],
                            temporary[plot_path], f"{config.dataset_name}: dense head, then "
-                           f"fine-tuning from {config.unfreeze}")
+                           f"fine-tuning from {unfreeze}")
         artifacts.write_json(temporary[metrics_path], metrics)
     return FinetuneResult(model_path, metrics_path, plot_path, metrics["validation"],
                           metrics["test"], epochs, metrics["best_epoch"], done, trainable,

@@ -63,6 +63,8 @@ def _predict(config):
     record = records[model]
     paths, ignored, unreadable = find_images(config.images)
     predict_batch, size, measure = _predictor(config, model, record)
+    # the backbone the model was trained on decides how its images are preprocessed
+    preprocess = backbone.FeatureIdentity.read(record.identity).entry.preprocess
     class_names = record.class_names
     print(f"predict {config.dataset_name}: {len(paths)} images with the {model} model "
           f"(validation accuracy {_fmt(record.validation.get('accuracy'))})"
@@ -83,8 +85,8 @@ def _predict(config):
         skip_writer.writerow(["path", "reason"])
         skip_writer.writerows([path, reason] for path, reason in unreadable)
         progress = tqdm(total=len(paths), desc=f"predict ({model})", unit="img", smoothing=0.1)
-        for (batch, reasons), first in zip(images.image_batches(paths, size, config.batch_size),
-                                           range(0, len(paths), config.batch_size)):
+        decoded = images.image_batches(paths, size, config.batch_size, preprocess=preprocess)
+        for (batch, reasons), first in zip(decoded, range(0, len(paths), config.batch_size)):
             ok = np.array([not r for r in reasons])
             probabilities, distances = predict_batch(batch[ok]) if ok.any() else ([], None)
             probabilities = iter(probabilities)

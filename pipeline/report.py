@@ -68,6 +68,7 @@ def _report(config):
                             "`make evaluate` again")
         trained, _ = registry.usable(config, store)
         attrs, labels, splits = store.attrs, store.labels, store.splits
+        store_identity = store.feature_identity
     notices = sorted({n for n in [attrs.get("weights_notice"), evaluation.weights_notice]
                       + [r.weights_notice for r in trained.values()] if n})
 
@@ -77,7 +78,7 @@ def _report(config):
                   "(WEIGHTS=auto fell back to random initialisation); the figures below only "
                   "show that the pipeline runs.", ""]
     lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {_code(config.models_dir)} and "
-              f"{_code(config.features_dir)}.", ""]
+              f"{_code(config.features_dir)}. Backbone: {_backbone_named(store_identity)}.", ""]
     small = diagnostics.small_splits(labels, splits, attrs["class_names"])
     lines += [line for warning in small for line in (f"> **Small sample:** {_cell(warning)}.", "")]
     folder, drawn = config.models_dir, []  # drawn: the pictures this report names
@@ -362,6 +363,14 @@ def _dataset_section(config, attrs, labels, splits):
     else:
         lines.append("Every file found was used.")
     return lines + [""]
+
+
+def _backbone_named(identity):
+    """BACKBONE=name, and FEATURE_LAYER's stage when the heads read one below the top."""
+    entry = identity.entry
+    stage = entry.layer(identity.output_layer)
+    below = f", features of its stage {stage.name}" if stage != entry.top else ""
+    return f"{_code(entry.name)} ({_cell(entry.identity)}){below}"
 
 
 def _identity_section(attrs, notices):

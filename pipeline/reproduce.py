@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from .config import Config, UserError, warn
-from .data import datasets
+from .data import backbones, datasets
 from .fs import artifacts, files
 from .model import backbone, registry
 
@@ -36,8 +36,10 @@ FOLDER = "cats_and_dogs_filtered"
 EXPECTED = {"train": {"cats": 1000, "dogs": 1000}, "validation": {"cats": 500, "dogs": 500}}
 # The article's settings. Fine-tuning: 20 epochs of RMSprop at LR=1e-5 (the article ran longer;
 # with a learning rate this low and early stopping restoring the best epoch, 20 is where it levels
-# off). The pipeline's own default is Adam at 1e-4 (bench/QUALITY_NOTES.md, section e).
-SETTINGS = dict(size=150, batch_size=20, epochs=30, head="both", unfreeze="block5",
+# off). The pipeline's own default is Adam at 1e-4 (bench/QUALITY_NOTES.md, section e). The
+# article's base, whatever BACKBONE says.
+SETTINGS = dict(backbone="vgg16", size=150, batch_size=20, epochs=30, head="both",
+                unfreeze="block5",
                 finetune_optimizer="rmsprop", lr=1e-5, finetune_epochs=20)
 ARTICLE = {"dense": 0.95, "finetuned": 0.97}   # "about 95%" and "about 97%" validation accuracy
 RESULTS = "reproduce.json"
@@ -72,9 +74,11 @@ def run(config: Config, *, url=URL, downloads=DOWNLOADS, data_parent=DATA_PARENT
             unpack(zip_path, data_parent)
     verify(folder, expected)
     weights = config.weights or "imagenet"
-    backbone.resolve_weights(weights)  # step 2 before hours of work: offline, it fails right here
+    # step 2 before hours of work: offline, it fails right here
+    backbone.resolve_weights(weights, backbones.get(SETTINGS["backbone"]))
     settings = config.replace(data=folder, name=config.name or FOLDER, weights=weights,
-                              **(SETTINGS if settings is None else settings))
+                              **{**(SETTINGS if settings is None else settings),
+                                 "backbone": SETTINGS["backbone"]})
     from . import evaluate, extract, finetune, report, train_head  # the stages, in order
     for stage in (extract, train_head, finetune, evaluate, report):
         print(f"\n=== reproduce: {stage.__name__.rsplit('.', 1)[-1]} ===", flush=True)

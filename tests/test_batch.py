@@ -61,7 +61,7 @@ def test_jobs_from_datasets_and_a_batch_file(tmp_path, make_config):
     ((), None, "nothing to do"),
     (("a/data", "b/data"), None, "two datasets are named 'data'"),
     ((), "a x\nb x\n", "two datasets are named 'x'"),
-    ((), "a b c d\n", "line 1 has 4 fields"),
+    ((), "a b c vgg16 e\n", "line 1 has 5 fields"),
     ((), "a ../up\n", "is not a dataset name"),
 ])
 def test_unusable_dataset_lists(tmp_path, make_config, datasets, lines, message):
@@ -102,7 +102,7 @@ def test_two_datasets_then_reruns_cost_only_what_changed(tmp_path, make_config):
         assert row["finetuned_validation_accuracy"] == "" and row["finetune_s"] == ""
         assert float(row["extract_s"]) > 0 and float(row["train_head_s"]) > 0
     markdown = open(result.md_path).read()
-    assert "| first | trained | 2: horizontal, vertical | 12 |" in markdown
+    assert "| first | vgg16 | trained | 2: horizontal, vertical | 12 |" in markdown
 
     # Add two images to the first dataset only: it extracts those two and retrains; the
     # second is skipped entirely, its models untouched.
@@ -152,7 +152,7 @@ def test_a_failing_dataset_does_not_stop_the_others(tmp_path, capsys):
         stage_accuracies(good_config, ("logreg", "dense"))
     assert rows["good"]["error"] == ""
     markdown = (out / "models" / batch.SUMMARY_MD).read_text()
-    assert "| missing | failed |" in markdown and "1 class folder" in markdown
+    assert "| missing | vgg16 | failed |" in markdown and "1 class folder" in markdown
 
 
 def test_csv_labels_and_fine_tuning_in_a_batch(tmp_path, make_config):

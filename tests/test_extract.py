@@ -38,10 +38,12 @@ def test_cache_shapes_and_attributes(image_folder, make_config):
         assert all(len(h) == 64 for h in f["sha256"].asstr()[:])
         assert f["path"].asstr()[0].startswith(("horizontal/", "vertical/"))
         assert f.attrs["class_names"] == '["horizontal", "vertical"]'
-        assert f.attrs["backbone"] == backbone.BACKBONE_ID
+        # the default backbone's identity, byte for byte as before BACKBONE: old caches stay valid
+        assert f.attrs["backbone"] == "keras.applications.VGG16(include_top=False)"
         assert f.attrs["weights"] == backbone.RANDOM_FINGERPRINT
         assert f.attrs["image_size"] == 32
-        assert f.attrs["preprocess"] == images.PREPROCESS_ID
+        assert f.attrs["preprocess"] == ("pil:draft+exif+rgb(white-bg,16bit/257)+bilinear"
+                                         "|keras.vgg16.preprocess_input(caffe)|v1")
         versions = json.loads(f.attrs["versions"])
         assert versions["backend"] == runtime.backend() and runtime.backend() in versions
         assert "keras" in versions and "h5py" in versions

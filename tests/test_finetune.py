@@ -186,17 +186,20 @@ def test_only_block5_and_the_head_change(ready):
     ("0", []),
 ])
 def test_unfreeze_by_block_name_or_conv_count(unfreeze, trainable):
-    base = backbone.build_backbone(backbone.resolve_weights("none"), 32)
-    assert finetune.set_trainable(base, unfreeze) == trainable
+    weights = backbone.resolve_weights("none")
+    base = backbone.build_backbone(weights, 32)
+    identity = backbone.identity_of(weights, 32)
+    assert finetune.set_trainable(base, unfreeze, identity) == trainable
     assert [w.path.split("/")[0] for w in base.trainable_weights] == \
         [name for name in trainable for _ in ("kernel", "bias")]
 
 
 @pytest.mark.parametrize("unfreeze", ["block6", "14", "top", "-1"])
 def test_a_bad_unfreeze_is_refused(unfreeze):
-    base = backbone.build_backbone(backbone.resolve_weights("none"), 32)
+    weights = backbone.resolve_weights("none")
+    base = backbone.build_backbone(weights, 32)
     with pytest.raises(UserError, match="UNFREEZE=.*block5"):
-        finetune.set_trainable(base, unfreeze)
+        finetune.set_trainable(base, unfreeze, backbone.identity_of(weights, 32))
 
 
 def test_a_killed_run_continues_at_the_next_epoch(ready):

@@ -14,7 +14,7 @@ from helpers import make_image_folder
 
 from pipeline import cache, extract, finetune, train_head
 from pipeline.cache import FeatureStore, views
-from pipeline.data import augment, images
+from pipeline.data import augment, backbones, images
 from pipeline.model import backbone
 
 SETTINGS = dict(split="50/25/25", epochs=2, augment=2)  # 12 images: ~6 train, 3 val, 3 test
@@ -36,16 +36,18 @@ def segments_of(config, identity_id):
 # --------------------------------------------------------------------------------------------
 
 def test_vgg16s_layers_and_shapes_are_known_without_building_it():
+    entry = backbones.get("vgg16")
     base = backbone.build_backbone(backbone.resolve_weights("none"), 48)
-    assert [layer.name for layer in base.layers[1:]] == list(backbone.LAYERS)
+    assert [layer.name for layer in base.layers[1:]] == [stage.output for stage in entry.chain]
     for layer in base.layers[1:]:
-        assert backbone.layer_shape(layer.name, 48) == tuple(layer.output.shape[1:])
+        assert entry.layer_shape(layer.name, 48) == tuple(layer.output.shape[1:])
 
 
 @pytest.mark.parametrize("unfreeze, cut", [("block5", "block4_pool"), ("block4", "block3_pool"),
-                                           ("2", "block5_conv1"), ("13", None)])
+                                           ("2", "block5_conv1"), ("13", None),
+                                           ("", "block4_pool")])
 def test_the_cut_is_the_input_of_the_lowest_trainable_layer(unfreeze, cut):
-    assert backbone.cut_layer(unfreeze) == cut
+    assert backbones.get("vgg16").cut_of(unfreeze) == cut
 
 
 def test_the_cut_is_in_the_key_and_a_new_cut_computes_only_itself(ready):
@@ -118,7 +120,7 @@ def test_an_image_is_decoded_once_for_its_row_its_views_and_every_layer(tmp_path
     decoded = []
     original = images.try_load_image
     monkeypatch.setattr(images, "try_load_image",
-                        lambda path, size: decoded.append(path) or original(path, size))
+                        lambda path, *args: decoded.append(path) or original(path, *args))
     config = make_config(make_image_folder(tmp_path / "data", per_class=6), **SETTINGS)
     result = extract.run(config)
     with FeatureStore(config.features_dir) as store:

@@ -8,7 +8,7 @@ from keras.applications import vgg16
 from PIL import Image
 
 from pipeline.config import UserError
-from pipeline.data import datasets, images
+from pipeline.data import backbones, datasets, images
 
 
 def save(img, path, **kwargs):
@@ -145,23 +145,37 @@ def test_discover_refuses_an_empty_class_and_a_missing_folder(tmp_path):
         datasets.discover(str(tmp_path / "nowhere"))
 
 
-# The loader's output on two committed files, per PREPROCESS_ID. PREPROCESS_ID is part of the
-# cache identity: if load_image changes what it returns, features cached before the change must
-# not be reused, so an edit that changes these numbers must also change PREPROCESS_ID (and add
-# its fingerprints here). golden.jpg carries EXIF orientation 6; golden.png has an alpha channel.
+# The loader's output on two committed files, per preprocess id (images.preprocess_id of each
+# backbone). It is part of the cache identity: if load_image changes what it returns, features
+# cached before the change must not be reused, so an edit that changes these numbers must also
+# change the id (and add its fingerprints here). golden.jpg carries EXIF orientation 6;
+# golden.png has an alpha channel. The bases that preprocess inside the model get the pixels.
+DECODED = "pil:draft+exif+rgb(white-bg,16bit/257)+bilinear|"
+PIXELS = {"golden.jpg": "22d83b68807579a3a9cac8abb100bf6932f6c196436a8e1fd2d9f110db6dd3a4",
+          "golden.png": "549a6bac821a230cc59780caab91289444062b683d6a510cb4ca9e8f2c68d061"}
+CAFFE = {"golden.jpg": "052e084a100f752d64274eff1156a610b23769274d1e50ebd70f0113716fb8f1",
+         "golden.png": "5a507523eabd53a1e6dcea2c5cb940f2637ec4e8a083aeabcb1112c7e8aefdc7"}
 GOLDEN = {
-    "pil:draft+exif+rgb(white-bg,16bit/257)+bilinear|keras.vgg16.preprocess_input(caffe)|v1": {
-        "golden.jpg": "052e084a100f752d64274eff1156a610b23769274d1e50ebd70f0113716fb8f1",
-        "golden.png": "5a507523eabd53a1e6dcea2c5cb940f2637ec4e8a083aeabcb1112c7e8aefdc7",
-    },
+    DECODED + "keras.vgg16.preprocess_input(caffe)|v1": CAFFE,
+    DECODED + "keras.vgg19.preprocess_input(caffe)|v1": CAFFE,
+    DECODED + "keras.resnet_v2.preprocess_input(tf)|v1": {
+        "golden.jpg": "5dd76bf769a783603cc8fd8b8f048302e1d17129602e6c638065f8e2461b6430",
+        "golden.png": "b0a3ab76e23b78a62b4cddc22f918ad629b534aad60084c395bf97139a1feb25"},
+    DECODED + "keras.efficientnet_v2: inside the model (include_preprocessing)|v1": PIXELS,
+    DECODED + "keras.convnext: inside the model (include_preprocessing)|v1": PIXELS,
+    DECODED + "keras.mobilenet_v3: inside the model (include_preprocessing)|v1": PIXELS,
 }
 
 
+@pytest.mark.parametrize("backbone", list(backbones.TABLE))
 @pytest.mark.parametrize("name", ["golden.jpg", "golden.png"])
-def test_the_loader_output_is_pinned_to_its_preprocess_id(name):
-    assert images.PREPROCESS_ID in GOLDEN, "a new PREPROCESS_ID: record its fingerprints here"
-    array = images.load_image(os.path.join(os.path.dirname(__file__), "data", name), 32)
+def test_the_loader_output_is_pinned_to_its_preprocess_id(name, backbone):
+    entry = backbones.get(backbone)
+    preprocess = images.preprocess_id(entry)
+    assert preprocess in GOLDEN, "a new preprocess id: record its fingerprints here"
+    array = images.load_image(os.path.join(os.path.dirname(__file__), "data", name), 32,
+                              entry.preprocess)
     digest = hashlib.sha256(np.round(array, 3).tobytes()).hexdigest()
-    assert digest == GOLDEN[images.PREPROCESS_ID][name], (
-        "load_image returns other numbers than PREPROCESS_ID stands for: change PREPROCESS_ID "
+    assert digest == GOLDEN[preprocess][name], (
+        "load_image returns other numbers than its preprocess id stands for: change the id "
         "(caches of the old one must not be reused) and record the new fingerprints")

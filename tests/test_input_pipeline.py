@@ -38,10 +38,10 @@ def test_decoding_runs_at_most_two_batches_ahead(paths, monkeypatch):
     started, lock = [0], threading.Lock()
     load = images.try_load_image
 
-    def counted(path, size):
+    def counted(path, *args):
         with lock:
             started[0] += 1
-        return load(path, size)
+        return load(path, *args)
     monkeypatch.setattr(images, "try_load_image", counted)
     consumed = 0
     for x, _ in images.image_batches(paths * 4, 32, batch_size=2, threads=2):

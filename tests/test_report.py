@@ -107,8 +107,8 @@ def test_report_needs_a_fresh_evaluation(run, tmp_path):
 
 
 def test_random_weights_notice_is_loud_and_skipped_files_are_listed(tmp_path, monkeypatch):
-    def offline():
-        raise UserError("could not download the ImageNet VGG16 weights (offline)")
+    def offline(entry):
+        raise UserError(f"could not download the ImageNet {entry.constructor} weights (offline)")
     monkeypatch.setattr(backbone, "_imagenet_file", offline)
     config = run_config(str(tmp_path), weights="auto", head="logreg")
     make_image_folder(config.data, per_class=8)

@@ -5,7 +5,8 @@ A cache reuses a row only when every field of its identity is equal: the backbon
 fingerprint, the image size, the preprocessing, the precision it was computed in, the storage it
 is kept in, and the layer cached (None: the base's output, the features). `identity_id` names the
 folder of a cache's segments after a hash of that record, so rows of other identities never mix.
-This module imports no Keras: the cache reads identities with it, and `backbone` makes them.
+The backbone is named as data/backbones.py's table names it; this module builds no model: the
+cache reads identities with it, and model/backbone.py makes them.
 """
 import hashlib
 import json
@@ -14,13 +15,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..config import MAX_SIZE, MIN_SIZE, UserError
+from ..data import backbones
 
-BACKBONE_ID = "keras.applications.VGG16(include_top=False)"
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}  # STORAGE: how features are kept
-# VGG16's layers above its input, bottom to top: UNFREEZE and the cached cut are named in them.
-LAYERS = tuple(f"block{b}_{kind}" for b, convs in enumerate((2, 2, 3, 3, 3), 1)
-               for kind in [f"conv{i}" for i in range(1, convs + 1)] + ["pool"])
-OUTPUT_LAYER = LAYERS[-1]  # the base's output: the features every head reads
 
 
 def identity_problem(identity):
@@ -64,7 +61,7 @@ class FeatureIdentity:
                 problem = f"its identity's storage is {raw['storage']!r:.40}"
             elif raw.get("storage") == "float32":
                 problem = "its identity records storage float32, which none ever did"
-            elif "layer" in raw and raw["layer"] not in LAYERS:
+            elif "layer" in raw and not _is_stage_output(raw["backbone"], raw["layer"]):
                 problem = f"its identity's layer is {raw['layer']!r:.40}"
         if problem:
             raise UserError(f"not a feature identity of this pipeline: {problem}")
@@ -96,9 +93,23 @@ class FeatureIdentity:
         return STORAGE_DTYPES[self.storage]
 
     @property
+    def entry(self):
+        """Its backbone's entry in data/backbones.py's table; one line for one we do not know."""
+        entry = backbones.of_identity(self.backbone)
+        if entry is None:
+            raise UserError(f"features made by {self.backbone!r:.60}, a backbone this pipeline "
+                            f"does not know (BACKBONE= {', '.join(backbones.TABLE)})")
+        return entry
+
+    @property
+    def output_layer(self):
+        """The layer whose output the rows are: a cut or FEATURE_LAYER's stage, else the top."""
+        return self.layer or self.entry.top.output
+
+    @property
     def feature_shape(self):
         """The shape of one image's row: the features, or the cut layer's activations."""
-        return layer_shape(self.layer or OUTPUT_LAYER, self.image_size)
+        return self.entry.layer_shape(self.output_layer, self.image_size)
 
     def cut(self, layer, storage):
         """The identity of the activations of `layer` by the same backbone, kept in `storage`."""
@@ -109,11 +120,10 @@ def identity_id(identity):
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def layer_shape(layer, size):
-    """The shape of one image's output of VGG16's `layer` at SIZE: each block's convolutions
-    keep the side, its pooling halves it (rounding down)."""
-    block, kind = int(layer[len("block")]), layer.split("_")[1]
-    side = size
-    for _ in range(block if kind == "pool" else block - 1):
-        side //= 2
-    return (side, side, (64, 128, 256, 512, 512)[block - 1])
+def _is_stage_output(backbone_id, layer):
+    """A recorded layer must be a stage output of its backbone (any string of one we do not
+    know: such an identity is refused where its backbone is needed, FeatureIdentity.entry)."""
+    entry = backbones.of_identity(backbone_id)
+    if entry is None:
+        return isinstance(layer, str)
+    return isinstance(layer, str) and entry.layer(layer) is not None

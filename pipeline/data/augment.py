@@ -23,10 +23,11 @@ SEED_SCHEME = "sha256(seed:image sha256:view:layer)[:4] per image and layer, v1"
 def augmentation(seed):
     """The article's augmentations: flips, rotations, zooms and shifts.
 
-    They run on images that are already VGG16-preprocessed (BGR, ImageNet mean subtracted). The
-    "reflect" fill (Keras's default, written out here) fills uncovered corners with mirrored real
-    pixels, so no value appears that the preprocessing could not have produced; a "constant" fill
-    would have to be 0 here, which now means the ImageNet mean colour, not black."""
+    They run on images the loader has already preprocessed for the backbone (for VGG16: BGR,
+    ImageNet mean subtracted). The "reflect" fill (Keras's default, written out here) fills
+    uncovered corners with mirrored real pixels, so no value appears that the preprocessing could
+    not have produced, whichever it is; a "constant" fill of 0 would mean a different colour for
+    each backbone (VGG16's ImageNet mean, another's black)."""
     return keras.Sequential([
         keras.layers.RandomFlip("horizontal", seed=seed),
         keras.layers.RandomRotation(0.1, fill_mode="reflect", seed=seed + 1),

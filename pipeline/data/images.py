@@ -12,15 +12,20 @@ from contextlib import contextmanager
 
 import keras
 import numpy as np
-from keras.applications import vgg16
 from PIL import Image, ImageOps
 
 from ..config import UserError
+from . import backbones
 from .datasets import not_regular_reason
 
-# Part of the cache identity: change it whenever load_image would produce different numbers.
-PREPROCESS_ID = ("pil:draft+exif+rgb(white-bg,16bit/257)+bilinear"
-                 "|keras.vgg16.preprocess_input(caffe)|v1")
+# Part of the cache identity: change it whenever load_image would decode to different numbers.
+DECODE_ID = "pil:draft+exif+rgb(white-bg,16bit/257)+bilinear"
+DEFAULT_PREPROCESS = backbones.get(backbones.DEFAULT).preprocess
+
+
+def preprocess_id(entry):
+    """The identity's `preprocess` for a backbones.Backbone: the decoding, then its own step."""
+    return f"{DECODE_ID}|{entry.preprocess_id}|v1"
 
 # The most pixels load_image decodes for one image (after a JPEG's DCT scaling, see load_image):
 # 8192 x 8192. Photos fit: 60-megapixel cameras exist (9504 x 6336 = 60.2 MP), and their JPEGs are
@@ -45,8 +50,9 @@ class ImageRefused(ValueError):
 # The one loader
 # --------------------------------------------------------------------------------------------
 
-def load_image(path, size):
-    """Decode `path` and return a (size, size, 3) float32 array ready for VGG16.
+def load_image(path, size, preprocess=DEFAULT_PREPROCESS):
+    """Decode `path` and return a (size, size, 3) float32 array ready for the backbone whose
+    `preprocess` (a backbones.Backbone's) is given.
 
     1. decode (a JPEG is decoded directly at 1/2, 1/4 or 1/8 scale when that is still >= size:
        libjpeg's DCT scaling, several times faster than a full decode followed by a resize);
@@ -54,14 +60,15 @@ def load_image(path, size):
        first frame of an animation;
     3. apply the EXIF orientation;
     4. resize to size x size (bilinear, antialiased);
-    5. keras.applications.vgg16.preprocess_input (RGB->BGR, ImageNet mean subtracted).
+    5. the backbone's preprocessing of those 0-255 RGB values (the default base's: RGB->BGR,
+       ImageNet mean subtracted; none where the model holds its own).
     Raises on a file that cannot be decoded; `try_load_image` turns that into a reason. Raises
     ImageRefused, before reading any pixel, for anything but a regular file and for an image over
     MAX_PIXELS once the JPEG scaling is applied.
     """
     with decode(path, size) as img:
         array = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.float32)
-    return vgg16.preprocess_input(array)
+    return preprocess(array)
 
 
 def decode(path, size):
@@ -110,11 +117,11 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def try_load_image(path, size):
+def try_load_image(path, size, preprocess=DEFAULT_PREPROCESS):
     """(array, "") on success, (zeros, reason) on any decoding failure: bad files never stop a
     run."""
     try:
-        return load_image(path, size), ""
+        return load_image(path, size, preprocess), ""
     except ImageRefused as error:
         reason = str(error)
     except Exception as error:  # PIL raises many types for corrupt, truncated or foreign files
@@ -135,7 +142,7 @@ def decode_threads():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def image_batches(paths, size, batch_size, threads=None):
+def image_batches(paths, size, batch_size, threads=None, preprocess=DEFAULT_PREPROCESS):
     """(images, reasons) batches in the order of `paths`: images is (n, size, size, 3) float32,
     and reasons[i] is "" when image i loaded, else why not (its image is zeros). Between one and
     two batches (at least two images per thread) are decoded ahead: memory stays bounded."""
@@ -145,7 +152,7 @@ def image_batches(paths, size, batch_size, threads=None):
         pending = deque()
         try:
             for path in paths:
-                pending.append(pool.submit(try_load_image, path, size))
+                pending.append(pool.submit(try_load_image, path, size, preprocess))
                 if len(pending) >= ahead:
                     yield _batch(pending, batch_size)
             while pending:
@@ -170,8 +177,10 @@ class LabelledImages(keras.utils.PyDataset):
     all decoded once by extract, so a failure means DATA changed since: `changed` keeps the
     one-line error, which Keras may wrap in a framework error (see `one_line_on_change`)."""
 
-    def __init__(self, paths, labels, size, batch_size, shuffle_seed=None, workers=None):
+    def __init__(self, paths, labels, size, batch_size, shuffle_seed=None, workers=None,
+                 preprocess=DEFAULT_PREPROCESS):
         super().__init__(workers=workers or decode_threads(), max_queue_size=4)
+        self.preprocess = preprocess
         self.paths, self.labels = np.asarray(paths, dtype=object), np.asarray(labels)
         self.size, self.batch_size, self.seed = size, batch_size, shuffle_seed
         self.epoch, self.changed = 0, None
@@ -189,7 +198,7 @@ class LabelledImages(keras.utils.PyDataset):
         rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         loaded = []
         for path in self.paths[rows]:
-            image, reason = try_load_image(path, self.size)
+            image, reason = try_load_image(path, self.size, self.preprocess)
             if reason:
                 self.changed = UserError(f"{path} no longer decodes ({reason}): DATA changed "
                                          "since `make extract`; rerun it")
@@ -202,9 +211,10 @@ class LabelledImages(keras.utils.PyDataset):
         self.order = self._order()
 
 
-def labelled_dataset(paths, labels, size, batch_size, shuffle_seed=None):
+def labelled_dataset(paths, labels, size, batch_size, shuffle_seed=None,
+                     preprocess=DEFAULT_PREPROCESS):
     """The (images, labels) batches that fine-tuning and evaluation read (LabelledImages)."""
-    return LabelledImages(paths, labels, size, batch_size, shuffle_seed)
+    return LabelledImages(paths, labels, size, batch_size, shuffle_seed, preprocess=preprocess)
 
 
 @contextmanager

@@ -4,9 +4,10 @@
     input and its augmented views (augment.augment_views) -> one forward pass of the frozen base
     that returns every cached layer -> rows checked finite, in each layer's storage dtype
 
-A *target* is one layer whose output the cache keeps, under an identity of its own: the base's
-output (`block5_pool`, the features train-head reads) and, for fine-tuning from the cache, the
-input of the lowest trainable layer (the *cut*: `block4_pool` for UNFREEZE=block5). A row's key is
+A *target* is one layer whose output the cache keeps, under an identity of its own: the features
+train-head reads (the base's output, or FEATURE_LAYER's stage) and, for fine-tuning from the
+cache, the input of the lowest trainable layer (the *cut*: the output of the stage below
+UNFREEZE's, data/backbones.py). A row's key is
 the image's sha256 for its plain input and augment.view_key(...) for its view k. A job lists, for
 each of its inputs, the targets that lack that key, so a rerun computes nothing, a larger AUGMENT
 computes only the new views, and a new cut computes only what it lacks. An image is decoded once
@@ -27,14 +28,18 @@ from ..config import UserError
 from ..data import augment, images
 from ..model import backbone
 
+FEATURES, CUT = "features", "cut"  # the roles of the cached layers
+
 
 @dataclass(frozen=True)
 class Target:
-    """One cached layer: its name in VGG16, the identity_id its segments are kept under, and
-    the dtype they store (float32 | float16)."""
+    """One cached layer: its name in the backbone, the identity_id its segments are kept under,
+    the storage they keep (float32 | float16), its role (FEATURES or CUT) and one row's shape."""
     layer: str
     identity_id: str
     storage: str
+    role: str = FEATURES
+    shape: tuple = ()
 
     @property
     def dtype(self):
@@ -85,10 +90,17 @@ class Featurizer:
     """The frozen base, built once with one output per target, and the augmentation."""
 
     def __init__(self, weights, identity, targets, seed, batch_size, threads=None):
-        base = backbone.build_backbone_of(identity, weights)  # a backbone.FeatureIdentity
-        # one pass, every target: the cut's activations are on the way to the base's output
-        model = keras.Model(base.input, [base.get_layer(t.layer).output for t in targets])
+        entry = identity.entry  # a backbone.FeatureIdentity's
+        base = backbone.build_backbone(weights, identity.image_size, identity.precision, entry)
+        # one pass, every target: the cut's activations are on the way to the features
+        model = keras.Model(base.input,
+                            [backbone.layer_output(base, entry, t.layer) for t in targets])
+        for target, out in zip(targets, model.outputs):  # rows must be what the cache declares
+            if target.shape and tuple(out.shape[1:]) != tuple(target.shape):
+                raise ValueError(f"{entry.name}'s {target.layer} is {tuple(out.shape[1:])} at "
+                                 f"SIZE={identity.image_size}, not the table's {target.shape}")
         self.forward = backbone.feature_function(model)
+        self.preprocess = entry.preprocess
         self.targets, self.size, self.seed = list(targets), identity.image_size, seed
         self.augmentation = augment.augmentation(seed)
         self.batch_size, self.threads = batch_size, threads
@@ -100,7 +112,8 @@ class Featurizer:
         (a tqdm bar) advances by each job's inputs."""
         pending = []  # (decoded image, sha256, view, key, needs, path)
         paths = [job.path for job in jobs]
-        decoded = images.image_batches(paths, self.size, self.batch_size, self.threads)
+        decoded = images.image_batches(paths, self.size, self.batch_size, self.threads,
+                                       self.preprocess)
         # the decoder leads the zip, so its iterator runs to its natural end
         for (batch, reasons), first in zip(decoded, range(0, len(jobs), self.batch_size)):
             for job, image, reason in zip(jobs[first:first + len(reasons)], batch, reasons):
@@ -141,7 +154,7 @@ class Featurizer:
 def check_finite(rows, target, first_path, batch_rows):
     """Refuse rows out of the storage dtype's range: a cache must never hold inf or NaN."""
     if not np.isfinite(rows).all():
-        variable = "STORAGE" if target.layer == backbone.OUTPUT_LAYER else "CUT_STORAGE"
+        variable = "STORAGE" if target.role == FEATURES else "CUT_STORAGE"
         raise UserError(f"{target.layer} of {first_path} (batch of {batch_rows}) is not finite"
                         f"{' in float16' * (rows.dtype == np.float16)}: the WEIGHTS give values "
                         f"out of range; use {variable}=float32 and PRECISION=float32")

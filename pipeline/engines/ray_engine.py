@@ -123,11 +123,9 @@ class RayEngine:
         """extract's local compute on the cluster: updates `known` (one index per target) in
         place with one (segment, row, rows) per row computed and returns {sha: reason} for the
         images that could not be decoded."""
-        from ..model import backbone
         workers, cpus, gpus = self._plan()
         inputs = sum(len(job.inputs) for job in jobs)
-        row_bytes = max(int(np.prod(backbone.layer_shape(t.layer, identity.image_size)))
-                        * np.dtype(t.dtype).itemsize for t in targets)
+        row_bytes = max(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in targets)
         per_input = segment_rows(inputs, workers, row_bytes)
         # a Ray batch is whole images, about per_input rows (an image brings all its views)
         per_batch = max(1, per_input * len(jobs) // max(inputs, 1))
@@ -247,9 +245,11 @@ class Extractor:
             raise UserError(f"a Ray worker on {os.uname().nodename} cannot see {features_dir}: "
                             "features/ and DATA must be on a file system every node shares")
         self.features_dir = features_dir
+        identity = backbone.FeatureIdentity.read(identity)
         self.featurizer = featurize.Featurizer(
-            _weights_here(weights), backbone.FeatureIdentity.read(identity),
-            [featurize.Target(**t) for t in targets], seed, batch_size, threads)
+            _weights_here(weights, identity.entry), identity,
+            [featurize.Target(**{**t, "shape": tuple(t["shape"])}) for t in targets], seed,
+            batch_size, threads)
 
     def __call__(self, batch):
         from . import featurize
@@ -304,13 +304,14 @@ def _limit_threads(threads):
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
-def _weights_here(fields):
-    """The driver's weights on this node: a worker on another node has its own Keras cache."""
+def _weights_here(fields, entry):
+    """The driver's weights of the backbone `entry` on this node: a worker on another node has
+    its own Keras cache."""
     from ..model import backbone
     weights = backbone.Weights(**fields)
     if not weights.path or os.path.isfile(weights.path):
         return weights
-    here = backbone.resolve_weights(weights.spec)
+    here = backbone.resolve_weights(weights.spec, entry)
     if here.fingerprint != weights.fingerprint:
         raise UserError(f"the weights on {os.uname().nodename} ({here.path}) are not the driver's "
                         f"({weights.path}): put the same file on every node")

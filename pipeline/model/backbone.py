@@ -1,5 +1,5 @@
-"""The frozen VGG16 convolutional base and its weights; it makes the identity of its features
-(identity.py, whose names it also offers to its users)."""
+"""The frozen convolutional base BACKBONE= picks (data/backbones.py's table) and its weights; it
+makes the identity of its features (identity.py, whose names it also offers to its users)."""
 import os
 from dataclasses import dataclass
 
@@ -7,23 +7,16 @@ import keras
 import numpy as np
 
 from ..cache.identity import (  # noqa: F401 - the identity's names, where the backbone's users look
-    BACKBONE_ID,
-    LAYERS,
-    OUTPUT_LAYER,
     STORAGE_DTYPES,
     FeatureIdentity,
     identity_id,
-    layer_shape,
 )
 from ..config import UserError, warn
-from ..data.images import PREPROCESS_ID
+from ..data import backbones
+from ..data.images import preprocess_id
 from ..fs.artifacts import file_sha256
 from . import runtime
 
-IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
-                + IMAGENET_FILE)
-IMAGENET_MD5 = "6d6bbae143d832006294945121d1f1fc"  # the hash Keras itself checks
 RANDOM_FINGERPRINT = "random-init:glorot-uniform:numpy-seed-0:v1"
 RANDOM_NOTICE = "weights are random: accuracy is not meaningful"
 
@@ -40,14 +33,15 @@ class Weights:
         return self.fingerprint == RANDOM_FINGERPRINT
 
 
-def resolve_weights(spec):
-    """Find the weights file for WEIGHTS=spec and fingerprint it, without building a model."""
-    spec = spec or "imagenet"
+def resolve_weights(spec, entry=None):
+    """Find the weights file for WEIGHTS=spec of the backbone `entry` (a backbones.Backbone;
+    None: the default) and fingerprint it, without building a model."""
+    spec, entry = spec or "imagenet", entry or backbones.get(None)
     if spec == "none":
         return Weights(spec, "", RANDOM_FINGERPRINT)
     if spec in ("imagenet", "auto"):
         try:
-            path = _imagenet_file()
+            path = _imagenet_file(entry)
         except UserError as error:
             if spec == "imagenet":
                 raise
@@ -57,10 +51,11 @@ def resolve_weights(spec):
         return Weights(spec, path, file_sha256(path))
     if not os.path.isfile(spec):
         raise UserError(f"WEIGHTS file {spec!r} does not exist: pass WEIGHTS=imagenet, "
-                        "WEIGHTS=none or the path of a VGG16 .h5 / .weights.h5 file")
+                        f"WEIGHTS=none or the path of a {entry.constructor} .h5 / .weights.h5 file")
     if not spec.endswith(".h5"):
-        raise UserError(f"WEIGHTS file {spec!r} is not a .h5 or .weights.h5 file: save the VGG16 "
-                        "convolutional base with model.save_weights('vgg16.weights.h5')")
+        raise UserError(f"WEIGHTS file {spec!r} is not a .h5 or .weights.h5 file: save the "
+                        f"{entry.constructor} convolutional base with "
+                        f"model.save_weights('{entry.name}.weights.h5')")
     return Weights(spec, os.path.abspath(spec), file_sha256(spec))
 
 
@@ -73,7 +68,8 @@ def weights_of_cache(spec, cache_attrs):
     """
     recorded, where = cache_attrs["weights"], cache_attrs.get("weights_path", "")
     if spec and spec != cache_attrs.get("weights_spec") and os.path.abspath(spec) != where:
-        weights = resolve_weights(spec)
+        # another WEIGHTS than the cache's own: imagenet means the cache's backbone's file
+        weights = resolve_weights(spec, backbones.of_identity(cache_attrs.get("backbone")))
     elif recorded == RANDOM_FINGERPRINT:
         weights = Weights(cache_attrs.get("weights_spec", "none"), "", RANDOM_FINGERPRINT,
                           notice=cache_attrs.get("weights_notice", ""))
@@ -90,19 +86,21 @@ def weights_of_cache(spec, cache_attrs):
     return weights
 
 
-def _imagenet_file():
-    """Keras's own download and cache (~/.keras/models); offline, a clear way out."""
+def _imagenet_file(entry):
+    """Keras's own download and cache (~/.keras/models) of the backbone's ImageNet weights;
+    offline, a clear way out."""
     cached = os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "models",
-                          IMAGENET_FILE)
+                          entry.weights_file)
     if os.path.isfile(cached):
         return cached
     try:
-        return keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models",
-                                    file_hash=IMAGENET_MD5)
+        return keras.utils.get_file(entry.weights_file, entry.weights_url, cache_subdir="models",
+                                    file_hash=entry.weights_hash)
     except Exception as error:  # urllib, socket and SSL errors all mean the same thing here
         reason = " ".join(str(error).split(" -- ")[-1].split())[:120] or type(error).__name__
-        raise UserError(f"could not download the ImageNet VGG16 weights ({reason}); offline, copy "
-                        f"{IMAGENET_FILE} to {cached} or pass WEIGHTS=<file.h5>") from None
+        raise UserError(f"could not download the ImageNet {entry.constructor} weights ({reason}); "
+                        f"offline, copy {entry.weights_file} to {cached} or pass "
+                        "WEIGHTS=<file.h5> or WEIGHTS=none") from None
 
 
 def resolve_precision(precision):
@@ -121,59 +119,70 @@ def resolve_storage(storage):
     return storage
 
 
-def identity_of(weights, size, precision="float32", storage="float32"):
-    """The FeatureIdentity of the features `weights` make at SIZE (extract's, before any cut)."""
-    return FeatureIdentity(BACKBONE_ID, weights.fingerprint, int(size), PREPROCESS_ID, precision,
-                           storage)
+def identity_of(weights, size, precision="float32", storage="float32", entry=None,
+                feature_layer=""):
+    """The FeatureIdentity of the features `weights` make at SIZE with the backbone `entry`
+    (None: the default), at FEATURE_LAYER's stage (empty: the top; extract's, before any cut)."""
+    entry = entry or backbones.get(None)
+    layer = None
+    if feature_layer and entry.stage(feature_layer, "FEATURE_LAYER") != entry.top:
+        layer = entry.stage(feature_layer, "FEATURE_LAYER").output
+    return FeatureIdentity(entry.identity, weights.fingerprint, int(size), preprocess_id(entry),
+                           precision, storage, layer)
 
 
-def feature_identity(weights, size, precision="float32", storage="float32"):
+def feature_identity(weights, size, precision="float32", storage="float32", entry=None):
     """Everything that changes the numbers in a feature map, as caches record it (a dict):
     `identity_of(...).as_dict()`. Features are reused only when all of it is equal;
     `identity_id` names the folder that holds them."""
-    return identity_of(weights, size, precision, storage).as_dict()
+    return identity_of(weights, size, precision, storage, entry).as_dict()
 
 
-def first_trainable(unfreeze):
-    """The position in LAYERS of the lowest layer that UNFREEZE trains: a block name ("block5")
-    or a count of top convolutional layers; len(LAYERS) when nothing in the base trains."""
-    convs = [i for i, name in enumerate(LAYERS) if "_conv" in name]
-    blocks = sorted({name.split("_")[0] for name in LAYERS})
-    text = str(unfreeze).strip()
-    if text.isdigit() and int(text) <= len(convs):
-        return convs[len(convs) - int(text)] if int(text) else len(LAYERS)
-    if text in blocks:
-        return LAYERS.index(f"{text}_conv1")
-    raise UserError(f"UNFREEZE={unfreeze!r} is neither a block name ({', '.join(blocks)}) nor "
-                    f"a count of top convolutional layers (0-{len(convs)}): use e.g. "
-                    "UNFREEZE=block5")
+def unfreeze_cut(identity, unfreeze):
+    """The cut of UNFREEZE for features of `identity` (a FeatureIdentity): the layer whose output
+    is the input of the lowest layer fine-tuning trains, None when every layer trains (the input
+    is the image). Refused in one line when UNFREEZE's stage is not below FEATURE_LAYER's, as the
+    base then ends before it."""
+    entry = identity.entry
+    layer, top = entry.cut_of(unfreeze), identity.output_layer
+    if layer == entry.top.output:  # UNFREEZE=0: nothing trains, wherever the base ends
+        return top
+    if layer is not None and entry.position(layer) >= entry.position(top):
+        raise UserError(f"UNFREEZE={entry.unfreeze_stage(unfreeze)} trains layers above "
+                        f"FEATURE_LAYER's output ({top}), where the base ends: pass a lower "
+                        "UNFREEZE, or an empty FEATURE_LAYER (the top of the base)")
+    return layer
 
 
-def cut_layer(unfreeze):
-    """The layer whose output is the input of UNFREEZE's lowest trainable layer: what fine-tuning
-    from the cache reads (block4_pool for UNFREEZE=block5). None when every layer trains, as
-    then the images themselves are the input."""
-    first = first_trainable(unfreeze)
-    return LAYERS[first - 1] if first > 0 else None
+def layer_output(base, entry, layer):
+    """The symbolic output of `layer` (a stage output or, for a chain, any layer) in `base`: the
+    top stage's is the base's own output, whatever Keras named its last layer."""
+    if layer == entry.top.output:
+        return base.output
+    return base.get_layer(layer).output
 
 
-def build_backbone(weights, size=None, precision="float32"):
-    """VGG16 without its classifier, frozen, with `weights` loaded. size=None accepts any size.
-    With a mixed precision the variables stay float32 and only the arithmetic is reduced."""
+def build_backbone(weights, size=None, precision="float32", entry=None):
+    """The backbone `entry` (None: the default) without its classifier, frozen, with `weights`
+    loaded. size=None accepts any size. With a mixed precision the variables stay float32 and
+    only the arithmetic is reduced."""
+    entry = entry or backbones.get(None)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(precision)  # applies to the layers built here only
     try:
-        base = keras.applications.VGG16(weights=None, include_top=False,
-                                        input_shape=(size, size, 3))
+        base = getattr(keras.applications, entry.constructor)(
+            weights=None, include_top=False, input_shape=(size, size, 3))
     finally:
         keras.config.set_dtype_policy(previous)
     if weights.path:
         try:
             base.load_weights(weights.path)
         except Exception as error:
-            raise UserError(f"WEIGHTS file {weights.path!r} does not fit VGG16's convolutional "
-                            f"base ({type(error).__name__}: {str(error)[:160]}); pass a file saved "
-                            "from keras.applications.VGG16(include_top=False)") from None
+            reason = " ".join(str(error).split())[:160]  # Keras's message spans lines
+            raise UserError(f"WEIGHTS file {weights.path!r} does not fit BACKBONE={entry.name} "
+                            f"({type(error).__name__}: {reason}); pass a file saved "
+                            f"from keras.applications.{entry.constructor}(include_top=False), "
+                            "or the BACKBONE it was saved from") from None
     else:
         _random_init(base)
     base.trainable = False  # frozen: extraction and the head never change it
@@ -181,33 +190,43 @@ def build_backbone(weights, size=None, precision="float32"):
 
 
 def build_backbone_of(identity, weights):
-    """The backbone that made a cache's features (a FeatureIdentity: its size and precision), to
-    compose with a head or to compute features of new images that the cache's heads will read."""
-    return build_backbone(weights, identity.image_size, identity.precision)
+    """The backbone that made a cache's features (a FeatureIdentity: its backbone, size,
+    precision, and FEATURE_LAYER's stage, where the base then ends), to compose with a head or to
+    compute features of new images that the cache's heads will read."""
+    entry = identity.entry
+    base = build_backbone(weights, identity.image_size, identity.precision, entry)
+    if identity.output_layer == entry.top.output:
+        return base
+    return keras.Model(base.input, layer_output(base, entry, identity.output_layer),
+                       name=f"{base.name}_to_{identity.output_layer}")
 
 
 def _random_init(model, seed=0):
-    """Deterministic Glorot-uniform weights, so WEIGHTS=none gives the same features every run
-    (and its cache identity is honest) whatever Keras's own initialisers do."""
+    """Deterministic Glorot-uniform kernels, so WEIGHTS=none gives the same features every run
+    (and its cache identity is honest) whatever Keras's own initialisers do. Every kernel (a
+    variable of 2 or more dimensions), in layer order, draws from one seeded generator; biases are
+    zeros, and the other vectors (BatchNormalization's, LayerScale's, a Normalization's ImageNet
+    statistics) keep the constants their layer starts with."""
     rng = np.random.default_rng(seed)
     for layer in model.layers:
-        if not layer.weights:
-            continue
-        kernel, bias = layer.get_weights()
-        fan_in, fan_out = np.prod(kernel.shape[:-1]), np.prod(kernel.shape[:-2]) * kernel.shape[-1]
-        limit = np.sqrt(6.0 / (fan_in + fan_out))
-        layer.set_weights([rng.uniform(-limit, limit, kernel.shape).astype(np.float32),
-                           np.zeros_like(bias)])
+        for variable in layer.weights:
+            shape = tuple(variable.shape)
+            if len(shape) >= 2:
+                fan_in, fan_out = np.prod(shape[:-1]), np.prod(shape[:-2]) * shape[-1]
+                limit = np.sqrt(6.0 / (fan_in + fan_out))
+                variable.assign(rng.uniform(-limit, limit, shape).astype(np.float32))
+            elif variable.path.endswith("bias"):
+                variable.assign(np.zeros(shape, np.float32))
 
 
 def feature_function(base, jit_compile=None):
     """The frozen base's compiled forward pass: a numpy batch of images -> float32 numpy feature
-    maps (n, size//32, size//32, 512) (a list of arrays for a model of several outputs), on any
+    maps (n, h, w, channels) (a list of arrays for a model of several outputs), on any
     backend. Keras's predict_on_batch compiles it with
     the backend's own compiler (tf.function, jax.jit; PyTorch runs eagerly) once per batch
     shape, so a batch smaller than the largest so far (a run's last one, or one with unreadable
     files taken out) is padded to it: one compilation per run, where JAX would otherwise compile
-    VGG16 again for every new size. jit_compile=None: XLA only under JAX, which has no other way
+    the base again for every new size. jit_compile=None: XLA only under JAX, which has no other way
     to compile; under TensorFlow XLA was 12% slower on the CPU (`make bench`, figure 6)."""
     if jit_compile is None:
         jit_compile = runtime.backend() == "jax"
@@ -235,5 +254,7 @@ def library_versions():
             "scikit-learn": sklearn.__version__}
 
 
-def feature_shape(size):
-    return layer_shape(OUTPUT_LAYER, size)
+
+def feature_shape(size, entry=None):
+    """The shape of one image's features at SIZE: the top of `entry` (None: the default)."""
+    return (entry or backbones.get(None)).top.shape(size)

@@ -1,4 +1,4 @@
-"""Classifier heads on top of a VGG16 feature map: the dense Keras head and the logistic baseline.
+"""Classifier heads on a backbone's feature map: the dense Keras head and the logistic baseline.
 
 The dense head is built by one function, `build_dense_head`, used by stage two (trained on cached
 features) and stage three (composed with the backbone and fine-tuned), so both share one design.

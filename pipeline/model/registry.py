@@ -211,9 +211,9 @@ def load(config, name):
     (allow_pickle=False), Keras files in safe mode (which refuses Lambda layers)."""
     file_path = path(config, name)
     if name == "logreg":  # its arrays' shapes are checked against what its record says
-        from .backbone import feature_shape
+        from .backbone import FeatureIdentity
         made = record(config, name, same_split=False)  # loading scores nothing
-        expected = (math.prod(feature_shape(made.identity["image_size"])),
+        expected = (math.prod(FeatureIdentity.read(made.identity).feature_shape),
                     len(made.class_names))
     try:
         if name == "logreg":
