@@ -20,6 +20,7 @@ model, image -> probabilities.
        finetune_history.png, finetune_log.csv (a row an epoch: the history, also across resumes);
        for resuming: finetune_backup/
 """
+import dataclasses
 import math
 import os
 import sys
@@ -35,7 +36,7 @@ from .cache import batches, views
 from .config import Config, UserError, warn
 from .data import augment, datasets, images
 from .fs import artifacts, files, lock
-from .model import backbone, heads, registry, resume, runtime
+from .model import backbone, calibration, heads, registry, resume, runtime
 from .reporting import plots
 
 MATCH_ATOL = 1e-2  # step 0, composed vs head on cached features: loose enough for GPU TF32 math,
@@ -115,15 +116,30 @@ def _finetune(config, start, extra_callbacks):
             # resume); `whole` shares them
             scores = {name: model.evaluate(data[name], return_dict=True, verbose=0)
                       if data[name] else {} for name in ("validation", "test")}
-    history = resume.log_history(config, target)
-    result = _write_outputs(config, store, weights, whole, head_record, backup, early,
-                            trainable, done, scores, history, source)
+            validation_probabilities = heads.class_probabilities(
+                model.predict(data["validation"], verbose=0))  # in row order: not shuffled
+        history = resume.log_history(config, target)
+        epochs = len(history.get("loss", []))
+        made = FinetuneRecord(
+            identity=store.identity, split_digest=store.split_digest(),
+            class_names=list(store.class_names), config=config.to_dict(),
+            weights=weights.fingerprint, weights_notice=weights.notice,
+            unfreeze=config.unfreeze, trainable_layers=trainable, finetune_from=source,
+            validation=_scores(scores["validation"]), test=_scores(scores["test"]),
+            epochs=epochs, best_epoch=int(early.best_epoch) + 1 if epochs else 0,
+            seconds=backup.seconds(), history=history, resumed_from_epoch=done,
+            calibration=calibration.fit(validation_probabilities,
+                                        store.labels[store.rows("validation")]))
+    result = _write_outputs(config, made, whole, head_record.get("history", {}))
     if result.epochs and not result.best_epoch:
         print(f"finetune {config.dataset_name}: no epoch beat the head's validation loss: "
               "finetuned.keras is the head on the base, unchanged")
     print(f"finetune {config.dataset_name}: {result.epochs} epochs (best {result.best_epoch}) "
           f"from the {source}, validation accuracy {result.validation['accuracy']:.3f}, "
-          f"{result.seconds:.1f} s -> {result.model_path}")
+          f"T={made.calibration['temperature']:.2f}, {result.seconds:.1f} s -> "
+          f"{result.model_path}")
+    if made.calibration["note"]:
+        warn(f"finetuned: {made.calibration['note']}")
     if weights.notice:
         warn(weights.notice)
     return result
@@ -356,33 +372,51 @@ def check_composition(model, head, image_batches, features):
 
 # --- Outputs ----------------------------------------------------------------------------------
 
-def _write_outputs(config, store, weights, model, head_record, backup, early, trainable,
-                   done, scores, history, source):
+@dataclass
+class FinetuneRecord:
+    """What a fine-tuning run made: finetune_metrics.json's fields (registry.record reads them),
+    `file_sha256` filled in by `_write_outputs` once the model file is saved."""
+    identity: dict
+    split_digest: str         # registry.record checks it
+    class_names: list
+    config: dict
+    weights: str              # the backbone weights' fingerprint
+    weights_notice: str
+    unfreeze: str
+    trainable_layers: list
+    finetune_from: str        # "cache" or "images"
+    validation: dict          # {"accuracy", "loss"} of the restored best weights
+    test: dict                # the same on the test split ({} when there is none)
+    epochs: int               # in total, over every resumed run
+    best_epoch: int           # 1-based; 0: no epoch beat the head
+    seconds: float
+    history: dict
+    resumed_from_epoch: int
+    calibration: dict         # calibration.fit on the validation split: the temperature
+    file_sha256: str = ""     # ties the file to these metrics
+
+
+def _scores(evaluated):
+    return {"accuracy": float(evaluated["accuracy"]), "loss": float(evaluated["loss"])} \
+        if evaluated else {}
+
+
+def _write_outputs(config, made, model, head_history):
+    """Save `model` (image after load_image -> probabilities) and write `made` beside it, with the
+    plot of the head's and fine-tuning's histories: the one place fine-tuning's outputs are
+    written."""
     model_path = artifacts.path(config, artifacts.FINETUNED)
     with files.replacing_path(model_path) as temporary:  # a kill leaves the last one whole
         model.save(temporary)
-    epochs = len(history.get("loss", []))
-    scores = {name: {"accuracy": float(s["accuracy"]), "loss": float(s["loss"])} if s else {}
-              for name, s in scores.items()}
-    metrics = {
-        "identity": store.identity, "identity_id": backbone.identity_id(store.identity),
-        "split_digest": store.split_digest(),  # registry.record checks it
-        "class_names": list(store.class_names), "config": config.to_dict(),
-        "weights": weights.fingerprint, "weights_notice": weights.notice,
-        "versions": backbone.library_versions(),  # the backend among them
-        "unfreeze": config.unfreeze, "trainable_layers": trainable, "finetune_from": source,
-        "validation": scores["validation"], "test": scores["test"], "epochs": epochs,
-        "best_epoch": int(early.best_epoch) + 1 if epochs else 0, "seconds": backup.seconds(),
-        "history": history, "resumed_from_epoch": done,
-        "file_sha256": artifacts.file_sha256(model_path),  # ties the file to these metrics
-    }
+    made.file_sha256 = artifacts.file_sha256(model_path)
+    metrics = {**dataclasses.asdict(made), "identity_id": backbone.identity_id(made.identity),
+               "versions": backbone.library_versions()}  # the backend among them
     metrics_path = artifacts.path(config, artifacts.FINETUNE_METRICS)
     artifacts.write_json(metrics_path, metrics)
     plot_path = artifacts.path(config, artifacts.FINETUNE_HISTORY_PLOT)
-    plots.plot_history([("head", head_record.get("history", {})),
-                        ("fine-tune", history)], plot_path,
+    plots.plot_history([("head", head_history), ("fine-tune", made.history)], plot_path,
                        f"{config.dataset_name}: dense head, then fine-tuning from "
                        f"{config.unfreeze}")
-    return FinetuneResult(model_path, metrics_path, plot_path, metrics["validation"],
-                          metrics["test"], epochs, metrics["best_epoch"], done, trainable,
-                          metrics["seconds"], source)
+    return FinetuneResult(model_path, metrics_path, plot_path, made.validation, made.test,
+                          made.epochs, made.best_epoch, made.resumed_from_epoch,
+                          made.trainable_layers, made.seconds, made.finetune_from)
