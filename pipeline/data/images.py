@@ -81,10 +81,72 @@ def load_image(path, size):
             raise ImageRefused(f"image of {width}x{height} pixels ({width * height / 1e6:.0f} MP) "
                                f"is over the {_budget()} per image: downscale it")
         img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
-        img = img.resize((size, size), Image.BILINEAR)
-        array = np.asarray(img, dtype=np.float32)
-    return vgg16.preprocess_input(array)
+        return _model_input(_to_rgb(img), size)
+
+
+def image_from_array(array, size):
+    """An image already decoded, a (height, width, 3) uint8 RGB array, as load_image's steps 4
+    and 5 make model input of a decoded file: the same resize and preprocessing. ValueError for
+    anything else."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
+        raise ValueError(f"an image array must be (height, width, 3) uint8 RGB, not "
+                         f"{array.dtype} of shape {array.shape}")
+    if array.shape[0] * array.shape[1] > MAX_PIXELS:
+        raise ValueError(f"an image of {array.shape[1]}x{array.shape[0]} pixels is over the "
+                         f"{_budget()} per image: downscale it")
+    return _model_input(Image.fromarray(array, "RGB"), size)
+
+
+def _model_input(img, size):
+    """An RGB PIL image -> load_image's result: resized (bilinear, antialiased) and
+    preprocessed for the backbone."""
+    img = img.resize((size, size), Image.BILINEAR)
+    return vgg16.preprocess_input(np.asarray(img, dtype=np.float32))
+
+
+class PillowResize(keras.layers.Layer):
+    """load_image's resize as a Keras layer, for graphs that take decoded pixels of any size:
+    (n, height, width, 3) pixel values -> (n, size, size, 3), computed as Pillow's BILINEAR
+    resize computes it. Pillow weighs the input pixels with a triangle filter, widened by the
+    scale when shrinking (so antialiased), resizes the width first and rounds each pass to whole
+    values 0-255; so does this layer, in float32 (Pillow: 22-bit fixed point), with matrix
+    products that every converter knows (TensorFlow's own antialiased resize has no LiteRT op).
+    """
+
+    def __init__(self, size, **kwargs):
+        super().__init__(**kwargs)
+        self.size = int(size)
+
+    def call(self, pixels):
+        x = keras.ops.cast(pixels, "float32")
+        shape = keras.ops.shape(x)
+        columns = keras.ops.transpose(_filter_weights(shape[2], self.size))  # (width, size)
+        rows = keras.ops.transpose(_filter_weights(shape[1], self.size))     # (height, size)
+        x = keras.ops.matmul(keras.ops.transpose(x, (0, 1, 3, 2)), columns)  # (n, h, 3, size)
+        x = keras.ops.clip(keras.ops.floor(x + 0.5), 0.0, 255.0)  # half up, as Pillow
+        x = keras.ops.matmul(keras.ops.transpose(x, (0, 3, 2, 1)), rows)     # (n, size, 3, size)
+        x = keras.ops.clip(keras.ops.floor(x + 0.5), 0.0, 255.0)  # half up, as Pillow
+        return keras.ops.transpose(x, (0, 3, 1, 2))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.size, self.size, input_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size}
+
+
+def _filter_weights(length, size):
+    """(size, length) weights of Pillow's bilinear filter from `length` input pixels to `size`
+    output pixels: output i is centred at (i + 0.5) * scale, input j at j + 0.5, and weighs
+    max(0, 1 - distance / max(scale, 1)), each row normalised to sum to 1."""
+    length = keras.ops.cast(length, "float32")
+    scale = length / size
+    centres = (keras.ops.arange(size, dtype="float32") + 0.5) * scale
+    positions = keras.ops.arange(0.0, length, dtype="float32") + 0.5
+    distance = keras.ops.abs(positions[None, :] - centres[:, None])
+    weights = keras.ops.maximum(1.0 - distance / keras.ops.maximum(scale, 1.0), 0.0)
+    return weights / keras.ops.sum(weights, axis=1, keepdims=True)
 
 
 def _budget():

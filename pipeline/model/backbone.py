@@ -24,6 +24,9 @@ IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
                 + IMAGENET_FILE)
 IMAGENET_MD5 = "6d6bbae143d832006294945121d1f1fc"  # the hash Keras itself checks
+# keras.applications.vgg16.preprocess_input ("caffe"): RGB -> BGR, then ImageNet's mean pixel
+# (in BGR order) subtracted; load_image's last step, and `preprocessing`'s numbers
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 RANDOM_FINGERPRINT = "random-init:glorot-uniform:numpy-seed-0:v1"
 RANDOM_NOTICE = "weights are random: accuracy is not meaningful"
 
@@ -153,6 +156,18 @@ def cut_layer(unfreeze):
     then the images themselves are the input."""
     first = first_trainable(unfreeze)
     return LAYERS[first - 1] if first > 0 else None
+
+
+def preprocessing(name="preprocess"):
+    """The backbone's preprocessing as a frozen Keras layer, for a graph that takes RGB pixel
+    values (0-255, float): the numbers load_image's last step gives (vgg16.preprocess_input),
+    exactly, as an affine map of the colour channels (a permutation and a bias), so it saves,
+    exports and converts like any Dense layer."""
+    layer = keras.layers.Dense(3, name=name, trainable=False, dtype="float32")
+    layer.build((None, 3))
+    reverse = np.eye(3, dtype=np.float32)[::-1]  # output channel j is input channel 2 - j
+    layer.set_weights([reverse, -np.asarray(CAFFE_MEAN_BGR, np.float32)])
+    return layer
 
 
 def build_backbone(weights, size=None, precision="float32"):
