@@ -21,6 +21,7 @@ at a reduced scale (libjpeg's DCT scaling) before it resizes, while the graph re
 of the full decode; and Pillow rounds in fixed point (a pixel level now and then). docs/stages.md
 has the measured differences.
 """
+import importlib
 import os
 import shutil
 import time
@@ -40,8 +41,9 @@ FOLDER = "export"                       # in models/<NAME>/
 FORMATS = {  # FORMAT -> (the file or folder written, Keras's name of the format, the extra)
     "savedmodel": ("saved_model", "tf_saved_model", ""),
     "onnx": ("model.onnx", "onnx", "onnx"),
-    "litert": ("model.tflite", "litert", "litert"),
+    "litert": ("model.tflite", "litert", "litert"),  # converted by TensorFlow's own tf.lite
 }
+CONVERTERS = {"onnx": ("tf2onnx", "onnx")}  # the modules a format's conversion imports
 OUTLIER_MEASURE = ("1 - cosine similarity of the image's appearance (the backbone's feature map "
                    "averaged over its height and width, square-rooted, L2-normalised) to the "
                    "nearest training class centroid; unlike the training data above threshold")
@@ -69,11 +71,17 @@ def run(config: Config) -> ExportModelResult:
 
 def _export(config):
     start = time.perf_counter()
+    name, keras_format, extra = FORMATS[config.format]
+    for module in CONVERTERS.get(config.format, ()):  # before minutes of work, not after
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise UserError(f"FORMAT={config.format} needs its converter ({module}): pip install "
+                            f"-e '.[{extra}]', or use FORMAT=savedmodel") from None
     classifier = Classifier.from_config(config)
     graph = build_graph(config, classifier)
     folder = files.no_link_folder(os.path.join(config.models_dir, FOLDER))
     os.makedirs(folder, exist_ok=True)
-    name, keras_format, extra = FORMATS[config.format]
     target = os.path.join(folder, name)
     _write(graph, target, keras_format, extra)
     description = target + ".json"
@@ -92,13 +100,26 @@ def build_graph(config, classifier):
     size = classifier.size
     pixels = keras.Input((None, None, 3), dtype="uint8", name="pixels")
     x = images.PillowResize(size, name="resize")(pixels)  # load_image's resize
-    probabilities = _network(config, classifier)(backbone.preprocessing()(x))
+    # training=False: a fine-tuned model saved with augmentation layers must not augment
+    probabilities = _network(config, classifier)(backbone.preprocessing()(x), training=False)
     if probabilities.shape[-1] == 1:  # a sigmoid unit: p of the second class
         probabilities = keras.ops.concatenate([1.0 - probabilities, probabilities], axis=-1)
     probabilities = calibration.temperature_graph(probabilities, classifier.temperature)
     graph = keras.Model(pixels, probabilities, name=f"{classifier.model}_classifier")
+    _constant_statistics(graph)
     graph(np.zeros((1, size, size, 3), np.uint8))  # the ONNX exporter wants a model called once
     return graph
+
+
+def _constant_statistics(model):
+    """Keras's Normalization layer, built from a given mean and variance (the heads'
+    standardisation), holds them as eager tensors, which tf2onnx turns into inputs of the graph
+    rather than constants ("Required inputs ... are missing"). Held as numpy arrays, they are
+    traced as constants by every format, with the same values."""
+    for layer in getattr(model, "layers", ()):
+        if isinstance(layer, keras.layers.Normalization) and layer.built:
+            layer.mean, layer.variance = (np.asarray(layer.mean), np.asarray(layer.variance))
+        _constant_statistics(layer)
 
 
 def _network(config, classifier):

@@ -86,7 +86,7 @@ def _finetune(config, start, extra_callbacks):
             data = make_datasets(config, store)
             model, trainable = build_model(config, weights, head, store,
                                            augmented=config.finetune_augment)
-            whole, on_error = model, images.one_line_on_change(
+            whole, on_error = inference_model(model), images.one_line_on_change(
                 data["train"], data["validation"], data["test"], data["step0"][0])
         settings = {"identity_id": backbone.identity_id(store.identity), "lr": config.lr,
                     "optimizer": config.finetune_optimizer, "unfreeze": config.unfreeze,
@@ -343,6 +343,17 @@ def compose(weights, head, identity, augment_layers=None):
     head.trainable = True
     outputs = head(features)  # the head's Dropout is active during fit, as in stage two
     return keras.Model(inputs, outputs, name="finetuned"), base
+
+
+def inference_model(model):
+    """`model` without its augmentation layers, sharing every other layer (and so every weight
+    it learns): what finetuned.keras saves. Keras's augmentation layers augment whenever they
+    are called without training=False, so a saved model that held them would flip and rotate
+    the images of anyone calling it directly, model(x)."""
+    inputs = x = keras.Input(model.input.shape[1:], name="image")
+    for layer in model.layers[1:]:
+        x = x if layer.name == augment.LAYER_NAME else layer(x)
+    return keras.Model(inputs, x, name=model.name)
 
 
 def set_trainable(base, unfreeze):

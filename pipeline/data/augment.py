@@ -20,6 +20,9 @@ import numpy as np
 SEED_SCHEME = "sha256(seed:image sha256:view:layer)[:4] per image and layer, v1"
 
 
+LAYER_NAME = "augmentation"  # finetune leaves the layer of this name out of what it saves
+
+
 def augmentation(seed):
     """The article's augmentations: flips, rotations, zooms and shifts.
 
@@ -32,7 +35,7 @@ def augmentation(seed):
         keras.layers.RandomRotation(0.1, fill_mode="reflect", seed=seed + 1),
         keras.layers.RandomZoom(0.2, fill_mode="reflect", seed=seed + 2),
         keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 3),
-    ], name="augmentation")
+    ], name=LAYER_NAME)
 
 
 def identity(seed):
