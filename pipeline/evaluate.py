@@ -4,7 +4,9 @@
 
 The test split is used, or validation where the cache has no test rows. The feature-based models
 read the cached features of those rows; the fine-tuned model reads the images themselves through
-images.labelled_dataset (no augmentation). Writes models/<NAME>/evaluation.json, with what the
+images.labelled_dataset (no augmentation). Each model is scored with its temperature applied
+(model/calibration.py), as predict uses it; its calibration is also recorded without it
+(calibration_before), for the report. Writes models/<NAME>/evaluation.json, with what the
 report lays out (ROC and precision-recall figures, the most-confused pairs, a PCA projection of
 the cached features, each stage's time), and the pictures it names. The pictures are written first,
 each under a name holding its hash (reporting/pictures.py); evaluation.json is written last and is
