@@ -68,17 +68,22 @@ def test_the_preprocessing_layer_is_vgg16s_exactly():
 
 
 @pytest.mark.parametrize("shape, size", [((40, 40), 32), ((375, 500), 150), ((20, 31), 64),
-                                         ((150, 150), 150)])
+                                         ((150, 150), 150), ((700, 1300), 80), ((35, 99), 32)])
 def test_the_resize_layer_is_pillows_within_one_level(shape, size):
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
     smooth = np.stack([xx * 255 / shape[1], yy * 255 / shape[0], (xx + yy) % 50 * 5], -1)
     for array in (rng.integers(0, 256, (*shape, 3)), smooth):
         array = array.astype(np.uint8)
-        pillow = np.asarray(Image.fromarray(array).resize((size, size), Image.BILINEAR), float)
+        image, scale = Image.fromarray(array), images.draft_scale(shape[1], shape[0], size)
+        image = image.reduce(scale) if scale > 1 else image  # what load_image's JPEG draft does
+        pillow = np.asarray(image.resize((size, size), Image.BILINEAR), float)
         layer = np.asarray(images.PillowResize(size)(array[None]))[0]
         assert np.abs(layer - pillow).max() <= 1
-        assert np.mean(layer != pillow) < 0.2  # Pillow rounds its weights to 22 bits: halves
+        # Pillow rounds its weights to 22 bits and its reduce to whole values, where the layer
+        # rounds only after each resize pass: values near a half may round the other way, and
+        # a smooth gradient has many of them; never by more than one level (above)
+        assert np.mean(layer != pillow) < 0.5
 
 
 def test_a_recorded_temperature_out_of_range_is_refused(tmp_path_factory, tmp_path):
