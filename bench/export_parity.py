@@ -68,7 +68,8 @@ def main(folder, predictions):
         if not os.path.exists(path):
             continue
         with open(path + ".json") as f:
-            classes = json.load(f)["class_names"]
+            described = json.load(f)
+        classes, model = described["class_names"], described["model"]
         try:
             run = runner(path)
         except ImportError as error:
@@ -77,7 +78,7 @@ def main(folder, predictions):
         expected = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
         got = np.array([run(pixels(r["path"])) for r in rows])
         same = np.mean(got.argmax(axis=1) == expected.argmax(axis=1))
-        print(f"{name}: {len(rows)} images, same top-1 {same:.3f}, largest probability "
+        print(f"{name} ({model}): {len(rows)} images, same top-1 {same:.3f}, largest probability "
               f"difference {np.abs(got - expected).max():.4f} (mean "
               f"{np.abs(got - expected).mean():.4f}), {size_of(path) / 2**20:.1f} MB")
         if name == "saved_model":

@@ -169,3 +169,22 @@ def test_the_saved_fine_tuned_model_does_not_augment_when_called(run):
     x = np.stack([images.load_image(os.path.join(run.data, "horizontal", f"horizontal_0{i}.jpg"),
                                     run.size) for i in range(4)])
     np.testing.assert_allclose(np.asarray(network(x)), network.predict_on_batch(x), atol=1e-6)
+
+
+def test_predict_and_evaluate_apply_the_recorded_temperature(run, tmp_path):
+    from pipeline import evaluate
+    from pipeline.data import images
+    from pipeline.model import calibration, registry
+    rows = predicted_by_make(run, "finetuned", tmp_path)
+    paths = sorted(rows)
+    raw = registry.predictor(run, "finetuned", calibrated=False)(
+        np.stack([images.load_image(p, run.size) for p in paths]))
+    expected = calibration.apply_temperature(raw, TEMPERATURE)
+    assert np.abs(expected - raw).max() > 1e-3  # the temperature changes these numbers
+    got = [[float(rows[p]["p_horizontal"]), float(rows[p]["p_vertical"])] for p in paths]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    evaluate.run(run)
+    scored = artifacts.read_json(artifacts.path(run, artifacts.EVALUATION), "")["models"]
+    for model in ("logreg", "dense", "finetuned"):
+        assert scored[model]["temperature"] == TEMPERATURE
+        assert scored[model]["calibration"]["ece"] != scored[model]["calibration_before"]["ece"]
