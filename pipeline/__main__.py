@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from .config import FIELDS, Config, UserError, help_text
+from .fs.escape import terminal_text
 from .model import runtime
 
 STAGES = {
@@ -63,7 +64,8 @@ def main(argv=None):
         runtime.start(config.backend, config.verbose)  # before any stage imports Keras
         importlib.import_module(f"pipeline.{STAGES[stage]}").run(config)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        # the message names files and classes, which may hold terminal escape sequences
+        print(f"error: {terminal_text(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: everything finished so far is kept; run the same command to resume",

@@ -45,10 +45,10 @@ import numpy as np
 from . import cache
 from .analysis import outliers
 from .config import Config, UserError
-from .data import labels
-from .fs import files, lock
+from .fs import escape, files, lock
 from .model import heads
 from .reporting import plots
+from .reporting.thumbnails import short_name, thumbnail
 
 FOLDER = outliers.FOLDER              # models/<NAME>/audit/
 NEAR_DUPLICATES = "near_duplicates.csv"
@@ -63,7 +63,7 @@ PROJECTION_SEED = 20240  # fixed: every audit measures alike, so a threshold kee
 BLOCK = 2048             # rows per tile side: 2048 x 2048 float32 = 16 MB a tile
 MAX_PAIRS = 100_000      # near-duplicate pairs kept at most, the most similar
 LOGREG_C = 0.1           # regularisation of the cross-validated logistic regression
-PICTURE_PAIRS, PICTURE_ISSUES, THUMBNAIL = 6, 6, 128
+PICTURE_PAIRS, PICTURE_ISSUES = 6, 6
 SETTINGS = ("duplicate_threshold", "audit_folds", "outlier_percentile")  # recorded in audit.json
 
 
@@ -250,7 +250,7 @@ def _audit(config):
     folder = os.path.join(config.models_dir, FOLDER)
     files.no_link_folder(folder)  # a link planted here would send the files elsewhere
     os.makedirs(folder, exist_ok=True)
-    safe = labels.spreadsheet_safe
+    safe = escape.csv_cell
     _write_csv(os.path.join(folder, NEAR_DUPLICATES),
                ["path_a", "split_a", "path_b", "split_b", "similarity", "cross_split"],
                ([safe(paths[a]), splits[a], safe(paths[b]), splits[b], round(float(s), 6), int(c)]
@@ -372,14 +372,14 @@ def _picture(path, root, paths, splits, class_names, y, pairs, issues, suggested
     for rank, (a, b, s) in enumerate(zip(i[:PICTURE_PAIRS], j[:PICTURE_PAIRS],
                                          similarity[:PICTURE_PAIRS]), 1):
         for r in (a, b):
-            pictures.append((_thumbnail(root, paths[r]),
-                             f"pair {rank}: {s:.3f}\n{splits[r]}: {_short(paths[r])}"))
+            pictures.append((thumbnail(os.path.join(root, paths[r]))[0],
+                             f"pair {rank}: {s:.3f}\n{splits[r]}: {short_name(paths[r])}"))
     if len(pictures) % PICTURE_PAIRS:  # label issues start on a fresh row
         pictures += [(np.ones((2, 2, 3)), "")] * (PICTURE_PAIRS - len(pictures) % PICTURE_PAIRS)
     for rank, r in enumerate(issues[:PICTURE_ISSUES], 1):
-        pictures.append((_thumbnail(root, paths[r]),
+        pictures.append((thumbnail(os.path.join(root, paths[r]))[0],
                          f"issue {rank}: {class_names[y[r]]} -> {class_names[suggested[r]]}\n"
-                         f"p(label) {given[r]:.3f}  {_short(paths[r])}"))
+                         f"p(label) {given[r]:.3f}  {short_name(paths[r])}"))
     if not pictures:
         if os.path.exists(path):
             os.remove(path)
@@ -388,19 +388,3 @@ def _picture(path, root, paths, splits, class_names, y, pairs, issues, suggested
                                   title="Near-duplicate pairs (by twos), then label-issue "
                                         "candidates")
     return True
-
-
-def _thumbnail(root, relative):
-    from PIL import Image, ImageOps
-    try:  # a regular file only: a FIFO would hang the audit
-        with files.open_regular(os.path.join(root, relative), "rb") as f, Image.open(f) as img:
-            picture = ImageOps.exif_transpose(img).convert("RGB")
-            picture.thumbnail((THUMBNAIL, THUMBNAIL))
-            return picture
-    except (OSError, UserError):
-        return np.full((THUMBNAIL, THUMBNAIL, 3), 0.5)  # moved since extract: a grey square
-
-
-def _short(path, width=24):
-    name = os.path.basename(str(path))
-    return name if len(name) <= width else name[:width - 3] + "..."

@@ -19,7 +19,6 @@ and evaluation are skipped and the summary shows the recorded metrics. FORCE=1 r
 The audit is skipped likewise when its audit.json describes the same cache and audit settings.
 Where images were added, extract computes only the new ones and the models are retrained.
 """
-import csv
 import os
 import shlex
 import time
@@ -30,6 +29,7 @@ from . import audit, cache, extract
 from .config import Config, UserError
 from .data import labels
 from .fs import artifacts, files
+from .fs.escape import csv_dicts, csv_writer, markdown_text, terminal_text
 from .model import registry
 
 SUMMARY_CSV = "batch_summary.csv"   # in MODELS_ROOT, beside the datasets' folders
@@ -82,7 +82,8 @@ def run(config: Config) -> BatchResult:
     result = BatchResult([], os.path.join(config.models_root, SUMMARY_CSV),
                          os.path.join(config.models_root, SUMMARY_MD))
     for number, job in enumerate(jobs, 1):
-        print(f"\n=== batch {number}/{len(jobs)}: {job.name} ({job.data})", flush=True)
+        print(f"\n=== batch {number}/{len(jobs)}: {job.name} ({terminal_text(job.data)})",
+              flush=True)
         result.rows.append(run_one(config.replace(data=job.data, name=job.name,
                                                   labels=job.labels)))
         write_summary(result)  # after every dataset: an interrupted batch keeps what it did
@@ -162,7 +163,7 @@ def run_one(config):
             f"{type(error).__name__}: {error}".replace("\n", " ")
         if not isinstance(error, UserError):
             traceback.print_exc()
-        print(f"batch {config.dataset_name} FAILED: {row['error']}", flush=True)
+        print(f"batch {config.dataset_name} FAILED: {terminal_text(row['error'])}", flush=True)
     finally:
         _free_memory()
     row["total_s"] = round(time.perf_counter() - start, 2)
@@ -191,7 +192,8 @@ def _audit(config, row):
             summary = _timed(row, "audit", audit.run, config).summary
         except UserError as error:
             row["error"] = f"audit skipped: {error}"
-            print(f"batch {config.dataset_name}: audit skipped: {error}", flush=True)
+            print(f"batch {config.dataset_name}: audit skipped: {terminal_text(error)}",
+                  flush=True)
             return
     row.update(near_duplicates=summary["near_duplicates"]["pairs"],
                leakage_pairs=summary["near_duplicates"]["cross_split_pairs"],
@@ -227,8 +229,8 @@ def _read_state(path):
 def _skip_counts(config):
     """The labels CSV's two kinds of unmatched entries, counted from skipped.csv."""
     path = os.path.join(config.features_dir, "skipped.csv")
-    with open(path, newline="") as f:
-        reasons = [r["reason"] for r in csv.DictReader(f)]
+    with open(path, newline="", encoding="utf-8") as f:
+        reasons = [r["reason"] for r in csv_dicts(f)]
     return {"missing_files": sum(r.startswith(labels.MISSING_FILE) for r in reasons),
             "unlabelled": sum(r == labels.UNLABELLED for r in reasons)}
 
@@ -261,10 +263,12 @@ def _free_memory():
 
 
 def write_summary(result):
-    """models/batch_summary.csv (every column) and .md (a readable table), atomically."""
+    """models/batch_summary.csv (every column) and .md (a readable table), atomically. Names,
+    folders and errors are untrusted text: neutralised for spreadsheets in the CSV
+    (escape.csv_writer), inert in the Markdown (escape.markdown_text)."""
     os.makedirs(os.path.dirname(result.csv_path) or ".", exist_ok=True)
-    with files.replacing(result.csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    with files.replacing(result.csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv_writer(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(result.rows)
 
@@ -286,14 +290,13 @@ def write_summary(result):
         cells += [f"{r['leakage_pairs']} ({r['near_duplicates']})"
                   if r["leakage_pairs"] != "" else "–", r["label_issues"]]
         cells.append(r["error"][:MD_ERROR_CHARS])  # in full in the CSV
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ")
-                                        for c in cells) + " |")
+        lines.append("| " + " | ".join(markdown_text(c) for c in cells) + " |")
     lines += ["", "Accuracies: validation from training, test from `make evaluate`. Status "
               "`unchanged`: nothing changed since the last batch run, so only extract's file "
               "check ran. Skipped files are listed in features/<NAME>/skipped.csv. Leakage "
               "pairs: near-duplicate images in different splits; label issues: likely "
               "mislabelled images (both in models/<NAME>/audit/, docs/audit.md).", ""]
-    with files.replacing(result.md_path, "w") as f:
+    with files.replacing(result.md_path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 MIN_SIZE, MAX_SIZE = 32, 1024  # VGG16 needs 32 px for one 1x1 feature map; it was trained at 224
@@ -27,7 +28,11 @@ ACTIVATION_CHANNELS = 3 + 64 + 64
 MODEL_NAMES = ("logreg", "dense", "finetuned")
 BACKENDS = ("tensorflow", "jax", "torch")
 EXPORT_FORMATS = ("savedmodel", "onnx", "litert")
-NAME_PATTERN = re.compile(r"\w[\w .,+=@~()\[\]{}-]{0,99}")
+NAME_PUNCTUATION = " _.,-+=@~()[]{}"  # beside letters and digits, after the first character
+NAME_LENGTH = 100
+NAME_PATTERN = re.compile(rf"\w[\w{re.escape(NAME_PUNCTUATION)}]{{0,{NAME_LENGTH - 1}}}")
+NAME_RULE = (f"up to {NAME_LENGTH} letters, digits and {' '.join(NAME_PUNCTUATION[1:])} or "
+             "spaces, starting with a letter, digit or _")
 
 
 class UserError(Exception):
@@ -36,8 +41,31 @@ class UserError(Exception):
 
 def warn(message):
     """A notice that must not be missed (random weights, a model passed over): one line that
-    stands out from progress and results, on stdout beside the results it qualifies."""
-    print(f"!!! {message}", flush=True)
+    stands out from progress and results, on stdout beside the results it qualifies. It names
+    files, classes and notices read back from files: shown through escape.terminal_text."""
+    print(f"!!! {terminal_text(message)}", flush=True)
+
+
+# Bidirectional controls reorder what a terminal shows (a name can display as another)
+_BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def terminal_text(text):
+    """Text for one printed line: control characters (ESC, BEL, C1, newlines, ...), bidi controls
+    and lone surrogates (bytes of a name that is not UTF-8) are shown as \\x1b, \\u202e, \\xe9...,
+    so no OSC or CSI sequence (clipboard writes, window titles, cursor moves) reaches the terminal
+    and the user can still tell which file is meant. The terminal's escaping function
+    (escape.terminal_text), here because `warn` prints through it."""
+    return "".join(_terminal_char(c) for c in str(text))
+
+
+def _terminal_char(c):
+    if 0xDC80 <= ord(c) <= 0xDCFF:  # a byte that was not UTF-8, as os.fsdecode keeps it
+        return f"\\x{ord(c) - 0xDC00:02x}"
+    if unicodedata.category(c) in ("Cc", "Cs") or c in _BIDI:
+        return c.encode("unicode_escape").decode("ascii") if ord(c) < 0xD800 else \
+            f"\\u{ord(c):04x}"
+    return c
 
 
 def setting(default, help, make=True):
@@ -196,7 +224,7 @@ class Config:
         if not NAME_PATTERN.fullmatch(name):
             given = f"NAME={self.name!r}" if self.name else f"DATA={self.data!r} (its folder name)"
             raise UserError(f"{given} is not a dataset name: it names one folder in features/ and "
-                            "models/: pass NAME=<letters, digits, - _ . and no '/'>")
+                            f"models/: pass NAME=<{NAME_RULE}>")
 
     @property
     def dataset_name(self) -> str:

@@ -256,12 +256,9 @@ def build_model(config, weights, head, store, augmented=True):
     FINETUNE_AUGMENT), compiled with UNFREEZE's layers and the head trainable. Returns (model,
     names of the base's layers that train).
 
-    The augmentation is on by default, also for a head trained on plain features. Round 2 turned
-    it off for those (such a head scores 0.73 on augmented training images, 0.96 on plain ones),
-    from a replica in which block5 never trained; with block5 training (Adam, LR=1e-4), fine-
-    tuning on augmented images beat fine-tuning on plain ones on cats_vs_dogs (0.843 / 0.851
-    against 0.831 / 0.824, validation / test), with no epoch below the head
-    (bench/QUALITY_NOTES.md, section f)."""
+    The augmentation is on by default, also for a head trained on plain features: with the top
+    block training, augmented images fine-tune better than plain ones, and no epoch falls below
+    the head (the measurements: bench/QUALITY_NOTES.md, section f)."""
     layers = augment.augmentation(config.seed) if augmented else None
     model, base = compose(weights, head, store.feature_identity, layers)
     trainable = set_trainable(base, config.unfreeze)
@@ -291,9 +288,9 @@ def build_model_on_cut(config, weights, head, store):
 
 def compile_for_training(model, config, store):
     """The optimizer (make_optimizer), the loss and accuracy. XLA only under JAX, which has no
-    other way to compile: under TensorFlow on the CPU, XLA ran block5's training steps on
-    cached activations 1.8x slower (15.4 against 27.7 rows/s), as it ran extraction 12% slower
-    (backbone.feature_function); Keras's "auto" would have chosen it for that model."""
+    other way to compile: under TensorFlow on the CPU, XLA runs the top block's training steps
+    on cached activations slower, as it runs extraction (docs/finetune-from-cache.md), and
+    Keras's "auto" would have chosen it for that model."""
     steps = math.ceil(len(store.rows("train")) / config.batch_size)
     model.compile(optimizer=make_optimizer(config, steps),
                   loss=heads.loss_for(len(store.class_names)), metrics=["accuracy"],
@@ -301,11 +298,10 @@ def compile_for_training(model, config, store):
 
 
 def make_optimizer(config, steps_per_epoch):
-    """Adam at LR=1e-4 by default, where the article used RMSprop at 1e-5. On cats_vs_dogs
-    (bench/QUALITY_NOTES.md, section e) RMSprop at 1e-5 moved block5 too little to matter in 4
-    epochs (+0.6 points), and RMSprop at 3e-5 or 1e-4 first lost 2-5 points of validation
-    accuracy in epoch 1; Adam at 1e-4 gained in every epoch up to its best (+5.4 in 3), its
-    momentum averaging the noisy per-weight steps RMSprop takes."""
+    """Adam at LR=1e-4 by default, where the article used RMSprop at 1e-5: RMSprop at 1e-5
+    moves the top block too little to matter, and at higher rates first loses accuracy, while
+    Adam's momentum averages the noisy per-weight steps RMSprop takes (bench/QUALITY_NOTES.md,
+    section e)."""
     rate = warmup(config, steps_per_epoch)
     if config.finetune_optimizer == "rmsprop":
         return keras.optimizers.RMSprop(rate)
@@ -317,10 +313,9 @@ def warmup(config, steps_per_epoch):
 
     Adaptive optimizers' first steps move every trainable weight by about LR in the sign of its
     gradient, all at once (RMSprop's, whose accumulator starts at 0, by ~LR/sqrt(1 - rho) = 3.2 x
-    LR). On cats_vs_dogs one such step flipped the head's predictions (256 validation images of
-    one class: 0.76 accuracy -> 0.04), with or without Dropout; with the warm-up the same step
-    leaves them at 0.76 (bench/QUALITY_NOTES.md). CosineDecay with alpha=1 decays nothing: it is
-    Keras's own warm-up, saved and restored with the optimizer."""
+    LR): one such step can flip a trained head's predictions, which the warm-up prevents
+    (bench/QUALITY_NOTES.md). CosineDecay with alpha=1 decays nothing: it is Keras's own
+    warm-up, saved and restored with the optimizer."""
     if not config.finetune_warmup:
         return config.lr
     return keras.optimizers.schedules.CosineDecay(

@@ -22,7 +22,6 @@ little. The fine-tuned model reads images, not feature maps, so for it the froze
 once more per batch; without a cache the two columns stay empty. The printed table shows the
 TOP_K most likely classes of the first rows and marks those unlike the training data with "!".
 """
-import csv
 import os
 import stat
 import time
@@ -32,8 +31,9 @@ from tqdm import tqdm
 
 from .classifier import PREFERENCE, Classifier, choose, trained_models  # noqa: F401 - predict's names
 from .config import Config, UserError, warn
-from .data import datasets, labels
-from .fs import artifacts, files
+from .data import datasets
+from .fs import artifacts, escape, files
+from .fs.escape import terminal_text
 
 SKIPPED = "predictions_skipped.csv"
 SHOW_ROWS = 20  # rows of the table printed on stdout
@@ -68,26 +68,24 @@ def run(config: Config) -> PredictResult:
                "distance_to_training", "unlike_training"]
     with files.replacing(out, "w", newline="", encoding="utf-8") as f, \
             files.replacing(skipped_out, "w", newline="", encoding="utf-8") as g:
-        writer, skip_writer = csv.writer(f), csv.writer(g)
         # text from a LABELS file or a file name, neutralised: people open these in spreadsheets
-        safe = labels.spreadsheet_safe
+        writer, skip_writer = escape.csv_writer(f), escape.csv_writer(g)
         writer.writerow(columns)
         skip_writer.writerow(["path", "reason"])
-        skip_writer.writerows([safe(path), reason] for path, reason in unreadable)
+        skip_writer.writerows([path, reason] for path, reason in unreadable)
         progress = tqdm(total=len(paths), desc=f"predict ({classifier.model})", unit="img",
                         smoothing=0.1)
         for path, row, reason in classifier.predict_batches(paths, config.batch_size,
                                                             config.top_k):
             progress.update(1)
             if reason:
-                skip_writer.writerow([safe(path), reason])
+                skip_writer.writerow([path, reason])
                 skipped.append((path, reason))
                 continue
             counts[row["predicted"]] += 1
             unlike = unlike + row["unlike_training"] if unlike is not None else None
             # repr of the float: the CSV holds exactly what the model returned
-            writer.writerow([safe(row[c]) if c in ("path", "predicted") else row[c]
-                             for c in columns])
+            writer.writerow([row[c] for c in columns])
             if len(shown) < SHOW_ROWS:
                 shown.append(row)
         progress.close()
@@ -158,25 +156,26 @@ def find_images(target):
 
 
 def _print_table(shown, total, counts, skipped, skipped_out):
-    """The first rows: path, the top TOP_K classes with their probabilities, and "!" for an
-    image unlike the training data."""
+    """The first rows (path, the top TOP_K classes with their probabilities, "!" for an image
+    unlike the training data), the counts per class and the first skipped files, for the
+    terminal: every file and class name through escape.terminal_text."""
     if shown:
-        width = min(max(len(row["path"]) for row in shown), 60)
+        paths = [terminal_text(row["path"]) for row in shown]
+        width = min(max(len(p) for p in paths), 60)
         print(f"\n{'image':<{width}}  {'':1} top classes (probability)")
-        for row in shown:
-            path = row["path"]
+        for path, row in zip(paths, shown):
             name = path if len(path) <= width else "..." + path[-(width - 3):]
             mark = "!" if row["unlike_training"] == 1 else ""
-            top = ", ".join(f"{label} {p:.3f}" for label, p in row["top"])
+            top = ", ".join(f"{terminal_text(label)} {p:.3f}" for label, p in row["top"])
             print(f"{name:<{width}}  {mark:1} {top}")
         if total > len(shown):
             print(f"... and {total - len(shown)} more")
-    print("\npredicted: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    print("\npredicted: " + ", ".join(f"{terminal_text(name)} {n}" for name, n in counts.items()))
     if skipped:
         print(f"skipped {len(skipped)} file(s) that cannot be read or decoded (all in "
               f"{skipped_out}):")
         for path, reason in skipped[:5]:
-            print(f"  {path}: {reason}")
+            print(f"  {terminal_text(path)}: {terminal_text(reason)}")
 
 
 def _fmt(value):

@@ -9,7 +9,8 @@ were random, the models side by side, learning curves, confusion matrices, the m
 pairs, ROC and precision-recall curves, calibration (reliability diagram, ECE, Brier),
 misclassified images, the feature projection, the dataset, the audit's findings (`make audit`),
 the stage times and the cache identity and weights. It lays out what evaluate computed
-(sections.py); a picture is shown only when evaluation.json names it by its hash (hashed.py).
+(sections.py); a picture is shown only when evaluation.json names it by its hash
+(reporting/pictures.py).
 The same page is also written as report.html, one self-contained file to share: every picture
 inline as base64, rendered from the Markdown by markdown.page (a renderer of exactly the subset
 written here, so no text from the files becomes markup). report's own pictures are written
@@ -21,20 +22,21 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from . import audit, cache
 from .config import Config, UserError, warn
 from .fs import artifacts, files, lock
+from .fs.escape import csv_dicts, markdown_code, markdown_text
 from .model import registry
 from .model.registry import TITLES
 from .reporting import markdown, pictures, plots, sections
+from .reporting.thumbnails import short_name, thumbnail
 
-# the stems of report's own pictures (hashed.py), and the fixed names of earlier versions
+# the stems of report's own pictures (reporting/pictures.py), and the fixed names of earlier
+# versions
 PICTURES = {"reliability", *(f"misclassified_{model}" for model in registry.NAMES)}
 LEGACY_PICTURES = ("reliability.png", *(f"misclassified_{m}.png" for m in registry.NAMES))
 GRID_IMAGES = 25         # most confident mistakes shown per model
-THUMBNAIL = 128          # pixels: display only
 SKIPPED_ROWS = 50        # skipped files listed in the report (all of them are in skipped.csv)
 SPLITS = ("train", "validation", "test")
 HTML = "report.html"
@@ -69,7 +71,7 @@ def _report(config):
     notices = sorted({n for n in [attrs.get("weights_notice"), evaluation.weights_notice]
                       + [r.weights_notice for r in trained.values()] if n})
 
-    lines = [f"# Transfer-learning report: {config.dataset_name}", ""]
+    lines = [f"# Transfer-learning report: {_cell(config.dataset_name)}", ""]
     for notice in notices:  # first thing a reader sees: the numbers below mean nothing
         lines += [f"> **WARNING: {_cell(notice)}.** The backbone had no pretrained weights "
                   "(WEIGHTS=auto fell back to random initialisation); the figures below only "
@@ -91,8 +93,8 @@ def _report(config):
     lines += _identity_section(attrs, notices)
 
     # report.md and report.html last, each whole or not at all: a kill before leaves the old
-    # ones, naming their own pictures (hashed.py); only then are the pictures they no longer
-    # name removed
+    # ones, naming their own pictures (reporting/pictures.py); only then are the pictures they
+    # no longer name removed
     out = artifacts.path(config, artifacts.REPORT)
     with files.replacing(out, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -227,7 +229,7 @@ def _audit_table(path, title, columns, keep=lambda row: True):
     rows = []
     try:
         with files.open_regular(path, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
+            for row in csv_dicts(f):  # the names as they are, not as a spreadsheet
                 if all(isinstance(row.get(c), str) for c in columns) and keep(row):
                     rows.append(row)
                     if len(rows) == AUDIT_ROWS:
@@ -266,23 +268,15 @@ def _misclassified_section(folder, evaluation, drawn):
 
 def _misclassified_grid(evaluation, mistakes, title):
     """The grid as PNG bytes; None when no picture could be opened."""
-    pictures = []
+    pictures, shown = [], False
     for mistake in mistakes:
-        try:
-            # Display only, never model input: PIL opens the original file for a thumbnail,
-            # the way a person would look at it. Model input always goes through load_image.
-            # A regular file only: a FIFO would hang the report.
-            with files.open_regular(os.path.join(evaluation.data_root, mistake["path"]),
-                                    "rb") as f, Image.open(f) as img:
-                picture = ImageOps.exif_transpose(img).convert("RGB")
-                picture.thumbnail((THUMBNAIL, THUMBNAIL))
-        except (OSError, UserError):
-            continue  # moved, deleted or replaced since evaluate: show the others
-        name = os.path.basename(mistake["path"])
-        name = name if len(name) <= 22 else name[:19] + "..."
+        # moved, deleted or replaced since evaluate: a placeholder, the others are shown
+        picture, found = thumbnail(os.path.join(evaluation.data_root, mistake["path"]))
+        shown |= found
         pictures.append((picture, f"true: {mistake['true']}\npredicted: {mistake['predicted']} "
-                                  f"({mistake['probability']:.2f})\n{name}"))
-    if not pictures:
+                                  f"({mistake['probability']:.2f})\n"
+                                  + short_name(mistake["path"], 22)))
+    if not shown:
         return None
     return plots.png_bytes(plots.plot_misclassified_grid(
         pictures, title=f"{title}: most confident mistakes"))
@@ -306,7 +300,7 @@ def _dataset_section(config, attrs, labels, splits):
     if os.path.exists(skipped_csv):
         with files.open_regular(skipped_csv, newline="",
                                 fix="remove it, then run `make extract` again") as f:
-            skipped = [(row.get("path"), row.get("reason")) for row in csv.DictReader(f)]
+            skipped = [(row.get("path"), row.get("reason")) for row in csv_dicts(f)]
     lines += ["", f"### Skipped files: {len(skipped)}", ""]
     if skipped:
         lines += [f"Files that were not used, and why (all of them: {_code(skipped_csv)}).", "",
@@ -342,4 +336,4 @@ def _num(value, digits=3):
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
 
 
-_cell, _code, _html = markdown.cell, markdown.code, markdown.page  # the names tests know
+_cell, _code, _html = markdown_text, markdown_code, markdown.page  # the names tests know

@@ -413,7 +413,7 @@ def test_extract_skips_an_image_over_the_pixel_budget(world, make_config, bombs,
 # after the imports, then read after each load.
 MEASURE = r"""
 import json, re, sys
-from pipeline import images
+from pipeline.data import images
 
 def peak():
     return int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024

@@ -14,6 +14,7 @@ from pipeline import extract
 from pipeline.cache import FeatureStore
 from pipeline.config import UserError
 from pipeline.data import datasets, labels
+from pipeline.fs import escape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -210,7 +211,7 @@ def test_a_huge_one_line_csv_is_refused_quickly_in_bounded_memory(tmp_path, head
         f.truncate(300 * 2**20)
     child = (
         "import sys, time\n"
-        "from pipeline import labels\n"
+        "from pipeline.data import labels\n"
         "from pipeline.config import UserError\n"
         "start = time.perf_counter()\n"
         "try:\n"
@@ -292,4 +293,4 @@ def test_a_label_like_a_formula_is_written_as_text_in_predictions(tmp_path, make
         rows = list(csv.reader(f))
     assert {row[1] for row in rows[1:]} <= {"'=HYPERLINK(\"http://x\")", "'@SUM(1)"}
     assert len(rows) == 13 and not any(cell[:1] in "=+-@" for row in rows for cell in row[:2])
-    assert labels.spreadsheet_safe("-1") == "'-1" and labels.spreadsheet_safe("a-b") == "a-b"
+    assert escape.csv_cell("-1") == "'-1" and escape.csv_cell("a-b") == "a-b"

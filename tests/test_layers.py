@@ -8,6 +8,7 @@ ast, function-level imports included, so a lazy import cannot hide a violation.
 """
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -106,9 +107,15 @@ def test_every_subpackage_says_its_job_and_what_it_may_import():
 
 
 def test_the_wheel_holds_every_module(tmp_path):
-    """`pip install .` must install the subpackages too, not pipeline/ alone."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path)], check=True, cwd=tmp_path)
+    """`pip install .` must install the subpackages too, not pipeline/ alone. Built from a copy:
+    setuptools writes build/ and *.egg-info beside the sources."""
+    source = tmp_path / "source"
+    shutil.copytree(os.path.join(ROOT, "pipeline"), source / "pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
+                    "--no-build-isolation", "-q", "-w", str(tmp_path)], check=True, cwd=tmp_path)
     wheel, = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
     held = {n for n in zipfile.ZipFile(tmp_path / wheel).namelist() if n.endswith(".py")}
     ours = {os.path.relpath(os.path.join(d, f), ROOT).replace(os.sep, "/")

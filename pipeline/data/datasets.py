@@ -8,13 +8,12 @@
 all go through it, so every stage reads, skips and refuses the same files. Turning a file into
 model input is images.load_image's job, not this module's.
 """
-import csv
 import os
 import stat
 from dataclasses import dataclass
 
 from ..config import UserError
-from ..fs import files
+from ..fs import escape, files
 from ..fs.files import file_kind  # noqa: F401 (read from here too: predict)
 from . import labels
 
@@ -315,8 +314,9 @@ def _discover_csv(data, labels_csv, label_columns):
 
 
 def write_skipped_csv(path, skipped):
-    """features/<NAME>/skipped.csv: one row per file that was not used, and why."""
+    """features/<NAME>/skipped.csv: one row per file that was not used, and why; people open it
+    in spreadsheets, so every cell is neutralised (escape.csv_writer)."""
     with files.replacing(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+        writer = escape.csv_writer(f)
         writer.writerow(["path", "reason"])
         writer.writerows(sorted(skipped))

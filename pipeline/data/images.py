@@ -59,6 +59,15 @@ def load_image(path, size):
     ImageRefused, before reading any pixel, for anything but a regular file and for an image over
     MAX_PIXELS once the JPEG scaling is applied.
     """
+    with decode(path, size) as img:
+        return _model_input(img, size)
+
+
+def decode(path, size):
+    """Steps 1 to 3 of load_image: `path` as an RGB PIL image, upright, decoded at no less than
+    `size` pixels a side where the format allows less (a JPEG's DCT scaling). Raises as
+    load_image does. The one decoder: load_image builds model input on it, and thumbnails for
+    display (thumbnails.py) are cut from it, so neither meets a file the other would refuse."""
     problem = not_regular_reason(path)
     if problem:
         raise ImageRefused(problem)
@@ -80,8 +89,7 @@ def load_image(path, size):
         if width * height > MAX_PIXELS:
             raise ImageRefused(f"image of {width}x{height} pixels ({width * height / 1e6:.0f} MP) "
                                f"is over the {_budget()} per image: downscale it")
-        img = ImageOps.exif_transpose(img)
-        return _model_input(_to_rgb(img), size)
+        return _to_rgb(ImageOps.exif_transpose(img))
 
 
 def image_from_array(array, size):

@@ -25,6 +25,7 @@ import re
 import unicodedata
 
 from ..config import UserError
+from ..fs.escape import terminal_text
 
 # The reasons written to skipped.csv; `make batch` counts rows by these prefixes.
 MISSING_FILE = "CSV row names no file in DATA"
@@ -98,13 +99,6 @@ def _bounded_lines(f, csv_path):
         yield line
 
 
-def spreadsheet_safe(text):
-    """`text` for a cell of a CSV written for people: one starting with = + - @ (or a tab or a
-    carriage return) gets a leading ', so that a spreadsheet shows it instead of running it as
-    a formula (a label "=HYPERLINK(...)" from a LABELS file, say)."""
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
 def _find_columns(header, wanted, csv_path, delimiter):
     # The error names the missing column and counts the header's columns, without quoting them:
     # LABELS can point at any file the user can read (LABELS=/etc/shadow), and the message would
@@ -160,7 +154,7 @@ def label_files(csv_path, label_columns, candidates):
     skipped += [(p, UNLABELLED) for p in candidates if p not in labels_of and p not in reported]
     if notes:
         print(f"labels: {len(notes)} CSV row(s) matched a file only by ignoring case or extension, "
-              f"e.g. {'; '.join(notes[:NOTE_EXAMPLES])}")
+              f"e.g. {terminal_text('; '.join(notes[:NOTE_EXAMPLES]))}")
     return {p: ls.pop() for p, ls in labels_of.items()}, skipped
 
 

@@ -13,7 +13,7 @@ computes only the new views, and a new cut computes only what it lacks. An image
 for its plain input and all its views.
 
 ENGINE=local writes one segment per batch and target (`compute_here`); ENGINE=ray's actors
-(engine_ray.Extractor) collect a Ray batch into one segment per target. Both run
+(ray_engine.Extractor) collect a Ray batch into one segment per target. Both run
 `Featurizer.batches`, so both write the same numbers.
 """
 from dataclasses import dataclass

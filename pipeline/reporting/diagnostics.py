@@ -2,7 +2,7 @@
 most-confused class pairs, a 2-D projection of the cached features, and each stage's time.
 
 Shared by evaluate only; it imports no stage. The figures are drawn here and returned as PNG
-bytes, for evaluate to write under hashed names (hashed.py) and name in evaluation.json.
+bytes, for evaluate to write under hashed names (reporting/pictures.py) and name in evaluation.json.
 """
 import numpy as np
 from sklearn import metrics

@@ -1,34 +1,18 @@
-"""The report's Markdown, made inert, and its rendering as one self-contained HTML page.
+"""The report's Markdown rendered as one self-contained HTML page.
 
-Text read from files (class names, paths, notices) goes through `cell` or `code`, so it can open
-no tag, link, picture, code span or table cell. `page` renders exactly the subset of Markdown the
-report writes; every picture is inlined as a data: URI, so report.html is one file to send.
+Text read from files (class names, paths, notices) is in the Markdown already escaped
+(escape.markdown_text, escape.markdown_code), so it opens no tag, link, picture, code span or
+table cell. `page` renders exactly the subset of Markdown the report writes and passes every
+other character through escape.html_text; every picture is inlined as a data: URI, so
+report.html is one file to send.
 """
 import base64
-import html
 import os
 import re
 
 from ..config import UserError
 from ..fs import files
-
-# Markdown's and HTML's active characters, each escaped with a backslash: text read from files
-# (class names, paths, notices) can open no tag, link, picture, code span or table cell
-_ESCAPES = str.maketrans({c: "\\" + c for c in "\\`*_[]<>|&!#"})
-
-
-def cell(text):
-    """Untrusted text as inert Markdown on one line, also inside a table cell."""
-    return "".join(" " if not c.isprintable() else c for c in str(text)).translate(_ESCAPES)
-
-
-def code(text):
-    """Untrusted text as one code span: a fence of more backticks than the text holds in a row,
-    so no backtick inside can end it (Markdown shows a code span's text as is)."""
-    text = "".join(" " if not c.isprintable() else c for c in str(text))
-    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
-    return f"{fence} {text} {fence}"
-
+from ..fs.escape import html_text
 
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)]+)\)$")
 _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
@@ -95,7 +79,7 @@ def page(lines, folder, title):
                 body.append(f"<h{level}>{text}</h{level}>")
         elif picture:
             flush()
-            body.append(f'<p class="fig"><img alt="{html.escape(picture.group(1))}" '
+            body.append(f'<p class="fig"><img alt="{html_text(picture.group(1))}" '
                         f'src="{_data_uri(folder, picture.group(2))}"></p>')
         elif line.startswith("> "):
             flush()
@@ -107,7 +91,7 @@ def page(lines, folder, title):
         body.insert(1, '<nav class="toc">' + " · ".join(
             f'<a href="#s{i}">{text}</a>' for i, text in enumerate(sections, 1)) + "</nav>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>\n"
+            f"<title>{html_text(title)}</title><style>{_STYLE}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 
@@ -122,21 +106,21 @@ def _inline(text):
     while i < len(text):
         c = text[i]
         if c == "\\" and i + 1 < len(text):
-            out.append(html.escape(text[i + 1]))
+            out.append(html_text(text[i + 1]))
             i += 2
         elif c == "`":
             fence = re.match("`+", text[i:]).group(0)
             end = text.find(fence, i + len(fence))
             if end < 0:
-                out.append(html.escape(text[i:]))
+                out.append(html_text(text[i:]))
                 break
-            out.append(f"<code>{html.escape(text[i + len(fence):end].strip())}</code>")
+            out.append(f"<code>{html_text(text[i + len(fence):end].strip())}</code>")
             i = end + len(fence)
         elif text.startswith("**", i):
             out.append("</strong>" if bold else "<strong>")
             bold, i = not bold, i + 2
         else:
-            out.append(html.escape(c))
+            out.append(html_text(c))
             i += 1
     return "".join(out) + ("</strong>" if bold else "")
 

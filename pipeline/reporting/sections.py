@@ -3,14 +3,15 @@ precision-recall curves, calibration before and after the temperature, the most-
 the feature projection and the stage times.
 
 Imports no stage. Everything comes from evaluation.json, which is untrusted: each value is
-checked (registry.Checker) before it is shown, text is escaped (markdown.cell), and a picture is
-shown only when evaluation.json names it and its content has the recorded hash (pictures.verified).
+checked (registry.Checker) before it is shown, text is escaped (escape.markdown_text), and a
+picture is shown only when evaluation.json names it and its content has the recorded hash
+(pictures.verified).
 """
 from ..config import warn
+from ..fs.escape import markdown_text as cell
 from ..model import registry
 from ..model.registry import TITLES
 from . import pictures, plots
-from .markdown import cell
 
 
 def picture(folder, record, alt, what, fix="run `make evaluate` again"):
