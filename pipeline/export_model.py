@@ -123,18 +123,38 @@ def _constant_statistics(model):
 
 
 def _network(config, classifier):
-    """The model: load_image's output (n, SIZE, SIZE, 3) -> probabilities (sigmoid or softmax)."""
+    """The model, in float32: load_image's output (n, SIZE, SIZE, 3) -> probabilities (sigmoid
+    or softmax)."""
     if registry.KINDS[classifier.model].takes == "images":
-        return registry.load(config, classifier.model)  # the whole fine-tuned model
+        return in_float32(registry.load(config, classifier.model))  # the whole fine-tuned model
     with cache.FeatureStore(config.features_dir) as store:  # the weights its features came from
         weights = backbone.weights_of_cache(config.weights, store.attrs)
-        identity = store.feature_identity
-    base = backbone.build_backbone_of(identity, weights)
+    base = backbone.build_backbone(weights, classifier.size, "float32")
     head = registry.load(config, classifier.model)
-    if classifier.model == "logreg":
-        head = heads.logreg_network(head, backbone.feature_shape(classifier.size))
+    head = (heads.logreg_network(head, backbone.feature_shape(classifier.size))
+            if classifier.model == "logreg" else in_float32(head))
     inputs = keras.Input((classifier.size, classifier.size, 3), name="image")
     return keras.Model(inputs, head(base(inputs)), name=classifier.model)
+
+
+def in_float32(model):
+    """`model` rebuilt with float32 arithmetic in every layer, with its weights (which mixed
+    precision keeps in float32 anyway): an export runs anywhere, and ONNX Runtime has no
+    bfloat16 convolution, which PRECISION=auto picks on CPUs with bfloat16 instructions."""
+    copy = model.__class__.from_config(_float32_policies(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _float32_policies(config):
+    """A Keras config with every dtype policy made float32."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy":
+            return {**config, "config": {**config.get("config", {}), "name": "float32"}}
+        return {key: _float32_policies(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_float32_policies(value) for value in config]
+    return config
 
 
 def _write(graph, target, keras_format, extra):
