@@ -30,8 +30,6 @@ option = --$(shell echo $(1) | tr A-Z_ a-z-)
 ARGS = $(foreach v,$(SETTINGS),$(if $(strip $(value $(v))),$(call option,$(v))=$(call quote,$(value $(v))))) \
        $(if $(strip $(value DATASETS)),--datasets $(foreach d,$(value DATASETS),$(call quote,$(d))))
 CLI  = $(PYTHON) -m pipeline
-# With no DATA, stages run on the embedded demo data (generated on first use).
-DATA_DEP = $(if $(strip $(DATA)),,$(DEMO_STAMP))
 # ENGINE=ray installs Ray (requirements-ray.txt, optional) into .venv on first use.
 RAY_DEP = $(if $(filter ray,$(strip $(ENGINE))),$(RAY_STAMP))
 
@@ -61,18 +59,20 @@ $(RAY_STAMP): requirements-ray.txt | $(STAMP)
 	$(PYTHON) -m pip install -q -r requirements-ray.txt
 	touch $@
 
+# Demo images are written only when asked for (demo-data, demo): a stage without DATA reads the
+# cache that extract made for NAME, or says which DATA= and NAME= it needs.
 demo-data: $(DEMO_STAMP) ## Generate the embedded two-class demo images in data/demo (offline)
 
 $(DEMO_STAMP): pipeline/data/demo.py | $(STAMP)
 	$(CLI) demo-data --data $(DEMO)
 
-extract: $(STAMP) $(DATA_DEP) $(RAY_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150] [AUGMENT=5]
+extract: $(STAMP) $(RAY_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150] [AUGMENT=5]
 	$(CLI) extract $(ARGS)
 
-train-head: $(STAMP) $(DATA_DEP) ## Train heads on the cache: [NAME] [HEAD=dense|logreg|both] [EPOCHS=30] [SEED=0]
+train-head: $(STAMP) ## Train heads on the cache: [NAME] [HEAD=dense|logreg|both] [EPOCHS=30] [SEED=0]
 	$(CLI) train-head $(ARGS)
 
-finetune: $(STAMP) $(DATA_DEP) ## Fine-tune block5 + head on the cached block4 activations (or images): [NAME] [UNFREEZE=block5] [FINETUNE_EPOCHS=10] [LR=1e-4] [FINETUNE_FROM=cache] [FRESH=0]
+finetune: $(STAMP) ## Fine-tune block5 + head on the cached block4 activations (or images): [NAME] [UNFREEZE=block5] [FINETUNE_EPOCHS=10] [LR=1e-4] [FINETUNE_FROM=cache] [FRESH=0]
 	$(CLI) finetune $(ARGS)
 
 evaluate: $(STAMP) ## Test-split metrics and confusion matrices for every trained model: [NAME]

@@ -24,6 +24,7 @@ from .fs import artifacts, lock
 from .model import backbone
 
 HASH_AT_ONCE = 65536  # files handed to the engine's sha256_of at a time
+CONFLICTS = "label_conflicts.csv"  # rows whose content is also filed under another class
 
 
 @dataclass
@@ -135,6 +136,8 @@ def _run(config, engine):
             for target in targets:
                 cache.remove_unreferenced(out, target.identity_id, referenced)
         datasets.write_skipped_csv(os.path.join(out, "skipped.csv"), skipped)
+        conflicts = label_conflicts(rows, dataset.class_names)
+        datasets.write_label_conflicts_csv(os.path.join(out, CONFLICTS), conflicts)
 
     new_images = np.isin(rows.sha256, index.as_keys(list(computed["images"])))
     result = ExtractResult(
@@ -149,9 +152,30 @@ def _run(config, engine):
     print(f"extract {config.dataset_name}: {result.rows} rows, {result.new} new, {result.reused} "
           f"reused, {result.skipped} skipped (see {out}/skipped.csv){augmented}{at_cut}, "
           f"{result.seconds:.1f} s")
+    if conflicts:
+        _warn_conflicts(config, conflicts)
     if weights.notice:
         warn(weights.notice)
     return result
+
+
+def label_conflicts(rows, class_names):
+    """[(sha256, class, path)] of every row whose content (sha256) also has a row of another
+    class: the same picture taught as two classes."""
+    pairs = np.unique(np.rec.fromarrays([rows.sha256, rows.label]))  # (content, label) once
+    shas, counts = np.unique(pairs.f0, return_counts=True)
+    torn = np.isin(rows.sha256, shas[counts > 1])
+    return [(rows.sha256[at].decode(), class_names[rows.label[at]], rows.path[at])
+            for at in np.flatnonzero(torn).tolist()]
+
+
+def _warn_conflicts(config, conflicts):
+    contents = len({sha for sha, _, _ in conflicts})
+    classes = sorted({class_name for _, class_name, _ in conflicts})
+    shown = ", ".join(repr(c) for c in classes[:5]) + (", ..." if len(classes) > 5 else "")
+    warn(f"extract {config.dataset_name}: {contents} image content(s) appear under more than one "
+         f"class ({shown}): each copy teaches a different answer; the files are listed in "
+         f"{os.path.join(config.features_dir, CONFLICTS)}")
 
 
 def _plan(config, dataset, columns, unreadable, previous_views, known):

@@ -46,17 +46,28 @@ RETRAIN = "run `make extract` then `make train-head`"
 
 @dataclass
 class FinetuneResult:
-    model_path: str
-    metrics_path: str
-    plot_path: str
+    """What a fine-tuning run made: its three files and the record finetune_metrics.json holds."""
+    identity: dict
+    split_digest: str         # registry.record checks it
+    class_names: list
+    config: dict
+    weights: str              # the backbone weights' fingerprint
+    weights_notice: str
+    unfreeze: str
+    trainable_layers: list
+    source: str               # "cache" (the cut's activations) or "images"; JSON: finetune_from
     validation: dict          # {"accuracy", "loss"} of the restored best weights
     test: dict                # the same on the test split ({} when there is none)
     epochs: int               # epochs trained in total, over every resumed run
-    best_epoch: int           # 1-based
-    resumed_from_epoch: int   # epochs already done when this run started (0 = fresh)
-    trainable_layers: list
+    best_epoch: int           # 1-based; 0: no epoch beat the head
     seconds: float
-    source: str = "images"    # what it trained on: "cache" (the cut's activations) or "images"
+    history: dict
+    resumed_from_epoch: int   # epochs already done when this run started (0 = fresh)
+    calibration: dict         # calibration.fit on the validation split: the temperature
+    file_sha256: str = ""     # ties the model file to this record
+    model_path: str = ""
+    metrics_path: str = ""
+    plot_path: str = ""
 
 
 def run(config: Config, *, callbacks=()) -> FinetuneResult:
@@ -86,7 +97,7 @@ def _finetune(config, start, extra_callbacks):
             data = make_datasets(config, store)
             model, trainable = build_model(config, weights, head, store,
                                            augmented=config.finetune_augment)
-            whole, on_error = inference_model(model), images.one_line_on_change(
+            whole, on_error = augment.without_augmentation(model), images.one_line_on_change(
                 data["train"], data["validation"], data["test"], data["step0"][0])
         settings = {"identity_id": backbone.identity_id(store.identity), "lr": config.lr,
                     "optimizer": config.finetune_optimizer, "unfreeze": config.unfreeze,
@@ -114,35 +125,37 @@ def _finetune(config, start, extra_callbacks):
                       verbose=1 if sys.stdout.isatty() else 2)  # logs: a line an epoch
             # EarlyStopping.on_train_end has put the best epoch's weights back (also after a
             # resume); `whole` shares them
-            scores = {name: model.evaluate(data[name], return_dict=True, verbose=0)
-                      if data[name] else {} for name in ("validation", "test")}
-            validation_probabilities = heads.class_probabilities(
-                model.predict(data["validation"], verbose=0))  # in row order: not shuffled
+            scores = {name: {key: float(value) for key, value in model.evaluate(
+                data[name], return_dict=True, verbose=0).items() if key in ("accuracy", "loss")}
+                if data[name] else {} for name in ("validation", "test")}
+            fitted = calibration.fit_model(model, data["validation"],
+                                           store.labels[store.rows("validation")])
         history = resume.log_history(config, target)
         epochs = len(history.get("loss", []))
-        made = FinetuneRecord(
-            identity=store.identity, split_digest=store.split_digest(),
-            class_names=list(store.class_names), config=config.to_dict(),
-            weights=weights.fingerprint, weights_notice=weights.notice,
-            unfreeze=config.unfreeze, trainable_layers=trainable, finetune_from=source,
-            validation=_scores(scores["validation"]), test=_scores(scores["test"]),
-            epochs=epochs, best_epoch=int(early.best_epoch) + 1 if epochs else 0,
-            seconds=backup.seconds(), history=history, resumed_from_epoch=done,
-            calibration=calibration.fit(validation_probabilities,
-                                        store.labels[store.rows("validation")]))
+        made = FinetuneResult(
+            identity=store.identity, split_digest=store.split_digest(), config=config.to_dict(),
+            class_names=list(store.class_names), weights=weights.fingerprint,
+            weights_notice=weights.notice, unfreeze=config.unfreeze, trainable_layers=trainable,
+            source=source, validation=scores["validation"], test=scores["test"], epochs=epochs,
+            best_epoch=int(early.best_epoch) + 1 if epochs else 0, seconds=backup.seconds(),
+            history=history, resumed_from_epoch=done, calibration=fitted)
     result = _write_outputs(config, made, whole, head_record.get("history", {}))
+    _print_summary(config, result, weights)
+    return result
+
+
+def _print_summary(config, result, weights):
     if result.epochs and not result.best_epoch:
         print(f"finetune {config.dataset_name}: no epoch beat the head's validation loss: "
               "finetuned.keras is the head on the base, unchanged")
     print(f"finetune {config.dataset_name}: {result.epochs} epochs (best {result.best_epoch}) "
-          f"from the {source}, validation accuracy {result.validation['accuracy']:.3f}, "
-          f"T={made.calibration['temperature']:.2f}, {result.seconds:.1f} s -> "
+          f"from the {result.source}, validation accuracy {result.validation['accuracy']:.3f}, "
+          f"T={result.calibration['temperature']:.2f}, {result.seconds:.1f} s -> "
           f"{result.model_path}")
-    if made.calibration["note"]:
-        warn(f"finetuned: {made.calibration['note']}")
+    if result.calibration["note"]:
+        warn(f"finetuned: {result.calibration['note']}")
     if weights.notice:
         warn(weights.notice)
-    return result
 
 
 def training_source(config, store):
@@ -340,17 +353,6 @@ def compose(weights, head, identity, augment_layers=None):
     return keras.Model(inputs, outputs, name="finetuned"), base
 
 
-def inference_model(model):
-    """`model` without its augmentation layers, sharing every other layer (and so every weight
-    it learns): what finetuned.keras saves. Keras's augmentation layers augment whenever they
-    are called without training=False, so a saved model that held them would flip and rotate
-    the images of anyone calling it directly, model(x)."""
-    inputs = x = keras.Input(model.input.shape[1:], name="image")
-    for layer in model.layers[1:]:
-        x = x if layer.name == augment.LAYER_NAME else layer(x)
-    return keras.Model(inputs, x, name=model.name)
-
-
 def set_trainable(base, unfreeze):
     """Freeze every layer below UNFREEZE: a block name ("block5") or a count of top conv layers
     (backbone.first_trainable). Returns the names of the base's layers that train."""
@@ -378,51 +380,21 @@ def check_composition(model, head, image_batches, features):
 
 # --- Outputs ----------------------------------------------------------------------------------
 
-@dataclass
-class FinetuneRecord:
-    """What a fine-tuning run made: finetune_metrics.json's fields (registry.record reads them),
-    `file_sha256` filled in by `_write_outputs` once the model file is saved."""
-    identity: dict
-    split_digest: str         # registry.record checks it
-    class_names: list
-    config: dict
-    weights: str              # the backbone weights' fingerprint
-    weights_notice: str
-    unfreeze: str
-    trainable_layers: list
-    finetune_from: str        # "cache" or "images"
-    validation: dict          # {"accuracy", "loss"} of the restored best weights
-    test: dict                # the same on the test split ({} when there is none)
-    epochs: int               # in total, over every resumed run
-    best_epoch: int           # 1-based; 0: no epoch beat the head
-    seconds: float
-    history: dict
-    resumed_from_epoch: int
-    calibration: dict         # calibration.fit on the validation split: the temperature
-    file_sha256: str = ""     # ties the file to these metrics
-
-
-def _scores(evaluated):
-    return {"accuracy": float(evaluated["accuracy"]), "loss": float(evaluated["loss"])} \
-        if evaluated else {}
-
-
 def _write_outputs(config, made, model, head_history):
-    """Save `model` (image after load_image -> probabilities) and write `made` beside it, with the
-    plot of the head's and fine-tuning's histories: the one place fine-tuning's outputs are
-    written."""
-    model_path = artifacts.path(config, artifacts.FINETUNED)
-    with files.replacing_path(model_path) as temporary:  # a kill leaves the last one whole
-        model.save(temporary)
-    made.file_sha256 = artifacts.file_sha256(model_path)
-    metrics = {**dataclasses.asdict(made), "identity_id": backbone.identity_id(made.identity),
-               "versions": backbone.library_versions()}  # the backend among them
-    metrics_path = artifacts.path(config, artifacts.FINETUNE_METRICS)
-    artifacts.write_json(metrics_path, metrics)
-    plot_path = artifacts.path(config, artifacts.FINETUNE_HISTORY_PLOT)
-    plots.plot_history([("head", head_history), ("fine-tune", made.history)], plot_path,
-                       f"{config.dataset_name}: dense head, then fine-tuning from "
-                       f"{config.unfreeze}")
-    return FinetuneResult(model_path, metrics_path, plot_path, made.validation, made.test,
-                          made.epochs, made.best_epoch, made.resumed_from_epoch,
-                          made.trainable_layers, made.seconds, made.finetune_from)
+    """Save `model` (image after load_image -> probabilities), the plot and `made`, with its
+    paths and the model's sha256, as one commit (finetune_metrics.json last): returns `made`."""
+    made.model_path, made.plot_path, made.metrics_path = paths = [
+        artifacts.path(config, name) for name in (
+            artifacts.FINETUNED, artifacts.FINETUNE_HISTORY_PLOT, artifacts.FINETUNE_METRICS)]
+    with files.replacing_together(paths) as temporary:
+        model.save(temporary[made.model_path])
+        made.file_sha256 = artifacts.file_sha256(temporary[made.model_path])
+        plots.plot_history([("head", head_history), ("fine-tune", made.history)],
+                           temporary[made.plot_path], f"{config.dataset_name}: dense head, "
+                           f"then fine-tuning from {config.unfreeze}")
+        record = {key: value for key, value in dataclasses.asdict(made).items()
+                  if key not in ("model_path", "plot_path", "metrics_path", "source")}
+        artifacts.write_json(temporary[made.metrics_path], {  # versions: the backend among them
+            **record, "finetune_from": made.source, "versions": backbone.library_versions(),
+            "identity_id": backbone.identity_id(made.identity)})
+    return made

@@ -92,15 +92,15 @@ def _report(config):
     lines += sections.times_section(evaluation, evaluation.stage_times)
     lines += _identity_section(attrs, notices)
 
-    # report.md and report.html last, each whole or not at all: a kill before leaves the old
-    # ones, naming their own pictures (reporting/pictures.py); only then are the pictures they
-    # no longer name removed
-    out = artifacts.path(config, artifacts.REPORT)
-    with files.replacing(out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    page = artifacts.path(config, HTML)
-    with files.replacing(page, "w", encoding="utf-8") as f:
-        f.write(_html(lines, folder, f"Transfer-learning report: {config.dataset_name}"))
+    # report.html and report.md last, as one commit: a failure or a kill before leaves the
+    # old pair, naming their own pictures (reporting/pictures.py); only then are the pictures
+    # they no longer name removed
+    out, page = artifacts.path(config, artifacts.REPORT), artifacts.path(config, HTML)
+    with files.replacing_together([page, out]) as temporary:
+        with open(temporary[page], "x", encoding="utf-8") as f:
+            f.write(_html(lines, folder, f"Transfer-learning report: {config.dataset_name}"))
+        with open(temporary[out], "x", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
     pictures.remove_stale(folder, PICTURES, drawn)
     for name in LEGACY_PICTURES:
         legacy = os.path.join(folder, name)

@@ -116,9 +116,9 @@ def download(url, dest, retries=RETRIES, timeout=TIMEOUT, wait=2.0):
                 break  # offline: retrying will not help
         except (http.client.HTTPException, OSError) as error:  # broken in the middle of the file
             if files.is_full(error):  # retrying cannot help; the partial file is resumed later
-                raise files.NoSpace(f"no space left on the disk downloading {url} into {part}: "
-                                    "free some space, then rerun `make reproduce`, which "
-                                    "resumes the download") from None
+                words, fix = files.FULL[files.full_errno(error)]
+                raise files.NoSpace(f"{words} downloading {url} into {part}: {fix}, then rerun "
+                                    "`make reproduce`, which resumes the download") from None
             problem = f"{type(error).__name__}: {error}"
     raise UserError(f"could not download {url} ({problem or 'no network'}): `make reproduce` needs "
                     f"internet access; or download the file yourself to {dest} (a partial "

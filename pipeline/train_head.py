@@ -67,19 +67,47 @@ def _train(config, callbacks, logreg_memory_mb):
                    "weights_notice": store.attrs.get("weights_notice", ""),
                    "versions": backbone.library_versions(),  # the backend among them
                    "models": _kept_models(metrics_path, store, config.head)}
-        paths = {"metrics": metrics_path}
-        # logreg first: its in-memory features are freed before TensorFlow's runtime starts
-        if config.head in ("logreg", "both"):
-            metrics["models"]["logreg"], paths["logreg"] = train_logreg(config, store, rows,
-                                                                        logreg_memory_mb)
-            artifacts.write_json(metrics_path, metrics)  # each model is recorded when it is done
-        if config.head in ("dense", "both"):
-            metrics["models"]["dense"], dense_paths = train_dense(config, store, rows, callbacks)
-            paths.update(dense_paths)
-            artifacts.write_json(metrics_path, metrics)
+        paths = committed_paths(config)
+        os.makedirs(config.models_dir, exist_ok=True)
+        # One commit: every file goes to a temporary and they replace the old ones together,
+        # head_metrics.json (which names the models by their sha256) last. A failure anywhere,
+        # a full disk among them, leaves every old file as it was, each still the one its
+        # metrics describe.
+        with files.replacing_together(paths.values()) as temporary:
+            # logreg first: its in-memory features are freed before TensorFlow's runtime starts
+            if "logreg" in paths:
+                metrics["models"]["logreg"] = train_logreg(config, store, rows, logreg_memory_mb,
+                                                           temporary[paths["logreg"]])
+            if "dense" in paths:
+                metrics["models"]["dense"] = train_dense(
+                    config, store, rows, callbacks,
+                    {what: temporary[paths[what]] for what in ("dense", "plot")})
+            artifacts.write_json(temporary[metrics_path], metrics)
+    legacy = artifacts.path(config, artifacts.LEGACY_LOGREG)
+    if "logreg" in paths and os.path.exists(legacy):
+        os.remove(legacy)  # the pickle of an earlier version, replaced by logreg.npz
+    if "dense" in paths:
+        paths.update(working_paths(config))
     result = TrainHeadResult(metrics, paths, time.perf_counter() - start)
     _print_summary(config, result)
     return result
+
+
+def committed_paths(config):
+    """What -> path of the files HEAD's run replaces as one commit, head_metrics.json last."""
+    paths = {}
+    if config.head in ("logreg", "both"):
+        paths["logreg"] = artifacts.path(config, artifacts.LOGREG)
+    if config.head in ("dense", "both"):
+        paths.update(dense=artifacts.path(config, artifacts.HEAD),
+                     plot=artifacts.path(config, artifacts.HEAD_HISTORY_PLOT))
+    return {**paths, "metrics": artifacts.path(config, artifacts.HEAD_METRICS)}
+
+
+def working_paths(config):
+    """The dense head's working files, written while it trains (outside the commit)."""
+    return {"checkpoint": artifacts.path(config, artifacts.HEAD_CHECKPOINT),
+            "log": artifacts.path(config, artifacts.HEAD_LOG)}
 
 
 def _check_trainable(store, rows):
@@ -148,7 +176,9 @@ def feature_moments(store, rows):
 # The dense head
 # --------------------------------------------------------------------------------------------
 
-def train_dense(config, store, rows, callbacks=()):
+def train_dense(config, store, rows, callbacks, out):
+    """Train the dense head; save it and its history plot to out["dense"] and out["plot"]
+    (the caller's temporaries); returns its head_metrics.json entry."""
     names, shape = list(store.class_names), store.features.shape[1:]
     # sigmoid head: float targets of shape (n, 1); softmax head: integer class indices
     targets = (store.labels.astype(np.float32)[:, None] if len(names) == 2
@@ -157,11 +187,7 @@ def train_dense(config, store, rows, callbacks=()):
     train = CachedFeatures(store, rows["train"], targets, config.batch_size, seed=config.seed,
                            read=views.epoch_reader(store, config.seed))
     validation = CachedFeatures(store, rows["validation"], targets, config.batch_size)
-    paths = {"dense": artifacts.path(config, artifacts.HEAD),
-             "checkpoint": artifacts.path(config, artifacts.HEAD_CHECKPOINT),
-             "log": artifacts.path(config, artifacts.HEAD_LOG),
-             "plot": artifacts.path(config, artifacts.HEAD_HISTORY_PLOT)}
-    os.makedirs(config.models_dir, exist_ok=True)
+    paths = working_paths(config)
 
     # The head standardises its inputs, (x - mean feature map) / one scale, with a fixed layer:
     # without it, features that share a large common component (random weights especially)
@@ -190,29 +216,27 @@ def train_dense(config, store, rows, callbacks=()):
                               verbose=1 if sys.stdout.isatty() else 2).history  # a line an epoch
     seconds = time.perf_counter() - start
 
-    with files.replacing_path(paths["dense"]) as temporary:  # whole or not at all
-        head.save(temporary)
+    head.save(out["dense"])
 
     _compiled(head, len(names), config.head_lr)  # after saving: no unused optimizer in the file
     with one_line_on_damage(store):
         entry = {"validation": _evaluate_dense(head, validation),
-                 "calibration": calibration.fit(  # validation's rows in order: not shuffled
-                     heads.class_probabilities(head.predict(validation, verbose=0)),
-                     store.labels[rows["validation"]])}
+                 "calibration": calibration.fit_model(head, validation,
+                                                      store.labels[rows["validation"]])}
         if len(rows["test"]):
             test = CachedFeatures(store, rows["test"], targets, config.batch_size)
             entry["test"] = _evaluate_dense(head, test)
     # file_sha256 ties the file to these metrics
-    entry.update(file_sha256=artifacts.file_sha256(paths["dense"]),
+    entry.update(file_sha256=artifacts.file_sha256(out["dense"]),
                  epochs=len(history["loss"]), best_epoch=int(stop.best_epoch) + 1,  # 1-based
                  views=int(store.views),  # augmented views per training image it read
                  seconds=seconds, history={k: [float(v) for v in history[k]] for k in
                                            ("accuracy", "val_accuracy", "loss", "val_loss")})
     notice = store.attrs.get("weights_notice", "")
-    plots.plot_history([("head", entry["history"])], paths["plot"],
+    plots.plot_history([("head", entry["history"])], out["plot"],
                        f"{config.dataset_name}: dense head on cached features"
                        + (f" ({notice})" if notice else ""))
-    return entry, paths
+    return entry
 
 
 def _compiled(model, num_classes, learning_rate, xla=False):
@@ -230,10 +254,11 @@ def _evaluate_dense(model, dataset):
 # The logistic-regression baseline
 # --------------------------------------------------------------------------------------------
 
-def train_logreg(config, store, rows, memory_mb=LOGREG_MEMORY_MB):
+def train_logreg(config, store, rows, memory_mb, out):
     """Fit one candidate per C on train, keep the one with the lowest validation loss. In memory
     when the training features fit `memory_mb`, else out of core: SGD with log loss on streamed
-    blocks, the same model fitted approximately."""
+    blocks, the same model fitted approximately. Saves it to `out` (the caller's temporary);
+    returns its head_metrics.json entry."""
     budget = memory_mb * 2**20
     row_bytes = 4 * int(np.prod(store.features.shape[1:]))
     in_memory = len(rows["train"]) * row_bytes <= budget
@@ -252,16 +277,11 @@ def train_logreg(config, store, rows, memory_mb=LOGREG_MEMORY_MB):
         entry["test"] = _evaluate_pipelines(store, rows["test"], [model])[0][0]
     entry.update(C=grid[best], seconds=seconds, solver="lbfgs" if in_memory else "sgd",
                  validation_by_C={str(c): s for c, s in zip(grid, scores)})
-    path = artifacts.path(config, artifacts.LOGREG)
-    os.makedirs(config.models_dir, exist_ok=True)
     metadata = {"class_names": list(store.class_names), "identity": store.identity,
                 "config": config.to_dict()}
-    files.atomic_write(path, lambda f: heads.save_logreg(f, model, metadata))
-    entry["file_sha256"] = artifacts.file_sha256(path)  # ties the file to these metrics
-    legacy = artifacts.path(config, artifacts.LEGACY_LOGREG)
-    if os.path.exists(legacy):
-        os.remove(legacy)  # the pickle of an earlier version, replaced by the file above
-    return entry, path
+    files.atomic_write(out, lambda f: heads.save_logreg(f, model, metadata))
+    entry["file_sha256"] = artifacts.file_sha256(out)  # ties the file to these metrics
+    return entry
 
 
 def _fit_in_memory(store, train_rows, num_classes, grid, seed):

@@ -7,6 +7,7 @@ the one line the user reads.
 import errno
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from helpers import make_image_folder
 
 from pipeline import __main__ as cli
-from pipeline import cache, extract
+from pipeline import cache, evaluate, extract, predict, train_head
 from pipeline.config import UserError
 from pipeline.fs import files
 
@@ -220,6 +221,37 @@ def test_a_damaged_test_row_stops_the_dense_head_in_one_line(tmp_path, make_conf
     assert "damaged segment" in one_line(out.err) and "make extract" in out.err
 
 
+def test_features_not_finite_behind_valid_checksums_are_refused_then_recomputed(prepared,
+                                                                                capsys):
+    """NaN or inf written into a segment through HDF5, which recomputes the checksums: every
+    stage that reads the rows refuses in one line naming the segment, and extract computes
+    them again rather than calling them reused."""
+    config = prepared((extract.run, train_head.run), head="logreg", epochs=1,
+                      finetune_from="images")
+    [victim] = segment_files(config.features_dir)
+    with h5py.File(victim, "r+") as f:
+        rows = len(f["sha256"])
+        # one value a row, never the first one: NaN in even rows, inf in odd ones
+        f["features"][:, -1, -1, -1] = np.where(np.arange(rows) % 2, np.inf, np.nan)
+    line = (f"^{config.features_dir} has a damaged segment segments/.*{os.path.basename(victim)}"
+            " \\(NaN or inf among its features, row \\d+\\): run `make extract` to recompute it$")
+    for stage in (train_head.run, lambda c: train_head.run(c.replace(head="dense")),
+                  evaluate.run):
+        with pytest.raises(UserError, match=line):
+            stage(config)
+    capsys.readouterr()
+    predicted = predict.run(config.replace(images=config.data))  # the model itself is sound
+    warned = [x for x in capsys.readouterr().out.splitlines() if x.startswith("!!!")]
+    assert len(warned) == 1 and re.search(line[1:], warned[0])
+    assert predicted.unlike_training is None
+
+    repaired = extract.run(config)
+    assert (repaired.new, repaired.reused) == (rows, 0)
+    assert f"{victim} is damaged (NaN or inf among its features): deleted" in \
+        capsys.readouterr().out
+    assert "logreg" in train_head.run(config).paths
+
+
 @pytest.mark.parametrize("how, reason", [("changed bytes", "checksum mismatch"),
                                          ("truncated", "truncated"),
                                          ("zeroed", "zeroed or not an HDF5 file")])
@@ -260,6 +292,40 @@ def test_a_segment_gone_while_reading_is_an_error_not_nan(image_folder, make_con
                                             "read as NaN\\): run `make extract` to recompute it$"):
             store.read(np.arange(12))
     assert contents(os.path.dirname(image_folder), [config.features_dir]) == outside
+
+
+@pytest.mark.parametrize("max_open", [1, 64])  # 1: the reader reopens the master as it reads
+def test_a_compaction_under_a_running_reader_is_read_through(tmp_path, make_config, monkeypatch,
+                                                            max_open):
+    """A re-extract that only merges segments replaces the master and deletes the segments a
+    running stage was reading: it reads on, the same features and views; a re-extract with
+    other images is refused in one line."""
+    monkeypatch.setattr(cache.segments, "COMPACT_BELOW", 1)  # one segment per batch of 4
+    monkeypatch.setattr(cache.store, "MAX_OPEN_SEGMENTS", max_open)
+    root = make_image_folder(tmp_path / "data")
+    config = make_config(root, augment=1, finetune_from="images")
+    extract.run(config)
+    with cache.FeatureStore(config.features_dir) as store:
+        train, rows = store.rows("train"), np.arange(len(store))
+        clean = store.read(rows), store.read_views(train, np.ones(len(train), int))
+    with cache.FeatureStore(config.features_dir) as store:
+        store.read([0])  # a stage under way, one segment open
+        monkeypatch.setattr(cache.segments, "COMPACT_BELOW", 4096)
+        extract.run(config)
+        assert len(segment_files(config.features_dir)) == 1  # the segments it read are gone
+        np.testing.assert_array_equal(store.read(rows), clean[0])
+        np.testing.assert_array_equal(store.read_views(train, np.ones(len(train), int)),
+                                      clean[1])
+    with cache.FeatureStore(config.features_dir) as store:
+        store.read([0])
+        make_image_folder(tmp_path / "more", per_class=1, seed=3)
+        shutil.copy(tmp_path / "more" / "horizontal" / "horizontal_00.jpg",
+                    os.path.join(root, "horizontal", "added.jpg"))
+        extract.run(config)  # one more row, all merged anew: our rows are not the master's
+        with pytest.raises(UserError, match=f"^{config.features_dir}/features.h5 was replaced "
+                                            "while this stage read it, by a `make extract` with "
+                                            "other images or settings: run the same command"):
+            store.read(rows)
 
 
 def test_segments_without_checksums_are_computed_again(image_folder, make_config, capsys):
@@ -321,9 +387,11 @@ def test_a_full_disk_while_writing_a_segment_is_one_line(tmp_path, make_config):
     assert done.returncode == 2, done.stderr  # not a traceback (1) nor a segfault (-11)
     assert not any(s in done.stderr for s in ("Traceback", "Fatal Python error", "Segmentation"))
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: no space left on the disk writing ")
-    assert errors[0].endswith(": free some space, then run the same command again; everything "
-                              "finished so far is kept")
+    # `ulimit -f` (EFBIG), named as such: freeing space would not help
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: over the file-size limit (`ulimit -f`) writing ")
+    assert errors[0].endswith(": raise it (`ulimit -f unlimited`), then run the same command "
+                              "again; everything finished so far is kept")
     assert [n for _, _, names in os.walk(config.features_dir) for n in names
             if n.endswith(".tmp")] == []
     resumed = extract.run(config)
@@ -345,8 +413,8 @@ def test_a_full_disk_while_compacting_keeps_the_small_segments(tmp_path, make_co
 
     assert contents(tmp_path, [config.features_dir]) == outside
     assert done.returncode == 0, done.stderr
-    notice = [line for line in done.stdout.splitlines() if "no space" in line]
-    assert notice == [f"no space left on the disk to merge the small segments of "
+    notice = [line for line in done.stdout.splitlines() if "merge the small" in line]
+    assert notice == [f"over the file-size limit (`ulimit -f`) to merge the small segments of "
                       f"{config.features_dir}: they stay as they are (the cache works; they are "
                       "merged on a later run)"]
     assert len(segment_files(config.features_dir)) == 10  # one per batch of 4

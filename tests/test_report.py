@@ -1,6 +1,7 @@
 """The report: every section, links that resolve, the dataset summary, and the random-weights
 notice."""
 import base64
+import errno
 import io
 import os
 import re
@@ -14,7 +15,7 @@ from trained_run import run_config, shared_trained_run
 
 from pipeline import audit, cache, evaluate, extract, report, train_head
 from pipeline.config import UserError
-from pipeline.fs import artifacts
+from pipeline.fs import artifacts, files
 from pipeline.model import backbone
 from pipeline.reporting import pictures, plots
 
@@ -302,3 +303,20 @@ def test_a_killed_report_leaves_its_last_page_whole_and_the_next_one_tidies(run,
     assert open(artifacts.path(config, report.HTML), encoding="utf-8").read() == page
     report.run(config)
     assert not os.path.exists(artifacts.path(config, leftover))
+
+
+def test_a_full_disk_writing_the_report_keeps_both_old_pages(run, tmp_path, monkeypatch):
+    """report.md and report.html are one commit: never a new one beside an old one."""
+    config = copy_models(run, tmp_path)
+    report.run(config)
+    pages = [artifacts.path(config, artifacts.REPORT), artifacts.path(config, report.HTML)]
+    before = [(os.stat(page).st_ino, open(page, "rb").read()) for page in pages]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(report, "_html", full)
+    with pytest.raises(files.NoSpace, match="^no space left on the disk writing .*report.html, "
+                                            ".*report.md: free some space"):
+        report.run(config)
+    assert [(os.stat(page).st_ino, open(page, "rb").read()) for page in pages] == before
+    assert not [name for name in os.listdir(config.models_dir) if files.temporary_of(name)]

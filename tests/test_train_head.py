@@ -1,5 +1,7 @@
 """Stage two: heads trained on the cached features stream them, reproduce, beat chance, and
 predict exactly what the frozen base plus the head predicts on the images themselves."""
+import errno
+import hashlib
 import json
 import os
 import re
@@ -8,14 +10,15 @@ import keras
 import numpy as np
 import pytest
 from helpers import make_image_folder
+from trained_run import trained_run_copy
 
 from pipeline import __main__ as cli
 from pipeline import cache, extract, train_head
 from pipeline.cache import FeatureStore, batches
 from pipeline.config import Config
 from pipeline.data import demo, images
-from pipeline.fs import artifacts
-from pipeline.model import backbone, heads
+from pipeline.fs import artifacts, files
+from pipeline.model import backbone, heads, registry
 from pipeline.reporting import plots
 
 IDENTITY = {"backbone": "synthetic", "weights": "synthetic", "image_size": 32, "preprocess": "none"}
@@ -312,3 +315,40 @@ def test_streaming_keeps_at_most_two_blocks_in_memory(synthetic_config, monkeypa
             ds[index]
             held.append(len(ds.reads))
     assert len(ds.blocks) == 12 and max(held) <= 2
+
+
+def file_states(folder):
+    """{name: (inode, sha256)} of the files in `folder`: a file replaced by the same bytes shows."""
+    states = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                states[name] = (os.stat(path).st_ino, hashlib.sha256(f.read()).hexdigest())
+    return states
+
+
+@pytest.mark.parametrize("failing, code, words", [
+    ("head.keras", errno.ENOSPC, "no space left on the disk.*: free some space"),
+    ("head_metrics.json", errno.EFBIG, "over the file-size limit \\(`ulimit -f`\\).*: raise it")])
+def test_a_full_disk_with_head_both_replaces_nothing(tmp_path_factory, tmp_path, monkeypatch,
+                                                     failing, code, words):
+    """HEAD=both writes logreg.npz, head.keras, its plot and head_metrics.json as one commit: a
+    failure on any of them leaves every old file, each still the one its metrics describe."""
+    config = trained_run_copy(tmp_path_factory, tmp_path)
+    before = file_states(config.models_dir)
+
+    def full(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+    if failing == "head.keras":
+        monkeypatch.setattr(keras.Model, "save", full)
+    else:
+        monkeypatch.setattr(artifacts, "write_json", full)
+    with pytest.raises(files.NoSpace, match=f"^{words}"):
+        train_head.run(config.replace(head="both", epochs=1))
+    after = file_states(config.models_dir)
+    committed = ["logreg.npz", "head.keras", "head_history.png", "head_metrics.json"]
+    assert [after[name] for name in committed] == [before[name] for name in committed]
+    assert not [name for name in after if files.temporary_of(name)]
+    for model in ("logreg", "dense"):
+        assert registry.record(config, model).file_sha256

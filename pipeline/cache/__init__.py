@@ -24,6 +24,8 @@ The modules, in the order they build on each other:
     layout     names, constants, and the checks that a segment or master is laid out as ours
     master     features.h5: write_master, and the readers extract uses (previous_files...)
     segments   write_segment(_filled), inventory, compact, remove_strays, remove_unreferenced
+    checks     what the store refuses on opening and reading, and the line it says
+    places     where the store's rows and views are: views by content, rows by path
     store      FeatureStore, the read-only view every later stage reads, and split_digest
 
 and beside them, imported by their own names (`from pipeline.cache import views`):

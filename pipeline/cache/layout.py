@@ -33,6 +33,7 @@ CHUNK_BYTES = 512 * 1024  # per checksummed chunk: under HDF5's 1 MiB chunk cach
                           # is read and verified once however the rows are sliced
 VERIFY_ROWS = 1024        # rows of a segment read at a time to verify their checksums
 DAMAGE = (OSError, KeyError, ValueError, RuntimeError)  # what h5py raises for a broken file
+NOT_FINITE = "NaN or inf among its features"  # what is wrong with a segment extract never wrote
 VIEW_DATASETS = ("view_features", "view_sha256", "view_index")  # AUGMENT=K's views (extract)
 CUT_DATASETS = ("cut_features", *(f"cut_{name}" for name in VIEW_DATASETS))  # FINETUNE_FROM=cache
 FEATURE_DATASETS = ("features", "view_features", "cut_features", "cut_view_features")  # read
@@ -140,7 +141,9 @@ def own_dataset(f, name, virtual=False):
 
 def verified_shas(path, shape=None, dtype=None):
     """A segment's sha256 column, after checking its layout (segment_datasets) and reading
-    every chunk of it through its checksum."""
+    every chunk of it through its checksum. A value that is not finite (NaN, inf) is damage
+    too: extract never writes one (featurize.check_finite), and a file rewritten through HDF5
+    carries valid checksums over whatever it was given."""
     with h5py.File(path, "r") as f:
         features, shas = segment_datasets(f, path, shape, dtype)
         shas = shas[:]  # bytes: index.SegmentIndex keeps them so
@@ -149,6 +152,8 @@ def verified_shas(path, shape=None, dtype=None):
         for start in range(0, len(features), step):
             stop = min(start + step, len(features))
             features.read_direct(buffer, np.s_[start:stop], np.s_[:stop - start])
+            if not np.isfinite(buffer[:stop - start]).all():
+                raise ValueError(NOT_FINITE)
     return shas
 
 

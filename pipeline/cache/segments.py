@@ -153,8 +153,8 @@ def compact(features_dir, identity_id, known):
             merged = write_segment_filled(features_dir, identity_id, known.keys[group],
                                           *_merge(features_dir, [(known.segments[n], rows)
                                                                  for n, rows in sources]))
-        except files.NoSpace:
-            print(f"no space left on the disk to merge the small segments of {features_dir}: "
+        except files.NoSpace as error:
+            print(f"{error.words} to merge the small segments of {features_dir}: "
                   "they stay as they are (the cache works; they are merged on a later run)")
             break
         known.segment[group] = known.number(merged, len(group))

@@ -9,11 +9,16 @@ The row index (labels, splits) is then held in memory, `paths` and `sha256` load
 use; features never are. `read` reads any rows through the virtual dataset in few contiguous
 reads (at most READ_BLOCK rows, never spanning more than READ_GAP unwanted ones), `blocks`
 streams consecutive blocks of rows, so a cache larger than memory streams. A chunk whose bytes
-changed fails its Fletcher-32 checksum and a lost segment reads as NaN: both are a UserError
-naming the segment (`damage` keeps it for readers inside another framework's threads).
+changed fails its Fletcher-32 checksum, a lost segment reads as NaN and a value that is not
+finite was written by no extract: each is a UserError naming the segment (`damage` keeps it for
+readers inside another framework's threads).
 
 HDF5 keeps every segment file read through a virtual dataset open, about 2 MB each; the store
 reopens the master before it would hold more than MAX_OPEN_SEGMENTS (`_touch`).
+
+A re-extract may replace the master and delete the segments it merged while a stage reads: the
+store then reads on through the new master when it holds exactly the same rows (`_follow`,
+places.row_map), and refuses in one line when it does not.
 """
 import hashlib
 import os
@@ -23,20 +28,17 @@ import h5py
 import numpy as np
 
 from ..config import UserError
-from . import layout
+from . import checks, layout, places
+from .checks import MasterReplaced, SegmentLost, damaged_master
 from .identity import FeatureIdentity, identity_problem
-from .layout import CUT_DATASETS, DAMAGE, FEATURE_DATASETS, MASTER, VIEW_DATASETS, open_master
-from .master import WRITE_ROWS, check_index, decode_attr, read_index
+from .layout import DAMAGE, MASTER, open_master
+from .master import WRITE_ROWS, decode_attr, read_index
 
 READ_BLOCK = 1024         # rows per contiguous read from the virtual dataset
 READ_GAP = 16             # unwanted rows a read may span rather than start another
 MAX_OPEN_SEGMENTS = 64    # segment files a FeatureStore keeps open at most (see _touch)
-
-
-def _damaged(path, error):
-    """The one line for a master that fails to open or read."""
-    return UserError(f"{path} is damaged ({layout.describe(error)}): run `make extract` to "
-                     "rebuild it")
+# What a master must share with the one a reader opened for the reader to read on through it
+SAME_READING = ("identity", "class_names", "augment", "cut")
 
 
 class FeatureStore:
@@ -52,25 +54,14 @@ class FeatureStore:
         self.features_dir = features_dir
         self.path = os.path.join(features_dir, MASTER)
         if not os.path.exists(self.path):
-            raise UserError(f"no feature cache at {self.path}: run `make extract DATA=<folder>` "
-                            "first")
-        try:
-            self.file = open_master(self.path)
-        except DAMAGE as error:
-            raise _damaged(self.path, error) from None
-        try:
-            check_index(self.file)  # every chunk through its checksum, nothing kept
-            # what every stage needs; `paths` and `sha256` (about 200 bytes a row as str, which
-            # train-head never reads) are loaded on first use
-            index = read_index(self.file, ("label", "split", "segments", *VIEW_DATASETS[1:],
-                                           *CUT_DATASETS[2:]))
-            self.features = self.file["features"]
-        except DAMAGE as error:
-            self.file.close()
-            raise _damaged(self.path, error) from None
-        self._check_segments(index["segments"])
+            raise UserError(f"no feature cache at {self.path}: run `make extract DATA=<folder> "
+                            f"NAME={os.path.basename(os.path.normpath(features_dir))}` first (a "
+                            "stage reads the cache of NAME, or of DATA's folder name)")
+        self.file, index, self._opened = checks.open_checked(features_dir, self.path)
+        self.features = self.file["features"]
         self._lock = threading.RLock()  # one reader at a time: a reopening closes the file
         self._open, self._sources = set(), {}
+        self._row_map = None  # our rows' places in a master that replaced ours (`_follow`)
         self.labels = index["label"]
         self.splits = index["split"]
         self._paths = self._sha256 = self._split_digest = None
@@ -80,38 +71,6 @@ class FeatureStore:
         # The last damage met while reading: a reader running inside another framework (tf.data
         # turns a generator's exception into its own) can raise this one line instead.
         self.damage = None
-
-    def _check_segments(self, segments):
-        """Every segment (those listed and those the virtual datasets read) is there, a file of
-        features/<NAME>'s own, opens and is laid out as a segment: a missing one would read as
-        NaN, a truncated or zeroed one would fail in the middle of training, and a link or a
-        segment whose data lives in another file would be read from outside the cache."""
-        for name in FEATURE_DATASETS:
-            if name in self.file:
-                segments = [*segments, *(s.file_name for s in self.file[name].virtual_sources())]
-        missing, damaged = [], []
-        for seg in sorted(set(segments)):
-            path = os.path.join(self.features_dir, seg)
-            if not layout.is_segment_name(seg):
-                damaged.append(f"{seg[:100]!r} (not a segment of this cache's own)")
-                continue
-            if not os.path.lexists(path):
-                missing.append(seg)
-                continue
-            try:
-                layout.own_file(self.features_dir, seg)
-                with h5py.File(path, "r") as f:
-                    layout.segment_datasets(f, path)
-            except DAMAGE as error:
-                damaged.append(f"{seg} ({layout.describe(error)})")
-        if missing or damaged:
-            self.file.close()
-        if missing:
-            raise UserError(f"{self.path} refers to {len(missing)} missing segment file(s) such as "
-                            f"{missing[0]}: run `make extract` again to rebuild the cache")
-        if damaged:
-            raise UserError(f"{self.features_dir} has a damaged segment {damaged[0]}: run "
-                            "`make extract` to recompute it")
 
     def _check_identity(self):
         """The identity every stage builds its backbone from (`identity_problem`)."""
@@ -123,8 +82,10 @@ class FeatureStore:
 
     def _views_by_row(self, index):
         """AUGMENT=K: `views` = K and, per layer ("" for the features, "cut_" for the cut's
-        activations), row and view 1..K, the position of that view in `<layer>view_features`
-        (-1: none, as for validation and test rows); K = 0 without views."""
+        activations), training row and view 1..K, the position of that view in
+        `<layer>view_features` (-1: none, as for validation and test rows); K = 0 without views.
+        Views are keyed by content: every training row of one sha256 (copies of one image)
+        reads the same views."""
         self.views, self.view_features, self._view_at = 0, None, {}
         if "view_features" not in self.file:
             return
@@ -132,16 +93,11 @@ class FeatureStore:
         # AUGMENT of the last extract; views beyond it (of an earlier, larger AUGMENT) are kept
         # in the file but not read
         self.views = int(self.attrs.get("augment", {}).get("views", 0))
-        row_of = {sha: row for row, sha in enumerate(self.sha256)}
-        for layer in ("", "cut_"):
-            if f"{layer}view_features" not in self.file:
-                continue
-            at_of = self._view_at[layer] = np.full((len(self.labels), self.views + 1), -1,
-                                                   np.int64)
-            for at, (sha, view) in enumerate(zip(index[f"{layer}view_sha256"],
-                                                 index[f"{layer}view_index"])):
-                if sha in row_of and 0 < view <= self.views:
-                    at_of[row_of[sha], view] = at
+        train = self.rows("train")
+        train_shas = np.asarray(self.sha256[train].tolist(), "S64")
+        self._view_at = {layer: places.view_table(index, layer, train, train_shas, self.views,
+                                                  len(self.labels))
+                         for layer in ("", "cut_") if f"{layer}view_features" in self.file}
 
     @property
     def cut(self):
@@ -162,10 +118,13 @@ class FeatureStore:
         """Features of the given rows, each as the view given (0: the plain features, 1..K: an
         augmented view cached by `make extract AUGMENT=K`), as float32. layer="cut_": the cut's
         activations instead (FINETUNE_FROM=cache)."""
-        indices, views = np.asarray(indices), np.asarray(views)
+        return self._surviving(lambda: self._read_views(np.asarray(indices), np.asarray(views),
+                                                        layer))
+
+    def _read_views(self, indices, views, layer):
         out = np.empty((len(indices), *self.shape(f"{layer}features")), np.float32)
         plain = views == 0
-        out[plain] = self.read(indices[plain], f"{layer}features")
+        out[plain] = self._read(self._placed(indices[plain]), f"{layer}features")
         if not plain.all():
             view_at = self._view_at.get(layer)
             at = (view_at[indices[~plain], views[~plain]] if view_at is not None
@@ -174,7 +133,7 @@ class FeatureStore:
                 raise UserError(f"{self.path} has no view {int(views[~plain][at < 0][0])} of row "
                                 f"{int(indices[~plain][at < 0][0])}: rerun `make extract` with "
                                 "the AUGMENT the head trains with")
-            out[~plain] = self.read(at, f"{layer}view_features")
+            out[~plain] = self._read(at, f"{layer}view_features")
         return out
 
     def shape(self, dataset="features"):
@@ -201,7 +160,7 @@ class FeatureStore:
             with self._lock:
                 return read_index(self.file, (name,))[name]
         except DAMAGE as error:
-            raise _damaged(self.path, error) from None
+            raise damaged_master(self.path, error) from None
 
     def split_digest(self):
         """sha256 of every row's content hash with its split, in the order of the hashes (then
@@ -250,8 +209,33 @@ class FeatureStore:
 
     def read(self, indices, dataset="features"):
         """Features of the given rows (any order, no duplicates needed), as float32, from the
-        dataset named (`features`, or `view_features` for augmented views)."""
-        indices = np.asarray(indices)
+        dataset named (`features`, or `cut_features` for the cut's activations)."""
+        return self._surviving(lambda: self._read(self._placed(np.asarray(indices)), dataset))
+
+    def _placed(self, rows):
+        """Our rows' places in the master read now: themselves, or where `_follow` found them."""
+        return rows if self._row_map is None else self._row_map[rows]
+
+    def _surviving(self, read):
+        """read(), and once more through the master another extract put in place of ours, when
+        ours lost a segment (compaction deletes the segments it merged) or was replaced while
+        read: `_follow` finds our rows there, or the first refusal stands."""
+        try:
+            return read()
+        except (SegmentLost, MasterReplaced) as refusal:
+            with self._lock:
+                followed = self._follow()
+            if followed is None:  # ours is still in place: its segment is lost indeed
+                raise refusal from None
+            if not followed:
+                self.damage = MasterReplaced(
+                    f"{self.path} was replaced while this stage read it, by a `make extract` "
+                    "with other images or settings: run the same command again")
+                raise self.damage from None
+            self.damage = None
+            return read()
+
+    def _read(self, indices, dataset):
         shape = self.shape(dataset)
         if len(indices) == 0:
             return np.zeros((0, *shape), np.float32)
@@ -280,18 +264,10 @@ class FeatureStore:
             try:
                 block = source[start:stop]
             except DAMAGE as error:
-                culprit = self._culprit(start, stop, source)
-                self.damage = UserError(f"{self.features_dir} has a damaged segment{culprit} "
-                                        f"({layout.describe(error)}): run `make extract` to "
-                                        "recompute it")
+                self.damage = checks.unreadable(self.features_dir, start, stop, source, error)
                 raise self.damage from None
-            # NaN is the virtual dataset's fill for a missing source (extract refuses NaN
-            # features), and fills whole rows: the first value of each row tells
-            if np.isnan(block.reshape(len(block), -1)[:, 0]).any():
-                self.damage = UserError(f"{self.features_dir} lost a segment"
-                                        f"{self._culprit(start, stop, source)} (rows {start}-"
-                                        f"{stop - 1} read as NaN): run `make extract` to "
-                                        "recompute it")
+            if not np.isfinite(block).all():  # extract writes none: the cache is damaged
+                self.damage = checks.not_finite(self.features_dir, block, start, stop, source)
                 raise self.damage
         return block
 
@@ -310,27 +286,20 @@ class FeatureStore:
         first = max(int(np.searchsorted(firsts, start, "right")) - 1, 0)
         touched = set(names[first:int(np.searchsorted(firsts, stop - 1, "right"))])
         if len(self._open | touched) > MAX_OPEN_SEGMENTS:
+            # not ours any more: reopening would read another master's rows (`_surviving`)
+            if checks.master_stat(self.path) != self._opened:
+                raise MasterReplaced(f"{self.path} was replaced or removed while this stage "
+                                     "read it: run the same command again")
             self.file.close()
             try:
                 self.file = open_master(self.path)
             except DAMAGE as error:
-                raise _damaged(self.path, error) from None
+                raise damaged_master(self.path, error) from None
             self.features = self.file["features"]
             if self.view_features is not None:
                 self.view_features = self.file["view_features"]
             self._open = set()
         self._open |= touched
-
-    def _culprit(self, start, stop, dataset):
-        """` <segment>` for the first segment under rows start:stop that fails to read, or ''."""
-        for source in dataset.virtual_sources():
-            (first, *_), (last, *_) = source.vspace.get_select_bounds()
-            if first < stop and last >= start:
-                try:
-                    layout.verified_shas(os.path.join(self.features_dir, source.file_name))
-                except DAMAGE:
-                    return f" {source.file_name}"
-        return ""
 
     def blocks(self, rows, size=READ_BLOCK):
         """(row indices, features) for each block of `size` consecutive entries of `rows`, in
@@ -358,6 +327,32 @@ class FeatureStore:
             for start in range(0, n, READ_BLOCK):
                 stop = min(start + READ_BLOCK, n)
                 features[start:stop] = self.block(start, stop)
+
+    def _follow(self):
+        """Read on through the master on disk when it is another than ours and holds exactly
+        our rows (places.row_map) with our identity, classes, views and cut: what an extract
+        that changed nothing but the segments (compaction) writes. True when it does; None when
+        ours is still in place (or none is); False for another master."""
+        if checks.master_stat(self.path) in (None, self._opened):
+            return None
+        ours = {"path": self.paths, "sha256": self.sha256, "label": self.labels,
+                "split": self.splits}
+        try:
+            f, index, opened = checks.open_checked(self.features_dir, self.path,
+                                                   ("path", "sha256"))
+        except UserError:
+            return False
+        attrs = {key: decode_attr(f.attrs[key]) for key in SAME_READING if key in f.attrs}
+        same = all(attrs.get(key) == self.attrs.get(key) for key in SAME_READING)
+        mapping = places.row_map(ours, index) if same else None
+        if mapping is None:
+            f.close()
+            return False
+        self.file.close()
+        self.file, self.features, self._opened, self._row_map = f, f["features"], opened, mapping
+        self._sources, self._open = {}, set()
+        self._views_by_row(index)  # our training rows' views, where the new master has them
+        return True
 
     def close(self):
         self.file.close()

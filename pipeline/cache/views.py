@@ -7,6 +7,8 @@ augment.view_key(image sha256, augmentation identity, view number). An unchanged
 key and computes nothing; a larger K computes only the views it lacks; another augmentation (or
 SEED) has other keys and never reuses a view. Validation and test images get no views: they are
 always scored plain.
+Views belong to a content, not to a row: copies of one image (rows of one sha256) share one set,
+computed and cached once, and the store hands it to every training row of that content.
 train-head reads each training image as another view every epoch (`epoch_reader`).
 """
 import numpy as np
@@ -25,10 +27,11 @@ def attributes(config, cached):
 
 
 def wanted(config, rows, previous, known=()):
-    """[(key, image sha256, view, path)] of the views the cache keeps for every training row:
-    1..AUGMENT, and those of a larger AUGMENT with the same augmentation: recorded by the
-    features.h5 on disk (`previous`: its `augment` attribute, or None) or found in the segments
-    (`known`: the keys cached, also by a larger AUGMENT's run that was cut short)."""
+    """[(key, image sha256, view, path)] of the views the cache keeps for each content among the
+    training rows, once however many rows hold it (the path of its first such row): 1..AUGMENT,
+    and those of a larger AUGMENT with the same augmentation: recorded by the features.h5 on
+    disk (`previous`: its `augment` attribute, or None) or found in the segments (`known`: the
+    keys cached, also by a larger AUGMENT's run that was cut short)."""
     augment_id = augment.identity_id(augment.identity(config.seed))
     upto = config.augment
     if previous and previous.get("identity_id") == augment_id:
@@ -36,6 +39,9 @@ def wanted(config, rows, previous, known=()):
     rows = index.Rows.of(rows)
     train = np.flatnonzero(rows.split == b"train")
     train = train[np.argsort(rows.sha256[train], kind="stable")]
+    # one set of views per content: copies of an image share it (the store resolves by sha256)
+    shas = rows.sha256[train]
+    train = train[np.append(True, shas[1:] != shas[:-1])] if len(train) else train
 
     def cached(view):  # any training image's view `view` in `known`, a piece at a time
         return any(_any_cached(known, [augment.view_key(sha.decode(), augment_id, view)

@@ -320,3 +320,15 @@ def write_skipped_csv(path, skipped):
         writer = escape.csv_writer(f)
         writer.writerow(["path", "reason"])
         writer.writerows(sorted(skipped))
+
+
+def write_label_conflicts_csv(path, conflicts):
+    """features/<NAME>/label_conflicts.csv: one row per file whose content is also filed under
+    another class (sha256, class, path), or no file when there is none."""
+    if not conflicts:
+        files.remove_file(path)
+        return
+    with files.replacing(path, "w", newline="", encoding="utf-8") as f:
+        writer = escape.csv_writer(f)
+        writer.writerow(["sha256", "class", "path"])
+        writer.writerows(sorted(conflicts))

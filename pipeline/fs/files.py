@@ -14,8 +14,12 @@ from contextlib import contextmanager
 
 from ..config import UserError
 
-# "The disk is full" in its three forms: no space, over quota, over the file-size limit
-FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# "The disk is full" in its three forms, each in its own words and with its own fix: a limit
+# set by `ulimit -f` is no lack of space, and freeing space would not help
+FULL = {errno.ENOSPC: ("no space left on the disk", "free some space"),
+        errno.EDQUOT: ("over the disk quota", "free some space or ask for a larger quota"),
+        errno.EFBIG: ("over the file-size limit (`ulimit -f`)",
+                      "raise it (`ulimit -f unlimited`)")}
 TEMP_SUFFIX = ".tmp"
 
 
@@ -65,7 +69,7 @@ def remove_temporaries(folder, names=None, keep=()):
         original = temporary_of(entry.name)
         if (original and (names is None or original in names) and original not in keep
                 and entry.is_file(follow_symlinks=False)):
-            _remove(entry.path)
+            remove_file(entry.path)
 
 
 def atomic_write(path, content):
@@ -102,12 +106,47 @@ def replacing_path(path):
         yield temp
         os.replace(temp, path)
     except BaseException as error:
-        _remove(temp)
+        remove_file(temp)
         if is_full(error):
-            raise NoSpace(f"no space left on the disk writing {path}: free some space, then run "
-                          "the same command again; everything finished so far is kept") from None
+            raise no_space(error, path) from None
         raise
     _fsync_folder(folder or ".")  # the rename itself survives a power cut
+
+
+@contextmanager
+def replacing_together(paths):
+    """{path: temporary path} for several files that replace `paths` as one commit: the block
+    writes every temporary whole (as `replacing_path`'s, with a .keras name where Keras needs
+    one); only when it ends without an error are they renamed over `paths`, in their order, so
+    the last should be the one that names the others by their hashes (head_metrics.json), the
+    commit point readers trust. On any error every temporary is removed and every one of
+    `paths` is as it was: a full disk is NoSpace, raised before anything is replaced."""
+    paths = list(paths)
+    temporaries = {path: temporary_name(path) + (".keras" if path.endswith(".keras") else "")
+                   for path in paths}
+    try:
+        yield temporaries
+        for path in paths:  # on the disk before any is renamed: no rename meets a half file
+            _fsync_file(temporaries[path])
+    except BaseException as error:
+        for temporary in temporaries.values():
+            remove_file(temporary)
+        if is_full(error):
+            raise no_space(error, ", ".join(paths)) from None
+        raise
+    for path in paths:  # renames write no data: a full disk cannot stop them halfway
+        os.replace(temporaries[path], path)
+    for folder in sorted({os.path.dirname(path) or "." for path in paths}):
+        _fsync_folder(folder)
+
+
+def no_space(error, writing):
+    """The NoSpace for `error` (is_full) met writing `writing`, in the words of its cause."""
+    words, fix = FULL[full_errno(error)]
+    refusal = NoSpace(f"{words} writing {writing}: {fix}, then run the same command again; "
+                      "everything finished so far is kept")
+    refusal.words = words  # for a caller that goes on without the file and says why
+    return refusal
 
 
 def no_link(path):
@@ -173,20 +212,31 @@ def file_kind(mode):
 
 def is_full(error):
     """Whether an exception is the disk being full, also when a library wrapped the OSError."""
+    return full_errno(error) is not None
+
+
+def full_errno(error):
+    """The errno of FULL behind an exception (ENOSPC, EDQUOT, EFBIG), or None."""
     for _ in range(8):  # the chain is short; the bound only guards against a cycle
         if error is None:
-            return False
+            return None
         if isinstance(error, OSError) and error.errno in FULL:
-            return True
+            return error.errno
         error = error.__cause__ or error.__context__
-    return False
+    return None
 
 
-def _remove(path):
+def remove_file(path):
+    """Remove the name `path` (a link itself, never its target); nothing when it is gone."""
     try:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+def _fsync_file(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_folder(folder):

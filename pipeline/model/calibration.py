@@ -71,6 +71,12 @@ def fit(probabilities, labels, min_images=MIN_IMAGES):
             "ece_after": reliability(after, labels)["ece"], "note": note}
 
 
+def fit_model(model, dataset, labels):
+    """`fit` on a Keras model's probabilities of `dataset`, whose rows are `labels` in order."""
+    from .heads import class_probabilities
+    return fit(class_probabilities(model.predict(dataset, verbose=0)), labels)
+
+
 def reliability(probabilities, labels, bins=BINS):
     """How far the model's confidence is from its accuracy: the reliability curve of its top
     label (sklearn.calibration.calibration_curve of "the predicted class is right" against the
