@@ -156,8 +156,8 @@ class Config:
     out: str = setting("", "the file `make export` writes (never overwritten); the CSV `make "
                            "predict` writes (default models/<NAME>/predictions.csv)")
     top_k: int = setting(1, "predict: the most likely classes shown per image")
-    format: str = setting("savedmodel", "`make export-model`: savedmodel | onnx | litert (onnx "
-                                        "and litert need pip install -e '.[onnx]' / '.[litert]')")
+    format: str = setting("savedmodel", "`make export-model`: savedmodel | onnx (needs pip "
+                                        "install -e '.[onnx]') | litert")
     # --- many datasets ---------------------------------------------------------------------------
     datasets: tuple = setting((), "dataset folders for `make batch`")
     batch_file: str = setting("", "a file with one `folder [name] [labels.csv]` per line, for "
