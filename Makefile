@@ -81,7 +81,7 @@ evaluate: $(STAMP) ## Test-split metrics and confusion matrices for every traine
 predict: $(STAMP) ## Predict new images: IMAGES=<dir or file> [NAME] [MODEL=auto|logreg|dense|finetuned] [OUT=file.csv] [TOP_K=1]
 	$(CLI) predict $(ARGS)
 
-audit: $(STAMP) ## Audit the cache (docs/audit.md): near-duplicates, leakage, label issues, outliers: [NAME] [DUPLICATE_THRESHOLD=0.9] [AUDIT_FOLDS=5]
+audit: $(STAMP) ## Audit the cache (docs/audit.md): near-duplicates, leakage, label issues, outliers: [NAME] [DUPLICATE_THRESHOLD=0.6] [AUDIT_FOLDS=5]
 	$(CLI) audit $(ARGS)
 
 report: $(STAMP) ## Write models/<NAME>/report.md (+ self-contained report.html): metrics, curves, calibration, mistakes, audit

@@ -165,10 +165,11 @@ class Config:
     finetune: bool = setting(True, "0: `make batch` skips fine-tuning")
     force: bool = setting(False, "1: `make batch` retrains datasets that did not change")
     # --- the audit of the cache (`make audit`, docs/audit.md) -----------------------------------
-    duplicate_threshold: float = setting(0.9, "audit: two different images whose feature maps' "
-                                              "cosine similarity is at least this are listed "
-                                              "as near-duplicates (0 to 1; re-encoded or "
-                                              "resized copies score ~0.95-1)")
+    duplicate_threshold: float = setting(0.6, "audit: two different images whose feature maps' "
+                                              "descriptors are at least this similar are listed "
+                                              "as near-duplicates (0 to 1; edited copies of "
+                                              "photos score ~0.6-1, distinct photos < 0.6: "
+                                              "docs/audit.md)")
     audit_folds: int = setting(5, "audit: cross-validation folds for the out-of-fold label "
                                   "probabilities (2 or more; every class needs this many images)")
     outlier_percentile: float = setting(99.0, "audit and predict: an image is unlike the "

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from . import cache
+from .analysis import outliers
 from .classifier import Classifier
 from .config import Config, UserError
 from .data import images
@@ -44,9 +45,7 @@ FORMATS = {  # FORMAT -> (the file or folder written, Keras's name of the format
     "litert": ("model.tflite", "litert", "litert"),  # converted by TensorFlow's own tf.lite
 }
 CONVERTERS = {"onnx": ("tf2onnx", "onnx")}  # the modules a format's conversion imports
-OUTLIER_MEASURE = ("1 - cosine similarity of the image's appearance (the backbone's feature map "
-                   "averaged over its height and width, square-rooted, L2-normalised) to the "
-                   "nearest training class centroid; unlike the training data above threshold")
+STATISTICS = ".outliers.npz"  # beside the graph: the outlier measure's arrays
 
 
 @dataclass
@@ -85,7 +84,9 @@ def _export(config):
     target = os.path.join(folder, name)
     _write(graph, target, keras_format, extra)
     description = target + ".json"
-    artifacts.write_json(description, export_description(config, classifier))
+    statistics = _write_statistics(target + STATISTICS, classifier.measure)
+    # the JSON last: it names the graph's statistics file by its sha256
+    artifacts.write_json(description, export_description(config, classifier, statistics))
     size = _size(target)
     seconds = time.perf_counter() - start
     print(f"export-model {config.dataset_name}: the {classifier.model} model "
@@ -209,10 +210,25 @@ def _size(path):
                for folder, _, names in os.walk(path) for name in names)
 
 
-def export_description(config, classifier):
+def _write_statistics(path, measure):
+    """predict's outlier measure's arrays (outliers.OutlierModel: the training mean and the
+    inverse of its shrunk covariance of the pooled, square-rooted block5_pool features, and each
+    class's mean) as plain arrays; None, and no file, without a measure."""
+    if measure is None:
+        if os.path.lexists(path):
+            os.remove(path)  # another model's: the JSON will say there is none
+        return None
+    with files.replacing(path, "wb") as f:
+        np.savez(f, mean=measure.mean, precision=measure.precision,
+                 class_means=measure.class_means, present=measure.present)
+    return path
+
+
+def export_description(config, classifier, statistics=None):
     """The JSON beside the graph: what it takes and returns, the class names, the model and its
     identity, the settings it was trained with, the temperature and predict's outlier
-    measure (the graph itself returns only the probabilities)."""
+    measure, its arrays in the `statistics` file (the graph itself returns only the
+    probabilities)."""
     record, measure = classifier.record, classifier.measure
     return {
         "format": config.format, "model": classifier.model,
@@ -229,11 +245,16 @@ def export_description(config, classifier):
         "settings": record.get("config") or _recorded_settings(config, record),
         "validation": record.validation, "test": record.test,
         "weights_notice": record.weights_notice, "model_sha256": record.file_sha256,
-        "outliers": None if measure is None else {
-            "measure": OUTLIER_MEASURE, "layer": backbone.OUTPUT_LAYER,
+        "outliers": None if measure is None or statistics is None else {
+            "measure": outliers.MEASURE, "layer": backbone.OUTPUT_LAYER,
+            "statistics": os.path.basename(statistics),
+            "statistics_sha256": artifacts.file_sha256(statistics),
+            "arrays": "mean (channels,), precision (channels, channels): the distance is "
+                      "sqrt((x - mean) precision (x - mean)) of x = sqrt(mean of the map over "
+                      "height and width); class_means and present: the nearest class",
             "classes": [classifier.classes[int(k)] for k in measure.present],
-            "centroids": measure.centroids.tolist(), "threshold": measure.threshold,
-            "percentile": config.outlier_percentile, "calibrated_on": measure.calibrated_on},
+            "threshold": measure.threshold, "percentile": config.outlier_percentile,
+            "calibrated_on": measure.calibrated_on},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

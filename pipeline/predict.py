@@ -13,8 +13,8 @@ UTF-8), are listed beside it in <OUT>_skipped.csv (predictions_skipped.csv by de
 are the model's after its temperature (model/calibration.py).
 
 Each image is also scored against the training data with the audit's outlier measure
-(pipeline/analysis/outliers.py): 1 - cosine similarity of its feature map to the nearest training
-class centroid, from the cache (the audit's saved measure while the cache is unchanged, else
+(pipeline/analysis/outliers.py): the Mahalanobis distance of its pooled feature map to the
+training images', from the cache (the audit's saved measure while the cache is unchanged, else
 computed from the cache at predict time), so it always describes the current cache.
 Past the OUTLIER_PERCENTILE-th percentile of the validation images' distances, the image is
 `unlike_training` (1): the model was never shown anything like it, so its probabilities say
@@ -94,7 +94,7 @@ def run(config: Config) -> PredictResult:
     _print_table(shown, predicted_total, counts, skipped, skipped_out)
     if classifier.measure:
         print(f"unlike the training data: {unlike} of {predicted_total} images (distance to "
-              f"the nearest training class > {classifier.measure.threshold:.3f}, the "
+              f"the training images > {classifier.measure.threshold:.3f}, the "
               f"{config.outlier_percentile:g}th percentile of the "
               f"{classifier.measure.calibrated_on} images; column unlike_training, ! above)")
     print(f"wrote {out} ({predicted_total} rows, {time.perf_counter() - start:.1f} s)")

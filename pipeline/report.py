@@ -16,7 +16,6 @@ inline as base64, rendered from the Markdown by markdown.page (a renderer of exa
 written here, so no text from the files becomes markup). report's own pictures are written
 first under their hash, report.md and report.html last, so a kill leaves no mixed page.
 """
-import csv
 import os
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import audit, cache
+from .analysis import label_issues
 from .config import Config, UserError, warn
 from .fs import artifacts, files, lock
 from .fs.escape import csv_dicts, markdown_code, markdown_text
@@ -179,8 +179,8 @@ def _confusion_section(folder, evaluation):
 
 
 def _audit_section(config, attrs):
-    """The audit's counts, the top leakage pairs and label-issue candidates, and its picture,
-    when models/<NAME>/audit/ describes this cache."""
+    """The audit's counts, the top leakage pairs, label-issue candidates and outliers, and its
+    picture, when models/<NAME>/audit/ describes this cache."""
     folder = os.path.join(config.models_dir, audit.FOLDER)
     summary_path = os.path.join(folder, audit.SUMMARY)
     lines = ["## Audit", ""]
@@ -201,47 +201,56 @@ def _audit_section(config, attrs):
     threshold = check.number(near, "threshold", 0, 1, where="near_duplicates.")
     candidates = check.number(issues, "candidates", 0, integer=True, where="label_issues.")
     folds = check.number(issues, "folds", 2, integer=True, where="label_issues.")
+    accuracy = check.number(issues, "out_of_fold_accuracy", 0, 1, where="label_issues.")
     unlike = check.number(outliers, "rows", 0, integer=True, where="outliers.")
-    distance = check.number(outliers, "threshold", -1, 3, where="outliers.")
+    distance = check.number(outliers, "threshold", 0, 1e9, where="outliers.")
     lines += [f"From the cached features alone ({_code(folder)}, docs/audit.md).", "",
               "| finding | count | how it was found |", "|---|---:|---|",
-              f"| near-duplicate pairs | {pairs} | cosine similarity of the feature maps ≥ "
-              f"{threshold:g} |",
+              f"| near-duplicate pairs | {pairs} | similarity of the feature maps' descriptors "
+              f"≥ {threshold:g} |",
               f"| of which across splits (leakage) | {cross} | the two images are in different "
               "splits |",
-              f"| label-issue candidates | {candidates} | out-of-fold probability of the given "
-              f"label below its class's threshold ({folds} folds) |",
-              f"| outliers | {unlike} | distance to the nearest training class > "
-              f"{distance:.3f} |", ""]
-    lines += _audit_table(os.path.join(folder, audit.NEAR_DUPLICATES), "Leakage: near-duplicates "
+              f"| label-issue candidates | {candidates} | identical files under different "
+              f"labels, and confident learning on out-of-fold probabilities ({folds} folds) |",
+              f"| outliers | {unlike} | distance to the training images > {distance:.3f} |", ""]
+    if accuracy < label_issues.WEAK_ACCURACY:
+        lines += [f"**The label-issue candidates are weak evidence**: the cached features "
+                  f"classify only {accuracy:.0%} of the images right out of fold, so many "
+                  "correct labels look doubtful to them.", ""]
+    lines += _audit_table(folder, summary, audit.NEAR_DUPLICATES, "Leakage: near-duplicates "
                           "across splits", ["path_a", "split_a", "path_b", "split_b",
                                             "similarity"], lambda row: row["cross_split"] == "1")
-    lines += _audit_table(os.path.join(folder, audit.LABEL_ISSUES), "Likely label errors",
+    lines += _audit_table(folder, summary, audit.LABEL_ISSUES, "Likely label errors",
                           ["path", "split", "label", "suggested", "label_probability"])
-    if os.path.isfile(os.path.join(folder, audit.PICTURE)):
-        lines += [f"![audit: near-duplicate pairs and label-issue candidates]"
-                  f"({audit.FOLDER}/{audit.PICTURE})", ""]
+    lines += _audit_table(folder, summary, audit.OUTLIERS, "Outliers",
+                          ["path", "split", "label", "nearest_class", "distance"])
+    data, why = audit.output(folder, summary, audit.PICTURE)  # none when nothing to show
+    if data is not None:
+        held = ", ".join(what for what, count in (("near-duplicate pairs", pairs), (
+            "label-issue candidates", candidates), ("outliers", unlike)) if count)
+        lines += [f"![audit: {held}]({audit.FOLDER}/{summary['outputs'][audit.PICTURE]['file']})",
+                  ""]
+    elif why != "not recorded":
+        lines += [f"(The audit's picture is {why}, so it is left out: run `make audit` again.)",
+                  ""]
     return lines
 
 
-def _audit_table(path, title, columns, keep=lambda row: True):
-    """The first AUDIT_ROWS rows of one of the audit's CSVs that `keep`, as an inert table."""
-    rows = []
-    try:
-        with files.open_regular(path, newline="", encoding="utf-8") as f:
-            for row in csv_dicts(f):  # the names as they are, not as a spreadsheet
-                if all(isinstance(row.get(c), str) for c in columns) and keep(row):
-                    rows.append(row)
-                    if len(rows) == AUDIT_ROWS:
-                        break
-    except (OSError, UserError, csv.Error, UnicodeDecodeError):
-        return [f"### {title}", "", "(" + _code(path) + " could not be read: run `make audit` "
-                "again)", ""]
-    lines = [f"### {title}", ""]
+def _audit_table(folder, summary, key, title, columns, keep=lambda row: True):
+    """The first AUDIT_ROWS rows of one of the audit's CSVs that `keep`, as an inert table
+    titled with how many of how many it shows."""
+    found, why = audit.output_rows(folder, summary, key)
+    if found is None:
+        return [f"### {title}", "", f"(The audit's {key} table is {why}: run `make audit` "
+                "again.)", ""]
+    rows = [row for row in found if all(isinstance(row.get(c), str) for c in columns)
+            and keep(row)]
     if not rows:
-        return lines + ["None.", ""]
+        return [f"### {title}", "", "None.", ""]
+    shown = rows[:AUDIT_ROWS]
+    lines = [f"### {title} ({len(shown)} of {len(rows)})", ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in shown]
     return lines + [""]
 
 

@@ -84,7 +84,11 @@ def test_plain_tensorflow_runs_the_savedmodel_as_make_predict(run, model, tmp_pa
         described = json.load(f)
     assert described["class_names"] == ["horizontal", "vertical"]
     assert described["temperature"] == TEMPERATURE and described["model"] == model
-    assert described["outliers"]["threshold"] > 0 and len(described["outliers"]["centroids"]) == 2
+    assert described["outliers"]["threshold"] > 0 and described["outliers"]["classes"] == [
+        "horizontal", "vertical"]
+    with np.load(os.path.join(os.path.dirname(result.path), described["outliers"]["statistics"]),
+                 allow_pickle=False) as statistics:
+        assert statistics["precision"].shape == (512, 512) and statistics["mean"].shape == (512,)
     assert described["identity"]["image_size"] == run.size and described["settings"]["seed"] == 0
     paths = sorted(rows)
     plain = subprocess.run([sys.executable, "-c", PLAIN_TENSORFLOW, result.path, *paths],

@@ -189,8 +189,7 @@ def test_train_head_writes_no_tensorboard_log_through_a_link(extracted, tmp_path
 
 
 @pytest.mark.parametrize("planted", [audit.FOLDER] + [
-    f"{audit.FOLDER}/{name}" for name in (audit.SUMMARY, audit.NEAR_DUPLICATES, audit.LABEL_ISSUES,
-                                          audit.OUTLIERS, audit.OUTLIER_MODEL, audit.PICTURE)])
+    f"{audit.FOLDER}/{name}" for name in (audit.SUMMARY, audit.OUTLIER_MODEL, *audit.LEGACY)])
 def test_audit_writes_through_no_link_planted_in_models(extracted, tmp_path, planted):
     """audit's folder, or one of its files, as a link: replaced by audit's own, target kept."""
     target = outside_folder(tmp_path) if planted == audit.FOLDER else tmp_path / "victim.txt"

@@ -174,7 +174,13 @@ def test_calibration_audit_and_a_self_contained_html_page(run, tmp_path):
     assert (f"| near-duplicate pairs | {summary['near_duplicates']['pairs']} |") in text
     assert (f"| label-issue candidates | {summary['label_issues']['candidates']} |") in text
     links = linked_files(text)
-    assert "audit/audit.png" in links
+    assert f"audit/{summary['outputs']['audit']['file']}" in links
+    assert "### Outliers" in text  # listed, and pictured when there are any
+    outliers = summary["outliers"]["rows"]
+    assert (f"### Outliers ({min(outliers, report.AUDIT_ROWS)} of {outliers})" if outliers
+            else "### Outliers\n\nNone.") in text
+    assert summary["label_issues"]["weak"]  # random weights: the out-of-fold accuracy is low
+    assert "**The label-issue candidates are weak evidence**" in text
     for model, title in report.TITLES.items():  # the new sections, from evaluation.json
         m = evaluation["models"][model]
         assert f"| {title} | {m['curves']['macro_roc_auc']:.3f} |" in text

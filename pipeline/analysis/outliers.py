@@ -1,11 +1,15 @@
 """The outlier measure: how unlike the training data an image's feature map is.
 
-An image's distance is 1 - the cosine similarity of its `appearance` (its globally average-pooled
-feature map, square-rooted and L2-normalised) to the nearest training class centroid. The
-threshold is the OUTLIER_PERCENTILE-th percentile of the validation rows' distances. `make audit`
-computes it from the cache and saves it (outlier_model.npz, plain arrays); `make predict` reuses
-it while the cache is unchanged, and flags new images past the threshold (docs/audit.md has the
-measurements that chose this measure over the audit's near-duplicate embedding).
+An image's `appearance` is its globally average-pooled feature map, square-rooted (so a few
+strong channels do not outweigh all the others). Its distance is the Mahalanobis distance of
+that vector to the training rows' mean, under their covariance shrunk towards a multiple of the
+identity (covariance + SHRINK x its mean variance x I): a few hundred training rows estimate it
+and its inverse stays well conditioned. A photo varies along the directions photos vary in; a
+drawing, noise or a flat picture leaves them. The threshold is the OUTLIER_PERCENTILE-th
+percentile of the validation rows' distances. `make audit` computes it from the cache and saves
+it (outlier_model.npz, plain arrays); `make predict` reuses it while the cache is unchanged, and
+flags new images past the threshold (docs/audit.md has the measurements that chose this measure
+over the distance to class centroids and to the nearest training images).
 
 Shared by the audit and predict; it imports no stage.
 """
@@ -21,43 +25,43 @@ from ..fs import files
 
 FOLDER = "audit"             # models/<NAME>/audit/, written by `make audit`
 FILE = "outlier_model.npz"   # in FOLDER: the measure predict reuses while the cache is the same
-
-
-def class_centroids(vectors, y, classes):
-    """(classes present, their unit mean vectors) of the training rows."""
-    present = [k for k in range(classes) if (y == k).any()]
-    centroids = np.stack([vectors[y == k].mean(axis=0) for k in present])
-    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    return np.array(present), centroids
-
-
-def outlier_distance(vectors, present, centroids):
-    """(1 - cosine similarity to the nearest centroid, that centroid's class) per row."""
-    similarity = vectors @ centroids.T
-    nearest = similarity.argmax(axis=1)
-    return 1.0 - similarity[np.arange(len(vectors)), nearest], present[nearest]
+SHRINK = 10.0                # covariance + SHRINK x mean variance x identity
+MEASURE = ("Mahalanobis distance of the square-rooted, globally average-pooled features to the "
+           f"training mean, covariance shrunk by {SHRINK:g} x its mean variance")
 
 
 def appearance(pooled):
-    """Globally average-pooled features (n, channels) -> unit vectors of their square roots:
-    what is in the picture, wherever it is; the root keeps a few strong channels from
-    outweighing all the others (a Hellinger-style distance)."""
-    root = np.sqrt(np.maximum(np.asarray(pooled, np.float32), 0))
-    return root / np.maximum(np.linalg.norm(root, axis=1, keepdims=True), 1e-12)
+    """Globally average-pooled features (n, channels) -> their square roots (n, channels)."""
+    return np.sqrt(np.maximum(np.asarray(pooled, np.float32), 0))
 
 
 @dataclass
 class OutlierModel:
     """What predict needs to say "unlike the training data" of new feature maps."""
-    present: np.ndarray      # classes with training rows
-    centroids: np.ndarray    # their unit centroids in `appearance` space
+    mean: np.ndarray         # (channels,) of the training rows' appearance
+    precision: np.ndarray    # (channels, channels) the inverse of their shrunk covariance
+    class_means: np.ndarray  # (classes, channels): to name the nearest class
+    present: np.ndarray      # (classes,) which class each row of class_means is
     threshold: float         # the validation rows' OUTLIER_PERCENTILE-th percentile
     calibrated_on: str       # "validation", or "train" when the cache has no validation rows
 
     def distance(self, features):
         """(distance, nearest class) of feature maps (n, h, w, c)."""
-        pooled = np.asarray(features, np.float32).mean(axis=(1, 2))
-        return outlier_distance(appearance(pooled), self.present, self.centroids)
+        return self.distance_of_pooled(np.asarray(features, np.float32).mean(axis=(1, 2)))
+
+    def distance_of_pooled(self, pooled, block=4096):
+        """(distance, nearest class) of globally average-pooled maps (n, c), a block at a
+        time."""
+        distance = np.empty(len(pooled), np.float32)
+        nearest = np.empty(len(pooled), np.int64)
+        for start in range(0, len(pooled), block):
+            x = appearance(pooled[start:start + block])
+            centred = x - self.mean
+            distance[start:start + len(x)] = np.sqrt(np.maximum(  # matrix products: BLAS
+                ((centred @ self.precision) * centred).sum(axis=1), 0))
+            gaps = ((x[:, None, :] - self.class_means[None]) ** 2).sum(axis=2)
+            nearest[start:start + len(x)] = self.present[gaps.argmin(axis=1)]
+        return distance, nearest
 
 
 def pooled_rows(store, rows):
@@ -69,56 +73,78 @@ def pooled_rows(store, rows):
     return out
 
 
+def fit(train_pooled, train_labels, calibration_pooled, percentile, calibrated_on):
+    """The measure from training rows (pooled maps, labels) and calibration rows."""
+    x = appearance(train_pooled).astype(np.float64)
+    mean = x.mean(axis=0)
+    centred = x - mean
+    covariance = centred.T @ centred / len(x)
+    covariance += np.eye(len(covariance)) * SHRINK * max(np.trace(covariance) / len(covariance),
+                                                         1e-12)
+    labels = np.asarray(train_labels)
+    present = np.unique(labels).astype(np.int64)
+    class_means = np.stack([x[labels == k].mean(axis=0) for k in present])
+    model = OutlierModel(mean.astype(np.float32), np.linalg.inv(covariance).astype(np.float32),
+                         class_means.astype(np.float32), present, 0.0, calibrated_on)
+    distance, _ = model.distance_of_pooled(calibration_pooled)
+    model.threshold = float(np.percentile(distance, percentile))
+    return model
+
+
 def outlier_model(store, percentile, pooled=None):
-    """The outlier measure of a cache: class centroids from the training rows, the threshold
+    """The outlier measure of a cache: mean and covariance from the training rows, the threshold
     from the validation rows. `pooled` (all rows, pooled) saves reading the cache again."""
     train, validation = store.rows("train"), store.rows("validation")
-    calibrated_on = "validation" if len(validation) else "train"
-    calibration = validation if len(validation) else train
     if not len(train):
         raise UserError(f"{store.path} has no training images: rerun `make extract` with a "
                         "train split")
+    calibrated_on = "validation" if len(validation) else "train"
+    calibration = validation if len(validation) else train
     if pooled is None:
-        train_v, calibration_v = (appearance(pooled_rows(store, r)) for r in (train, calibration))
+        train_p, calibration_p = pooled_rows(store, train), pooled_rows(store, calibration)
     else:
-        train_v, calibration_v = appearance(pooled[train]), appearance(pooled[calibration])
-    present, centroids = class_centroids(train_v, store.labels[train], len(store.class_names))
-    distance, _ = outlier_distance(calibration_v, present, centroids)
-    return OutlierModel(present, centroids, float(np.percentile(distance, percentile)),
-                        calibrated_on)
+        train_p, calibration_p = pooled[train], pooled[calibration]
+    return fit(train_p, store.labels[train], calibration_p, percentile, calibrated_on)
 
 
 def save_outlier_model(path, model, index_digest, feature_shape, percentile):
     """The measure's arrays and what they were made from (the cache's index digest and feature
     shape, OUTLIER_PERCENTILE), as .npz read back without pickle."""
-    metadata = {"index_digest": index_digest, "percentile": percentile,
+    metadata = {"index_digest": index_digest, "percentile": percentile, "measure": MEASURE,
                 "shape": list(feature_shape), "calibrated_on": model.calibrated_on}
     with files.replacing(path, "wb") as f:
-        np.savez(f, present=model.present, centroids=model.centroids,
-                 threshold=np.float64(model.threshold),
+        np.savez(f, mean=model.mean, precision=model.precision, class_means=model.class_means,
+                 present=model.present, threshold=np.float64(model.threshold),
                  metadata=np.array(json.dumps(metadata, sort_keys=True)))
 
 
 def load_outlier_model(models_dir, store, percentile):
     """The audit's saved measure when it was made on this very cache (its index digest) with
-    this OUTLIER_PERCENTILE, else one computed from the cache now (one read of the training
-    and validation rows: about 40 s at 100k images)."""
+    this OUTLIER_PERCENTILE and this measure, else one computed from the cache now (one read of
+    the training and validation rows: about 40 s at 100k images)."""
     path = os.path.join(models_dir, FOLDER, FILE)
+    channels = store.shape()[-1]
     try:
         with files.open_regular(path, "rb") as f, np.load(f, allow_pickle=False) as arrays:
             metadata = json.loads(str(arrays["metadata"]))
-            present, centroids = arrays["present"], arrays["centroids"]
+            loaded = {k: arrays[k] for k in ("mean", "precision", "class_means", "present")}
             threshold = float(arrays["threshold"])
         digest = store.attrs.get("index_digest")
         if (digest and metadata.get("index_digest") == digest
                 and metadata.get("percentile") == percentile
+                and metadata.get("measure") == MEASURE
                 and metadata.get("shape") == list(store.shape())
-                and centroids.shape == (len(present), store.shape()[-1])
-                and np.isfinite(centroids).all()
-                and np.isin(present, np.arange(len(store.class_names))).all()
+                and loaded["mean"].shape == (channels,)
+                and loaded["precision"].shape == (channels, channels)
+                and loaded["class_means"].shape == (len(loaded["present"]), channels)
+                and all(np.isfinite(loaded[k]).all() for k in ("mean", "precision",
+                                                               "class_means"))
+                and np.isin(loaded["present"], np.arange(len(store.class_names))).all()
                 and np.isfinite(threshold)):
-            return OutlierModel(present.astype(np.int64),
-                                centroids.astype(np.float32), threshold,
+            return OutlierModel(loaded["mean"].astype(np.float32),
+                                loaded["precision"].astype(np.float32),
+                                loaded["class_means"].astype(np.float32),
+                                loaded["present"].astype(np.int64), threshold,
                                 str(metadata.get("calibrated_on", "validation")))
     except (OSError, UserError, ValueError, KeyError, TypeError):
         pass  # none, another cache's, or not ours: computed below

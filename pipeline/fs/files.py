@@ -60,8 +60,9 @@ def entries(folder):
         return []
 
 
-def remove_temporaries(folder, names=None, keep=()):
-    """Delete the temporary files a killed writer left directly in `folder`: only our names
+def remove_temporaries(folder, names=None, keep=(), subfolders=False):
+    """Delete the temporary files a killed writer left in `folder` (and in its subfolders, at
+    any depth, with subfolders=True; a link to a folder is not entered): only our names
     (`temporary_of`), of `names` when given and never of `keep`, and only regular files (a
     link is left, never followed). Call it only while no writer of those names can be running
     (lock.exclusive)."""
@@ -70,6 +71,8 @@ def remove_temporaries(folder, names=None, keep=()):
         if (original and (names is None or original in names) and original not in keep
                 and entry.is_file(follow_symlinks=False)):
             remove_file(entry.path)
+        elif subfolders and entry.is_dir(follow_symlinks=False):
+            remove_temporaries(entry.path, names, keep, subfolders)
 
 
 def atomic_write(path, content):

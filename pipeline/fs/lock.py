@@ -23,9 +23,10 @@ def exclusive(folder, stage):
     following a link and must be a regular file: what lies in the folder is untrusted, and a
     link there would have its target truncated.
 
-    Once held, the temporary files that a killed writer left in `folder` (files.temporary_name's)
-    are removed: no other writer can be making them now, and nothing else would ever remove
-    them. Those of the files written without the lock (UNLOCKED) are kept."""
+    Once held, the temporary files that a killed writer left in `folder` and its subfolders
+    (files.temporary_name's, such as the audit's in audit/) are removed: no other writer can be
+    making them now, and nothing else would ever remove them. Those of the files written
+    without the lock (UNLOCKED) are kept."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK)
     fd = _open(path)
@@ -39,7 +40,7 @@ def exclusive(folder, stage):
             raise UserError(f"another {other} (pid {pid}) is writing {folder}: wait for it "
                             "to finish, then run this again") from None
         lock.seek(0), lock.truncate(), lock.write(f"{os.getpid()} {stage}"), lock.flush()
-        files.remove_temporaries(folder, keep=UNLOCKED)
+        files.remove_temporaries(folder, keep=UNLOCKED, subfolders=True)
         yield
 
 

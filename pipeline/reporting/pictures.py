@@ -1,12 +1,13 @@
-"""Pictures named by their content, so that a JSON file written last is the one commit point.
+"""Files named by their content, so that a JSON file written last is the one commit point.
 
-evaluate and report write several PNGs and then one file that names them (evaluation.json,
-report.md). Killed in between, fixed names would leave new pictures beside the old JSON, and the
-next reader would combine them without a word. Here each picture is written (atomically) under
-`<stem>-<first 16 hex of its sha256>.png` and recorded as {"file", "sha256"}: an old JSON still
-names its own pictures, which are still there, and a new picture no JSON names is only a leftover,
-removed by the next run that commits (`remove_stale`). A reader takes a picture only through
-`verified`: named in the JSON, a regular file in the folder, with the recorded hash.
+evaluate, report and the audit write several files (PNGs; the audit's CSVs) and then one file
+that names them (evaluation.json, report.md, audit.json). Killed in between, fixed names would
+leave new files beside the old JSON, and the next reader would combine them without a word. Here
+each file is written (atomically) under `<stem>-<first 16 hex of its sha256>.<png|csv>` and
+recorded as {"file", "sha256"}: an old JSON still names its own files, which are still there,
+and a new file no JSON names is only a leftover, removed by the next run that commits
+(`remove_stale`). A reader takes a file only through `verified`: named in the JSON, a regular
+file in the folder, with the recorded hash.
 """
 import hashlib
 import os
@@ -15,21 +16,24 @@ import re
 from ..config import UserError
 from ..fs import files
 
-_NAME = re.compile(r"([a-z][a-z0-9_]*)-([0-9a-f]{16})\.png")
+EXTENSIONS = ("png", "csv")
+_NAME = re.compile(r"([a-z][a-z0-9_]*)-([0-9a-f]{16})\.(?:png|csv)")
 
 
-def write(folder, stem, data):
-    """Write the PNG bytes `data` as folder/<stem>-<hash>.png; returns its record. The same
-    content gives the same name, so a rerun that draws the same picture rewrites nothing new."""
+def write(folder, stem, data, extension="png"):
+    """Write the bytes `data` as folder/<stem>-<hash>.<extension>; returns its record. The same
+    content gives the same name, so a rerun that makes the same file rewrites nothing new."""
+    if extension not in EXTENSIONS:
+        raise ValueError(f"extension {extension!r} is not one of {EXTENSIONS}")
     digest = hashlib.sha256(data).hexdigest()
-    name = f"{stem}-{digest[:16]}.png"
+    name = f"{stem}-{digest[:16]}.{extension}"
     os.makedirs(folder, exist_ok=True)
     files.atomic_write(os.path.join(folder, name), data)  # renames over a link, never through
     return {"file": name, "sha256": digest}
 
 
 def verified(folder, record):
-    """(the picture's bytes, "") when `record` (read back from an untrusted JSON) names a picture
+    """(the file's bytes, "") when `record` (read back from an untrusted JSON) names a file
     of this module's form in `folder` whose content has the recorded hash; else (None, why)."""
     if not isinstance(record, dict):
         return None, "not recorded"
@@ -50,7 +54,7 @@ def verified(folder, record):
 
 
 def remove_stale(folder, stems, keep):
-    """Delete the pictures of `stems` in `folder` that are not named in `keep` (the records just
+    """Delete the files of `stems` in `folder` that are not named in `keep` (the records just
     committed): only names of this module's form, only regular files, never what a link points
     at (a link there is left alone). Call it after the JSON naming `keep` is in place."""
     keep = {r["file"] for r in keep if isinstance(r, dict)}
