@@ -18,7 +18,8 @@ SETTINGS := DATA NAME SPLIT LABELS LABEL_COLUMNS BACKEND VERBOSE BACKBONE FEATUR
             HIDDEN_UNITS DROPOUT HEAD_POOL HEAD_LR PATIENCE C_GRID SEED CLASS_WEIGHT UNFREEZE \
             FINETUNE_FROM CUT_STORAGE FINETUNE_EPOCHS \
             FINETUNE_OPTIMIZER FINETUNE_AUGMENT LR FINETUNE_WARMUP FINETUNE_PATIENCE FRESH IMAGES \
-            MODEL OUT BATCH_FILE FINETUNE FORCE DUPLICATE_THRESHOLD AUDIT_FOLDS OUTLIER_PERCENTILE
+            MODEL OUT TOP_K FORMAT BATCH_FILE FINETUNE FORCE DUPLICATE_THRESHOLD AUDIT_FOLDS \
+            OUTLIER_PERCENTILE
 # Make exports command-line variables to every recipe's environment, and expands them to do so,
 # which would run a $(shell ...) typed into one: none of these needs to be in the environment.
 unexport $(SETTINGS) DATASETS
@@ -45,7 +46,7 @@ CLI  = PIPELINE_FROM_MAKE=1 $(PYTHON) -m pipeline
 RAY_DEP = $(if $(filter ray,$(strip $(ENGINE))),$(RAY_STAMP))
 
 .PHONY: help install install-ray demo-data extract train-head finetune evaluate predict report \
-        audit export demo batch reproduce bench test coverage test-ray test-backends test-slow lint clean
+        audit export export-model demo batch reproduce bench test coverage test-ray test-backends test-slow lint clean
 
 help: ## List the targets and the settings
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -89,7 +90,7 @@ finetune: $(STAMP) ## Fine-tune block5 + head on the cached block4 activations (
 evaluate: $(STAMP) ## Test-split metrics and confusion matrices for every trained model: [NAME]
 	$(CLI) evaluate $(ARGS)
 
-predict: $(STAMP) ## Predict new images: IMAGES=<dir or file> [NAME] [MODEL=auto|logreg|dense|finetuned]
+predict: $(STAMP) ## Predict new images: IMAGES=<dir or file> [NAME] [MODEL=auto|logreg|dense|finetuned] [OUT=file.csv] [TOP_K=1]
 	$(CLI) predict $(ARGS)
 
 audit: $(STAMP) ## Audit the cache (docs/audit.md): near-duplicates, leakage, label issues, outliers: [NAME] [DUPLICATE_THRESHOLD=0.6] [AUDIT_FOLDS=5]
@@ -100,6 +101,9 @@ report: $(STAMP) ## Write models/<NAME>/report.md (+ self-contained report.html)
 
 export: $(STAMP) ## One HDF5 file that stands alone (features.h5 needs its segments): NAME=<name> OUT=<file.h5>
 	$(CLI) export $(ARGS)
+
+export-model: $(STAMP) ## One graph, pixels -> probabilities, in models/<NAME>/export/: NAME=<name> [MODEL=auto|logreg|dense|finetuned] [FORMAT=savedmodel|onnx|litert]
+	$(CLI) export-model $(ARGS)
 
 # The demo data are 64-pixel pictures, so the demo runs at SIZE=64: the same pipeline, a fraction
 # of the compute. WEIGHTS=auto uses ImageNet weights when they can be had, random ones otherwise.

@@ -1,7 +1,10 @@
 """Transfer learning for image classification on cached features of a frozen backbone.
 
 Stages (each a module with `run(config)`): extract -> train_head -> finetune -> evaluate,
-plus predict, report, batch and demo. See README.md.
+plus predict, report, export-model, batch and demo. See README.md.
+
+`from pipeline import Classifier` gives a trained model as an object (pipeline/classifier.py),
+imported on first use so that `python -m pipeline.config` stays fast.
 """
 import os
 
@@ -10,3 +13,10 @@ import os
 # forward and backward (`make bench`, options section); the features differ by float round-off
 # (~4e-6 relative). Read when TensorFlow is first imported; TF_ENABLE_ONEDNN_OPTS=0 opts out.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+def __getattr__(name):
+    if name == "Classifier":
+        from .classifier import Classifier
+        return Classifier
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -30,6 +30,7 @@ STAGES = {
     "predict": "predict",
     "report": "report",
     "export": "export",
+    "export-model": "export_model",
     "batch": "batch",
     "reproduce": "reproduce",
 }

@@ -38,7 +38,7 @@ SUMMARY_MD = "batch_summary.md"
 STATE = "batch_state.json"          # in models/<NAME>/
 # Settings that never change a dataset's models: the batch's own bookkeeping and prediction.
 NOT_MODEL_INPUTS = ("datasets", "batch_file", "force", "fresh", "images", "model", "out",
-                    *audit.SETTINGS)
+                    "top_k", "format", *audit.SETTINGS)
 # The files whose (size, mtime) must be as recorded for a dataset to count as unchanged.
 TRACKED = sorted({file for kind in registry.KINDS.values() for file in (kind.file, kind.metrics)}
                 | {artifacts.EVALUATION})

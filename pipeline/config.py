@@ -37,6 +37,7 @@ ACTIVATION_CHANNELS = 3 + 64 + 64
 # registry.KINDS and runtime use them.
 MODEL_NAMES = ("logreg", "dense", "finetuned")
 BACKENDS = ("tensorflow", "jax", "torch")
+EXPORT_FORMATS = ("savedmodel", "onnx", "litert")
 NAME_PUNCTUATION = " _.,-+=@~()[]{}"  # beside letters and digits, after the first character
 NAME_LENGTH = 100
 NAME_PATTERN = re.compile(rf"\w[\w{re.escape(NAME_PUNCTUATION)}]{{0,{NAME_LENGTH - 1}}}")
@@ -204,7 +205,11 @@ class Config:
     images: str = setting("", "the image file or folder that predict classifies")
     model: str = setting("auto", "the model predict uses: auto (best validation accuracy) | "
                                  "logreg | dense | finetuned")
-    out: str = setting("", "the file `make export` writes (never overwritten)")
+    out: str = setting("", "the file `make export` writes (never overwritten); the CSV `make "
+                           "predict` writes (default models/<NAME>/predictions.csv)")
+    top_k: int = setting(1, "predict: the most likely classes shown per image")
+    format: str = setting("savedmodel", "`make export-model`: savedmodel | onnx (needs pip "
+                                        "install -e '.[onnx]') | litert")
     # --- many datasets ---------------------------------------------------------------------------
     datasets: tuple = setting((), "dataset folders for `make batch`")
     batch_file: str = setting("", "a file with one `folder [name] [labels.csv]` per line, for "
@@ -253,6 +258,8 @@ class Config:
         _check_choice("CLASS_WEIGHT", self.class_weight, ("auto", "balanced", "none"))
         _check_choice("FINETUNE_OPTIMIZER", self.finetune_optimizer, ("adam", "rmsprop"))
         _check_choice("MODEL", self.model, ("auto", *MODEL_NAMES))
+        _check_range("TOP_K", self.top_k, 1, 1000, "classes shown per image")
+        _check_choice("FORMAT", self.format, EXPORT_FORMATS)
         _check_choice("PRECISION", told("precision"),
                       ("auto", "float32", "mixed_float16", "mixed_bfloat16"))
         _check_choice("STORAGE", told("storage"), ("float32", "float16"))

@@ -4,7 +4,9 @@
 
 The test split is used, or validation where the cache has no test rows. The feature-based models
 read the cached features of those rows; the fine-tuned model reads the images themselves through
-images.labelled_dataset (no augmentation). Writes models/<NAME>/evaluation.json, with what the
+images.labelled_dataset (no augmentation). Each model is scored with its temperature applied
+(model/calibration.py), as predict uses it; its calibration is also recorded without it
+(calibration_before), for the report. Writes models/<NAME>/evaluation.json, with what the
 report lays out (ROC and precision-recall figures, the most-confused pairs, a PCA projection of
 the cached features, each stage's time), and the pictures it names. The pictures are written first,
 each under a name holding its hash (reporting/pictures.py); evaluation.json is written last and is
@@ -22,7 +24,7 @@ from .cache import settings
 from .config import Config, UserError, warn
 from .data import images
 from .fs import artifacts
-from .model import registry
+from .model import calibration, registry
 from .reporting import diagnostics, pictures, plots
 
 LEGACY_CONFUSION_PLOT = "confusion_{model}.png"   # before pictures were named by their hash
@@ -31,7 +33,6 @@ LEGACY_CONFUSION_PLOT = "confusion_{model}.png"   # before pictures were named b
 PICTURES = {"projection", *(f"{kind}_{model}" for kind in ("confusion", "curves")
                             for model in registry.NAMES)}
 MAX_MISCLASSIFIED = 100     # kept per model in evaluation.json (most confident mistakes first)
-CALIBRATION_BINS = 10       # equal-width confidence bins of the reliability diagram and ECE
 
 
 @dataclass
@@ -64,12 +65,15 @@ def _evaluate(config):
                 "finetune`) first"))
         for refusal in refused.values():  # a model left by an interrupted run, or made for
             warn(f"not evaluated: {refusal}")  # other features or classes: skipped, not fatal
-        scored = {}
+        scored, uncalibrated = {}, {}
         for model in trained:
             if registry.KINDS[model].takes == "images":
-                scored[model] = _image_probabilities(config, model, store, rows, labels)
+                raw = _image_probabilities(config, model, store, rows, labels)
             else:
-                scored[model] = _feature_probabilities(config, model, store, rows)
+                raw = _feature_probabilities(config, model, store, rows)
+            # scored as predict sees it, with its temperature; the network's own for the report
+            scored[model] = calibration.apply_temperature(raw, trained[model].temperature)
+            uncalibrated[model] = raw
         paths, attrs, root = store.paths[rows], store.attrs, store.image_root(config.data)
         train_rows = len(store.rows("train"))
         small = diagnostics.small_splits(store.labels, store.splits, class_names)
@@ -87,6 +91,8 @@ def _evaluate(config):
     for model, probabilities in scored.items():
         report["models"][model] = m = score(probabilities, labels, class_names, paths)
         m["accuracy_ci95"] = list(diagnostics.accuracy_interval(m["accuracy"], len(rows)))
+        m["temperature"] = trained[model].temperature
+        m["calibration_before"] = calibration.reliability(uncalibrated[model], labels)
         m["curves"], drawn = diagnostics.curves(probabilities, labels, class_names)
         m["confused_pairs"] = diagnostics.confused_pairs(m["confusion_matrix"], class_names)
         on = f"{registry.TITLES[model]} on {split} ({len(rows)} images)"
@@ -137,7 +143,7 @@ def _picture(config, named, stem, figure=None, png=None):
 
 def _feature_probabilities(config, model, store, rows):
     """Score cached features a block at a time, so a large test split never sits in memory."""
-    predict = registry.predictor(config, model)
+    predict = registry.predictor(config, model, calibrated=False)
     return np.concatenate([predict(features) for _, features in store.blocks(rows)])
 
 
@@ -148,7 +154,7 @@ def _image_probabilities(config, model, store, rows, labels):
     if missing:
         raise UserError(f"{missing[0]} (and {len(missing) - 1} more) no longer exist: pass the "
                         "DATA folder the cache was extracted from")
-    predict = registry.predictor(config, model)
+    predict = registry.predictor(config, model, calibrated=False)
     identity = store.feature_identity
     dataset = images.labelled_dataset(paths, labels, identity.image_size, config.batch_size,
                                       preprocess=identity.entry.preprocess)
@@ -175,7 +181,7 @@ def score(probabilities, labels, class_names, paths):
     }
     if len(class_names) == 2 and len(set(labels.tolist())) == 2:
         out["roc_auc"] = float(metrics.roc_auc_score(labels, probabilities[:, 1]))
-    out["calibration"] = calibration(probabilities, labels)
+    out["calibration"] = calibration.reliability(probabilities, labels)
     wrong = np.flatnonzero(predicted != labels)
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
     out["misclassified_count"] = int(len(wrong))
@@ -185,26 +191,3 @@ def score(probabilities, labels, class_names, paths):
          "probability": float(probabilities[i, predicted[i]])}
         for i in wrong[:MAX_MISCLASSIFIED]]
     return out
-
-
-def calibration(probabilities, labels, bins=CALIBRATION_BINS):
-    """How far the model's confidence is from its accuracy: the reliability curve of its top
-    label (sklearn.calibration.calibration_curve of "the predicted class is right" against the
-    probability given to it, equal-width bins), the expected calibration error (the bins' |
-    accuracy - confidence| weighted by their share of images) and the multiclass Brier score
-    (mean squared distance of the probabilities from the one-hot truth; 0 is perfect)."""
-    from sklearn.calibration import calibration_curve
-
-    confidence = probabilities.max(axis=1)
-    correct = (probabilities.argmax(axis=1) == labels).astype(int)
-    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=bins,
-                                                  strategy="uniform")
-    # the bins calibration_curve keeps (those with images), as it assigns them
-    counts = np.bincount(np.searchsorted(np.linspace(0, 1, bins + 1)[1:-1], confidence),
-                         minlength=bins)
-    counts = counts[counts > 0]
-    truth = np.eye(probabilities.shape[1])[labels]
-    return {"bins": bins, "accuracy": accuracy.tolist(), "confidence": mean_confidence.tolist(),
-            "counts": counts.tolist(),
-            "ece": float(np.sum(counts * np.abs(accuracy - mean_confidence)) / len(labels)),
-            "brier": float(np.mean(np.sum((probabilities - truth) ** 2, axis=1)))}

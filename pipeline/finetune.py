@@ -20,6 +20,7 @@ finetuned.keras is the whole model, image -> probabilities.
        finetune_history.png, finetune_log.csv (a row an epoch: the history, also across resumes);
        for resuming: finetune_backup/
 """
+import dataclasses
 import math
 import os
 import sys
@@ -35,7 +36,7 @@ from .cache import batches, settings, views
 from .config import Config, UserError, warn
 from .data import augment, backbones, datasets, images
 from .fs import artifacts, files
-from .model import backbone, heads, registry, resume, runtime
+from .model import backbone, calibration, heads, registry, resume, runtime
 from .reporting import plots
 
 MATCH_ATOL = 1e-2  # step 0, composed vs head on cached features: loose enough for GPU TF32 math,
@@ -45,17 +46,30 @@ RETRAIN = "run `make extract` then `make train-head`"
 
 @dataclass
 class FinetuneResult:
-    model_path: str
-    metrics_path: str
-    plot_path: str
+    """What a fine-tuning run made: its three files and the record finetune_metrics.json holds."""
+    identity: dict
+    split_digest: str         # registry.record checks it
+    class_names: list
+    config: dict
+    weights: str              # the backbone weights' fingerprint
+    weights_notice: str
+    unfreeze: str
+    trainable_layers: list
+    source: str               # "cache" (the cut's activations) or "images"; JSON: finetune_from
     validation: dict          # {"accuracy", "loss"} of the restored best weights
     test: dict                # the same on the test split ({} when there is none)
     epochs: int               # epochs trained in total, over every resumed run
-    best_epoch: int           # 1-based
-    resumed_from_epoch: int   # epochs already done when this run started (0 = fresh)
-    trainable_layers: list
+    best_epoch: int           # 1-based; 0: no epoch beat the head
     seconds: float
-    source: str = "images"    # what it trained on: "cache" (the cut's activations) or "images"
+    history: dict
+    resumed_from_epoch: int   # epochs already done when this run started (0 = fresh)
+    calibration: dict         # calibration.fit on the validation split: the temperature
+    head_validation: dict     # {"accuracy", "loss"} of the head on the base, before any step
+    class_weight: dict        # heads.class_weights' record: the setting and each class's weight
+    file_sha256: str = ""     # ties the model file to this record
+    model_path: str = ""
+    metrics_path: str = ""
+    plot_path: str = ""
 
 
 def run(config: Config, *, callbacks=()) -> FinetuneResult:
@@ -85,7 +99,7 @@ def _finetune(config, start, extra_callbacks):
             data = make_datasets(config, store)
             model, trainable = build_model(config, weights, head, store,
                                            augmented=config.finetune_augment)
-            whole, on_error = model, images.one_line_on_change(
+            whole, on_error = augment.without_augmentation(model), images.one_line_on_change(
                 data["train"], data["validation"], data["test"], data["step0"][0])
         class_weight, weighting = heads.class_weights(
             config.class_weight, store.labels[store.rows("train")], list(store.class_names))
@@ -119,23 +133,40 @@ def _finetune(config, start, extra_callbacks):
                       verbose=1 if sys.stdout.isatty() else 2)  # logs: a line an epoch
             # EarlyStopping.on_train_end has put the best epoch's weights back (also after a
             # resume); `whole` shares them
-            scores = {name: model.evaluate(data[name], return_dict=True, verbose=0)
-                      if data[name] else {} for name in ("validation", "test")}
+            scores = {name: {key: float(value) for key, value in model.evaluate(
+                data[name], return_dict=True, verbose=0).items() if key in ("accuracy", "loss")}
+                if data[name] else {} for name in ("validation", "test")}
+            fitted = calibration.fit_model(model, data["validation"],
+                                           store.labels[store.rows("validation")])
         history = resume.log_history(config, target)
+        epochs = len(history.get("loss", []))
         head_scores = {key: float(head_scores[key]) for key in ("accuracy", "loss")}
-        # while the store is open: the metrics read its split (split_digest)
-        result = _write_outputs(config, store, weights, whole, head_record, backup, early,
-                                trainable, done, scores, history, source,
-                                {"head_validation": head_scores, "class_weight": weighting})
-    if weighting["weights"]:
-        print(f"finetune {config.dataset_name}: {heads.describe_weighting(weighting)}")
-    kept = resume.outcome(head_scores, history, result.best_epoch, result.validation)
-    epochs = f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}"
-    print(f"finetune {config.dataset_name}: {kept}; {epochs} from the {source}, "
-          f"{result.seconds:.1f} s -> {result.model_path}")
-    if weights.notice:
-        warn(weights.notice)
+        made = FinetuneResult(
+            identity=store.identity, split_digest=store.split_digest(), config=config.to_dict(),
+            class_names=list(store.class_names), weights=weights.fingerprint,
+            weights_notice=weights.notice, unfreeze=unfreeze, trainable_layers=trainable,
+            source=source, validation=scores["validation"], test=scores["test"], epochs=epochs,
+            best_epoch=int(early.best_epoch) + 1 if epochs else 0, seconds=backup.seconds(),
+            history=history, resumed_from_epoch=done, calibration=fitted,
+            head_validation=head_scores, class_weight=weighting)
+    result = _write_outputs(config, made, whole, head_record.get("history", {}))
+    _print_summary(config, result, head_scores)
     return result
+
+
+def _print_summary(config, result, head_scores):
+    """What early stopping compared and kept, in one line, then the class weights and T."""
+    if result.class_weight["weights"]:
+        print(f"finetune {config.dataset_name}: {heads.describe_weighting(result.class_weight)}")
+    kept = resume.outcome(head_scores, result.history, result.best_epoch, result.validation)
+    epochs = f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}"
+    print(f"finetune {config.dataset_name}: {kept}; {epochs} from the {result.source}, "
+          f"T={result.calibration['temperature']:.2f}, {result.seconds:.1f} s -> "
+          f"{result.model_path}")
+    if result.calibration["note"]:
+        warn(f"finetuned: {result.calibration['note']}")
+    if result.weights_notice:
+        warn(result.weights_notice)
 
 
 def training_source(config, store):
@@ -375,35 +406,21 @@ def check_composition(model, head, image_batches, features):
 
 # --- Outputs ----------------------------------------------------------------------------------
 
-def _write_outputs(config, store, weights, model, head_record, backup, early, trainable,
-                   done, scores, history, source, records):
-    model_path, metrics_path, plot_path = (artifacts.path(config, name) for name in (
-        artifacts.FINETUNED, artifacts.FINETUNE_METRICS, artifacts.FINETUNE_HISTORY_PLOT))
-    epochs, unfreeze = len(history.get("loss", [])), \
-        store.feature_identity.entry.unfreeze_stage(config.unfreeze)
-    scores = {name: {"accuracy": float(s["accuracy"]), "loss": float(s["loss"])} if s else {}
-              for name, s in scores.items()}
-    # one commit, finetune_metrics.json (naming the model by its sha256) last: a failure
-    # anywhere leaves the three old files as they were
-    with files.replacing_together([model_path, plot_path, metrics_path]) as temporary:
-        model.save(temporary[model_path])
-        metrics = {
-            "identity": store.identity, "identity_id": backbone.identity_id(store.identity),
-            "split_digest": store.split_digest(),  # registry.record checks it
-            "class_names": list(store.class_names), "config": config.to_dict(),
-            "weights": weights.fingerprint, "weights_notice": weights.notice,
-            "versions": backbone.library_versions(),  # the backend among them
-            "unfreeze": unfreeze, "trainable_layers": trainable, "finetune_from": source,
-            "validation": scores["validation"], "test": scores["test"], "epochs": epochs,
-            "best_epoch": int(early.best_epoch) + 1 if epochs else 0, "seconds": backup.seconds(),
-            "history": history, "resumed_from_epoch": done,
-            "file_sha256": artifacts.file_sha256(temporary[model_path]),  # ties file, metrics
-            **records,  # the head's validation scores, the class weights
-        }
-        plots.plot_history([("head", head_record.get("history", {})), ("fine-tune", history)],
-                           temporary[plot_path], f"{config.dataset_name}: dense head, then "
-                           f"fine-tuning from {unfreeze}")
-        artifacts.write_json(temporary[metrics_path], metrics)
-    return FinetuneResult(model_path, metrics_path, plot_path, metrics["validation"],
-                          metrics["test"], epochs, metrics["best_epoch"], done, trainable,
-                          metrics["seconds"], source)
+def _write_outputs(config, made, model, head_history):
+    """Save `model` (image after load_image -> probabilities), the plot and `made`, with its
+    paths and the model's sha256, as one commit (finetune_metrics.json last): returns `made`."""
+    made.model_path, made.plot_path, made.metrics_path = paths = [
+        artifacts.path(config, name) for name in (
+            artifacts.FINETUNED, artifacts.FINETUNE_HISTORY_PLOT, artifacts.FINETUNE_METRICS)]
+    with files.replacing_together(paths) as temporary:
+        model.save(temporary[made.model_path])
+        made.file_sha256 = artifacts.file_sha256(temporary[made.model_path])
+        plots.plot_history([("head", head_history), ("fine-tune", made.history)],
+                           temporary[made.plot_path], f"{config.dataset_name}: dense head, "
+                           f"then fine-tuning from {made.unfreeze}")
+        record = {key: value for key, value in dataclasses.asdict(made).items()
+                  if key not in ("model_path", "plot_path", "metrics_path", "source")}
+        artifacts.write_json(temporary[made.metrics_path], {  # versions: the backend among them
+            **record, "finetune_from": made.source, "versions": backbone.library_versions(),
+            "identity_id": backbone.identity_id(made.identity)})
+    return made

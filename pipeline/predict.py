@@ -1,14 +1,16 @@
 """Apply a trained model to new pictures.
 
     python -m pipeline predict --images DIR_OR_FILE [--name NAME]
-                               [--model auto|logreg|dense|finetuned]
+                               [--model auto|logreg|dense|finetuned] [--out FILE.csv] [--top-k 1]
 
-Images go through images.image_batches (the one loader) a batch at a time and each batch's rows
-are written to models/<NAME>/predictions.csv as soon as they are known, so tens of thousands of
-images never sit in memory. Files that do not decode, and the entries that datasets.walk_files
-refuses to read (FIFOs, links to folders, broken links, names that are not UTF-8), are listed in
-predictions_skipped.csv.
-`auto` picks the model with the best validation accuracy among those trained.
+The model is a classifier.Classifier, the object `from pipeline import Classifier` gives: images
+go through the one loader a batch at a time (Classifier.predict_batches) and each batch's rows
+are written to OUT (default models/<NAME>/predictions.csv) as soon as they are known, so tens of
+thousands of images never sit in memory. Files that do not decode, and the entries that
+datasets.walk_files refuses to read (FIFOs, links to folders, broken links, names that are not
+UTF-8), are listed beside it in <OUT>_skipped.csv (predictions_skipped.csv by default).
+`auto` picks the model with the best validation accuracy among those trained. The probabilities
+are the model's after its temperature (model/calibration.py).
 
 Each image is also scored against the training data with the audit's outlier measure
 (pipeline/analysis/outliers.py): the Mahalanobis distance of its pooled feature map to the
@@ -17,36 +19,33 @@ computed from the cache at predict time), so it always describes the current cac
 Past the OUTLIER_PERCENTILE-th percentile of the validation images' distances, the image is
 `unlike_training` (1): the model was never shown anything like it, so its probabilities say
 little. The fine-tuned model reads images, not feature maps, so for it the frozen backbone runs
-once more per batch; without a cache the two columns stay empty.
+once more per batch; without a cache the two columns stay empty. The printed table shows the
+TOP_K most likely classes of the first rows and marks those unlike the training data with "!".
 """
 import os
 import stat
 import time
 from dataclasses import dataclass
 
-import numpy as np
 from tqdm import tqdm
 
-from . import cache
-from .analysis import outliers
 from .cache import settings
+from .classifier import PREFERENCE, Classifier, choose, trained_models  # noqa: F401 - predict's names
 from .config import Config, UserError, warn
-from .data import datasets, images
+from .data import datasets
 from .fs import artifacts, escape, files
 from .fs.escape import terminal_text
-from .model import backbone, registry
 
-PREFERENCE = {"finetuned": 2, "dense": 1, "logreg": 0}  # breaks ties in validation accuracy
 SKIPPED = "predictions_skipped.csv"
 SHOW_ROWS = 20  # rows of the table printed on stdout
 
 
 @dataclass
 class PredictResult:
-    path: str            # models/<NAME>/predictions.csv
+    path: str            # OUT, by default models/<NAME>/predictions.csv
     model: str           # the model used
     predicted: int       # images with a prediction
-    skipped: int         # files that could not be read or decoded (predictions_skipped.csv)
+    skipped: int         # files that could not be read or decoded (the _skipped.csv beside it)
     counts: dict         # class name -> images predicted as that class
     unlike_training: int = 0  # images past the outlier threshold (None: not measured, no cache)
 
@@ -58,94 +57,71 @@ def run(config: Config) -> PredictResult:
 
 def _predict(config):
     start = time.perf_counter()
-    records = trained_models(config, config.model)
-    model = choose(config.model, records, config.models_dir)
-    record = records[model]
+    out, skipped_out = output_paths(config)
     paths, ignored, unreadable = find_images(config.images)
-    predict_batch, size, measure = _predictor(config, model, record)
-    # the backbone the model was trained on decides how its images are preprocessed
-    preprocess = backbone.FeatureIdentity.read(record.identity).entry.preprocess
-    class_names = record.class_names
-    print(f"predict {config.dataset_name}: {len(paths)} images with the {model} model "
-          f"(validation accuracy {_fmt(record.validation.get('accuracy'))})"
+    classifier = Classifier.from_config(config)
+    record, class_names = classifier.record, classifier.classes
+    print(f"predict {config.dataset_name}: {len(paths)} images with the {classifier.model} "
+          f"model (validation accuracy {_fmt(record.validation.get('accuracy'))}, "
+          f"T={classifier.temperature:.2f})"
           + (f", {ignored} other files ignored" if ignored else ""))
     if record.weights_notice:
         warn(record.weights_notice)
 
-    out = artifacts.path(config, artifacts.PREDICTIONS)
-    skipped_out = artifacts.path(config, SKIPPED)
     counts, shown, skipped = dict.fromkeys(class_names, 0), [], list(unreadable)
-    unlike = 0 if measure else None
+    unlike = 0 if classifier.measure else None
+    columns = ["path", "predicted", *(f"p_{name}" for name in class_names),
+               "distance_to_training", "unlike_training"]
     with files.replacing(out, "w", newline="", encoding="utf-8") as f, \
             files.replacing(skipped_out, "w", newline="", encoding="utf-8") as g:
         # text from a LABELS file or a file name, neutralised: people open these in spreadsheets
         writer, skip_writer = escape.csv_writer(f), escape.csv_writer(g)
-        writer.writerow(["path", "predicted"] + [f"p_{name}" for name in class_names]
-                        + ["distance_to_training", "unlike_training"])
+        writer.writerow(columns)
         skip_writer.writerow(["path", "reason"])
         skip_writer.writerows([path, reason] for path, reason in unreadable)
-        progress = tqdm(total=len(paths), desc=f"predict ({model})", unit="img", smoothing=0.1)
-        decoded = images.image_batches(paths, size, config.batch_size, preprocess=preprocess)
-        for (batch, reasons), first in zip(decoded, range(0, len(paths), config.batch_size)):
-            ok = np.array([not r for r in reasons])
-            probabilities, distances = predict_batch(batch[ok]) if ok.any() else ([], None)
-            probabilities = iter(probabilities)
-            distances = iter(distances if distances is not None else [])
-            for path, reason in zip(paths[first:first + len(reasons)], reasons):
-                if reason:
-                    skip_writer.writerow([path, reason])
-                    skipped.append((path, reason))
-                    continue
-                p = next(probabilities)
-                predicted = class_names[int(p.argmax())]
-                counts[predicted] += 1
-                # repr of the float: the CSV holds exactly what the model returned
-                distance = next(distances, None)
-                flag = [] if distance is None else [float(distance),
-                                                    int(distance > measure.threshold)]
-                unlike = unlike + flag[1] if flag else unlike
-                writer.writerow([path, predicted] + [float(x) for x in p]
-                                + (flag or ["", ""]))
-                if len(shown) < SHOW_ROWS:
-                    shown.append((path, predicted, float(p.max())))
-            progress.update(len(reasons))
+        progress = tqdm(total=len(paths), desc=f"predict ({classifier.model})", unit="img",
+                        smoothing=0.1)
+        for path, row, reason in classifier.predict_batches(paths, config.batch_size,
+                                                            config.top_k):
+            progress.update(1)
+            if reason:
+                skip_writer.writerow([path, reason])
+                skipped.append((path, reason))
+                continue
+            counts[row["predicted"]] += 1
+            unlike = unlike + row["unlike_training"] if unlike is not None else None
+            # repr of the float: the CSV holds exactly what the model returned
+            writer.writerow([row[c] for c in columns])
+            if len(shown) < SHOW_ROWS:
+                shown.append(row)
         progress.close()
 
     predicted_total = sum(counts.values())
     _print_table(shown, predicted_total, counts, skipped, skipped_out)
-    if measure:
+    if classifier.measure:
         print(f"unlike the training data: {unlike} of {predicted_total} images (distance to "
-              f"the training images > {measure.threshold:.3f}, the "
-              f"{config.outlier_percentile:g}th percentile of the {measure.calibrated_on} "
-              "images; column unlike_training)")
+              f"the training images > {classifier.measure.threshold:.3f}, the "
+              f"{config.outlier_percentile:g}th percentile of the "
+              f"{classifier.measure.calibrated_on} images; column unlike_training, ! above)")
     print(f"wrote {out} ({predicted_total} rows, {time.perf_counter() - start:.1f} s)")
-    return PredictResult(out, model, predicted_total, len(skipped), counts, unlike)
+    return PredictResult(out, classifier.model, predicted_total, len(skipped), counts, unlike)
 
 
-def trained_models(config, requested="auto"):
-    """{model: registry.Record} of the models in models/<NAME>/ that their own runs' metrics
-    describe; nothing is loaded here. A file that an interrupted or older run left is refused
-    when asked for by name, and passed over with one line by MODEL=auto."""
-    found, refused = registry.usable(config, same_split=False)  # it scores nothing
-    if requested in refused:
-        raise refused[requested]
-    for refusal in refused.values():
-        warn(f"passed over: {refusal}")
-    return found
-
-
-def choose(requested, records, models_dir):
-    if not records:
-        raise UserError(f"no trained model in {models_dir}: run `make train-head` "
-                        "(and `make finetune`) first")
-    if requested == "auto":
-        return max(records, key=lambda m: (_or(records[m].validation.get("accuracy")),
-                                           PREFERENCE[m]))
-    if requested not in records:
-        raise UserError(f"MODEL={requested}: there is no {requested} model in {models_dir}: run "
-                        f"`{registry.KINDS[requested].make}`, or use MODEL=auto (available: "
-                        f"{', '.join(sorted(records))})")
-    return requested
+def output_paths(config):
+    """(the predictions CSV: OUT or models/<NAME>/predictions.csv, the skipped list beside it),
+    refused in one line when OUT cannot be written as a file."""
+    if not config.out:
+        return artifacts.path(config, artifacts.PREDICTIONS), artifacts.path(config, SKIPPED)
+    out = config.out
+    if not out.endswith(".csv"):
+        raise UserError(f"OUT={out}: predict writes a CSV file: pass OUT=<name>.csv")
+    if os.path.isdir(out):
+        raise UserError(f"OUT={out} is a folder: pass OUT=<a file name>.csv")
+    folder = os.path.dirname(out) or "."
+    if not os.path.isdir(folder):
+        raise UserError(f"OUT={out}: the folder {folder} does not exist: create it or pass "
+                        "another OUT")
+    return out, out[:-len(".csv")] + "_skipped.csv"
 
 
 def find_images(target):
@@ -185,53 +161,19 @@ def find_images(target):
     return paths, ignored, problems
 
 
-def _predictor(config, model, record):
-    """(function: a batch of loaded images -> ((n, classes) probabilities, (n,) distances to the
-    training data or None), image size, the outliers.OutlierModel or None)."""
-    size = int(record.identity["image_size"])
-    predict = registry.predictor(config, model)
-    takes_images = registry.KINDS[model].takes == "images"
-    try:
-        with cache.FeatureStore(config.features_dir) as store:
-            if not takes_images:
-                artifacts.require_same_identity(record.identity, store.identity,
-                                                registry.path(config, model))
-            weights = backbone.weights_of_cache(config.weights, store.attrs)
-            identity = store.feature_identity
-            try:  # never a reason to withhold the predictions themselves
-                measure = outliers.load_outlier_model(config.models_dir, store,
-                                                   config.outlier_percentile)
-            except UserError as error:
-                warn(f"predictions without the unlike_training column: {error}")
-                measure = None
-    except UserError:
-        if not takes_images:
-            raise  # a model of feature maps needs the cache
-        warn(f"no usable feature cache in {config.features_dir}: predictions without the "
-             "unlike_training column (run `make extract` to have it)")
-        return (lambda x: (predict(x), None)), size, None
-    if measure is None and takes_images:
-        return (lambda x: (predict(x), None)), size, None
-    # the frozen base with the weights the cache was built with: the features of new images
-    features_of = backbone.feature_function(backbone.build_backbone_of(identity, weights))
-
-    def predict_batch(x):
-        features = features_of(x)
-        distance = measure.distance(features)[0] if measure else None
-        return (predict(x) if takes_images else predict(features)), distance
-    return predict_batch, size, measure
-
-
 def _print_table(shown, total, counts, skipped, skipped_out):
-    """The first predictions, the counts per class and the first skipped files, for the
+    """The first rows (path, the top TOP_K classes with their probabilities, "!" for an image
+    unlike the training data), the counts per class and the first skipped files, for the
     terminal: every file and class name through escape.terminal_text."""
-    shown = [(terminal_text(path), terminal_text(predicted), p) for path, predicted, p in shown]
     if shown:
-        width = min(max(len(p) for p, _, _ in shown), 60)
-        print(f"\n{'image':<{width}}  {'predicted':<16} probability")
-        for path, predicted, probability in shown:
+        paths = [terminal_text(row["path"]) for row in shown]
+        width = min(max(len(p) for p in paths), 60)
+        print(f"\n{'image':<{width}}  {'':1} top classes (probability)")
+        for path, row in zip(paths, shown):
             name = path if len(path) <= width else "..." + path[-(width - 3):]
-            print(f"{name:<{width}}  {predicted:<16} {probability:.3f}")
+            mark = "!" if row["unlike_training"] == 1 else ""
+            top = ", ".join(f"{terminal_text(label)} {p:.3f}" for label, p in row["top"])
+            print(f"{name:<{width}}  {mark:1} {top}")
         if total > len(shown):
             print(f"... and {total - len(shown)} more")
     print("\npredicted: " + ", ".join(f"{terminal_text(name)} {n}" for name, n in counts.items()))
@@ -240,10 +182,6 @@ def _print_table(shown, total, counts, skipped, skipped_out):
               f"{skipped_out}):")
         for path, reason in skipped[:5]:
             print(f"  {terminal_text(path)}: {terminal_text(reason)}")
-
-
-def _or(value, default=-1.0):
-    return default if value is None else value
 
 
 def _fmt(value):

@@ -87,7 +87,7 @@ def _report(config):
     lines += _confusion_section(folder, evaluation)
     lines += sections.confused_section(evaluation)
     lines += sections.curves_section(folder, evaluation)
-    lines += _calibration_section(folder, evaluation, drawn)
+    lines += sections.calibration_section(folder, evaluation, drawn)
     lines += _misclassified_section(folder, evaluation, drawn)
     lines += sections.projection_section(folder, evaluation, evaluation.projection)
     lines += _dataset_section(config, attrs, labels, splits)
@@ -183,42 +183,6 @@ def _confusion_section(folder, evaluation):
                          f"{int(row.get('support', 0))} |")
         lines.append("")
     return lines
-
-
-def _calibration_section(folder, evaluation, drawn):
-    """Reliability diagram, ECE and Brier score per model, from evaluate's calibration entry."""
-    lines = ["## Calibration", "",
-             f"Whether a model's probabilities mean what they say, on the {evaluation.split} "
-             "split: in a reliability diagram a calibrated model follows the diagonal (of the "
-             "images it gives 0.8, 80% are right). ECE: the expected calibration error, the "
-             "bins' gap between accuracy and confidence weighted by their images; Brier: the mean "
-             "squared distance of the probabilities from the truth. Lower is better for both.",
-             "", "| model | ECE | Brier score | images |", "|---|---:|---:|---:|"]
-    curves, check = [], registry.Checker(evaluation.path, "run `make evaluate` again")
-    for model in registry.NAMES:
-        entry = evaluation.models.get(model, {}).get("calibration")
-        if entry is None:
-            continue
-        where = f"models.{model}.calibration."
-        if not isinstance(entry, dict):
-            check.refuse(where[:-1], entry, "an object")
-        ece = check.number(entry, "ece", 0, 1, where=where)
-        brier = check.number(entry, "brier", 0, 2, where=where)
-        series = [check(entry, key, list, where=where) for key in ("confidence", "accuracy",
-                                                                    "counts")]
-        for key, values in zip(("confidence", "accuracy", "counts"), series):
-            if len(values) != len(series[0]) or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= (
-                        evaluation.images if key == "counts" else 1) for v in values):
-                check.refuse(where + key, values, "a list of numbers in range, one per bin")
-        curves.append((TITLES[model], series[0], series[1]))
-        lines.append(f"| {TITLES[model]} | {ece:.3f} | {brier:.3f} | {int(sum(series[2]))} |")
-    if not curves:
-        return lines[:2] + ["No calibration figures in evaluation.json: run `make evaluate` "
-                            "again.", ""]
-    drawn.append(pictures.write(folder, "reliability", plots.png_bytes(plots.plot_reliability(
-        curves, title=f"Reliability on the {evaluation.split} split"))))
-    return lines + ["", f"![reliability diagram]({drawn[-1]['file']})", ""]
 
 
 def _audit_section(config, attrs):

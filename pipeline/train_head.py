@@ -28,7 +28,7 @@ from .cache import batches, settings, views
 from .cache.batches import CachedFeatures, one_line_on_damage
 from .config import Config, UserError, warn
 from .fs import artifacts, files
-from .model import backbone, heads, logs, runtime
+from .model import backbone, calibration, heads, logs, runtime
 from .reporting import plots
 
 STANDARDIZE = True           # False: train on raw feature maps, as the article does
@@ -223,7 +223,9 @@ def train_dense(config, store, rows, callbacks, out):
 
     _compiled(head, len(names), config.head_lr)  # after saving: no unused optimizer in the file
     with one_line_on_damage(store):
-        entry = {"validation": _evaluate_dense(head, validation)}
+        entry = {"validation": _evaluate_dense(head, validation),
+                 "calibration": calibration.fit_model(head, validation,
+                                                      store.labels[rows["validation"]])}
         if len(rows["test"]):
             test = CachedFeatures(store, rows["test"], targets, config.batch_size)
             entry["test"] = _evaluate_dense(head, test)
@@ -275,14 +277,15 @@ def train_logreg(config, store, rows, memory_mb, out):
     grid = config.c_values  # one candidate per C, the one with the lowest validation loss kept
     weights, weighting = class_weights(config, store, rows)
     candidates = fit(store, rows["train"], len(store.class_names), grid, config.seed, weights)
-    scores = _evaluate_pipelines(store, rows["validation"], candidates)
+    scores, probabilities = _evaluate_pipelines(store, rows["validation"], candidates)
     best = min(range(len(grid)), key=lambda i: (scores[i]["loss"], -scores[i]["accuracy"]))
     model = candidates[best]
     seconds = time.perf_counter() - start
 
-    entry = {"validation": scores[best]}
+    entry = {"validation": scores[best], "calibration": calibration.fit(
+        probabilities[best], store.labels[rows["validation"]])}
     if len(rows["test"]):
-        entry["test"] = _evaluate_pipelines(store, rows["test"], [model])[0]
+        entry["test"] = _evaluate_pipelines(store, rows["test"], [model])[0][0]
     entry.update(C=grid[best], seconds=seconds, solver="lbfgs" if in_memory else "sgd",
                  class_weight=weighting,
                  validation_by_C={str(c): s for c, s in zip(grid, scores)})
@@ -337,7 +340,8 @@ def _fit_out_of_core(store, train_rows, num_classes, grid, seed, class_weight=No
 
 
 def _evaluate_pipelines(store, rows, pipelines):
-    """Accuracy and log loss of each fitted pipeline on `rows`, streaming the features once."""
+    """([accuracy and log loss], [(n, classes) probabilities]) of each fitted pipeline on
+    `rows`, streaming the features once."""
     probabilities = [[] for _ in pipelines]
     for _, features in store.blocks(rows):
         x = features.reshape(len(features), -1)
@@ -345,12 +349,11 @@ def _evaluate_pipelines(store, rows, pipelines):
             out.append(pipeline.predict_proba(x))
     y = store.labels[rows]
     labels = np.arange(len(store.class_names))
-    scores = []
-    for out in probabilities:
-        p = np.concatenate(out)
+    scores, stacked = [], [np.concatenate(out) for out in probabilities]
+    for p in stacked:
         scores.append({"accuracy": float(accuracy_score(y, p.argmax(axis=1))),
                        "loss": float(log_loss(y, p, labels=labels))})
-    return scores
+    return scores, stacked
 
 
 def _print_summary(config, result):
@@ -359,8 +362,11 @@ def _print_summary(config, result):
         if config.head in (name, "both"):
             detail = (f"best epoch {entry['best_epoch']} of {entry['epochs']}" if name == "dense"
                       else f"C={entry['C']:g}, {entry['solver']}")
+            fitted = entry.get("calibration", {})
             parts.append(f"{name} val acc {entry['validation']['accuracy']:.3f} ({detail}, "
-                         f"{entry['seconds']:.1f} s)")
+                         f"T={fitted.get('temperature', 1.0):.2f}, {entry['seconds']:.1f} s)")
+            if fitted.get("note"):
+                warn(f"{name}: {fitted['note']}")
     print(f"train-head {config.dataset_name}: {'; '.join(parts)} -> {result.paths['metrics']}")
     weighting = next((entry["class_weight"] for name, entry in result.metrics["models"].items()
                       if config.head in (name, "both")), None)

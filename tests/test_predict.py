@@ -149,3 +149,30 @@ def test_command_line(run, capsys):
     assert len(read_predictions(artifacts.path(run, artifacts.PREDICTIONS))) == 10
     assert cli.main(argv[:-4] + ["--images", os.path.join(run.data, "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_out_names_the_file_and_the_default_table_is_kept(run, tmp_path, capsys):
+    models = tmp_path / "models"
+    shutil.copytree(os.path.dirname(run.models_dir), models)
+    config = run.replace(models_root=str(models), images=run.data, model="dense")
+    default = predict.run(config)
+    before = open(default.path).read()
+    capsys.readouterr()  # the table of the run above
+    one = os.path.join(run.data, "vertical", "vertical_03.jpg")
+    out = str(tmp_path / "one.csv")
+    result = predict.run(config.replace(images=one, out=out, top_k=2))
+    assert result.path == out and [r["path"] for r in read_predictions(out)] == [one]
+    assert os.path.isfile(str(tmp_path / "one_skipped.csv"))
+    assert open(default.path).read() == before  # the 20-row table is still there
+    # the table: the two classes of the image, most likely first, "!" before an unlike image
+    row = read_predictions(out)[0]
+    order = sorted(["horizontal", "vertical"], key=lambda c: -float(row[f"p_{c}"]))
+    line = next(x for x in capsys.readouterr().out.splitlines() if "vertical_03.jpg " in x)
+    assert line.split()[-4::2] == order
+    assert ("!" in line.split()) == (row["unlike_training"] == "1")
+    for bad, message in (("table.txt", "OUT=.*table.txt: predict writes a CSV"),
+                         ("nowhere/x.csv", "the folder .*nowhere does not exist")):
+        with pytest.raises(UserError, match=message):
+            predict.run(config.replace(out=str(tmp_path / bad)))
+    with pytest.raises(UserError, match="TOP_K=0 is out of range"):
+        config.replace(top_k=0)

@@ -168,10 +168,13 @@ def test_calibration_audit_and_a_self_contained_html_page(run, tmp_path):
     text = open(result.path).read()
     assert result.sections == SECTIONS
     evaluation = artifacts.read_json(artifacts.path(config, artifacts.EVALUATION), "")
-    for model, title in report.TITLES.items():  # ECE and Brier per model, from evaluate
-        calibration = evaluation["models"][model]["calibration"]
-        assert f"| {title} | {calibration['ece']:.3f} | {calibration['brier']:.3f} |" in text
-        assert 0 <= calibration["ece"] <= 1 and sum(calibration["counts"]) == evaluation["images"]
+    assert "| model | T | ECE before | ECE after | Brier before | Brier after | images |" in text
+    for model, title in report.TITLES.items():  # ECE and Brier per model, before and after T
+        m = evaluation["models"][model]
+        after, before = m["calibration"], m["calibration_before"]
+        assert (f"| {title} | {m['temperature']:.2f} | {before['ece']:.3f} | {after['ece']:.3f} "
+                f"| {before['brier']:.3f} | {after['brier']:.3f} |") in text
+        assert 0 <= after["ece"] <= 1 and sum(after["counts"]) == evaluation["images"]
     summary = artifacts.read_json(os.path.join(config.models_dir, "audit", "audit.json"), "")
     assert (f"| near-duplicate pairs | {summary['near_duplicates']['pairs']} |") in text
     assert (f"| label-issue candidates | {summary['label_issues']['candidates']} |") in text

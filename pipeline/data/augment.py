@@ -20,6 +20,9 @@ import numpy as np
 SEED_SCHEME = "sha256(seed:image sha256:view:layer)[:4] per image and layer, v1"
 
 
+LAYER_NAME = "augmentation"  # `without_augmentation` leaves this layer out
+
+
 def augmentation(seed):
     """The article's augmentations: flips, rotations, zooms and shifts.
 
@@ -33,7 +36,7 @@ def augmentation(seed):
         keras.layers.RandomRotation(0.1, fill_mode="reflect", seed=seed + 1),
         keras.layers.RandomZoom(0.2, fill_mode="reflect", seed=seed + 2),
         keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 3),
-    ], name="augmentation")
+    ], name=LAYER_NAME)
 
 
 def identity(seed):
@@ -100,3 +103,14 @@ def epoch_views(rows, views, seed, epoch, n_rows):
     so an image is seen as a different view in each of views + 1 consecutive epochs."""
     offsets = np.random.default_rng([seed, 15]).integers(0, views + 1, n_rows)
     return (offsets[np.asarray(rows)] + epoch) % (views + 1)
+
+
+def without_augmentation(model):
+    """A functional `model` without its `augmentation` layer, sharing every other layer (and so
+    every weight it learns): what finetune saves. Keras's augmentation layers augment whenever
+    they are called without training=False, so a saved model that held them would flip and
+    rotate the images of anyone calling it directly, model(x)."""
+    inputs = x = keras.Input(model.input.shape[1:], name=model.input.name)
+    for layer in model.layers[1:]:
+        x = x if layer.name == LAYER_NAME else layer(x)
+    return keras.Model(inputs, x, name=model.name)

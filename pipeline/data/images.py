@@ -67,8 +67,7 @@ def load_image(path, size, preprocess=DEFAULT_PREPROCESS):
     MAX_PIXELS once the JPEG scaling is applied.
     """
     with decode(path, size) as img:
-        array = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.float32)
-    return preprocess(array)
+        return _model_input(img, size, preprocess)
 
 
 def decode(path, size):
@@ -98,6 +97,98 @@ def decode(path, size):
             raise ImageRefused(f"image of {width}x{height} pixels ({width * height / 1e6:.0f} MP) "
                                f"is over the {_budget()} per image: downscale it")
         return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def image_from_array(array, size, preprocess=DEFAULT_PREPROCESS):
+    """An image already decoded, a (height, width, 3) uint8 RGB array, as model input: what
+    load_image makes of a JPEG of these pixels. Its decode at a reduced scale (step 1) is
+    approximated by a box average at that scale (`draft_scale`, Pillow's reduce), then the same
+    resize and preprocessing (steps 4 and 5). ValueError for anything else."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
+        raise ValueError(f"an image array must be (height, width, 3) uint8 RGB, not "
+                         f"{array.dtype} of shape {array.shape}")
+    if array.shape[0] * array.shape[1] > MAX_PIXELS:
+        raise ValueError(f"an image of {array.shape[1]}x{array.shape[0]} pixels is over the "
+                         f"{_budget()} per image: downscale it")
+    img = Image.fromarray(array, "RGB")
+    scale = draft_scale(img.width, img.height, size)
+    return _model_input(img.reduce(scale) if scale > 1 else img, size, preprocess)
+
+
+def _model_input(img, size, preprocess):
+    """An RGB PIL image -> load_image's result: resized (bilinear, antialiased) and
+    preprocessed for the backbone (`preprocess`, a backbones.Backbone's)."""
+    img = img.resize((size, size), Image.BILINEAR)
+    return preprocess(np.asarray(img, dtype=np.float32))
+
+
+class PillowResize(keras.layers.Layer):
+    """load_image's resize as a Keras layer, for graphs that take decoded pixels of any size:
+    (n, height, width, 3) pixel values -> (n, size, size, 3), as `image_from_array` computes it
+    with Pillow. An image at least twice SIZE is first averaged down by the scale load_image's
+    JPEG decode would have used (`draft_scale`, libjpeg's DCT scaling, which a box average
+    approximates), then resized with Pillow's BILINEAR filter: a triangle widened by the scale
+    when shrinking (so antialiased), the width first, each pass rounded to whole values 0-255.
+    Both steps are one weight matrix per axis, applied with matrix products that every converter
+    knows (TensorFlow's own antialiased resize has no LiteRT op), in float32 (Pillow: 22-bit
+    fixed point, so a value on a half may round the other way)."""
+
+    def __init__(self, size, **kwargs):
+        super().__init__(**kwargs)
+        self.size = int(size)
+
+    def call(self, pixels):
+        x = keras.ops.cast(pixels, "float32")
+        shape = keras.ops.shape(x)
+        height, width = shape[1], shape[2]
+        scale = _draft_scale_graph(height, width, self.size)
+        columns = keras.ops.transpose(_resize_weights(width, scale, self.size))  # (w, size)
+        rows = keras.ops.transpose(_resize_weights(height, scale, self.size))    # (h, size)
+        x = keras.ops.matmul(keras.ops.transpose(x, (0, 1, 3, 2)), columns)  # (n, h, 3, size)
+        x = keras.ops.clip(keras.ops.floor(x + 0.5), 0.0, 255.0)  # half up, as Pillow
+        x = keras.ops.matmul(keras.ops.transpose(x, (0, 3, 2, 1)), rows)     # (n, size, 3, size)
+        x = keras.ops.clip(keras.ops.floor(x + 0.5), 0.0, 255.0)
+        return keras.ops.transpose(x, (0, 3, 1, 2))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.size, self.size, input_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size}
+
+
+def draft_scale(width, height, size):
+    """The reduction (1, 2, 4 or 8) at which load_image has a JPEG of width x height decoded
+    for SIZE `size`: Pillow's draft takes the largest that leaves both sides at least `size`."""
+    most = min(width // size, height // size)
+    return next((s for s in (8, 4, 2) if most >= s), 1)
+
+
+def _draft_scale_graph(height, width, size):
+    most = keras.ops.minimum(height // size, width // size)
+    scale = keras.ops.where(most >= 8, 8, keras.ops.where(most >= 4, 4, keras.ops.where(
+        most >= 2, 2, 1)))
+    return keras.ops.cast(scale, "float32")
+
+
+def _resize_weights(length, scale, size):
+    """(size, length) weights: a box average of `scale` pixels (the last box holds what is
+    left, as Pillow's reduce), then Pillow's bilinear filter from the ceil(length / scale)
+    averaged pixels to `size`: output i is centred at (i + 0.5) * ratio, input j at j + 0.5,
+    and weighs max(0, 1 - distance / max(ratio, 1)), each row normalised to sum to 1."""
+    length = keras.ops.cast(length, "float32")
+    reduced = keras.ops.ceil(length / scale)
+    source = keras.ops.arange(0.0, length, dtype="float32")
+    boxes = keras.ops.arange(0.0, reduced, dtype="float32")
+    box = keras.ops.cast(keras.ops.floor(source[None, :] / scale) == boxes[:, None], "float32")
+    box = box / keras.ops.sum(box, axis=1, keepdims=True)                  # (reduced, length)
+    ratio = reduced / size
+    centres = (keras.ops.arange(size, dtype="float32") + 0.5) * ratio
+    distance = keras.ops.abs(boxes[None, :] + 0.5 - centres[:, None])
+    weights = keras.ops.maximum(1.0 - distance / keras.ops.maximum(ratio, 1.0), 0.0)
+    weights = weights / keras.ops.sum(weights, axis=1, keepdims=True)       # (size, reduced)
+    return keras.ops.matmul(weights, box)
 
 
 def _budget():

@@ -17,6 +17,9 @@ from ..data.images import preprocess_id
 from ..fs.artifacts import file_sha256
 from . import runtime
 
+# keras.applications' preprocess_input in "caffe" mode (VGG): RGB -> BGR, then ImageNet's mean
+# pixel (in BGR order) subtracted; `preprocessing`'s numbers for those backbones
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 RANDOM_FINGERPRINT = "random-init:glorot-uniform:numpy-seed-0:v1"
 RANDOM_NOTICE = "weights are random: accuracy is not meaningful"
 
@@ -160,6 +163,26 @@ def layer_output(base, entry, layer):
     if layer == entry.top.output:
         return base.output
     return base.get_layer(layer).output
+
+
+def preprocessing(entry=None, name="preprocess"):
+    """The backbone's preprocessing (load_image's last step) as a frozen Keras layer, for a graph
+    that takes RGB pixel values (0-255, float), exactly, in layers every format saves, exports and
+    converts: VGG's caffe mode as an affine map of the colour channels (a permutation and a bias),
+    ResNetV2's tf mode as a rescaling to [-1, 1]; nothing where the model holds its own."""
+    entry = entry or backbones.get(None)
+    mode = entry.preprocess_module
+    if not mode:
+        return keras.layers.Identity(name=name)
+    if mode in ("vgg16", "vgg19"):
+        layer = keras.layers.Dense(3, name=name, trainable=False, dtype="float32")
+        layer.build((None, 3))
+        reverse = np.eye(3, dtype=np.float32)[::-1]  # output channel j is input channel 2 - j
+        layer.set_weights([reverse, -np.asarray(CAFFE_MEAN_BGR, np.float32)])
+        return layer
+    if mode == "resnet_v2":
+        return keras.layers.Rescaling(1 / 127.5, offset=-1.0, name=name, dtype="float32")
+    raise UserError(f"BACKBONE={entry.name}: no preprocessing layer for {mode}'s preprocess_input")
 
 
 def build_backbone(weights, size=None, precision="float32", entry=None):

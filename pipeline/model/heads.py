@@ -161,6 +161,29 @@ def load_logreg(file, features=None, classes=None):
     return make_pipeline(scaler, classifier), metadata
 
 
+def logreg_network(pipeline, feature_shape, name="logreg"):
+    """A fitted logreg pipeline (`load_logreg`) as a Keras model of the same feature maps:
+    Flatten, the scaler as a Normalization layer and the classifier's weights as one Dense
+    layer, giving predict_proba's probabilities (float32 arithmetic, not float64): a sigmoid
+    unit for two classes; a softmax, or for SGDClassifier's one-vs-rest normalised sigmoids,
+    for more."""
+    scaler, classifier = pipeline[0], pipeline[-1]
+    coef = np.asarray(classifier.coef_, np.float32)
+    inputs = keras.Input(shape=tuple(feature_shape), name="features")
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Normalization(mean=np.asarray(scaler.mean_, np.float32),
+                                   variance=np.asarray(scaler.scale_, np.float32) ** 2,
+                                   name="standardize")(x)
+    one_vs_rest = len(coef) > 1 and type(classifier).__name__ == "SGDClassifier"
+    activation = "sigmoid" if len(coef) == 1 or one_vs_rest else "softmax"
+    dense = keras.layers.Dense(len(coef), activation=activation, name="classifier")
+    outputs = dense(x)
+    dense.set_weights([coef.T, np.asarray(classifier.intercept_, np.float32)])
+    if one_vs_rest:
+        outputs = outputs / keras.ops.sum(outputs, axis=-1, keepdims=True)
+    return keras.Model(inputs, outputs, name=name)
+
+
 def _check_logreg_shapes(arrays, features, classes):
     coef = arrays["coef"]
     if coef.ndim != 2:

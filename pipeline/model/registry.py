@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import MAX_SIZE, MIN_SIZE, MODEL_NAMES, UserError
 from ..fs import artifacts
+from . import calibration
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,12 @@ class Record:
 
     def get(self, key, default=None):
         return self.entry.get(key, default)
+
+    @property
+    def temperature(self):
+        """The temperature fitted on the validation split (calibration.py); 1 for a model
+        whose run recorded none."""
+        return float(self.entry.get("calibration", {}).get("temperature", 1.0))
 
 
 def path(config, name):
@@ -98,6 +105,9 @@ def record(config, name, same_split=True):
     check.number(entry, "seconds", 0, optional=True, where=where)
     for key in ("epochs", "best_epoch", "views"):
         check.number(entry, key, 0, optional=True, integer=True, where=where)
+    fitted = check(entry, "calibration", dict, optional=True, where=where)
+    if fitted is not None:  # a temperature of 0 or 1e6 would turn every prediction to 0 or 1/k
+        check.number(fitted, "temperature", *calibration.BOUNDS, where=f"{where}calibration.")
     if same_split:
         _check_split(config, metrics, file_path, kind)
     return Record(name, metrics["identity"], list(metrics["class_names"]),
@@ -227,16 +237,21 @@ def load(config, name):
                         f"rerun `{KINDS[name].make}`") from None
 
 
-def predictor(config, name):
+def predictor(config, name, calibrated=True):
     """A function from a batch of what the model takes (feature maps or images) to (n, classes)
-    float64 class probabilities: the one way every stage and the bench score a model."""
+    float64 class probabilities: the one way every stage and the bench score a model.
+    calibrated: with the model's temperature applied (Record.temperature); False gives the
+    network's own probabilities."""
     model = load(config, name)
+    temperature = record(config, name, same_split=False).temperature if calibrated else 1.0
     if name == "logreg":
-        return lambda x: np.asarray(model.predict_proba(np.asarray(x).reshape(len(x), -1)),
-                                    np.float64)
-    from .heads import class_probabilities
-    # predict_on_batch: compiled by the backend, inference mode, numpy out (no autograd graph)
-    return lambda x: class_probabilities(model.predict_on_batch(np.asarray(x)))
+        raw = lambda x: np.asarray(model.predict_proba(np.asarray(x).reshape(len(x), -1)),
+                                   np.float64)
+    else:
+        from .heads import class_probabilities
+        # predict_on_batch: compiled by the backend, inference mode, numpy out (no autograd)
+        raw = lambda x: class_probabilities(model.predict_on_batch(np.asarray(x)))
+    return lambda x: calibration.apply_temperature(raw(x), temperature)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The report's sections laid out from what evaluate computed: pictures by their hash, ROC and
-precision-recall curves, the most-confused pairs, the feature projection and the stage times.
+precision-recall curves, calibration before and after the temperature, the most-confused pairs,
+the feature projection and the stage times.
 
 Imports no stage. Everything comes from evaluation.json, which is untrusted: each value is
 checked (registry.Checker) before it is shown, text is escaped (escape.markdown_text), and a
@@ -10,7 +11,7 @@ from ..config import warn
 from ..fs.escape import markdown_text as cell
 from ..model import registry
 from ..model.registry import TITLES
-from . import diagnostics, pictures
+from . import diagnostics, pictures, plots
 
 
 def picture(folder, record, alt, what, fix="run `make evaluate` again"):
@@ -169,3 +170,57 @@ def settings_section(values):
              "stage used them.", "", "| setting | value |", "|---|---|"]
     return lines + [f"| {name} | {cell(str(value)) if value != '' else '–'} |"
                     for name, value in values.items()] + [""]
+
+
+def calibration_section(folder, evaluation, drawn):
+    """Reliability diagram, ECE and Brier score per model, before and after its temperature
+    (evaluate's calibration_before and calibration entries)."""
+    lines = ["## Calibration", "",
+             f"Whether a model's probabilities mean what they say, on the {evaluation.split} "
+             "split: in a reliability diagram a calibrated model follows the diagonal (of the "
+             "images it gives 0.8, 80% are right). ECE: the expected calibration error, the "
+             "bins' gap between accuracy and confidence weighted by their images; Brier: the mean "
+             "squared distance of the probabilities from the truth. Lower is better for both. "
+             "Each model's probabilities are divided, as logits, by a temperature T fitted on "
+             "the validation split (T = 1: none fitted, or too few validation images); "
+             "predict, the Classifier and the export use them after T.",
+             "", "| model | T | ECE before | ECE after | Brier before | Brier after | images |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    curves, check = [], registry.Checker(evaluation.path, "run `make evaluate` again")
+    for model in registry.NAMES:
+        scores = evaluation.models.get(model, {})
+        if scores.get("calibration") is None:
+            continue
+        after = _checked_reliability(check, evaluation, scores, model, "calibration")
+        before = (_checked_reliability(check, evaluation, scores, model, "calibration_before")
+                  if "calibration_before" in scores else after)
+        temperature = check.number(scores, "temperature", 0, optional=True,
+                                   where=f"models.{model}.") or 1.0
+        curves.append((f"{TITLES[model]}, T={temperature:.2f}", *after[2][:2]))
+        if before is not after:
+            curves.append((f"{TITLES[model]}, before", *before[2][:2]))
+        lines.append(f"| {TITLES[model]} | {temperature:.2f} | {before[0]:.3f} | {after[0]:.3f} "
+                     f"| {before[1]:.3f} | {after[1]:.3f} | {int(sum(after[2][2]))} |")
+    if not curves:
+        return lines[:2] + ["No calibration figures in evaluation.json: run `make evaluate` "
+                            "again.", ""]
+    drawn.append(pictures.write(folder, "reliability", plots.png_bytes(plots.plot_reliability(
+        curves, title=f"Reliability on the {evaluation.split} split"))))
+    return lines + ["", f"![reliability diagram]({drawn[-1]['file']})", ""]
+
+
+def _checked_reliability(check, evaluation, scores, model, key):
+    """(ECE, Brier, [confidence, accuracy, counts]) of scores[key], each value checked."""
+    entry, where = scores[key], f"models.{model}.{key}."
+    if not isinstance(entry, dict):
+        check.refuse(where[:-1], entry, "an object")
+    ece = check.number(entry, "ece", 0, 1, where=where)
+    brier = check.number(entry, "brier", 0, 2, where=where)
+    series = [check(entry, name, list, where=where) for name in ("confidence", "accuracy",
+                                                                 "counts")]
+    for name, values in zip(("confidence", "accuracy", "counts"), series):
+        if len(values) != len(series[0]) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= (
+                    evaluation.images if name == "counts" else 1) for v in values):
+            check.refuse(where + name, values, "a list of numbers in range, one per bin")
+    return ece, brier, series
