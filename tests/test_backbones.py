@@ -19,7 +19,7 @@ from pipeline.cache import FeatureStore
 from pipeline.config import UserError
 from pipeline.data import backbones, images
 from pipeline.fs import artifacts
-from pipeline.model import backbone
+from pipeline.model import backbone, finetuning
 
 FAST = ("vgg16", "mobilenetv3large")
 SLOW = tuple(name for name in backbones.TABLE if name not in FAST)
@@ -115,7 +115,7 @@ def check_batch_norm_stays_in_inference_mode(config):
     and variance."""
     with FeatureStore(config.features_dir) as store:
         weights = backbone.weights_of_cache("", store.attrs)
-        model, whole, trainable = finetune.build_model_on_cut(
+        model, whole, trainable = finetuning.build_model_on_cut(
             config.replace(lr=1e-2, finetune_warmup=0), weights,
             keras.saving.load_model(artifacts.path(config, artifacts.HEAD)), store)
         rows, cut = store.rows("train")[:4], store.cut["layer"]

@@ -17,7 +17,7 @@ from pipeline.cache import FeatureStore
 from pipeline.config import UserError
 from pipeline.data import demo, images
 from pipeline.fs import artifacts, lock
-from pipeline.model import backbone, registry, resume
+from pipeline.model import backbone, finetuning, registry, resume
 
 # 12 images: about 6 train, 3 validation, 3 test; no cached views: fine-tuning from the images
 SETTINGS = dict(split="50/25/25", epochs=2, augment=0)
@@ -142,14 +142,14 @@ def test_at_step_zero_the_composed_model_equals_the_head_on_cached_features(read
         weights = backbone.weights_of_cache("", store.attrs)
         identity = store.feature_identity
     head = keras.saving.load_model(artifacts.path(config, artifacts.HEAD), compile=False)
-    model, _ = finetune.compose(weights, head, identity)
+    model, _ = finetuning.compose(weights, head, identity)
     batches = images.labelled_dataset(paths, labels, 32, batch_size=5)
 
-    composed, cached = finetune.check_composition(model, head, batches, features)
+    composed, cached = finetuning.check_composition(model, head, batches, features)
     np.testing.assert_allclose(composed, cached, atol=1e-6)
     assert composed.shape == (12, 1) and np.ptp(composed) > 1e-4  # the images really differ
     with pytest.raises(UserError, match="cache is stale.*make extract"):
-        finetune.check_composition(model, head, batches, features[::-1])
+        finetuning.check_composition(model, head, batches, features[::-1])
 
 
 class Snapshot(keras.callbacks.Callback):
@@ -189,7 +189,7 @@ def test_unfreeze_by_block_name_or_conv_count(unfreeze, trainable):
     weights = backbone.resolve_weights("none")
     base = backbone.build_backbone(weights, 32)
     identity = backbone.identity_of(weights, 32)
-    assert finetune.set_trainable(base, unfreeze, identity) == trainable
+    assert finetuning.set_trainable(base, unfreeze, identity) == trainable
     assert [w.path.split("/")[0] for w in base.trainable_weights] == \
         [name for name in trainable for _ in ("kernel", "bias")]
 
@@ -199,7 +199,7 @@ def test_a_bad_unfreeze_is_refused(unfreeze):
     weights = backbone.resolve_weights("none")
     base = backbone.build_backbone(weights, 32)
     with pytest.raises(UserError, match="UNFREEZE=.*block5"):
-        finetune.set_trainable(base, unfreeze, backbone.identity_of(weights, 32))
+        finetuning.set_trainable(base, unfreeze, backbone.identity_of(weights, 32))
 
 
 def test_a_killed_run_continues_at_the_next_epoch(ready):

@@ -1,6 +1,6 @@
 """The package's layers, read from its imports: what pipeline/ promises in its folders.
 
-    config  <  fs  <  data  <  cache  <  model  <  analysis, engines, reporting  <  the stages
+    messages < config < fs < data < cache < model < analysis, engines, reporting < the stages
 
 A module may import its own subpackage and any layer below its own; a subpackage never imports a
 stage (a module at the top of pipeline/) nor a subpackage on its own floor or above. Read with
@@ -16,9 +16,9 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLOORS = {"config": 0, "fs": 1, "data": 2, "cache": 3, "model": 4,
-          "analysis": 5, "engines": 5, "reporting": 5}
-STAGE_FLOOR = 6  # every other module at the top of pipeline/
+FLOORS = {"messages": 0, "config": 1, "fs": 2, "data": 3, "cache": 4, "model": 5,
+          "analysis": 6, "engines": 6, "reporting": 6}
+STAGE_FLOOR = 7  # every other module at the top of pipeline/
 
 
 def floor_of(module):
@@ -99,7 +99,7 @@ def test_the_top_of_pipeline_holds_the_stages_and_few_else():
 
 def test_every_subpackage_says_its_job_and_what_it_may_import():
     for name in FLOORS:
-        if name == "config":
+        if name in ("messages", "config"):
             continue
         doc = ast.get_docstring(ast.parse(open(os.path.join(ROOT, "pipeline", name,
                                                             "__init__.py")).read()))

@@ -13,7 +13,7 @@ from pipeline import cache, extract, finetune, train_head
 from pipeline.cache import FeatureStore, batches
 from pipeline.config import Config
 from pipeline.data import images
-from pipeline.model import backbone, logs, registry
+from pipeline.model import backbone, finetuning, logs, registry
 
 
 @pytest.fixture
@@ -134,7 +134,7 @@ def test_the_first_fine_tuning_step_moves_no_weight_by_more_than_the_warm_up_all
     with FeatureStore(config.features_dir) as store:
         x, y = next(iter(finetune.make_datasets(config, store)["train"]))
         head = registry.load(config, "dense")
-        model, _ = finetune.build_model(config, backbone.weights_of_cache("", store.attrs), head,
+        model, _ = finetuning.build_model(config, backbone.weights_of_cache("", store.attrs), head,
                                         store)
     before = [np.array(w) for w in model.trainable_weights]
     model.train_on_batch(x, y)
@@ -168,7 +168,7 @@ def test_fine_tuning_augments_unless_finetune_augment_is_0(tuned_start, tmp_path
                                  finetune_from="images")  # the model on images, with its layers
     extract.run(config)
     train_head.run(config)
-    built, build_model = [], finetune.build_model
+    built, build_model = [], finetuning.build_model
 
     class Built(Exception):
         pass

@@ -5,14 +5,14 @@ Class names, file names, LABELS cells and notices read back from features/ and m
 that someone else chose. Every writer of report.md, batch_summary.md, report.html, our CSVs, the
 lines printed for the user and the figures' labels passes such text through the function of its
 medium here, so no name can open a link, a tag, a formula, a terminal escape sequence or a
-mathtext expression. Imports only config (terminal_text lives there, for config.warn).
+mathtext expression. Imports only pipeline.messages (terminal_text lives there, for warn).
 """
 import csv
 import html
 import re
 from contextlib import contextmanager
 
-from .. import config
+from ..messages import terminal_text  # noqa: F401 - the terminal's, defined beside warn
 
 # --- Markdown ---------------------------------------------------------------------------------
 
@@ -110,9 +110,7 @@ def csv_dicts(f):
 
 
 # --- The terminal -----------------------------------------------------------------------------
-
-# config.warn prints through it, and config is the base every module imports: defined there
-terminal_text = config.terminal_text
+# terminal_text, imported above: it lives in pipeline.messages, because warn prints through it
 
 
 # --- matplotlib's text ------------------------------------------------------------------------
