@@ -7,6 +7,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RAY_STAMP := $(VENV)/.installed-ray
+EXPORT_STAMP := $(VENV)/.installed-export
 DEMO   := data/demo
 DEMO_STAMP := $(DEMO)/.generated
 
@@ -31,7 +32,7 @@ option = --$(shell echo $(1) | tr A-Z_ a-z-)
 # A command-line variable that is neither a setting nor one of the Makefile's own would be ignored
 # without a word (AUGMNT=3 ran with AUGMENT's default): it stops make, naming the nearest setting.
 # BENCH_* and KERAS_BACKEND reach bench/ and the tests through the environment.
-MAKE_OWN := DATASETS TEST_WORKERS KERAS_BACKEND BENCH_% VENV PYTHON STAMP RAY_STAMP \
+MAKE_OWN := DATASETS TEST_WORKERS KERAS_BACKEND BENCH_% VENV PYTHON STAMP RAY_STAMP EXPORT_STAMP \
             BACKENDS_STAMP DEMO DEMO_STAMP
 COMMAND_LINE := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
 UNKNOWN := $(filter-out $(SETTINGS) $(MAKE_OWN),$(COMMAND_LINE))
@@ -46,7 +47,7 @@ CLI  = PIPELINE_FROM_MAKE=1 $(PYTHON) -m pipeline
 RAY_DEP = $(if $(filter ray,$(strip $(ENGINE))),$(RAY_STAMP))
 
 .PHONY: help install install-ray demo-data extract train-head finetune evaluate predict report \
-        audit export export-model demo batch reproduce bench test coverage test-ray test-backends test-slow lint clean
+        audit export export-model demo batch reproduce bench test coverage test-ray test-backends test-export test-slow lint clean
 
 help: ## List the targets and the settings
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -140,6 +141,15 @@ test: $(STAMP) ## Run the fast tests (CPU, tiny images, in parallel); CI adds te
 # other backend runs in a subprocess, which coverage does not follow)
 coverage: $(STAMP) ## Line coverage of pipeline/ by CI's tests (pytest-cov)
 	$(PYTHON) -m pytest -q $(PARALLEL) -m "not slow" --cov=pipeline --cov-report=term
+
+$(EXPORT_STAMP): requirements-export.txt | $(STAMP)
+	$(PYTHON) -m pip install -q -r requirements-export.txt
+	touch $@
+
+# The ONNX and LiteRT exports run in their own runtimes here; without the extras (make test)
+# those two tests skip, saying which extra they need.
+test-export: $(STAMP) $(EXPORT_STAMP) ## export-model's tests with the ONNX and LiteRT runtimes (installs them first)
+	$(PYTHON) -m pytest -q tests/test_export_model.py
 
 test-ray: $(STAMP) $(RAY_STAMP) ## ENGINE=ray's tests on a local Ray cluster (installs Ray first)
 	$(PYTHON) -m pytest -q -m ray tests/test_ray.py
