@@ -144,7 +144,8 @@ def _basename(folder):
 def run_one(config):
     """One dataset through every stage; returns its summary row, with any error in it."""
     row = dict.fromkeys(COLUMNS, "")
-    row.update(dataset=config.dataset_name, data=config.data, backbone=config.backbone)
+    row.update(dataset=config.dataset_name, data=config.data,
+               backbone=config.backbone or backbones.DEFAULT)  # until the cache says
     start = time.perf_counter()
     try:
         ex = _timed(row, "extract", extract.run, config)

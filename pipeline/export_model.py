@@ -248,7 +248,8 @@ def export_description(config, classifier, statistics=None):
         "validation": record.validation, "test": record.test,
         "weights_notice": record.weights_notice, "model_sha256": record.file_sha256,
         "outliers": None if measure is None or statistics is None else {
-            "measure": outliers.MEASURE, "layer": backbone.OUTPUT_LAYER,
+            "measure": outliers.MEASURE,
+            "layer": backbone.FeatureIdentity.read(record.identity).output_layer,
             "statistics": os.path.basename(statistics),
             "statistics_sha256": artifacts.file_sha256(statistics),
             "arrays": "mean (channels,), precision (channels, channels): the distance is "

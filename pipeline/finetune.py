@@ -151,18 +151,18 @@ def _finetune(config, start, extra_callbacks):
 
 
 def _print_summary(config, result, head_scores):
-    """What early stopping compared and kept, in one line, then the class weights and T."""
+    """The class weights and notices, then the last line: what early stopping compared and kept."""
     if result.class_weight["weights"]:
         print(f"finetune {config.dataset_name}: {heads.describe_weighting(result.class_weight)}")
+    if result.weights_notice:
+        warn(result.weights_notice)
+    if result.calibration["note"]:
+        warn(f"finetuned: {result.calibration['note']}")
     kept = resume.outcome(head_scores, result.history, result.best_epoch, result.validation)
     epochs = f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}"
     print(f"finetune {config.dataset_name}: {kept}; {epochs} from the {result.source}, "
           f"T={result.calibration['temperature']:.2f}, {result.seconds:.1f} s -> "
           f"{result.model_path}")
-    if result.calibration["note"]:
-        warn(f"finetuned: {result.calibration['note']}")
-    if result.weights_notice:
-        warn(result.weights_notice)
 
 
 def training_source(config, store):

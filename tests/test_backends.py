@@ -66,7 +66,7 @@ def test_the_console_shows_no_framework_start_up_lines_unless_verbose(image_fold
     for line in ("oneDNN custom operations", "absl::InitializeLog", "cuda drivers",
                  "cpu_feature_guard"):
         assert line not in quiet.stderr + quiet.stdout
-    assert "extract data: 12 rows" in quiet.stdout  # our own lines still come through
+    assert "extract data (vgg16): 12 rows" in quiet.stdout  # our own lines still come through
     loud = _stage([*args, "--verbose", "1", "--name", "loud"], tmp_path)
     assert loud.returncode == 0 and "oneDNN custom operations" in loud.stderr
 

@@ -176,7 +176,7 @@ def test_fine_tuning_augments_unless_finetune_augment_is_0(tuned_start, tmp_path
     def spy(*args, **kwargs):  # keeps the model finetune.run would train, and stops it there
         built.append(build_model(*args, **kwargs))
         raise Built
-    monkeypatch.setattr(finetune, "build_model", spy)
+    monkeypatch.setattr(finetuning, "build_model", spy)
     with pytest.raises(Built):
         finetune.run(config)
     model = built[0][0]

@@ -163,10 +163,10 @@ def test_every_hint_carries_the_dataset_name(message, expected):
 
 
 def test_a_warning_names_the_dataset_of_the_run_in_its_hint(monkeypatch, capsys):
-    from pipeline import config
-    monkeypatch.setattr(config, "_HINTS_ABOUT", [""])
+    from pipeline import messages
+    monkeypatch.setattr(messages, "_HINTS_ABOUT", [""])
     warn("run `make evaluate` again")
-    config.hints_about("pets")
+    messages.hints_about("pets")
     warn("run `make evaluate` again")
     assert capsys.readouterr().out == ("!!! run `make evaluate` again\n"
                                        "!!! run `make evaluate NAME=pets` again\n")
