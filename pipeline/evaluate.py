@@ -89,19 +89,9 @@ def _evaluate(config):
               "models": {}}
     named = []  # every picture evaluation.json names: the others are a killed run's
     for model, probabilities in scored.items():
-        report["models"][model] = m = score(probabilities, labels, class_names, paths)
-        m["accuracy_ci95"] = list(diagnostics.accuracy_interval(m["accuracy"], len(rows)))
-        m["temperature"] = trained[model].temperature
-        m["calibration_before"] = calibration.reliability(uncalibrated[model], labels)
-        m["curves"], drawn = diagnostics.curves(probabilities, labels, class_names)
-        m["confused_pairs"] = diagnostics.confused_pairs(m["confusion_matrix"], class_names)
-        on = f"{registry.TITLES[model]} on {split} ({len(rows)} images)"
-        m["confusion_matrix_png"] = _picture(config, named, f"confusion_{model}",
-                                             plots.plot_confusion_matrix(
-                                                 m["confusion_matrix"], class_names, title=on))
-        if drawn:
-            m["curves"]["png"] = _picture(config, named, f"curves_{model}",
-                                          plots.plot_roc_pr(drawn, title=on))
+        report["models"][model] = _scores(config, named, model, probabilities, labels, paths,
+                                          class_names, split, trained[model].temperature,
+                                          uncalibrated[model])
     entry, points, point_labels, marked = projected
     entry.update(model=best, png=_picture(
         config, named, "projection", png=diagnostics.projection_png(
@@ -118,19 +108,43 @@ def _evaluate(config):
         if os.path.isfile(legacy) and not os.path.islink(legacy):
             os.remove(legacy)
 
-    print(f"evaluate {config.dataset_name} on the {split} split ({len(rows)} images, "
-          f"{time.perf_counter() - start:.1f} s):")
+    _print_summary(config, report, time.perf_counter() - start, out)
+    return EvaluateResult(out, split, {k: v["accuracy"] for k, v in report["models"].items()})
+
+
+def _scores(config, named, model, probabilities, labels, paths, class_names, split,
+            temperature, uncalibrated):
+    """One model's entry of evaluation.json: its scores with their interval, its calibration
+    before the temperature, its curves and confused pairs, and its pictures (added to `named`)."""
+    m = score(probabilities, labels, class_names, paths)
+    m["accuracy_ci95"] = list(diagnostics.accuracy_interval(m["accuracy"], len(labels)))
+    m["temperature"] = temperature
+    m["calibration_before"] = calibration.reliability(uncalibrated, labels)
+    m["curves"], drawn = diagnostics.curves(probabilities, labels, class_names)
+    m["confused_pairs"] = diagnostics.confused_pairs(m["confusion_matrix"], class_names)
+    on = f"{registry.TITLES[model]} on {split} ({len(labels)} images)"
+    m["confusion_matrix_png"] = _picture(config, named, f"confusion_{model}",
+                                         plots.plot_confusion_matrix(
+                                             m["confusion_matrix"], class_names, title=on))
+    if drawn:
+        m["curves"]["png"] = _picture(config, named, f"curves_{model}",
+                                      plots.plot_roc_pr(drawn, title=on))
+    return m
+
+
+def _print_summary(config, report, seconds, out):
+    print(f"evaluate {config.dataset_name} on the {report['split']} split ({report['images']} "
+          f"images, {seconds:.1f} s):")
     for model, m in report["models"].items():
         auc = f", ROC AUC {m['roc_auc']:.3f}" if m.get("roc_auc") is not None else ""
         low, high = m["accuracy_ci95"]
         print(f"  {registry.TITLES[model]:<20} accuracy {m['accuracy']:.3f} (95% interval "
               f"{low:.3f}-{high:.3f}){auc}")
-    for line in small:
+    for line in report["small_sample"]:
         warn(line)
     if report["weights_notice"]:
         warn(report["weights_notice"])
     print(f"wrote {out}")
-    return EvaluateResult(out, split, {k: v["accuracy"] for k, v in report["models"].items()})
 
 
 def _picture(config, named, stem, figure=None, png=None):
