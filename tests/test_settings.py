@@ -115,21 +115,27 @@ def test_a_config_not_told_holds_none_yet_validates_and_lists_its_defaults():
 # Messages: misspelled Make variables, bad values in Make's words, NAME= in every hint
 # --------------------------------------------------------------------------------------------
 
+def _make(*args):
+    """make in the checkout, as a user runs it: not as a sub-make of `make test`, whose
+    MAKEFLAGS and MAKELEVEL would add "Entering directory" lines and its own variables."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    return subprocess.run(["make", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
 @pytest.mark.parametrize("target, typed, meant", [("extract", "AUGMNT=3", "AUGMENT"),
                                                   ("train-head", "EPOCS=3", "EPOCHS"),
                                                   ("finetune", "lr=1e-5", "LR")])
 def test_make_refuses_a_variable_that_is_no_setting_naming_the_nearest(target, typed, meant):
-    done = subprocess.run(["make", "-n", target, "NAME=x", typed], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    done = _make("-n", target, "NAME=x", typed)
     assert done.returncode != 0 and done.stdout == ""
     line, = done.stderr.strip().splitlines()
     assert f"unknown variable {typed.split('=')[0]} (did you mean {meant}?)" in line
 
 
 def test_make_passes_its_settings_and_its_own_variables():
-    done = subprocess.run(["make", "-n", "train-head", "NAME=x", "EPOCHS=3", "BENCH_N=2",
-                           "TEST_WORKERS=1"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    done = _make("-n", "train-head", "NAME=x", "EPOCHS=3", "BENCH_N=2", "TEST_WORKERS=1")
     assert done.returncode == 0, done.stderr
     assert "PIPELINE_FROM_MAKE=1" in done.stdout and "--epochs='3'" in done.stdout
     assert "demo-data" not in done.stdout  # NAME's cache knows its DATA: no demo images made
