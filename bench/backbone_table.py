@@ -86,10 +86,10 @@ def folder_bytes(folder):
                for f in files)
 
 
-def one(entry, data, work, paths):
+def one(entry, data, work, paths, split=None):
     """The figures of one backbone (see the module's docstring)."""
     config = Config(data=data, name=f"bb-{entry.name}", backbone=entry.name, weights="none",
-                    size=SIZE, batch_size=BATCH, epochs=2, finetune_epochs=2,
+                    split=split, size=SIZE, batch_size=BATCH, epochs=2, finetune_epochs=2,
                     features_root=os.path.join(work, "features"),
                     models_root=os.path.join(work, "models"))
     precision = backbone.resolve_precision("auto")
@@ -108,9 +108,10 @@ def one(entry, data, work, paths):
             "rows": rows, "images": result.new, "extract_s": seconds, "precision": precision}
 
 
-def run(picked, work, names=None):
+def run(picked, work, names=None, split=None):
     """{"backbone_table": {name: figures}} for `picked` [(class, path)] photos, linked into a
-    folder of their own under `work`."""
+    folder of their own under `work`; `split` (SPLIT) where a few photos need one that leaves
+    every split some."""
     data = os.path.join(work, "data", "backbones")
     for class_name, path in picked:
         os.makedirs(os.path.join(data, class_name), exist_ok=True)
@@ -121,7 +122,7 @@ def run(picked, work, names=None):
     table = {}
     for name in names or backbones.TABLE:
         print(f"--- backbone {name}", flush=True)
-        table[name] = one(backbones.get(name), data, work, paths)
+        table[name] = one(backbones.get(name), data, work, paths, split)
         print(row(name, table[name]), flush=True)
     return {"backbone_table": table}, {}
 

@@ -62,7 +62,9 @@ from pipeline.model import backbone, heads  # noqa: E402
 SMOKE = os.environ.get("BENCH_SMOKE", "") not in ("", "0")
 N = int(os.environ.get("BENCH_N") or (24 if SMOKE else 600))
 SYNTH_ROWS = int(os.environ.get("BENCH_SYNTH_ROWS") or (64 if SMOKE else 100_000))
-BACKBONE_N = int(os.environ.get("BENCH_BACKBONE_N") or (8 if SMOKE else 64))  # backbone table
+BACKBONE_N = int(os.environ.get("BENCH_BACKBONE_N") or (24 if SMOKE else 64))  # backbone table
+# the smoke run: the table's code path on the default base and one that preprocesses inside
+SMOKE_BACKBONES = ["vgg16", "mobilenetv3large"]
 ACCURACY = os.environ.get("BENCH_ACCURACY", "") not in ("", "0")
 RAY = os.environ.get("BENCH_RAY", "") != "0" and importlib.util.find_spec("ray") is not None
 ONLY = os.environ.get("BENCH_ONLY", "")
@@ -252,7 +254,9 @@ def main():
               ("finetune-memory", lambda: (finetune_memory.figures(WORK), {})),
               ("speed options", lambda: speed_options(picked, full_dir)),
               ("backends and the loader", lambda: backends.run(picked, WORK, SIZE, BATCH, LOG)),
-              ("backbones", lambda: backbone_table.run(picked[:BACKBONE_N], WORK))]
+              ("backbones", lambda: backbone_table.run(
+                  picked[:BACKBONE_N], WORK, SMOKE_BACKBONES if SMOKE else None,
+                  "50/25/25" if SMOKE else None))]
     if RAY:
         import ray_bench  # bench/ray_bench.py: ENGINE=ray against ENGINE=local
         phases.append(("ENGINE=ray against local", lambda: ray_bench.run(picked, WORK)))
