@@ -17,7 +17,6 @@ from helpers import make_image_folder
 
 from pipeline import cache, extract
 from pipeline.config import Config, UserError
-from pipeline.fs import lock
 from pipeline.model import backbone
 
 # `make test-ray`, one after another: a cluster takes the cores it is given, so these run apart
@@ -197,21 +196,24 @@ def test_a_killed_driver_resumes_from_every_segment_written(cluster, data, local
 
 
 def test_a_failed_run_that_started_its_own_cluster_leaves_no_ray_process(data, tmp_path):
-    """Without RAY_ADDRESS a run starts a cluster (here to resolve PRECISION=auto on a worker),
-    and stops it when it fails (here: another extract holds the lock). Its processes are found
-    by the RAY_TMPDIR they inherit."""
+    """Without RAY_ADDRESS a run starts a cluster (here to resolve PRECISION=auto on a worker
+    and to extract), and stops it when it fails (here: a class whose only image does not
+    decode, found once the cluster has run). Its processes are found by the RAY_TMPDIR they
+    inherit. (A run refused by another extract's lock now stops before it starts a cluster.)"""
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    config = config_of(data, tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    (broken / "unreadable").mkdir()
+    (broken / "unreadable" / "only.jpg").write_bytes(b"not an image")
     try:
-        with lock.exclusive(config.features_dir, "extract"):
-            run = subprocess.run(
-                [sys.executable, "-m", "pipeline", "extract", "--data", data, "--name", "tiny",
-                 "--weights", "none", "--size", "32", "--engine", "ray", "--features-root",
-                 str(tmp_path)], cwd=ROOT, env={**env, "RAY_TMPDIR": ray_tmp},
-                capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [sys.executable, "-m", "pipeline", "extract", "--data", str(broken), "--name",
+             "tiny", "--weights", "none", "--size", "32", "--engine", "ray", "--features-root",
+             str(tmp_path / "features")], cwd=ROOT, env={**env, "RAY_TMPDIR": ray_tmp},
+            capture_output=True, text=True, timeout=300)
         assert run.returncode == 2
-        assert run.stderr.strip().splitlines()[-1].startswith("error: another extract (pid ")
+        assert "class 'unreadable' has no readable image" in run.stderr.strip().splitlines()[-1]
         assert os.listdir(ray_tmp)  # the run did start a cluster there
         deadline = time.time() + 30
         while processes_with(f"RAY_TMPDIR={ray_tmp}") and time.time() < deadline:
