@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from . import audit, cache, extract
 from .cache import settings
 from .config import RECORDED, Config, UserError
-from .data import backbones, labels
+from .data import backbones, datasets, labels
 from .fs import artifacts, files
 from .fs.escape import csv_dicts, csv_writer, markdown_text, terminal_text
 from .model import registry
@@ -242,9 +242,11 @@ def _read_state(path):
 
 def _skip_counts(config):
     """The labels CSV's two kinds of unmatched entries, counted from skipped.csv."""
-    path = os.path.join(config.features_dir, "skipped.csv")
-    with open(path, newline="", encoding="utf-8") as f:
-        reasons = [r["reason"] for r in csv_dicts(f)]
+    path = cache.side_file(config.features_dir, datasets.SKIPPED)
+    reasons = []
+    if path:
+        with files.open_regular(path, newline="", encoding="utf-8") as f:
+            reasons = [r["reason"] for r in csv_dicts(f)]
     return {"missing_files": sum(r.startswith(labels.MISSING_FILE) for r in reasons),
             "unlabelled": sum(r == labels.UNLABELLED for r in reasons)}
 
@@ -281,11 +283,17 @@ def write_summary(result):
     folders and errors are untrusted text: neutralised for spreadsheets in the CSV
     (escape.csv_writer), inert in the Markdown (escape.markdown_text)."""
     os.makedirs(os.path.dirname(result.csv_path) or ".", exist_ok=True)
-    with files.replacing(result.csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv_writer(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(result.rows)
+    with files.replacing_together([result.csv_path, result.md_path]) as temporary:
+        with open(temporary[result.csv_path], "x", newline="", encoding="utf-8") as f:
+            writer = csv_writer(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(result.rows)
+        with open(temporary[result.md_path], "x", encoding="utf-8") as f:
+            f.write("\n".join(_summary_lines(result)))
 
+
+def _summary_lines(result):
+    """The lines of batch_summary.md: one table row per dataset, then each one's settings."""
     header = ["dataset", "backbone", "status", "classes", "images",
               "skipped (missing / unlabelled)", "new",
               "extract s", "head s", "finetune s", "evaluate s", "audit s", "total s",
@@ -315,9 +323,7 @@ def write_summary(result):
               "Settings of each dataset, as its cache recorded them:", ""]
     lines += [f"- {markdown_text(r['dataset'])}: DATA={markdown_text(r['data'])} "
               f"{markdown_text(r['settings'])}" for r in result.rows if r["settings"]]
-    lines.append("")
-    with files.replacing(result.md_path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    return lines + [""]
 
 
 def _seconds(value):

@@ -27,7 +27,6 @@ from .fs import artifacts
 from .model import backbone
 
 HASH_AT_ONCE = 65536  # files handed to the engine's sha256_of at a time
-CONFLICTS = "label_conflicts.csv"  # rows whose content is also filed under another class
 
 
 @dataclass
@@ -124,18 +123,20 @@ def _run(config, engine):
     # what the report's stage times read: the time and the images this run computed
     attrs["extract_timing"] = {"seconds": round(time.perf_counter() - start, 3),
                                "images": len(computed["images"])}
+    conflicts = label_conflicts(rows, dataset.class_names)
+    # the lists beside the cache first, the master last: it names them by their sha256, so a
+    # run killed in between leaves lists that readers see do not match (cache.side_file)
+    attrs["side_files"] = datasets.write_side_files(out, skipped, conflicts)
     previous = settings.read(out)  # a DATA that moved changes the record, not the rows
     changed = (attrs["index_digest"] != cache.master_attribute(out, "index_digest")
-               or previous is None or previous.values != attrs["settings"])
+               or previous is None or previous.values != attrs["settings"]
+               or attrs["side_files"] != cache.master_attribute(out, "side_files"))
     if changed:
         referenced = set(cache.write_master(
             out, rows, attrs, identity.feature_shape, identity.dtype, unreadable, view_rows,
             cut_rows))
         for target in targets:
             cache.remove_unreferenced(out, target.identity_id, referenced)
-    datasets.write_skipped_csv(os.path.join(out, "skipped.csv"), skipped)
-    conflicts = label_conflicts(rows, dataset.class_names)
-    datasets.write_label_conflicts_csv(os.path.join(out, CONFLICTS), conflicts)
 
     new_images = np.isin(rows.sha256, index.as_keys(list(computed["images"])))
     result = ExtractResult(
@@ -200,7 +201,7 @@ def _warn_conflicts(config, conflicts):
     shown = ", ".join(repr(c) for c in classes[:5]) + (", ..." if len(classes) > 5 else "")
     warn(f"extract {config.dataset_name}: {contents} image content(s) appear under more than one "
          f"class ({shown}): each copy teaches a different answer; the files are listed in "
-         f"{os.path.join(config.features_dir, CONFLICTS)}")
+         f"{os.path.join(config.features_dir, datasets.CONFLICTS)}")
 
 
 def _plan(config, dataset, columns, unreadable, previous_views, known):

@@ -72,8 +72,11 @@ def _predict(config):
     unlike = 0 if classifier.measure else None
     columns = ["path", "predicted", *(f"p_{name}" for name in class_names),
                "distance_to_training", "unlike_training"]
-    with files.replacing(out, "w", newline="", encoding="utf-8") as f, \
-            files.replacing(skipped_out, "w", newline="", encoding="utf-8") as g:
+    # both files written whole, then renamed together: never a table of one run beside the
+    # skipped list of another
+    with files.replacing_together([skipped_out, out]) as temporary, \
+            open(temporary[out], "x", newline="", encoding="utf-8") as f, \
+            open(temporary[skipped_out], "x", newline="", encoding="utf-8") as g:
         # text from a LABELS file or a file name, neutralised: people open these in spreadsheets
         writer, skip_writer = escape.csv_writer(f), escape.csv_writer(g)
         writer.writerow(columns)

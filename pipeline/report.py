@@ -26,6 +26,7 @@ from . import audit, cache
 from .analysis import label_issues
 from .cache import settings
 from .config import RECORDED, Config, UserError, warn
+from .data import datasets
 from .fs import artifacts, files
 from .fs.escape import csv_dicts, markdown_code, markdown_text
 from .model import registry
@@ -311,9 +312,9 @@ def _dataset_section(config, attrs, labels, splits):
         lines.append(f"| {_cell(name)} | " + " | ".join(map(str, counts)) + f" | {sum(counts)} |")
     totals = [int(np.sum(splits == s)) for s in SPLITS]
     lines.append("| **total** | " + " | ".join(map(str, totals)) + f" | {sum(totals)} |")
-    skipped_csv = os.path.join(config.features_dir, "skipped.csv")
+    skipped_csv = cache.side_file(config.features_dir, datasets.SKIPPED)
     skipped = []
-    if os.path.exists(skipped_csv):
+    if skipped_csv:
         with files.open_regular(skipped_csv, newline="",
                                 fix="remove it, then run `make extract` again") as f:
             skipped = [(row.get("path"), row.get("reason")) for row in csv_dicts(f)]

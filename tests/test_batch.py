@@ -1,6 +1,7 @@
 """`make batch`: many datasets, a summary, failures recorded, and reruns that cost only what
 changed."""
 import csv
+import errno
 import os
 
 import pytest
@@ -9,7 +10,7 @@ from helpers import make_image_folder
 from pipeline import batch
 from pipeline.__main__ import main
 from pipeline.config import Config, UserError
-from pipeline.fs import artifacts
+from pipeline.fs import artifacts, files
 from pipeline.model import registry
 
 
@@ -202,3 +203,27 @@ def test_a_run_that_fails_midway_is_not_taken_as_up_to_date(tmp_path, make_confi
     monkeypatch.undo()
     # Nothing about the data changed, but the last run did not finish: train again.
     assert summary_rows(batch.run(config))["only"]["status"] == "trained"
+
+
+def test_a_full_disk_writing_the_summary_keeps_both_old_files(tmp_path, monkeypatch):
+    """batch_summary.csv and .md are one commit: both are written whole before either
+    replaces the last run's, so a disk that fills at the end leaves the last run's pair."""
+    def summary(dataset):
+        row = dict.fromkeys(batch.COLUMNS, "")
+        row.update(dataset=dataset, status="failed", error="no images")
+        return batch.BatchResult([row], str(tmp_path / batch.SUMMARY_CSV),
+                                 str(tmp_path / batch.SUMMARY_MD))
+    batch.write_summary(summary("first"))
+    pair = [str(tmp_path / batch.SUMMARY_CSV), str(tmp_path / batch.SUMMARY_MD)]
+    before = [open(path).read() for path in pair]
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the disk fills as the markdown table is flushed
+        if f".{batch.SUMMARY_MD}." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(files.NoSpace, match="^no space left on the disk"):
+        batch.write_summary(summary("second"))
+    assert [open(path).read() for path in pair] == before
+    assert not [name for name in os.listdir(tmp_path) if files.temporary_of(name)]

@@ -9,6 +9,8 @@ import pytest
 from helpers import make_image_folder
 
 from pipeline import batch, cache, extract, finetune
+from pipeline.config import UserError
+from pipeline.data import datasets
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -57,7 +59,7 @@ def test_one_content_under_two_classes_is_reported_in_one_line_with_its_list(
                 os.path.join(data, "vertical", "copy.jpg"))
     config = make_config(data, augment=1)
     extract.run(config)
-    listed = os.path.join(config.features_dir, extract.CONFLICTS)
+    listed = os.path.join(config.features_dir, datasets.CONFLICTS)
     lines = [line for line in capsys.readouterr().out.splitlines() if "more than one class" in line]
     assert lines == [f"!!! extract data: 1 image content(s) appear under more than one class "
                      f"('horizontal', 'vertical'): each copy teaches a different answer; the "
@@ -72,3 +74,34 @@ def test_one_content_under_two_classes_is_reported_in_one_line_with_its_list(
     extract.run(config)
     assert not os.path.exists(listed)
     assert "more than one class" not in capsys.readouterr().out
+
+
+def test_the_lists_beside_the_cache_are_the_ones_its_master_names(tmp_path, make_config,
+                                                                   monkeypatch):
+    """skipped.csv and label_conflicts.csv are written before features.h5, which names them by
+    their sha256: an extract killed between the two leaves lists that the readers (report,
+    batch) refuse in one line instead of taking them for the cache's."""
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    config = make_config(data)
+    extract.run(config)
+    assert cache.side_file(config.features_dir, datasets.CONFLICTS) is None  # none written
+    with open(cache.side_file(config.features_dir, datasets.SKIPPED), newline="") as f:
+        assert list(csv.DictReader(f)) == []
+    with open(os.path.join(data, "vertical", "broken.jpg"), "wb") as f:
+        f.write(b"not a picture")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cache, "write_master", killed)  # after the lists, before the master
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(config)
+    monkeypatch.undo()
+    stale = "skipped.csv is not the list .*features.h5 names .*run `make extract` again"
+    with pytest.raises(UserError, match=stale):
+        cache.side_file(config.features_dir, datasets.SKIPPED)
+    with pytest.raises(UserError, match=stale):
+        batch._skip_counts(config)
+
+    extract.run(config)  # the rerun commits both
+    with open(cache.side_file(config.features_dir, datasets.SKIPPED), newline="") as f:
+        assert [os.path.basename(r["path"]) for r in csv.DictReader(f)] == ["broken.jpg"]

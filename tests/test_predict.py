@@ -1,5 +1,6 @@
 """Prediction on new pictures: the CSV holds exactly the model's outputs, bad files are reported."""
 import csv
+import errno
 import os
 import shutil
 
@@ -12,7 +13,7 @@ from pipeline import __main__ as cli
 from pipeline import predict
 from pipeline.config import UserError
 from pipeline.data import images
-from pipeline.fs import artifacts
+from pipeline.fs import artifacts, files
 from pipeline.model import backbone, heads
 
 
@@ -176,3 +177,30 @@ def test_out_names_the_file_and_the_default_table_is_kept(run, tmp_path, capsys)
             predict.run(config.replace(out=str(tmp_path / bad)))
     with pytest.raises(UserError, match="TOP_K=0 is out of range"):
         config.replace(top_k=0)
+
+
+def test_a_full_disk_at_the_end_keeps_both_old_files(run, tmp_path, monkeypatch):
+    """predictions.csv and its skipped list are one commit: both are written whole before
+    either replaces the last run's, so a disk that fills at the end leaves the last run's
+    pair, never a new table beside an old list."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder, bad in ((old, "broken.jpg"), (new, "other.jpg")):
+        folder.mkdir()
+        shutil.copy(os.path.join(run.data, "horizontal", "horizontal_00.jpg"), folder / "a.jpg")
+        (folder / bad).write_bytes(b"not a picture")
+    out = str(tmp_path / "p.csv")
+    config = run.replace(model="dense", out=out)
+    predict.run(config.replace(images=str(old)))
+    pair = [out, str(tmp_path / "p_skipped.csv")]
+    before = [open(path).read() for path in pair]
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the disk fills as the table itself is flushed
+        if ".p.csv." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(files.NoSpace, match="^no space left on the disk"):
+        predict.run(config.replace(images=str(new)))
+    assert [open(path).read() for path in pair] == before
+    assert not [name for name in os.listdir(tmp_path) if files.temporary_of(name)]

@@ -4,7 +4,9 @@
         features.h5                  the file users open: row index + a virtual `features` dataset
         segments/<identity_id>/      immutable segment files, one folder per feature identity
             seg-<time>-<random>.h5   features (n, h, w, 512) float32 (or float16) and sha256 (n,)
-        skipped.csv, .lock (lock.py)
+        skipped.csv, label_conflicts.csv   what was not used, and contents under two classes
+                                     (named by sha256 in the master: side_file)
+        .lock (lock.py)
 
 Crash safety comes from never modifying a file in place: every segment and master is built in
 memory (a master is streamed into its temporary file) and written whole by files.atomic_write
@@ -61,6 +63,7 @@ from .master import (
     master_segments,
     previous_files,
     previous_unreadable,
+    side_file,
     write_master,
 )
 from .segments import (
@@ -81,7 +84,6 @@ __all__ = [
     "MAX_OPEN_SEGMENTS", "READ_BLOCK", "READ_GAP", "STR", "VIEW_DATASETS", "WRITE_ROWS",
     "FeatureStore", "Layer", "compact", "inventory", "is_segment_name", "master_attribute",
     "master_segments", "open_master", "previous_files", "previous_unreadable", "remove_strays",
-    "remove_unreferenced", "rows_per_segment", "segment_dir", "split_digest", "write_master",
-    "write_segment",
-    "write_segment_filled",
+    "remove_unreferenced", "rows_per_segment", "segment_dir", "side_file", "split_digest",
+    "write_master", "write_segment", "write_segment_filled",
 ]

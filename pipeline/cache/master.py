@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from ..fs import files
+from ..config import UserError
+from ..fs import artifacts, files
 from .identity import identity_problem
 from .index import Previous, Rows, runs
 from .layout import DAMAGE, FEATURE_DATASETS, MASTER, STR, checksummed, open_master
@@ -223,6 +224,26 @@ def master_attribute(features_dir, key):
             return decode_attr(f.attrs[key])
     except DAMAGE:
         return None
+
+
+def side_file(features_dir, name):
+    """The path of a list extract writes beside the cache (skipped.csv, label_conflicts.csv)
+    when it is the one features.h5 names by its sha256; None when the master names no such
+    file; the file as it is under a master older than that record. A list that is not the
+    named one (an extract killed between the two, or an edit) is refused in one line: it
+    would describe another run than the cache."""
+    side_files = master_attribute(features_dir, "side_files")
+    path = os.path.join(features_dir, name)
+    if side_files is None:  # a cache from before masters named them: the list as it is
+        return path if os.path.isfile(path) else None
+    recorded = side_files.get(name)
+    if recorded is None:
+        return None
+    if not os.path.lexists(path) or artifacts.file_sha256(path) != recorded:
+        raise UserError(f"{path} is not the list {os.path.join(features_dir, MASTER)} names "
+                        "(an extract was interrupted, or the file changed): run `make extract` "
+                        "again")
+    return path
 
 
 def check_index(f):

@@ -13,13 +13,16 @@ import stat
 from dataclasses import dataclass
 
 from ..config import UserError
-from ..fs import escape, files
+from ..fs import artifacts, escape, files
 from ..fs.files import file_kind  # noqa: F401 (read from here too: predict)
 from . import labels
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 SPLITS = ("train", "validation", "test")
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+
+SKIPPED = "skipped.csv"  # files not used, and why (features/<NAME>/)
+CONFLICTS = "label_conflicts.csv"  # files whose content is also filed under another class
 
 # The reasons the directory walk gives (written to skipped.csv / predictions_skipped.csv).
 NOT_AN_IMAGE = "not an image (extension and content)"
@@ -313,22 +316,24 @@ def _discover_csv(data, labels_csv, label_columns):
     return Dataset(data, "csv", class_names, found, skipped + unmatched)
 
 
-def write_skipped_csv(path, skipped):
-    """features/<NAME>/skipped.csv: one row per file that was not used, and why; people open it
-    in spreadsheets, so every cell is neutralised (escape.csv_writer)."""
-    with files.replacing(path, "w", newline="", encoding="utf-8") as f:
-        writer = escape.csv_writer(f)
-        writer.writerow(["path", "reason"])
-        writer.writerows(sorted(skipped))
-
-
-def write_label_conflicts_csv(path, conflicts):
-    """features/<NAME>/label_conflicts.csv: one row per file whose content is also filed under
-    another class (sha256, class, path), or no file when there is none."""
-    if not conflicts:
-        files.remove_file(path)
-        return
-    with files.replacing(path, "w", newline="", encoding="utf-8") as f:
-        writer = escape.csv_writer(f)
-        writer.writerow(["sha256", "class", "path"])
-        writer.writerows(sorted(conflicts))
+def write_side_files(features_dir, skipped, conflicts):
+    """features/<NAME>/skipped.csv (one row per file that was not used, and why) and
+    label_conflicts.csv (one row per file whose content is also filed under another class:
+    sha256, class, path; no file when there is none), written whole and then renamed together.
+    People open them in spreadsheets, so every cell is neutralised (escape.csv_writer).
+    Returns {file name: sha256 of what was written, or None for no file}: the master records
+    it, and readers take a list only when it matches (cache.side_file)."""
+    tables = {SKIPPED: (["path", "reason"], sorted(skipped)),
+              CONFLICTS: (["sha256", "class", "path"], sorted(conflicts))}
+    written = {name: table for name, table in tables.items() if name == SKIPPED or table[1]}
+    paths = {name: os.path.join(features_dir, name) for name in written}
+    with files.replacing_together(paths.values()) as temporary:
+        for name, (header, rows) in written.items():
+            with open(temporary[paths[name]], "x", newline="", encoding="utf-8") as f:
+                writer = escape.csv_writer(f)
+                writer.writerow(header)
+                writer.writerows(rows)
+    digests = {name: artifacts.file_sha256(path) for name, path in paths.items()}
+    for name in set(tables) - set(written):
+        files.remove_file(os.path.join(features_dir, name))
+    return {name: digests.get(name) for name in tables}
