@@ -4,6 +4,7 @@ predict` and the Classifier."""
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,19 +22,24 @@ from pipeline.fs import artifacts
 TEMPERATURE = 1.5  # set in every record, so the graph's temperature is tested, not only T = 1
 TOP1_SHARE, WITHIN = 0.95, 0.05  # the parity the exports promise against make predict
 
+# argv: the images, then the SavedModels; prints {model folder: probabilities of each image}
 PLAIN_TENSORFLOW = """
 import json, sys
 import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageOps
-model = tf.saved_model.load(sys.argv[1])
-out = []
-for path in sys.argv[2:]:
-    pixels = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
-    out.append(model.serve(tf.constant(pixels[None])).numpy()[0].tolist())
+images = [a for a in sys.argv[1:] if not a.endswith("saved_model")]
+out = {}
+for folder in sys.argv[1 + len(images):]:
+    model = tf.saved_model.load(folder)
+    out[folder] = []
+    for path in images:
+        pixels = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+        out[folder].append(model.serve(tf.constant(pixels[None])).numpy()[0].tolist())
 assert not any(name == "pipeline" or name.startswith("pipeline.") for name in sys.modules)
 print(json.dumps(out))
 """
+MODELS = ("finetuned", "dense", "logreg")
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +53,23 @@ def run(tmp_path_factory):
     return config
 
 
-def predicted_by_make(config, model, tmp_path):
-    """predictions.csv rows of `make predict MODEL=model` on the run's images, by path."""
-    out = str(tmp_path / f"{model}.csv")
-    assert cli.main(["predict", "--data", config.data, "--name", config.name, "--images",
-                     config.data, "--model", model, "--out", out, *roots(config),
-                     "--weights", "none", "--batch-size", "4", "--precision", "float32"]) == 0
-    with open(out, newline="") as f:
-        return {row["path"]: row for row in csv.DictReader(f)}
+@pytest.fixture(scope="module")
+def predicted_by_make(run, tmp_path_factory):
+    """predicted_by_make(model): predictions.csv rows of `make predict MODEL=model` on the
+    run's images, by path; made once per model for the module's tests, which only read them."""
+    made, folder = {}, tmp_path_factory.mktemp("predicted")
+
+    def rows(model):
+        if model not in made:
+            out = str(folder / f"{model}.csv")
+            assert cli.main(["predict", "--data", run.data, "--name", run.name, "--images",
+                             run.data, "--model", model, "--out", out, *roots(run),
+                             "--weights", "none", "--batch-size", "4",
+                             "--precision", "float32"]) == 0
+            with open(out, newline="") as f:
+                made[model] = {row["path"]: row for row in csv.DictReader(f)}
+        return made[model]
+    return rows
 
 
 def roots(config):
@@ -74,34 +89,43 @@ def assert_parity(probabilities, rows, class_names):
     assert np.abs(got - expected).max() <= WITHIN
 
 
-@pytest.mark.parametrize("model", ["finetuned", "dense", "logreg"])
-def test_plain_tensorflow_runs_the_savedmodel_as_make_predict(run, model, tmp_path):
-    rows = predicted_by_make(run, model, tmp_path)
-    result = export_model.run(run.replace(model=model))
-    assert result.model == model and result.path.endswith(os.path.join("export", "saved_model"))
-    assert os.path.isfile(os.path.join(result.path, "saved_model.pb"))
-    with open(result.description) as f:
-        described = json.load(f)
-    assert described["class_names"] == ["horizontal", "vertical"]
-    assert described["temperature"] == TEMPERATURE and described["model"] == model
-    assert described["outliers"]["threshold"] > 0 and described["outliers"]["classes"] == [
-        "horizontal", "vertical"]
-    with np.load(os.path.join(os.path.dirname(result.path), described["outliers"]["statistics"]),
-                 allow_pickle=False) as statistics:
-        assert statistics["precision"].shape == (512, 512) and statistics["mean"].shape == (512,)
-    assert described["identity"]["image_size"] == run.size and described["settings"]["seed"] == 0
-    paths = sorted(rows)
-    plain = subprocess.run([sys.executable, "-c", PLAIN_TENSORFLOW, result.path, *paths],
+def test_plain_tensorflow_runs_each_savedmodel_as_make_predict(run, predicted_by_make, tmp_path):
+    exported = {}
+    for model in MODELS:
+        result = export_model.run(run.replace(model=model))
+        assert result.model == model
+        assert result.path.endswith(os.path.join("export", "saved_model"))
+        assert os.path.isfile(os.path.join(result.path, "saved_model.pb"))
+        with open(result.description) as f:
+            described = json.load(f)
+        assert described["class_names"] == ["horizontal", "vertical"]
+        assert described["temperature"] == TEMPERATURE and described["model"] == model
+        assert described["outliers"]["threshold"] > 0 and described["outliers"]["classes"] == [
+            "horizontal", "vertical"]
+        with np.load(os.path.join(os.path.dirname(result.path),
+                                  described["outliers"]["statistics"]),
+                     allow_pickle=False) as statistics:
+            assert statistics["precision"].shape == (512, 512)
+            assert statistics["mean"].shape == (512,)
+        assert described["identity"]["image_size"] == run.size
+        assert described["settings"]["seed"] == 0
+        # each export replaces the last one in models/<NAME>/export/: keep a copy to run
+        exported[model] = shutil.copytree(result.path, tmp_path / model / "saved_model")
+    paths = sorted(predicted_by_make("finetuned"))
+    plain = subprocess.run([sys.executable, "-c", PLAIN_TENSORFLOW, *paths,
+                            *map(str, exported.values())],
                            capture_output=True, text=True, cwd=tmp_path, timeout=300,
                            env={**os.environ, "PYTHONPATH": ""})
     assert plain.returncode == 0, plain.stderr[-2000:]
     probabilities = json.loads(plain.stdout.strip().splitlines()[-1])
-    assert np.asarray(probabilities).shape == (len(paths), len(described["class_names"]))
-    assert_parity(probabilities, [rows[p] for p in paths], described["class_names"])
+    for model, folder in exported.items():
+        rows = predicted_by_make(model)
+        assert_parity(probabilities[str(folder)], [rows[p] for p in paths],
+                      ["horizontal", "vertical"])
 
 
-def test_the_classifier_is_make_predicts_path(run, tmp_path):
-    rows = predicted_by_make(run, "finetuned", tmp_path)
+def test_the_classifier_is_make_predicts_path(run, predicted_by_make):
+    rows = predicted_by_make("finetuned")
     classifier = Classifier.load(run.models_dir, model="finetuned")
     assert classifier.classes == ["horizontal", "vertical"]
     assert classifier.temperature == TEMPERATURE
@@ -123,10 +147,10 @@ def test_the_classifier_is_make_predicts_path(run, tmp_path):
         classifier.predict(np.zeros((4, 4), np.float32))
 
 
-def test_onnx_runs_in_onnxruntime_as_make_predict(run, tmp_path):
+def test_onnx_runs_in_onnxruntime_as_make_predict(run, predicted_by_make):
     onnxruntime = pytest.importorskip("onnxruntime")  # the `onnx` extra (pyproject.toml)
     pytest.importorskip("tf2onnx")
-    rows = predicted_by_make(run, "dense", tmp_path)
+    rows = predicted_by_make("dense")
     result = export_model.run(run.replace(model="dense", format="onnx"))
     session = onnxruntime.InferenceSession(result.path)
     name = session.get_inputs()[0].name
@@ -135,9 +159,9 @@ def test_onnx_runs_in_onnxruntime_as_make_predict(run, tmp_path):
     assert_parity(got, [rows[p] for p in paths], ["horizontal", "vertical"])
 
 
-def test_litert_runs_in_its_interpreter_as_make_predict(run, tmp_path):
+def test_litert_runs_in_its_interpreter_as_make_predict(run, predicted_by_make):
     interpreter_module = pytest.importorskip("ai_edge_litert.interpreter")  # `litert` extra
-    rows = predicted_by_make(run, "logreg", tmp_path)
+    rows = predicted_by_make("logreg")
     result = export_model.run(run.replace(model="logreg", format="litert"))
     interpreter = interpreter_module.Interpreter(model_path=result.path)
     source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
@@ -176,11 +200,11 @@ def test_the_saved_fine_tuned_model_does_not_augment_when_called(run):
     np.testing.assert_allclose(np.asarray(network(x)), network.predict_on_batch(x), atol=1e-6)
 
 
-def test_predict_and_evaluate_apply_the_recorded_temperature(run, tmp_path):
+def test_predict_and_evaluate_apply_the_recorded_temperature(run, predicted_by_make):
     from pipeline import evaluate
     from pipeline.data import images
     from pipeline.model import calibration, registry
-    rows = predicted_by_make(run, "finetuned", tmp_path)
+    rows = predicted_by_make("finetuned")
     paths = sorted(rows)
     raw = registry.predictor(run, "finetuned", calibrated=False)(
         np.stack([images.load_image(p, run.size) for p in paths]))
