@@ -143,6 +143,16 @@ def test_a_stage_without_data_makes_no_demo_data_and_names_data_and_name(tmp_pat
         "DATA=<folder> NAME=x` first")
 
 
+@pytest.mark.parametrize("stage", ["train-head", "finetune", "evaluate", "audit", "report"])
+def test_a_stage_refused_for_want_of_a_cache_writes_nothing(tmp_path, capsys, stage):
+    """The refusal comes before the stage takes models/<NAME>'s lock, which would make the
+    folder (and its .lock) for a dataset that does not exist."""
+    code = cli.main([stage, "--name", "x", "--features-root", str(tmp_path / "f"),
+                     "--models-root", str(tmp_path / "m")])
+    assert code == 2 and "error: no feature cache at" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("variable, option, value", [
     ("DATA", "--data", "my photos/2023 trip"),
     ("NAME", "--name", "trip[2023]"),

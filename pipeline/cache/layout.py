@@ -189,6 +189,14 @@ def segment_datasets(f, path, shape=None, dtype=None):
 # The master
 # --------------------------------------------------------------------------------------------
 
+def no_cache(features_dir):
+    """The UserError for a stage that needs features/<NAME>/features.h5 where there is none."""
+    name = os.path.basename(os.path.normpath(features_dir))
+    return UserError(f"no feature cache at {os.path.join(features_dir, MASTER)}: run `make "
+                     f"extract DATA=<folder> NAME={name}` first (a stage reads the cache of "
+                     "NAME, or of DATA's folder name)")
+
+
 def open_master(path):
     """features.h5 open for reading, after `check_master`; DAMAGE when it is not a master this
     package could have written."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ..config import FIELDS, RECORDED, UserError
 from ..fs import lock
-from .layout import DAMAGE, MASTER, open_master
+from .layout import DAMAGE, MASTER, no_cache, open_master
 from .master import decode_attr
 
 WEIGHTS_KEYWORDS = ("imagenet", "none", "auto")
@@ -156,5 +156,7 @@ def run(config, stage, body, folder, holder=None):
     between the reading and the stage."""
     if folder is None:
         return body(resolve(config, read(config.features_dir), stage))
+    if stage != "extract" and not os.path.exists(os.path.join(config.features_dir, MASTER)):
+        raise no_cache(config.features_dir)  # before the lock makes models/<NAME>
     with lock.exclusive(folder, holder or stage):
         return body(resolve(config, read(config.features_dir), stage))

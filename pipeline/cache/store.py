@@ -54,9 +54,7 @@ class FeatureStore:
         self.features_dir = features_dir
         self.path = os.path.join(features_dir, MASTER)
         if not os.path.exists(self.path):
-            raise UserError(f"no feature cache at {self.path}: run `make extract DATA=<folder> "
-                            f"NAME={os.path.basename(os.path.normpath(features_dir))}` first (a "
-                            "stage reads the cache of NAME, or of DATA's folder name)")
+            raise layout.no_cache(features_dir)
         self.file, index, self._opened = checks.open_checked(features_dir, self.path)
         self.features = self.file["features"]
         self._lock = threading.RLock()  # one reader at a time: a reopening closes the file
