@@ -102,7 +102,7 @@ class Featurizer:
         self.forward = backbone.feature_function(model)
         self.preprocess = entry.preprocess
         self.targets, self.size, self.seed = list(targets), identity.image_size, seed
-        self.augmentation = augment.augmentation(seed)
+        self.views = augment.ViewFunction(seed, batch_size)  # one graph for the run
         self.batch_size, self.threads = batch_size, threads
         self.unreadable = {}  # sha256 -> why its image did not decode, after `batches`
 
@@ -135,9 +135,8 @@ class Featurizer:
         views = np.array([view for _, _, view, *_ in items])
         augmented = np.flatnonzero(views > 0)
         if len(augmented):  # a view is a function of its image, key and seed alone
-            x[augmented] = augment.augment_views(
-                x[augmented], [items[i][1] for i in augmented], views[augmented].tolist(),
-                self.seed, self.augmentation)
+            x[augmented] = self.views(x[augmented], [items[i][1] for i in augmented],
+                                      views[augmented].tolist())
         outputs = self.forward(x)
         outputs = outputs if isinstance(outputs, list) else [outputs]
         rows = []
