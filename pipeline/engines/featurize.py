@@ -17,6 +17,9 @@ ENGINE=local writes one segment per batch and target (`compute_here`); ENGINE=ra
 (ray_engine.Extractor) collect a Ray batch into one segment per target. Both run
 `Featurizer.batches`, so both write the same numbers.
 """
+import contextlib
+import queue
+import threading
 from dataclasses import dataclass
 
 import keras
@@ -109,8 +112,15 @@ class Featurizer:
     def batches(self, jobs, progress=None):
         """Batch after Batch of at most BATCH_SIZE inputs for `jobs`, each image decoded once
         for all its inputs; images that fail to decode go to `self.unreadable`. `progress`
-        (a tqdm bar) advances by each job's inputs."""
-        pending = []  # (decoded image, sha256, view, key, needs, path)
+        (a tqdm bar) advances by each job's inputs. The next batch's input (decoding and the
+        views) is made in a thread of its own while the base runs on this one."""
+        for x, items in ahead(self._inputs(jobs, progress)):
+            yield self._forward(x, items, progress)
+
+    def _inputs(self, jobs, progress):
+        """(model input, its items (decoded image, sha256, view, key, needs, path)) of each
+        batch, its views augmented."""
+        pending = []
         paths = [job.path for job in jobs]
         decoded = images.image_batches(paths, self.size, self.batch_size, self.threads,
                                        self.preprocess)
@@ -125,18 +135,21 @@ class Featurizer:
                 pending += [(image, job.sha256, view, key, needs, job.path)
                             for view, key, needs in job.inputs]
             while len(pending) >= self.batch_size:
-                yield self._forward(pending[:self.batch_size], progress)
+                yield self._input(pending[:self.batch_size])
                 pending = pending[self.batch_size:]
         if pending:
-            yield self._forward(pending, progress)
+            yield self._input(pending)
 
-    def _forward(self, items, progress):
+    def _input(self, items):
         x = np.stack([image for image, *_ in items])
         views = np.array([view for _, _, view, *_ in items])
         augmented = np.flatnonzero(views > 0)
         if len(augmented):  # a view is a function of its image, key and seed alone
             x[augmented] = self.views(x[augmented], [items[i][1] for i in augmented],
                                       views[augmented].tolist())
+        return x, items
+
+    def _forward(self, x, items, progress):
         outputs = self.forward(x)
         outputs = outputs if isinstance(outputs, list) else [outputs]
         rows = []
@@ -148,6 +161,47 @@ class Featurizer:
             progress.update(len(items))
         return Batch([key for _, _, _, key, _, _ in items], [needs for *_, needs, _ in items],
                      rows)
+
+
+def ahead(items, depth=1):
+    """The items of the iterator `items`, made in a thread of their own at most `depth` ahead of
+    the consumer, so that making the next one (decoding, augmenting: work that releases the
+    GIL) overlaps the consumer's forward pass. An exception there is raised here; closing this
+    generator (the consumer stopped, or failed) stops and closes `items` too."""
+    box, stop, end = queue.Queue(depth), threading.Event(), object()
+
+    def put(entry):  # False once the consumer has gone
+        while not stop.is_set():
+            try:
+                box.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            with contextlib.closing(items):
+                for item in items:
+                    if not put((item, None)):
+                        return
+            put((end, None))
+        except BaseException as error:  # noqa: BLE001  raised again in the consumer's thread
+            put((end, error))
+
+    thread = threading.Thread(target=produce, name="featurize-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = box.get()
+            if item is end:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def check_finite(rows, target, first_path, batch_rows):
