@@ -181,13 +181,14 @@ def ahead(items, depth=1):
 
     def produce():
         try:
-            with contextlib.closing(items):
-                for item in items:
-                    if not put((item, None)):
-                        return
+            for item in items:
+                if not put((item, None)):
+                    return
             put((end, None))
         except BaseException as error:  # noqa: BLE001  raised again in the consumer's thread
             put((end, error))
+        finally:  # a generator's own `finally` (the decoder's pool) runs here, in this thread
+            getattr(items, "close", lambda: None)()
 
     thread = threading.Thread(target=produce, name="featurize-ahead", daemon=True)
     thread.start()
@@ -214,17 +215,53 @@ def check_finite(rows, target, first_path, batch_rows):
 
 
 def compute_here(featurizer, jobs, features_dir, targets_known, description):
-    """ENGINE=local: run `jobs` through `featurizer`, one atomic segment per batch and target.
-    Updates targets_known (key -> segment, row, rows, per target) in place and returns
-    {sha256: reason} for the images that could not be decoded."""
+    """ENGINE=local: run `jobs` through `featurizer`, one atomic segment per batch and target,
+    written in a thread of their own while the base runs on the next batch. Updates
+    targets_known (key -> segment, row, rows, per target) in place and returns {sha256: reason}
+    for the images that could not be decoded."""
+    def write(batch):
+        for number, target in enumerate(featurizer.targets):
+            keys, rows = batch.rows_for(number)
+            if keys:
+                segment = cache.write_segment(features_dir, target.identity_id, keys, rows)
+                targets_known[number].update(
+                    {key: (segment, row, len(keys)) for row, key in enumerate(keys)})
+
     total = sum(len(job.inputs) for job in jobs)
     # closed also on an error, so that the error line does not land on the bar's line
-    with tqdm(total=total, desc=description, unit="row", smoothing=0.1) as progress:
+    with tqdm(total=total, desc=description, unit="row", smoothing=0.1) as progress, \
+            behind(write) as put:
         for batch in featurizer.batches(jobs, progress):
-            for number, target in enumerate(featurizer.targets):
-                keys, rows = batch.rows_for(number)
-                if keys:
-                    segment = cache.write_segment(features_dir, target.identity_id, keys, rows)
-                    targets_known[number].update(
-                        {key: (segment, row, len(keys)) for row, key in enumerate(keys)})
+            put(batch)
     return featurizer.unreadable
+
+
+@contextlib.contextmanager
+def behind(consume, depth=2):
+    """`put(item)` hands item to `consume` in a thread of its own, at most `depth` items behind,
+    in order. Leaving the block waits for every item put; the first exception of `consume` is
+    raised by the next `put` or on leaving (items put after it are dropped)."""
+    box, failed = queue.Queue(depth), []
+
+    def run():
+        while (item := box.get()) is not box:
+            if not failed:
+                try:
+                    consume(item)
+                except BaseException as error:  # noqa: BLE001  raised in the caller's thread
+                    failed.append(error)
+
+    def put(item):
+        if failed:
+            raise failed[0]
+        box.put(item)
+
+    thread = threading.Thread(target=run, name="featurize-behind", daemon=True)
+    thread.start()
+    try:
+        yield put
+    finally:
+        box.put(box)  # the end: the queue itself, never an item
+        thread.join()
+    if failed:
+        raise failed[0]
