@@ -1,8 +1,13 @@
 """The one path from image files to cached rows, on both engines.
 
     Job (one image, and the rows it lacks) -> decoded once (images.image_batches) -> its plain
-    input and its augmented views (augment.augment_views) -> one forward pass of the frozen base
-    that returns every cached layer -> rows checked finite, in each layer's storage dtype
+    input and its augmented views (augment.ViewFunction, one compiled call a batch) -> one
+    forward pass of the frozen base that returns every cached layer -> rows checked finite, in
+    each layer's storage dtype
+
+The forward passes set the pace: the next batch's input is made in a thread of its own
+(`ahead`) while the base runs, and ENGINE=local writes the last batch's rows in another
+(`behind`).
 
 A *target* is one layer whose output the cache keeps, under an identity of its own: the features
 train-head reads (the base's output, or FEATURE_LAYER's stage) and, for fine-tuning from the
