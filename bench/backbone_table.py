@@ -92,7 +92,7 @@ def one(entry, data, work, paths, split=None):
                     split=split, size=SIZE, batch_size=BATCH, epochs=2, finetune_epochs=2,
                     features_root=os.path.join(work, "features"),
                     models_root=os.path.join(work, "models"))
-    precision = backbone.resolve_precision("auto")
+    precision = backbone.resolve_precision("auto", entry)  # extract's, so the two compare
     model_ips = model_only(entry, paths, precision)
     start = time.perf_counter()
     result = extract.run(config)

@@ -364,7 +364,7 @@ def extraction(config, inc_dir, old, new):
 def model_only(paths):
     """The same backbone and compiled forward pass as extract (backbone.feature_function) on
     batches decoded once and held in memory: the most extraction could reach."""
-    precision = backbone.resolve_precision("auto")  # extract's, so the two compare
+    precision = backbone.resolve_precision("auto")  # extract's (the default base), so they compare
     base = backbone.build_backbone(backbone.resolve_weights("none"), SIZE, precision)
     features_of = backbone.feature_function(base)
     decoded = np.stack([images.load_image(p, SIZE) for p in paths[:4 * BATCH]])

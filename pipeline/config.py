@@ -84,7 +84,8 @@ class Config:
     size: int = recorded(150, "images are resized to SIZE x SIZE pixels (32 to 1024)")
     batch_size: int = setting(32, "images (or feature maps) per step")
     precision: str = recorded("auto", "auto (mixed_float16 on a GPU, mixed_bfloat16 on a CPU with "
-                                      "native bfloat16 where the backend uses it, else float32) | "
+                                      "native bfloat16 where the backend uses it and the BACKBONE "
+                                      "gains from it, else float32) | "
                                       "float32 | mixed_float16 | mixed_bfloat16; part of the cache "
                                       "identity")
     storage: str = recorded("float32", "float32 | float16: half the disk and read I/O, features "

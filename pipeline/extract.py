@@ -86,7 +86,7 @@ def _run(config, engine):
     dataset = datasets.discover(config.data, config.labels, config.label_columns)
     entry = backbones.get(config.backbone)
     weights = backbone.resolve_weights(config.weights, entry)
-    precision = engine.resolve_precision(config.precision)
+    precision = engine.resolve_precision(config.precision, entry)
     storage = backbone.resolve_storage(config.storage)
     identity = backbone.identity_of(weights, config.size, precision, storage, entry,
                                     config.feature_layer)

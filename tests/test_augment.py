@@ -47,6 +47,24 @@ def test_a_view_depends_on_the_image_the_view_and_the_seed_never_on_its_batch():
         assert not np.allclose(together, other)
 
 
+def test_the_compiled_views_are_the_layers_drawn_image_by_image_from_their_own_seeds():
+    """The cache's identity: a view is each augmentation layer in turn, its transformation drawn
+    eagerly for that image alone from the int seed augment._seed gives it. The compiled batch
+    (padded to a larger batch, as extract pads it) must give these numbers, bit for bit."""
+    x, views = pictures(3), [1, 4, 2]
+    expected = []
+    for i in range(3):
+        image = keras.ops.convert_to_tensor(x[i:i + 1])
+        for k, layer in enumerate(augment.augmentation(7).layers):
+            drawn = layer.get_random_transformation(
+                image, training=True, seed=augment._seed(7, SHAS[i], views[i], k))
+            image = layer.transform_images(image, drawn, training=True)
+        expected.append(keras.ops.convert_to_numpy(image))
+    compiled = augment.ViewFunction(7, batch=4)(x, SHAS[:3], views)
+    assert compiled.shape == x.shape and compiled.dtype == np.float32
+    np.testing.assert_array_equal(compiled, np.concatenate(expected))
+
+
 @pytest.mark.parametrize("change", ["seed", "layer setting", "view", "image"])
 def test_every_part_of_a_view_key_changes_it(monkeypatch, change):
     sha, key = SHAS[0], augment.view_key(SHAS[0], augment.identity_id(augment.identity(0)), 1)

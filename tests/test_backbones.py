@@ -32,6 +32,22 @@ def test_the_table_holds_at_least_the_backbones_users_can_pick():
     assert backbones.DEFAULT == "vgg16"
 
 
+@pytest.mark.parametrize("device, expected", [
+    ("mixed_bfloat16", {"vgg16": "mixed_bfloat16", "mobilenetv3large": "float32"}),
+    ("mixed_float16", {"vgg16": "mixed_float16", "mobilenetv3large": "mixed_float16"}),
+    ("float32", {"vgg16": "float32", "mobilenetv3large": "float32"})])
+def test_precision_auto_follows_the_tables_cpu_preference_of_each_backbone(monkeypatch, device,
+                                                                          expected):
+    """A CPU with native bfloat16 (auto: mixed_bfloat16) runs MobileNetV3Large in float32, the
+    faster there; a GPU's mixed float16 and a told PRECISION stay as they are."""
+    monkeypatch.setattr(backbone.runtime, "auto_precision", lambda: device)
+    for name, precision in expected.items():
+        assert backbone.resolve_precision("auto", backbones.get(name)) == precision
+        assert backbone.resolve_precision("mixed_bfloat16", backbones.get(name)) == \
+            "mixed_bfloat16"
+    assert backbone.resolve_precision("auto") == expected["vgg16"]  # None: the default base
+
+
 @pytest.mark.parametrize("name", EVERY)
 def test_every_stage_output_is_where_the_table_says_with_its_shape(name):
     """Each stage output is a single tensor all layers above depend on (the cut), and its shape

@@ -75,3 +75,53 @@ def test_an_image_that_no_longer_decodes_is_one_line(paths):
         with images.one_line_on_change(data):
             list(data)
     assert data.changed is not None
+
+
+# --------------------------------------------------------------------------------------------
+# featurize's threads: the next batch's input made ahead, its rows written behind
+# --------------------------------------------------------------------------------------------
+
+def test_ahead_keeps_the_order_raises_the_producers_error_and_stops_it_when_closed():
+    from pipeline.engines.featurize import ahead
+    assert list(ahead(iter(range(5)))) == [0, 1, 2, 3, 4]
+
+    def failing():
+        yield 1
+        raise UserError("the producer's line")
+    with pytest.raises(UserError, match="the producer's line"):
+        list(ahead(failing()))
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.set()
+    items = ahead(endless())
+    assert next(items) == 0
+    items.close()  # the consumer stopped: the producer's generator is closed, its thread ended
+    assert closed.is_set()
+
+
+def test_behind_consumes_in_order_and_raises_the_consumers_error_in_the_callers_thread():
+    from pipeline.engines.featurize import behind
+    seen = []
+    with behind(seen.append) as put:
+        for n in range(5):
+            put(n)
+    assert seen == [0, 1, 2, 3, 4]  # all written on leaving the block
+
+    def write(n):
+        if n == 1:
+            raise OSError("disk full")
+        seen.append(n)
+    seen.clear()
+    with pytest.raises(OSError, match="disk full"):
+        with behind(write) as put:
+            for n in range(4):
+                put(n)
+    assert seen == [0]  # nothing written after the failure

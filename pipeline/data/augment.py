@@ -1,15 +1,16 @@
 """The training augmentation: one definition for fine-tuning and for the augmented-feature cache.
 
 Fine-tuning applies it to whole training batches in the input pipeline. `make extract AUGMENT=K`
-applies it to single images: K augmented views of every training image go through the frozen
-base once and are cached beside the plain features, so the head trains on augmented inputs at
-cache speed (the Keras guide's "feature extraction with data augmentation", without running the
-base every epoch). A view is a function of the image's content, its view number and the
-augmentation's identity alone, never of the images it shared a batch with, so it is cached under
-a key made of exactly those: `view_key`.
+applies it image by image (ViewFunction: one compiled call a batch): K augmented views of every
+training image go through the frozen base once and are cached beside the plain features, so the
+head trains on augmented inputs at cache speed (the Keras guide's "feature extraction with data
+augmentation", without running the base every epoch). A view is a function of the image's
+content, its view number and the augmentation's identity alone, never of the images it shared a
+batch with, so it is cached under a key made of exactly those: `view_key`.
 
 Keras preprocessing layers, keras.ops and numpy only: no backend is imported here.
 """
+import functools
 import hashlib
 import json
 
@@ -65,36 +66,97 @@ def _seed(seed, sha, view, layer):
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def augment_views(images, shas, views, seed, model=None):
-    """images (n, h, w, 3), preprocessed -> view views[i] of image shas[i], for each i.
-
-    Each random layer draws each image's transformation from a seed of its own (`_seed`), then
-    transforms the batch in one call: batching costs nothing in reproducibility."""
-    model = model or augmentation(seed)
-    x = keras.ops.convert_to_tensor(np.asarray(images, np.float32))
-    n = len(shas)
-    for k, layer in enumerate(model.layers):
-        drawn = [layer.get_random_transformation(x[i:i + 1], training=True,
-                                                 seed=_seed(seed, shas[i], views[i], k))
-                 for i in range(n)]
-        x = layer.transform_images(x, _stack(drawn, n), training=True)
-    return keras.ops.convert_to_numpy(x).astype(np.float32)
+def augment_views(images, shas, views, seed):
+    """images (n, h, w, 3), preprocessed -> view views[i] of image shas[i], for each i, by a
+    ViewFunction kept for `seed` (compiling its graph costs seconds; calling it, milliseconds)."""
+    return _view_function(seed)(images, shas, views)
 
 
-def _stack(transformations, n):
-    """One transformation of a batch of n from n transformations of one image each."""
-    out = {}
-    for key, value in transformations[0].items():
-        if key == "batch_size":
-            out[key] = n
-        elif key == "input_shape":
-            out[key] = (n, *tuple(value)[1:])
-        elif getattr(value, "shape", None) is not None and len(value.shape) and \
-                value.shape[0] == 1:
-            out[key] = keras.ops.concatenate([t[key] for t in transformations], axis=0)
-        else:  # sizes shared by the batch (image_height, ...)
-            out[key] = value
-    return out
+@functools.lru_cache(maxsize=4)
+def _view_function(seed):
+    return ViewFunction(seed)
+
+
+class ViewFunction:
+    """The views of a batch in one compiled call (a Keras model run by predict_on_batch: the
+    backend's own compiler), each image's transformation drawn from seeds of its own (`_seed`):
+    batching costs nothing in reproducibility. A call of fewer images than `batch` (or than the
+    largest call so far) is padded to it, so one graph serves a whole run."""
+
+    def __init__(self, seed, batch=0):
+        self.seed, self.largest = seed, batch
+        self.layers = augmentation(seed).layers
+        self.compiled = {}  # image shape (h, w, channels) -> its model
+
+    def __call__(self, images, shas, views):
+        images = np.asarray(images, np.float32)
+        n = len(images)
+        if not n:
+            return images
+        seeds = np.array([[[_seed(self.seed, sha, view, k), 0] for k in range(len(self.layers))]
+                          for sha, view in zip(shas, views)], np.int32)
+        self.largest = max(self.largest, n)
+        if n < self.largest:
+            images = np.concatenate([images, np.zeros((self.largest - n, *images.shape[1:]),
+                                                      np.float32)])
+            seeds = np.concatenate([seeds, np.zeros((self.largest - n, *seeds.shape[1:]),
+                                                    np.int32)])
+        model = self.compiled.get(images.shape[1:]) or self._compile(images.shape[1:])
+        return np.asarray(model.predict_on_batch([images, seeds])[:n], np.float32)
+
+    def _compile(self, shape):
+        images = keras.Input(shape, name="images")
+        seeds = keras.Input((len(self.layers), 2), dtype="int32", name="seeds")
+        model = keras.Model([images, seeds], _SeededViews(self.layers)(images, seeds))
+        model.compile()  # no optimizer or loss: compiled for predict only
+        self.compiled[shape] = model
+        return model
+
+
+class _SeededViews(keras.layers.Layer):
+    """The augmentation's layers on a batch, given (n, layers, 2) seeds. Each image's
+    transformation is drawn alone (keras.ops.map), at the shapes of a draw for one image, so the
+    numbers are those of `layer.get_random_transformation(image, seed=int)` called image by
+    image, bit for bit (a vectorised draw computes sin and cos in other float rounding)."""
+
+    def __init__(self, layers, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = layers
+        # the dtype Keras gives an int seed on this backend (int64, uint32 or int32)
+        self.seed_dtype = keras.random.SeedGenerator(0).state.dtype
+
+    def build(self, *shapes):  # the augmentation's layers have no weights to build
+        self.built = True
+
+    def call(self, images, seeds):
+        seeds = keras.ops.cast(seeds, self.seed_dtype)
+        one = keras.ops.zeros((1, *images.shape[1:]))
+        for k, layer in enumerate(self.steps):
+            def draw(seed, layer=layer):  # the entries of one image's draw that are per image
+                drawn = layer.get_random_transformation(one, training=True, seed=_Fixed(seed))
+                return {key: value for key, value in drawn.items() if _per_image(value)}
+            batch = layer.get_random_transformation(images, training=True,
+                                                    seed=_Fixed(seeds[0, k]))
+            batch.update({key: value[:, 0]
+                          for key, value in keras.ops.map(draw, seeds[:, k]).items()})
+            images = layer.transform_images(images, batch, training=True)
+        return images
+
+
+class _Fixed(keras.random.SeedGenerator):
+    """A seed that every draw reads unchanged, as Keras reads an int seed ([seed, 0]); unlike an
+    int, it may be a tensor of a compiled graph. It keeps no state: nothing advances."""
+
+    def __init__(self, value):  # not the base's: its state variable is what this avoids
+        self.value = value
+
+    def next(self, ordered=True):
+        return self.value
+
+
+def _per_image(value):
+    shape = getattr(value, "shape", None)
+    return shape is not None and len(shape) > 0 and shape[0] == 1
 
 
 def epoch_views(rows, views, seed, epoch, n_rows):

@@ -56,6 +56,9 @@ class Backbone:
     # a base that is a plain chain of layers lists them all (Stage each): any of them can be the
     # cut, and UNFREEZE may also count its top convolutions
     chain: tuple = ()
+    # PRECISION=auto on a CPU with native bfloat16 (runtime.auto_precision): False where this
+    # base ran faster in float32 than in mixed bfloat16 there (docs/backbones.md, measured)
+    cpu_bfloat16: bool = True
 
     @property
     def identity(self):
@@ -187,7 +190,7 @@ TABLE = {entry.name: entry for entry in (
         "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
         f"{KERAS_WEIGHTS}mobilenet_v3/weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
         "07fb09a5933dd0c8eaafa16978110389",
-        "keras.mobilenet_v3: inside the model (include_preprocessing)"),
+        "keras.mobilenet_v3: inside the model (include_preprocessing)", cpu_bfloat16=False),
 )}
 
 

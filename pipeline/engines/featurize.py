@@ -1,8 +1,13 @@
 """The one path from image files to cached rows, on both engines.
 
     Job (one image, and the rows it lacks) -> decoded once (images.image_batches) -> its plain
-    input and its augmented views (augment.augment_views) -> one forward pass of the frozen base
-    that returns every cached layer -> rows checked finite, in each layer's storage dtype
+    input and its augmented views (augment.ViewFunction, one compiled call a batch) -> one
+    forward pass of the frozen base that returns every cached layer -> rows checked finite, in
+    each layer's storage dtype
+
+The forward passes set the pace: the next batch's input is made in a thread of its own
+(`ahead`) while the base runs, and ENGINE=local writes the last batch's rows in another
+(`behind`).
 
 A *target* is one layer whose output the cache keeps, under an identity of its own: the features
 train-head reads (the base's output, or FEATURE_LAYER's stage) and, for fine-tuning from the
@@ -17,6 +22,9 @@ ENGINE=local writes one segment per batch and target (`compute_here`); ENGINE=ra
 (ray_engine.Extractor) collect a Ray batch into one segment per target. Both run
 `Featurizer.batches`, so both write the same numbers.
 """
+import contextlib
+import queue
+import threading
 from dataclasses import dataclass
 
 import keras
@@ -102,15 +110,22 @@ class Featurizer:
         self.forward = backbone.feature_function(model)
         self.preprocess = entry.preprocess
         self.targets, self.size, self.seed = list(targets), identity.image_size, seed
-        self.augmentation = augment.augmentation(seed)
+        self.views = augment.ViewFunction(seed, batch_size)  # one graph for the run
         self.batch_size, self.threads = batch_size, threads
         self.unreadable = {}  # sha256 -> why its image did not decode, after `batches`
 
     def batches(self, jobs, progress=None):
         """Batch after Batch of at most BATCH_SIZE inputs for `jobs`, each image decoded once
         for all its inputs; images that fail to decode go to `self.unreadable`. `progress`
-        (a tqdm bar) advances by each job's inputs."""
-        pending = []  # (decoded image, sha256, view, key, needs, path)
+        (a tqdm bar) advances by each job's inputs. The next batch's input (decoding and the
+        views) is made in a thread of its own while the base runs on this one."""
+        for x, items in ahead(self._inputs(jobs, progress)):
+            yield self._forward(x, items, progress)
+
+    def _inputs(self, jobs, progress):
+        """(model input, its items (decoded image, sha256, view, key, needs, path)) of each
+        batch, its views augmented."""
+        pending = []
         paths = [job.path for job in jobs]
         decoded = images.image_batches(paths, self.size, self.batch_size, self.threads,
                                        self.preprocess)
@@ -125,19 +140,21 @@ class Featurizer:
                 pending += [(image, job.sha256, view, key, needs, job.path)
                             for view, key, needs in job.inputs]
             while len(pending) >= self.batch_size:
-                yield self._forward(pending[:self.batch_size], progress)
+                yield self._input(pending[:self.batch_size])
                 pending = pending[self.batch_size:]
         if pending:
-            yield self._forward(pending, progress)
+            yield self._input(pending)
 
-    def _forward(self, items, progress):
+    def _input(self, items):
         x = np.stack([image for image, *_ in items])
         views = np.array([view for _, _, view, *_ in items])
         augmented = np.flatnonzero(views > 0)
         if len(augmented):  # a view is a function of its image, key and seed alone
-            x[augmented] = augment.augment_views(
-                x[augmented], [items[i][1] for i in augmented], views[augmented].tolist(),
-                self.seed, self.augmentation)
+            x[augmented] = self.views(x[augmented], [items[i][1] for i in augmented],
+                                      views[augmented].tolist())
+        return x, items
+
+    def _forward(self, x, items, progress):
         outputs = self.forward(x)
         outputs = outputs if isinstance(outputs, list) else [outputs]
         rows = []
@@ -151,6 +168,48 @@ class Featurizer:
                      rows)
 
 
+def ahead(items, depth=1):
+    """The items of the iterator `items`, made in a thread of their own at most `depth` ahead of
+    the consumer, so that making the next one (decoding, augmenting: work that releases the
+    GIL) overlaps the consumer's forward pass. An exception there is raised here; closing this
+    generator (the consumer stopped, or failed) stops and closes `items` too."""
+    box, stop, end = queue.Queue(depth), threading.Event(), object()
+
+    def put(entry):  # False once the consumer has gone
+        while not stop.is_set():
+            try:
+                box.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as error:  # noqa: BLE001  raised again in the consumer's thread
+            put((end, error))
+        finally:  # a generator's own `finally` (the decoder's pool) runs here, in this thread
+            getattr(items, "close", lambda: None)()
+
+    thread = threading.Thread(target=produce, name="featurize-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = box.get()
+            if item is end:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def check_finite(rows, target, first_path, batch_rows):
     """Refuse rows out of the storage dtype's range: a cache must never hold inf or NaN."""
     if not np.isfinite(rows).all():
@@ -161,17 +220,53 @@ def check_finite(rows, target, first_path, batch_rows):
 
 
 def compute_here(featurizer, jobs, features_dir, targets_known, description):
-    """ENGINE=local: run `jobs` through `featurizer`, one atomic segment per batch and target.
-    Updates targets_known (key -> segment, row, rows, per target) in place and returns
-    {sha256: reason} for the images that could not be decoded."""
+    """ENGINE=local: run `jobs` through `featurizer`, one atomic segment per batch and target,
+    written in a thread of their own while the base runs on the next batch. Updates
+    targets_known (key -> segment, row, rows, per target) in place and returns {sha256: reason}
+    for the images that could not be decoded."""
+    def write(batch):
+        for number, target in enumerate(featurizer.targets):
+            keys, rows = batch.rows_for(number)
+            if keys:
+                segment = cache.write_segment(features_dir, target.identity_id, keys, rows)
+                targets_known[number].update(
+                    {key: (segment, row, len(keys)) for row, key in enumerate(keys)})
+
     total = sum(len(job.inputs) for job in jobs)
     # closed also on an error, so that the error line does not land on the bar's line
-    with tqdm(total=total, desc=description, unit="row", smoothing=0.1) as progress:
+    with tqdm(total=total, desc=description, unit="row", smoothing=0.1) as progress, \
+            behind(write) as put:
         for batch in featurizer.batches(jobs, progress):
-            for number, target in enumerate(featurizer.targets):
-                keys, rows = batch.rows_for(number)
-                if keys:
-                    segment = cache.write_segment(features_dir, target.identity_id, keys, rows)
-                    targets_known[number].update(
-                        {key: (segment, row, len(keys)) for row, key in enumerate(keys)})
+            put(batch)
     return featurizer.unreadable
+
+
+@contextlib.contextmanager
+def behind(consume, depth=2):
+    """`put(item)` hands item to `consume` in a thread of its own, at most `depth` items behind,
+    in order. Leaving the block waits for every item put; the first exception of `consume` is
+    raised by the next `put` or on leaving (items put after it are dropped)."""
+    box, failed = queue.Queue(depth), []
+
+    def run():
+        while (item := box.get()) is not box:
+            if not failed:
+                try:
+                    consume(item)
+                except BaseException as error:  # noqa: BLE001  raised in the caller's thread
+                    failed.append(error)
+
+    def put(item):
+        if failed:
+            raise failed[0]
+        box.put(item)
+
+    thread = threading.Thread(target=run, name="featurize-behind", daemon=True)
+    thread.start()
+    try:
+        yield put
+    finally:
+        box.put(box)  # the end: the queue itself, never an item
+        thread.join()
+    if failed:
+        raise failed[0]

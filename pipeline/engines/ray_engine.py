@@ -91,7 +91,7 @@ class RayEngine:
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         return plan_workers(nodes, self.config.workers)
 
-    def resolve_precision(self, precision):
+    def resolve_precision(self, precision, entry=None):
         if precision != "auto":
             from ..model import backbone
             return backbone.resolve_precision(precision)  # a fixed choice: no device involved
@@ -99,7 +99,7 @@ class RayEngine:
         probe = ray.remote(_precision_here).options(num_cpus=1, num_gpus=gpus,
                                                     runtime_env=self.runtime_env)
         with _worker_errors():
-            return ray.get(probe.remote(precision))
+            return ray.get(probe.remote(precision, entry.name if entry else None))
 
     def sha256_of(self, paths):
         if not paths:
@@ -228,9 +228,10 @@ def _sha256_many(paths):
     return [artifacts.file_sha256(path) for path in paths]
 
 
-def _precision_here(precision):
+def _precision_here(precision, backbone_name=None):
+    from ..data import backbones
     from ..model import backbone
-    return backbone.resolve_precision(precision)
+    return backbone.resolve_precision(precision, backbones.get(backbone_name))
 
 
 class Extractor:

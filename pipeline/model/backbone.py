@@ -106,10 +106,15 @@ def _imagenet_file(entry):
                         "WEIGHTS=<file.h5> or WEIGHTS=none") from None
 
 
-def resolve_precision(precision):
-    """PRECISION=auto: the fastest precision that keeps accuracy here (runtime.auto_precision)."""
+def resolve_precision(precision, entry=None):
+    """PRECISION=auto: the fastest precision that keeps accuracy here (runtime.auto_precision)
+    for the backbone `entry` (None: the default): float32 instead of mixed bfloat16 on a CPU
+    where the table says the base runs faster in float32 (Backbone.cpu_bfloat16)."""
     if precision == "auto":
-        return runtime.auto_precision()
+        chosen = runtime.auto_precision()
+        if chosen == "mixed_bfloat16" and not (entry or backbones.get(None)).cpu_bfloat16:
+            return "float32"
+        return chosen
     if precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
         raise UserError(f"PRECISION={precision!r} is not one of auto, float32, mixed_float16, "
                         "mixed_bfloat16")
