@@ -70,6 +70,7 @@ class Cached:
     root: str                # where the images are, for the picture only
     descriptors: np.ndarray  # (n, c) analysis.near_duplicates.regional_gem of every map
     pooled: np.ndarray       # (n, c) globally average-pooled maps
+    spread: np.ndarray       # (n, c) each channel's standard deviation over the map
     outlier_model: outliers.OutlierModel
 
 
@@ -107,7 +108,7 @@ def _audit(config):
 
 def _read(config):
     """The labels, paths and splits, and the descriptors of every row, read a block at a time:
-    memory ~ rows x channels x 2, never the maps of the whole cache."""
+    memory ~ rows x channels x 3, never the maps of the whole cache."""
     with cache.FeatureStore(config.features_dir) as store:
         y = np.asarray(store.labels, np.int64)
         class_names = list(store.class_names)
@@ -115,15 +116,17 @@ def _read(config):
         channels = store.shape()[-1]
         descriptors = np.empty((len(store), channels), np.float32)
         pooled = np.empty((len(store), channels), np.float32)
+        spread = np.empty((len(store), channels), np.float32)
         for start in range(0, len(store), cache.READ_BLOCK):
             maps = store.read(np.arange(start, min(start + cache.READ_BLOCK, len(store))))
             descriptors[start:start + len(maps)] = duplicate_analysis.regional_gem(maps)
-            pooled[start:start + len(maps)] = maps.mean(axis=(1, 2))
+            pooled[start:start + len(maps)], spread[start:start + len(maps)] = \
+                outliers.summaries(maps)
         attrs = {"identity": store.identity, "identity_id": store.attrs.get("identity_id", ""),
                  "index_digest": store.attrs.get("index_digest", ""), "shape": store.shape()}
         return Cached(y, class_names, store.paths, store.sha256, store.splits, attrs,
-                      store.image_root(config.data), descriptors, pooled,
-                      outliers.outlier_model(store, config.outlier_percentile, pooled))
+                      store.image_root(config.data), descriptors, pooled, spread,
+                      outliers.outlier_model(store, config.outlier_percentile, pooled, spread))
 
 
 def _near_duplicates(cached, threshold):
@@ -154,7 +157,7 @@ def _label_issues(cached, folds, seed):
 
 def _outliers(cached):
     """(rows past the outlier threshold, farthest first; distance; nearest class) of every row."""
-    distance, nearest = cached.outlier_model.distance_of_pooled(cached.pooled)
+    distance, nearest = cached.outlier_model.distance_of(cached.pooled, cached.spread)
     unlike = np.flatnonzero(distance > cached.outlier_model.threshold)
     return unlike[np.argsort(-distance[unlike], kind="stable")], distance, nearest
 
