@@ -3,6 +3,7 @@ alone; and predict's unlike_training column."""
 import csv
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -401,3 +402,20 @@ def test_a_map_with_typical_means_but_its_activity_in_one_place_is_an_outlier():
     concentrated[:, 0, 0] = typical.sum(axis=(1, 2))  # the same mean, all in one cell
     distance, _ = model.distance(np.concatenate([typical, concentrated]))
     assert distance[0] <= model.threshold < distance[1]
+
+
+def test_a_label_error_that_only_the_layout_shows_ranks_first():
+    """Two classes with the same channel means, told apart by where in the map they fire (left
+    half or right half): the label model reads regions of the map, so the one flipped label
+    ranks first, where the global means could not tell the classes apart."""
+    rng = np.random.default_rng(0)
+    maps = rng.gamma(2.0, 0.1, (40, 4, 4, 8)).astype(np.float32)
+    y = np.repeat([0, 1], 20)
+    maps[y == 0, :, :2] += 1.0  # class 0 fires on the left
+    maps[y == 1, :, 2:] += 1.0  # class 1 on the right: the same means
+    y[3] = 1
+    cached = SimpleNamespace(y=y, shas=np.array([f"{k:064x}" for k in range(40)]),
+                             pooled=maps.mean(axis=(1, 2)),
+                             regions=label_analysis.grid_pooled(maps))
+    issues = audit._label_issues(cached, folds=4, seed=0)
+    assert issues["rows"][0] == 3 and issues["suggested"][0] == 0
