@@ -113,6 +113,30 @@ def pooled_false_positives(data, part, threshold, method):
     return int((s >= threshold).sum()), float(np.sort(s)[-1])
 
 
+def with_cached_views(data, part, threshold, edits=("mirror", "combined moderate + mirror")):
+    """A candidate not shipped: a copy compared with its original's cached AUGMENT views too
+    (the best of the plain row and its views), the shipped descriptor. {edit: (recall at
+    `threshold`, planted copies whose original is their most similar original)}, and the
+    pairs of different originals at or above `threshold` with the views."""
+    originals = np.flatnonzero((data["kind"] == "original") & (data["part"] == part))
+    at = {int(r): i for i, r in enumerate(data["view_rows"])}
+    desc = nd.Descriptor.fit_on(data["features"][originals])
+    plain = desc.vectors(data["features"][originals])
+    views = np.stack([desc.vectors(data["view_features"][at[int(r)]]) for r in originals])
+    index = {int(r): i for i, r in enumerate(originals)}
+    out = {}
+    for edit in edits:
+        copies = np.flatnonzero((data["edit"] == edit) & (data["part"] == part))
+        c = desc.vectors(data["features"][copies])
+        s = np.maximum(c @ plain.T, np.einsum("cd,nkd->cnk", c, views).max(axis=2))
+        own = s[np.arange(len(copies)), [index[int(o)] for o in data["origin"][copies]]]
+        out[edit] = (float((own >= threshold).mean()), int(((s > own[:, None]).sum(1) == 0).sum()))
+    across = np.einsum("ad,bkd->abk", plain, views).max(axis=2)
+    both = np.maximum(plain @ plain.T, np.maximum(across, across.T))
+    false = int((both[np.triu_indices(len(originals), 1)] >= threshold).sum())
+    return out, false
+
+
 # --- label issues ------------------------------------------------------------------------------
 
 def _below_mean_rule(p, y):
@@ -384,3 +408,8 @@ def _print_duplicates(data, part):
         print(f"  {name}: false pairs among originals at " +
               ", ".join(f"{t}: {fp}" for t, (fp, _) in sims) + f" (highest {sims[0][1][1]:.3f}; "
               f"{int((originals & (data['part'] == part)).sum())} originals)")
+    found, false = with_cached_views(data, part, threshold)
+    print(f"\nnot shipped: a copy against its original's cached views too, at {threshold:g}: "
+          + ", ".join(f"{edit}: recall {r:.2f}, {first} of 10 nearest their original"
+                      for edit, (r, first) in found.items())
+          + f"; pairs of different originals at or above: {false}")
