@@ -50,10 +50,8 @@ def out_of_fold_probabilities(x, y, folds, seed=0, estimator=None):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    if estimator is None:  # scaled in place: cross_val_predict hands it copies of x's rows,
-        # so x stays as it is and a fold's rows are held once, not twice
-        estimator = make_pipeline(StandardScaler(copy=False),
-                                  heads.logistic_regression(LOGREG_C, seed))
+    if estimator is None:
+        estimator = make_pipeline(StandardScaler(), heads.logistic_regression(LOGREG_C, seed))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return cross_val_predict(estimator, x, y, cv=cv, method="predict_proba")
 
