@@ -145,7 +145,7 @@ def _originals(rng):
 
 def _not_photos(rng):
     """(kind, PIL image) of pictures that are plainly not photographs."""
-    from pipeline.demo_data import striped_image
+    from pipeline.data.demo import striped_image
     out = [("stripes", striped_image(rng, vertical=k % 2 == 1, pixels=SIZE)) for k in range(100)]
     for k in range(40):
         noise = rng.uniform(0, 255, (SIZE, SIZE, 3)) if k % 2 else np.repeat(
@@ -210,26 +210,67 @@ def build(work):
     return rows
 
 
+VIEWS = 5        # the default AUGMENT: views of each original (the training rows) only
+CUT = "block4_pool"  # VGG16's cut for the default UNFREEZE (the input of block5)
+
+
+def _file_sha(path):
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def extract(weights_path):
-    from pipeline import backbone, images
+    """One forward pass per image through a two-output VGG16 base (the cut and the top): the
+    top's maps of every image, the cut's maps of every image (float16), and the top's maps and
+    the cut's pooled activations of VIEWS augmented views of each original, made as `make
+    extract AUGMENT=5` makes them (augment.augment_views, seed 0, keyed by the file's sha256)."""
+    import keras
+
+    from pipeline.data import augment, backbones, images
+    from pipeline.model import backbone
     rows = build(WORK)
+    entry = backbones.get(None)
     base = backbone.build_backbone(backbone.resolve_weights(weights_path), SIZE)
-    features_of = backbone.feature_function(base)
+    both = keras.Model(base.input, [base.get_layer(CUT).output, base.output])
+    forward = backbone.feature_function(both)
     features = np.empty((len(rows), *backbone.feature_shape(SIZE)), np.float32)
+    cut = np.empty((len(rows), *entry.layer_shape(CUT, SIZE)), np.float16)
+    originals = [k for k, r in enumerate(rows) if r[1] == "original"]
+    view_features = np.empty((len(originals), VIEWS, *features.shape[1:]), np.float32)
+    view_cut = np.empty((len(originals), VIEWS, cut.shape[-1]), np.float32)
+    shas = {k: _file_sha(rows[k][0]) for k in originals}
+    augmentation = augment.augmentation(0)
+    jobs = [(k, 0) for k in range(len(rows))] + [(k, v) for k in originals
+                                                  for v in range(1, VIEWS + 1)]
+    position = {k: i for i, k in enumerate(originals)}
     start = time.perf_counter()
-    for a in range(0, len(rows), 32):
-        batch = np.stack([images.load_image(r[0], SIZE) for r in rows[a:a + 32]])
-        features[a:a + len(batch)] = features_of(batch)
-        print(f"\r{a + len(batch)} / {len(rows)} images, "
-              f"{(a + len(batch)) / (time.perf_counter() - start):.1f}/s", end="", flush=True)
+    for a in range(0, len(jobs), 32):
+        batch = jobs[a:a + 32]
+        x = np.stack([images.load_image(rows[k][0], SIZE) for k, _ in batch])
+        viewed = [i for i, (_, v) in enumerate(batch) if v]
+        if viewed:
+            x[viewed] = augment.augment_views(x[viewed], [shas[batch[i][0]] for i in viewed],
+                                              [batch[i][1] for i in viewed], 0, augmentation)
+        low, top = forward(x)
+        for i, (k, v) in enumerate(batch):
+            if v:
+                view_features[position[k], v - 1] = top[i]
+                view_cut[position[k], v - 1] = low[i].mean(axis=(0, 1))
+            else:
+                features[k], cut[k] = top[i], low[i]
+        done = a + len(batch)
+        print(f"\r{done} / {len(jobs)} images and views, "
+              f"{done / (time.perf_counter() - start):.1f}/s", end="", flush=True)
     print()
     columns = list(zip(*rows))
-    np.savez(os.path.join(WORK, "features.npz"), features=features,
+    np.savez(os.path.join(WORK, "features.npz"), features=features, cut=cut,
+             view_rows=np.array(originals), view_features=view_features, view_cut=view_cut,
              kind=np.array(columns[1]), label=np.array(columns[2]), origin=np.array(columns[3]),
              part=np.array(columns[4]), edit=np.array(columns[5]),
              image=np.array([os.path.relpath(p, HERE) for p in columns[0]]))
-    print(f"wrote {WORK}/features.npz: {len(rows)} feature maps, "
-          f"{time.perf_counter() - start:.0f} s")
+    print(f"wrote {WORK}/features.npz: {len(rows)} feature maps and cut maps, "
+          f"{len(originals)} x {VIEWS} views, {time.perf_counter() - start:.0f} s")
 
 
 def main(argv=None):
@@ -238,12 +279,14 @@ def main(argv=None):
     sub.add_parser("extract").add_argument("weights")
     score_parser = sub.add_parser("score")
     score_parser.add_argument("--part", choices=("choose", "report"), default="choose")
+    score_parser.add_argument("--only", nargs="+", choices=("duplicates", "labels", "ood"),
+                              default=("duplicates", "labels", "ood"))
     args = parser.parse_args(argv)
     if args.command == "extract":
         extract(args.weights)
     else:
         from audit_bench_score import score
-        score(os.path.join(WORK, "features.npz"), 0 if args.part == "choose" else 1)
+        score(os.path.join(WORK, "features.npz"), 0 if args.part == "choose" else 1, args.only)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,30 @@ def pooled_false_positives(data, part, threshold, method):
     return int((s >= threshold).sum()), float(np.sort(s)[-1])
 
 
+def with_cached_views(data, part, threshold, edits=("mirror", "combined moderate + mirror")):
+    """A candidate not shipped: a copy compared with its original's cached AUGMENT views too
+    (the best of the plain row and its views), the shipped descriptor. {edit: (recall at
+    `threshold`, planted copies whose original is their most similar original)}, and the
+    pairs of different originals at or above `threshold` with the views."""
+    originals = np.flatnonzero((data["kind"] == "original") & (data["part"] == part))
+    at = {int(r): i for i, r in enumerate(data["view_rows"])}
+    desc = nd.Descriptor.fit_on(data["features"][originals])
+    plain = desc.vectors(data["features"][originals])
+    views = np.stack([desc.vectors(data["view_features"][at[int(r)]]) for r in originals])
+    index = {int(r): i for i, r in enumerate(originals)}
+    out = {}
+    for edit in edits:
+        copies = np.flatnonzero((data["edit"] == edit) & (data["part"] == part))
+        c = desc.vectors(data["features"][copies])
+        s = np.maximum(c @ plain.T, np.einsum("cd,nkd->cnk", c, views).max(axis=2))
+        own = s[np.arange(len(copies)), [index[int(o)] for o in data["origin"][copies]]]
+        out[edit] = (float((own >= threshold).mean()), int(((s > own[:, None]).sum(1) == 0).sum()))
+    across = np.einsum("ad,bkd->abk", plain, views).max(axis=2)
+    both = np.maximum(plain @ plain.T, np.maximum(across, across.T))
+    false = int((both[np.triu_indices(len(originals), 1)] >= threshold).sum())
+    return out, false
+
+
 # --- label issues ------------------------------------------------------------------------------
 
 def _below_mean_rule(p, y):
@@ -135,23 +159,80 @@ def _confident_joint_rule(p, y):
     return rows[np.argsort(p[rows, y[rows]], kind="stable")]
 
 
-FEATURES = {"pooled": lambda maps: maps.mean(axis=(1, 2)),
-            "flattened": lambda maps: maps.reshape(len(maps), -1),
+FEATURES = {"pooled": lambda maps: maps.mean(axis=(-3, -2)),
+            "flattened": lambda maps: maps.reshape(*maps.shape[:-3], -1),
             "regional GeM": nd.regional_gem,
-            "square-rooted, flattened": lambda maps: np.sqrt(maps.reshape(len(maps), -1))}
+            "square-rooted, flattened": lambda maps: np.sqrt(maps.reshape(*maps.shape[:-3], -1)),
+            "mean + spread": lambda maps: np.concatenate([maps.mean(axis=(-3, -2)),
+                                                          maps.std(axis=(-3, -2))], axis=-1),
+            "square-rooted mean + spread": lambda maps: np.sqrt(np.concatenate(
+                [maps.mean(axis=(-3, -2)), maps.std(axis=(-3, -2))], axis=-1)),
+            "2 x 2 pooled": li.grid_pooled}
+# name -> (features, rule, views: None | "tta" (predict on the views too, averaged) | "train+tta"
+# (the fold models also train on their rows' views))
 LABEL_METHODS = {
-    "before and shipped: pooled, below-mean rule": ("pooled", _below_mean_rule),
-    "pooled, confident joint": ("pooled", _confident_joint_rule),
-    "flattened, below-mean rule": ("flattened", _below_mean_rule),
-    "regional GeM, confident joint": ("regional GeM", _confident_joint_rule),
+    "before: pooled, below-mean rule": ("pooled", _below_mean_rule, None),
+    "after: 2 x 2 pooled, below-mean rule (shipped)": ("2 x 2 pooled", _below_mean_rule, None),
+    "pooled, confident joint": ("pooled", _confident_joint_rule, None),
+    "flattened, below-mean rule": ("flattened", _below_mean_rule, None),
     "square-rooted, flattened, confident joint": ("square-rooted, flattened",
-                                                  _confident_joint_rule),
+                                                  _confident_joint_rule, None),
+    "pooled, TTA, below-mean rule": ("pooled", _below_mean_rule, "tta"),
+    "pooled, TTA, confident joint": ("pooled", _confident_joint_rule, "tta"),
+    "pooled, train on views + TTA, below-mean rule": ("pooled", _below_mean_rule, "train+tta"),
+    "pooled, train on views + TTA, confident joint": ("pooled", _confident_joint_rule,
+                                                      "train+tta"),
+    "flattened, TTA, below-mean rule": ("flattened", _below_mean_rule, "tta"),
+    "flattened, train on views + TTA, below-mean rule": ("flattened", _below_mean_rule,
+                                                         "train+tta"),
+    "flattened, train on views + TTA, confident joint": ("flattened", _confident_joint_rule,
+                                                         "train+tta"),
+    "mean + spread, below-mean rule": ("mean + spread", _below_mean_rule, None),
+    "mean + spread, TTA, below-mean rule": ("mean + spread", _below_mean_rule, "tta"),
+    "square-rooted mean + spread, below-mean rule": ("square-rooted mean + spread",
+                                                     _below_mean_rule, None),
+    "2 x 2 pooled, TTA, below-mean rule": ("2 x 2 pooled", _below_mean_rule, "tta"),
 }
 
 
-def label_scores(data, part, folds=5, seed=0):
+def out_of_fold_with_views(x, y, views, folds, seed, train_on_views):
+    """Test-time augmentation: li.out_of_fold_probabilities's folds, where a held-out row's
+    probability is the mean of its fold model's on the row and on each of its cached views
+    (views (n, K, c)); with `train_on_views` the fold models also train on their rows' views.
+    A row's views never reach a model that predicts that row."""
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from pipeline.model import heads
+    out = np.zeros((len(x), len(np.unique(y))))
+    k = views.shape[1]
+    for fit_rows, held_out in StratifiedKFold(folds, shuffle=True,
+                                              random_state=seed).split(x, y):
+        fit_x, fit_y = x[fit_rows], y[fit_rows]
+        if train_on_views:
+            fit_x = np.concatenate([fit_x, views[fit_rows].reshape(-1, x.shape[1])])
+            fit_y = np.concatenate([fit_y, np.repeat(y[fit_rows], k)])
+        model = make_pipeline(StandardScaler(), heads.logistic_regression(li.LOGREG_C, seed))
+        model = clone(model).fit(fit_x, fit_y)
+        seen = model.predict_proba(views[held_out].reshape(-1, x.shape[1]))
+        out[held_out] = (model.predict_proba(x[held_out])
+                         + seen.reshape(len(held_out), k, -1).sum(axis=1)) / (k + 1)
+    return out
+
+
+def _views_of_rows(data, rows):
+    """(len(rows), K, h, w, c) cached views of `rows` (all originals have them)."""
+    at = {int(r): i for i, r in enumerate(data["view_rows"])}
+    return data["view_features"][[at[int(r)] for r in rows]]
+
+
+def label_scores(data, part, folds=5, seed=0, only=None):
     originals = np.flatnonzero((data["kind"] == "original") & (data["part"] == part))
     maps, truth = data["features"][originals], data["label"][originals].astype(np.int64)
+    view_maps = _views_of_rows(data, originals)
+    methods = {k: v for k, v in LABEL_METHODS.items() if only is None or k in only}
     out = {}
     for rate in NOISE:
         rng = np.random.default_rng(int(rate * 1000) + part)
@@ -160,10 +241,17 @@ def label_scores(data, part, folds=5, seed=0):
         y[flipped] = 1 - y[flipped]
         planted = np.zeros(len(y), bool)
         planted[flipped] = True
-        probabilities = {f: li.out_of_fold_probabilities(FEATURES[f](maps), y, folds, seed)
-                         for f in dict.fromkeys(f for f, _ in LABEL_METHODS.values())}
-        for name, (features, rule) in LABEL_METHODS.items():
-            p = probabilities[features]
+        probabilities = {}
+        for features, _, mode in methods.values():
+            if (features, mode) in probabilities:
+                continue
+            x = FEATURES[features](maps)
+            probabilities[features, mode] = (
+                li.out_of_fold_probabilities(x, y, folds, seed) if mode is None else
+                out_of_fold_with_views(x, y, FEATURES[features](view_maps), folds, seed,
+                                       mode == "train+tta"))
+        for name, (features, rule, mode) in methods.items():
+            p = probabilities[features, mode]
             rows = rule(p, y)
             found = planted[rows]
             top = planted[rows[:2 * len(flipped)]].sum()
@@ -225,17 +313,85 @@ def ood_scores(data, part, percentile=99):
     desc = nd.Descriptor.fit_on(maps[train])
     whitened = desc.vectors(maps)
     out["kNN k=5, whitened regional GeM"] = rates(knn(lambda r: whitened[r], whitened[train], 5))
-    model = outliers.fit(pooled[train], y, pooled[calibration], percentile, "validation")
-    out["shipped (outliers.py)"] = rates(lambda r: model.distance_of_pooled(pooled[r])[0])
+    before_measure = _mahalanobis(np.sqrt(np.maximum(pooled, 0)), train)
+    out["before: Mahalanobis, square-rooted pooled (mean only)"] = rates(
+        lambda r: before_measure[r])
+    out.update(_layer_candidates(data, train, calibration, rates))
+    pooled, spread = outliers.summaries(maps)
+    model = outliers.fit((pooled[train], spread[train]), y,
+                         (pooled[calibration], spread[calibration]), percentile, "validation")
+    out["after: shipped (outliers.py)"] = rates(lambda r: model.distance_of(pooled[r],
+                                                                            spread[r])[0])
     return out, kinds
 
 
-def score(path, part):
+def _mahalanobis(x, train, shrink=outliers.SHRINK):
+    """Distances of every row of x to x[train]'s mean under their shrunk covariance."""
+    x = np.asarray(x, np.float64)
+    mean = x[train].mean(0)
+    centred = x[train] - mean
+    cov = centred.T @ centred / len(train)
+    cov += np.eye(len(cov)) * shrink * np.trace(cov) / len(cov)
+    d = x - mean
+    return np.sqrt(np.maximum(((d @ np.linalg.inv(cov)) * d).sum(1), 0))
+
+
+def _layer_candidates(data, train, calibration, rates):
+    """Out-of-distribution candidates that use the cut's activations (block4_pool) beside the
+    top's, and second-order statistics of the maps."""
+    top = data["features"].astype(np.float32)
+    cut = data["cut"].astype(np.float32)
+    def root(x):
+        return np.sqrt(np.maximum(x, 0))
+    top_mean, cut_mean = root(top.mean(axis=(1, 2))), root(cut.mean(axis=(1, 2)))
+    top_std, cut_std = root(top.std(axis=(1, 2))), root(cut.std(axis=(1, 2)))
+    d_top, d_cut = _mahalanobis(top_mean, train), _mahalanobis(cut_mean, train)
+    out = {"cut only (square-rooted pooled block4_pool)": rates(lambda r: d_cut[r]),
+           "top, mean + spatial std": rates(
+               lambda r: _mahalanobis(np.hstack([top_mean, top_std]), train)[r]),
+           "cut, mean + spatial std": rates(
+               lambda r: _mahalanobis(np.hstack([cut_mean, cut_std]), train)[r]),
+           "top and cut concatenated": rates(
+               lambda r: _mahalanobis(np.hstack([top_mean, cut_mean]), train)[r])}
+    for shrink in (1.0, 3.0):
+        d = _mahalanobis(cut_mean, train, shrink)
+        out[f"cut only, shrunk x{shrink:g}"] = rates(lambda r, d=d: d[r])
+    # Lee et al. combine layers' scores; without out-of-distribution data to weigh them, each
+    # layer's distance is standardised by the training rows' distances
+    def standard(d):
+        return (d - d[train].mean()) / d[train].std()
+    for name, (a, b) in {"top and cut": (d_top, d_cut)}.items():
+        summed = standard(a) + standard(b)
+        out[f"{name}: sum of standardised distances"] = rates(lambda r, s=summed: s[r])
+        most = np.maximum(standard(a), standard(b))
+        out[f"{name}: max of standardised distances"] = rates(lambda r, m=most: m[r])
+    return out
+
+
+def score(path, part, what=("duplicates", "labels", "ood")):
     start = time.perf_counter()
     with np.load(path) as f:
         data = {k: f[k] for k in f.files}
     label = "choose" if part == 0 else "report"
     print(f"part: {label} ({(data['kind'][data['part'] == part] == 'original').sum()} originals)")
+    if "duplicates" in what:
+        _print_duplicates(data, part)
+    if "labels" in what:
+        for name, rates in label_scores(data, part).items():
+            print(f"\nlabel issues, {name}: planted, candidates, precision, recall, "
+                  "in top 2 x planted, in top 100, out-of-fold accuracy")
+            for rate, v in rates.items():
+                print(f"  {rate:5.1%}: {v[0]:3d} {v[1]:4d} {v[2]:5.2f} {v[3]:5.2f} {v[4]:3d} "
+                      f"{v[5]:3d} {v[6]:5.3f}")
+    if "ood" in what:
+        ood, kinds = ood_scores(data, part)
+        print("\nout of distribution, share flagged: " + " | ".join(kinds))
+        for name, rates in ood.items():
+            print(f"  {name:52s} " + " ".join(f"{rates[k]:6.3f}" for k in kinds))
+    print(f"\n{time.perf_counter() - start:.0f} s")
+
+
+def _print_duplicates(data, part):
     threshold = Config.__dataclass_fields__["duplicate_threshold"].default
     scores = near_duplicate_scores(data, part, threshold)
     for name, edits in scores.items():
@@ -252,14 +408,8 @@ def score(path, part):
         print(f"  {name}: false pairs among originals at " +
               ", ".join(f"{t}: {fp}" for t, (fp, _) in sims) + f" (highest {sims[0][1][1]:.3f}; "
               f"{int((originals & (data['part'] == part)).sum())} originals)")
-    for name, rates in label_scores(data, part).items():
-        print(f"\nlabel issues, {name}: planted, candidates, precision, recall, "
-              "in top 2 x planted, in top 100, out-of-fold accuracy")
-        for rate, v in rates.items():
-            print(f"  {rate:5.1%}: {v[0]:3d} {v[1]:4d} {v[2]:5.2f} {v[3]:5.2f} {v[4]:3d} "
-                  f"{v[5]:3d} {v[6]:5.3f}")
-    ood, kinds = ood_scores(data, part)
-    print("\nout of distribution, share flagged: " + " | ".join(kinds))
-    for name, rates in ood.items():
-        print(f"  {name:52s} " + " ".join(f"{rates[k]:6.3f}" for k in kinds))
-    print(f"\n{time.perf_counter() - start:.0f} s")
+    found, false = with_cached_views(data, part, threshold)
+    print(f"\nnot shipped: a copy against its original's cached views too, at {threshold:g}: "
+          + ", ".join(f"{edit}: recall {r:.2f}, {first} of 10 nearest their original"
+                      for edit, (r, first) in found.items())
+          + f"; pairs of different originals at or above: {false}")

@@ -70,6 +70,8 @@ class Cached:
     root: str                # where the images are, for the picture only
     descriptors: np.ndarray  # (n, c) analysis.near_duplicates.regional_gem of every map
     pooled: np.ndarray       # (n, c) globally average-pooled maps
+    regions: np.ndarray      # (n, 4c) analysis.label_issues.grid_pooled: the label model's input
+    spread: np.ndarray       # (n, c) each channel's standard deviation over the map
     outlier_model: outliers.OutlierModel
 
 
@@ -107,7 +109,7 @@ def _audit(config):
 
 def _read(config):
     """The labels, paths and splits, and the descriptors of every row, read a block at a time:
-    memory ~ rows x channels x 2, never the maps of the whole cache."""
+    memory ~ rows x channels x 7, never the maps of the whole cache."""
     with cache.FeatureStore(config.features_dir) as store:
         y = np.asarray(store.labels, np.int64)
         class_names = list(store.class_names)
@@ -115,15 +117,19 @@ def _read(config):
         channels = store.shape()[-1]
         descriptors = np.empty((len(store), channels), np.float32)
         pooled = np.empty((len(store), channels), np.float32)
+        spread = np.empty((len(store), channels), np.float32)
+        regions = np.empty((len(store), label_analysis.GRID ** 2 * channels), np.float32)
         for start in range(0, len(store), cache.READ_BLOCK):
             maps = store.read(np.arange(start, min(start + cache.READ_BLOCK, len(store))))
             descriptors[start:start + len(maps)] = duplicate_analysis.regional_gem(maps)
-            pooled[start:start + len(maps)] = maps.mean(axis=(1, 2))
+            pooled[start:start + len(maps)], spread[start:start + len(maps)] = \
+                outliers.summaries(maps)
+            regions[start:start + len(maps)] = label_analysis.grid_pooled(maps)
         attrs = {"identity": store.identity, "identity_id": store.attrs.get("identity_id", ""),
                  "index_digest": store.attrs.get("index_digest", ""), "shape": store.shape()}
         return Cached(y, class_names, store.paths, store.sha256, store.splits, attrs,
-                      store.image_root(config.data), descriptors, pooled,
-                      outliers.outlier_model(store, config.outlier_percentile, pooled))
+                      store.image_root(config.data), descriptors, pooled, regions, spread,
+                      outliers.outlier_model(store, config.outlier_percentile, pooled, spread))
 
 
 def _near_duplicates(cached, threshold):
@@ -142,7 +148,8 @@ def _near_duplicates(cached, threshold):
 
 def _label_issues(cached, folds, seed):
     """Identical files under different labels first, then the confident-learning candidates."""
-    probabilities = label_analysis.out_of_fold_probabilities(cached.pooled, cached.y, folds, seed)
+    probabilities = label_analysis.out_of_fold_probabilities(cached.regions, cached.y, folds,
+                                                             seed)
     found = label_analysis.label_issues(probabilities, cached.y)
     conflicts, conflict_suggested = label_analysis.conflicting_copies(cached.shas, cached.y)
     rows, suggested = label_analysis.merge(conflicts, conflict_suggested, found)
@@ -154,7 +161,7 @@ def _label_issues(cached, folds, seed):
 
 def _outliers(cached):
     """(rows past the outlier threshold, farthest first; distance; nearest class) of every row."""
-    distance, nearest = cached.outlier_model.distance_of_pooled(cached.pooled)
+    distance, nearest = cached.outlier_model.distance_of(cached.pooled, cached.spread)
     unlike = np.flatnonzero(distance > cached.outlier_model.threshold)
     return unlike[np.argsort(-distance[unlike], kind="stable")], distance, nearest
 
@@ -217,7 +224,8 @@ def _summary(config, cached, pairs, issues, unlike, records, timings):
             "candidates": int(len(issues["rows"])), "folds": config.audit_folds,
             "identical_files_with_different_labels": issues["conflicts"],
             "model": f"StandardScaler + LogisticRegression(C={label_analysis.LOGREG_C}) on the "
-                     "globally average-pooled features, out of fold; confident joint",
+                     f"features' means over {label_analysis.GRID} x {label_analysis.GRID} "
+                     "regions, out of fold; confident joint",
             "class_thresholds": {names[k]: float(t) for k, t in enumerate(found.thresholds)},
             "confident_joint": found.joint.tolist(),
             "threshold_set_by": "per class: mean out-of-fold probability of the class over the "

@@ -214,8 +214,9 @@ def _size(path):
 
 def _write_statistics(path, measure):
     """predict's outlier measure's arrays (outliers.OutlierModel: the training mean and the
-    inverse of its shrunk covariance of the pooled, square-rooted block5_pool features, and each
-    class's mean) as plain arrays; None, and no file, without a measure."""
+    inverse of its shrunk covariance of the square-rooted per-channel means and spatial standard
+    deviations of the features, and each class's mean) as plain arrays; None, and no file,
+    without a measure."""
     if measure is None:
         if os.path.lexists(path):
             os.remove(path)  # another model's: the JSON will say there is none
@@ -252,9 +253,11 @@ def export_description(config, classifier, statistics=None):
             "layer": backbone.FeatureIdentity.read(record.identity).output_layer,
             "statistics": os.path.basename(statistics),
             "statistics_sha256": artifacts.file_sha256(statistics),
-            "arrays": "mean (channels,), precision (channels, channels): the distance is "
-                      "sqrt((x - mean) precision (x - mean)) of x = sqrt(mean of the map over "
-                      "height and width); class_means and present: the nearest class",
+            "arrays": "mean (2 x channels,), precision (2 x channels, 2 x channels): the "
+                      "distance is sqrt((x - mean) precision (x - mean)) of x = the square roots "
+                      "of the map's per-channel mean over height and width, then of its "
+                      "per-channel standard deviation over them; class_means and present: the "
+                      "nearest class",
             "classes": [classifier.classes[int(k)] for k in measure.present],
             "threshold": measure.threshold, "percentile": config.outlier_percentile,
             "calibrated_on": measure.calibrated_on},

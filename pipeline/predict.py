@@ -13,9 +13,10 @@ UTF-8), are listed beside it in <OUT>_skipped.csv (predictions_skipped.csv by de
 are the model's after its temperature (model/calibration.py).
 
 Each image is also scored against the training data with the audit's outlier measure
-(pipeline/analysis/outliers.py): the Mahalanobis distance of its pooled feature map to the
-training images', from the cache (the audit's saved measure while the cache is unchanged, else
-computed from the cache at predict time), so it always describes the current cache.
+(pipeline/analysis/outliers.py): the Mahalanobis distance of its feature map's per-channel
+means and spreads to the training images', from the cache (the audit's saved measure while the
+cache is unchanged, else computed from the cache at predict time), so it always describes the
+current cache.
 Past the OUTLIER_PERCENTILE-th percentile of the validation images' distances, the image is
 `unlike_training` (1): the model was never shown anything like it, so its probabilities say
 little. The fine-tuned model reads images, not feature maps, so for it the frozen backbone runs

@@ -3,6 +3,7 @@ alone; and predict's unlike_training column."""
 import csv
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -285,6 +286,21 @@ def test_predict_reuses_the_audits_measure_while_the_cache_is_the_same(run, tmp_
             f.write(b"not an npz")
         again = outliers.load_outlier_model(config.models_dir, store, config.outlier_percentile)
         assert again.threshold == pytest.approx(computed.threshold)
+        # arrays of another width (the mean alone) under the right metadata: checked, not used
+        path = os.path.join(config.models_dir, "audit", audit.OUTLIER_MODEL)
+        outliers.save_outlier_model(path, computed, store.attrs["index_digest"], store.shape(),
+                                    config.outlier_percentile)
+        with np.load(path, allow_pickle=False) as arrays:
+            narrow = dict(arrays)
+        channels = store.shape()[-1]
+        narrow.update(mean=narrow["mean"][:channels], threshold=np.float64(1e9),
+                      precision=narrow["precision"][:channels, :channels],
+                      class_means=narrow["class_means"][:, :channels])
+        with open(path, "wb") as f:
+            np.savez(f, **narrow)
+        checked = outliers.load_outlier_model(config.models_dir, store, config.outlier_percentile)
+        assert checked.mean.shape == (2 * channels,)
+        assert checked.threshold == pytest.approx(computed.threshold)
 
 
 def test_identical_copies_do_not_push_real_pairs_out(tmp_path, make_config, monkeypatch):
@@ -370,3 +386,36 @@ def test_a_mirrored_or_shifted_map_ranks_first():
     assert similarity.argmax(axis=1).tolist() == list(range(10))
     distinct = (vectors @ vectors.T)[np.triu_indices(len(maps), 1)]
     assert similarity.max(axis=1).min() > distinct.max()  # a threshold separates them
+
+
+def test_a_map_with_typical_means_but_its_activity_in_one_place_is_an_outlier():
+    """The measure sees how each channel spreads over the map, not only its mean: a map whose
+    channels fire in one cell (a flat picture with one blob), at the means of a typical map,
+    is past the threshold where the typical map is not."""
+    rng = np.random.default_rng(0)
+    train, calibration = (rng.gamma(2.0, 1.0, (n, 4, 4, 16)).astype(np.float32)
+                          for n in (200, 100))
+    model = outliers.fit(outliers.summaries(train), np.repeat([0, 1], 100),
+                         outliers.summaries(calibration), 99, "validation")
+    typical = rng.gamma(2.0, 1.0, (1, 4, 4, 16)).astype(np.float32)
+    concentrated = np.zeros_like(typical)
+    concentrated[:, 0, 0] = typical.sum(axis=(1, 2))  # the same mean, all in one cell
+    distance, _ = model.distance(np.concatenate([typical, concentrated]))
+    assert distance[0] <= model.threshold < distance[1]
+
+
+def test_a_label_error_that_only_the_layout_shows_ranks_first():
+    """Two classes with the same channel means, told apart by where in the map they fire (left
+    half or right half): the label model reads regions of the map, so the one flipped label
+    ranks first, where the global means could not tell the classes apart."""
+    rng = np.random.default_rng(0)
+    maps = rng.gamma(2.0, 0.1, (40, 4, 4, 8)).astype(np.float32)
+    y = np.repeat([0, 1], 20)
+    maps[y == 0, :, :2] += 1.0  # class 0 fires on the left
+    maps[y == 1, :, 2:] += 1.0  # class 1 on the right: the same means
+    y[3] = 1
+    cached = SimpleNamespace(y=y, shas=np.array([f"{k:064x}" for k in range(40)]),
+                             pooled=maps.mean(axis=(1, 2)),
+                             regions=label_analysis.grid_pooled(maps))
+    issues = audit._label_issues(cached, folds=4, seed=0)
+    assert issues["rows"][0] == 3 and issues["suggested"][0] == 0

@@ -105,8 +105,9 @@ def test_plain_tensorflow_runs_each_savedmodel_as_make_predict(run, predicted_by
         with np.load(os.path.join(os.path.dirname(result.path),
                                   described["outliers"]["statistics"]),
                      allow_pickle=False) as statistics:
-            assert statistics["precision"].shape == (512, 512)
-            assert statistics["mean"].shape == (512,)
+            # a mean and a spread per channel
+            assert statistics["precision"].shape == (1024, 1024)
+            assert statistics["mean"].shape == (1024,)
         assert described["identity"]["image_size"] == run.size
         assert described["settings"]["seed"] == 0
         # each export replaces the last one in models/<NAME>/export/: keep a copy to run

@@ -3,9 +3,10 @@ different labels.
 
 Every row's class probabilities come from the one fold model that did not train on it
 (StratifiedKFold, `out_of_fold_probabilities`), a logistic regression behind a StandardScaler on
-the globally average-pooled maps (on the benchmark's choose-part the flattened map, its square
-root and regional descriptors found no more planted errors, docs/audit.md, and the pooled rows
-are in memory already). Then confident learning (Northcutt et al.): class k's threshold is the
+each map's means over 2 x 2 regions (`grid_pooled`): some of the layout that a global mean
+loses, in 4 x channels numbers where the flattened map has h x w x channels (docs/audit.md
+compares them, and test-time augmentation with the cached views, on the benchmark's
+choose-part). Then confident learning (Northcutt et al.): class k's threshold is the
 mean probability of k over the rows labelled k. A row is a candidate when the probability of its
 given label is below its class's threshold and another class is more likely; candidates are
 ranked by that probability, lowest first. The confident joint (given label x the most probable
@@ -24,7 +25,21 @@ import numpy as np
 from ..model import heads
 
 LOGREG_C = 0.1           # regularisation of the cross-validated logistic regression
+GRID = 2                 # the model reads each map's mean over GRID x GRID regions
 WEAK_ACCURACY = 0.85     # out-of-fold accuracy under which the candidates are called weak
+
+
+def grid_pooled(maps, cells=GRID):
+    """Feature maps (..., h, w, c) -> (..., cells x cells x c): the mean of each of cells x
+    cells regions, row by row; a side that does not divide shares its middle cell between two
+    regions, and a side of one cell gives every region that cell."""
+    maps = np.asarray(maps, np.float32)
+    h, w = maps.shape[-3:-1]
+
+    def spans(side):
+        return [((k * side) // cells, -(-(k + 1) * side // cells)) for k in range(cells)]
+    return np.concatenate([maps[..., r0:r1, c0:c1, :].mean(axis=(-3, -2))
+                           for r0, r1 in spans(h) for c0, c1 in spans(w)], axis=-1)
 
 
 def out_of_fold_probabilities(x, y, folds, seed=0, estimator=None):
