@@ -8,17 +8,21 @@ train-head -> finetune (from the cache) -> evaluate for several backbones, each 
                                become the test split (the folder has no test/). 0: all
     BENCH_FEATURE_LAYERS=block4  the earlier stages compared with the top of VGG16 (block4 is
                                the cut the default UNFREEZE caches: extract computes nothing)
-    BENCH_BACKBONES=vgg16:pretrained,vgg16:none,efficientnetv2b0:none,mobilenetv3large:none
-                               backbone:weights pairs of `backbones-finetune`; `pretrained` is
-                               WEIGHTS, which fits VGG16 only
+    BENCH_BACKBONES=vgg16:pretrained,vgg16:none,efficientnetv2b0:none:float32,
+                    mobilenetv3large:none:float32
+                               backbone:weights[:storage] of `backbones-finetune`; `pretrained`
+                               is WEIGHTS, which fits VGG16 only; storage (default float16) is
+                               STORAGE and CUT_STORAGE: float32 for the two random bases whose
+                               features (~1e-9, ~1e-11) float16 rounds to zero
     BENCH_FINETUNE_EPOCHS=5    fine-tuning epochs (as accuracy.py's)
 
 Every run uses the pipeline's defaults (AUGMENT=5, PRECISION=auto, the default UNFREEZE and
-FINETUNE_FROM=cache, SIZE=150, SEED=0) except STORAGE=float16: it equals CUT_STORAGE, so the
-cached cut serves as FEATURE_LAYER=block4 as it is, and the VGG16 cache with pretrained weights is
-shared by both phases. Caches and models live in bench/acc/ (git-ignored) and are kept: extract is
-incremental, so a rerun pays only for training. Validation accuracy is the one each model's run
-recorded, test accuracy is `make evaluate`'s; both with their 95% Wilson interval.
+FINETUNE_FROM=cache, SIZE=150, SEED=0) except STORAGE=float16 (unless told otherwise above): it
+equals CUT_STORAGE, so the cached cut serves as FEATURE_LAYER=block4 as it is, and the VGG16 cache
+with pretrained weights is shared by both phases. Caches and models live in bench/acc/
+(git-ignored) and are kept: extract is incremental, so a rerun pays only for training.
+Validation accuracy is the one each model's run recorded, test accuracy is `make evaluate`'s;
+both with their 95% Wilson interval.
 """
 import json
 import os
@@ -31,8 +35,9 @@ from pipeline.reporting import diagnostics
 
 SUBSET_TRAIN = int(os.environ.get("BENCH_SUBSET_TRAIN") or 250)
 FEATURE_LAYERS = [s for s in (os.environ.get("BENCH_FEATURE_LAYERS") or "block4").split(",") if s]
-BACKBONES = [pair.split(":") for pair in (os.environ.get("BENCH_BACKBONES") or (
-    "vgg16:pretrained,vgg16:none,efficientnetv2b0:none,mobilenetv3large:none")).split(",")]
+BACKBONES = [(spec.split(":") + ["float16"])[:3] for spec in (os.environ.get("BENCH_BACKBONES") or (
+    "vgg16:pretrained,vgg16:none,efficientnetv2b0:none:float32,mobilenetv3large:none:float32")
+    ).split(",")]
 HEADS = ("logreg", "dense")
 
 
@@ -67,8 +72,8 @@ def backbones_finetune(base):
     """For each backbone:weights of BENCH_BACKBONES, extract -> train-head -> finetune ->
     evaluate, each stage timed: {"backbone_accuracy_table": [one row per backbone and model]}."""
     table = []
-    for name, weights in BACKBONES:
-        config = _config(base, name, weights)
+    for name, weights, storage in BACKBONES:
+        config = _config(base, name, weights, storage)
         seconds = {stage: _timed(function, config) for stage, function in (
             ("extract", extract.run), ("train-head", train_head.run),
             ("finetune", finetune.run))}
@@ -76,9 +81,10 @@ def backbones_finetune(base):
         scored = _evaluated(config)
         seconds["evaluate"] = time.perf_counter() - start
         for model in (*HEADS, "finetuned"):
-            table.append({"backbone": name, "weights": weights, "model": model, **scored[model],
+            table.append({"backbone": name, "weights": weights, "storage": storage,
+                          "model": model, **scored[model],
                           **{f"{stage}_s": s for stage, s in seconds.items()}})
-    _print(table, ["backbone", "weights", "model"])
+    _print(table, ["backbone", "weights", "storage", "model"])
     return {"backbone_accuracy_table": table}
 
 
@@ -86,15 +92,18 @@ def _root(base):
     return os.path.dirname(base.features_root)
 
 
-def _config(base, name, weights):
+def _config(base, name, weights, storage="float16"):
     """The Config of one backbone and weights (`pretrained`: base's) on the subset of base's
-    DATA, its cache named after both, with the defaults but STORAGE=float16 (module docstring).
-    Every setting a cache records is told, so none is taken from an earlier run's cache."""
+    DATA, its cache named after both (and a STORAGE other than float16), with the defaults but
+    STORAGE and CUT_STORAGE. Every setting a cache records is told, so none is taken from an
+    earlier run's cache."""
     subset = _subset(base.data, _root(base))
-    return Config(data=subset, name=f"{os.path.basename(subset)}_{name}_{weights}",
+    suffix = "" if storage == "float16" else f"_{storage}"
+    return Config(data=subset, name=f"{os.path.basename(subset)}_{name}_{weights}{suffix}",
                   backbone=name, feature_layer="",
                   weights=base.weights if weights == "pretrained" else weights,
-                  size=base.size, batch_size=base.batch_size, storage="float16",
+                  size=base.size, batch_size=base.batch_size, storage=storage,
+                  cut_storage=storage,
                   precision=Config().told_or_default("precision"),
                   augment=Config().told_or_default("augment"), head="both",
                   finetune_epochs=base.finetune_epochs, fresh=True,
