@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+import backbone_accuracy  # bench/backbone_accuracy.py: FEATURE_LAYER, and other backbones
 import finetune_cache  # bench/finetune_cache.py: fine-tuning from the cached cut
 import keras
 import numpy as np
@@ -49,8 +50,9 @@ def phases(data, work, size, batch):
     """bench.py's accuracy phases, in order, each returning (figures, details): the three models
     (AUGMENT=0), the head and logreg on BENCH_RESPLITS re-splits of their cache, the demo, the
     dense heads on AUGMENT=K views, the three models with AUGMENT=5, fine-tuning from the cache
-    (bench/finetune_cache.py: costs, seeds, end to end) and STORAGE=float16 (BENCH_FLOAT16=0
-    leaves it out). bench.py writes results.json after each one."""
+    (bench/finetune_cache.py: costs, seeds, end to end), STORAGE=float16 (BENCH_FLOAT16=0
+    leaves it out), then the heads on an earlier stage of VGG16 and other backbones fine-tuned
+    (bench/backbone_accuracy.py). bench.py writes results.json after each one."""
     config, root = config_for(data, work, size, batch)
     weights = config.weights
     details = {"accuracy_weights": weights, "accuracy_images_per_folder": PER_FOLDER or "all",
@@ -67,7 +69,7 @@ def phases(data, work, size, batch):
            ("finetune-e2e", lambda: (finetune_cache.end_to_end(config, root, scores), {}))]
     if os.environ.get("BENCH_FLOAT16", "1") != "0":
         out.append(("float16-heads", lambda: (float16_heads(config), {})))
-    return out
+    return out + backbone_accuracy.phases(config)
 
 
 def config_for(data, work, size, batch):
