@@ -47,7 +47,7 @@ CLI  = PIPELINE_FROM_MAKE=1 $(PYTHON) -m pipeline
 RAY_DEP = $(if $(filter ray,$(strip $(ENGINE))),$(RAY_STAMP))
 
 .PHONY: help install install-ray demo-data extract train-head finetune evaluate predict report \
-        audit export export-model demo batch reproduce bench test coverage test-ray test-backends test-export test-slow lint clean
+        audit export export-model demo batch reproduce bench test test-heavy coverage test-ray test-backends test-export test-slow lint clean
 
 help: ## List the targets and the settings
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -139,6 +139,11 @@ test: $(STAMP) ## Run the fast tests (CPU, tiny images, in parallel); CI adds te
 
 # CI's suites in one process tree: the fast tests, the Ray ones and the cross-backend ones (whose
 # other backend runs in a subprocess, which coverage does not follow)
+# The tests over ten seconds each (several stages end to end, a kill and a resume, a process of
+# their own): CI runs them after `make test`, which stays within 5 minutes without them
+test-heavy: $(STAMP) ## Run the heavy tests (over 10 s each: end to end, kill and resume); CI runs them
+	$(PYTHON) -m pytest -q $(PARALLEL) -m "heavy and not slow"
+
 coverage: $(STAMP) ## Line coverage of pipeline/ by CI's tests (pytest-cov)
 	$(PYTHON) -m pytest -q $(PARALLEL) -m "not slow" --cov=pipeline --cov-report=term
 
@@ -149,7 +154,7 @@ $(EXPORT_STAMP): requirements-export.txt | $(STAMP)
 # The ONNX and LiteRT exports run in their own runtimes here; without the extras (make test)
 # those two tests skip, saying which extra they need.
 test-export: $(STAMP) $(EXPORT_STAMP) ## export-model's tests with the ONNX and LiteRT runtimes (installs them first)
-	$(PYTHON) -m pytest -q tests/test_export_model.py
+	$(PYTHON) -m pytest -q -m "not slow" tests/test_export_model.py
 
 test-ray: $(STAMP) $(RAY_STAMP) ## ENGINE=ray's tests on a local Ray cluster (installs Ray first)
 	$(PYTHON) -m pytest -q -m ray tests/test_ray.py

@@ -95,6 +95,7 @@ def test_a_stage_the_backbone_lacks_is_refused_in_one_line(make_config, image_fo
         extract.run(make_config(image_folder, **setting))
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", EVERY)
 def test_every_stage_follows_the_backbone_fine_tuning_from_the_cache_included(
         tmp_path, make_config, name):

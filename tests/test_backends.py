@@ -57,6 +57,7 @@ def _stage(args, tmp_path, env_changes=()):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(not runtime.importable("tensorflow"), reason="tensorflow is not installed")
 def test_the_console_shows_no_framework_start_up_lines_unless_verbose(image_folder, tmp_path):
     args = ["extract", "--data", image_folder, "--weights", "none", "--size", "32",

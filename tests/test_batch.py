@@ -84,6 +84,7 @@ def test_a_missing_batch_file(make_config):
 # End to end
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_two_datasets_then_reruns_cost_only_what_changed(tmp_path, make_config):
     first = make_image_folder(tmp_path / "first", per_class=6, seed=0)
     second = make_image_folder(tmp_path / "second", per_class=5, seed=2)

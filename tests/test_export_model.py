@@ -89,6 +89,7 @@ def assert_parity(probabilities, rows, class_names):
     assert np.abs(got - expected).max() <= WITHIN
 
 
+@pytest.mark.heavy
 def test_plain_tensorflow_runs_each_savedmodel_as_make_predict(run, predicted_by_make, tmp_path):
     exported = {}
     for model in MODELS:

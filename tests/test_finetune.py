@@ -202,6 +202,7 @@ def test_a_bad_unfreeze_is_refused(unfreeze):
         finetuning.set_trainable(base, unfreeze, backbone.identity_of(weights, 32))
 
 
+@pytest.mark.heavy
 def test_a_killed_run_continues_at_the_next_epoch(ready):
     config = ready(finetune_epochs=3)
     kill = KillAfter(epoch=0)  # killed after epoch 1 of 3
@@ -356,6 +357,7 @@ def test_no_cache_and_no_head_are_refused(tmp_path, make_config):
         finetune.run(config)
 
 
+@pytest.mark.heavy
 def test_the_same_seed_fine_tunes_to_the_same_weights(ready):
     """Augmentation draws from seeded generators; batches augmented in parallel would take their
     draws in a racy order. Batch 1: six augmented train batches an epoch."""

@@ -202,6 +202,7 @@ def test_fine_tuning_on_the_plain_activations_records_the_caches_split(prepared)
         assert json.load(f)["split_digest"] == cache.split_digest(config.features_dir)
 
 
+@pytest.mark.heavy
 def test_a_killed_fine_tuning_resumes_at_the_next_epoch_and_its_views(ready, monkeypatch):
     config = ready(finetune_epochs=3, finetune_patience=10)
     for name in ("straight", "killed"):

@@ -147,6 +147,7 @@ def test_the_saved_head_keeps_its_weights_at_the_scale_it_trained_at(tmp_path):
 # Learning and reproducibility on the demo data
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.heavy
 def test_both_heads_beat_chance_on_demo_data_and_score_the_same_on_a_float16_cache(
         demo_config, tmp_path):
     """STORAGE=float16 rounds the features to 11 significant bits; the heads read them back as
