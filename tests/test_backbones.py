@@ -1,8 +1,9 @@
 """BACKBONE=: the one table of frozen bases (data/backbones.py), and every stage following it.
 
-Random weights and 32-pixel images. The fast set covers vgg16 (the default, a plain chain) and
-mobilenetv3large (BatchNormalization, preprocessing inside the model, branches); the other
-backbones run the same checks as slow tests (`make test-slow`).
+Random weights and 32-pixel images. CI covers vgg16 (the default, a plain chain) and
+mobilenetv3large (BatchNormalization, preprocessing inside the model, branches): their end-to-end
+runs are heavy tests (`make test-heavy`); the other backbones run the same checks as slow tests
+(`make test-slow`).
 """
 import os
 import re
