@@ -2,8 +2,8 @@
 
 Settings (environment variables; bench/README.md explains every figure):
     BENCH_N=600              real photos for the throughput, rerun and head figures (balanced over
-                             the two classes, train first); the default run takes ~10-15 min on
-                             2 cores
+                             the two classes, train first); the default run took 22.5 min on
+                             2 quiet cores (AMD EPYC), without Ray
     BENCH_SYNTH_ROWS=100000  rows of the synthetic caches for the train-head memory figure (3.3 GB)
                              and the fine-tuning-from-the-cache one (bench/finetune_memory.py)
     BENCH_ACCURACY=1         also the slow accuracy figures (bench/accuracy.py: WEIGHTS,
