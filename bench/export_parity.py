@@ -53,7 +53,7 @@ def litert(path):
 RUNNERS = {"saved_model": savedmodel, "model.onnx": onnx, "model.tflite": litert}
 
 
-def size_of(path):
+def size_of(path):  # export_model._size's twin: this script imports nothing from pipeline/
     if not os.path.isdir(path):
         return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(folder, name))
