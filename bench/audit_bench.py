@@ -240,7 +240,6 @@ def extract(weights_path):
     view_features = np.empty((len(originals), VIEWS, *features.shape[1:]), np.float32)
     view_cut = np.empty((len(originals), VIEWS, cut.shape[-1]), np.float32)
     shas = {k: _file_sha(rows[k][0]) for k in originals}
-    augmentation = augment.augmentation(0)
     jobs = [(k, 0) for k in range(len(rows))] + [(k, v) for k in originals
                                                   for v in range(1, VIEWS + 1)]
     position = {k: i for i, k in enumerate(originals)}
@@ -251,7 +250,7 @@ def extract(weights_path):
         viewed = [i for i, (_, v) in enumerate(batch) if v]
         if viewed:
             x[viewed] = augment.augment_views(x[viewed], [shas[batch[i][0]] for i in viewed],
-                                              [batch[i][1] for i in viewed], 0, augmentation)
+                                              [batch[i][1] for i in viewed], 0)
         low, top = forward(x)
         for i, (k, v) in enumerate(batch):
             if v:

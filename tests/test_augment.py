@@ -47,20 +47,15 @@ def test_a_view_depends_on_the_image_the_view_and_the_seed_never_on_its_batch():
         assert not np.allclose(together, other)
 
 
-def test_the_compiled_views_are_the_layers_drawn_image_by_image_from_their_own_seeds():
-    """The cache's identity: a view is each augmentation layer in turn, its transformation drawn
-    eagerly for that image alone from the int seed augment._seed gives it. The compiled batch
-    (padded to a larger batch, as extract pads it) must give these numbers, bit for bit on
-    TensorFlow."""
+def test_the_compiled_views_are_the_affine_map_drawn_image_by_image_from_its_own_seed():
+    """The cache's identity: a view is RandomAffine's map drawn eagerly for that image alone from
+    the int seed augment.view_seed gives it. The compiled batch (padded to a larger batch, as
+    extract pads it) must give these numbers, bit for bit on TensorFlow."""
     x, views = pictures(3), [1, 4, 2]
-    expected = []
-    for i in range(3):
-        image = keras.ops.convert_to_tensor(x[i:i + 1])
-        for k, layer in enumerate(augment.augmentation(7).layers):
-            drawn = layer.get_random_transformation(
-                image, training=True, seed=augment._seed(7, SHAS[i], views[i], k))
-            image = layer.transform_images(image, drawn, training=True)
-        expected.append(keras.ops.convert_to_numpy(image))
+    affine, = augment.augmentation(7).layers
+    expected = [keras.ops.convert_to_numpy(affine.transform(
+        x[i:i + 1], affine.draw(1, seed=augment.view_seed(7, SHAS[i], views[i]))))
+        for i in range(3)]
     compiled = augment.ViewFunction(7, batch=4)(x, SHAS[:3], views)
     assert compiled.shape == x.shape and compiled.dtype == np.float32
     if keras.backend.backend() == "tensorflow":
@@ -69,15 +64,32 @@ def test_the_compiled_views_are_the_layers_drawn_image_by_image_from_their_own_s
         np.testing.assert_allclose(compiled, np.concatenate(expected), rtol=0, atol=1e-3)
 
 
+# draws in [0, 1): flip (< 0.5 flips), angle, zoom, shift across, shift down; 0.5 is "none"
+@pytest.mark.parametrize("draws, expected", [
+    ([0.9, 0.5, 0.5, 0.5, 0.5], lambda x: x),
+    ([0.1, 0.5, 0.5, 0.5, 0.5], lambda x: x[:, :, ::-1]),                       # mirrored
+    ([0.9, 0.5, 0.5, 0.5 + 1 / 6, 0.5], lambda x: x[:, :, :-1]),                 # 1 px right
+    ([0.9, 0.5, 0.5, 0.5, 0.5 - 1 / 4], lambda x: x[:, 1:]),                     # 1 px up
+    ([0.9, 3.0, 0.5, 0.5, 0.5], lambda x: np.rot90(x, 2, axes=(1, 2))),  # by pi
+])
+def test_one_affine_map_flips_rotates_and_shifts_as_drawn(draws, expected):
+    x = np.random.default_rng(0).normal(0, 60, (2, 20, 30, 3)).astype(np.float32)
+    affine, = augment.augmentation(0).layers
+    out = keras.ops.convert_to_numpy(affine.transform(x, np.array([draws] * 2, np.float32)))
+    want = expected(x)
+    if want.shape != x.shape:  # a shift: compare the pixels that moved
+        out = out[:, :, 1:] if draws[3] != 0.5 else out[:, :-1]
+    np.testing.assert_allclose(out, want, atol=1e-3)
+
+
 @pytest.mark.parametrize("change", ["seed", "layer setting", "view", "image"])
 def test_every_part_of_a_view_key_changes_it(monkeypatch, change):
     sha, key = SHAS[0], augment.view_key(SHAS[0], augment.identity_id(augment.identity(0)), 1)
     # Fits where an image's sha256 goes (64 lowercase hex digits), and is not that sha256.
     assert len(key) == 64 and set(key) <= set("0123456789abcdef") and key != sha
     if change == "layer setting":
-        original = augment.augmentation
         monkeypatch.setattr(augment, "augmentation", lambda seed: keras.Sequential(
-            [*original(seed).layers[:-1], keras.layers.RandomTranslation(0.2, 0.2, seed=seed)]))
+            [augment.RandomAffine(translation=0.2, seed=seed)]))
     seed, view = (1 if change == "seed" else 0), (2 if change == "view" else 1)
     sha = SHAS[1] if change == "image" else sha
     assert augment.view_key(sha, augment.identity_id(augment.identity(seed)), view) != key

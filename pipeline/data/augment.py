@@ -18,26 +18,90 @@ import keras
 import numpy as np
 
 # How a view's random draws are seeded. Part of the identity: a new scheme never reuses views.
-SEED_SCHEME = "sha256(seed:image sha256:view:layer)[:4] per image and layer, v1"
+# v2: one seed per image for its whole RandomAffine draw (v1 seeded each of four Keras layers).
+SEED_SCHEME = "sha256(seed:image sha256:view:0)[:4] per image, one RandomAffine draw, v2"
 
 
 LAYER_NAME = "augmentation"  # `without_augmentation` leaves this layer out
 
 
 def augmentation(seed):
-    """The article's augmentations: flips, rotations, zooms and shifts.
+    """The article's augmentations: flips, rotations, zooms and shifts, as one RandomAffine.
 
     They run on images the loader has already preprocessed for the backbone (for VGG16: BGR,
     ImageNet mean subtracted). The "reflect" fill (Keras's default, written out here) fills
     uncovered corners with mirrored real pixels, so no value appears that the preprocessing could
     not have produced, whichever it is; a "constant" fill of 0 would mean a different colour for
     each backbone (VGG16's ImageNet mean, another's black)."""
-    return keras.Sequential([
-        keras.layers.RandomFlip("horizontal", seed=seed),
-        keras.layers.RandomRotation(0.1, fill_mode="reflect", seed=seed + 1),
-        keras.layers.RandomZoom(0.2, fill_mode="reflect", seed=seed + 2),
-        keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 3),
-    ], name=LAYER_NAME)
+    return keras.Sequential([RandomAffine(rotation=0.1, zoom=0.2, translation=0.1, flip=True,
+                                          fill_mode="reflect", seed=seed)], name=LAYER_NAME)
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class RandomAffine(keras.layers.Layer):
+    """A random horizontal flip, rotation (± rotation × 2π), zoom (± zoom, both axes alike) and
+    shift (± translation × the side) per image, composed into one affine map: the image is
+    resampled once, as the article's ImageDataGenerator did. Keras's RandomFlip, RandomRotation,
+    RandomZoom and RandomTranslation in turn, with the same ranges, resample it three times,
+    blurring it each time, at three times the CPU: 2.8 ms against 0.5 ms a 150-pixel view, the
+    largest cost of extraction outside the base (docs/backbones.md, "Where extraction's time
+    goes").
+
+    `draw(n, seed)` gives n images' parameters; `transform(images, draws)` applies them; called
+    on a batch with training=True (Keras's default for its random layers too), it draws from the
+    layer's own SeedGenerator, whose state a fine-tuning backup keeps."""
+
+    def __init__(self, rotation=0.1, zoom=0.2, translation=0.1, flip=True,
+                 interpolation="bilinear", fill_mode="reflect", seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.rotation, self.zoom, self.translation, self.flip = rotation, zoom, translation, flip
+        self.interpolation, self.fill_mode, self.seed = interpolation, fill_mode, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def get_config(self):
+        return {**super().get_config(), "rotation": self.rotation, "zoom": self.zoom,
+                "translation": self.translation, "flip": self.flip,
+                "interpolation": self.interpolation, "fill_mode": self.fill_mode,
+                "seed": self.seed}
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        return self.transform(images, self.draw(keras.ops.shape(images)[0],
+                                                self.seed_generator))
+
+    def compute_output_shape(self, shape):
+        return shape
+
+    @staticmethod
+    def draw(n, seed):
+        """(n, 5) uniform draws in [0, 1): flip, angle, zoom, shift across, shift down."""
+        return keras.random.uniform((n, 5), seed=seed)
+
+    def transform(self, images, draws):
+        """images (n, h, w, c) -> each mapped by the affine map its row of draws picks."""
+        h, w = images.shape[1], images.shape[2]
+        return keras.ops.image.affine_transform(
+            images, self.matrices(draws, h, w), interpolation=self.interpolation,
+            fill_mode=self.fill_mode)
+
+    def matrices(self, draws, h, w):
+        """The (n, 8) maps from output to input pixel (affine_transform's convention), about the
+        image's centre c: input = c + Z·F·R·(output - shift - c), Z the zoom, R the rotation
+        and F the flip of the x axis."""
+        ops, u = keras.ops, 2.0 * draws - 1.0  # each in [-1, 1)
+        flip = ops.where(draws[:, 0] < 0.5, -1.0, 1.0) if self.flip else ops.ones_like(u[:, 0])
+        angle = u[:, 1] * (self.rotation * 2.0 * np.pi)
+        scale = 1.0 + u[:, 2] * self.zoom
+        shift_x, shift_y = u[:, 3] * (self.translation * w), u[:, 4] * (self.translation * h)
+        cos, sin = ops.cos(angle), ops.sin(angle)
+        a00, a01 = scale * flip * cos, -scale * flip * sin
+        a10, a11 = scale * sin, scale * cos
+        cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+        ox, oy = shift_x + cx, shift_y + cy  # input = c + A·(output - o)
+        zero = ops.zeros_like(scale)
+        return ops.stack([a00, a01, cx - a00 * ox - a01 * oy,
+                          a10, a11, cy - a10 * ox - a11 * oy, zero, zero], axis=1)
 
 
 def identity(seed):
@@ -61,8 +125,9 @@ def view_key(sha, augment_id, view):
     return hashlib.sha256(f"{sha}:{augment_id}:{view}".encode()).hexdigest()
 
 
-def _seed(seed, sha, view, layer):
-    digest = hashlib.sha256(f"{seed}:{sha}:{view}:{layer}".encode()).digest()
+def view_seed(seed, sha, view):
+    """The int seed of one view's draw: a function of SEED, the image's content and the view."""
+    digest = hashlib.sha256(f"{seed}:{sha}:{view}:0".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
@@ -79,13 +144,13 @@ def _view_function(seed):
 
 class ViewFunction:
     """The views of a batch in one compiled call (a Keras model run by predict_on_batch: the
-    backend's own compiler), each image's transformation drawn from seeds of its own (`_seed`):
-    batching costs nothing in reproducibility. A call of fewer images than `batch` (or than the
-    largest call so far) is padded to it, so one graph serves a whole run."""
+    backend's own compiler), each image's transformation drawn from a seed of its own
+    (`view_seed`): batching costs nothing in reproducibility. A call of fewer images than `batch`
+    (or than the largest call so far) is padded to it, so one graph serves a whole run."""
 
     def __init__(self, seed, batch=0):
         self.seed, self.largest = seed, batch
-        self.layers = augmentation(seed).layers
+        self.affine, = augmentation(seed).layers
         self.compiled = {}  # image shape (h, w, channels) -> its model
 
     def __call__(self, images, shas, views):
@@ -93,54 +158,49 @@ class ViewFunction:
         n = len(images)
         if not n:
             return images
-        seeds = np.array([[[_seed(self.seed, sha, view, k), 0] for k in range(len(self.layers))]
-                          for sha, view in zip(shas, views)], np.int32)
+        seeds = np.array([[view_seed(self.seed, sha, view), 0] for sha, view in zip(shas, views)],
+                         np.int32)
         self.largest = max(self.largest, n)
         if n < self.largest:
             images = np.concatenate([images, np.zeros((self.largest - n, *images.shape[1:]),
                                                       np.float32)])
-            seeds = np.concatenate([seeds, np.zeros((self.largest - n, *seeds.shape[1:]),
-                                                    np.int32)])
+            seeds = np.concatenate([seeds, np.zeros((self.largest - n, 2), np.int32)])
         model = self.compiled.get(images.shape[1:]) or self._compile(images.shape[1:])
         return np.asarray(model.predict_on_batch([images, seeds])[:n], np.float32)
 
     def _compile(self, shape):
         images = keras.Input(shape, name="images")
-        seeds = keras.Input((len(self.layers), 2), dtype="int32", name="seeds")
-        model = keras.Model([images, seeds], _SeededViews(self.layers)(images, seeds))
+        seeds = keras.Input((2,), dtype="int32", name="seeds")
+        model = keras.Model([images, seeds], _SeededViews(self.affine)(images, seeds))
         model.compile()  # no optimizer or loss: compiled for predict only
         self.compiled[shape] = model
         return model
 
 
 class _SeededViews(keras.layers.Layer):
-    """The augmentation's layers on a batch, given (n, layers, 2) seeds. Each image's
-    transformation is drawn alone (keras.ops.map), at the shapes of a draw for one image, so the
-    numbers are those of `layer.get_random_transformation(image, seed=int)` called image by
-    image, bit for bit (a vectorised draw computes sin and cos in other float rounding)."""
+    """RandomAffine on a batch, given (n, 2) seeds. Each image's map is drawn and computed alone
+    (keras.ops.map), at the shapes of one image's, so the numbers are those of
+    `affine.transform(image, affine.draw(1, seed=int))` called image by image, bit for bit (a
+    vectorised sin and cos round differently)."""
 
-    def __init__(self, layers, **kwargs):
+    def __init__(self, affine, **kwargs):
         super().__init__(**kwargs)
-        self.steps = layers
+        self.affine = affine
         # the dtype Keras gives an int seed on this backend (int64, uint32 or int32)
         self.seed_dtype = keras.random.SeedGenerator(0).state.dtype
 
-    def build(self, *shapes):  # the augmentation's layers have no weights to build
+    def build(self, *shapes):  # RandomAffine has no weights to build
         self.built = True
 
     def call(self, images, seeds):
-        seeds = keras.ops.cast(seeds, self.seed_dtype)
-        one = keras.ops.zeros((1, *images.shape[1:]))
-        for k, layer in enumerate(self.steps):
-            def draw(seed, layer=layer):  # the entries of one image's draw that are per image
-                drawn = layer.get_random_transformation(one, training=True, seed=_Fixed(seed))
-                return {key: value for key, value in drawn.items() if _per_image(value)}
-            batch = layer.get_random_transformation(images, training=True,
-                                                    seed=_Fixed(seeds[0, k]))
-            batch.update({key: value[:, 0]
-                          for key, value in keras.ops.map(draw, seeds[:, k]).items()})
-            images = layer.transform_images(images, batch, training=True)
-        return images
+        h, w = images.shape[1], images.shape[2]
+
+        def one(seed):  # one image's map, as (1, 8)
+            return self.affine.matrices(self.affine.draw(1, _Fixed(seed)), h, w)
+        matrices = keras.ops.map(one, keras.ops.cast(seeds, self.seed_dtype))[:, 0]
+        return keras.ops.image.affine_transform(
+            images, matrices, interpolation=self.affine.interpolation,
+            fill_mode=self.affine.fill_mode)
 
 
 class _Fixed(keras.random.SeedGenerator):
@@ -152,11 +212,6 @@ class _Fixed(keras.random.SeedGenerator):
 
     def next(self, ordered=True):
         return self.value
-
-
-def _per_image(value):
-    shape = getattr(value, "shape", None)
-    return shape is not None and len(shape) > 0 and shape[0] == 1
 
 
 def epoch_views(rows, views, seed, epoch, n_rows):
