@@ -8,12 +8,10 @@ train-head -> finetune (from the cache) -> evaluate for several backbones, each 
                                become the test split (the folder has no test/). 0: all
     BENCH_FEATURE_LAYERS=block4  the earlier stages compared with the top of VGG16 (block4 is
                                the cut the default UNFREEZE caches: extract computes nothing)
-    BENCH_BACKBONES=vgg16:pretrained,vgg16:none,efficientnetv2b0:none:float32,
-                    mobilenetv3large:none:float32
+    BENCH_BACKBONES=vgg16:pretrained,vgg16:none,efficientnetv2b0:none,mobilenetv3large:none
                                backbone:weights[:storage] of `backbones-finetune`; `pretrained`
                                is WEIGHTS, which fits VGG16 only; storage (default float16) is
-                               STORAGE and CUT_STORAGE: float32 for the two random bases whose
-                               features (~1e-9, ~1e-11) float16 rounds to zero
+                               STORAGE and CUT_STORAGE
     BENCH_FINETUNE_EPOCHS=5    fine-tuning epochs (as accuracy.py's)
 
 Every run uses the pipeline's defaults (AUGMENT=5, PRECISION=auto, the default UNFREEZE and
@@ -36,7 +34,7 @@ from pipeline.reporting import diagnostics
 SUBSET_TRAIN = int(os.environ.get("BENCH_SUBSET_TRAIN") or 250)
 FEATURE_LAYERS = [s for s in (os.environ.get("BENCH_FEATURE_LAYERS") or "block4").split(",") if s]
 BACKBONES = [(spec.split(":") + ["float16"])[:3] for spec in (os.environ.get("BENCH_BACKBONES") or (
-    "vgg16:pretrained,vgg16:none,efficientnetv2b0:none:float32,mobilenetv3large:none:float32")
+    "vgg16:pretrained,vgg16:none,efficientnetv2b0:none,mobilenetv3large:none")
     ).split(",")]
 HEADS = ("logreg", "dense")
 

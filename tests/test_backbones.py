@@ -63,6 +63,22 @@ def test_every_stage_output_is_where_the_table_says_with_its_shape(name):
                 assert keras.Model(tensor, base.output).output is not None
 
 
+@pytest.mark.parametrize("name", EVERY)
+def test_random_weights_give_features_float16_keeps(name):
+    """WEIGHTS=none is what tests and timings run on: its features must neither vanish (Glorot's
+    kernels gave EfficientNetV2 and MobileNetV3 a std of 1e-9 and 1e-11, every value 0 in the
+    default float16 storage) nor overflow float16."""
+    entry = backbones.get(name)
+    weights = backbone.resolve_weights("none", entry)
+    assert weights.is_random and entry.random_init in weights.fingerprint
+    base = backbone.build_backbone(weights, 32, entry=entry)
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    features = keras.ops.convert_to_numpy(base(entry.preprocess(pixels)))
+    stored = features.astype(np.float16)
+    assert np.isfinite(stored).all() and np.count_nonzero(stored) > 0.2 * stored.size
+    assert 1e-3 < features.std() < 1e4
+
+
 @pytest.mark.parametrize("name", list(backbones.TABLE))
 def test_the_loader_applies_the_backbones_preprocessing_and_nothing_else(tmp_path, name):
     folder = make_image_folder(tmp_path, per_class=1)

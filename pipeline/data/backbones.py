@@ -59,6 +59,10 @@ class Backbone:
     # PRECISION=auto on a CPU with native bfloat16 (runtime.auto_precision): False where this
     # base ran faster in float32 than in mixed bfloat16 there (docs/backbones.md, measured)
     cpu_bfloat16: bool = True
+    # WEIGHTS=none's kernels (model/backbone.py _random_init): "he-uniform" where Glorot's make
+    # the features vanish (std 1e-9 and 1e-11 at SIZE=64, all 0 in float16): the bases of
+    # depthwise convolutions and squeeze-and-excitation
+    random_init: str = "glorot-uniform"
 
     @property
     def identity(self):
@@ -163,13 +167,13 @@ TABLE = {entry.name: entry for entry in (
         ("block3", "block3b_add", 48, "ccc"), ("block4", "block4c_add", 96, "cccc"),
         ("block5", "block5e_add", 112, "cccc"), ("block6", "top_activation", 1280, "ccccc")),
         "efficientnetv2-b0_notop.h5", f"{KERAS_WEIGHTS}efficientnet_v2/efficientnetv2-b0_notop.h5",
-        "893217f2bb855e2983157299931e43ff", _EFFICIENTNET_V2),
+        "893217f2bb855e2983157299931e43ff", _EFFICIENTNET_V2, random_init="he-uniform"),
     Backbone("efficientnetv2s", "EfficientNetV2S", _stages(
         ("block1", "block1b_add", 24, "c"), ("block2", "block2d_add", 48, "cc"),
         ("block3", "block3d_add", 64, "ccc"), ("block4", "block4f_add", 128, "cccc"),
         ("block5", "block5i_add", 160, "cccc"), ("block6", "top_activation", 1280, "ccccc")),
         "efficientnetv2-s_notop.h5", f"{KERAS_WEIGHTS}efficientnet_v2/efficientnetv2-s_notop.h5",
-        "af0682fb74e8c54910f2d4393339c070", _EFFICIENTNET_V2),
+        "af0682fb74e8c54910f2d4393339c070", _EFFICIENTNET_V2, random_init="he-uniform"),
     # each stage here ends with the downsampling into the next (as a VGG block with its pooling):
     # the downsampling layers are the only named single-tensor points between stages
     Backbone("convnexttiny", "ConvNeXtTiny", _stages(
@@ -190,7 +194,8 @@ TABLE = {entry.name: entry for entry in (
         "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
         f"{KERAS_WEIGHTS}mobilenet_v3/weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
         "07fb09a5933dd0c8eaafa16978110389",
-        "keras.mobilenet_v3: inside the model (include_preprocessing)", cpu_bfloat16=False),
+        "keras.mobilenet_v3: inside the model (include_preprocessing)", cpu_bfloat16=False,
+        random_init="he-uniform"),
 )}
 
 

@@ -20,7 +20,7 @@ from . import runtime
 # keras.applications' preprocess_input in "caffe" mode (VGG): RGB -> BGR, then ImageNet's mean
 # pixel (in BGR order) subtracted; `preprocessing`'s numbers for those backbones
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-RANDOM_FINGERPRINT = "random-init:glorot-uniform:numpy-seed-0:v1"
+RANDOM_FINGERPRINT = "random-init:glorot-uniform:numpy-seed-0:v1"  # the default backbone's
 RANDOM_NOTICE = "weights are random: accuracy is not meaningful"
 
 
@@ -28,12 +28,18 @@ RANDOM_NOTICE = "weights are random: accuracy is not meaningful"
 class Weights:
     spec: str          # what the user asked for: imagenet | none | auto | <path>
     path: str          # the file actually loaded, "" for random initialisation
-    fingerprint: str   # sha256 of that file, or RANDOM_FINGERPRINT
+    fingerprint: str   # sha256 of that file, or random_fingerprint(the backbone)
     notice: str = ""   # a warning that must follow the results (WEIGHTS=auto fell back to random)
 
     @property
     def is_random(self):
-        return self.fingerprint == RANDOM_FINGERPRINT
+        return self.fingerprint.startswith("random-init:")
+
+
+def random_fingerprint(entry):
+    """WEIGHTS=none's fingerprint for the backbone `entry`: it names the initialisation
+    (the table's random_init), which _random_init reads back from it."""
+    return f"random-init:{entry.random_init}:numpy-seed-0:v1"
 
 
 def resolve_weights(spec, entry=None):
@@ -41,7 +47,7 @@ def resolve_weights(spec, entry=None):
     None: the default) and fingerprint it, without building a model."""
     spec, entry = spec or "imagenet", entry or backbones.get(None)
     if spec == "none":
-        return Weights(spec, "", RANDOM_FINGERPRINT)
+        return Weights(spec, "", random_fingerprint(entry))
     if spec in ("imagenet", "auto"):
         try:
             path = _imagenet_file(entry)
@@ -50,7 +56,7 @@ def resolve_weights(spec, entry=None):
                 raise
             warn(f"WEIGHTS=auto: {error}")
             warn(f"using random initialisation instead: {RANDOM_NOTICE}")
-            return Weights(spec, "", RANDOM_FINGERPRINT, notice=RANDOM_NOTICE)
+            return Weights(spec, "", random_fingerprint(entry), notice=RANDOM_NOTICE)
         return Weights(spec, path, file_sha256(path))
     if not os.path.isfile(spec):
         raise UserError(f"WEIGHTS file {spec!r} does not exist: pass WEIGHTS=imagenet, "
@@ -73,8 +79,9 @@ def weights_of_cache(spec, cache_attrs):
     if spec and spec != cache_attrs.get("weights_spec") and os.path.abspath(spec) != where:
         # another WEIGHTS than the cache's own: imagenet means the cache's backbone's file
         weights = resolve_weights(spec, backbones.of_identity(cache_attrs.get("backbone")))
-    elif recorded == RANDOM_FINGERPRINT:
-        weights = Weights(cache_attrs.get("weights_spec", "none"), "", RANDOM_FINGERPRINT,
+    elif recorded.startswith("random-init:"):
+        entry = backbones.of_identity(cache_attrs.get("backbone")) or backbones.get(None)
+        weights = Weights(cache_attrs.get("weights_spec", "none"), "", random_fingerprint(entry),
                           notice=cache_attrs.get("weights_notice", ""))
     elif os.path.isfile(where):
         weights = Weights(cache_attrs.get("weights_spec", where), where, file_sha256(where))
@@ -212,7 +219,7 @@ def build_backbone(weights, size=None, precision="float32", entry=None):
                             f"from keras.applications.{entry.constructor}(include_top=False), "
                             "or the BACKBONE it was saved from") from None
     else:
-        _random_init(base)
+        _random_init(base, weights.fingerprint.split(":")[1])
     base.trainable = False  # frozen: extraction and the head never change it
     return base
 
@@ -229,19 +236,31 @@ def build_backbone_of(identity, weights):
                        name=f"{base.name}_to_{identity.output_layer}")
 
 
-def _random_init(model, seed=0):
-    """Deterministic Glorot-uniform kernels, so WEIGHTS=none gives the same features every run
-    (and its cache identity is honest) whatever Keras's own initialisers do. Every kernel (a
-    variable of 2 or more dimensions), in layer order, draws from one seeded generator; biases are
-    zeros, and the other vectors (BatchNormalization's, LayerScale's, a Normalization's ImageNet
-    statistics) keep the constants their layer starts with."""
+def _random_init(model, scheme, seed=0):
+    """Deterministic kernels, so WEIGHTS=none gives the same features every run (and its cache
+    identity is honest) whatever Keras's own initialisers do. Every kernel (a variable of 2 or
+    more dimensions), in layer order, draws from one seeded generator; biases are zeros, and the
+    other vectors (BatchNormalization's, LayerScale's, a Normalization's ImageNet statistics)
+    keep the constants their layer starts with.
+
+    scheme "glorot-uniform": limit sqrt(6 / (fan_in + fan_out)), fans counted as for a dense
+    kernel. "he-uniform": limit sqrt(6 / fan_in), a depthwise kernel's fan-in being its window,
+    so each layer keeps its input's scale: what the deep bases of depthwise convolutions need for
+    features that do not vanish (backbones.Backbone.random_init)."""
+    if scheme not in ("glorot-uniform", "he-uniform"):
+        raise ValueError(f"no random initialisation called {scheme!r}")
     rng = np.random.default_rng(seed)
     for layer in model.layers:
+        depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
         for variable in layer.weights:
             shape = tuple(variable.shape)
             if len(shape) >= 2:
-                fan_in, fan_out = np.prod(shape[:-1]), np.prod(shape[:-2]) * shape[-1]
-                limit = np.sqrt(6.0 / (fan_in + fan_out))
+                if scheme == "he-uniform":
+                    fan_in = np.prod(shape[:-2] if depthwise else shape[:-1])
+                    limit = np.sqrt(6.0 / fan_in)
+                else:
+                    fan_in, fan_out = np.prod(shape[:-1]), np.prod(shape[:-2]) * shape[-1]
+                    limit = np.sqrt(6.0 / (fan_in + fan_out))
                 variable.assign(rng.uniform(-limit, limit, shape).astype(np.float32))
             elif variable.path.endswith("bias"):
                 variable.assign(np.zeros(shape, np.float32))
