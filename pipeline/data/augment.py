@@ -43,7 +43,7 @@ class RandomAffine(keras.layers.Layer):
     shift (± translation × the side) per image, composed into one affine map: the image is
     resampled once, as the article's ImageDataGenerator did. Keras's RandomFlip, RandomRotation,
     RandomZoom and RandomTranslation in turn, with the same ranges, resample it three times,
-    blurring it each time, at three times the CPU: 2.8 ms against 0.5 ms a 150-pixel view, the
+    blurring it each time, at 2.6 times the CPU: 1.6 ms against 0.6 ms a 150-pixel view, the
     largest cost of extraction outside the base (docs/backbones.md, "Where extraction's time
     goes").
 
