@@ -176,7 +176,8 @@ def frozen_base_with_augmentation(config):
     head = heads.build_dense_head(shape, 2, config.hidden_units, config.dropout,
                                   config.head_pool)
     inputs = keras.Input(base.input_shape[1:])
-    model = keras.Model(inputs, head(base(augment.augmentation(config.seed)(inputs))))
+    augmentation = augment.augmentation(config.told_or_default("seed"))
+    model = keras.Model(inputs, head(base(augmentation(inputs))))
     model.compile(optimizer=heads.optimizer(config.head_lr),
                   loss=heads.loss_for(2), metrics=["accuracy"])
     b = config.batch_size

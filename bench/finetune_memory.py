@@ -26,11 +26,14 @@ SIZE, VIEWS, PER_SEGMENT = 64 if SMOKE else 150, 2, 4096
 
 
 def config_of(folder):
+    from pipeline.cache import settings
     from pipeline.config import Config
-    return Config(data=folder, name="synthetic_cut", weights="none", size=SIZE, augment=VIEWS,
-                  precision="float32", epochs=1, head="dense", finetune_epochs=1, fresh=True,
-                  features_root=os.path.join(folder, "features"),
-                  models_root=os.path.join(folder, "models"))
+    # resolved as a stage resolves it: the settings not written here take their defaults
+    return settings.resolve(Config(
+        data=folder, name="synthetic_cut", weights="none", size=SIZE, augment=VIEWS,
+        precision="float32", epochs=1, head="dense", finetune_epochs=1, fresh=True,
+        features_root=os.path.join(folder, "features"),
+        models_root=os.path.join(folder, "models")), None, "extract")
 
 
 def write_sparse_cache(folder):

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402  (scikit-learn's own dependency)
 
 from pipeline import cache, train_head  # noqa: E402
+from pipeline.cache import settings  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
@@ -125,6 +126,7 @@ if __name__ == "__main__":
     repeats, chosen = int(os.environ.get("R") or 30), os.environ.get("VARIANTS", "shipped")
     features = os.path.abspath(sys.argv[1])
     config = Config(features_root=os.path.dirname(features), name=os.path.basename(features))
+    config = settings.resolve(config, settings.read(config.features_dir), "train-head")
     gaps, sizes = dense_against_logreg(config, repeats, chosen.split(","),
                                        log=lambda line: print(line, flush=True))
     for name, by_split in gaps.items():

@@ -51,11 +51,13 @@ def setting(default, help, make=True):
     return field(default=default, metadata={"help": help, "make": make, "default": default})
 
 
-def recorded(default, help):
+def recorded(default, help, binding=True):
     """A setting that extract records in the cache and later stages take from it: None (not
-    told) until resolved; `default` applies where the cache records none."""
+    told) until resolved; `default` applies where the cache records none. binding=False: a
+    later stage may be told another value (SEED, UNFREEZE: what it trains, not what the cache
+    is); binding: it is refused (cache.settings)."""
     return field(default=None, metadata={"help": help, "make": True, "default": default,
-                                         "recorded": True})
+                                         "recorded": True, "binding": binding})
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,8 @@ class Config:
     patience: int = setting(5, "dense head epochs without a lower validation loss before stopping")
     c_grid: str = setting("1e-4,1e-3,1e-2,1e-1,1", "logreg's inverse regularisation strengths, "
                                                    "one chosen on the validation split")
-    seed: int = setting(0, "one seed for initialisation, dropout, shuffles and augmentation")
+    seed: int = recorded(0, "one seed for initialisation, dropout, shuffles and augmentation "
+                            "(extract's: the views it caches)", binding=False)
     class_weight: str = setting("auto", "auto | balanced | none: weigh each class's training "
                                         "images by images / (classes x its images), so that a "
                                         "small class counts as much as a large one, in the "
@@ -122,18 +125,19 @@ class Config:
                                         "the largest class has over 1.5x the images of the "
                                         "smallest")
     # --- stage three: fine-tuning ----------------------------------------------------------------
-    unfreeze: str = setting("", "the lowest stage of BACKBONE that fine-tuning trains (block5 of "
+    unfreeze: str = recorded("", "the lowest stage of BACKBONE that fine-tuning trains (block5 of "
                                 "vgg16, conv5 of resnet50v2...; a plain chain such as vgg16 also "
                                 "takes a count of top convolutional layers; 0: none); empty: "
-                                "its top stage")
-    finetune_from: str = setting("cache", "cache: extract also caches the activations that "
+                                "its top stage", binding=False)
+    finetune_from: str = recorded("cache", "cache: extract also caches the activations that "
                                           "fine-tuning starts from (the input of UNFREEZE's "
                                           "lowest layer, for every AUGMENT view) and finetune "
                                           "trains on them, decoding no image; images: finetune "
-                                          "decodes and augments the images every epoch")
-    cut_storage: str = setting("float16", "float16 | float32: how FINETUNE_FROM=cache's "
+                                          "decodes and augments the images every epoch",
+                                   binding=False)
+    cut_storage: str = recorded("float16", "float16 | float32: how FINETUNE_FROM=cache's "
                                           "activations are kept (float16: half the disk); part "
-                                          "of their identity")
+                                          "of their identity", binding=False)
     finetune_epochs: int = setting(10, "fine-tuning epochs (early stopping may end sooner)")
     finetune_optimizer: str = setting("adam", "adam | rmsprop (the article's): fine-tuning's "
                                               "optimizer")
@@ -188,7 +192,7 @@ class Config:
         _check_range("BATCH_SIZE", self.batch_size, 1, MAX_BATCH, "images per step")
         _check_range("EPOCHS", self.epochs, 1, 100_000, "head epochs")
         _check_range("FINETUNE_EPOCHS", self.finetune_epochs, 1, 100_000, "fine-tuning epochs")
-        _check_range("SEED", self.seed, 0, 2**32 - 1, "a non-negative integer")
+        _check_range("SEED", told("seed"), 0, 2**32 - 1, "a non-negative integer")
         _check_range("AUGMENT", told("augment"), 0, 1000, "augmented views per training image")
         _check_range("HIDDEN_UNITS", self.hidden_units, 1, 65_536, "units")
         _check_range("HEAD_POOL", self.head_pool, 1, 32, "cells averaged per side")
@@ -210,8 +214,8 @@ class Config:
         _check_choice("PRECISION", told("precision"),
                       ("auto", "float32", "mixed_float16", "mixed_bfloat16"))
         _check_choice("STORAGE", told("storage"), ("float32", "float16"))
-        _check_choice("CUT_STORAGE", self.cut_storage, ("float32", "float16"))
-        _check_choice("FINETUNE_FROM", self.finetune_from, ("cache", "images"))
+        _check_choice("CUT_STORAGE", told("cut_storage"), ("float32", "float16"))
+        _check_choice("FINETUNE_FROM", told("finetune_from"), ("cache", "images"))
         if self.backend:  # empty: KERAS_BACKEND, else tensorflow
             _check_choice("BACKEND", self.backend, BACKENDS)
         _check_choice("ENGINE", self.engine, ("local", "ray"))

@@ -49,6 +49,10 @@ def tiny_config(root, data, **changes):
                     precision="float32", augment=0, finetune_epochs=1,
                     features_root=os.path.join(root, "features"),
                     models_root=os.path.join(root, "models"))
+    # what extract remembers but a later stage may change (config.recorded, binding=False),
+    # told as its default, so that a test may read it before a stage resolves the config
+    defaults.update({name: Config().told_or_default(name)
+                     for name in ("seed", "unfreeze", "finetune_from", "cut_storage")})
     return Config(**{**defaults, **changes})
 
 

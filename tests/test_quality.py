@@ -10,7 +10,7 @@ from helpers import make_image_folder
 from test_train_head import synthetic_cache
 
 from pipeline import cache, extract, finetune, train_head
-from pipeline.cache import FeatureStore, batches
+from pipeline.cache import FeatureStore, batches, settings
 from pipeline.config import Config
 from pipeline.data import images
 from pipeline.model import backbone, finetuning, logs, registry
@@ -117,7 +117,8 @@ def tuned_start(tmp_path_factory):
                     models_root=str(root / "models"))
     extract.run(config)
     train_head.run(config)
-    return config
+    # the settings as finetune resolves them (what extract recorded, else the defaults)
+    return settings.resolve(config, settings.read(config.features_dir), "finetune")
 
 
 @pytest.mark.parametrize("optimizer, warmup, moves_at_least, moves_at_most", [

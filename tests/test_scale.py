@@ -168,7 +168,7 @@ def test_views_of_a_large_split_are_looked_up_a_piece_at_a_time(monkeypatch):
                         lambda known, keys: asked.append(len(keys)) or any_cached(known, keys))
     rows = [dict(path=f"p{i}", label=0, sha256=sha(i), split="train", size=0, mtime_ns=0,
                  segment="s", segment_row=i, segment_rows=5) for i in range(5)]
-    assert views.wanted(Config(augment=0), rows, None, index.SegmentIndex()) == []
+    assert views.wanted(Config(augment=0, seed=0), rows, None, index.SegmentIndex()) == []
     assert asked == [2, 2, 1]
 
 

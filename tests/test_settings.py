@@ -228,6 +228,52 @@ def test_extract_again_keeps_the_record_and_follows_a_data_folder_that_moved(tmp
     assert (kept["data"], kept["augment"], kept["size"]) == (moved, 1, 32)
 
 
+@pytest.mark.parametrize("told, expected", [
+    (dict(seed=3), dict(seed=3)), (dict(unfreeze="block4"), dict(unfreeze="block4")),
+    (dict(finetune_from="images", cut_storage="float32"),
+     dict(finetune_from="images", cut_storage="float32"))])
+def test_what_extract_was_told_to_cache_is_remembered_and_a_later_stage_may_change_it(told,
+                                                                                    expected):
+    """SEED (the views) and UNFREEZE, FINETUNE_FROM, CUT_STORAGE (the cut) decide what extract
+    caches, not which rows: a stage not told them takes extract's; told, it is not refused."""
+    remembered = record(seed=3, unfreeze="block4", finetune_from="images", cut_storage="float32")
+    resolved = settings.resolve(Config(name="pets"), remembered, "finetune")
+    assert (resolved.seed, resolved.unfreeze, resolved.finetune_from, resolved.cut_storage) == \
+        (3, "block4", "images", "float32")
+    other = {"seed": 1, "unfreeze": "block5", "finetune_from": "cache", "cut_storage": "float16"}
+    changed = settings.resolve(Config(name="pets", **{k: other[k] for k in told}), remembered,
+                               "train-head")
+    assert {k: getattr(changed, k) for k in told} == {k: other[k] for k in told}
+
+
+def test_extract_again_untold_keeps_its_views_and_cut_and_finetune_trains_from_them(tmp_path):
+    """`make extract SEED=3 UNFREEZE=block4`, new images, then `make extract` and `make finetune`
+    untold: the rerun computed every view and a new cut again (SEED=0, block4_pool), and
+    finetune, wanting block5's cut, fell back to the images."""
+    data = make_image_folder(tmp_path / "pets", per_class=7)
+    later = [os.path.join(folder, sorted(os.listdir(os.path.join(data, folder)))[-1])
+             for folder in ("horizontal", "vertical")]  # the new images of the rerun
+    for name in later:
+        os.rename(os.path.join(data, name), tmp_path / os.path.basename(name))
+    told = tiny_config(str(tmp_path), data, augment=1, seed=3, unfreeze="block4", epochs=1,
+                       split="50/25/25")
+    first = extract.run(told)
+    assert first.cut == "block3_pool"
+    for name in later:
+        os.rename(tmp_path / os.path.basename(name), os.path.join(data, name))
+    untold = Config(name="pets", features_root=told.features_root, models_root=told.models_root,
+                    batch_size=4, epochs=1, finetune_epochs=1)
+    again = extract.run(untold)
+    assert again.new == 2 and again.cut == "block3_pool"
+    assert again.new_views <= 2  # the new images' views only, not every training image's again
+    kept = settings.read(untold.features_dir).values
+    assert (kept["seed"], kept["unfreeze"]) == (3, "block4")
+    train_head.run(untold.replace(head="dense"))
+    tuned = finetune.run(untold)
+    assert tuned.source == "cache"
+    assert json.load(open(tuned.metrics_path))["config"]["unfreeze"] == "block4"
+
+
 def test_extract_names_skipped_csv_only_when_it_skipped_something(tmp_path, capsys):
     data = make_image_folder(tmp_path / "pets", per_class=3)
     (tmp_path / "pets" / "horizontal" / "broken.jpg").write_bytes(b"not a picture")

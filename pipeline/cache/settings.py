@@ -10,7 +10,10 @@ the dataset's own settings:
                                    the default written in config.py)
     told the recorded value     -> that value
     told another value          -> refused in one line naming both values and the way on
-                                   (extract: taken, as it is what makes the cache)
+                                   (extract: taken, as it is what makes the cache); taken
+                                   for a setting that is not binding (SEED, UNFREEZE,
+                                   FINETUNE_FROM, CUT_STORAGE: what a stage trains, or
+                                   what extract adds, never which rows the cache holds)
 
 A DATA that holds the cached images under another path (the folder moved, or a copy) is the same
 dataset: the stage reads it, and the images' contents are checked where they are read.
@@ -115,7 +118,8 @@ def resolve(config, record, stage):
         told, kept = getattr(config, name), recorded.get(name)
         if told is None:
             values[name] = kept if kept is not None else FIELDS[name].metadata["default"]
-        elif stage == "extract" or kept is None or _same(name, told, kept, record):
+        elif (stage == "extract" or kept is None or not FIELDS[name].metadata["binding"]
+              or _same(name, told, kept, record)):
             values[name] = normalized(name, told)
         else:
             raise UserError(refusal(config, name, told, kept, record.where))
