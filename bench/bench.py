@@ -2,7 +2,7 @@
 
 Settings (environment variables; bench/README.md explains every figure):
     BENCH_N=600              real photos for the throughput, rerun and head figures (balanced over
-                             the two classes, train first); the default run took 22.5 min on
+                             the two classes, train first); the default run took 20 min on
                              2 quiet cores (AMD EPYC), without Ray
     BENCH_SYNTH_ROWS=100000  rows of the synthetic caches for the train-head memory figure (3.3 GB)
                              and the fine-tuning-from-the-cache one (bench/finetune_memory.py)
