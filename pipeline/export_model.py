@@ -25,7 +25,7 @@ import importlib
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import keras
 import numpy as np
@@ -130,11 +130,13 @@ def _network(config, classifier):
     or softmax)."""
     if registry.KINDS[classifier.model].takes == "images":
         return in_float32(registry.load(config, classifier.model))  # the whole fine-tuned model
-    with cache.FeatureStore(config.features_dir) as store:  # the weights its features came from
+    with cache.FeatureStore(config.features_dir) as store:  # the base its features came from
         weights = backbone.weights_of_cache(config.weights, store.attrs)
-    base = backbone.build_backbone(weights, classifier.size, "float32")
+        identity = store.feature_identity
+    # its BACKBONE and FEATURE_LAYER, in float32 arithmetic
+    base = backbone.build_backbone_of(replace(identity, precision="float32"), weights)
     head = registry.load(config, classifier.model)
-    head = (heads.logreg_network(head, backbone.feature_shape(classifier.size))
+    head = (heads.logreg_network(head, tuple(base.output.shape[1:]))
             if classifier.model == "logreg" else in_float32(head))
     inputs = keras.Input((classifier.size, classifier.size, 3), name="image")
     return keras.Model(inputs, head(base(inputs)), name=classifier.model)

@@ -148,6 +148,32 @@ def test_every_stage_follows_the_backbone_fine_tuning_from_the_cache_included(
     assert predicted.predicted == 6
 
 
+@pytest.mark.parametrize("model", ["dense", "logreg"])
+def test_an_exported_head_sits_on_the_caches_own_backbone(tmp_path, make_config, model):
+    """make export-model composed a head with VGG16 whatever the cache's BACKBONE: the exported
+    network must give, on the cached images, what the head gives on their cached features."""
+    from types import SimpleNamespace
+
+    from pipeline import export_model
+    from pipeline.model import registry
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    config = make_config(data, backbone="mobilenetv3large", split="50/25/25", epochs=1)
+    extract.run(config)
+    train_head.run(config)
+    network = export_model._network(config, SimpleNamespace(model=model, size=32))
+    with FeatureStore(config.features_dir) as store:
+        rows = np.arange(len(store))
+        paths = [os.path.join(store.image_root(config.data), p) for p in store.paths[rows]]
+        features = store.read(rows)
+    pixels = np.stack([images.load_image(p, 32, backbones.get("mobilenetv3large").preprocess)
+                       for p in paths])
+    exported = keras.ops.convert_to_numpy(network(pixels))
+    on_features = registry.predictor(config, model, calibrated=False)(features)
+    if exported.shape[1] == 1:  # a sigmoid: the second class's probability
+        exported = np.concatenate([1 - exported, exported], axis=1)
+    np.testing.assert_allclose(exported, on_features, atol=1e-4)
+
+
 def check_batch_norm_stays_in_inference_mode(config):
     """The Keras guide's rule: BatchNormalization layers in the unfrozen stage stay in inference
     mode, so a training step on the cut moves the layers that train, never their moving mean
