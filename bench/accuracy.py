@@ -82,11 +82,12 @@ def config_for(data, work, size, batch):
         data = dest if os.path.isdir(dest) else _first_images(data, dest, PER_FOLDER)
         root = work
     # float32: accuracy figures that compare across machines (PRECISION=auto differs by CPU)
-    # AUGMENT told (its default): `extract.run(config)` goes back to it after the AUGMENT=K phases,
-    # where one not told would keep the cache's last AUGMENT
+    # AUGMENT and SEED told (their defaults): `extract.run(config)` goes back to them after the
+    # AUGMENT=K and seed phases, where settings not told would keep the cache's last ones
     config = Config(data=data, name="cats_vs_dogs", weights=weights, size=size, batch_size=batch,
                     head="both", finetune_epochs=FINETUNE_EPOCHS, fresh=True, precision="float32",
-                    augment=Config().told_or_default("augment"),
+                    **{name: Config().told_or_default(name) for name in (
+                        "augment", "seed", "unfreeze", "finetune_from", "cut_storage")},
                     features_root=os.path.join(root, "features"),
                     models_root=os.path.join(root, "models"))
     return config, root

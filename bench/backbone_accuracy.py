@@ -104,6 +104,8 @@ def _config(base, name, weights, storage="float16"):
                   cut_storage=storage,
                   precision=Config().told_or_default("precision"),
                   augment=Config().told_or_default("augment"), head="both",
+                  **{name: Config().told_or_default(name)
+                     for name in ("seed", "unfreeze", "finetune_from")},
                   finetune_epochs=base.finetune_epochs, fresh=True,
                   features_root=base.features_root,
                   models_root=os.path.join(_root(base), "models_backbones"))
