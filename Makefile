@@ -82,10 +82,10 @@ $(DEMO_STAMP): pipeline/data/demo.py | $(STAMP)
 extract: $(STAMP) $(RAY_DEP) ## Cache VGG16 features: DATA=<dir> [NAME] [WEIGHTS=imagenet|none|file] [SIZE=150] [AUGMENT=5]
 	$(CLI) extract $(ARGS)
 
-train-head: $(STAMP) ## Train heads on the cache: [NAME] [HEAD=dense|logreg|both] [EPOCHS=30] [SEED=0]
+train-head: $(STAMP) ## Train heads on the cache: [NAME] [HEAD=dense|logreg|both] [EPOCHS=30] [SEED=extract's]
 	$(CLI) train-head $(ARGS)
 
-finetune: $(STAMP) ## Fine-tune block5 + head on the cached block4 activations (or images): [NAME] [UNFREEZE=block5] [FINETUNE_EPOCHS=10] [LR=1e-4] [FINETUNE_FROM=cache] [FRESH=0]
+finetune: $(STAMP) ## Fine-tune block5 + head on the cached block4 activations (or images): [NAME] [UNFREEZE=extract's] [FINETUNE_EPOCHS=10] [LR=1e-4] [FINETUNE_FROM=cache] [FRESH=0]
 	$(CLI) finetune $(ARGS)
 
 evaluate: $(STAMP) ## Test-split metrics and confusion matrices for every trained model: [NAME]

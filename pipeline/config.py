@@ -5,10 +5,11 @@ NAME, SIZE, ...) and the CLI option `--data`, `--name`, `--size`, ... (`__main__
 text, below, is what `python -m pipeline --help` and `make help` print. A variable left empty
 keeps the default written here. Every run saves the whole config with what it made.
 
-The settings that define a dataset and its rows (`recorded`: DATA, SIZE, AUGMENT, ...) are None
-in a Config until pipeline.cache.settings.resolve fills them at a stage's start: with the value
-the cache recorded when extract made it, else the default written here. None is how a stage
-tells "not told" from "told the default".
+The settings extract records in the cache (`recorded`: those that define a dataset and its rows,
+DATA, SIZE, AUGMENT, ..., and, not binding, what it cached for later stages: SEED, UNFREEZE, ...)
+are None in a Config until pipeline.cache.settings.resolve fills them at a stage's start: with
+the value the cache recorded when extract made it, else the default written here. None is how a
+stage tells "not told" from "told the default".
 """
 import dataclasses
 import difflib

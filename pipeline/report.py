@@ -92,7 +92,7 @@ def _report(config):
     lines += _misclassified_section(folder, evaluation, drawn)
     lines += sections.projection_section(folder, evaluation, evaluation.projection)
     lines += _dataset_section(config, attrs, labels, splits)
-    lines += sections.settings_section({name.upper(): getattr(config, name) for name in RECORDED})
+    lines += sections.settings_section(_recorded_settings(config))
     lines += _audit_section(config, attrs)
     lines += sections.times_section(evaluation, evaluation.stage_times)
     lines += _identity_section(attrs, notices)
@@ -184,6 +184,15 @@ def _confusion_section(folder, evaluation):
                          f"{int(row.get('support', 0))} |")
         lines.append("")
     return lines
+
+
+def _recorded_settings(config):
+    """{VARIABLE: value} as features.h5 records them: the binding ones are this run's (resolve
+    refused any other), the others (SEED, UNFREEZE, ...) extract's, which a stage told another
+    value did not use."""
+    record = settings.read(config.features_dir)
+    recorded = record.values if record is not None and not record.problem else {}
+    return {name.upper(): recorded.get(name, getattr(config, name)) for name in RECORDED}
 
 
 def _audit_section(config, attrs):

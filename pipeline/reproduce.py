@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from .cache import settings as recorded
 from .config import Config, UserError, warn
 from .data import backbones, datasets
 from .fs import artifacts, files
@@ -83,7 +84,8 @@ def run(config: Config, *, url=URL, downloads=DOWNLOADS, data_parent=DATA_PARENT
     for stage in (extract, train_head, finetune, evaluate, report):
         print(f"\n=== reproduce: {stage.__name__.rsplit('.', 1)[-1]} ===", flush=True)
         stage.run(settings)
-    return compare(settings)
+    # the settings the stages used: what extract recorded where these left one untold
+    return compare(recorded.resolve(settings, recorded.read(settings.features_dir), "report"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -82,6 +82,24 @@ def test_one_affine_map_flips_rotates_and_shifts_as_drawn(draws, expected):
     np.testing.assert_allclose(out, want, atol=1e-3)
 
 
+def test_saved_weights_keep_the_augmentations_random_state(tmp_path):
+    """A fine-tuning backup (BackupAndRestore saves the model's weights) must carry on drawing
+    where the run stopped, not start the augmentation over."""
+    def model():
+        inputs = keras.Input((16, 16, 3))
+        return keras.Model(inputs, augment.augmentation(0)(inputs, training=True))
+    x = pictures(2, pixels=16)
+    trained = model()
+    trained(x)  # one batch drawn: the state has moved on
+    trained.save_weights(tmp_path / "backup.weights.h5")
+    resumed = model()
+    resumed.load_weights(tmp_path / "backup.weights.h5")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(resumed(x)),
+                                  keras.ops.convert_to_numpy(trained(x)))
+    assert not np.allclose(keras.ops.convert_to_numpy(model()(x)),
+                           keras.ops.convert_to_numpy(resumed(x)))
+
+
 @pytest.mark.parametrize("change", ["seed", "layer setting", "view", "image"])
 def test_every_part_of_a_view_key_changes_it(monkeypatch, change):
     sha, key = SHAS[0], augment.view_key(SHAS[0], augment.identity_id(augment.identity(0)), 1)

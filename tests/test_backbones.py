@@ -262,6 +262,15 @@ def test_a_batch_file_names_each_datasets_backbone(tmp_path):
         batch.jobs_of(Config(batch_file=str(listing)))
 
 
+def test_a_random_weights_cache_drawn_another_way_asks_for_extract_again():
+    """MobileNetV3's WEIGHTS=none caches from before He-uniform: WEIGHTS=none is no way out."""
+    attrs = {"weights": backbone.RANDOM_FINGERPRINT, "weights_spec": "none",
+             "backbone": backbones.get("mobilenetv3large").identity}
+    with pytest.raises(UserError, match=r"random weights were drawn as random-init:glorot-"
+                                        r"uniform.* run `make extract` again"):
+        backbone.weights_of_cache("", attrs)
+
+
 def test_weights_named_for_a_cache_are_those_of_its_backbone(tmp_path, monkeypatch):
     """WEIGHTS=imagenet on a later stage means the ImageNet file of the cache's backbone."""
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))

@@ -154,7 +154,9 @@ def test_wrong_counts_and_damaged_zips_are_refused(server, tmp_path):
 
 
 def test_the_whole_experiment_on_a_tiny_archive(server, tmp_path, make_config, capsys):
-    config = make_config("data/demo").replace(data=None)  # DATA not told: download
+    # DATA not told: download; SEED and the cut's settings not told: the record's, in its json
+    config = make_config("data/demo").replace(data=None, seed=None, unfreeze=None,
+                                              finetune_from=None, cut_storage=None)
     result = reproduce.run(config, url=server.url, downloads=str(tmp_path / "downloads"),
                            data_parent=str(tmp_path / "data"), expected=TINY, retry_wait=0,
                            settings=dict(size=32, batch_size=4, epochs=2, finetune_epochs=1))
@@ -167,6 +169,7 @@ def test_the_whole_experiment_on_a_tiny_archive(server, tmp_path, make_config, c
     saved = artifacts.read_json(result.path, "")
     assert saved["results"] == result.results
     assert saved["config"]["size"] == 32 and saved["config"]["name"] == "cats_and_dogs_filtered"
+    assert (saved["config"]["seed"], saved["config"]["finetune_from"]) == (0, "cache")
     assert os.path.exists(os.path.join(os.path.dirname(result.path), artifacts.REPORT))
     out = capsys.readouterr().out
     assert "ours beside the article's" in out and "97.0%" in out and "95.0%" in out

@@ -274,6 +274,15 @@ def test_extract_again_untold_keeps_its_views_and_cut_and_finetune_trains_from_t
     assert json.load(open(tuned.metrics_path))["config"]["unfreeze"] == "block4"
 
 
+def test_the_reports_settings_are_what_extract_recorded_not_what_report_was_told(tmp_path):
+    from pipeline import report
+    data = make_image_folder(tmp_path / "pets", per_class=3)
+    told = tiny_config(str(tmp_path), data, seed=3)
+    extract.run(told)
+    shown = report._recorded_settings(told.replace(seed=5, unfreeze="block4"))
+    assert (shown["SEED"], shown["UNFREEZE"], shown["SIZE"]) == (3, "", 32)
+
+
 def test_extract_names_skipped_csv_only_when_it_skipped_something(tmp_path, capsys):
     data = make_image_folder(tmp_path / "pets", per_class=3)
     (tmp_path / "pets" / "horizontal" / "broken.jpg").write_bytes(b"not a picture")

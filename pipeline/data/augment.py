@@ -49,7 +49,7 @@ class RandomAffine(keras.layers.Layer):
 
     `draw(n, seed)` gives n images' parameters; `transform(images, draws)` applies them; called
     on a batch with training=True (Keras's default for its random layers too), it draws from the
-    layer's own SeedGenerator, whose state a fine-tuning backup keeps."""
+    layer's own SeedGenerator, whose state its saved weights (a fine-tuning backup) keep."""
 
     def __init__(self, rotation=0.1, zoom=0.2, translation=0.1, flip=True,
                  interpolation="bilinear", fill_mode="reflect", seed=None, **kwargs):
@@ -72,6 +72,18 @@ class RandomAffine(keras.layers.Layer):
 
     def compute_output_shape(self, shape):
         return shape
+
+    # The SeedGenerator's state is no variable of the layer's own, so Keras would save nothing:
+    # a fine-tuning backup keeps it here, and a resumed run draws on where it stopped.
+    def save_own_variables(self, store):
+        store["seed_state"] = keras.ops.convert_to_numpy(self.seed_generator.state)
+
+    def load_own_variables(self, store):
+        try:
+            state = store["seed_state"]
+        except KeyError:  # a backup from before this layer kept its state: start afresh
+            return
+        self.seed_generator.state.assign(np.asarray(state))
 
     @staticmethod
     def draw(n, seed):

@@ -88,6 +88,11 @@ def weights_of_cache(spec, cache_attrs):
     else:
         raise UserError(f"the cache was built with weights {where!r}, which no longer exist: "
                         "put the file back, or run `make extract WEIGHTS=<where it is now>`")
+    if weights.fingerprint != recorded and weights.is_random and recorded.startswith(
+            "random-init:"):
+        raise UserError(f"the cache's random weights were drawn as {recorded}, and this version "
+                        f"draws {weights.fingerprint}: run `make extract` again (its features "
+                        "are recomputed once)")
     if weights.fingerprint != recorded:
         raise UserError(f"WEIGHTS={spec or where} (fingerprint {weights.fingerprint[:16]}) are not "
                         f"the weights the cache was built with ({recorded[:16]}): pass "

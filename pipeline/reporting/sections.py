@@ -164,10 +164,12 @@ def _num(value, digits=3):
 
 
 def settings_section(values):
-    """The settings the cache was made with ({VARIABLE: value}), which every stage used."""
+    """The settings the cache was made with ({VARIABLE: value})."""
     lines = ["## Settings", "",
-             "The dataset's settings, as `make extract` recorded them in the cache; every later "
-             "stage used them.", "", "| setting | value |", "|---|---|"]
+             "The dataset's settings, as `make extract` recorded them in the cache. Every later "
+             "stage used them, but for SEED, UNFREEZE, FINETUNE_FROM and CUT_STORAGE, which a "
+             "stage may be told otherwise: each model's record holds the values it used.", "",
+             "| setting | value |", "|---|---|"]
     return lines + [f"| {name} | {cell(str(value)) if value != '' else '–'} |"
                     for name, value in values.items()] + [""]
 
